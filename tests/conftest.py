@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny seeded models of three families written by transformers, real brief
+fine-tunes, planted changes, PEFT adapters and corrupt files. Built once per test session."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from weightlab import synthetic
+from weightlab.cli import main
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """Paths of every checkpoint layout the tests use."""
+    root = tmp_path_factory.mktemp("zoo")
+    paths: dict[str, Path] = {}
+    for family in synthetic.FAMILIES:
+        base = synthetic.tiny_model(family, seed=0)
+        paths[family] = synthetic.save(base, root / family)
+        ft = synthetic.finetune(synthetic.tiny_model(family, seed=0), steps=5, seed=1)
+        paths[f"{family}_ft"] = synthetic.save(ft, root / f"{family}_ft")
+    llama = synthetic.tiny_model("llama", seed=0)
+    paths["llama_sharded"] = synthetic.save(llama, root / "llama_sharded", max_shard_size="20KB")
+    paths["llama_bin"] = root / "llama_bin" / "pytorch_model.bin"
+    paths["llama_bin"].parent.mkdir()
+    torch.save(llama.state_dict(), paths["llama_bin"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def adapters(zoo, tmp_path_factory) -> dict[str, Path]:
+    """PEFT LoRA adapters with non-zero B (init_lora_weights=False), saved by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {
+        "llama": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+        "llama_rslora_pattern": ("llama", dict(r=4, lora_alpha=8, use_rslora=False, target_modules=["q_proj", "o_proj"],
+                                                rank_pattern={"o_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+        "llama_rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "embed_tokens"])),
+        "gpt2": ("gpt2", dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+        "bert": ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "value"])),
+    }
+    paths = {}
+    for key, (family, kwargs) in specs.items():
+        torch.manual_seed(5)
+        model = synthetic.tiny_model(family, seed=0)
+        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs))
+        peft_model.save_pretrained(root / key)
+        paths[key] = root / key
+    return paths
+
+
+@pytest.fixture(scope="session")
+def corrupt(tmp_path_factory, zoo) -> dict[str, Path]:
+    """Broken files, each with the error it must produce."""
+    root = tmp_path_factory.mktemp("corrupt")
+    good = (zoo["bert"] / "model.safetensors").read_bytes()
+    files = {}
+    files["truncated"] = root / "truncated.safetensors"
+    files["truncated"].write_bytes(good[: len(good) - 100])
+    files["garbage_header"] = root / "garbage.safetensors"
+    files["garbage_header"].write_bytes(struct.pack("<Q", 16) + b"{not json at all" + b"\0" * 64)
+    files["header_too_long"] = root / "header_too_long.safetensors"
+    files["header_too_long"].write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    files["tiny"] = root / "tiny.safetensors"
+    files["tiny"].write_bytes(b"abc")
+    shard_dir = root / "missing_shard"
+    shard_dir.mkdir()
+    index = json.loads((zoo["llama_sharded"] / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for shard in shards[:-1]:
+        (shard_dir / shard).write_bytes((zoo["llama_sharded"] / shard).read_bytes())
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    files["missing_shard"] = shard_dir
+    files["not_a_checkpoint"] = root / "notes.txt"
+    files["not_a_checkpoint"].write_text("hello")
+    files["empty_dir"] = root / "empty"
+    files["empty_dir"].mkdir()
+    return files
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -1,0 +1,85 @@
+"""Writing: sharded output that transformers loads, atomic on failure, no overwrite without force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from weightlab.errors import OutputExists
+from weightlab.io import CheckpointWriter, open_checkpoint
+from weightlab.io.atomic import write_text
+from weightlab.io.writer import parse_size
+
+
+def copy_checkpoint(src, dest, **kwargs):
+    ckpt = open_checkpoint(src)
+    with CheckpointWriter(dest, donor=src, **kwargs) as writer:
+        for name in ckpt.names():
+            writer.add(name, ckpt.get(name))
+    return ckpt
+
+
+def test_sharded_write_has_an_index_and_loads_in_transformers(zoo, tmp_path):
+    src = copy_checkpoint(zoo["llama"], tmp_path / "out", shard_size="30KB", metadata={"made_by": "test"})
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert (out / "config.json").is_file()
+    written = open_checkpoint(out)
+    assert written.metadata["made_by"] == "test"
+    assert index["metadata"]["total_size"] == sum(src.info(n).nbytes for n in src.names())
+    reloaded = AutoModel.from_pretrained(out).state_dict()
+    for name in src.names():
+        assert torch.equal(reloaded[name], src.get(name))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left over
+
+
+def test_small_model_is_one_file_without_index(zoo, tmp_path):
+    copy_checkpoint(zoo["bert"], tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_interrupted_write_leaves_nothing_under_the_final_name(zoo, tmp_path):
+    ckpt = open_checkpoint(zoo["llama"])
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with CheckpointWriter(tmp_path / "out", shard_size="10KB") as writer:
+            for i, name in enumerate(ckpt.names()):
+                writer.add(name, ckpt.get(name))
+                if i == 10:  # several shards are already on disk at this point
+                    raise RuntimeError("disk on fire")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(zoo, tmp_path):
+    copy_checkpoint(zoo["bert"], tmp_path / "out")
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(OutputExists, match="--force"):
+        copy_checkpoint(zoo["gpt2"], tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    copy_checkpoint(zoo["gpt2"], tmp_path / "out", force=True)
+    assert "h.0.attn.c_attn.weight" in open_checkpoint(tmp_path / "out").names()
+
+
+def test_text_outputs_are_atomic_and_respect_force(tmp_path):
+    path = tmp_path / "r.json"
+    write_text(path, "one")
+    with pytest.raises(OutputExists):
+        write_text(path, "two")
+    write_text(path, "two", force=True)
+    assert path.read_text() == "two"
+
+
+def test_same_tensors_give_identical_bytes(zoo, tmp_path):
+    copy_checkpoint(zoo["llama"], tmp_path / "a", shard_size="30KB")
+    copy_checkpoint(zoo["llama"], tmp_path / "b", shard_size="30KB")
+    for f in (tmp_path / "a").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2MiB", 2 * 1024**2), ("1000", 1000)])
+def test_sizes_parse(text, size):
+    assert parse_size(text) == size

@@ -1,0 +1,59 @@
+"""User errors: one type per kind, each rendered by the CLI as one line naming file and tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeightlabError(Exception):
+    """Base of every error caused by the user's input (not by a bug in weightlab)."""
+
+    def __init__(self, message: str, path: str | Path | None = None, tensor: str | None = None):
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = [p for p in (self.path, f"tensor {self.tensor!r}" if self.tensor else None) if p]
+        return ": ".join([*where, self.message])
+
+
+class CheckpointNotFound(WeightlabError):
+    """The path does not exist."""
+
+
+class NotACheckpoint(WeightlabError):
+    """The path exists but holds no format weightlab reads."""
+
+
+class CorruptCheckpoint(WeightlabError):
+    """Truncated file, malformed or oversized header, inconsistent offsets."""
+
+
+class MissingShard(WeightlabError):
+    """An index names a shard file that is not there."""
+
+
+class MissingTensor(WeightlabError):
+    """A tensor asked for by name is not in the checkpoint."""
+
+
+class ShapeMismatch(WeightlabError):
+    """Two checkpoints disagree on a tensor's shape."""
+
+
+class UnsupportedDtype(WeightlabError):
+    """A dtype weightlab cannot read or compute with."""
+
+
+class UnsafePickle(WeightlabError):
+    """A legacy pickle holds more than plain tensors; it is refused, never executed."""
+
+
+class OutputExists(WeightlabError):
+    """The output path exists and --force was not given."""
+
+
+class InvalidArgument(WeightlabError):
+    """An option or argument value that cannot work (bad regex, rank too large...)."""

@@ -1,0 +1,248 @@
+"""Lazy checkpoints: list tensors from headers, fetch one tensor at a time.
+
+`open_checkpoint(path)` is the one entry point. It returns a `Checkpoint` for dense weights
+(one safetensors file, a sharded folder with an index, a Hugging Face folder, a legacy
+`.bin`/`.pt`) or a `LoraAdapter` for a PEFT adapter folder (see `weightlab.io.adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from weightlab.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    MissingShard,
+    MissingTensor,
+    NotACheckpoint,
+)
+from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
+
+LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The few facts of `config.json` the analyses use."""
+
+    model_type: str | None
+    num_layers: int | None
+    tie_word_embeddings: bool
+    raw: dict = field(repr=False, default_factory=dict)
+
+
+def read_model_config(folder: Path) -> ModelConfig | None:
+    """Read `config.json` beside the weights; transformers resolves per-family key aliases."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptCheckpoint("config.json is not valid JSON", path) from None
+    num_layers = None
+    try:  # transformers knows that gpt2's n_layer is num_hidden_layers, and so on
+        from transformers import AutoConfig
+
+        num_layers = getattr(AutoConfig.for_model(**raw), "num_hidden_layers", None)
+    except Exception:
+        num_layers = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in raw), None)
+    return ModelConfig(raw.get("model_type"), num_layers, bool(raw.get("tie_word_embeddings", True)), raw)
+
+
+class Checkpoint:
+    """Dense weights addressed by name. Subclasses implement `_infos` and `_read`."""
+
+    def __init__(self, path: Path, config: ModelConfig | None = None):
+        self.path = Path(path)
+        self.config = config
+        self.bytes_read = 0  # bytes materialised from storage, for tests and benchmarks
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        raise NotImplementedError
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise MissingTensor("no such tensor", self.path, name) from None
+
+    def get(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor; floating tensors are cast to `dtype` (e.g. bf16/fp8 upcast for maths)."""
+        info = self.info(name)
+        tensor = self._read(info)
+        self.bytes_read += info.nbytes
+        if device is not None:
+            tensor = tensor.to(device)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or several safetensors files (shards), read lazily."""
+
+    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None,
+                 config: ModelConfig | None = None):
+        super().__init__(path, config)
+        self.files = [SafetensorsFile(f) for f in files]
+        infos: dict[str, TensorInfo] = {}
+        for f in self.files:
+            infos.update(f.infos)
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in infos:
+                    raise CorruptCheckpoint(f"index names tensor in {shard}, which does not hold it", path, name)
+        self.__infos = dict(sorted(infos.items())) if len(self.files) > 1 else infos
+        self._by_file = {f.path: f for f in self.files}
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self.__infos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.files[0].metadata) if self.files else {}
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return self._by_file[info.file].read(info)
+
+
+class TorchCheckpoint(Checkpoint):
+    """Legacy `pytorch_model.bin`/`.pt`, opened only with `torch.load(weights_only=True)`."""
+
+    def __init__(self, path: Path, files: list[Path], config: ModelConfig | None = None):
+        super().__init__(path, config)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.__infos: dict[str, TensorInfo] = {}
+        for file in files:
+            for name, tensor in _safe_torch_load(file).items():
+                self._tensors[name] = tensor
+                code = _code_of(tensor.dtype)
+                self.__infos[name] = TensorInfo(name, tuple(tensor.shape), code, file, -1,
+                                                tensor.numel() * tensor.element_size())
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self.__infos
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return self._tensors[info.name].clone()  # memory-mapped storage: only this tensor is paged in
+
+
+def _code_of(dtype: torch.dtype) -> str:
+    from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE
+
+    return CODE_OF_TORCH_DTYPE.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    from weightlab.errors import UnsafePickle
+
+    def load(mmap: bool):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(mmap=True)
+        except RuntimeError as e:  # pre-1.6 (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            obj = load(mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        raise UnsafePickle(f"refused: the pickle holds more than plain tensors ({first[:160]})", file) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CorruptCheckpoint(f"not a readable torch file ({str(e).splitlines()[0][:160]})", file) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise NotACheckpoint("the pickle is not a flat dict of tensors", file)
+    return obj
+
+
+def open_checkpoint(path: str | Path):
+    """Open any supported checkpoint by path; reads headers only.
+
+    Returns a `Checkpoint` or, for a PEFT adapter folder, a `LoraAdapter`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound("no such file or folder", path)
+    if path.is_file():
+        config = read_model_config(path.parent)
+        if path.name.endswith(".index.json"):
+            return _open_index(path.parent, path, config)
+        if path.suffix == ".safetensors":
+            return SafetensorsCheckpoint(path, [path], config=config)
+        if path.suffix in LEGACY_SUFFIXES:
+            return TorchCheckpoint(path, [path], config=config)
+        raise NotACheckpoint("not a .safetensors, .bin/.pt file or a checkpoint folder", path)
+    return _open_folder(path)
+
+
+def _open_folder(folder: Path):
+    if (folder / "adapter_config.json").is_file():
+        from weightlab.io.adapter import LoraAdapter
+
+        return LoraAdapter(folder)
+    config = read_model_config(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    if len(indexes) > 1:
+        raise NotACheckpoint(f"several index files ({', '.join(i.name for i in indexes)}); open one directly", folder)
+    if indexes:
+        return _open_index(folder, indexes[0], config)
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return SafetensorsCheckpoint(folder, files, config=config)
+    if len(files) > 1:
+        raise NotACheckpoint(f"{len(files)} .safetensors files but no *.safetensors.index.json", folder)
+    legacy = [folder / n for n in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / n).is_file()]
+    if legacy:
+        return TorchCheckpoint(folder, legacy[:1], config=config)
+    raise NotACheckpoint("no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder)
+
+
+def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        raise CorruptCheckpoint("index is not valid JSON with a 'weight_map' object", index) from None
+    shards: dict[str, str] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, name)
+    for shard, name in shards.items():
+        if not (folder / shard).is_file():
+            raise MissingShard(f"index names missing shard {shard}", index, name)
+    files = [folder / s for s in shards]
+    if index.name.endswith(".bin.index.json"):
+        return TorchCheckpoint(folder, files, config=config)
+    return SafetensorsCheckpoint(folder, files, weight_map=weight_map, config=config)

@@ -1,0 +1,138 @@
+"""One `.safetensors` file: validated header, and reads of exactly one tensor's bytes.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+(`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`), then the data.
+We parse the header ourselves to give precise errors, and read each tensor with one `pread`
+into a fresh buffer: no memory map, so nothing but the tensor asked for is ever resident.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightlab.errors import CorruptCheckpoint, UnsupportedDtype
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the reference implementation enforces
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "BOOL": ("bool", 1),
+}
+CODE_OF_TORCH_DTYPE = {getattr(torch, name): code for code, (name, _) in DTYPES.items() if hasattr(torch, name)}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says of one tensor; listing never reads more than this."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code, e.g. "BF16"
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
+
+
+def torch_dtype(code: str, path: Path | str, tensor: str) -> torch.dtype:
+    if code not in DTYPES or not hasattr(torch, DTYPES[code][0]):
+        raise UnsupportedDtype(f"dtype {code} is not supported", path, tensor)
+    return getattr(torch, DTYPES[code][0])
+
+
+class SafetensorsFile:
+    """A validated safetensors file. `infos` comes from the header alone."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.infos, self.metadata = _read_header(self.path)
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """Read one tensor (CPU, stored dtype) with a single positioned read of its bytes."""
+        dtype = torch_dtype(info.dtype, self.path, info.name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buffer = bytearray(info.nbytes)
+        view = memoryview(buffer)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < info.nbytes:  # pread may return short reads for very large tensors
+                n = os.preadv(fd, [view[done:]], info.offset + done)
+                if n == 0:
+                    raise CorruptCheckpoint("file is truncated", self.path, info.name)
+                done += n
+        finally:
+            os.close(fd)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpoint("file is shorter than a safetensors header", path)
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise CorruptCheckpoint(f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path)
+        if 8 + length > size:
+            raise CorruptCheckpoint(f"header length {length} is larger than the file ({size} bytes)", path)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"header is not valid JSON ({e.__class__.__name__})", path) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint("header is not a JSON object", path)
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    infos = {}
+    for name, entry in header.items():
+        infos[name] = _parse_entry(path, name, entry, data_start, size)
+    return infos, metadata
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    try:
+        code = entry["dtype"]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise CorruptCheckpoint("malformed header entry", path, name) from None
+    itemsize = DTYPES.get(code, (None, None))[1]
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        raise CorruptCheckpoint(f"data offsets [{begin}, {end}] do not fit shape {list(shape)} of {code}", path, name)
+    if begin < 0 or end < begin:
+        raise CorruptCheckpoint(f"invalid data offsets [{begin}, {end}]", path, name)
+    if data_start + end > size:
+        raise CorruptCheckpoint(f"file is truncated (tensor ends at byte {data_start + end}, file has {size})", path, name)
+    return TensorInfo(name, shape, code, path, data_start + begin, end - begin)

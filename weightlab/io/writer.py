@@ -1,0 +1,125 @@
+"""Write checkpoints the ecosystem loads: sharded safetensors with an index, donor files copied."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from weightlab.errors import InvalidArgument
+from weightlab.io.atomic import atomic_path
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+# Files a model folder needs beside its weights (config, tokenizer, generation settings).
+DONOR_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+)
+_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MiB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    for unit, factor in sorted(_UNITS.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            s, mult = s[: -len(unit)], factor
+            break
+    else:
+        s, mult = s.removesuffix("B"), 1
+    try:
+        size = int(float(s) * mult)
+    except ValueError:
+        raise InvalidArgument(f"cannot read size {text!r} (try 5GB or 500MB)") from None
+    if size <= 0:
+        raise InvalidArgument(f"size must be positive, got {text!r}")
+    return size
+
+
+class CheckpointWriter:
+    """Stream tensors into `out_dir` as shards of at most `shard_size` bytes.
+
+    Use as a context manager: tensors are buffered up to one shard, everything lands in a
+    temporary folder beside `out_dir`, and only a clean exit renames it into place.
+    """
+
+    def __init__(self, out_dir: str | Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 prefix: str = "model", metadata: dict[str, str] | None = None,
+                 donor: str | Path | None = None, force: bool = False):
+        self.out_dir = Path(out_dir)
+        self.shard_size = parse_size(shard_size)
+        self.prefix = prefix
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.donor = Path(donor) if donor else None
+        self.force = force
+        self._stack = ExitStack()
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: list[list[str]] = []
+        self.total_size = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        self._tmp = self._stack.enter_context(atomic_path(self.out_dir, self.force, directory=True))
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._buffer or any(name in s for s in self._shards):
+            raise InvalidArgument("tensor written twice", self.out_dir, name)
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffered + size > self.shard_size:
+            self._flush()
+        self._buffer[name] = tensor.detach().to("cpu").contiguous()
+        self._buffered += size
+        self.total_size += size
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._buffer, str(self._tmp / f"shard-{index}.tmp"), metadata=self.metadata)
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffered = {}, 0
+
+    def add_file(self, name: str, text: str) -> None:
+        """A side file (e.g. a JSON record of how the checkpoint was made)."""
+        (self._tmp / name).write_text(text)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # the caller failed: the temporary folder is removed
+            return self._stack.__exit__(exc_type, exc, tb)
+        with self._stack:  # renamed into place only if finishing succeeds too
+            self._finish()
+        return False
+
+    def _finish(self) -> None:
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        if n == 1:
+            (self._tmp / "shard-0.tmp").rename(self._tmp / f"{self.prefix}.safetensors")
+        else:
+            weight_map = {}
+            for i, names in enumerate(self._shards):
+                shard = f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+                (self._tmp / f"shard-{i}.tmp").rename(self._tmp / shard)
+                weight_map.update({name: shard for name in names})
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self._tmp / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.donor is not None:
+            copy_donor_files(self.donor, self._tmp)
+
+
+def copy_donor_files(donor: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and generation files from a model folder (or a file's folder)."""
+    folder = donor if donor.is_dir() else donor.parent
+    copied = []
+    for name in DONOR_FILES:
+        if (folder / name).is_file() and not (dest / name).exists():
+            shutil.copy2(folder / name, dest / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,95 @@
+"""What a tensor name says: its canonical key across wrappers, layer index, module role, orientation."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from weightlab.io.checkpoint import ModelConfig
+
+# Wrapper prefixes that differ between a base model, its task-head variant and a PEFT wrapper.
+WRAPPER_PREFIXES = ("base_model.model.", "model.", "bert.", "roberta.", "transformer.", "gpt_neox.", "encoder.model.")
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+# (pattern on the canonical name, role); first match wins.
+_ROLES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), role)
+    for p, role in [
+        (r"(q_proj|attention\.self\.query|attn\.q|\.query)\.weight$", "q"),
+        (r"(k_proj|attention\.self\.key|attn\.k|\.key)\.weight$", "k"),
+        (r"(v_proj|attention\.self\.value|attn\.v|\.value)\.weight$", "v"),
+        (r"(qkv_proj|query_key_value|attn\.c_attn|Wqkv)\.weight$", "qkv"),
+        (r"(o_proj|out_proj|attention\.output\.dense|attn\.c_proj|self_attn\.dense|attention\.dense)\.weight$", "o"),
+        (r"(gate_proj|w1)\.weight$", "gate"),
+        (r"(gate_up_proj)\.weight$", "gate_up"),
+        (r"(up_proj|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|fc1|w3)\.weight$", "up"),
+        (r"(down_proj|(?<!attention\.)output\.dense|mlp\.c_proj|dense_4h_to_h|fc2|w2)\.weight$", "down"),
+        (r"(embed_tokens|word_embeddings|wte|embed_in)\.weight$", "embed"),
+        (r"(position_embeddings|wpe|token_type_embeddings)\.weight$", "pos_embed"),
+        (r"(lm_head|embed_out)\.weight$", "head"),
+        (r"(norm|LayerNorm|ln_\d|ln_f|layernorm)\.(weight|bias)$", "norm"),
+        (r"\.bias$", "bias"),
+    ]
+]
+
+# GPT-2-family Conv1D modules store weights in x out; analyses must see out x in.
+_CONV1D_NAME = re.compile(r"(?:^|\.)h\.\d+\.(?:attn|mlp|crossattention)\.(?:c_attn|c_proj|c_fc|q_attn)\.weight$")
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+def canonical_name(name: str) -> str:
+    """Strip wrapper prefixes so `base_model.model.model.layers.0...` and `layers.0...` meet."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a name, or None (embeddings, head, unknown families)."""
+    found = _LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def module_role(name: str) -> str:
+    """A short role label: q/k/v/qkv/o/gate/up/down/embed/head/norm/bias/other."""
+    key = canonical_name(name)
+    for pattern, role in _ROLES:
+        if pattern.search(key):
+            return role
+    return "other"
+
+
+def is_conv1d(name: str, config: ModelConfig | None = None) -> bool:
+    """True when the weight is stored transposed (in x out), as in GPT-2's Conv1D."""
+    if not _CONV1D_NAME.search(name):
+        return False
+    if config is not None and config.model_type:
+        return config.model_type in _CONV1D_MODEL_TYPES
+    return True  # GPT-2 naming without a config: these names are Conv1D there
+
+
+def as_matrix(name: str, tensor: torch.Tensor, config: ModelConfig | None = None) -> torch.Tensor:
+    """The out x in matrix the maths sees: Conv1D transposed, conv kernels out x (in*kh*kw)."""
+    if is_conv1d(name, config):
+        return tensor.T
+    if tensor.ndim > 2:
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor
+
+
+def matrix_shape(name: str, shape: tuple[int, ...], config: ModelConfig | None = None) -> tuple[int, int] | None:
+    """Shape `as_matrix` gives, from a header shape alone; None for 0/1-D tensors."""
+    if len(shape) < 2:
+        return None
+    if is_conv1d(name, config):
+        return shape[1], shape[0]
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return shape[0], rest
