@@ -20,6 +20,11 @@ class MatchedTensor:
     shape: tuple[int, ...]
     layer: int | None
     role: str
+    dtype: str  # safetensors code in the first checkpoint
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
 
 
 @dataclass
@@ -68,5 +73,29 @@ def match_checkpoints(checkpoints: Sequence[Checkpoint]) -> Matching:
         if len(set(shapes)) > 1:
             matching.shape_mismatches.append((key, shapes))
             continue
-        matching.matched.append(MatchedTensor(key, names, shapes[0], layer_index(first), module_role(first)))
+        matching.matched.append(MatchedTensor(key, names, shapes[0], layer_index(first), module_role(first),
+                                              checkpoints[0].info(first).dtype))
     return matching
+
+
+def select_matrices(matched: list[MatchedTensor], include: str | None = None, exclude: str | None = None,
+                    only: set[str] | None = None) -> list[MatchedTensor]:
+    """2-D (or conv) weights with both sides > 1, filtered by regex on the name; `only` restricts
+    to a set of first-checkpoint names (e.g. the modules an adapter changes)."""
+    inc, exc = compile_filter(include, "--include"), compile_filter(exclude, "--exclude")
+    chosen = []
+    for item in matched:
+        name = item.names[0]
+        if not item.is_float or len(item.shape) < 2 or min(item.shape[0], _prod(item.shape[1:])) < 2:
+            continue
+        if (inc and not inc.search(name)) or (exc and exc.search(name)) or (only is not None and name not in only):
+            continue
+        chosen.append(item)
+    return chosen
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out

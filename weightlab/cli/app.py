@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from weightlab.io.atomic import ensure_writable
 
 app = typer.Typer(
     name="weightlab",
@@ -16,7 +22,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-console = Console()
+# Piped output keeps whole tables instead of folding them to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True)
 state = {"debug": False}
 
@@ -28,6 +35,31 @@ ExcludeOpt = typer.Option(None, "--exclude", help="Skip tensors whose name match
 DeviceOpt = typer.Option("auto", "--device", help="auto (GPU when present), cpu, or cuda[:N].")
 DtypeOpt = typer.Option("float32", "--dtype", help="Precision of the maths: float32 or float64.")
 PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.", metavar="DIR")
+
+
+class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "", style="cyan")
+
+
+@contextmanager
+def progress(description: str, unit: str = "matrices") -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A progress bar on stderr; yields (on_start(total), on_progress(advance)) callbacks."""
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  _RateColumn(unit), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+def check_outputs(force: bool, *paths: Optional[Path | str]) -> None:
+    """Refuse existing outputs before any work is done."""
+    for path in paths:
+        if path:
+            ensure_writable(path, force)
 
 
 def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:

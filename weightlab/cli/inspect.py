@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, console, quiet_when_stdout
-from weightlab.io.atomic import ensure_writable
+from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, check_outputs, console, quiet_when_stdout
 from weightlab.inventory import inventory
 from weightlab.io.checkpoint import open_checkpoint
 from weightlab.report.export import write_outputs
@@ -27,9 +26,7 @@ def inspect(
 
     Example: weightlab inspect ./llama-3-8b --filter 'layers\\.0\\.' --json -
     """
-    for out in (json_out, csv_out):
-        if out:
-            ensure_writable(out, force)
+    check_outputs(force, json_out, csv_out)
     inv = inventory(open_checkpoint(checkpoint), name_filter)
     write_outputs(inv.to_dict(), [r.__dict__ for r in inv.tensors], json_out, csv_out, force)
     if quiet_when_stdout(json_out, csv_out):

@@ -109,6 +109,11 @@ class LoraAdapter:
         self.bytes_read += m.a.nbytes + m.b.nbytes
         return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), m.scale
 
+    def matrix_factors(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(L, R, s) with ΔW = s·L·R in the out×in orientation `naming.as_matrix` gives the base weight."""
+        a, b, scale = self.factors(module, device, dtype)
+        return (a.T, b.T, scale) if self.modules[module].embedding else (b, a, scale)
+
     def delta(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update in the base weight's storage layout: what `merge_and_unload` adds."""
         m = self.modules[module]
@@ -160,3 +165,13 @@ def open_finetuned(path, base: Checkpoint) -> Checkpoint:
 
     opened = open_checkpoint(path)
     return AdaptedCheckpoint(base, opened) if isinstance(opened, LoraAdapter) else opened
+
+
+def open_weights(path) -> Checkpoint:
+    """A checkpoint of full weights (a base model): an adapter alone is refused."""
+    from weightlab.io.checkpoint import open_checkpoint
+
+    opened = open_checkpoint(path)
+    if isinstance(opened, LoraAdapter):
+        raise InvalidArgument("this is a LoRA adapter; full weights are needed here (give it as a fine-tune)", path)
+    return opened

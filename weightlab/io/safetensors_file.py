@@ -80,8 +80,8 @@ class SafetensorsFile:
         dtype = torch_dtype(info.dtype, self.path, info.name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buffer = bytearray(info.nbytes)
-        view = memoryview(buffer)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
+        view = memoryview(raw.numpy())
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
@@ -92,7 +92,7 @@ class SafetensorsFile:
                 done += n
         finally:
             os.close(fd)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+        return raw.view(dtype).reshape(info.shape)
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from rich.table import Table
+
+
+_LAYER_PREFIX = re.compile(r"^.*?(?:layers|layer|h|blocks|block)\.\d+\.")
+
+
+def short_name(name: str, width: int = 38, drop_layer: bool = False) -> str:
+    """Name without `.weight` (and without the layer prefix when a layer column shows it)."""
+    name = name.removesuffix(".weight")
+    if drop_layer:
+        name = _LAYER_PREFIX.sub("", name)
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def human_bytes(n: int) -> str:
@@ -37,7 +49,10 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], 
     """A table whose columns from `numeric_from` on are right-aligned numbers."""
     t = Table(title=title, caption=caption, header_style="bold cyan", title_style="bold", show_lines=False)
     for i, col in enumerate(columns):
-        t.add_column(col, justify="right" if i >= numeric_from else "left", no_wrap=i == 0, overflow="fold")
+        if i == 0:
+            t.add_column(col, overflow="fold", min_width=16, ratio=1)
+        else:
+            t.add_column(col, justify="right" if i >= numeric_from else "left", no_wrap=True)
     for row in rows:
         t.add_row(*(fmt(v) for v in row))
     return t

@@ -1,0 +1,1 @@
+"""Analysis methods: pure functions from tensors to small typed results."""

@@ -1,0 +1,177 @@
+"""`weightlab angles`: principal angles between the top-k singular subspaces of two checkpoints.
+
+For orthonormal bases Q_A, Q_B of two subspaces, the cosines of the principal angles are the
+singular values of Q_AᵀQ_B (Björck & Golub 1973, "Numerical methods for computing angles
+between linear subspaces", Thm. 1). Small angles are taken from the sines instead, the singular
+values of Q_B − Q_A(Q_AᵀQ_B), which keeps them accurate where arccos is ill-conditioned
+(Knyazev & Argentati 2002, SIAM J. Sci. Comput. 23(6), Alg. 3.1; scipy's `subspace_angles`).
+
+With a base checkpoint the subspaces are those of the task vectors ΔW_A = W_A − W_base and
+ΔW_B = W_B − W_base: small angles mean two fine-tunes compete for the same directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from weightlab.analysis.deltas import delta_top_svd, numerical_rank
+from weightlab.compute.device import Compute
+from weightlab.compute.stream import stream_matrices
+from weightlab.compute.svd import SVD, top_svd
+from weightlab.errors import InvalidArgument
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import match_checkpoints, select_matrices
+
+SCHEMA = "weightlab.angles/1"
+SIDES = ("left", "right", "both")
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between span(a) and span(b), both with orthonormal
+    columns. Returns min(k_a, k_b) angles."""
+    if a.shape[-1] < b.shape[-1]:
+        a, b = b, a  # residual of the smaller basis against the larger one
+    overlap = a.mT @ b
+    cosines = torch.linalg.svdvals(overlap).clamp(0, 1)  # descending -> angles ascending
+    sines = torch.linalg.svdvals(b - a @ overlap).clamp(0, 1).flip(-1)  # ascending -> angles ascending
+    small = cosines**2 >= 0.5
+    return torch.where(small, torch.arcsin(sines), torch.arccos(cosines))
+
+
+@dataclass(frozen=True)
+class AnglesOptions:
+    k: int = 16
+    side: str = "left"
+    svd: str = "exact"  # or "randomized"
+    seed: int = 0
+    include: str | None = None
+    exclude: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.side not in SIDES:
+            raise InvalidArgument(f"--side {self.side!r}: choose left, right or both")
+        if self.svd not in ("exact", "randomized"):
+            raise InvalidArgument(f"--svd {self.svd!r}: choose exact or randomized")
+        if self.k < 1:
+            raise InvalidArgument(f"-k must be at least 1, got {self.k}")
+
+
+@dataclass
+class MatrixAngles:
+    name: str
+    layer: int | None
+    role: str
+    shape: list[int]
+    side: str  # "left" (column space, U) or "right" (row space, V)
+    k: int  # subspace dimension used (capped by the rank of a task vector)
+    angles_deg: list[float]  # ascending
+    cosines: list[float]
+
+    @property
+    def mean_angle(self) -> float:
+        return sum(self.angles_deg) / len(self.angles_deg) if self.angles_deg else float("nan")
+
+    @property
+    def overlap(self) -> float:
+        """Mean cos²: 1 when the subspaces coincide, about k/d for random ones."""
+        return sum(c * c for c in self.cosines) / len(self.cosines) if self.cosines else float("nan")
+
+    def row(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "role": self.role, "rows": self.shape[0],
+                "cols": self.shape[1], "side": self.side, "k": self.k, "mean_angle_deg": self.mean_angle,
+                "min_angle_deg": self.angles_deg[0] if self.angles_deg else None,
+                "max_angle_deg": self.angles_deg[-1] if self.angles_deg else None, "overlap": self.overlap}
+
+
+@dataclass
+class AnglesResult:
+    a: str
+    b: str
+    base: str | None
+    options: AnglesOptions
+    matrices: list[MatrixAngles]
+    num_layers: int | None = None
+    problems: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "a": self.a, "b": self.b, "base": self.base, "options": asdict(self.options),
+                "num_layers": self.num_layers, "problems": self.problems,
+                "summary_by_layer": summarise_angles(self.matrices, "layer"),
+                "summary_by_role": summarise_angles(self.matrices, "role"),
+                "matrices": [{**asdict(m), "mean_angle_deg": m.mean_angle, "overlap": m.overlap} for m in self.matrices]}
+
+
+def summarise_angles(matrices: Sequence[MatrixAngles], by: str) -> list[dict]:
+    groups: dict[tuple, list[MatrixAngles]] = {}
+    for m in matrices:
+        if m.angles_deg:
+            groups.setdefault((m.side, getattr(m, by)), []).append(m)
+    keys = sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] if k[1] is not None else 0) if by == "layer" else k)
+    return [{"side": k[0], by: k[1], "matrices": len(groups[k]),
+             "mean_angle_deg": sum(m.mean_angle for m in groups[k]) / len(groups[k]),
+             "overlap": sum(m.overlap for m in groups[k]) / len(groups[k])} for k in keys]
+
+
+def _bases(svd: SVD, side: str) -> dict[str, torch.Tensor]:
+    sides = ("left", "right") if side == "both" else (side,)
+    return {s: svd.U if s == "left" else svd.Vh.mT for s in sides}
+
+
+def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options: AnglesOptions = AnglesOptions(),
+           compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
+           on_start: Callable[[int], None] | None = None) -> AnglesResult:
+    """Principal angles between top-k singular subspaces of matching matrices of `a` and `b`
+    (of their task vectors when `base` is given)."""
+    compute = compute or Compute.create()
+    for ckpt in (a, b):
+        if isinstance(ckpt, AdaptedCheckpoint) and base is None:
+            raise InvalidArgument("an adapter input needs --base (its update is relative to a base)", ckpt.path)
+    sources = [a, b] if base is None else [base, a, b]
+    matching = match_checkpoints(sources)
+    only = None
+    adapted = [set(c.module_of) for c in (a, b) if isinstance(c, AdaptedCheckpoint)]
+    if base is not None and adapted:  # elsewhere an adapter's task vector is zero
+        only = set.intersection(*adapted)
+    items = select_matrices(matching.matched, options.include, options.exclude, only)
+    if on_start:
+        on_start(len(items))
+    results: list[MatrixAngles] = []
+    unchanged: list[str] = []
+    for batch, mats in stream_matrices(sources, items, compute.device, compute.dtype, compute.batch_size,
+                                       compute.prefetch):
+        for i, item in enumerate(batch):
+            name = item.names[0]
+            if base is None:
+                svd_a, svd_b = (top_svd(m[i], options.k, options.svd, options.seed) for m in mats)
+            else:
+                w, wa, wb = (m[i] for m in mats)
+                svd_a = delta_top_svd(a, name, w, wa, options.k, compute, options.svd, options.seed)
+                svd_b = delta_top_svd(b, name, w, wb, options.k, compute, options.svd, options.seed)
+                shape = tuple(w.shape)
+                k = min(numerical_rank(svd_a.S, shape), numerical_rank(svd_b.S, shape))
+                svd_a, svd_b = svd_a.truncate(k), svd_b.truncate(k)
+            k = min(svd_a.S.shape[-1], svd_b.S.shape[-1])
+            if k == 0:
+                unchanged.append(name)
+                continue
+            for side, qa in _bases(svd_a, options.side).items():
+                qb = _bases(svd_b, side)[side]
+                theta = principal_angles(qa[:, :k], qb[:, :k])
+                degrees = [math.degrees(t) for t in theta.tolist()]
+                results.append(MatrixAngles(name, item.layer, item.role, list(mats[0].shape[-2:]), side, k, degrees,
+                                            [math.cos(t) for t in theta.tolist()]))
+        if on_progress:
+            on_progress(len(batch))
+    num_layers = sources[0].config.num_layers if sources[0].config else None
+    problems = matching.describe_problems()
+    if unchanged:
+        problems.append(f"{len(unchanged)} matrices left out: unchanged from the base in A or B ({', '.join(unchanged[:3])}"
+                        + (", …)" if len(unchanged) > 3 else ")"))
+    return AnglesResult(str(a.path), str(b.path), None if base is None else str(base.path), options, results,
+                        num_layers, problems)

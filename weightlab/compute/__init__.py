@@ -1,0 +1,1 @@
+"""The compute engine every analysis shares: devices, the SVD helper, the prefetching stream."""

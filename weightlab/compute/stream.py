@@ -1,0 +1,86 @@
+"""Stream matched tensors from several checkpoints, reading ahead on a background thread.
+
+The background thread only reads (a pread into a fresh buffer, which releases the GIL and
+spawns no compute threads); conversion, checks and maths stay on the calling thread. On a
+2-core machine any compute work in a second thread stalls the math library's parallel kernels,
+so the split matters. At most `prefetch` batches wait in the queue: memory stays bounded by a
+few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from weightlab.errors import CorruptCheckpoint
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import MatchedTensor
+from weightlab.naming import as_matrix
+
+_DONE = object()
+
+
+def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[MatchedTensor]]:
+    """Group same-shape items (in their given order) into batches of at most `batch_size`."""
+    groups: dict[tuple[int, ...], list[MatchedTensor]] = {}
+    for item in items:
+        groups.setdefault(item.shape, []).append(item)
+    out = []
+    for group in groups.values():
+        out.extend(group[i:i + batch_size] for i in range(0, len(group), batch_size))
+    return out
+
+
+def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """Raw stored tensor; an adapted checkpoint reads its base (the update is added later)."""
+    return ckpt.base.get(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
+
+
+def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    weight = raw.to(device=device, dtype=dtype)
+    if isinstance(ckpt, AdaptedCheckpoint) and name in ckpt.module_of:
+        weight = weight + ckpt.adapter.delta(ckpt.module_of[name], device, dtype)
+    matrix = as_matrix(name, weight, ckpt.config)
+    if not torch.isfinite(matrix).all():
+        raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
+    return matrix
+
+
+def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], device: torch.device,
+                    dtype: torch.dtype, batch_size: int = 1,
+                    prefetch: int = 2) -> Iterator[tuple[list[MatchedTensor], list[torch.Tensor]]]:
+    """Yield (batch items, one [b, m, n] out×in matrix stack per source), read ahead of use."""
+    pending: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches(items, batch_size):
+                if stop.is_set():
+                    return
+                pending.put((batch, [[_read(c, n) for c, n in zip(sources, item.names)] for item in batch]))
+            pending.put(_DONE)
+        except BaseException as e:  # hand the error to the consumer, who re-raises it
+            pending.put(e)
+
+    worker = threading.Thread(target=produce, daemon=True, name="weightlab-prefetch")
+    worker.start()
+    try:
+        while (got := pending.get()) is not _DONE:
+            if isinstance(got, BaseException):
+                raise got
+            batch, raws = got
+            per_source = zip(*[[_prepare(c, n, raw, device, dtype) for c, n, raw in zip(sources, item.names, item_raws)]
+                               for item, item_raws in zip(batch, raws)])
+            yield batch, [torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0) for mats in per_source]
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                pending.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)

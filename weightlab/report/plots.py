@@ -1,0 +1,191 @@
+"""PNG plots a person can read at a glance (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from weightlab.analysis.angles import AnglesResult  # noqa: E402
+from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
+from weightlab.report.tables import short_name  # noqa: E402
+
+ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
+STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "font.size": 9,
+         "axes.titlesize": 10, "axes.titleweight": "bold"}
+
+
+def _roles(items) -> list[str]:
+    present = {m.role for m in items}
+    return [r for r in ROLE_ORDER if r in present] + sorted(present - set(ROLE_ORDER))
+
+
+def _grid(items: Sequence, value: Callable) -> tuple[np.ndarray, list[int], list[str]]:
+    """Mean of `value` per (layer, role) over items with a layer index."""
+    layered = [m for m in items if m.layer is not None]
+    layers = sorted({m.layer for m in layered})
+    roles = _roles(layered)
+    sums = np.zeros((len(layers), len(roles)))
+    counts = np.zeros_like(sums)
+    for m in layered:
+        i, j = layers.index(m.layer), roles.index(m.role)
+        sums[i, j] += value(m)
+        counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), layers, roles
+
+
+def _heatmap(ax, grid: np.ndarray, layers: list[int], roles: list[str], title: str, cmap: str, label: str,
+             vmin: float | None = None, vmax: float | None = None, fmt: str = "{:.2f}") -> None:
+    shown = np.ma.masked_invalid(grid)
+    image = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(len(roles)), roles)
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("module role")
+    ax.set_ylabel("layer (depth ↓)")
+    ax.set_title(title)
+    if grid.size <= 400:
+        for (i, j), v in np.ndenumerate(grid):
+            if not math.isnan(v):
+                r, g, b, _ = image.cmap(image.norm(v))
+                light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="black" if light else "white")
+    plt.colorbar(image, ax=ax, label=label, shrink=0.85)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _by_finetune(result: SpectrumResult) -> list[list[MatrixSpectrum]]:
+    return [[m for m in result.matrices if m.finetuned == i] for i in range(len(result.finetuned))]
+
+
+def _ft_label(result: SpectrumResult, i: int) -> str:
+    return Path(result.finetuned[i]).name or result.finetuned[i]
+
+
+def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6) -> list[Path]:
+    """Singular-value curves of the most-changed matrices, amplification and reorientation
+    heatmaps over depth × role, intruder counts per layer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    groups = _by_finetune(result)
+    k = result.options.k
+    with plt.rc_context(STYLE):
+        top = sorted(result.matrices, key=lambda m: -m.relative_change)[:most_changed]
+        if top:
+            cols = min(3, len(top))
+            rows = math.ceil(len(top) / cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+            for ax, m in zip(axes.flat, top):
+                idx = np.arange(1, len(m.sv_base) + 1)
+                n = len(m.sv_ft)
+                ax.semilogy(idx, m.sv_base, color="#888888", lw=2.2, label="base σ_i")
+                ax.semilogy(idx[:n], m.sv_ft, color="#d62728", lw=1.0, label="fine-tuned σ'_i")
+                ax.axvline(k + 0.5, color="#444444", ls=":", lw=1)
+                ratio = ax.twinx()
+                change = 100 * (np.asarray(m.sv_ft) / np.maximum(np.asarray(m.sv_base[:n]), 1e-30) - 1)
+                ratio.plot(idx[:n], change, color="#1f77b4", lw=0.8, alpha=0.8, label="σ'_i/σ_i − 1")
+                ratio.axhline(0, color="#1f77b4", lw=0.5, alpha=0.4)
+                if n > 20:  # the tail of tiny σ can swing wildly; keep the axis on the bulk
+                    lo, hi = np.percentile(change, [1, 99])
+                    pad = 0.15 * (hi - lo) or 0.01
+                    ratio.set_ylim(lo - pad, hi + pad)
+                ratio.set_ylabel("σ'/σ − 1 (%)", color="#1f77b4")
+                ratio.tick_params(axis="y", colors="#1f77b4")
+                ratio.spines["right"].set_visible(True)
+                ax.set_title(short_name(m.name), fontsize=8)
+                ax.text(0.97, 0.95, f"‖ΔW‖/‖W‖ = {m.relative_change:.3g}\nσ'₁/σ₁ = {m.amplification[0]:.4g}",
+                        transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                        bbox=dict(boxstyle="round", fc="white", ec="#dddddd", alpha=0.9))
+                ax.set_xlabel("index i")
+                ax.set_ylabel("singular value")
+            for ax in axes.flat[len(top):]:
+                ax.axis("off")
+            handles = axes.flat[0].get_legend_handles_labels()
+            fig.legend(handles[0] + [plt.Line2D([], [], color="#1f77b4", lw=0.8)], handles[1] + ["σ'_i/σ_i − 1 (right axis)"],
+                       loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
+            fig.suptitle(f"Singular values of the {len(top)} most-changed matrices (dotted: top-{k})", fontweight="bold")
+            paths.append(_save(fig, out_dir / "spectrum_curves.png"))
+
+        for filename, value, title, cmap, label, diverging, fmt in [
+            ("amplification_heatmap.png", lambda m: 100 * (m.mean_amplification - 1),
+             f"top-{k} amplification: mean σ'_i/σ_i − 1", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
+            ("reorientation_heatmap.png", lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
+             f"rotation of the top-{k} left singular vectors: mean ∠(u'_i, u_i)", "magma_r", "degrees", False, "{:.1f}"),
+        ]:
+            grids = [_grid(g, value) for g in groups]
+            if not any(g[0].size for g in grids):
+                continue
+            n_roles, n_layers = len(grids[0][2]), len(grids[0][1])
+            fig, axes = plt.subplots(1, len(grids), figsize=((1.6 + 0.75 * n_roles) * len(grids) + 1.2, 1.3 + 0.34 * n_layers),
+                                     squeeze=False)
+            for i, (ax, (grid, layers, roles)) in enumerate(zip(axes.flat, grids)):
+                finite = grid[np.isfinite(grid)]
+                top_value = float(np.abs(finite).max()) if finite.size else 1.0
+                if diverging:
+                    vmin, vmax = -max(top_value, 1e-3), max(top_value, 1e-3)
+                else:
+                    vmin, vmax = 0.0, max(top_value, 1e-3)
+                _heatmap(ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, fmt)
+            paths.append(_save(fig, out_dir / filename))
+
+        layers = sorted({m.layer for m in result.matrices if m.layer is not None})
+        if layers:
+            fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(layers) + 2), 3.2))
+            width = 0.8 / len(groups)
+            for i, g in enumerate(groups):
+                counts = [sum(len(m.intruders) for m in g if m.layer == layer) for layer in layers]
+                ax.bar(np.arange(len(layers)) + i * width - 0.4 + width / 2, counts, width, label=_ft_label(result, i))
+            ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+            ax.set_xlabel("layer")
+            ax.set_ylabel("intruder dimensions")
+            ax.yaxis.get_major_locator().set_params(integer=True)
+            ax.set_title(f"Intruder dimensions per layer (top {result.options.intruder_k}, ε = {result.options.epsilon})")
+            if len(groups) > 1:
+                ax.legend(fontsize=7, frameon=False)
+            paths.append(_save(fig, out_dir / "intruders_per_layer.png"))
+    return paths
+
+
+def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
+    """Mean principal angle against depth (one line per role) and a depth × role heatmap."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    what = "task vectors ΔW" if result.base else "weights"
+    sides = sorted({m.side for m in result.matrices})
+    with plt.rc_context(STYLE):
+        layered = [m for m in result.matrices if m.layer is not None and m.angles_deg]
+        if layered:
+            fig, axes = plt.subplots(1, len(sides), figsize=(5.2 * len(sides), 3.4), squeeze=False)
+            for ax, side in zip(axes.flat, sides):
+                ms = [m for m in layered if m.side == side]
+                for role in _roles(ms):
+                    pts = sorted({m.layer for m in ms if m.role == role})
+                    ys = [np.mean([m.mean_angle for m in ms if m.role == role and m.layer == layer]) for layer in pts]
+                    ax.plot(pts, ys, marker="o", ms=3, label=role)
+                ax.set_ylim(0, 90)
+                ax.set_xlabel("layer")
+                ax.set_ylabel("mean principal angle (°)")
+                ax.set_title(f"{side} singular subspaces of {what}, top {result.options.k}")
+                ax.axhline(90, color="#bbbbbb", lw=0.8)
+                ax.legend(fontsize=7, frameon=False, ncol=2)
+            paths.append(_save(fig, out_dir / "angles_vs_depth.png"))
+            grids = [(side, *_grid([m for m in layered if m.side == side], lambda m: m.mean_angle)) for side in sides]
+            fig, axes = plt.subplots(1, len(grids), figsize=(2 + 0.8 * len(grids[0][3]) * len(grids) + 1.5,
+                                                               0.9 + 0.32 * len(grids[0][2])), squeeze=False)
+            for ax, (side, grid, layers, roles) in zip(axes.flat, grids):
+                _heatmap(ax, grid, layers, roles, f"mean angle (°), {side}, {what}", "magma_r", "degrees", 0, 90, "{:.0f}")
+            paths.append(_save(fig, out_dir / "angles_heatmap.png"))
+    return paths
+
