@@ -83,3 +83,18 @@ def test_same_tensors_give_identical_bytes(zoo, tmp_path):
 @pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2MiB", 2 * 1024**2), ("1000", 1000)])
 def test_sizes_parse(text, size):
     assert parse_size(text) == size
+
+
+def test_our_safetensors_files_read_back_with_the_reference_library(tmp_path):
+    from safetensors import safe_open
+
+    from weightlab.io.safetensors_file import write_safetensors
+
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7), "m": torch.tensor([True, False]),
+               "e": torch.zeros(0, 4), "f8": torch.randn(4).to(torch.float8_e4m3fn)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"z": "1", "a": "2"})
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"z": "1", "a": "2"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8)) if t.numel() else \
+                f.get_tensor(name).shape == t.shape

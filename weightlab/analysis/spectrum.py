@@ -216,6 +216,7 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
         for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
             delta_sv = delta_singular_values(ft, batch, w, w_ft, compute)
             matrices.extend(compare(base_svd, full_svd(w_ft), delta_sv, batch, index, options))
+        del w, w_fts, base_svd  # before the next batch arrives: keeps one batch in memory
         if on_progress:
             on_progress(len(batch))
     order = {item.names[0]: i for i, item in enumerate(items)}

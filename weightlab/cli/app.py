@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from weightlab.io.atomic import ensure_writable
+from weightlab.io.atomic import atomic_path, ensure_writable
 
 app = typer.Typer(
     name="weightlab",
@@ -60,6 +60,20 @@ def check_outputs(force: bool, *paths: Optional[Path | str]) -> None:
     for path in paths:
         if path:
             ensure_writable(path, force)
+
+
+def show_problems(problems: list[str]) -> None:
+    """Notes about the inputs (unmatched tensors, shape mismatches) on stderr."""
+    for line in problems:
+        err_console.print(f"[yellow]note:[/] {line}", highlight=False)
+
+
+def write_plots(plots: Optional[Path], force: bool, draw: Callable[[Path], list[Path]]) -> None:
+    """Draw into a temporary folder that replaces `plots` only when every plot succeeded."""
+    if plots:
+        with atomic_path(plots, force, directory=True) as tmp:
+            written = draw(tmp)
+        console.print(f"plots: {', '.join(str(plots / p.name) for p in written)}", highlight=False)
 
 
 def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:

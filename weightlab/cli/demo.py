@@ -6,27 +6,32 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import ForceOpt, app, console
-from weightlab.examples import minilm_path
-from weightlab.inventory import inventory
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console
+from weightlab.compute.device import Compute
+from weightlab.demo import run_demo
 from weightlab.io.atomic import atomic_path
-from weightlab.io.checkpoint import open_checkpoint
-from weightlab.report.export import to_json
-from weightlab.report.tables import human_bytes, human_count
+from weightlab.report.tables import table
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("weightlab-demo"), "--out", help="Folder for everything the tour writes."),
+    device: str = DeviceOpt,
     force: bool = ForceOpt,
 ) -> None:
-    """Run the tour on all-MiniLM-L6-v2 (offline) and write its results under --out.
+    """Fine-tune all-MiniLM-L6-v2 briefly (offline, cached) and run the analyses on it; results under --out.
 
     Example: weightlab demo --out ./weightlab-demo
     """
-    base = open_checkpoint(minilm_path())
-    inv = inventory(base)
-    with atomic_path(out, force, directory=True) as tmp:
-        (tmp / "inventory.json").write_text(to_json(inv.to_dict()))
-    console.print(f"[bold]{base.path}[/]: {len(inv.tensors)} tensors, {human_count(inv.parameters)} parameters, "
-                  f"{human_bytes(inv.bytes)}; results in {out}/")
+    compute = Compute.create(device)
+    with err_console.status("starting") as status, atomic_path(out, force, directory=True) as tmp:
+        summary = run_demo(tmp, compute, on_step=lambda text: status.update(text))
+    rows = [(key, f"{ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}", "LoRA r=8" if ft["lora"] else "full",
+             summary["spectrum"][key]["mean_relative_change"], summary["spectrum"][key]["most_changed_role"],
+             summary["spectrum"][key]["intruders"]) for key, ft in summary["fine_tunes"].items()]
+    console.print(table("what fine-tuning did to all-MiniLM-L6-v2",
+                        ["fine-tune", "test accuracy", "kind", "mean ‖ΔW‖/‖W‖", "most changed role", "intruders"],
+                        rows))
+    console.print(f"task vectors of the two full fine-tunes: mean principal angle "
+                  f"{summary['angles_ft_animal_vs_ft_colour_mean_deg']:.1f}° (90° = unrelated directions)")
+    console.print(f"results: {out}/ (summary.json, spectrum.json/.csv, angles.json, plots/)")

@@ -10,25 +10,12 @@ import typer
 from weightlab.analysis.angles import AnglesOptions, angles as compute_angles
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum as compute_spectrum, summarise
 from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, app,
-                               check_outputs, console, err_console, progress, quiet_when_stdout)
+                               check_outputs, console, progress, quiet_when_stdout, show_problems, write_plots)
 from weightlab.compute.device import Compute
 from weightlab.io.adapter import open_finetuned, open_weights
-from weightlab.io.atomic import atomic_path
 from weightlab.report.export import write_outputs
 from weightlab.report.plots import angles_plots, spectrum_plots
 from weightlab.report.tables import short_name, table
-
-
-def _problems(problems: list[str]) -> None:
-    for line in problems:
-        err_console.print(f"[yellow]note:[/] {line}", highlight=False)
-
-
-def _write_plots(plots: Optional[Path], force: bool, draw) -> None:
-    if plots:
-        with atomic_path(plots, force, directory=True) as tmp:
-            written = draw(tmp)
-        console.print(f"plots: {', '.join(str(plots / p.name) for p in written)}", highlight=False)
 
 
 @app.command()
@@ -61,10 +48,10 @@ def spectrum(
     with progress("spectrum") as (on_start, on_progress):
         result = compute_spectrum(base_ckpt, fts, options, compute, on_progress, on_start)
     write_outputs(result.to_dict(), [m.row() for m in result.matrices], json_out, csv_out, force)
-    _write_plots(plots, force, lambda d: spectrum_plots(result, d))
+    write_plots(plots, force, lambda d: spectrum_plots(result, d))
     if quiet_when_stdout(json_out, csv_out):
         return
-    _problems(result.problems)
+    show_problems(result.problems)
     several = len(fts) > 1
     shown = sorted(result.matrices, key=lambda m: -m.relative_change)[:rows]
     columns = ["matrix", *(["ft"] if several else []), "layer", "role", "shape", "‖ΔW‖/‖W‖", "σ'₁/σ₁",
@@ -116,10 +103,10 @@ def angles(
     with progress("angles") as (on_start, on_progress):
         result = compute_angles(ckpt_a, ckpt_b, base_ckpt, options, compute, on_progress, on_start)
     write_outputs(result.to_dict(), [m.row() for m in result.matrices], json_out, csv_out, force)
-    _write_plots(plots, force, lambda d: angles_plots(result, d))
+    write_plots(plots, force, lambda d: angles_plots(result, d))
     if quiet_when_stdout(json_out, csv_out):
         return
-    _problems(result.problems)
+    show_problems(result.problems)
     what = "task vectors" if base else "weights"
     shown = sorted(result.matrices, key=lambda m: m.mean_angle)[:rows]
     body = [(short_name(m.name, 44, drop_layer=True), m.layer, m.role, m.side, m.k, m.mean_angle,

@@ -40,20 +40,24 @@ def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return ckpt.base.get(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
 
 
-def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype,
+             matrix: bool) -> torch.Tensor:
+    if not raw.is_floating_point():
+        return raw.to(device)
     weight = raw.to(device=device, dtype=dtype)
     if isinstance(ckpt, AdaptedCheckpoint) and name in ckpt.module_of:
         weight = weight + ckpt.adapter.delta(ckpt.module_of[name], device, dtype)
-    matrix = as_matrix(name, weight, ckpt.config)
-    if not torch.isfinite(matrix).all():
+    if not torch.isfinite(weight).all():
         raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
-    return matrix
+    return as_matrix(name, weight, ckpt.config) if matrix else weight
 
 
 def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], device: torch.device,
-                    dtype: torch.dtype, batch_size: int = 1,
-                    prefetch: int = 2) -> Iterator[tuple[list[MatchedTensor], list[torch.Tensor]]]:
-    """Yield (batch items, one [b, m, n] out×in matrix stack per source), read ahead of use."""
+                    dtype: torch.dtype, batch_size: int = 1, prefetch: int = 2,
+                    matrix: bool = True) -> Iterator[tuple[list[MatchedTensor], list[torch.Tensor]]]:
+    """Yield (batch items, one stack [b, ...] per source), read ahead of use: out×in matrices
+    (`as_matrix`), or with `matrix=False` tensors in their stored layout. Floating tensors are
+    cast to `dtype` and checked finite; others keep their dtype."""
     pending: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
@@ -74,7 +78,7 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
             if isinstance(got, BaseException):
                 raise got
             batch, raws = got
-            per_source = zip(*[[_prepare(c, n, raw, device, dtype) for c, n, raw in zip(sources, item.names, item_raws)]
+            per_source = zip(*[[_prepare(c, n, raw, device, dtype, matrix) for c, n, raw in zip(sources, item.names, item_raws)]
                                for item, item_raws in zip(batch, raws)])
             yield batch, [torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0) for mats in per_source]
     finally:

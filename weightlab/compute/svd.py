@@ -32,10 +32,21 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values, descending (svdvals, or the Gram route for very wide matrices)."""
     m, n = w.shape[-2:]
     if max(m, n) >= GRAM_RATIO * min(m, n):
-        w64 = w.double()
-        gram = w64 @ w64.mT if m < n else w64.mT @ w64
-        return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt().to(w.dtype)
+        return torch.linalg.eigvalsh(gram64(w)).flip(-1).clamp_min(0).sqrt().to(w.dtype)
     return torch.linalg.svdvals(w)
+
+
+def gram64(w: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """The smaller Gram matrix (WWᵀ or WᵀW) in float64, accumulated over blocks of the long side
+    so that no float64 copy of W is ever held."""
+    tall = w.shape[-2] >= w.shape[-1]
+    x = w if tall else w.mT
+    side = x.shape[-1]
+    gram = torch.zeros((*x.shape[:-2], side, side), dtype=torch.float64, device=w.device)
+    for start in range(0, x.shape[-2], block):
+        chunk = x[..., start:start + block, :].double()
+        gram += chunk.mT @ chunk
+    return gram
 
 
 def full_svd(w: torch.Tensor) -> SVD:

@@ -25,6 +25,7 @@ from weightlab.errors import (
 from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
 
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,14 @@ def read_model_config(folder: Path) -> ModelConfig | None:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptCheckpoint("config.json is not valid JSON", path) from None
-    num_layers = None
-    try:  # transformers knows that gpt2's n_layer is num_hidden_layers, and so on
-        from transformers import AutoConfig
+    num_layers = next((raw[k] for k in LAYER_COUNT_KEYS if isinstance(raw.get(k), int)), None)
+    if num_layers is None and "model_type" in raw:
+        try:  # rarer families: transformers knows their alias for the layer count
+            from transformers import AutoConfig
 
-        num_layers = getattr(AutoConfig.for_model(**raw), "num_hidden_layers", None)
-    except Exception:
-        num_layers = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in raw), None)
+            num_layers = getattr(AutoConfig.for_model(**raw), "num_hidden_layers", None)
+        except Exception:
+            num_layers = None
     return ModelConfig(raw.get("model_type"), num_layers, bool(raw.get("tie_word_embeddings", True)), raw)
 
 

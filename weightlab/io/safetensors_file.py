@@ -136,3 +136,31 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
     if data_start + end > size:
         raise CorruptCheckpoint(f"file is truncated (tensor ends at byte {data_start + end}, file has {size})", path, name)
     return TensorInfo(name, shape, code, path, data_start + begin, end - begin)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file with sorted names and sorted metadata: same tensors, same bytes.
+
+    (The reference writer keeps metadata in a hash map, whose order varies from run to run.)
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    order = sorted(tensors)
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in CODE_OF_TORCH_DTYPE:
+            raise UnsupportedDtype(f"dtype {t.dtype} cannot be written to safetensors", path, name)
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": CODE_OF_TORCH_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy

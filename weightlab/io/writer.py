@@ -8,10 +8,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.atomic import atomic_path
+from weightlab.io.safetensors_file import write_safetensors
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 # Files a model folder needs beside its weights (config, tokenizer, generation settings).
@@ -81,7 +81,7 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._buffer, str(self._tmp / f"shard-{index}.tmp"), metadata=self.metadata)
+        write_safetensors(self._tmp / f"shard-{index}.tmp", self._buffer, self.metadata)
         self._shards.append(list(self._buffer))
         self._buffer, self._buffered = {}, 0
 

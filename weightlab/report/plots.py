@@ -189,3 +189,107 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
             paths.append(_save(fig, out_dir / "angles_heatmap.png"))
     return paths
 
+
+
+def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
+    """Histogram with the fitted normal and Q-Q plot for the most and least Gaussian tensors,
+    shape-label counts, and std(ΔW) against depth with its fitted line."""
+    import torch
+    from scipy import stats
+
+    from weightlab.analysis.gaussian import LABELS, sample_entries
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    part = "delta" if result.base else "weights"
+    what = "ΔW = W_ft − W_base" if result.base else "W"
+    with plt.rc_context(STYLE):
+        ranked = sorted(result.tensors, key=lambda t: getattr(t, part).qq_r2)
+        if ranked:
+            picks = [("most Gaussian", ranked[-1]), ("least Gaussian", ranked[0])]
+            fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+            for row, (title, t) in enumerate(picks):
+                w = ckpt.get(t.name, dtype=torch.float64)
+                x = w - base.get(t.name, dtype=torch.float64) if result.base else w
+                sample = sample_entries(x, sample_size, result.options.seed)
+                d = getattr(t, part)
+                ax = axes[row, 0]
+                ax.hist(sample, bins=120, density=True, color="#9ecae1", edgecolor="none")
+                grid = np.linspace(sample.min(), sample.max(), 400)
+                ax.plot(grid, stats.norm.pdf(grid, d.mean, d.std), color="#d62728", lw=1.2, label="fitted normal")
+                ax.set_title(f"{title} {what}: {short_name(t.name, 40)}", fontsize=8)
+                ax.text(0.02, 0.95, f"label: {d.label}\nkurtosis {d.excess_kurtosis:+.2f}\nskew {d.skewness:+.2f}",
+                        transform=ax.transAxes, va="top", fontsize=7)
+                ax.legend(fontsize=7, frameon=False, loc="upper right")
+                (osm, osr), (slope, intercept, r) = stats.probplot(sample, dist="norm", fit=True)
+                ax = axes[row, 1]
+                ax.plot(osm, osr, ".", ms=1.5, color="#3182bd")
+                ax.plot(osm, slope * osm + intercept, color="#d62728", lw=1)
+                ax.set_xlabel("normal quantiles")
+                ax.set_ylabel("sample quantiles")
+                ax.set_title(f"Q-Q plot, R² = {r * r:.4f}", fontsize=8)
+            paths.append(_save(fig, out_dir / "histograms.png"))
+
+        parts = [("weights", "W")] + ([("delta", "ΔW")] if result.base else [])
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        width = 0.8 / len(parts)
+        for i, (p, label) in enumerate(parts):
+            counts = result.label_counts(p)
+            bars = ax.bar(np.arange(len(LABELS)) + i * width - 0.4 + width / 2, [counts[k] for k in LABELS], width,
+                          label=label)
+            ax.bar_label(bars, fontsize=7)
+        ax.set_xticks(range(len(LABELS)), LABELS)
+        ax.set_ylabel("tensors")
+        ax.set_title("Histogram shape labels")
+        ax.legend(fontsize=7, frameon=False)
+        paths.append(_save(fig, out_dir / "shape_labels.png"))
+
+        if result.depth_trend is not None:
+            trend = result.depth_trend
+            fig, ax = plt.subplots(figsize=(6, 3.4))
+            layered = [t for t in result.tensors if t.layer is not None and t.delta is not None]
+            for role in _roles(layered):
+                pts = [t for t in layered if t.role == role]
+                ax.scatter([t.layer for t in pts], [t.delta.std for t in pts], s=12, alpha=0.7, label=role)
+            xs = np.array([min(trend.layers), max(trend.layers)])
+            ax.plot(trend.layers, trend.std, "k-", lw=1, alpha=0.5, label="layer mean")
+            ax.plot(xs, trend.intercept + trend.slope * xs, "r--", lw=1.2,
+                    label=f"fit: slope {trend.slope:+.2e}/layer (R² {trend.r2:.2f}, p {trend.pvalue:.2g})")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("std(ΔW)")
+            ax.set_title("Does the update's spread grow with depth?")
+            ax.legend(fontsize=7, frameon=False, ncol=2)
+            paths.append(_save(fig, out_dir / "delta_std_vs_depth.png"))
+    return paths
+
+
+def tsd_plots(result, out_dir: Path) -> list[Path]:
+    """δ_i against i for representative matrices (Si et al. 2024, Fig. 2 style) with the chosen
+    TSDs marked, and the histogram of TSD positions in the spectrum."""
+    from weightlab.analysis.tsd import representative
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with plt.rc_context(STYLE):
+        picks = representative(result.matrices)
+        if picks:
+            fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.2), squeeze=False)
+            for ax, m in zip(axes.flat, picks):
+                ax.semilogy(np.arange(len(m.rates)), np.maximum(m.rates, 1e-30), lw=0.8, color="#3182bd")
+                shown = [(i, r) for i, r in zip(m.indices, m.rate) if i < len(m.rates)]
+                ax.scatter([i for i, _ in shown], [r for _, r in shown], color="#d62728", s=14, zorder=3,
+                           label=f"top {len(m.indices)} TSDs")
+                ax.set_xlabel("core direction i (by σ_i, descending)")
+                ax.set_ylabel("change rate δ_i")
+                ax.set_title(f"layer {m.layer}: {short_name(m.name, 30, drop_layer=True)}", fontsize=8)
+                ax.legend(fontsize=7, frameon=False)
+            fig.suptitle("δ_i = |u_iᵀ ΔW v_i| / σ_i", fontweight="bold")
+            paths.append(_save(fig, out_dir / "change_rates.png"))
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        counts = result.percentile_histogram()
+        ax.bar(np.arange(10) * 10 + 5, counts, width=9, color="#6baed6")
+        ax.set_xlabel("position in the base spectrum (percentile; 0 = largest σ)")
+        ax.set_ylabel("task-specific directions")
+        ax.set_title(f"Where the top-{result.options.top} TSDs sit, over {len(result.matrices)} matrices")
+        paths.append(_save(fig, out_dir / "tsd_percentiles.png"))
+    return paths

@@ -1,0 +1,302 @@
+"""`weightlab gaussian`: how Gaussian are the weights, and the fine-tuning update?
+
+Si, Jiang, Shen 2025, "Unveiling the Mystery of Weight in Large Foundation Models: Gaussian
+Distribution Never Fades": weights are mostly Gaussian, with occasional sharp, inverted-T or
+linear histograms; the transformation weights ΔW = W_ft − W_base behave like Gaussian noise
+whose standard deviation grows with depth.
+
+Moments use every entry (on the compute device, float64); tests that need a sample use a
+seeded uniform sample without replacement of `sample_size` entries (all, when fewer):
+- Kolmogorov–Smirnov against N(mean, std) (Massey 1951), Anderson–Darling (Stephens 1974),
+  D'Agostino–Pearson K² (D'Agostino & Pearson 1973), and the Q-Q correlation R² of the
+  normal probability plot (Filliben 1975) — all through `scipy.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+from weightlab.compute.device import Compute
+from weightlab.errors import CorruptCheckpoint
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import MatchedTensor, compile_filter, match_checkpoints
+
+SCHEMA = "weightlab.gaussian/1"
+
+# Shape-label thresholds, chosen between the values of synthetic references (docs/gaussian.md
+# lists them: `reference_table()` recomputes them). Excess kurtosis: Gaussian 0, Laplace 3,
+# logistic 1.2, uniform −1.2, triangular −0.6; mass within 0.01σ of zero: Gaussian 0.008,
+# Laplace 0.014, spike-and-slab with 20% zeros ≥ 0.2.
+SPIKE_AT_ZERO = 0.10  # fraction |x| < 0.01σ above which the histogram has a spike at zero
+SHARP_KURTOSIS = 0.6  # excess kurtosis above which the centre is sharp (leptokurtic)
+FLAT_KURTOSIS = -0.4  # excess kurtosis below which the histogram is flat (uniform/triangular-like)
+MAX_ABS_SKEW = 0.5  # a Gaussian label also needs a symmetric histogram
+LABELS = ("gaussian", "sharp", "inverted-T", "linear", "other")
+
+
+@dataclass(frozen=True)
+class GaussianOptions:
+    min_elements: int = 4096
+    sample_size: int = 100_000
+    seed: int = 0
+    include: str | None = None
+    exclude: str | None = None
+
+
+@dataclass
+class Distribution:
+    """Statistics of one tensor's entries."""
+
+    numel: int
+    mean: float
+    std: float
+    skewness: float  # m3 / m2^1.5 (population moments, as scipy.stats.skew)
+    excess_kurtosis: float  # m4 / m2² − 3 (as scipy.stats.kurtosis)
+    beyond_3sigma: float  # fraction |x − mean| > 3 std (Gaussian: 0.0027)
+    beyond_6sigma: float  # (Gaussian: 2e-9)
+    near_zero: float  # fraction |x| < 0.01 std (Gaussian with mean 0: 0.008)
+    ks_statistic: float
+    ks_pvalue: float
+    anderson_darling: float
+    k2_pvalue: float
+    qq_r2: float
+    sample_size: int
+    label: str
+
+
+def label_shape(excess_kurtosis: float, skewness: float, near_zero: float) -> str:
+    """gaussian / sharp / inverted-T / linear / other, from the thresholds above."""
+    if near_zero >= SPIKE_AT_ZERO:
+        return "inverted-T"
+    if excess_kurtosis >= SHARP_KURTOSIS:
+        return "sharp"
+    if excess_kurtosis <= FLAT_KURTOSIS:
+        return "linear"
+    if abs(skewness) <= MAX_ABS_SKEW:
+        return "gaussian"
+    return "other"
+
+
+def sample_entries(x: torch.Tensor, size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample without replacement (the whole tensor when it is small)."""
+    flat = x.reshape(-1)
+    if flat.numel() <= size:
+        return flat.double().cpu().numpy()
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(flat.numel(), generator=gen)[:size].to(flat.device)
+    return flat[index].double().cpu().numpy()
+
+
+def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Distribution:
+    """Moments of all entries and normality tests on a seeded sample."""
+    x = x.reshape(-1).double()
+    n = x.numel()
+    mean = x.mean()
+    d = x - mean
+    m2 = (d * d).mean()
+    std = m2.sqrt()
+    m3, m4 = (d**3).mean(), (d**4).mean()
+    tiny = torch.finfo(torch.float64).tiny
+    skew = float(m3 / m2.clamp_min(tiny) ** 1.5)
+    kurt = float(m4 / m2.clamp_min(tiny) ** 2 - 3)
+    s = float(std)
+    beyond3, beyond6 = (float((d.abs() > k * std).double().mean()) for k in (3, 6))
+    near_zero = float((x.abs() < 0.01 * std).double().mean())
+    sample = sample_entries(x, sample_size, seed)
+    if s > 0:
+        ks = stats.kstest(sample, "norm", args=(float(mean), s))
+        ad = float(stats.anderson(sample, "norm").statistic)
+        k2 = float(stats.normaltest(sample).pvalue) if sample.size >= 20 else float("nan")
+        r = stats.probplot(sample, dist="norm", fit=True)[1][2]
+        ks_stat, ks_p, qq = float(ks.statistic), float(ks.pvalue), float(r * r)
+    else:  # a constant tensor: nothing Gaussian about it
+        ks_stat, ks_p, ad, k2, qq = 1.0, 0.0, float("inf"), 0.0, 0.0
+    label = label_shape(kurt, skew, near_zero) if s > 0 else "other"
+    return Distribution(n, float(mean), s, skew, kurt, beyond3, beyond6, near_zero, ks_stat, ks_p, ad, k2, qq,
+                        int(sample.size), label)
+
+
+@dataclass
+class TensorGaussianity:
+    name: str
+    layer: int | None
+    role: str
+    weights: Distribution
+    delta: Distribution | None = None  # ΔW = W_ft − W_base, with --base
+    std_ratio: float | None = None  # std(W_ft) / std(W_base)
+    delta_weight_correlation: float | None = None  # Pearson corr(ΔW, W_base) over entries
+
+    def row(self) -> dict:
+        out = {"name": self.name, "layer": self.layer, "role": self.role,
+               **{f"w_{k}": v for k, v in asdict(self.weights).items()}}
+        if self.delta is not None:
+            out.update({f"dw_{k}": v for k, v in asdict(self.delta).items()})
+            out.update(std_ratio=self.std_ratio, delta_weight_correlation=self.delta_weight_correlation)
+        return out
+
+
+@dataclass
+class DepthTrend:
+    """std(ΔW) against layer depth: least-squares line over the per-layer mean std."""
+
+    layers: list[int]
+    std: list[float]
+    slope: float
+    intercept: float
+    r2: float
+    pvalue: float
+
+    @property
+    def grows_with_depth(self) -> bool:
+        return self.slope > 0 and self.pvalue < 0.05
+
+
+@dataclass
+class GaussianResult:
+    checkpoint: str
+    base: str | None
+    options: GaussianOptions
+    tensors: list[TensorGaussianity]
+    depth_trend: DepthTrend | None = None
+    problems: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def label_counts(self, part: str = "weights") -> dict[str, int]:
+        counts = dict.fromkeys(LABELS, 0)
+        for t in self.tensors:
+            dist = getattr(t, part)
+            if dist is not None:
+                counts[dist.label] += 1
+        return counts
+
+    def to_dict(self) -> dict:
+        trend = None
+        if self.depth_trend is not None:
+            trend = {**asdict(self.depth_trend), "grows_with_depth": self.depth_trend.grows_with_depth}
+        return {"schema": self.schema, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
+                "problems": self.problems, "label_counts": self.label_counts(),
+                "delta_label_counts": self.label_counts("delta") if self.base else None,
+                "depth_trend": trend, "summary_by_layer": summarise_gaussian(self.tensors, "layer"),
+                "summary_by_role": summarise_gaussian(self.tensors, "role"),
+                "tensors": [asdict(t) for t in self.tensors]}
+
+
+def summarise_gaussian(tensors: Sequence[TensorGaussianity], by: str) -> list[dict]:
+    groups: dict[object, list[TensorGaussianity]] = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, by), []).append(t)
+    keys = sorted(groups, key=lambda k: (k is None, k if k is not None else 0) if by == "layer" else str(k))
+    out = []
+    for key in keys:
+        ts = groups[key]
+        row = {by: key, "tensors": len(ts),
+               "mean_excess_kurtosis": float(np.mean([t.weights.excess_kurtosis for t in ts])),
+               "mean_qq_r2": float(np.mean([t.weights.qq_r2 for t in ts])),
+               "gaussian_share": sum(t.weights.label == "gaussian" for t in ts) / len(ts)}
+        deltas = [t for t in ts if t.delta is not None]
+        if deltas:
+            row["mean_delta_std"] = float(np.mean([t.delta.std for t in deltas]))
+            row["mean_delta_qq_r2"] = float(np.mean([t.delta.qq_r2 for t in deltas]))
+        out.append(row)
+    return out
+
+
+def depth_trend(tensors: Sequence[TensorGaussianity]) -> DepthTrend | None:
+    """Fit std(ΔW) = a + b·layer over the per-layer means (needs at least three layers)."""
+    per_layer: dict[int, list[float]] = {}
+    for t in tensors:
+        if t.delta is not None and t.layer is not None:
+            per_layer.setdefault(t.layer, []).append(t.delta.std)
+    if len(per_layer) < 3:
+        return None
+    layers = sorted(per_layer)
+    std = [float(np.mean(per_layer[layer])) for layer in layers]
+    fit = stats.linregress(layers, std)
+    return DepthTrend(layers, std, float(fit.slope), float(fit.intercept), float(fit.rvalue**2), float(fit.pvalue))
+
+
+def _selected(matched: Sequence[MatchedTensor], options: GaussianOptions) -> list[MatchedTensor]:
+    inc, exc = compile_filter(options.include, "--include"), compile_filter(options.exclude, "--exclude")
+    chosen = []
+    for item in matched:
+        name = item.names[0]
+        if not item.is_float or math.prod(item.shape) < options.min_elements:
+            continue
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            continue
+        chosen.append(item)
+    return chosen
+
+
+def _finite(x: torch.Tensor, ckpt: Checkpoint, name: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
+    return x
+
+
+def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: GaussianOptions = GaussianOptions(),
+             compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
+             on_start: Callable[[int], None] | None = None) -> GaussianResult:
+    """Distribution statistics of every floating tensor of `ckpt` (and of ΔW = ckpt − base)."""
+    compute = compute or Compute.create()
+    sources = [ckpt] if base is None else [ckpt, base]
+    matching = match_checkpoints(sources)
+    items = _selected(matching.matched, options)
+    if base is not None and isinstance(ckpt, AdaptedCheckpoint):
+        items = [i for i in items if i.names[0] in ckpt.module_of]
+    if on_start:
+        on_start(len(items))
+    results = []
+    for item in items:
+        seed = options.seed
+        w = _finite(ckpt.get(item.names[0], compute.device, torch.float64), ckpt, item.names[0])
+        entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, seed))
+        if base is not None:
+            w0 = _finite(base.get(item.names[1], compute.device, torch.float64), base, item.names[1])
+            delta = w - w0
+            entry.delta = describe(delta, options.sample_size, seed)
+            entry.std_ratio = entry.weights.std / float(w0.std(unbiased=False)) if float(w0.std()) > 0 else float("nan")
+            entry.delta_weight_correlation = _correlation(delta, w0)
+        results.append(entry)
+        if on_progress:
+            on_progress(1)
+    trend = depth_trend(results) if base is not None else None
+    return GaussianResult(str(ckpt.path), None if base is None else str(base.path), options, results, trend,
+                          matching.describe_problems() if base is not None else [])
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a @ b) / denominator) if denominator > 0 else float("nan")
+
+
+def reference_table(n: int = 200_000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Statistics and labels of the synthetic references the thresholds were chosen from."""
+    gen = torch.Generator().manual_seed(seed)
+    normal = torch.randn(n, generator=gen, dtype=torch.float64)
+    uniform = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
+    references = {
+        "gaussian": normal,
+        "laplace": -uniform.sign() * torch.log1p(-uniform.abs()),
+        "logistic": torch.log(uniform.abs().clamp_min(1e-12) / (1 - uniform.abs()).clamp_min(1e-12)),
+        "uniform": uniform,
+        "triangular": uniform + (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1),
+        "spike-and-slab (20% zeros, uniform slab)": torch.where(torch.rand(n, generator=gen) < 0.2, 0.0, uniform),
+        "student-t (5 dof)": normal / (torch.randn(5, n, generator=gen, dtype=torch.float64).pow(2).mean(0)).sqrt(),
+        "gaussian + 1% outliers ×8": torch.where(torch.rand(n, generator=gen) < 0.01, 8 * normal, normal),
+        "skewed (lognormal)": torch.exp(0.5 * normal),
+    }
+    table = {}
+    for name, x in references.items():
+        d = describe(x, 20_000, seed)
+        table[name] = {"excess_kurtosis": d.excess_kurtosis, "skewness": d.skewness, "near_zero": d.near_zero,
+                       "qq_r2": d.qq_r2, "label": d.label}
+    return table

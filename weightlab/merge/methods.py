@@ -1,0 +1,205 @@
+"""Merge methods, one small function each, in a registry with their declared parameters.
+
+Each method maps the tensors of one name — the base θ_b (or None), the models θ_1..θ_N and
+their coefficients c_1..c_N (manual weights or NAN's) — to the merged tensor. τ_i = θ_i − θ_b.
+The executor streams tensors, places them on the device and writes the result; methods only
+compute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from weightlab.compute.svd import full_svd
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    lam: float = 1.0  # λ, scale of the merged task vector
+    density: float = 1.0  # fraction of entries kept (TIES, DARE, breadcrumbs)
+    gamma: float = 0.01  # fraction of largest entries dropped (breadcrumbs)
+    epsilon: float = 5e-4  # SLERP: 1 − |cos Ω| below which it interpolates linearly
+    t: float = 0.5  # SLERP: position between the two models
+
+
+Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable
+    needs_base: bool
+    params: frozenset[str]  # MergeParams fields it reads; setting any other is an error
+    reference: str
+    min_models: int = 1
+    max_models: int | None = None
+    task_vectors: bool = True  # coefficients weigh task vectors (else the weights themselves)
+
+
+def _stack(models: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(models)
+
+
+def _expand(coeffs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coeffs.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def average(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal)."""
+    stacked = _stack(models)
+    return (_expand(coeffs, stacked) * stacked).sum(0) / coeffs.sum()
+
+
+def task_arithmetic(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
+    taus = _stack(models) - base
+    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+
+
+def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1)."""
+    if density >= 1:
+        return tau
+    flat = tau.reshape(-1)
+    k = int(density * flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    return (flat * mask).reshape(tau.shape)
+
+
+def elect_and_mean(taus: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
+    the entries that agree with it (a disjoint mean: zero entries do not count)."""
+    weighted = _expand(coeffs, taus) * taus
+    sign = torch.sign(weighted.sum(0))
+    agree = (torch.sign(taus) == sign) & (taus != 0)
+    divisor = (_expand(coeffs, taus) * agree).sum(0)
+    merged = (weighted * agree).sum(0)
+    return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, torch.ones_like(divisor)),
+                       torch.zeros_like(merged))
+
+
+def ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
+    trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ."""
+    taus = torch.stack([trim_top_magnitude(m - base, p.density) for m in models])
+    return base + p.lam * elect_and_mean(taus, coeffs)
+
+
+def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al. 2024, "Language Models are Super Mario", eq. 2): keep each entry with
+    probability `density` (Bernoulli, seeded on the CPU so every device gives the same mask)
+    and rescale the kept ones by 1/density."""
+    if density >= 1:
+        return tau
+    keep = torch.bernoulli(torch.full(tau.shape, density), generator=generator).to(tau.device, torch.bool)
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+def dare_linear(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i)."""
+    taus = torch.stack([dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)])
+    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+
+
+def dare_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """DARE then TIES' sign election and disjoint mean."""
+    taus = torch.stack([dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)])
+    return base + p.lam * elect_and_mean(taus, coeffs)
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024, §3): drop the largest γ·n entries by
+    magnitude (outliers) and the smallest, keeping density·n entries in between (at most the
+    n − γ·n left below the outliers)."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    n_top = int(gamma * n)
+    n_keep = min(int(density * n), n - n_top)
+    n_bottom = max(n - n_keep - n_top, 0)
+    order = torch.argsort(flat.abs(), stable=True)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[n_bottom:n - n_top]] = True
+    return (flat * mask).reshape(tau.shape)
+
+
+def breadcrumbs(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """Breadcrumbs masks, then task arithmetic."""
+    taus = torch.stack([breadcrumbs_mask(m - base, p.density, p.gamma) for m in models])
+    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+
+
+def breadcrumbs_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """Breadcrumbs masks, then TIES' sign election and disjoint mean."""
+    taus = torch.stack([breadcrumbs_mask(m - base, p.density, p.gamma) for m in models])
+    return base + p.lam * elect_and_mean(taus, coeffs)
+
+
+def slerp(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """Spherical interpolation of two models' flattened weights (Shoemake 1985):
+    sin((1−t)Ω)/sin Ω·θ_1 + sin(tΩ)/sin Ω·θ_2, with cos Ω the cosine of the two; linear when
+    the two are within ε of colinear."""
+    a, b = models
+    cos = float((a.reshape(-1) @ b.reshape(-1)) / (a.norm() * b.norm()).clamp_min(1e-12))
+    if 1 - abs(cos) < p.epsilon:
+        return (1 - p.t) * a + p.t * b
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    return (math.sin((1 - p.t) * omega) * a + math.sin(p.t * omega) * b) / math.sin(omega)
+
+
+def model_stock(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024, eq. 6): with cos θ the mean pairwise cosine of the task
+    vectors, t = N cos θ / (1 + (N − 1) cos θ) and θ = t·mean_i θ_i + (1 − t)·θ_b."""
+    taus = [(m - base).reshape(-1) for m in models]
+    n = len(taus)
+    cosines = [float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()).clamp_min(1e-12))
+               for i in range(n) for j in range(i + 1, n)]
+    cos = sum(cosines) / len(cosines)
+    t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
+    return t * _stack(models).mean(0) + (1 - t) * base
+
+
+def tsv(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
+    """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): keep the top 1/N of
+    each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
+    nearest orthogonal matrices (U = PΣQᵀ → PQᵀ), and add λ·U⊥ΣV⊥ᵀ. Vectors: λ·mean of c_i τ_i."""
+    taus = [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
+    if base.ndim < 2 or min(base.shape[0], base[0].numel()) < 2:
+        return base + p.lam * torch.stack(taus).sum(0) / len(taus)
+    shape = base.shape
+    mats = [t.reshape(shape[0], -1) for t in taus]
+    keep = max(1, min(mats[0].shape) // len(mats))
+    parts = [full_svd(m).truncate(keep) for m in mats]
+    u = torch.cat([s.U for s in parts], 1)
+    sigma = torch.cat([s.S for s in parts])
+    v = torch.cat([s.Vh.T for s in parts], 1)
+
+    def orthogonal(x: torch.Tensor) -> torch.Tensor:
+        q = full_svd(x)
+        return q.U @ q.Vh
+
+    delta = (orthogonal(u) * sigma) @ orthogonal(v).T
+    return base + p.lam * delta.reshape(shape)
+
+
+_TV = frozenset({"lam"})
+METHODS: dict[str, MergeMethod] = {m.name: m for m in [
+    MergeMethod("average", average, False, frozenset(), "Wortsman et al. 2022, Model soups", task_vectors=False),
+    MergeMethod("task-arithmetic", task_arithmetic, True, _TV, "Ilharco et al. 2023, Task Arithmetic"),
+    MergeMethod("ties", ties, True, _TV | {"density"}, "Yadav et al. 2023, TIES-Merging"),
+    MergeMethod("dare-linear", dare_linear, True, _TV | {"density"}, "Yu et al. 2024, DARE"),
+    MergeMethod("dare-ties", dare_ties, True, _TV | {"density"}, "Yu et al. 2024, DARE + TIES"),
+    MergeMethod("breadcrumbs", breadcrumbs, True, _TV | {"density", "gamma"}, "Davari & Belilovsky 2024, Model Breadcrumbs"),
+    MergeMethod("breadcrumbs-ties", breadcrumbs_ties, True, _TV | {"density", "gamma"},
+                "Davari & Belilovsky 2024 + Yadav et al. 2023"),
+    MergeMethod("slerp", slerp, False, frozenset({"t", "epsilon"}), "Shoemake 1985, SLERP", 2, 2, task_vectors=False),
+    MergeMethod("model-stock", model_stock, True, frozenset(), "Jang et al. 2024, Model Stock", 2),
+    MergeMethod("nan", task_arithmetic, True, _TV, "Si et al. 2025, NAN (task arithmetic with NAN coefficients)"),
+    MergeMethod("tsv", tsv, True, _TV, "Gargiulo et al. 2025, Task Singular Vectors (TSV-Merge)"),
+]}

@@ -1,0 +1,166 @@
+"""Stream a merge tensor by tensor: read (ahead, in the background), merge on the device, write.
+
+Peak memory is about (models + 2) tensors plus one output shard buffer, whatever the model size.
+
+Rules for tensors that do not line up (docs/merge.md):
+- not floating point (position ids, int buffers): copied from the base (else the first model);
+- missing from a model, or of another shape (e.g. a resized vocabulary): an error naming the
+  tensor and the file — resize or drop it before merging;
+- only in a model, not in the base: left out, and listed in the report;
+- dtypes may differ: the maths runs in float32 (float64 with `compute_dtype`), the output takes
+  `--dtype` or else the base's dtype of that tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from weightlab.compute.device import Compute
+from weightlab.compute.stream import stream_matrices
+from weightlab.errors import MissingTensor, ShapeMismatch
+from weightlab.io.adapter import open_weights
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter
+from weightlab.matching import MatchedTensor, match_checkpoints
+from weightlab.merge.coefficients import nan_coefficients
+from weightlab.merge.config import MergeConfig
+from weightlab.merge.methods import METHODS
+
+SCHEMA = "weightlab.merge/1"
+
+
+@dataclass
+class MergeReport:
+    config: MergeConfig
+    out: str
+    merged: int  # tensors computed by the method
+    copied: list[str]  # non-floating tensors copied from the base
+    left_out: list[str]  # tensors only some models have
+    coefficients: list[float]  # per model: the global coefficients, or the mean over tensors
+    per_tensor: dict[str, list[float]] = field(default_factory=dict)  # NAN per tensor
+    seconds: float = 0.0
+    schema: str = SCHEMA
+
+    def per_layer(self) -> dict[str, list[float]]:
+        """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
+        from weightlab.naming import layer_index
+
+        groups: dict[str, list[list[float]]] = {}
+        for name, cs in self.per_tensor.items():
+            layer = layer_index(name)
+            groups.setdefault("-" if layer is None else str(layer), []).append(cs)
+        ordered = sorted(groups, key=lambda k: (k == "-", int(k) if k != "-" else 0))
+        return {k: [sum(c[i] for c in groups[k]) / len(groups[k]) for i in range(len(self.coefficients))]
+                for k in ordered}
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "out": self.out, "config": self.config.to_dict(), "merged_tensors": self.merged,
+                "copied_from_base": self.copied, "left_out": self.left_out, "coefficients": self.coefficients,
+                "coefficients_per_layer": self.per_layer() if self.per_tensor else None,
+                "coefficients_per_tensor": self.per_tensor or None, "seconds": round(self.seconds, 3)}
+
+
+def tensor_seed(seed: int, name: str, model: int) -> int:
+    """A seed for one tensor of one model: independent of the order tensors are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + model) % (2**63 - 1)
+
+
+def _check_alignment(ckpts: list[Checkpoint], has_base: bool) -> tuple[list[MatchedTensor], list[str]]:
+    matching = match_checkpoints(ckpts)
+    if matching.shape_mismatches:
+        key, shapes = matching.shape_mismatches[0]
+        where = ", ".join(f"{c.path} {list(s)}" for c, s in zip(ckpts, shapes))
+        raise ShapeMismatch(f"shapes differ between inputs ({where}); resize or exclude it before merging", ckpts[0].path, key)
+    anchor = str(ckpts[0].path)
+    for ckpt in ckpts[1:]:
+        if matching.unmatched[anchor]:
+            raise MissingTensor(f"{'the base' if has_base else 'the first model'} has it but this model does not",
+                                ckpt.path, matching.unmatched[anchor][0])
+    left_out = sorted({n for c in ckpts[1:] for n in matching.unmatched[str(c.path)]})
+    return matching.matched, left_out
+
+
+def _model_norms(models: list[Checkpoint], base: Checkpoint | None, items: list[MatchedTensor], task_vectors: bool,
+                 compute: Compute) -> list[float]:
+    """‖θ_i‖ (or ‖τ_i‖) over every merged tensor: one streaming pass for model-level NAN."""
+    sources = [base, *models] if base is not None else models
+    squares = [0.0] * len(models)
+    for _, mats in stream_matrices(sources, items, compute.device, torch.float64, 1, compute.prefetch, matrix=False):
+        w0 = mats[0] if base is not None else None
+        for i, m in enumerate(mats[1:] if base is not None else mats):
+            x = m - w0 if task_vectors else m
+            squares[i] += float((x * x).sum())
+    return [s**0.5 for s in squares]
+
+
+def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+          donor: str | Path | None = None, compute: Compute | None = None,
+          on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> MergeReport:
+    """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`."""
+    started = time.perf_counter()
+    compute = compute or Compute.create()
+    spec = METHODS[config.method]
+    base = open_weights(config.base) if config.base else None
+    models = [open_weights(m) for m in config.models]
+    ckpts = [base, *models] if base is not None else models
+    items, left_out = _check_alignment(ckpts, base is not None)
+    floats = [i for i in items if i.is_float]
+    nan = config.coeff == "nan"
+    task_vectors = config.nan.norm_of == "task-vectors"
+    n = len(models)
+    if nan and config.nan.granularity == "model":
+        fixed = nan_coefficients(_model_norms(models, base, floats, task_vectors, compute), config.nan.power,
+                                 config.nan.normalize)
+    else:
+        fixed = list(config.weights) if config.weights is not None else [1.0] * n
+    per_tensor: dict[str, list[float]] = {}
+    out_dtype = getattr(torch, config.dtype) if config.dtype else None
+    if on_start:
+        on_start(len(items))
+    report = MergeReport(config, str(out_dir), 0, [], left_out, fixed)
+    meta = {"weightlab_merge_method": config.method}
+    with CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, donor=donor or config.base or config.models[0],
+                          force=force) as writer:
+        for batch, mats in stream_matrices(ckpts, items, compute.device, compute.dtype, 1, compute.prefetch, matrix=False):
+            item = batch[0]
+            name = item.names[0]
+            tensors = [m[0] for m in mats]
+            if not item.is_float:
+                writer.add(name, tensors[0].cpu())
+                report.copied.append(name)
+            else:
+                w0 = tensors[0] if base is not None else None
+                thetas = tensors[1:] if base is not None else tensors
+                coeffs = fixed
+                if nan and config.nan.granularity == "tensor":
+                    norms = [float((t - w0).norm()) if task_vectors else float(t.norm()) for t in thetas]
+                    coeffs = nan_coefficients(norms, config.nan.power, config.nan.normalize)
+                    per_tensor[name] = coeffs
+                generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
+                merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
+                                 config.params, generators)
+                dtype = out_dtype or _stored_dtype(ckpts[0], name)
+                writer.add(name, merged.to(dtype).cpu())
+                report.merged += 1
+            if on_progress:
+                on_progress(1)
+        if per_tensor:
+            report.coefficients = [sum(c[i] for c in per_tensor.values()) / len(per_tensor) for i in range(n)]
+        report.per_tensor = per_tensor
+        report.seconds = time.perf_counter() - started
+        record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
+        writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
+    return report
+
+
+def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    from weightlab.io.safetensors_file import torch_dtype
+
+    return torch_dtype(ckpt.info(name).dtype, ckpt.path, name)
