@@ -95,6 +95,18 @@ def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, del
     return rates, order, core, chosen
 
 
+def delta_times_v(finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor | None, vh: torch.Tensor,
+                  compute: Compute) -> tuple[torch.Tensor, float]:
+    """ΔW·V and ‖ΔW‖²_F for one matrix: from LoRA factors (ΔW V = s·L·(R V), no dense ΔW) when
+    the fine-tune is an adapter, else from the dense difference W' − W."""
+    factors = adapter_factors(finetuned, name, compute)
+    if factors is not None:
+        left, right, scale = factors
+        return scale * left @ (right @ vh.T), float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
+    delta = w_ft - w
+    return delta @ vh.T, float((delta * delta).sum())
+
+
 def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOptions(), compute: Compute | None = None,
         on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None,
         keep_vectors: bool = False) -> tuple[TSDResult, dict[str, dict[str, torch.Tensor]]]:
@@ -119,15 +131,8 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
         for b, item in enumerate(batch):
             name = item.names[0]
             u, s, vh = svd.U[b], svd.S[b], svd.Vh[b]
-            factors = adapter_factors(finetuned, name, compute)
-            if factors is not None:
-                left, right, scale = factors
-                delta_v = scale * left @ (right @ vh.T)
-                delta_norm2 = float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
-            else:
-                delta = mats[1][b] - mats[0][b]
-                delta_v = delta @ vh.T
-                delta_norm2 = float((delta * delta).sum())
+            delta_v, delta_norm2 = delta_times_v(finetuned, name, mats[0][b], mats[1][b] if not adapter else None,
+                                                 vh, compute)
             rates, order, core, chosen = core_directions(u, s, delta_v, delta_norm2, min(options.top, s.numel()))
             r = s.numel()
             idx = order.tolist()

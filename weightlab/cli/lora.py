@@ -1,0 +1,122 @@
+"""`weightlab init-lora` and `weightlab extract-lora`: PEFT adapters from weights."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, check_outputs, console, progress
+from weightlab.compute.device import Compute
+from weightlab.errors import InvalidArgument
+from weightlab.io.adapter import LoraAdapter, open_finetuned, open_weights
+from weightlab.io.adapter_writer import write_adapter
+from weightlab.io.checkpoint import open_checkpoint
+from weightlab.io.writer import CheckpointWriter
+from weightlab.naming import is_conv1d
+from weightlab.report.tables import short_name, table
+from weightlab.surgery.lora import LoraInitOptions, extract_lora as run_extract, init_lora as run_init, to_plain_lora
+from weightlab.surgery.targets import resolve_targets
+
+
+def _fan_in_fan_out(base, targets: list[str]) -> bool:
+    conv = {is_conv1d(n, base.config) for n in targets}
+    if len(conv) > 1:
+        raise InvalidArgument("targets mix Conv1D (in×out) and Linear weights; target them in separate adapters")
+    return conv.pop()
+
+
+def _show(report, title: str) -> None:
+    rows = [(short_name(m.name, 50), f"{m.shape[0]}×{m.shape[1]}", m.rank, ", ".join(map(str, m.indices[:6])) +
+             (" …" if len(m.indices) > 6 else ""), m.energy, m.relative_error) for m in report.modules]
+    console.print(table(title, ["module", "shape", "rank", "directions", "energy share", "rel. error"], rows))
+
+
+@app.command("init-lora")
+def init_lora(
+    base: Optional[Path] = typer.Argument(None, help="Base checkpoint to initialise the LoRA from."),
+    out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
+    rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank r."),
+    method: str = typer.Option("pissa", "--method", help="tsd, pissa (top-r) or milora (bottom-r)."),
+    tsd: bool = typer.Option(False, "--tsd", help="Short for --method tsd."),
+    source: Optional[Path] = typer.Option(None, "--from", help="tsd: fine-tuned checkpoint or warm-up adapter giving ΔW."),
+    targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default r: scale 1)."),
+    svd: str = typer.Option("exact", "--svd", help="exact, or randomized (seeded; pissa only)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    residual_out: Optional[Path] = typer.Option(None, "--residual-out", help="Write the residual base model here."),
+    no_residual: bool = typer.Option(False, "--no-residual", help="Write only the adapter (it then needs a residual you make)."),
+    as_plain_lora: Optional[Path] = typer.Option(None, "--as-plain-lora", help="Convert this TRAINED adapter (with --initial) "
+                                                 "into a plain LoRA for the unmodified base.", metavar="TRAINED"),
+    initial: Optional[Path] = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
+
+    Example: weightlab init-lora base/ --tsd --from warmup-adapter/ --rank 16 --targets q_proj,v_proj -o lora/ --residual-out base-res/
+    """
+    check_outputs(force, out, residual_out)
+    if as_plain_lora is not None:
+        if initial is None:
+            raise InvalidArgument("--as-plain-lora needs --initial (the adapter as init-lora wrote it)")
+        trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
+        if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
+            raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
+        factors, scale = to_plain_lora(trained, start)
+        write_adapter(out, factors, scale=scale, base_model=trained.base_model_name_or_path,
+                      fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
+                      sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)}, force=force)
+        console.print(f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/")
+        return
+    if base is None:
+        raise InvalidArgument("give the BASE checkpoint")
+    options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
+    if residual_out is None and not no_residual:
+        raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
+                              "or --no-residual if you will build the residual yourself")
+    base_ckpt = open_weights(base)
+    names = resolve_targets(base_ckpt, targets)
+    fan = _fan_in_fan_out(base_ckpt, names)
+    ft = open_finetuned(source, base_ckpt) if source else None
+    writer = CheckpointWriter(residual_out, donor=base_ckpt.path, force=force,
+                              metadata={"weightlab": f"residual of init-lora {options.method} r={rank}"}) if residual_out else None
+    with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
+        on_start(len(names))
+        report, factors = run_init(base_ckpt, names, options, ft, writer, Compute.create(device), on_progress)
+        write_adapter(out, factors, scale=options.scale, base_model=str(residual_out or base), fan_in_fan_out=fan,
+                      sidecar=report.to_dict(), force=force)
+    _show(report, f"init-lora {options.method}: {len(report.modules)} modules, r = {rank}, scale {options.scale:g}")
+    console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: Path = typer.Argument(..., help="Base checkpoint."),
+    finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint (or adapter) of BASE."),
+    out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="One rank for every module."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."),
+    targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
+
+    Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
+    """
+    check_outputs(force, out)
+    base_ckpt = open_weights(base)
+    ft = open_finetuned(finetuned, base_ckpt)
+    names = resolve_targets(base_ckpt, targets)
+    fan = _fan_in_fan_out(base_ckpt, names)
+    with progress("extract-lora", "modules") as (on_start, on_progress):
+        on_start(len(names))
+        report, factors = run_extract(base_ckpt, ft, names, rank, energy, Compute.create(device), on_progress)
+    write_adapter(out, factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan, sidecar=report.to_dict(), force=force)
+    _show(report, f"extract-lora: {len(report.modules)} modules")
+    if report.skipped:
+        console.print(f"[yellow]note:[/] {len(report.skipped)} targeted weights are unchanged and were skipped")
+    console.print(f"adapter → {out}/")

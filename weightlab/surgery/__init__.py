@@ -1,0 +1,1 @@
+"""Model surgery that writes adapters: LoRA initialisation from weights, LoRA extraction."""

@@ -1,0 +1,216 @@
+"""LoRA from weights: initialisation (LoRA-Init from TSDs, PiSSA, MiLoRA), extraction, and the
+conversion of a trained PiSSA-style adapter into a plain one.
+
+Initialisation splits each targeted base weight W = UΣVᵀ along a set S of r singular triplets:
+with s the LoRA scale (lora_alpha/r),
+
+    B = U_S·diag(√(σ_S/s)),  A = diag(√(σ_S/s))·V_Sᵀ,  residual W_res = W − s·B·A = W − U_S Σ_S V_Sᵀ,
+
+so residual + s·B·A = W and the model is unchanged at initialisation. S is
+- `pissa`: the top r (Meng et al. 2024, "PiSSA", eq. 2-4; PEFT's `init_lora_weights="pissa"`);
+- `milora`: the bottom r (Wang et al. 2024, "MiLoRA", §3);
+- `tsd`: the r directions with the largest change rate δ_i = |u_iᵀΔWv_i|/σ_i under a warm-up
+  update ΔW (Si et al. 2024, "Task-Specific Directions", LoRA-Init, §5).
+
+Extraction approximates ΔW = W_ft − W_base by its truncated SVD, B = U_r√Σ_r, A = √Σ_rV_rᵀ, with
+lora_alpha = r (scale 1): the best rank-r approximation (Eckart & Young 1936).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from weightlab.analysis.deltas import adapter_factors
+from weightlab.analysis.tsd import core_directions, delta_times_v
+from weightlab.compute.device import Compute
+from weightlab.compute.svd import SVD, full_svd, lowrank_svd, randomized_svd
+from weightlab.errors import InvalidArgument
+from weightlab.io.adapter import LoraAdapter
+from weightlab.io.adapter_writer import LoraFactors
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.writer import CheckpointWriter
+from weightlab.naming import as_matrix, is_conv1d, matrix_shape, module_role
+
+INIT_METHODS = ("tsd", "pissa", "milora")
+
+
+@dataclass(frozen=True)
+class LoraInitOptions:
+    method: str = "pissa"
+    rank: int = 8
+    alpha: float | None = None  # lora_alpha; default r (scale 1)
+    svd: str = "exact"  # or "randomized" (pissa only: the others need the whole spectrum)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in INIT_METHODS:
+            raise InvalidArgument(f"--method {self.method!r}: choose one of {', '.join(INIT_METHODS)}")
+        if self.rank < 1:
+            raise InvalidArgument(f"--rank must be at least 1, got {self.rank}")
+        if self.svd not in ("exact", "randomized"):
+            raise InvalidArgument(f"--svd {self.svd!r}: choose exact or randomized")
+        if self.svd == "randomized" and self.method != "pissa":
+            raise InvalidArgument(f"--svd randomized finds top directions only; {self.method} needs the full spectrum")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    shape: list[int]
+    rank: int
+    indices: list[int]  # singular directions used (positions in the base spectrum; None for extraction)
+    energy: float  # Σ_S σ_i² / Σ σ_i²: the share of ‖W‖²_F (init) or ‖ΔW‖²_F (extract) in the adapter
+    relative_error: float  # init: ‖W − s·BA‖_F/‖W‖_F; extract: ‖ΔW − BA‖_F/‖ΔW‖_F
+
+
+@dataclass
+class LoraReport:
+    kind: str  # "init" or "extract"
+    options: dict
+    base: str
+    source: str | None
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"schema": f"weightlab.lora-{self.kind}/1", **asdict(self)}
+
+
+def _check_rank(name: str, rank: int, shape: tuple[int, ...], path) -> None:
+    if rank > min(shape):
+        raise InvalidArgument(f"rank {rank} exceeds min(m, n) = {min(shape)} of this {shape[0]}×{shape[1]} weight", path, name)
+
+
+def _split(w: torch.Tensor, svd: SVD, chosen: torch.Tensor, scale: float) -> tuple[LoraFactors, torch.Tensor]:
+    """B, A on the chosen triplets and the residual W − U_S Σ_S V_Sᵀ."""
+    u, s, vh = svd.U[:, chosen], svd.S[chosen], svd.Vh[chosen]
+    root = torch.sqrt(s / scale)
+    factors = LoraFactors(a=root[:, None] * vh, b=u * root[None, :])
+    residual = w - (u * s) @ vh
+    return factors, residual
+
+
+def _embedding(name: str) -> bool:
+    return module_role(name) in ("embed", "pos_embed")
+
+
+def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, finetuned: Checkpoint | None = None,
+              residual: CheckpointWriter | None = None, compute: Compute | None = None,
+              on_progress: Callable[[int], None] | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+    """Factors for every targeted weight; with `residual`, the whole base is streamed into it with
+    the targeted weights replaced by their residuals (in the base's dtype)."""
+    compute = compute or Compute.create()
+    if options.method == "tsd" and finetuned is None:
+        raise InvalidArgument("--method tsd needs --from FT (a fine-tuned checkpoint or a warm-up adapter)")
+    for name in targets:
+        _check_rank(name, options.rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
+    report = LoraReport("init", asdict(options), str(base.path), None if finetuned is None else str(finetuned.path))
+    factors: dict[str, LoraFactors] = {}
+    wanted = set(targets)
+    for name in base.names():
+        if name not in wanted:
+            if residual is not None:
+                residual.add(name, base.get(name))
+            continue
+        stored = base.get(name)
+        w = as_matrix(name, stored.to(compute.device, compute.dtype), base.config)
+        if options.svd == "randomized":
+            svd = randomized_svd(w, options.rank, seed=options.seed)
+            chosen = torch.arange(options.rank, device=w.device)
+        else:
+            svd = full_svd(w)
+            r_all = svd.S.numel()
+            if options.method == "pissa":
+                chosen = torch.arange(options.rank, device=w.device)
+            elif options.method == "milora":
+                chosen = torch.arange(r_all - options.rank, r_all, device=w.device)
+            else:
+                w_ft = None if finetuned is None or adapter_factors(finetuned, name, compute) is not None else \
+                    as_matrix(name, finetuned.get(name, compute.device, compute.dtype), base.config)
+                delta_v, delta_norm2 = delta_times_v(finetuned, name, w, w_ft, svd.Vh, compute)
+                _, order, _, _ = core_directions(svd.U, svd.S, delta_v, delta_norm2, options.rank)
+                chosen = order
+        f, res = _split(w, svd, chosen, options.scale)
+        f.embedding = _embedding(name)
+        module = name.removesuffix(".weight")
+        factors[module] = f
+        total = float((w * w).sum()) or 1.0
+        kept = float((svd.S[chosen] ** 2).sum())
+        report.modules.append(ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
+                                           math.sqrt(float((res * res).sum()) / total)))
+        if residual is not None:
+            stored_res = res.T if is_conv1d(name, base.config) else res.reshape(stored.shape)
+            residual.add(name, stored_res.to(stored.dtype).cpu())
+        if on_progress:
+            on_progress(1)
+    return report, factors
+
+
+def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], rank: int | None = None,
+                 energy: float | None = None, compute: Compute | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+    """Rank-r (or energy-chosen rank) LoRA factors of ΔW for every targeted weight (scale 1)."""
+    compute = compute or Compute.create()
+    if (rank is None) == (energy is None):
+        raise InvalidArgument("give exactly one of --rank and --energy")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidArgument(f"--energy must be in (0, 1], got {energy}")
+    if rank is not None:
+        for name in targets:
+            _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
+    report = LoraReport("extract", {"rank": rank, "energy": energy}, str(base.path), str(finetuned.path))
+    factors: dict[str, LoraFactors] = {}
+    for name in targets:
+        lowrank = adapter_factors(finetuned, name, compute)
+        if lowrank is not None:
+            svd = lowrank_svd(*lowrank)
+        else:
+            w = as_matrix(name, base.get(name, compute.device, compute.dtype), base.config)
+            w_ft = as_matrix(name, finetuned.get(name, compute.device, compute.dtype), base.config)
+            svd = full_svd(w_ft - w)
+        s2 = svd.S.double() ** 2
+        total = float(s2.sum())
+        if total == 0:
+            report.skipped.append(name)
+            continue
+        r = rank if rank is not None else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
+        r = min(r, svd.S.numel())
+        root = svd.S[:r].sqrt()
+        f = LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :], embedding=_embedding(name))
+        factors[name.removesuffix(".weight")] = f
+        kept = float(s2[:r].sum())
+        report.modules.append(ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
+                                           math.sqrt(max(total - kept, 0.0) / total)))
+        if on_progress:
+            on_progress(1)
+    if not factors:
+        raise InvalidArgument("no targeted weight differs between the base and the fine-tune", finetuned.path)
+    return report, factors
+
+
+def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str, LoraFactors], float]:
+    """A trained adapter that started from `initial` on a residual base, as a plain LoRA for the
+    unmodified base: A' = [A; A₀], B' = [B, −B₀] (rank 2r, same scale), so that
+    s·B'A' = s(BA − B₀A₀) — the conversion PEFT documents for PiSSA."""
+    if set(trained.modules) != set(initial.modules):
+        raise InvalidArgument("the trained adapter and the initial one adapt different modules", trained.path)
+    out, scales = {}, set()
+    for module, m in trained.modules.items():
+        m0 = initial.modules[module]
+        if (m.rank, m.scale, m.embedding) != (m0.rank, m0.scale, m0.embedding):
+            raise InvalidArgument("rank or scale differs from the initial adapter's", trained.path, module)
+        left, right, _ = trained.matrix_factors(module)
+        left0, right0, _ = initial.matrix_factors(module)
+        out[module] = LoraFactors(a=torch.cat([right, right0]), b=torch.cat([left, -left0], 1), embedding=m.embedding)
+        scales.add(m.scale)
+    if len(scales) != 1:
+        raise InvalidArgument("modules have different scales; cannot write one plain adapter", trained.path)
+    return out, scales.pop()

@@ -1,0 +1,52 @@
+"""Choose the modules a LoRA adapts, with PEFT's conventions for `target_modules`."""
+
+from __future__ import annotations
+
+import re
+
+from weightlab.errors import InvalidArgument
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.naming import module_role
+
+_REGEX_CHARS = set("*+?[](){}|\\^$")
+_NOT_LINEAR = {"embed", "pos_embed", "head", "norm", "bias"}
+
+
+def linear_weights(ckpt: Checkpoint) -> list[str]:
+    """2-D floating `*.weight` tensors that are linear layers (not embeddings, norms or the head)."""
+    out = []
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        if name.endswith(".weight") and len(info.shape) == 2 and info.is_float and module_role(name) not in _NOT_LINEAR:
+            out.append(name)
+    return out
+
+
+def resolve_targets(ckpt: Checkpoint, targets: str) -> list[str]:
+    """Weight names of the targeted modules.
+
+    `all-linear`: every linear layer but the output head (as PEFT); a string with regex characters:
+    modules whose full name matches it (`re.fullmatch`, as PEFT does for a string); otherwise
+    comma-separated module-name suffixes such as `q_proj,v_proj`, each of which must match.
+    """
+    if targets == "all-linear":
+        chosen = linear_weights(ckpt)
+    else:
+        modules = {n.removesuffix(".weight"): n for n in ckpt.names()
+                   if n.endswith(".weight") and len(ckpt.info(n).shape) == 2 and ckpt.info(n).is_float}
+        if _REGEX_CHARS & set(targets):
+            try:
+                pattern = re.compile(targets)
+            except re.error as e:
+                raise InvalidArgument(f"--targets {targets!r} is not a valid regular expression ({e})") from None
+            chosen = [n for m, n in modules.items() if pattern.fullmatch(m)]
+        else:
+            chosen = []
+            for suffix in [t.strip() for t in targets.split(",") if t.strip()]:
+                hits = [n for m, n in modules.items() if m == suffix or m.endswith("." + suffix)]
+                if not hits:
+                    raise InvalidArgument(f"--targets entry {suffix!r} matches no 2-D weight", ckpt.path)
+                chosen.extend(hits)
+    if not chosen:
+        raise InvalidArgument(f"--targets {targets!r} matches no 2-D weight", ckpt.path)
+    return sorted(set(chosen), key=ckpt.names().index)
