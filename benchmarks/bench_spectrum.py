@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,22 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_command  # noqa: E402
 from generate import generate, parameters  # noqa: E402
 
 from weightlab.compute.svd import full_svd, singular_values  # noqa: E402
 from weightlab.io import open_checkpoint  # noqa: E402
 from weightlab.matching import match_checkpoints, select_matrices  # noqa: E402
-
-
-def run_command(args: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, peak RSS and RSS after imports (MB) of a weightlab command in a fresh process."""
-    code = ("import resource, sys, time; from weightlab.cli import main; import weightlab.report.plots\n"
-            "rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; t = time.perf_counter()\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss0)")
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
-    wall, rss, rss0 = out.strip().splitlines()[-1].split()
-    return float(wall), float(rss), float(rss0)
 
 
 def bare_compute(base_path: Path, ft_path: Path) -> tuple[float, int]:

@@ -43,7 +43,8 @@ def test_reference_table_labels_match_what_the_thresholds_were_chosen_for():
     assert table["laplace"]["label"] == "sharp" and table["logistic"]["label"] == "sharp"
     assert table["uniform"]["label"] == "linear" and table["triangular"]["label"] == "linear"
     assert table["spike-and-slab (20% zeros, uniform slab)"]["label"] == "inverted-T"
-    assert table["skewed (lognormal)"]["label"] in ("other", "sharp")
+    assert table["skewed (lognormal)"]["label"] == "other"
+    assert table["student-t (5 dof)"]["label"] == "sharp"
 
 
 def test_statistics_equal_scipy_on_the_same_data():

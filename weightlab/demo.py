@@ -78,10 +78,51 @@ def accuracy(model, tokenizer, rows: list[tuple[str, int]]) -> float:
     return float((predictions == torch.tensor([y for _, y in rows])).float().mean())
 
 
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def accuracy_with_encoder(encoder: dict[str, torch.Tensor], head: Path, task: Task) -> float:
+    """Test accuracy of MiniLM with these encoder weights (e.g. a merge) and a task's trained head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    missing = model.bert.load_state_dict(encoder, strict=False).missing_keys
+    if missing:
+        raise ValueError(f"encoder weights lack {missing[:3]}")
+    model.classifier.load_state_dict(torch.load(head, weights_only=True))
+    return accuracy(model, AutoTokenizer.from_pretrained(minilm_path()), task.test)
+
+
+def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
+    from weightlab.io.adapter import open_weights
+
+    ckpt = open_weights(folder)
+    return {name: ckpt.get(name) for name in ckpt.names()}
+
+
+def adapted_state(adapter: Path) -> dict[str, torch.Tensor]:
+    """MiniLM's encoder with a LoRA adapter merged in by PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    return PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path()), adapter).merge_and_unload().state_dict()
+
+
 def finetune(task: Task, lora: bool = False, steps: int = 60, seed: int = 0, lr: float | None = None):
     """Fine-tune MiniLM with a fresh classification head on `task`; returns (model, tokenizer, accuracies)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _quiet_transformers()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
@@ -139,11 +180,19 @@ def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None =
 def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = None) -> dict:
     """Run the tour into folder `tmp` (the caller renames it into place); returns the headline numbers."""
     from weightlab.analysis.angles import AnglesOptions, angles
+    from weightlab.analysis.gaussian import GaussianOptions, gaussian
     from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
+    from weightlab.analysis.tsd import TSDOptions, save_directions, tsd
     from weightlab.inventory import inventory
     from weightlab.io.adapter import open_finetuned, open_weights
+    from weightlab.io.adapter_writer import write_adapter
+    from weightlab.io.writer import CheckpointWriter
+    from weightlab.merge import NanOptions, merge
+    from weightlab.merge.config import build_config
     from weightlab.report.export import to_csv, to_json
-    from weightlab.report.plots import angles_plots, spectrum_plots
+    from weightlab.report.plots import angles_plots, gaussian_plots, spectrum_plots, tsd_plots
+    from weightlab.surgery.lora import LoraInitOptions, extract_lora, init_lora
+    from weightlab.surgery.targets import resolve_targets
 
     step = on_step or (lambda _: None)
     base = open_weights(minilm_path())
@@ -163,6 +212,49 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     (tmp / "angles.json").write_text(to_json(ang.to_dict()))
     angles_plots(ang, tmp / "plots" / "angles")
 
+    step("gaussian: the full fine-tune's update ΔW")
+    gauss = gaussian(fts["ft_animal"], base, GaussianOptions(), compute)
+    (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
+    gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian")
+
+    step("tsd: task-specific directions of the LoRA warm-up")
+    directions, vectors = tsd(base, fts["lora_animal"], TSDOptions(top=8), compute, keep_vectors=True)
+    (tmp / "tsd.json").write_text(to_json(directions.to_dict()))
+    save_directions(tmp / "tsd.safetensors", vectors, {"finetuned": str(paths["lora_animal"])})
+    tsd_plots(directions, tmp / "plots" / "tsd")
+
+    tasks = {t.name: t for t in make_tasks()}
+    models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
+    merges = {}
+    variants = {  # NAN on weights vs on task vectors, against task arithmetic at two scales
+        "task-arithmetic λ=0.5": {"method": "task-arithmetic", "param_values": {"lambda": 0.5}},
+        "task-arithmetic λ=1": {"method": "task-arithmetic", "param_values": {"lambda": 1.0}},
+        "nan (weights)": {"method": "nan", "param_values": {"lambda": 1.0}},
+        "nan (task vectors), λ=2": {"method": "nan", "nan": NanOptions(norm_of="task-vectors"), "param_values": {"lambda": 2.0}},
+        "ties + nan, density 0.3, λ=2": {"method": "ties", "coeff": "nan", "param_values": {"lambda": 2.0, "density": 0.3}},
+    }
+    for label, options in variants.items():
+        step(f"merge: {label} of the two full fine-tunes")
+        folder = tmp / "merged" / label.split(" ")[0].replace(",", "") / str(len(merges))
+        report = merge(build_config({**options, "base": str(base.path), "models": models}), folder, compute=compute)
+        merged_state = checkpoint_state(folder)
+        accuracies = {name: accuracy_with_encoder(merged_state, paths[f"ft_{name}"] / "classifier_head.pt", task)
+                      for name, task in tasks.items()}
+        merges[label] = {"coefficients": report.coefficients, "accuracy": accuracies, "config": report.config.to_dict()}
+    (tmp / "merge.json").write_text(to_json(merges))
+
+    step("init-lora --tsd from the warm-up, and extract-lora of a full fine-tune")
+    targets = resolve_targets(base, "query,value")
+    with CheckpointWriter(tmp / "lora-init" / "residual", donor=base.path) as writer:
+        init_report, factors = init_lora(base, targets, LoraInitOptions("tsd", 8), fts["lora_animal"], writer, compute)
+    write_adapter(tmp / "lora-init" / "adapter", factors, scale=1.0, base_model=str(tmp / "lora-init" / "residual"),
+                  sidecar=init_report.to_dict())
+    extract_report, extracted = extract_lora(base, fts["ft_animal"], resolve_targets(base, "all-linear"), energy=0.9,
+                                             compute=compute)
+    write_adapter(tmp / "lora-extract", extracted, scale=1.0, base_model=str(base.path), sidecar=extract_report.to_dict())
+    extract_accuracy = accuracy_with_encoder(adapted_state(tmp / "lora-extract"), paths["ft_animal"] / "classifier_head.pt",
+                                             tasks["animal"])
+
     keys = list(fts)
     by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
     headline = {
@@ -175,6 +267,15 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
             "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
         } for key, ms in by_ft.items()},
         "angles_ft_animal_vs_ft_colour_mean_deg": sum(m.mean_angle for m in ang.matrices) / len(ang.matrices),
+        "gaussian": {"weights": gauss.label_counts(), "delta": gauss.label_counts("delta"),
+                     "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None},
+        "tsd_percentile_histogram": directions.percentile_histogram(),
+        "merge": {label: {"accuracy": m["accuracy"], "coefficients": m["coefficients"]} for label, m in merges.items()},
+        "init_lora_tsd_max_residual_error": max(m.relative_error for m in init_report.modules),
+        "extract_lora": {"modules": len(extract_report.modules),
+                         "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
+                         "accuracy_animal": extract_accuracy},
     }
     (tmp / "summary.json").write_text(to_json(headline))
     return headline
+

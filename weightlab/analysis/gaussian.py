@@ -38,6 +38,7 @@ SPIKE_AT_ZERO = 0.10  # fraction |x| < 0.01σ above which the histogram has a sp
 SHARP_KURTOSIS = 0.6  # excess kurtosis above which the centre is sharp (leptokurtic)
 FLAT_KURTOSIS = -0.4  # excess kurtosis below which the histogram is flat (uniform/triangular-like)
 MAX_ABS_SKEW = 0.5  # a Gaussian label also needs a symmetric histogram
+LOPSIDED_SKEW = 1.0  # beyond this |skewness| no symmetric shape fits (lognormal: 1.8)
 LABELS = ("gaussian", "sharp", "inverted-T", "linear", "other")
 
 
@@ -72,9 +73,12 @@ class Distribution:
 
 
 def label_shape(excess_kurtosis: float, skewness: float, near_zero: float) -> str:
-    """gaussian / sharp / inverted-T / linear / other, from the thresholds above."""
+    """gaussian / sharp / inverted-T / linear / other, from the thresholds above, in this order:
+    a spike at zero, a lopsided histogram, a sharp centre, a flat top, a symmetric normal."""
     if near_zero >= SPIKE_AT_ZERO:
         return "inverted-T"
+    if abs(skewness) > LOPSIDED_SKEW:
+        return "other"
     if excess_kurtosis >= SHARP_KURTOSIS:
         return "sharp"
     if excess_kurtosis <= FLAT_KURTOSIS:
@@ -92,6 +96,14 @@ def sample_entries(x: torch.Tensor, size: int, seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(flat.numel(), generator=gen)[:size].to(flat.device)
     return flat[index].double().cpu().numpy()
+
+
+def anderson_darling(sample: np.ndarray) -> float:
+    """The Anderson–Darling statistic against a fitted normal (scipy; quiet across versions)."""
+    try:
+        return float(stats.anderson(sample, "norm", method="interpolate").statistic)
+    except TypeError:  # scipy < 1.17 has no `method`
+        return float(stats.anderson(sample, "norm").statistic)
 
 
 def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Distribution:
@@ -112,7 +124,7 @@ def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Dist
     sample = sample_entries(x, sample_size, seed)
     if s > 0:
         ks = stats.kstest(sample, "norm", args=(float(mean), s))
-        ad = float(stats.anderson(sample, "norm").statistic)
+        ad = anderson_darling(sample)
         k2 = float(stats.normaltest(sample).pvalue) if sample.size >= 20 else float("nan")
         r = stats.probplot(sample, dist="norm", fit=True)[1][2]
         ks_stat, ks_p, qq = float(ks.statistic), float(ks.pvalue), float(r * r)

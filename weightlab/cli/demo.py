@@ -34,4 +34,15 @@ def demo(
                         rows))
     console.print(f"task vectors of the two full fine-tunes: mean principal angle "
                   f"{summary['angles_ft_animal_vs_ft_colour_mean_deg']:.1f}° (90° = unrelated directions)")
-    console.print(f"results: {out}/ (summary.json, spectrum.json/.csv, angles.json, plots/)")
+    merges = summary["merge"]
+    console.print(table("merging the two full fine-tunes: test accuracy per task (each with its own head)",
+                        ["method", "animal", "colour", "coefficients"],
+                        [(label, m["accuracy"]["animal"], m["accuracy"]["colour"],
+                          ", ".join(f"{c:.3f}" for c in m["coefficients"])) for label, m in merges.items()]))
+    g = summary["gaussian"]
+    console.print(f"ΔW shapes: {', '.join(f'{k} {v}' for k, v in g['delta'].items() if v)}; "
+                  f"std(ΔW) slope per layer {g['delta_std_slope_per_layer']:+.2e}")
+    console.print(f"extract-lora (90% energy): {summary['extract_lora']['modules']} modules, mean rank "
+                  f"{summary['extract_lora']['mean_rank']:.1f}, animal accuracy {summary['extract_lora']['accuracy_animal']:.2f}")
+    console.print(f"results: {out}/ (summary.json, spectrum/angles/gaussian/tsd/merge JSON, merged/, lora-init/, "
+                  "lora-extract/, plots/)")

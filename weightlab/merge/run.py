@@ -72,19 +72,24 @@ def tensor_seed(seed: int, name: str, model: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + model) % (2**63 - 1)
 
 
-def _check_alignment(ckpts: list[Checkpoint], has_base: bool) -> tuple[list[MatchedTensor], list[str]]:
+def _check_alignment(ckpts: list[Checkpoint], has_base: bool) -> tuple[list[MatchedTensor], list[str], list[str]]:
+    """Matched tensors, non-floating tensors only the base has (copied as they are), and tensors
+    only some models have (left out)."""
     matching = match_checkpoints(ckpts)
     if matching.shape_mismatches:
         key, shapes = matching.shape_mismatches[0]
         where = ", ".join(f"{c.path} {list(s)}" for c, s in zip(ckpts, shapes))
         raise ShapeMismatch(f"shapes differ between inputs ({where}); resize or exclude it before merging", ckpts[0].path, key)
-    anchor = str(ckpts[0].path)
-    for ckpt in ckpts[1:]:
-        if matching.unmatched[anchor]:
+    anchor = ckpts[0]
+    only_anchor = matching.unmatched[str(anchor.path)]
+    buffers = [n for n in only_anchor if not anchor.info(n).is_float]
+    for name in only_anchor:
+        if name not in buffers:
+            lacking = next(c for c in ckpts[1:] if name not in c)
             raise MissingTensor(f"{'the base' if has_base else 'the first model'} has it but this model does not",
-                                ckpt.path, matching.unmatched[anchor][0])
+                                lacking.path, name)
     left_out = sorted({n for c in ckpts[1:] for n in matching.unmatched[str(c.path)]})
-    return matching.matched, left_out
+    return matching.matched, buffers, left_out
 
 
 def _model_norms(models: list[Checkpoint], base: Checkpoint | None, items: list[MatchedTensor], task_vectors: bool,
@@ -110,7 +115,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     base = open_weights(config.base) if config.base else None
     models = [open_weights(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
-    items, left_out = _check_alignment(ckpts, base is not None)
+    items, buffers, left_out = _check_alignment(ckpts, base is not None)
     floats = [i for i in items if i.is_float]
     nan = config.coeff == "nan"
     task_vectors = config.nan.norm_of == "task-vectors"
@@ -151,6 +156,9 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 report.merged += 1
             if on_progress:
                 on_progress(1)
+        for name in buffers:  # e.g. position_ids a fine-tune was saved without
+            writer.add(name, ckpts[0].get(name))
+            report.copied.append(name)
         if per_tensor:
             report.coefficients = [sum(c[i] for c in per_tensor.values()) / len(per_tensor) for i in range(n)]
         report.per_tensor = per_tensor

@@ -218,6 +218,8 @@ def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000
                 grid = np.linspace(sample.min(), sample.max(), 400)
                 ax.plot(grid, stats.norm.pdf(grid, d.mean, d.std), color="#d62728", lw=1.2, label="fitted normal")
                 ax.set_title(f"{title} {what}: {short_name(t.name, 40)}", fontsize=8)
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
                 ax.text(0.02, 0.95, f"label: {d.label}\nkurtosis {d.excess_kurtosis:+.2f}\nskew {d.skewness:+.2f}",
                         transform=ax.transAxes, va="top", fontsize=7)
                 ax.legend(fontsize=7, frameon=False, loc="upper right")
