@@ -138,29 +138,40 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
     return TensorInfo(name, shape, code, path, data_start + begin, end - begin)
 
 
+def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None,
+                       path: str | Path = "") -> tuple[bytes, dict[str, int]]:
+    """The 8-byte length and JSON header for tensors `(name, shape, dtype)`, names sorted, data
+    8-byte aligned; and each tensor's absolute byte offset in the file."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset, offsets = 0, {}
+    for name, shape, dtype in sorted(specs):
+        if dtype not in CODE_OF_TORCH_DTYPE:
+            raise UnsupportedDtype(f"dtype {dtype} cannot be written to safetensors", path, name)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": CODE_OF_TORCH_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: start + o for name, o in offsets.items()}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's little-endian bytes without a copy (after moving it to the CPU, contiguous)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file with sorted names and sorted metadata: same tensors, same bytes.
 
     (The reference writer keeps metadata in a hash map, whose order varies from run to run.)
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    offset = 0
-    order = sorted(tensors)
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in CODE_OF_TORCH_DTYPE:
-            raise UnsupportedDtype(f"dtype {t.dtype} cannot be written to safetensors", path, name)
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": CODE_OF_TORCH_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    header, _ = safetensors_header([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], metadata, path)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+        f.write(header)
+        for name in sorted(tensors):
+            f.write(tensor_bytes(tensors[name]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -11,7 +13,9 @@ import torch
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.atomic import atomic_path
-from weightlab.io.safetensors_file import write_safetensors
+from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, write_safetensors
+
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 # Files a model folder needs beside its weights (config, tokenizer, generation settings).
@@ -46,13 +50,16 @@ def parse_size(text: str | int) -> int:
 class CheckpointWriter:
     """Stream tensors into `out_dir` as shards of at most `shard_size` bytes.
 
-    Use as a context manager: tensors are buffered up to one shard, everything lands in a
-    temporary folder beside `out_dir`, and only a clean exit renames it into place.
+    Use as a context manager: everything lands in a temporary folder beside `out_dir`, and only
+    a clean exit renames it into place. Without a plan, tensors are buffered up to one shard.
+    With `plan` — every tensor's (name, shape, dtype), known before any is computed — the shard
+    files and headers are laid out first and each tensor is written to its place as it comes:
+    memory holds no shard buffer at all.
     """
 
     def __init__(self, out_dir: str | Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
                  prefix: str = "model", metadata: dict[str, str] | None = None,
-                 donor: str | Path | None = None, force: bool = False):
+                 donor: str | Path | None = None, force: bool = False, plan: list[TensorSpec] | None = None):
         self.out_dir = Path(out_dir)
         self.shard_size = parse_size(shard_size)
         self.prefix = prefix
@@ -64,20 +71,67 @@ class CheckpointWriter:
         self._buffered = 0
         self._shards: list[list[str]] = []
         self.total_size = 0
+        self.plan = {name: (tuple(shape), dtype) for name, shape, dtype in plan} if plan is not None else None
+        self._placed: dict[str, tuple[int, int]] = {}  # planned name -> (shard file descriptor, offset)
+        self._written: set[str] = set()
 
     def __enter__(self) -> "CheckpointWriter":
         self._tmp = self._stack.enter_context(atomic_path(self.out_dir, self.force, directory=True))
+        if self.plan is not None:
+            self._lay_out()
         return self
 
+    def _lay_out(self) -> None:
+        """Assign planned tensors to shards in plan order, write headers, size the files."""
+        current: list[TensorSpec] = []
+        size = 0
+        groups = []
+        for name, (shape, dtype) in self.plan.items():
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if current and size + nbytes > self.shard_size:
+                groups.append(current)
+                current, size = [], 0
+            current.append((name, shape, dtype))
+            size += nbytes
+            self.total_size += nbytes
+        groups.append(current)
+        for index, specs in enumerate(groups):
+            header, offsets = safetensors_header(specs, self.metadata, self.out_dir)
+            path = self._tmp / f"shard-{index}.tmp"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._stack.callback(os.close, fd)
+            os.pwrite(fd, header, 0)
+            end = max((offsets[n] + math.prod(s) * torch.empty((), dtype=d).element_size() for n, s, d in specs),
+                      default=len(header))
+            os.ftruncate(fd, end)
+            self._placed.update({name: (fd, offsets[name]) for name, _, _ in specs})
+            self._shards.append([name for name, _, _ in specs])
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in s for s in self._shards):
+        if name in self._buffer or name in self._written or (self.plan is None and any(name in s for s in self._shards)):
             raise InvalidArgument("tensor written twice", self.out_dir, name)
+        if self.plan is not None:
+            self._write_planned(name, tensor)
+            return
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffered + size > self.shard_size:
             self._flush()
         self._buffer[name] = tensor.detach().to("cpu").contiguous()
         self._buffered += size
         self.total_size += size
+
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.plan:
+            raise InvalidArgument("tensor not in the output plan", self.out_dir, name)
+        if (tuple(tensor.shape), tensor.dtype) != self.plan[name]:
+            raise InvalidArgument(f"planned as {self.plan[name]}, got {(tuple(tensor.shape), tensor.dtype)}",
+                                  self.out_dir, name)
+        fd, offset = self._placed[name]
+        data = tensor_bytes(tensor)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        self._written.add(name)
 
     def _flush(self) -> None:
         index = len(self._shards)
@@ -97,7 +151,11 @@ class CheckpointWriter:
         return False
 
     def _finish(self) -> None:
-        if self._buffer or not self._shards:
+        if self.plan is not None:
+            missing = [n for n in self.plan if n not in self._written]
+            if missing:
+                raise InvalidArgument(f"{len(missing)} planned tensors were never written", self.out_dir, missing[0])
+        elif self._buffer or not self._shards:
             self._flush()
         n = len(self._shards)
         if n == 1:

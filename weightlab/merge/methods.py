@@ -51,14 +51,31 @@ def _expand(coeffs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def average(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal)."""
-    stacked = _stack(models)
-    return (_expand(coeffs, stacked) * stacked).sum(0) / coeffs.sum()
+    total = float(coeffs.sum())
+    out = torch.zeros_like(models[0])
+    for c, m in zip(coeffs.tolist(), models):
+        out.add_(m, alpha=c / total)
+    return out
+
+
+def _add_task_vectors(base: torch.Tensor, taus, coeffs: torch.Tensor, lam: float) -> torch.Tensor:
+    """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count."""
+    out = base.clone()
+    for c, tau in zip(coeffs.tolist(), taus):
+        out.add_(tau, alpha=lam * c)
+    return out
+
+
+def _task_vectors(base: torch.Tensor, models):
+    """τ_i = θ_i − θ_b one at a time, in one reused buffer."""
+    buffer = torch.empty_like(base)
+    for m in models:
+        yield torch.sub(m, base, out=buffer)
 
 
 def task_arithmetic(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
-    taus = _stack(models) - base
-    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+    return _add_task_vectors(base, _task_vectors(base, models), coeffs, p.lam)
 
 
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -67,10 +84,15 @@ def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     flat = tau.reshape(-1)
     k = int(density * flat.numel())
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return (flat * mask).reshape(tau.shape)
+    if k == 0:
+        return torch.zeros_like(tau)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude, flat.numel() - k + 1).values  # the k-th largest (selection, no sort)
+    mask = magnitude > threshold
+    short = k - int(mask.sum())
+    if short > 0:  # ties at the threshold: the lowest indices among them, for a deterministic exact k
+        mask[torch.nonzero(magnitude == threshold).flatten()[:short]] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(tau.shape)
 
 
 def elect_and_mean(taus: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -104,8 +126,8 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
 
 def dare_linear(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i)."""
-    taus = torch.stack([dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)])
-    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+    taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(_task_vectors(base, models)))
+    return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
 def dare_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
@@ -131,8 +153,8 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.T
 
 def breadcrumbs(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """Breadcrumbs masks, then task arithmetic."""
-    taus = torch.stack([breadcrumbs_mask(m - base, p.density, p.gamma) for m in models])
-    return base + p.lam * (_expand(coeffs, taus) * taus).sum(0)
+    taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in _task_vectors(base, models))
+    return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
 def breadcrumbs_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:

@@ -131,8 +131,15 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
         on_start(len(items))
     report = MergeReport(config, str(out_dir), 0, [], left_out, fixed)
     meta = {"weightlab_merge_method": config.method}
+    anchor = ckpts[0]
+
+    def out_dtype_of(name: str) -> torch.dtype:
+        stored = _stored_dtype(anchor, name)
+        return out_dtype if out_dtype is not None and stored.is_floating_point else stored
+
+    plan = [(n, tuple(anchor.info(n).shape), out_dtype_of(n)) for n in [i.names[0] for i in items] + buffers]
     with CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, donor=donor or config.base or config.models[0],
-                          force=force) as writer:
+                          force=force, plan=plan) as writer:
         for batch, mats in stream_matrices(ckpts, items, compute.device, compute.dtype, 1, compute.prefetch, matrix=False):
             item = batch[0]
             name = item.names[0]
@@ -151,8 +158,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
                 merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
                                  config.params, generators)
-                dtype = out_dtype or _stored_dtype(ckpts[0], name)
-                writer.add(name, merged.to(dtype).cpu())
+                writer.add(name, merged.to(out_dtype_of(name)))
                 report.merged += 1
             if on_progress:
                 on_progress(1)
