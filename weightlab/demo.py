@@ -189,6 +189,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.io.writer import CheckpointWriter
     from weightlab.merge import NanOptions, merge
     from weightlab.merge.config import build_config
+    from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
     from weightlab.report.plots import angles_plots, gaussian_plots, spectrum_plots, tsd_plots
     from weightlab.surgery.lora import LoraInitOptions, extract_lora, init_lora
@@ -258,7 +259,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     keys = list(fts)
     by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
     headline = {
-        "model": str(base.path), "fine_tunes": trained,
+        "schema": "weightlab.demo/1", "model": str(base.path), "fine_tunes": trained,
         "spectrum": {key: {
             "matrices": len(ms),
             "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
@@ -277,5 +278,8 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
                          "accuracy_animal": extract_accuracy},
     }
     (tmp / "summary.json").write_text(to_json(headline))
+    step("report: report.html and report.md")
+    write_report(load_results([tmp]), tmp / "report.html", title="weightlab demo: all-MiniLM-L6-v2, briefly fine-tuned",
+                 markdown=tmp / "report.md")
     return headline
 

@@ -15,6 +15,7 @@ from weightlab.cli import spectrum as _spectrum  # noqa: E402,F401
 from weightlab.cli import gaussian as _gaussian  # noqa: E402,F401
 from weightlab.cli import merge as _merge  # noqa: E402,F401
 from weightlab.cli import lora as _lora  # noqa: E402,F401
+from weightlab.cli import report as _report  # noqa: E402,F401
 from weightlab.cli import demo as _demo  # noqa: E402,F401
 
 

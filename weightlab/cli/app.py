@@ -35,6 +35,7 @@ ExcludeOpt = typer.Option(None, "--exclude", help="Skip tensors whose name match
 DeviceOpt = typer.Option("auto", "--device", help="auto (GPU when present), cpu, or cuda[:N].")
 DtypeOpt = typer.Option("float32", "--dtype", help="Precision of the maths: float32 or float64.")
 PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.", metavar="DIR")
+ReportOpt = typer.Option(None, "--report", help="Also write a self-contained HTML report.", metavar="FILE.html")
 
 
 class _RateColumn(ProgressColumn):
@@ -74,6 +75,13 @@ def write_plots(plots: Optional[Path], force: bool, draw: Callable[[Path], list[
         with atomic_path(plots, force, directory=True) as tmp:
             written = draw(tmp)
         console.print(f"plots: {', '.join(str(plots / p.name) for p in written)}", highlight=False)
+
+
+def write_html_report(payload: dict, path: Optional[Path], force: bool) -> None:
+    if path:
+        from weightlab.report.document import write_report
+
+        write_report([payload], path, force=force)
 
 
 def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:

@@ -9,8 +9,9 @@ import typer
 
 from weightlab.analysis.gaussian import GaussianOptions, gaussian as compute_gaussian
 from weightlab.analysis.tsd import TSDOptions, save_directions, tsd as compute_tsd
-from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, app,
-                               check_outputs, console, progress, quiet_when_stdout, show_problems, write_plots)
+from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt,
+                               ReportOpt, app, check_outputs, console, progress, quiet_when_stdout, show_problems,
+                               write_html_report, write_plots)
 from weightlab.compute.device import Compute
 from weightlab.io.adapter import open_finetuned, open_weights
 from weightlab.report.export import write_outputs
@@ -32,13 +33,14 @@ def gaussian(
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[str] = CsvOpt,
     plots: Optional[Path] = PlotsOpt,
+    report: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Moments, normality tests and a shape label per tensor; with --base, the same for ΔW and its spread vs depth.
 
     Example: weightlab gaussian ft/ --base base/ --plots plots/
     """
-    check_outputs(force, json_out, csv_out, plots)
+    check_outputs(force, json_out, csv_out, plots, report)
     compute = Compute.create(device, "float64")
     options = GaussianOptions(min_elements, sample_size, seed, include, exclude)
     base_ckpt = open_weights(base) if base else None
@@ -47,6 +49,7 @@ def gaussian(
         result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
     write_outputs(result.to_dict(), [t.row() for t in result.tensors], json_out, csv_out, force)
     write_plots(plots, force, lambda d: gaussian_plots(result, ckpt, base_ckpt, d, sample_size))
+    write_html_report(result.to_dict(), report, force)
     if quiet_when_stdout(json_out, csv_out):
         return
     show_problems(result.problems)
@@ -89,13 +92,14 @@ def tsd(
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[str] = CsvOpt,
     plots: Optional[Path] = PlotsOpt,
+    report: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Task-specific directions: base singular directions with the largest change rate |u_iᵀΔWv_i|/σ_i.
 
     Example: weightlab tsd base/ warmup-adapter/ --top 8 --save tsd.safetensors
     """
-    check_outputs(force, json_out, csv_out, plots, save)
+    check_outputs(force, json_out, csv_out, plots, report, save)
     compute = Compute.create(device, dtype)
     base_ckpt = open_weights(base)
     ft = open_finetuned(finetuned, base_ckpt)
@@ -109,6 +113,7 @@ def tsd(
     if save:
         save_directions(save, vectors, {"base": str(base), "finetuned": str(finetuned), "top": str(top)}, force)
     write_plots(plots, force, lambda d: tsd_plots(result, d))
+    write_html_report(result.to_dict(), report, force)
     if quiet_when_stdout(json_out, csv_out):
         return
     show_problems(result.problems)

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, app, check_outputs, console, progress
+from weightlab.cli.app import (DeviceOpt, ForceOpt, ReportOpt, app, check_outputs, console, progress,
+                               write_html_report)
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import DEFAULT_SHARD_SIZE
@@ -48,13 +49,14 @@ def merge(
     donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     device: str = DeviceOpt,
+    report_out: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Merge fine-tunes of one base: average, task arithmetic, TIES, DARE, breadcrumbs, SLERP, Model Stock, NAN, TSV.
 
     Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
     """
-    check_outputs(force, out)
+    check_outputs(force, out, report_out)
     options = load_config(config) if config else {}
     cli_params = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
     options["param_values"] = {**options.get("param_values", {}), **{k: v for k, v in cli_params.items() if v is not None}}
@@ -75,6 +77,7 @@ def merge(
     with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
         report = run_merge(cfg, out, force=force, shard_size=shard_size or DEFAULT_SHARD_SIZE, donor=donor,
                            compute=Compute.create(device), on_progress=on_progress, on_start=on_start)
+    write_html_report(report.to_dict(), report_out, force)
     names = [Path(m).name or m for m in cfg.models]
     kind = "NAN" if cfg.coeff == "nan" else "manual"
     console.print(table(f"{kind} coefficients" + (" (mean over tensors)" if report.per_tensor else ""),

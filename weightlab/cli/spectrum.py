@@ -9,8 +9,9 @@ import typer
 
 from weightlab.analysis.angles import AnglesOptions, angles as compute_angles
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum as compute_spectrum, summarise
-from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, app,
-                               check_outputs, console, progress, quiet_when_stdout, show_problems, write_plots)
+from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt,
+                               ReportOpt, app, check_outputs, console, progress, quiet_when_stdout, show_problems,
+                               write_html_report, write_plots)
 from weightlab.compute.device import Compute
 from weightlab.io.adapter import open_finetuned, open_weights
 from weightlab.report.export import write_outputs
@@ -34,13 +35,14 @@ def spectrum(
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[str] = CsvOpt,
     plots: Optional[Path] = PlotsOpt,
+    report: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Per-matrix SVD of base vs fine-tuned: amplification, norms and ranks, reorientation, intruders.
 
     Example: weightlab spectrum base/ ft/ --plots plots/ --json spectrum.json
     """
-    check_outputs(force, json_out, csv_out, plots)
+    check_outputs(force, json_out, csv_out, plots, report)
     compute = Compute.create(device, dtype)
     options = SpectrumOptions(k, intruder_k, epsilon, keep, include, exclude)
     base_ckpt = open_weights(base)
@@ -49,6 +51,7 @@ def spectrum(
         result = compute_spectrum(base_ckpt, fts, options, compute, on_progress, on_start)
     write_outputs(result.to_dict(), [m.row() for m in result.matrices], json_out, csv_out, force)
     write_plots(plots, force, lambda d: spectrum_plots(result, d))
+    write_html_report(result.to_dict(), report, force)
     if quiet_when_stdout(json_out, csv_out):
         return
     show_problems(result.problems)
@@ -89,13 +92,14 @@ def angles(
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[str] = CsvOpt,
     plots: Optional[Path] = PlotsOpt,
+    report: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Principal angles between top-k singular subspaces of matching matrices of A and B.
 
     Example: weightlab angles ft_math/ ft_code/ --base base/ -k 16 --plots plots/
     """
-    check_outputs(force, json_out, csv_out, plots)
+    check_outputs(force, json_out, csv_out, plots, report)
     compute = Compute.create(device, dtype)
     options = AnglesOptions(k, side, svd, seed, include, exclude)
     base_ckpt = open_weights(base) if base else None
@@ -104,6 +108,7 @@ def angles(
         result = compute_angles(ckpt_a, ckpt_b, base_ckpt, options, compute, on_progress, on_start)
     write_outputs(result.to_dict(), [m.row() for m in result.matrices], json_out, csv_out, force)
     write_plots(plots, force, lambda d: angles_plots(result, d))
+    write_html_report(result.to_dict(), report, force)
     if quiet_when_stdout(json_out, csv_out):
         return
     show_problems(result.problems)

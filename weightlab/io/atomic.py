@@ -34,12 +34,19 @@ def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) 
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make private ones
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
     _replace(tmp, dest)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, dest: Path) -> None:

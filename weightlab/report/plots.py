@@ -192,8 +192,9 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
 
 
 def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
-    """Histogram with the fitted normal and Q-Q plot for the most and least Gaussian tensors,
-    shape-label counts, and std(ΔW) against depth with its fitted line."""
+    """Histogram with the fitted normal and Q-Q plot for the most and least Gaussian tensors
+    (when the checkpoint is at hand), shape-label counts, and std(ΔW) against depth with its
+    fitted line."""
     import torch
     from scipy import stats
 
@@ -205,7 +206,7 @@ def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000
     what = "ΔW = W_ft − W_base" if result.base else "W"
     with plt.rc_context(STYLE):
         ranked = sorted(result.tensors, key=lambda t: getattr(t, part).qq_r2)
-        if ranked:
+        if ranked and ckpt is not None:  # histograms need the entries; a report from JSON has none
             picks = [("most Gaussian", ranked[-1]), ("least Gaussian", ranked[0])]
             fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
             for row, (title, t) in enumerate(picks):

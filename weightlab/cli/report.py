@@ -1,0 +1,28 @@
+"""`weightlab report`: one self-contained HTML page (and Markdown) from JSON results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from weightlab.cli.app import ForceOpt, app, check_outputs, console
+from weightlab.report.document import load_results, write_report
+
+
+@app.command()
+def report(
+    results: List[Path] = typer.Argument(..., help="JSON results of weightlab commands, or folders holding them."),
+    out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write Markdown (PNGs beside it in NAME_assets/)."),
+    title: str = typer.Option("weightlab report", "--title", help="Title of the page."),
+    force: bool = ForceOpt,
+) -> None:
+    """Summary first, then each analysis with its plots and a sortable table; opens from disk, no network.
+
+    Example: weightlab report spectrum.json angles.json merged/weightlab_merge.json -o report.html --markdown report.md
+    """
+    check_outputs(force, out, markdown)
+    sections = write_report(load_results(results), out, title=title, markdown=markdown, force=force)
+    console.print(f"report with {len(sections)} sections → {out}" + (f" and {markdown}" if markdown else ""))
