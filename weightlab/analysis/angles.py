@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from weightlab.analysis.deltas import delta_top_svd, numerical_rank
+from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import stream_matrices
 from weightlab.compute.svd import SVD, top_svd
@@ -108,14 +109,8 @@ class AnglesResult:
 
 
 def summarise_angles(matrices: Sequence[MatrixAngles], by: str) -> list[dict]:
-    groups: dict[tuple, list[MatrixAngles]] = {}
-    for m in matrices:
-        if m.angles_deg:
-            groups.setdefault((m.side, getattr(m, by)), []).append(m)
-    keys = sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] if k[1] is not None else 0) if by == "layer" else k)
-    return [{"side": k[0], by: k[1], "matrices": len(groups[k]),
-             "mean_angle_deg": sum(m.mean_angle for m in groups[k]) / len(groups[k]),
-             "overlap": sum(m.overlap for m in groups[k]) / len(groups[k])} for k in keys]
+    return group_summary([m for m in matrices if m.angles_deg], {"side": lambda m: m.side, by: lambda m: getattr(m, by)},
+                         {"matrices": len, "mean_angle_deg": mean(lambda m: m.mean_angle), "overlap": mean(lambda m: m.overlap)})
 
 
 def _bases(svd: SVD, side: str) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
@@ -205,23 +206,19 @@ class GaussianResult:
 
 
 def summarise_gaussian(tensors: Sequence[TensorGaussianity], by: str) -> list[dict]:
-    groups: dict[object, list[TensorGaussianity]] = {}
-    for t in tensors:
-        groups.setdefault(getattr(t, by), []).append(t)
-    keys = sorted(groups, key=lambda k: (k is None, k if k is not None else 0) if by == "layer" else str(k))
-    out = []
-    for key in keys:
-        ts = groups[key]
-        row = {by: key, "tensors": len(ts),
-               "mean_excess_kurtosis": float(np.mean([t.weights.excess_kurtosis for t in ts])),
-               "mean_qq_r2": float(np.mean([t.weights.qq_r2 for t in ts])),
-               "gaussian_share": sum(t.weights.label == "gaussian" for t in ts) / len(ts)}
-        deltas = [t for t in ts if t.delta is not None]
-        if deltas:
-            row["mean_delta_std"] = float(np.mean([t.delta.std for t in deltas]))
-            row["mean_delta_qq_r2"] = float(np.mean([t.delta.qq_r2 for t in deltas]))
-        out.append(row)
-    return out
+    rows = group_summary(tensors, {by: lambda t: getattr(t, by)}, {
+        "tensors": len,
+        "mean_excess_kurtosis": mean(lambda t: t.weights.excess_kurtosis),
+        "mean_qq_r2": mean(lambda t: t.weights.qq_r2),
+        "gaussian_share": mean(lambda t: float(t.weights.label == "gaussian")),
+    })
+    if any(t.delta is not None for t in tensors):
+        deltas = group_summary([t for t in tensors if t.delta is not None], {by: lambda t: getattr(t, by)}, {
+            "mean_delta_std": mean(lambda t: t.delta.std), "mean_delta_qq_r2": mean(lambda t: t.delta.qq_r2)})
+        by_key = {row[by]: row for row in deltas}
+        for row in rows:
+            row.update({k: v for k, v in by_key.get(row[by], {}).items() if k != by})
+    return rows
 
 
 def depth_trend(tensors: Sequence[TensorGaussianity]) -> DepthTrend | None:

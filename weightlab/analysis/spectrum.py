@@ -23,6 +23,7 @@ import torch
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import stream_matrices
 from weightlab.analysis.deltas import delta_singular_values
+from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -115,26 +116,14 @@ class SpectrumResult:
 
 def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:
     """Means per layer (or role), per fine-tune: where the change concentrates."""
-    groups: dict[tuple, list[MatrixSpectrum]] = {}
-    for m in matrices:
-        groups.setdefault((m.finetuned, getattr(m, by)), []).append(m)
-
-    def order(key):
-        return (key[0], key[1] is None, key[1] if key[1] is not None else 0) if by == "layer" else key
-
-    out = []
-    for key in sorted(groups, key=order):
-        ms = groups[key]
-        n = len(ms)
-        out.append({
-            "finetuned": key[0], by: key[1], "matrices": n,
-            "relative_change": sum(m.relative_change for m in ms) / n,
-            "mean_amplification_k": sum(m.mean_amplification for m in ms) / n,
-            "mean_u_alignment_k": sum(m.mean_u_alignment for m in ms) / n,
-            "subspace_similarity": sum(m.subspace_similarity for m in ms) / n,
-            "intruders": sum(len(m.intruders) for m in ms),
-        })
-    return out
+    return group_summary(matrices, {"finetuned": lambda m: m.finetuned, by: lambda m: getattr(m, by)}, {
+        "matrices": len,
+        "relative_change": mean(lambda m: m.relative_change),
+        "mean_amplification_k": mean(lambda m: m.mean_amplification),
+        "mean_u_alignment_k": mean(lambda m: m.mean_u_alignment),
+        "subspace_similarity": mean(lambda m: m.subspace_similarity),
+        "intruders": lambda ms: sum(len(m.intruders) for m in ms),
+    })
 
 
 def norms_from_singular_values(s: torch.Tensor) -> list[Norms]:

@@ -1,0 +1,26 @@
+"""Group per-matrix results by layer, role or any other key, in one place for every analysis."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def _order(key: tuple) -> tuple:
+    """None (embeddings, head: no layer) after the numbered layers; numbers before text."""
+    return tuple((v is None, isinstance(v, str), v if v is not None else 0) for v in key)
+
+
+def group_summary(items: Sequence[T], keys: dict[str, Callable[[T], object]],
+                  metrics: dict[str, Callable[[list[T]], object]]) -> list[dict]:
+    """One row per distinct key tuple, in layer order: the key values, then each metric of the group."""
+    groups: dict[tuple, list[T]] = {}
+    for item in items:
+        groups.setdefault(tuple(f(item) for f in keys.values()), []).append(item)
+    return [{**dict(zip(keys, key)), **{name: metric(groups[key]) for name, metric in metrics.items()}}
+            for key in sorted(groups, key=_order)]
+
+
+def mean(value: Callable[[T], float]) -> Callable[[list[T]], float]:
+    return lambda group: sum(value(x) for x in group) / len(group)
