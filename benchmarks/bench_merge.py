@@ -23,13 +23,16 @@ from common import run_command  # noqa: E402
 from generate import ROOT, generate, parameters  # noqa: E402
 
 from weightlab.io import CheckpointWriter, open_checkpoint  # noqa: E402
+from weightlab.io.safetensors_file import torch_dtype  # noqa: E402
 
 
 def raw_io(paths: list[Path], out: Path) -> float:
-    """Seconds to read every tensor of every input and write the first input's tensors back out."""
+    """Seconds to read every tensor of every input and write the first input's tensors back out,
+    with the same reader and (planned) writer the merge uses."""
     ckpts = [open_checkpoint(p) for p in paths]
+    plan = [(n, ckpts[0].info(n).shape, torch_dtype(ckpts[0].info(n).dtype, paths[0], n)) for n in ckpts[0].names()]
     start = time.perf_counter()
-    with CheckpointWriter(out, force=True) as writer:
+    with CheckpointWriter(out, force=True, plan=plan) as writer:
         for name in ckpts[0].names():
             tensors = [c.get(name) for c in ckpts]
             writer.add(name, tensors[0])
@@ -48,7 +51,7 @@ def main() -> None:
     largest = max(open_checkpoint(inputs[0]).info(n).nbytes for n in open_checkpoint(inputs[0]).names())
     result = {"parameters": parameters(args.layers, args.hidden), "models": 3,
               "largest_tensor_mb": round(largest / 2**20)}
-    raw = raw_io(inputs, scratch / "raw")
+    raw = min(raw_io(inputs, scratch / "raw") for _ in range(2))  # the first pass also warms the page cache
     result["raw_read_all_write_one_s"] = round(raw, 2)
     for method, extra in (("task-arithmetic", []), ("ties", ["--density", "0.3"])):
         wall, rss, rss0 = run_command(["merge", "--method", method, "--base", str(inputs[0]), *map(str, inputs[1:]),

@@ -274,3 +274,22 @@ def test_existing_output_is_not_touched_without_force(three, tmp_path):
     with pytest.raises(OutputExists):
         merge(cfg, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_kth_largest_is_exact_on_large_tensors_with_ties():
+    from weightlab.merge.methods import kth_largest
+
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)).abs()
+    x[::7] = 0.5  # many exact ties near the middle
+    for k in (1, 1000, 300_000, 500_000, 999_999):
+        assert kth_largest(x, k) == torch.kthvalue(x, x.numel() - k + 1).values, k
+
+
+def test_ties_trim_keeps_exactly_k_on_large_tensors():
+    from weightlab.merge.methods import trim_top_magnitude
+
+    tau = torch.randn(700, 900, generator=torch.Generator().manual_seed(1))
+    tau[::3, ::5] = 0.25
+    kept = trim_top_magnitude(tau, 0.3)
+    assert int((kept != 0).sum()) == int(0.3 * tau.numel())
+    assert float(kept.abs()[kept != 0].min()) >= float(tau.abs()[kept == 0].max())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -67,8 +68,7 @@ def merge(
     nan_given = {k: v for k, v in {"norm_of": nan_norm_of, "granularity": nan_granularity, "power": nan_power,
                                    "normalize": nan_normalize}.items() if v is not None}
     if nan_given:
-        current = options.get("nan", NanOptions())
-        options["nan"] = NanOptions(**{**current.__dict__, **nan_given})
+        options["nan"] = replace(options.get("nan", NanOptions()), **nan_given)
     if "method" not in options or not options.get("models"):
         raise InvalidArgument("give --method and the models to merge (on the command line or in --config)")
     cfg = build_config(options)

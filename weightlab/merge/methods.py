@@ -41,14 +41,6 @@ class MergeMethod:
     task_vectors: bool = True  # coefficients weigh task vectors (else the weights themselves)
 
 
-def _stack(models: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(models)
-
-
-def _expand(coeffs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coeffs.reshape(-1, *([1] * (like.ndim - 1))).to(like)
-
-
 def average(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal)."""
     total = float(coeffs.sum())
@@ -78,8 +70,29 @@ def task_arithmetic(base, models, coeffs, p: MergeParams, gen: Generator) -> tor
     return _add_task_vectors(base, _task_vectors(base, models), coeffs, p.lam)
 
 
+def kth_largest(values: torch.Tensor, k: int, sample: int = 65_536) -> torch.Tensor:
+    """The k-th largest of a flat tensor, exactly, without a full selection when it is large: a
+    strided sample brackets the answer, one pass counts what lies above the bracket, and the
+    selection runs only on the few values inside it (falling back to a full one if the bracket
+    missed)."""
+    n = values.numel()
+    if n <= 4 * sample:
+        return torch.kthvalue(values, n - k + 1).values
+    probe = values[:: n // sample].sort().values
+    q = 1 - k / n
+    lo = probe[max(int((q - 0.01) * probe.numel()), 0)]
+    hi = probe[min(int((q + 0.01) * probe.numel()), probe.numel() - 1)]
+    above = int((values > hi).sum())
+    inside = values[(values >= lo) & (values <= hi)]
+    need = k - above
+    if 0 < need <= inside.numel():
+        return torch.kthvalue(inside, inside.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1)."""
+    """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1); ties at
+    the threshold go to the lowest indices, so exactly k survive."""
     if density >= 1:
         return tau
     flat = tau.reshape(-1)
@@ -87,30 +100,35 @@ def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(tau)
     magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude, flat.numel() - k + 1).values  # the k-th largest (selection, no sort)
+    threshold = kth_largest(magnitude, k)
     mask = magnitude > threshold
     short = k - int(mask.sum())
-    if short > 0:  # ties at the threshold: the lowest indices among them, for a deterministic exact k
+    if short > 0:
         mask[torch.nonzero(magnitude == threshold).flatten()[:short]] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(tau.shape)
+    return torch.where(mask, flat, 0.0).reshape(tau.shape)
 
 
-def elect_and_mean(taus: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
     """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
-    the entries that agree with it (a disjoint mean: zero entries do not count)."""
-    weighted = _expand(coeffs, taus) * taus
-    sign = torch.sign(weighted.sum(0))
-    agree = (torch.sign(taus) == sign) & (taus != 0)
-    divisor = (_expand(coeffs, taus) * agree).sum(0)
-    merged = (weighted * agree).sum(0)
-    return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, torch.ones_like(divisor)),
-                       torch.zeros_like(merged))
+    the entries that agree with it (a disjoint mean: zero entries do not count). Accumulated one
+    model at a time, so memory is the trimmed τ̂_i plus three tensors."""
+    cs = coeffs.tolist()
+    elected = torch.zeros_like(taus[0])
+    for c, tau in zip(cs, taus):
+        elected.add_(tau, alpha=c)
+    elected = torch.sign(elected)
+    merged, divisor = torch.zeros_like(elected), torch.zeros_like(elected)
+    for c, tau in zip(cs, taus):
+        agree = (torch.sign(tau) == elected) & (tau != 0)
+        merged.add_(torch.where(agree, tau, 0.0), alpha=c)
+        divisor.add_(agree.to(divisor.dtype), alpha=c)
+    return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, 1.0), 0.0)
 
 
 def ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
     trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ."""
-    taus = torch.stack([trim_top_magnitude(m - base, p.density) for m in models])
+    taus = [trim_top_magnitude(m - base, p.density) for m in models]
     return base + p.lam * elect_and_mean(taus, coeffs)
 
 
@@ -132,7 +150,7 @@ def dare_linear(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.T
 
 def dare_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """DARE then TIES' sign election and disjoint mean."""
-    taus = torch.stack([dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)])
+    taus = [dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)]
     return base + p.lam * elect_and_mean(taus, coeffs)
 
 
@@ -159,7 +177,7 @@ def breadcrumbs(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.T
 
 def breadcrumbs_ties(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     """Breadcrumbs masks, then TIES' sign election and disjoint mean."""
-    taus = torch.stack([breadcrumbs_mask(m - base, p.density, p.gamma) for m in models])
+    taus = [breadcrumbs_mask(m - base, p.density, p.gamma) for m in models]
     return base + p.lam * elect_and_mean(taus, coeffs)
 
 
@@ -184,7 +202,7 @@ def model_stock(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.T
                for i in range(n) for j in range(i + 1, n)]
     cos = sum(cosines) / len(cosines)
     t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
-    return t * _stack(models).mean(0) + (1 - t) * base
+    return t * torch.stack(models).mean(0) + (1 - t) * base
 
 
 def tsv(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
