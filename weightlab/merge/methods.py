@@ -82,7 +82,7 @@ def kth_largest(values: torch.Tensor, k: int, sample: int = 65_536) -> torch.Ten
     q = 1 - k / n
     lo = probe[max(int((q - 0.01) * probe.numel()), 0)]
     hi = probe[min(int((q + 0.01) * probe.numel()), probe.numel() - 1)]
-    above = int((values > hi).sum())
+    above = int(torch.count_nonzero(values > hi))
     inside = values[(values >= lo) & (values <= hi)]
     need = k - above
     if 0 < need <= inside.numel():
@@ -102,7 +102,7 @@ def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     magnitude = flat.abs()
     threshold = kth_largest(magnitude, k)
     mask = magnitude > threshold
-    short = k - int(mask.sum())
+    short = k - int(torch.count_nonzero(mask))
     if short > 0:
         mask[torch.nonzero(magnitude == threshold).flatten()[:short]] = True
     return torch.where(mask, flat, 0.0).reshape(tau.shape)
