@@ -44,5 +44,5 @@ def demo(
                   f"std(ΔW) slope per layer {g['delta_std_slope_per_layer']:+.2e}")
     console.print(f"extract-lora (90% energy): {summary['extract_lora']['modules']} modules, mean rank "
                   f"{summary['extract_lora']['mean_rank']:.1f}, animal accuracy {summary['extract_lora']['accuracy_animal']:.2f}")
-    console.print(f"results: {out}/ (summary.json, spectrum/angles/gaussian/tsd/merge JSON, merged/, lora-init/, "
-                  "lora-extract/, plots/)")
+    console.print(f"[bold]report: {out}/report.html[/] (and report.md); results in {out}/: summary.json, one JSON per "
+                  "analysis, merged/, lora-init/, lora-extract/, plots/")

@@ -163,15 +163,16 @@ def _merge(payload: dict, plots: Path) -> Section:
 
 
 def _demo(payload: dict, plots: Path) -> Section:
-    headline = [(f"demo.finetune.{key}", f"{key}: test accuracy after fine-tuning", ft["accuracy"]["after"])
-                for key, ft in payload["fine_tunes"].items()]
     tasks = sorted({t for m in payload["merge"].values() for t in m["accuracy"]})
+    headline = [(f"demo.merge.{label}", f"merged, {label}: accuracy " + " / ".join(tasks),
+                 " / ".join(f"{m['accuracy'][t]:.2f}" for t in tasks)) for label, m in payload["merge"].items()]
     rows = [[label, *(m["accuracy"][t] for t in tasks), ", ".join(f"{c:.3f}" for c in m["coefficients"])]
             for label, m in payload["merge"].items()]
-    before = ", ".join(f"{k} {ft['accuracy']['before']:.2f}" for k, ft in payload["fine_tunes"].items())
+    before = ", ".join(f"{k} {ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}"
+                       for k, ft in payload["fine_tunes"].items())
     return Section("The demo: brief fine-tunes of all-MiniLM-L6-v2, and their merges", "docs/demo.md", headline, [],
                    ["merge", *(f"{t} accuracy" for t in tasks), "coefficients"], rows,
-                   f"Test accuracy before fine-tuning (fresh head): {before}. Each merged encoder is scored with "
+                   f"Test accuracy of each fine-tune, before → after (fresh head): {before}. Each merged encoder is scored with "
                    "each task's own trained head; every variant is listed.")
 
 
