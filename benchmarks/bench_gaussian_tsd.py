@@ -6,22 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_command  # noqa: E402
+from common import bench_args, run_command, save_result  # noqa: E402
 from generate import generate, parameters  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gaussian_tsd.json")
-    args = parser.parse_args()
+    args = bench_args(__doc__, "gaussian_tsd")
     paths = generate(args.layers, args.hidden)
     n = parameters(args.layers, args.hidden)
     result = {"parameters": n}
@@ -30,9 +24,7 @@ def main() -> None:
         wall, rss, rss0 = run_command([*argv, "--json", "/dev/null", "--force", "--device", "cpu"])
         result[command] = {"wall_s": round(wall, 2), "s_per_100M_params": round(wall / (n / 1e8), 2),
                            "peak_rss_mb": round(rss), "rss_after_imports_mb": round(rss0)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

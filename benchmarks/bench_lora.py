@@ -9,24 +9,18 @@ modules of ‖W − s·BA‖_F/‖W‖_F (exact is the Eckart–Young optimum; r
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_command  # noqa: E402
+from common import bench_args, run_command, save_result  # noqa: E402
 from generate import ROOT, generate, parameters  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lora.json")
-    args = parser.parse_args()
+    args = bench_args(__doc__, "lora", rank=16)
     base = generate(args.layers, args.hidden)["base"]
     scratch = ROOT / "lora-out"
     result = {"parameters": parameters(args.layers, args.hidden), "rank": args.rank}
@@ -41,9 +35,7 @@ def main() -> None:
     result["speedup_randomized"] = round(result["exact"]["wall_s"] / result["randomized"]["wall_s"], 2)
     result["error_increase_randomized"] = result["randomized"]["mean_relative_error"] - result["exact"]["mean_relative_error"]
     shutil.rmtree(scratch, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ over the largest tensor.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_command  # noqa: E402
+from common import bench_args, run_command, save_result  # noqa: E402
 from generate import ROOT, generate, parameters  # noqa: E402
 
 from weightlab.io import CheckpointWriter, open_checkpoint  # noqa: E402
@@ -40,11 +38,7 @@ def raw_io(paths: list[Path], out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "merge.json")
-    args = parser.parse_args()
+    args = bench_args(__doc__, "merge")
     paths = generate(args.layers, args.hidden, finetunes=3)
     inputs = [paths["base"], paths["ft0"], paths["ft1"], paths["ft2"]]
     scratch = ROOT / "merge-out"
@@ -66,9 +60,7 @@ def main() -> None:
     except ImportError:
         result["mergekit"] = None
     shutil.rmtree(scratch, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ memory; peak RSS of the command vs the largest tensor and the model size; weight
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_command  # noqa: E402
+from common import bench_args, run_command, save_result  # noqa: E402
 from generate import generate, parameters  # noqa: E402
 
 from weightlab.compute.svd import full_svd, singular_values  # noqa: E402
@@ -60,11 +58,7 @@ def weightwatcher_time(base_path: Path, layers: int, hidden: int) -> float | Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "spectrum.json")
-    args = parser.parse_args()
+    args = bench_args(__doc__, "spectrum")
     paths = generate(args.layers, args.hidden)
     n_params = parameters(args.layers, args.hidden)
     largest = max(open_checkpoint(paths["base"]).info(n).nbytes for n in open_checkpoint(paths["base"]).names())
@@ -84,9 +78,7 @@ def main() -> None:
         # ours decomposes two checkpoints (W, W', ΔW); weightwatcher analyses one
         "speedup_vs_weightwatcher_per_checkpoint": None if ww is None else round(ww / (wall / 2), 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

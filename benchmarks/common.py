@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_command(args: list[str]) -> tuple[float, float, float]:
@@ -19,3 +22,21 @@ def run_command(args: list[str]) -> tuple[float, float, float]:
     wall, rss, rss0 = out.strip().splitlines()[-1].split()
     return float(wall), float(rss), float(rss0)
 
+
+
+def bench_args(doc: str, result_name: str, **extra: int) -> argparse.Namespace:
+    """The options every benchmark takes: the model shape and where the result JSON goes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=1024)
+    for name, default in extra.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / f"{result_name}.json")
+    return parser.parse_args()
+
+
+def save_result(result: dict, path: Path) -> None:
+    """Write the result JSON and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
