@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from weightlab.errors import InvalidArgument
+from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
 from weightlab.report.tables import fmt, short_name
 
@@ -200,6 +200,8 @@ def load_results(paths: list[Path]) -> list[dict]:
     """JSON results by file, or every known result in a folder (e.g. the demo's output)."""
     payloads = []
     for path in paths:
+        if not path.exists():
+            raise CheckpointNotFound("no such file or folder", path)
         files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
         for file in files:
             try:

@@ -1,0 +1,60 @@
+"""Every `weightlab ...` example in docs/ runs, on small real checkpoints named as in the docs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from weightlab import synthetic
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SKIP = ("weightlab demo",)  # the tour has its own test (test_demo.py)
+
+
+def examples(page: Path) -> tuple[dict[str, str], list[list[str]]]:
+    """Files a page defines (```yaml NAME blocks) and its runnable commands, as argument lists."""
+    text = page.read_text()
+    files = {name: body for name, body in re.findall(r"```\w+ (\S+)\n(.*?)```", text, flags=re.S)}
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            code = line.split(" #")[0]
+            if code.startswith("weightlab ") and not code.startswith(SKIP) and not re.search(r"\[|\.\.\.|\b[A-Z]{2,}\b", code):
+                commands.append(shlex.split(line, comments=True))
+    return files, commands
+
+
+@pytest.fixture(scope="module")
+def workspace(zoo, adapters, tmp_path_factory):
+    """base/, ft/, ft_a/, ft_b/, ft_c/, model/, model.safetensors, adapter/, adapter_a/, adapter_b/,
+    warmup-adapter/ and results/: real tiny Llama checkpoints and PEFT adapters."""
+    root = tmp_path_factory.mktemp("docs")
+    links = {"base": zoo["llama"], "model": zoo["llama"], "ft": zoo["llama_ft"], "ft_a": zoo["llama_ft"], "ft_c": zoo["llama_ft"],
+             "adapter": adapters["llama"], "adapter_a": adapters["llama"], "adapter_b": adapters["llama_rslora_pattern"],
+             "warmup-adapter": adapters["llama"], "model.safetensors": zoo["llama"] / "model.safetensors"}
+    for name, target in links.items():
+        (root / name).symlink_to(target)
+    synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=5, seed=9), root / "ft_b")
+    return root
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in DOCS.glob("*.md") if examples(p)[1])
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+def test_docs_examples_run(page, workspace, run_cli, monkeypatch):
+    files, commands = examples(page)
+    monkeypatch.chdir(workspace)
+    for name, body in files.items():
+        (workspace / name).write_text(body)
+    (workspace / "results").mkdir(exist_ok=True)
+    for command in commands:
+        args = command[1:]
+        if args[0] == "report" and "results/" in args:
+            run_cli("spectrum", "base/", "ft/", "--json", "results/spectrum.json", "--force")
+        code, _, err = run_cli(*args, "--force")
+        assert code == 0, f"{page.name}: {shlex.join(command)}\n{err}"
