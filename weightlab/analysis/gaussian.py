@@ -109,26 +109,42 @@ def anderson_darling(sample: np.ndarray) -> float:
         return float(stats.anderson(sample, "norm").statistic)
 
 
-def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Distribution:
-    """Moments of all entries and normality tests on a seeded sample."""
-    x = x.reshape(-1).double()
+CHUNK = 1 << 22  # entries per pass of the streamed moments: memory stays O(chunk) in float64
+
+
+def _moments(x: torch.Tensor) -> tuple[float, float, float, float, float, float, float]:
+    """mean, central m2, m3, m4 and the fractions beyond 3σ and 6σ and within 0.01σ of zero,
+    accumulated in float64 over chunks (two passes: the mean first, then the rest)."""
     n = x.numel()
-    mean = x.mean()
-    d = x - mean
-    m2 = (d * d).mean()
-    std = m2.sqrt()
-    d2 = d * d
-    m3, m4 = (d2 * d).mean(), (d2 * d2).mean()
-    del d2
-    tiny = torch.finfo(torch.float64).tiny
-    skew = float(m3 / m2.clamp_min(tiny) ** 1.5)
-    kurt = float(m4 / m2.clamp_min(tiny) ** 2 - 3)
-    s = float(std)
-    beyond3, beyond6 = (float((d.abs() > k * std).double().mean()) for k in (3, 6))
-    near_zero = float((x.abs() < 0.01 * std).double().mean())
+    mean = sum(float(x[i:i + CHUNK].double().sum()) for i in range(0, n, CHUNK)) / n
+    s2 = s3 = s4 = 0.0
+    for i in range(0, n, CHUNK):
+        d = x[i:i + CHUNK].double() - mean
+        d2 = d * d
+        s2, s3, s4 = s2 + float(d2.sum()), s3 + float((d2 * d).sum()), s4 + float((d2 * d2).sum())
+    m2 = s2 / n
+    std = m2**0.5
+    beyond3 = beyond6 = near = 0
+    for i in range(0, n, CHUNK):
+        chunk = x[i:i + CHUNK].double()
+        deviation = (chunk - mean).abs()
+        beyond3 += int(torch.count_nonzero(deviation > 3 * std))
+        beyond6 += int(torch.count_nonzero(deviation > 6 * std))
+        near += int(torch.count_nonzero(chunk.abs() < 0.01 * std))
+    return mean, m2, s3 / n, s4 / n, beyond3 / n, beyond6 / n, near / n
+
+
+def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Distribution:
+    """Moments of all entries (float64, streamed) and normality tests on a seeded sample."""
+    x = x.reshape(-1)
+    n = x.numel()
+    mean, m2, m3, m4, beyond3, beyond6, near_zero = _moments(x)
+    s = m2**0.5
+    skew = m3 / m2**1.5 if m2 > 0 else 0.0  # a constant tensor has no shape to speak of
+    kurt = m4 / m2**2 - 3 if m2 > 0 else 0.0
     sample = sample_entries(x, sample_size, seed)
     if s > 0:
-        ks = stats.kstest(sample, "norm", args=(float(mean), s))
+        ks = stats.kstest(sample, "norm", args=(mean, s))
         ad = anderson_darling(sample)
         k2 = float(stats.normaltest(sample).pvalue) if sample.size >= 20 else float("nan")
         r = stats.probplot(sample, dist="norm", fit=True)[1][2]
@@ -136,7 +152,7 @@ def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Dist
     else:  # a constant tensor: nothing Gaussian about it
         ks_stat, ks_p, ad, k2, qq = 1.0, 0.0, float("inf"), 0.0, 0.0
     label = label_shape(kurt, skew, near_zero) if s > 0 else "other"
-    return Distribution(n, float(mean), s, skew, kurt, beyond3, beyond6, near_zero, ks_stat, ks_p, ad, k2, qq,
+    return Distribution(n, mean, s, skew, kurt, beyond3, beyond6, near_zero, ks_stat, ks_p, ad, k2, qq,
                         int(sample.size), label)
 
 
@@ -269,13 +285,14 @@ def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: Gaussian
     results = []
     for item in items:
         seed = options.seed
-        w = _finite(ckpt.get(item.names[0], compute.device, torch.float64), ckpt, item.names[0])
+        w = _finite(ckpt.get(item.names[0], compute.device, compute.dtype), ckpt, item.names[0])
         entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, seed))
         if base is not None:
-            w0 = _finite(base.get(item.names[1], compute.device, torch.float64), base, item.names[1])
+            w0 = _finite(base.get(item.names[1], compute.device, compute.dtype), base, item.names[1])
             delta = w - w0
             entry.delta = describe(delta, options.sample_size, seed)
-            entry.std_ratio = entry.weights.std / float(w0.std(unbiased=False)) if float(w0.std()) > 0 else float("nan")
+            base_std = _moments(w0)[1] ** 0.5
+            entry.std_ratio = entry.weights.std / base_std if base_std > 0 else float("nan")
             entry.delta_weight_correlation = _correlation(delta, w0)
         results.append(entry)
         if on_progress:
@@ -286,9 +303,17 @@ def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: Gaussian
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a @ b) / denominator) if denominator > 0 else float("nan")
+    """Pearson correlation of two tensors' entries, accumulated in float64 over chunks."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel()
+    sa = sb = sab = saa = sbb = 0.0
+    for i in range(0, n, CHUNK):
+        x, y = a[i:i + CHUNK].double(), b[i:i + CHUNK].double()
+        sa, sb = sa + float(x.sum()), sb + float(y.sum())
+        sab, saa, sbb = sab + float(x @ y), saa + float(x @ x), sbb + float(y @ y)
+    cov = sab - sa * sb / n
+    var = (saa - sa * sa / n) * (sbb - sb * sb / n)
+    return cov / var**0.5 if var > 0 else float("nan")
 
 
 def reference_table(n: int = 200_000, seed: int = 0) -> dict[str, dict[str, float]]:

@@ -41,7 +41,7 @@ def gaussian(
     Example: weightlab gaussian ft/ --base base/ --plots plots/
     """
     check_outputs(force, json_out, csv_out, plots, report)
-    compute = Compute.create(device, "float64")
+    compute = Compute.create(device, "float32")  # storage precision; moments accumulate in float64
     options = GaussianOptions(min_elements, sample_size, seed, include, exclude)
     base_ckpt = open_weights(base) if base else None
     ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
