@@ -24,6 +24,7 @@ from scipy import stats
 
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
+from weightlab.compute.stream import all_finite
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -109,12 +110,13 @@ def anderson_darling(sample: np.ndarray) -> float:
         return float(stats.anderson(sample, "norm").statistic)
 
 
-CHUNK = 1 << 22  # entries per pass of the streamed moments: memory stays O(chunk) in float64
+CHUNK = 1 << 20  # entries per pass of the streamed moments: memory stays O(chunk) in float64
 
 
 def _moments(x: torch.Tensor) -> tuple[float, float, float, float, float, float, float]:
     """mean, central m2, m3, m4 and the fractions beyond 3σ and 6σ and within 0.01σ of zero,
     accumulated in float64 over chunks (two passes: the mean first, then the rest)."""
+    x = x.reshape(-1)
     n = x.numel()
     mean = sum(float(x[i:i + CHUNK].double().sum()) for i in range(0, n, CHUNK)) / n
     s2 = s3 = s4 = 0.0
@@ -265,7 +267,7 @@ def _selected(matched: Sequence[MatchedTensor], options: GaussianOptions) -> lis
 
 
 def _finite(x: torch.Tensor, ckpt: Checkpoint, name: str) -> torch.Tensor:
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
     return x
 

@@ -36,6 +36,12 @@ def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[Matche
     return out
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf: NaN/Inf make the sum non-finite, so one cheap reduction answers, and the
+    exact (memory-hungry) elementwise check runs only to confirm a suspicious sum."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """Raw stored tensor; an adapted checkpoint reads its base (the update is added later)."""
     return ckpt.base.get(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
@@ -48,8 +54,7 @@ def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.devic
     weight = raw.to(device=device, dtype=dtype)
     if isinstance(ckpt, AdaptedCheckpoint) and name in ckpt.module_of:
         weight = weight + ckpt.adapter.delta(ckpt.module_of[name], device, dtype)
-    # NaN/Inf make the sum non-finite: one fast reduction, the exact check only to confirm
-    if not math.isfinite(float(weight.sum())) and not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
     return as_matrix(name, weight, ckpt.config) if matrix else weight
 
