@@ -17,9 +17,14 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 
 
+def is_adapted(ft: Checkpoint | None, name: str) -> bool:
+    """True when `ft` is an adapter whose update touches `name` (no tensor is read)."""
+    return isinstance(ft, AdaptedCheckpoint) and name in ft.module_of
+
+
 def adapter_factors(ft: Checkpoint, name: str, compute: Compute) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(L, R, s) with ΔW = s·L·R when `ft` is an adapter that changes `name`, else None."""
-    if isinstance(ft, AdaptedCheckpoint) and name in ft.module_of:
+    if is_adapted(ft, name):
         return ft.adapter.matrix_factors(ft.module_of[name], compute.device, compute.dtype)
     return None
 

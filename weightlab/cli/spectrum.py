@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.analysis.angles import AnglesOptions, angles as compute_angles
+from weightlab.analysis.angles import AnglesOptions, angles as compute_angles, summarise_angles
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum as compute_spectrum, summarise
 from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt,
                                ReportOpt, app, check_outputs, console, progress, quiet_when_stdout, show_problems,
@@ -119,7 +119,8 @@ def angles(
             for m in shown]
     console.print(table(f"principal angles of {what}, top-{k} subspaces (most aligned first)",
                         ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²"], body))
-    for by, summary in (("layer", result.to_dict()["summary_by_layer"]), ("role", result.to_dict()["summary_by_role"])):
+    for by in ("layer", "role"):
+        summary = summarise_angles(result.matrices, by)
         console.print(table(f"by {by}", ["side", by, "matrices", "mean °", "mean cos²"],
                             [(s["side"], s[by], s["matrices"], s["mean_angle_deg"], s["overlap"]) for s in summary],
                             numeric_from=2))

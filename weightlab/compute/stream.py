@@ -52,8 +52,8 @@ def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.devic
     if not raw.is_floating_point():
         return raw.to(device)
     weight = raw.to(device=device, dtype=dtype)
-    if isinstance(ckpt, AdaptedCheckpoint) and name in ckpt.module_of:
-        weight = weight + ckpt.adapter.delta(ckpt.module_of[name], device, dtype)
+    if isinstance(ckpt, AdaptedCheckpoint):
+        weight = ckpt.apply(name, weight)
     if not all_finite(weight):
         raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
     return as_matrix(name, weight, ckpt.config) if matrix else weight

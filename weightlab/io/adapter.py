@@ -151,12 +151,15 @@ class AdaptedCheckpoint(Checkpoint):
     def _infos(self) -> dict[str, TensorInfo]:
         return self.base._infos
 
-    def get(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base tensor `weight` (floating, on its device) with this adapter's update added, if any."""
         module = self.module_of.get(name)
-        if module is None:
+        return weight if module is None else weight + self.adapter.delta(module, weight.device, weight.dtype)
+
+    def get(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.module_of:
             return self.base.get(name, device, dtype)
-        weight = self.base.get(name, device, torch.float32 if dtype is None else dtype)
-        return weight + self.adapter.delta(module, device, weight.dtype)
+        return self.apply(name, self.base.get(name, device, torch.float32 if dtype is None else dtype))
 
 
 def open_finetuned(path, base: Checkpoint) -> Checkpoint:

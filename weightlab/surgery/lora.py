@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors
+from weightlab.analysis.deltas import adapter_factors, is_adapted
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, full_svd, lowrank_svd, randomized_svd
@@ -133,7 +133,7 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             elif options.method == "milora":
                 chosen = torch.arange(r_all - options.rank, r_all, device=w.device)
             else:
-                w_ft = None if finetuned is None or adapter_factors(finetuned, name, compute) is not None else \
+                w_ft = None if is_adapted(finetuned, name) else \
                     as_matrix(name, finetuned.get(name, compute.device, compute.dtype), base.config)
                 delta_v, delta_norm2 = delta_times_v(finetuned, name, w, w_ft, svd.Vh, compute)
                 _, order, _, _ = core_directions(svd.U, svd.S, delta_v, delta_norm2, options.rank)
