@@ -120,7 +120,7 @@ def test_angles_cli_json_and_plots(zoo, run_cli, tmp_path):
     data = json.loads((tmp_path / "a.json").read_text())
     assert data["schema"] == "weightlab.angles/1" and data["base"] is None
     assert all(0 <= a <= 90 for m in data["matrices"] for a in m["angles_deg"])
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["angles_heatmap.png", "angles_vs_depth.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "angles_heatmap.png", "angles_vs_depth.png"]
     assert "principal angles" in out
 
 

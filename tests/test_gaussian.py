@@ -117,5 +117,5 @@ def test_gaussian_cli_on_a_real_finetune_writes_everything(zoo, run_cli, tmp_pat
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["schema"] == "weightlab.gaussian/1" and data["tensors"]
     assert sum(data["label_counts"].values()) == len(data["tensors"])
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["histograms.png", "shape_labels.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "histograms.png", "shape_labels.png"]
     assert "Gaussianity of ΔW" in out

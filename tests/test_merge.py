@@ -235,7 +235,7 @@ def test_tensor_missing_from_a_model_is_an_error(three, tmp_path):
     ({"method": "ties", "models": ["a", "b"]}, "needs --base"),
     ({"method": "slerp", "models": ["a", "b", "c"]}, "merges 2 models"),
     ({"method": "nan", "models": ["a"], "base": "b", "weights": [1.0]}, "use one"),
-    ({"method": "frobnicate", "models": ["a"]}, "choose one of"),
+    ({"method": "frobnicate", "models": ["a"]}, "must be one of"),
     ({"method": "ties", "models": ["a"], "base": "b", "param_values": {"density": 1.5}}, "density"),
 ])
 def test_invalid_configs_are_refused(options, message):

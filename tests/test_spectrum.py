@@ -170,7 +170,8 @@ def test_spectrum_cli_writes_json_csv_and_plots(planted, run_cli, tmp_path):
     assert {row["layer"] for row in data["summary_by_layer"]} == {0, 1}
     header = (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
     assert {"name", "relative_change", "amplification_1", "intruders", "delta_stable_rank"} <= set(header)
-    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert (tmp_path / "plots" / ".weightlab-output").is_file()
     assert pngs == ["amplification_heatmap.png", "intruders_per_layer.png", "reorientation_heatmap.png", "spectrum_curves.png"]
     assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "q_proj" in out and "by layer" in out

@@ -71,4 +71,4 @@ def test_tsd_cli_saves_directions_for_init_lora(planted, run_cli, tmp_path):
     assert saved["layers.0.self_attn.v_proj.weight"]["indices"].tolist()[:2] == [7, 2]
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["schema"] == "weightlab.tsd/1" and data["matrices"][0]["indices"][:2] == [7, 2]
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["change_rates.png", "tsd_percentiles.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "change_rates.png", "tsd_percentiles.png"]

@@ -40,7 +40,7 @@ def test_sharded_write_has_an_index_and_loads_in_transformers(zoo, tmp_path):
 
 def test_small_model_is_one_file_without_index(zoo, tmp_path):
     copy_checkpoint(zoo["bert"], tmp_path / "one")
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [".weightlab-output", "config.json", "model.safetensors"]
 
 
 def test_interrupted_write_leaves_nothing_under_the_final_name(zoo, tmp_path):

@@ -57,3 +57,21 @@ class OutputExists(WeightlabError):
 
 class InvalidArgument(WeightlabError):
     """An option or argument value that cannot work (bad regex, rank too large...)."""
+
+
+class OutputConflict(WeightlabError):
+    """An output would replace, contain or sit inside an input, collide with another output, or
+    replace something --force may not (a folder weightlab did not write, a link)."""
+
+
+class NonFiniteTensor(WeightlabError):
+    """A tensor about to be written holds NaN or Inf: nothing is written."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised by the CLI's signal handlers: outputs in progress are removed
+    on the way out, exit code 128 + signal. (Not a KeyboardInterrupt: click would swallow it.)"""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

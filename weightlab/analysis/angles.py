@@ -21,8 +21,9 @@ import torch
 from weightlab.analysis.deltas import delta_top_svd, numerical_rank
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
+from weightlab.domains import REGEX, SEED, Choice, Int, check_fields, option
 from weightlab.compute.stream import stream_matrices
-from weightlab.compute.svd import SVD, top_svd
+from weightlab.compute.svd import SVD, SVD_METHODS, top_svd
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -46,20 +47,15 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AnglesOptions:
-    k: int = 16
-    side: str = "left"
-    svd: str = "exact"  # or "randomized"
-    seed: int = 0
-    include: str | None = None
-    exclude: str | None = None
+    k: int = option(16, Int(1), "-k")
+    side: str = option("left", Choice(*SIDES), "--side")
+    svd: str = option("exact", Choice(*SVD_METHODS), "--svd")
+    seed: int = option(0, SEED, "--seed")
+    include: str | None = option(None, REGEX, "--include")
+    exclude: str | None = option(None, REGEX, "--exclude")
 
     def __post_init__(self) -> None:
-        if self.side not in SIDES:
-            raise InvalidArgument(f"--side {self.side!r}: choose left, right or both")
-        if self.svd not in ("exact", "randomized"):
-            raise InvalidArgument(f"--svd {self.svd!r}: choose exact or randomized")
-        if self.k < 1:
-            raise InvalidArgument(f"-k must be at least 1, got {self.k}")
+        check_fields(self)
 
 
 @dataclass

@@ -24,7 +24,8 @@ from scipy import stats
 
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.compute.stream import all_finite
+from weightlab.domains import REGEX, SEED, Int, check_fields, option
+from weightlab.io.finite import all_finite
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -41,16 +42,20 @@ SHARP_KURTOSIS = 0.6  # excess kurtosis above which the centre is sharp (leptoku
 FLAT_KURTOSIS = -0.4  # excess kurtosis below which the histogram is flat (uniform/triangular-like)
 MAX_ABS_SKEW = 0.5  # a Gaussian label also needs a symmetric histogram
 LOPSIDED_SKEW = 1.0  # beyond this |skewness| no symmetric shape fits (lognormal: 1.8)
+MIN_SAMPLE = 20  # the smallest sample D'Agostino–Pearson's K² accepts
 LABELS = ("gaussian", "sharp", "inverted-T", "linear", "other")
 
 
 @dataclass(frozen=True)
 class GaussianOptions:
-    min_elements: int = 4096
-    sample_size: int = 100_000
-    seed: int = 0
-    include: str | None = None
-    exclude: str | None = None
+    min_elements: int = option(4096, Int(1), "--min-elements")
+    sample_size: int = option(100_000, Int(MIN_SAMPLE), "--sample-size")  # K² needs at least 20 values
+    seed: int = option(0, SEED, "--seed")
+    include: str | None = option(None, REGEX, "--include")
+    exclude: str | None = option(None, REGEX, "--exclude")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

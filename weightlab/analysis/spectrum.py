@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from weightlab.compute.device import Compute
+from weightlab.domains import REGEX, Int, Real, check_fields, option
 from weightlab.compute.stream import stream_matrices
 from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
@@ -34,12 +35,15 @@ SCHEMA = "weightlab.spectrum/1"
 
 @dataclass(frozen=True)
 class SpectrumOptions:
-    k: int = 8  # top singular values/vectors for amplification and reorientation
-    intruder_k: int = 10  # top fine-tuned singular vectors checked for intruders
-    epsilon: float = 0.5  # intruder threshold on max_j |cos(u'_i, u_j)|
-    keep: int | None = None  # singular values kept per matrix in the output (None = all)
-    include: str | None = None
-    exclude: str | None = None
+    k: int = option(8, Int(1), "-k")  # top singular values/vectors for amplification and reorientation
+    intruder_k: int = option(10, Int(1), "--intruder-k")  # top fine-tuned singular vectors checked for intruders
+    epsilon: float = option(0.5, Real(0, 1), "--epsilon")  # intruder threshold on max_j |cos(u'_i, u_j)|
+    keep: int | None = option(None, Int(1, optional=True), "--keep")  # singular values kept per matrix (None = all)
+    include: str | None = option(None, REGEX, "--include")
+    exclude: str | None = option(None, REGEX, "--exclude")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

@@ -21,12 +21,14 @@ import torch
 
 from weightlab.analysis.deltas import adapter_factors
 from weightlab.compute.device import Compute
+from weightlab.domains import REGEX, Int, check_fields, option
 from weightlab.compute.stream import stream_matrices
 from weightlab.compute.svd import full_svd
-from weightlab.errors import CorruptCheckpoint, InvalidArgument
+from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.atomic import atomic_path
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import write_safetensors
 from weightlab.matching import match_checkpoints, select_matrices
 
 SCHEMA = "weightlab.tsd/1"
@@ -34,14 +36,13 @@ SCHEMA = "weightlab.tsd/1"
 
 @dataclass(frozen=True)
 class TSDOptions:
-    top: int = 8
-    keep: int | None = None  # change rates kept per matrix in the JSON (None = all)
-    include: str | None = None
-    exclude: str | None = None
+    top: int = option(8, Int(1), "--top")
+    keep: int | None = option(None, Int(1, optional=True), "--keep")  # change rates kept per matrix (None = all)
+    include: str | None = option(None, REGEX, "--include")
+    exclude: str | None = option(None, REGEX, "--exclude")
 
     def __post_init__(self) -> None:
-        if self.top < 1:
-            raise InvalidArgument(f"--top must be at least 1, got {self.top}")
+        check_fields(self)
 
 
 @dataclass
@@ -153,11 +154,9 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
 def save_directions(path: str | Path, vectors: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
                     force: bool = False) -> None:
     """Store per matrix `NAME::indices|u|v|sigma|rate` in one safetensors file (atomically)."""
-    from safetensors.torch import save_file
-
     flat = {f"{name}::{key}": t for name, parts in vectors.items() for key, t in parts.items()}
     with atomic_path(path, force) as tmp:
-        save_file(flat, str(tmp), metadata={"schema": SCHEMA, **metadata})
+        write_safetensors(tmp, flat, {"schema": SCHEMA, **metadata})
 
 
 def load_directions(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,36 +1,35 @@
-"""Command-line interface: a thin layer that parses options, calls the library, renders results."""
+"""Command-line interface: a thin layer that parses options, calls the library, renders results.
+
+`main` stays light on purpose: it installs the interrupt handlers before the heavy imports
+(torch, transformers), so Ctrl-C or SIGTERM at any moment ends in one line and exit 128 + signal.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from rich.markup import escape
+from weightlab.errors import Interrupted
 
-from weightlab.cli.app import app, err_console, state
-from weightlab.errors import WeightlabError
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-# Importing the command modules registers their commands on `app`.
-from weightlab.cli import inspect as _inspect  # noqa: E402,F401
-from weightlab.cli import spectrum as _spectrum  # noqa: E402,F401
-from weightlab.cli import gaussian as _gaussian  # noqa: E402,F401
-from weightlab.cli import merge as _merge  # noqa: E402,F401
-from weightlab.cli import lora as _lora  # noqa: E402,F401
-from weightlab.cli import report as _report  # noqa: E402,F401
-from weightlab.cli import demo as _demo  # noqa: E402,F401
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
-    args = sys.argv[1:] if argv is None else argv
-    state["debug"] = "--debug" in args
+    """Entry point: user errors become one line on stderr and exit code 2; interrupts 130/143."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
     try:
-        app(args=args, prog_name="weightlab")
-    except (WeightlabError, OSError) as e:
-        if state["debug"]:
-            raise
-        text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        from weightlab.cli.commands import run  # after the handlers: an interrupt while importing is handled
+
+        code = run(args)
+    except Interrupted as e:
+        sys.stderr.write(f"interrupted ({signal.Signals(e.signum).name}): nothing was written\n")
+        code = 128 + e.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    sys.exit(code)

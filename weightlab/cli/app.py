@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from weightlab.io.atomic import atomic_path, ensure_writable
+from weightlab.domains import Int
+from weightlab.io.outputs import Output, OutputPlan
+from weightlab.report.document import write_report
+from weightlab.report.export import to_csv, to_json
 
 app = typer.Typer(
     name="weightlab",
@@ -56,32 +59,40 @@ def progress(description: str, unit: str = "matrices") -> Iterator[tuple[Callabl
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 
 
-def check_outputs(force: bool, *paths: Optional[Path | str]) -> None:
-    """Refuse existing outputs before any work is done."""
-    for path in paths:
-        if path:
-            ensure_writable(path, force)
+def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]) -> OutputPlan:
+    """The command's output plan, checked against the inputs before any work. Each keyword names
+    an option (`residual_out_dir` is `--residual-out`, `out_dir`/`out_file` are `-o`); `plots` and
+    names ending in `_dir` are folders, the others files."""
+    flags = {"out_dir": "-o", "out_file": "-o", "markdown_assets_dir": "--markdown (its _assets folder)"}
+    planned = [Output(flags.get(name, "--" + name.removesuffix("_dir").replace("_", "-")), path,
+                      directory=name == "plots" or name.endswith("_dir"))
+               for name, path in named.items() if path not in (None, "")]
+    return OutputPlan([i for i in inputs if i is not None], planned, force)
+
+
+def emit(plan: OutputPlan, payload: dict, rows: list[dict], draw: Callable[[Path], list[Path]] | None = None) -> None:
+    """Write a result's JSON, CSV, plots and report to the plan's outputs (committed together)."""
+    if "--json" in plan:
+        plan.write_text("--json", to_json(payload))
+    if "--csv" in plan:
+        plan.write_text("--csv", to_csv(rows))
+    if "--plots" in plan and draw is not None:
+        folder = plan.path("--plots")
+        folder.mkdir()
+        draw(folder)
+    if "--report" in plan:
+        write_report([payload], plan.path("--report"))
+
+
+def check_rows(rows: int) -> int:
+    Int(0).check("--rows", rows)
+    return rows
 
 
 def show_problems(problems: list[str]) -> None:
     """Notes about the inputs (unmatched tensors, shape mismatches) on stderr."""
     for line in problems:
         err_console.print(f"[yellow]note:[/] {line}", highlight=False)
-
-
-def write_plots(plots: Optional[Path], force: bool, draw: Callable[[Path], list[Path]]) -> None:
-    """Draw into a temporary folder that replaces `plots` only when every plot succeeded."""
-    if plots:
-        with atomic_path(plots, force, directory=True) as tmp:
-            written = draw(tmp)
-        console.print(f"plots: {', '.join(str(plots / p.name) for p in written)}", highlight=False)
-
-
-def write_html_report(payload: dict, path: Optional[Path], force: bool) -> None:
-    if path:
-        from weightlab.report.document import write_report
-
-        write_report([payload], path, force=force)
 
 
 def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:

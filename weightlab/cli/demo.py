@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console, outputs
 from weightlab.compute.device import Compute
-from weightlab.demo import run_demo
-from weightlab.io.atomic import atomic_path
+from weightlab.demo import cache_dir, run_demo
+from weightlab.examples import minilm_path
 from weightlab.report.tables import table
 
 
@@ -24,8 +24,10 @@ def demo(
     Example: weightlab demo --out ./weightlab-demo
     """
     compute = Compute.create(device)
-    with err_console.status("starting") as status, atomic_path(out, force, directory=True) as tmp:
-        summary = run_demo(tmp, compute, on_step=lambda text: status.update(text))
+    with outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan, err_console.status("starting") as status:
+        folder = plan.path("-o")
+        folder.mkdir()
+        summary = run_demo(folder, compute, on_step=lambda text: status.update(text))
     rows = [(key, f"{ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}", "LoRA r=8" if ft["lora"] else "full",
              summary["spectrum"][key]["mean_relative_change"], summary["spectrum"][key]["most_changed_role"],
              summary["spectrum"][key]["intruders"]) for key, ft in summary["fine_tunes"].items()]

@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, check_outputs, console, quiet_when_stdout
+from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, console, emit, outputs, quiet_when_stdout
 from weightlab.inventory import inventory
 from weightlab.io.checkpoint import open_checkpoint
-from weightlab.report.export import write_outputs
 from weightlab.report.tables import human_bytes, human_count, table
 
 
@@ -26,9 +25,9 @@ def inspect(
 
     Example: weightlab inspect ./llama-3-8b --filter 'layers\\.0\\.' --json -
     """
-    check_outputs(force, json_out, csv_out)
-    inv = inventory(open_checkpoint(checkpoint), name_filter)
-    write_outputs(inv.to_dict(), [r.__dict__ for r in inv.tensors], json_out, csv_out, force)
+    with outputs(force, [checkpoint], json=json_out, csv=csv_out) as plan:
+        inv = inventory(open_checkpoint(checkpoint), name_filter)
+        emit(plan, inv.to_dict(), [r.__dict__ for r in inv.tensors])
     if quiet_when_stdout(json_out, csv_out):
         return
     rows = [(t.name, "×".join(map(str, t.shape)) or "scalar", t.dtype, human_count(t.parameters), human_bytes(t.bytes),

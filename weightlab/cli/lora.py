@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, app, check_outputs, console, progress
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, outputs, progress
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import LoraAdapter, open_finetuned, open_weights
@@ -58,36 +58,39 @@ def init_lora(
 
     Example: weightlab init-lora base/ --tsd --from warmup-adapter/ --rank 16 --targets q_proj,v_proj -o lora/ --residual-out base-res/
     """
-    check_outputs(force, out, residual_out)
     if as_plain_lora is not None:
         if initial is None:
             raise InvalidArgument("--as-plain-lora needs --initial (the adapter as init-lora wrote it)")
-        trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
-        if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
-            raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
-        factors, scale = to_plain_lora(trained, start)
-        write_adapter(out, factors, scale=scale, base_model=trained.base_model_name_or_path,
-                      fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
-                      sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)}, force=force)
+        with outputs(force, [as_plain_lora, initial, base], out_dir=out) as plan:
+            trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
+            if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
+                raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
+            factors, scale = to_plain_lora(trained, start)
+            write_adapter(plan.path("-o"), factors, scale=scale, base_model=trained.base_model_name_or_path,
+                          fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
+                          sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)})
         console.print(f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/")
         return
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
     options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
+    compute = Compute.create(device)
     if residual_out is None and not no_residual:
         raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
                               "or --no-residual if you will build the residual yourself")
-    base_ckpt = open_weights(base)
-    names = resolve_targets(base_ckpt, targets)
-    fan = _fan_in_fan_out(base_ckpt, names)
-    ft = open_finetuned(source, base_ckpt) if source else None
-    writer = CheckpointWriter(residual_out, donor=base_ckpt.path, force=force,
-                              metadata={"weightlab": f"residual of init-lora {options.method} r={rank}"}) if residual_out else None
-    with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
-        on_start(len(names))
-        report, factors = run_init(base_ckpt, names, options, ft, writer, Compute.create(device), on_progress)
-        write_adapter(out, factors, scale=options.scale, base_model=str(residual_out or base), fan_in_fan_out=fan,
-                      sidecar=report.to_dict(), force=force)
+    with outputs(force, [base, source], out_dir=out, residual_out_dir=residual_out) as plan:
+        base_ckpt = open_weights(base)
+        names = resolve_targets(base_ckpt, targets)
+        fan = _fan_in_fan_out(base_ckpt, names)
+        ft = open_finetuned(source, base_ckpt) if source else None
+        writer = CheckpointWriter(plan.path("--residual-out"), donor=base_ckpt.path,
+                                  metadata={"weightlab": f"residual of init-lora {options.method} r={rank}"}) \
+            if residual_out else None
+        with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
+            on_start(len(names))
+            report, factors = run_init(base_ckpt, names, options, ft, writer, compute, on_progress)
+            write_adapter(plan.path("-o"), factors, scale=options.scale, base_model=str(residual_out or base),
+                          fan_in_fan_out=fan, sidecar=report.to_dict())
     _show(report, f"init-lora {options.method}: {len(report.modules)} modules, r = {rank}, scale {options.scale:g}")
     console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
 
@@ -107,15 +110,17 @@ def extract_lora(
 
     Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
     """
-    check_outputs(force, out)
-    base_ckpt = open_weights(base)
-    ft = open_finetuned(finetuned, base_ckpt)
-    names = resolve_targets(base_ckpt, targets)
-    fan = _fan_in_fan_out(base_ckpt, names)
-    with progress("extract-lora", "modules") as (on_start, on_progress):
-        on_start(len(names))
-        report, factors = run_extract(base_ckpt, ft, names, rank, energy, Compute.create(device), on_progress)
-    write_adapter(out, factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan, sidecar=report.to_dict(), force=force)
+    compute = Compute.create(device)
+    with outputs(force, [base, finetuned], out_dir=out) as plan:
+        base_ckpt = open_weights(base)
+        ft = open_finetuned(finetuned, base_ckpt)
+        names = resolve_targets(base_ckpt, targets)
+        fan = _fan_in_fan_out(base_ckpt, names)
+        with progress("extract-lora", "modules") as (on_start, on_progress):
+            on_start(len(names))
+            report, factors = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress)
+        write_adapter(plan.path("-o"), factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan,
+                      sidecar=report.to_dict())
     _show(report, f"extract-lora: {len(report.modules)} modules")
     if report.skipped:
         console.print(f"[yellow]note:[/] {len(report.skipped)} targeted weights are unchanged and were skipped")

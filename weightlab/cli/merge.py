@@ -8,11 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import (DeviceOpt, ForceOpt, ReportOpt, app, check_outputs, console, progress,
-                               write_html_report)
+from weightlab.cli.app import DeviceOpt, ForceOpt, ReportOpt, app, console, emit, outputs, progress
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
-from weightlab.io.writer import DEFAULT_SHARD_SIZE
+from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from weightlab.merge import METHODS, NanOptions, merge as run_merge
 from weightlab.merge.config import build_config, load_config
 from weightlab.report.tables import table
@@ -57,7 +56,6 @@ def merge(
 
     Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
     """
-    check_outputs(force, out, report_out)
     options = load_config(config) if config else {}
     cli_params = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
     options["param_values"] = {**options.get("param_values", {}), **{k: v for k, v in cli_params.items() if v is not None}}
@@ -74,10 +72,14 @@ def merge(
     cfg = build_config(options)
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
-    with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
-        report = run_merge(cfg, out, force=force, shard_size=shard_size or DEFAULT_SHARD_SIZE, donor=donor,
-                           compute=Compute.create(device), on_progress=on_progress, on_start=on_start)
-    write_html_report(report.to_dict(), report_out, force)
+    compute = Compute.create(device)
+    shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
+    with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
+        with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
+            report = run_merge(cfg, plan.path("-o"), shard_size=shard_bytes, donor=donor, compute=compute,
+                               on_progress=on_progress, on_start=on_start)
+        report.out = str(out)  # it was written to a staging path; this is where it lands
+        emit(plan, report.to_dict(), [])
     names = [Path(m).name or m for m in cfg.models]
     kind = "NAN" if cfg.coeff == "nan" else "manual"
     console.print(table(f"{kind} coefficients" + (" (mean over tensors)" if report.per_tensor else ""),

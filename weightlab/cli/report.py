@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import ForceOpt, app, check_outputs, console
-from weightlab.report.document import load_results, write_report
+from weightlab.cli.app import ForceOpt, app, console, outputs
+from weightlab.report.document import assets_folder, load_results, result_files, write_report
 
 
 @app.command()
@@ -23,6 +23,10 @@ def report(
 
     Example: weightlab report spectrum.json angles.json merged/weightlab_merge.json -o report.html --markdown report.md
     """
-    check_outputs(force, out, markdown)
-    sections = write_report(load_results(results), out, title=title, markdown=markdown, force=force)
+    files = result_files(results)
+    assets = assets_folder(markdown) if markdown else None
+    with outputs(force, files, out_file=out, markdown=markdown, markdown_assets_dir=assets) as plan:
+        sections = write_report(load_results(results), plan.path("-o"), title=title,
+                                markdown=plan.path("--markdown") if markdown else None,
+                                assets=plan.path("--markdown (its _assets folder)") if markdown else None)
     console.print(f"report with {len(sections)} sections → {out}" + (f" and {markdown}" if markdown else ""))

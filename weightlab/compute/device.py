@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
+from weightlab.domains import Choice, Int
 from weightlab.errors import InvalidArgument
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
-    """`auto` is the first GPU when there is one, else the CPU."""
+    """`auto` is the first GPU when there is one, else the CPU; `cuda:N` must exist."""
+    if not isinstance(spec, str) or not DEVICE.fullmatch(spec):
+        raise InvalidArgument(f"--device {spec!r}: use auto, cpu, cuda or cuda:N")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise InvalidArgument(f"--device {spec!r} is not a device (use auto, cpu or cuda[:N])") from None
+    device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument(f"--device {spec}: no CUDA GPU is available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidArgument(f"--device {spec}: this machine has {torch.cuda.device_count()} GPUs")
     return device
 
 
 def resolve_dtype(name: str = "float32") -> torch.dtype:
-    if name not in DTYPES:
-        raise InvalidArgument(f"--dtype {name!r}: choose float32 or float64")
+    Choice(*DTYPES).check("--dtype", name)
     return DTYPES[name]
 
 
@@ -41,5 +46,6 @@ class Compute:
 
     @classmethod
     def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None) -> "Compute":
+        Int(1, 4096, optional=True).check("batch size", batch_size)
         dev = resolve_device(device)
         return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1))

@@ -9,7 +9,6 @@ few tensors whatever the model size.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -19,6 +18,7 @@ import torch
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.finite import all_finite
 from weightlab.matching import MatchedTensor
 from weightlab.naming import as_matrix
 
@@ -34,12 +34,6 @@ def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[Matche
     for group in groups.values():
         out.extend(group[i:i + batch_size] for i in range(0, len(group), batch_size))
     return out
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf: NaN/Inf make the sum non-finite, so one cheap reduction answers, and the
-    exact (memory-hungry) elementwise check runs only to confirm a suspicious sum."""
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:

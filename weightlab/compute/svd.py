@@ -14,6 +14,7 @@ import torch
 # eigenvalues of the smaller Gram matrix in float64: σ_i = √λ_i(WWᵀ). Relative error of σ_i is
 # about ε₆₄·σ₁²/σ_i², far below float32 resolution for any spectrum a weight matrix has.
 GRAM_RATIO = 3
+SVD_METHODS = ("exact", "randomized")
 
 
 @dataclass

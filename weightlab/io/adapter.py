@@ -49,6 +49,43 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate_adapter_config(cfg: object, path: Path) -> dict:
+    """The adapter_config.json fields weightlab reads, with PEFT's types: r a positive integer,
+    lora_alpha a finite number, rank_pattern/alpha_pattern objects of such values keyed by valid
+    regular expressions, flags booleans."""
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpoint("adapter_config.json is not a JSON object", path)
+    if not _is_rank(cfg.get("r", 8)):
+        raise CorruptCheckpoint(f"r = {cfg.get('r')!r} is not a positive integer", path)
+    if not _is_number(cfg.get("lora_alpha", 8)):
+        raise CorruptCheckpoint(f"lora_alpha = {cfg.get('lora_alpha')!r} is not a finite number", path)
+    for key, valid, what in (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", _is_number, "finite numbers")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise CorruptCheckpoint(f"{key} is not an object", path)
+        for module, value in pattern.items():
+            if not valid(value):
+                raise CorruptCheckpoint(f"{key}[{module!r}] = {value!r}: values must be {what}", path)
+            try:
+                re.compile(rf"(.*\.)?({module})$")
+            except (re.error, RecursionError, OverflowError) as e:
+                raise CorruptCheckpoint(f"{key} key {module!r} is not a valid regular expression ({e})", path) from None
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), (bool, type(None))):
+            raise CorruptCheckpoint(f"{key} = {cfg[key]!r} is not true or false", path)
+    if not isinstance(cfg.get("peft_type", "LORA"), str):
+        raise CorruptCheckpoint(f"peft_type = {cfg['peft_type']!r} is not a string", path)
+    return cfg
+
+
 class LoraAdapter:
     """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
 
@@ -56,9 +93,10 @@ class LoraAdapter:
         self.path = Path(folder)
         config_path = self.path / "adapter_config.json"
         try:
-            self.adapter_config: dict = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CorruptCheckpoint("adapter_config.json is not valid JSON", config_path) from None
+        self.adapter_config: dict = validate_adapter_config(raw, config_path)
         peft_type = str(self.adapter_config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise NotACheckpoint(f"peft_type {peft_type} is not LoRA; only LoRA adapters are supported", config_path)
@@ -93,9 +131,7 @@ class LoraAdapter:
                 raise CorruptCheckpoint("module has only one of its LoRA factors", self.file.path, module)
             rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8)))
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
-            if a.shape[0] != rank or b.shape[-1] != rank:
-                raise CorruptCheckpoint(f"factors have rank {a.shape[0]} but adapter_config gives r={rank}",
-                                        self.file.path, module)
+            _check_factor_shapes(a, b, rank, self.file.path, module)
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             modules[module] = LoraModule(module, a, b, rank, alpha, scale, bool(cfg.get("fan_in_fan_out")), embedding)
         if not modules:
@@ -123,6 +159,18 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, {len(self.modules)} modules)"
+
+
+def _check_factor_shapes(a: TensorInfo, b: TensorInfo, rank: int, path: Path, module: str) -> None:
+    """A is r×in and B out×r, both 2-D and floating, with the r that adapter_config gives."""
+    for info, role in ((a, "A"), (b, "B")):
+        if len(info.shape) != 2 or not info.is_float:
+            raise CorruptCheckpoint(f"LoRA factor {role} ({info.name}) is {info.dtype} {list(info.shape)}, "
+                                    "not a floating-point matrix", path, module)
+    wrong = [f"{role} ({info.name}) has rank {r}" for info, role, r in ((a, "A", a.shape[0]), (b, "B", b.shape[1]))
+             if r != rank]
+    if wrong:
+        raise CorruptCheckpoint(f"{'; '.join(wrong)} but adapter_config gives r={rank}", path, module)
 
 
 class AdaptedCheckpoint(Checkpoint):

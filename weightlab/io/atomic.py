@@ -1,4 +1,9 @@
-"""Outputs appear whole or not at all: write beside the destination, then rename."""
+"""Outputs appear whole or not at all: write beside the destination, then rename.
+
+`--force` replaces a regular file, or a folder that weightlab wrote (it carries the marker file
+`.weightlab-output`); never a symbolic link, and never any other folder: a tired user's
+`--json ft --force` must not delete the model folder `ft/`.
+"""
 
 from __future__ import annotations
 
@@ -10,60 +15,61 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from weightlab.errors import OutputExists
+from weightlab.errors import OutputConflict, OutputExists
 
 STDOUT = "-"
+MARKER = ".weightlab-output"
+MARKER_TEXT = "This folder was written by weightlab; `--force` may replace it.\n"
 
 
-def ensure_writable(dest: str | Path, force: bool) -> None:
-    """Fail before any work when `dest` exists and overwriting was not asked for."""
-    if str(dest) != STDOUT and Path(dest).exists() and not force:
+def ensure_writable(dest: str | Path, force: bool, directory: bool = False) -> None:
+    """Fail before any work when `dest` exists and may not be replaced."""
+    if str(dest) == STDOUT or not os.path.lexists(dest):
+        return
+    path = Path(dest)
+    if not force:
         raise OutputExists("already exists; pass --force to overwrite", dest)
+    if path.is_symlink():
+        raise OutputConflict("is a symbolic link; --force replaces only files and folders weightlab wrote", dest)
+    if directory and not path.is_dir():
+        raise OutputConflict("exists and is not a folder; --force will not replace it with one", dest)
+    if directory and not (path / MARKER).is_file():
+        raise OutputConflict(f"is a folder weightlab did not write (no {MARKER} in it); --force replaces only "
+                             "weightlab's own folders: remove it yourself or choose another path", dest)
+    if not directory and not path.is_file():
+        raise OutputConflict("exists and is not a regular file; --force replaces only files here", dest)
+
+
+def staging_dir(dest: Path) -> Path:
+    """A private temporary folder beside `dest` (same file system: renames out of it are atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
 
 
 @contextmanager
 def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in `dest`'s parent; on success it replaces `dest`, on error it vanishes."""
+    """Yield a temporary path beside `dest`; on success it replaces `dest`, on error it vanishes.
+    A folder gets weightlab's marker, so a later `--force` may replace it."""
     dest = Path(dest)
-    ensure_writable(dest, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = f".{dest.name}.", ".partial"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=dest.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dest.parent)
-        os.close(fd)
-        tmp = Path(name)
-    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make private ones
+    ensure_writable(dest, force, directory)
+    stage = staging_dir(dest)
+    tmp = stage / dest.name
     try:
+        if directory:
+            tmp.mkdir()
+            (tmp / MARKER).write_text(MARKER_TEXT)
         yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _replace(tmp, dest)
+        ensure_writable(dest, force, directory)  # again: something may have appeared meanwhile
+        replace(tmp, dest, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    if dest.is_dir() and not dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        os.rename(dest, old / dest.name)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)  # atomic for files, and for a directory onto a missing path
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def replace(new: Path, dest: Path, stage: Path) -> None:
+    """Move `new` onto `dest`; an existing `dest` is first moved into `stage` (removed with it)."""
+    if os.path.lexists(dest):
+        os.rename(dest, stage / ".replaced")
+    os.rename(new, dest)
 
 
 def write_text(dest: str | Path, text: str, force: bool = False) -> None:

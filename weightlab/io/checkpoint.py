@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,8 +21,9 @@ from weightlab.errors import (
     MissingShard,
     MissingTensor,
     NotACheckpoint,
+    UnsafePickle,
 )
-from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
+from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE, SafetensorsFile, TensorInfo
 
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -114,10 +116,13 @@ class SafetensorsCheckpoint(Checkpoint):
         self.files = [SafetensorsFile(f) for f in files]
         infos: dict[str, TensorInfo] = {}
         for f in self.files:
-            infos.update(f.infos)
+            for name, info in f.infos.items():
+                if name in infos:
+                    raise CorruptCheckpoint(f"tensor is in two shards ({infos[name].file.name}, {f.path.name})", path, name)
+                infos[name] = info
         if weight_map is not None:
             for name, shard in weight_map.items():
-                if name not in infos:
+                if name not in infos or infos[name].file.name != shard:
                     raise CorruptCheckpoint(f"index names tensor in {shard}, which does not hold it", path, name)
         self.__infos = dict(sorted(infos.items())) if len(self.files) > 1 else infos
         self._by_file = {f.path: f for f in self.files}
@@ -157,31 +162,26 @@ class TorchCheckpoint(Checkpoint):
 
 
 def _code_of(dtype: torch.dtype) -> str:
-    from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE
-
     return CODE_OF_TORCH_DTYPE.get(dtype, str(dtype).removeprefix("torch."))
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_PROTO = b"\x80"  # legacy torch.save: a pickle starting with the PROTO opcode
+
+
 def _safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    from weightlab.errors import UnsafePickle
-
-    def load(mmap: bool):
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(ZIP_MAGIC) or magic.startswith(PICKLE_PROTO)):
+        raise NotACheckpoint("not a torch file (neither a zip archive nor a pickle)", file)
     try:
-        try:
-            obj = load(mmap=True)
-        except RuntimeError as e:  # pre-1.6 (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            obj = load(mmap=False)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=magic.startswith(ZIP_MAGIC))
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise UnsafePickle(f"refused: the pickle holds more than plain tensors ({first[:160]})", file) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CorruptCheckpoint(f"not a readable torch file ({str(e).splitlines()[0][:160]})", file) from None
+    except Exception as e:  # the unpickler parses untrusted bytes: any failure means a damaged file
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CorruptCheckpoint(f"not a readable torch file ({detail})", file) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -234,16 +234,33 @@ def _open_folder(folder: Path):
 def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkpoint:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CorruptCheckpoint("index is not valid JSON with a 'weight_map' object", index) from None
-    shards: dict[str, str] = {}
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpoint("index 'weight_map' is not an object", index)
+    shards: dict[str, Path] = {}
     for name, shard in weight_map.items():
-        shards.setdefault(shard, name)
-    for shard, name in shards.items():
-        if not (folder / shard).is_file():
-            raise MissingShard(f"index names missing shard {shard}", index, name)
-    files = [folder / s for s in shards]
+        if shard not in shards:
+            shards[shard] = shard_path(folder, shard, index, name)
+    files = list(shards.values())
     if index.name.endswith(".bin.index.json"):
         return TorchCheckpoint(folder, files, config=config)
     return SafetensorsCheckpoint(folder, files, weight_map=weight_map, config=config)
+
+
+def shard_path(folder: Path, shard: object, index: Path, tensor: str) -> Path:
+    """The file an index names, confined to the index's folder: a plain file name, no traversal,
+    no absolute path, and no symbolic link leading out of the folder (except, in a Hugging Face
+    cache snapshot, into that repository's `blobs/`, where the cache keeps the real files)."""
+    if not isinstance(shard, str) or not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+        raise CorruptCheckpoint(f"index names shard {shard!r}, which is not a plain file name in its folder", index, tensor)
+    path = folder / shard
+    if not path.is_file():
+        raise MissingShard(f"index names missing shard {shard}", index, tensor)
+    real, home = path.resolve(), folder.resolve()
+    allowed = [home]
+    if home.parent.name == "snapshots":
+        allowed.append(home.parent.parent / "blobs")
+    if not any(real.parent == root or root in real.parents for root in allowed):
+        raise CorruptCheckpoint(f"shard {shard} is a link that leads out of the index's folder (to {real})", index, tensor)
+    return path

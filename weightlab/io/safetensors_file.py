@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from weightlab.errors import CorruptCheckpoint, UnsupportedDtype
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the reference implementation enforces
+from weightlab.io.finite import require_finite
+from weightlab.io.safetensors_header import MAX_HEADER_BYTES, parse_header, validate_layout
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -38,7 +38,11 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U32": ("uint32", 4),
     "U64": ("uint64", 8),
     "BOOL": ("bool", 1),
-}
+    "C64": ("complex64", 8),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+}  # F4 and F6 pack several values per byte: listed, but not read
 CODE_OF_TORCH_DTYPE = {getattr(torch, name): code for code, (name, _) in DTYPES.items() if hasattr(torch, name)}
 
 
@@ -59,7 +63,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.startswith(("F", "BF"))
+        return self.dtype.startswith(("F", "BF")) and self.dtype in DTYPES
 
 
 def torch_dtype(code: str, path: Path | str, tensor: str) -> torch.dtype:
@@ -107,35 +111,12 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if 8 + length > size:
             raise CorruptCheckpoint(f"header length {length} is larger than the file ({size} bytes)", path)
         raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpoint(f"header is not valid JSON ({e.__class__.__name__})", path) from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpoint("header is not a JSON object", path)
-    metadata = header.pop("__metadata__", None) or {}
+    entries, metadata = parse_header(raw, path)
+    validate_layout(entries, size - 8 - length, path)
     data_start = 8 + length
-    infos = {}
-    for name, entry in header.items():
-        infos[name] = _parse_entry(path, name, entry, data_start, size)
+    infos = {name: TensorInfo(name, shape, code, path, data_start + begin, end - begin)
+             for name, (code, shape, begin, end) in entries.items()}
     return infos, metadata
-
-
-def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    try:
-        code = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (TypeError, KeyError, ValueError):
-        raise CorruptCheckpoint("malformed header entry", path, name) from None
-    itemsize = DTYPES.get(code, (None, None))[1]
-    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-        raise CorruptCheckpoint(f"data offsets [{begin}, {end}] do not fit shape {list(shape)} of {code}", path, name)
-    if begin < 0 or end < begin:
-        raise CorruptCheckpoint(f"invalid data offsets [{begin}, {end}]", path, name)
-    if data_start + end > size:
-        raise CorruptCheckpoint(f"file is truncated (tensor ends at byte {data_start + end}, file has {size})", path, name)
-    return TensorInfo(name, shape, code, path, data_start + begin, end - begin)
 
 
 def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None,
@@ -159,9 +140,10 @@ def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], me
     return struct.pack("<Q", len(raw)) + raw, {name: start + o for name, o in offsets.items()}
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's little-endian bytes without a copy (after moving it to the CPU, contiguous)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+def tensor_bytes(t: torch.Tensor, path: str | Path | None, name: str) -> memoryview:
+    """A tensor's little-endian bytes without a copy (after moving it to the CPU, contiguous).
+    Every writer goes through here, so a NaN or Inf never reaches a file (`require_finite`)."""
+    flat = require_finite(t.detach(), path, name).to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
@@ -171,7 +153,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     (The reference writer keeps metadata in a hash map, whose order varies from run to run.)
     """
     header, _ = safetensors_header([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], metadata, path)
+    data = [tensor_bytes(tensors[name], path, name) for name in sorted(tensors)]  # all checked before a byte is written
     with open(path, "wb") as f:
         f.write(header)
-        for name in sorted(tensors):
-            f.write(tensor_bytes(tensors[name]))
+        for chunk in data:
+            f.write(chunk)

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
-from weightlab.errors import InvalidArgument
+from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
+from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, write_safetensors
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+MAX_SHARD_SIZE = 1000**5
 # Files a model folder needs beside its weights (config, tokenizer, generation settings).
 DONOR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -28,9 +30,11 @@ _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KIB": 1024, 
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MiB', '1000000' -> bytes."""
-    if isinstance(text, int):
-        return text
+    """'5GB', '500MiB', '1000000' -> bytes (1 B to 1 PB)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str):
+        raise InvalidArgument(f"--shard-size {text!r}: give a size such as 5GB")
     s = text.strip().upper().replace(" ", "")
     for unit, factor in sorted(_UNITS.items(), key=lambda kv: -len(kv[0])):
         if s.endswith(unit):
@@ -39,12 +43,12 @@ def parse_size(text: str | int) -> int:
     else:
         s, mult = s.removesuffix("B"), 1
     try:
-        size = int(float(s) * mult)
+        value = float(s) * mult
     except ValueError:
-        raise InvalidArgument(f"cannot read size {text!r} (try 5GB or 500MB)") from None
-    if size <= 0:
-        raise InvalidArgument(f"size must be positive, got {text!r}")
-    return size
+        raise InvalidArgument(f"--shard-size {text!r}: cannot read a size (try 5GB or 500MB)") from None
+    if not 1 <= value <= MAX_SHARD_SIZE:
+        raise InvalidArgument(f"--shard-size {text!r}: give a size from 1 byte to 1PB")
+    return int(value)
 
 
 class CheckpointWriter:
@@ -65,6 +69,8 @@ class CheckpointWriter:
         self.prefix = prefix
         self.metadata = {"format": "pt", **(metadata or {})}
         self.donor = Path(donor) if donor else None
+        if self.donor is not None and not self.donor.exists():
+            raise CheckpointNotFound("--donor: no such file or folder", self.donor)
         self.force = force
         self._stack = ExitStack()
         self._buffer: dict[str, torch.Tensor] = {}
@@ -113,6 +119,7 @@ class CheckpointWriter:
         if self.plan is not None:
             self._write_planned(name, tensor)
             return
+        require_finite(tensor, self.out_dir, name)
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffered + size > self.shard_size:
             self._flush()
@@ -127,7 +134,7 @@ class CheckpointWriter:
             raise InvalidArgument(f"planned as {self.plan[name]}, got {(tuple(tensor.shape), tensor.dtype)}",
                                   self.out_dir, name)
         fd, offset = self._placed[name]
-        data = tensor_bytes(tensor)
+        data = tensor_bytes(tensor, self.out_dir, name)
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)

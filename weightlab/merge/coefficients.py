@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from weightlab.errors import InvalidArgument
+from weightlab.domains import Choice, Real, check_fields, option
 
 NORM_OF = ("weights", "task-vectors")
 GRANULARITY = ("tensor", "model")
@@ -30,18 +30,13 @@ NORMALIZE = ("sum", "count")
 
 @dataclass(frozen=True)
 class NanOptions:
-    norm_of: str = "weights"
-    granularity: str = "tensor"
-    power: float = 1.0
-    normalize: str = "sum"
+    norm_of: str = option("weights", Choice(*NORM_OF), "--nan-norm-of")
+    granularity: str = option("tensor", Choice(*GRANULARITY), "--nan-granularity")
+    power: float = option(1.0, Real(0, 16, low_open=True), "--nan-power")  # beyond 16, ‖·‖^(−p) under/overflows
+    normalize: str = option("sum", Choice(*NORMALIZE), "--nan-normalize")
 
     def __post_init__(self) -> None:
-        for value, allowed, option in ((self.norm_of, NORM_OF, "nan norm_of"), (self.granularity, GRANULARITY, "nan granularity"),
-                                       (self.normalize, NORMALIZE, "nan normalize")):
-            if value not in allowed:
-                raise InvalidArgument(f"{option} {value!r}: choose one of {', '.join(allowed)}")
-        if self.power <= 0:
-            raise InvalidArgument(f"nan power must be positive, got {self.power}")
+        check_fields(self)
 
 
 def nan_coefficients(norms: Sequence[float], power: float = 1.0, normalize: str = "sum") -> list[float]:

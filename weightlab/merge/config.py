@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge.coefficients import NanOptions
 from weightlab.merge.methods import METHODS, MergeParams
@@ -44,8 +46,11 @@ class MergeConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidArgument(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        Choice(*METHODS).check("--method", self.method)
+        if not isinstance(self.models, list) or not all(isinstance(m, str) and m for m in self.models):
+            raise InvalidArgument("models must be a list of paths")
+        if self.base is not None and not (isinstance(self.base, str) and self.base):
+            raise InvalidArgument("base must be a path")
         spec = METHODS[self.method]
         n = len(self.models)
         if n < spec.min_models or (spec.max_models and n > spec.max_models):
@@ -72,12 +77,14 @@ class MergeConfig:
                 raise InvalidArgument(f"{self.method} takes no coefficients, so --coeff nan does not apply")
             if self.nan.norm_of == "task-vectors" and not self.base:
                 raise InvalidArgument("NAN on task vectors needs --base")
-        if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
-            raise InvalidArgument(f"--dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
-        if not 0 < self.params.density <= 1:
-            raise InvalidArgument(f"--density must be in (0, 1], got {self.params.density}")
-        if not 0 <= self.params.gamma < 1:
-            raise InvalidArgument(f"--gamma must be in [0, 1), got {self.params.gamma}")
+        Choice(*OUTPUT_DTYPES, optional=True).check("--dtype", self.dtype)
+        SEED.check("--seed", self.seed)
+        if self.weights is not None:
+            for w in self.weights:
+                Real().check("--weights", w)
+            if spec.normalises and (min(self.weights) < 0 or sum(self.weights) <= 0):
+                raise InvalidArgument(f"--weights {','.join(f'{w:g}' for w in self.weights)}: {self.method} divides by "
+                                      "the sum of the weights, so they must be non-negative with a positive sum")
 
     def to_dict(self) -> dict:
         return {"method": self.method, "base": self.base, "models": self.models, "weights": self.weights,
@@ -90,7 +97,7 @@ def params_from(values: dict[str, float | None]) -> tuple[MergeParams, frozenset
     """MergeParams from option values (None = not given), and which were given."""
     given = {PARAM_KEYS.get(k, k): v for k, v in values.items() if v is not None}
     known = {f.name for f in fields(MergeParams)}
-    return MergeParams(**{k: float(v) for k, v in given.items() if k in known}), frozenset(given)
+    return MergeParams(**{k: v for k, v in given.items() if k in known}), frozenset(given)
 
 
 def build_config(options: dict) -> MergeConfig:
@@ -102,75 +109,115 @@ def build_config(options: dict) -> MergeConfig:
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a YAML merge config as options for `build_config` (mergekit's format too)."""
+    """Read a YAML merge config as options for `build_config` (mergekit's format too). Every
+    value's type is checked here; its domain when the config is built."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
         raise InvalidArgument(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+    except (UnicodeDecodeError, RecursionError):
+        raise InvalidArgument("not a readable YAML text file", path) from None
     if not isinstance(data, dict):
         raise InvalidArgument("a merge config is a mapping of keys to values", path)
     return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
 
 
+def _typed(value: Any, kind: str, where: str, path) -> Any:
+    """`value` if it is of `kind` (str, number, int, mapping, list), else a one-line error naming `where`."""
+    ok = {
+        "str": isinstance(value, str),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "mapping": isinstance(value, dict),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise InvalidArgument(f"{where} must be {article} {kind}, got {type(value).__name__} {value!r:.40}", path)
+    return value
+
+
+def _models(entries: Any, key: str, path) -> list[tuple[str, dict]]:
+    """[(model path, its mapping's other keys)] from a list of paths or of {model: path, ...}."""
+    out = []
+    for i, entry in enumerate(_typed(entries, "list", key, path)):
+        if isinstance(entry, dict):
+            if "model" not in entry:
+                raise InvalidArgument(f"{key}[{i}] has no 'model' key", path)
+            out.append((_typed(entry["model"], "str", f"{key}[{i}].model", path),
+                        {k: v for k, v in entry.items() if k != "model"}))
+        else:
+            out.append((_typed(entry, "str", f"{key}[{i}]", path), {}))
+    return out
+
+
 def _from_ours(data: dict, path) -> dict:
     unknown = set(data) - OUR_KEYS
     if unknown:
-        raise InvalidArgument(f"unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(OUR_KEYS))})", path)
-    out = {k: data[k] for k in ("method", "base", "weights", "coeff", "seed", "dtype") if k in data}
-    models = data.get("models") or []
-    if models and isinstance(models[0], dict):  # [{model: path, weight: w}, ...]
-        out["weights"] = [float(m.get("weight", 1.0)) for m in models] if any("weight" in m for m in models) else None
-        models = [m["model"] for m in models]
-    out["models"] = [str(m) for m in models]
+        raise InvalidArgument(f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(OUR_KEYS))})", path)
+    kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str"}
+    out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
+    models = _models(data.get("models") or [], "models", path)
+    for i, (_, extra) in enumerate(models):
+        if set(extra) - {"weight"}:
+            raise InvalidArgument(f"models[{i}] has unknown keys {', '.join(sorted(set(extra) - {'weight'}))}", path)
+    out["models"] = [m for m, _ in models]
+    if any("weight" in extra for _, extra in models):
+        out["weights"] = [_typed(extra.get("weight", 1.0), "number", f"models[{i}].weight", path)
+                          for i, (_, extra) in enumerate(models)]
+    if data.get("weights") is not None:
+        if "weights" in out:
+            raise InvalidArgument("weights are given twice (per model and as 'weights')", path)
+        out["weights"] = [_typed(w, "number", f"weights[{i}]", path) for i, w in enumerate(_typed(data["weights"], "list", "weights", path))]
     if "nan" in data:
-        nan = data["nan"] or {}
+        nan = _typed(data["nan"] or {}, "mapping", "nan", path)
         bad = set(nan) - {f.name for f in fields(NanOptions)}
         if bad:
-            raise InvalidArgument(f"unknown nan options {', '.join(sorted(bad))}", path)
+            raise InvalidArgument(f"unknown nan options {', '.join(sorted(map(str, bad)))}", path)
         out["nan"] = NanOptions(**nan)
-    out["param_values"] = {k: data[k] for k in PARAM_KEYS if k in data}
+    out["param_values"] = {k: _typed(data[k], "number", k, path) for k in PARAM_KEYS if data.get(k) is not None}
     return out
 
 
 def _from_mergekit(data: dict, path) -> dict:
     unknown = set(data) - MERGEKIT_KEYS
     if unknown:
-        raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(unknown))}", path)
-    method = MERGEKIT_METHODS.get(data["merge_method"])
+        raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
+    method_name = _typed(data["merge_method"], "str", "merge_method", path)
+    method = MERGEKIT_METHODS.get(method_name)
     if method is None:
-        raise InvalidArgument(f"mergekit merge_method {data['merge_method']!r} is not supported; supported: "
+        raise InvalidArgument(f"mergekit merge_method {method_name!r} is not supported; supported: "
                               f"{', '.join(MERGEKIT_METHODS)}", path)
-    entries = data.get("models") or []
     base = data.get("base_model")
+    if base is not None:
+        base = _typed(base, "str", "base_model", path)
     models, weights, per_model = [], [], {}
-    for entry in entries:
-        name = entry["model"] if isinstance(entry, dict) else entry
+    for i, (name, extra) in enumerate(_models(data.get("models") or [], "models", path)):
         if name == base:  # mergekit lists the base among the models for some methods
             continue
-        params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
-        models.append(str(name))
-        weights.append(float(params.get("weight", 1.0)))
+        params = _typed(extra.get("parameters") or {}, "mapping", f"models[{i}].parameters", path)
+        models.append(name)
+        weights.append(_typed(params.get("weight", 1.0), "number", f"models[{i}].parameters.weight", path))
         for key, value in params.items():
             if key != "weight":
-                per_model.setdefault(key, set()).add(value)
-    global_params = dict(data.get("parameters") or {})
+                per_model.setdefault(key, []).append(value)
+    global_params = dict(_typed(data.get("parameters") or {}, "mapping", "parameters", path))
     for key, values in per_model.items():
-        if len(values) > 1:
+        if any(v != values[0] for v in values):
             raise InvalidArgument(f"per-model {key} differs between models; weightlab takes one {key} for all", path)
-        global_params.setdefault(key, values.pop())
+        global_params.setdefault(key, values[0])
     if global_params.get("normalize") is False and method in ("ties", "dare-ties", "breadcrumbs-ties", "average"):
         raise InvalidArgument("normalize: false is not supported (weightlab's TIES/average always normalise)", path)
     unknown_params = set(global_params) - set(PARAM_KEYS) - MERGEKIT_NOOP_PARAMETERS
     if unknown_params:
-        raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(unknown_params))}", path)
-    values = {k: global_params.get(k) for k in PARAM_KEYS}
+        raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(map(str, unknown_params)))}", path)
+    values = {k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in PARAM_KEYS if k in global_params}
     if method == "slerp" and base:  # mergekit interpolates from base_model (t = 0) to the other model
-        models, base = [str(base), *models], None
+        models, base = [base, *models], None
     takes_weights = method not in ("slerp", "model-stock")
-    out = {"method": method, "base": str(base) if base else None, "models": models,
-           "weights": weights if takes_weights and any(w != 1.0 for w in weights) else None}
-    out["param_values"] = {k: v for k, v in values.items() if v is not None}
+    out = {"method": method, "base": base, "models": models,
+           "weights": weights if takes_weights and any(w != 1.0 for w in weights) else None, "param_values": values}
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
-        out["dtype"] = str(dtype)
+        out["dtype"] = _typed(dtype, "str", "out_dtype" if data.get("out_dtype") else "dtype", path)
     return out

@@ -15,15 +15,19 @@ from typing import Callable
 import torch
 
 from weightlab.compute.svd import full_svd
+from weightlab.domains import Real, check_fields, option
 
 
 @dataclass(frozen=True)
 class MergeParams:
-    lam: float = 1.0  # λ, scale of the merged task vector
-    density: float = 1.0  # fraction of entries kept (TIES, DARE, breadcrumbs)
-    gamma: float = 0.01  # fraction of largest entries dropped (breadcrumbs)
-    epsilon: float = 5e-4  # SLERP: 1 − |cos Ω| below which it interpolates linearly
-    t: float = 0.5  # SLERP: position between the two models
+    lam: float = option(1.0, Real(), "--lambda")  # λ, scale of the merged task vector
+    density: float = option(1.0, Real(0, 1, low_open=True), "--density")  # fraction of entries kept
+    gamma: float = option(0.01, Real(0, 1, high_open=True), "--gamma")  # fraction of largest entries dropped
+    epsilon: float = option(5e-4, Real(0, 1, high_open=True), "--epsilon")  # SLERP: 1 − |cos Ω| below which linear
+    t: float = option(0.5, Real(0, 1), "--t")  # SLERP: position between the two models
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor
@@ -39,6 +43,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     task_vectors: bool = True  # coefficients weigh task vectors (else the weights themselves)
+    normalises: bool = False  # divides by a sum of coefficients: they must be non-negative, not all zero
 
 
 def average(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
@@ -210,7 +215,7 @@ def tsv(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
     each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
     nearest orthogonal matrices (U = PΣQᵀ → PQᵀ), and add λ·U⊥ΣV⊥ᵀ. Vectors: λ·mean of c_i τ_i."""
     taus = [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
-    if base.ndim < 2 or min(base.shape[0], base[0].numel()) < 2:
+    if base.ndim < 2 or base.numel() == 0 or min(base.shape[0], base[0].numel()) < 2:
         return base + p.lam * torch.stack(taus).sum(0) / len(taus)
     shape = base.shape
     mats = [t.reshape(shape[0], -1) for t in taus]
@@ -230,14 +235,15 @@ def tsv(base, models, coeffs, p: MergeParams, gen: Generator) -> torch.Tensor:
 
 _TV = frozenset({"lam"})
 METHODS: dict[str, MergeMethod] = {m.name: m for m in [
-    MergeMethod("average", average, False, frozenset(), "Wortsman et al. 2022, Model soups", task_vectors=False),
+    MergeMethod("average", average, False, frozenset(), "Wortsman et al. 2022, Model soups", task_vectors=False,
+                normalises=True),
     MergeMethod("task-arithmetic", task_arithmetic, True, _TV, "Ilharco et al. 2023, Task Arithmetic"),
-    MergeMethod("ties", ties, True, _TV | {"density"}, "Yadav et al. 2023, TIES-Merging"),
+    MergeMethod("ties", ties, True, _TV | {"density"}, "Yadav et al. 2023, TIES-Merging", normalises=True),
     MergeMethod("dare-linear", dare_linear, True, _TV | {"density"}, "Yu et al. 2024, DARE"),
-    MergeMethod("dare-ties", dare_ties, True, _TV | {"density"}, "Yu et al. 2024, DARE + TIES"),
+    MergeMethod("dare-ties", dare_ties, True, _TV | {"density"}, "Yu et al. 2024, DARE + TIES", normalises=True),
     MergeMethod("breadcrumbs", breadcrumbs, True, _TV | {"density", "gamma"}, "Davari & Belilovsky 2024, Model Breadcrumbs"),
     MergeMethod("breadcrumbs-ties", breadcrumbs_ties, True, _TV | {"density", "gamma"},
-                "Davari & Belilovsky 2024 + Yadav et al. 2023"),
+                "Davari & Belilovsky 2024 + Yadav et al. 2023", normalises=True),
     MergeMethod("slerp", slerp, False, frozenset({"t", "epsilon"}), "Shoemake 1985, SLERP", 2, 2, task_vectors=False),
     MergeMethod("model-stock", model_stock, True, frozenset(), "Jang et al. 2024, Model Stock", 2),
     MergeMethod("nan", task_arithmetic, True, _TV, "Si et al. 2025, NAN (task arithmetic with NAN coefficients)"),

@@ -27,6 +27,7 @@ from weightlab.compute.stream import stream_matrices
 from weightlab.errors import MissingTensor, ShapeMismatch
 from weightlab.io.adapter import open_weights
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter
 from weightlab.matching import MatchedTensor, match_checkpoints
 from weightlab.merge.coefficients import nan_coefficients
@@ -110,6 +111,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
           on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`."""
     started = time.perf_counter()
+    check_outputs([config.base, *config.models, donor], [Output("-o", out_dir, directory=True)], force)
     compute = compute or Compute.create()
     spec = METHODS[config.method]
     base = open_weights(config.base) if config.base else None

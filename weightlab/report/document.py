@@ -10,7 +10,7 @@ import math
 import tempfile
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,30 +32,48 @@ class Section:
 
 # ---- rebuilding typed results from their JSON, so the plots can be drawn again -------------
 
-def from_dict(cls, data):
-    """A dataclass instance (nested dataclasses and lists of them included) from its asdict()."""
-    if data is None or not is_dataclass(cls):
-        return data
+def from_dict(cls, data, where: str = "result"):
+    """A dataclass instance (nested dataclasses and lists of them included) from its asdict(),
+    with every field present and of its declared type; else InvalidArgument naming the field."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where} is not an object")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise InvalidArgument(f"{where}.{f.name} is missing")
             continue
-        kwargs[f.name] = _convert(hints[f.name], data[f.name])
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
     return cls(**kwargs)
 
 
-def _convert(hint, value):
-    if value is None:
-        return None
+def _convert(hint, value, where: str):
     origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
     if is_dataclass(hint):
-        return from_dict(hint, value)
-    if origin is list and args and is_dataclass(args[0]):
-        return [from_dict(args[0], v) for v in value]
-    if origin in (typing.Union, types.UnionType) and args:
-        return _convert(args[0], value)
+        return from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise InvalidArgument(f"{where} is not a list")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is float:
+        if value is None:
+            return float("nan")  # JSON has no NaN: our writer stores it as null
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint in (str, bool, dict):
+        ok = isinstance(value, hint)
+    else:
+        ok = True
+    if not ok:
+        raise InvalidArgument(f"{where} should be {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
     return value
 
 
@@ -189,28 +207,44 @@ BUILDERS: dict[str, Callable[[dict, Path], Section]] = {
 def sections_for(payloads: list[dict], plots: Path) -> list[Section]:
     out = []
     for payload in sorted(payloads, key=lambda p: ORDER.index(p["schema"]) if p.get("schema") in ORDER else len(ORDER)):
-        builder = BUILDERS.get(payload.get("schema", ""))
+        schema = payload.get("schema", "")
+        builder = BUILDERS.get(schema)
         if builder is None:
-            raise InvalidArgument(f"no report section for schema {payload.get('schema')!r}; known: {', '.join(BUILDERS)}")
-        out.append(builder(payload, plots))
+            raise InvalidArgument(f"no report section for schema {schema!r}; known: {', '.join(BUILDERS)}")
+        try:
+            out.append(builder(payload, plots))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # hand-edited or truncated JSON
+            detail = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120]
+            raise InvalidArgument(f"result does not match {schema} ({detail})") from e
     return out
 
 
-def load_results(paths: list[Path]) -> list[dict]:
-    """JSON results by file, or every known result in a folder (e.g. the demo's output)."""
-    payloads = []
-    for path in paths:
+def result_files(paths: list[Path]) -> list[Path]:
+    """The JSON files named, and every `*.json` inside the folders named."""
+    files = []
+    for path in map(Path, paths):
         if not path.exists():
             raise CheckpointNotFound("no such file or folder", path)
-        files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
-        for file in files:
+        files.extend(sorted(path.rglob("*.json")) if path.is_dir() else [path])
+    return files
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    """JSON results by file, or every known result in a folder (e.g. the demo's output): in a
+    folder, JSON files that are no weightlab result are passed over; named, they are an error."""
+    payloads = []
+    for path in map(Path, paths):
+        named = not path.is_dir()
+        for file in result_files([path]):
             try:
                 data = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-                raise InvalidArgument(f"not a JSON result ({e.__class__.__name__})", file) from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+                if named:
+                    raise InvalidArgument(f"not a JSON result ({e.__class__.__name__})", file) from None
+                continue
             if isinstance(data, dict) and data.get("schema") in BUILDERS:
                 payloads.append(data)
-            elif not path.is_dir():
+            elif named:
                 raise InvalidArgument("not a weightlab result (no known 'schema')", file)
     if not payloads:
         raise InvalidArgument("no weightlab results found in " + ", ".join(map(str, paths)))
@@ -311,17 +345,24 @@ def render_markdown(title: str, sections: list[Section], assets: str, max_rows: 
     return "\n".join(lines) + "\n"
 
 
+def assets_folder(markdown: str | Path) -> Path:
+    """Where the Markdown report's PNGs go: `<name>_assets/` beside it."""
+    md = Path(markdown)
+    return md.with_name(md.stem + "_assets")
+
+
 def write_report(payloads: list[dict], out: str | Path, *, title: str = "weightlab report",
-                 markdown: str | Path | None = None, force: bool = False) -> list[Section]:
+                 markdown: str | Path | None = None, assets: str | Path | None = None,
+                 force: bool = False) -> list[Section]:
     """Build the sections (drawing the plots again from the results) and write the HTML file, and
-    with `markdown` a Markdown file plus its PNGs in `<name>_assets/` beside it."""
+    with `markdown` a Markdown file plus its PNGs in `assets` (default `<name>_assets/` beside it)."""
     with tempfile.TemporaryDirectory(prefix="weightlab-report-") as tmp:
         sections = sections_for(payloads, Path(tmp))
         with atomic_path(out, force) as path:
             path.write_text(render_html(title, sections))
         if markdown:
             md = Path(markdown)
-            assets = md.with_name(md.stem + "_assets")
+            assets = Path(assets) if assets is not None else assets_folder(md)
             with atomic_path(assets, force, directory=True) as folder:
                 for s in sections:
                     for image in s.images:

@@ -27,8 +27,9 @@ import torch
 from weightlab.analysis.deltas import adapter_factors, is_adapted
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
-from weightlab.compute.svd import SVD, full_svd, lowrank_svd, randomized_svd
-from weightlab.errors import InvalidArgument
+from weightlab.compute.svd import SVD, SVD_METHODS, full_svd, lowrank_svd, randomized_svd
+from weightlab.domains import SEED, Choice, Int, Real, check_fields, option
+from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors
 from weightlab.io.checkpoint import Checkpoint
@@ -40,19 +41,14 @@ INIT_METHODS = ("tsd", "pissa", "milora")
 
 @dataclass(frozen=True)
 class LoraInitOptions:
-    method: str = "pissa"
-    rank: int = 8
-    alpha: float | None = None  # lora_alpha; default r (scale 1)
-    svd: str = "exact"  # or "randomized" (pissa only: the others need the whole spectrum)
-    seed: int = 0
+    method: str = option("pissa", Choice(*INIT_METHODS), "--method")
+    rank: int = option(8, Int(1), "--rank")
+    alpha: float | None = option(None, Real(0, low_open=True, optional=True), "--alpha")  # lora_alpha; default r
+    svd: str = option("exact", Choice(*SVD_METHODS), "--svd")  # randomized: pissa only (the others need all σ)
+    seed: int = option(0, SEED, "--seed")
 
     def __post_init__(self) -> None:
-        if self.method not in INIT_METHODS:
-            raise InvalidArgument(f"--method {self.method!r}: choose one of {', '.join(INIT_METHODS)}")
-        if self.rank < 1:
-            raise InvalidArgument(f"--rank must be at least 1, got {self.rank}")
-        if self.svd not in ("exact", "randomized"):
-            raise InvalidArgument(f"--svd {self.svd!r}: choose exact or randomized")
+        check_fields(self)
         if self.svd == "randomized" and self.method != "pissa":
             raise InvalidArgument(f"--svd randomized finds top directions only; {self.method} needs the full spectrum")
 
@@ -161,11 +157,18 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
     compute = compute or Compute.create()
     if (rank is None) == (energy is None):
         raise InvalidArgument("give exactly one of --rank and --energy")
-    if energy is not None and not 0 < energy <= 1:
-        raise InvalidArgument(f"--energy must be in (0, 1], got {energy}")
+    Int(1, optional=True).check("--rank", rank)
+    Real(0, 1, low_open=True, optional=True).check("--energy", energy)
     if rank is not None:
         for name in targets:
             _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
+    for name in targets:
+        if name not in finetuned:
+            raise MissingTensor("the base has this weight but the fine-tune does not; is it of another model?",
+                                finetuned.path, name)
+        if tuple(finetuned.info(name).shape) != tuple(base.info(name).shape):
+            raise ShapeMismatch(f"{list(finetuned.info(name).shape)} in the fine-tune but {list(base.info(name).shape)} "
+                                "in the base; is it of another model?", finetuned.path, name)
     report = LoraReport("extract", {"rank": rank, "energy": energy}, str(base.path), str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
     for name in targets:

@@ -1,0 +1,39 @@
+"""Run the typer application: every command registered, every error one line."""
+
+from __future__ import annotations
+
+import errno
+
+import click
+import typer
+from rich.markup import escape
+
+from weightlab.cli import angles, demo, gaussian, inspect, lora, merge, report, spectrum, tsd  # noqa: F401 (registers)
+from weightlab.cli.app import app, err_console, state
+from weightlab.errors import WeightlabError
+
+
+def run(args: list[str]) -> int:
+    """Exit code of `weightlab ARGS`: 0, 2 for bad input (one line on stderr), 1 for a bug."""
+    state["debug"] = "--debug" in args
+    try:
+        result = typer.main.get_command(app).main(args=args, prog_name="weightlab", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # unknown option, wrong type, missing argument
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        return _error(f"{where}{e.format_message()}", e.exit_code)
+    except (WeightlabError, OSError) as e:
+        if state["debug"]:
+            raise
+        if isinstance(e, OSError) and e.errno == errno.EPIPE:
+            return 1  # the reader of our stdout went away (`| head`): nothing to say
+        text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        return _error(text, 2)
+
+
+def _error(text: str, code: int) -> int:
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    return code

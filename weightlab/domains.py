@@ -1,0 +1,106 @@
+"""The values each option may take, declared once beside the option and checked where it enters.
+
+An options dataclass declares its fields with `option(default, domain, "--flag")` and calls
+`check_fields(self)` in `__post_init__`: the CLI builds these dataclasses, so the command line
+and the Python API refuse the same values with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from weightlab.errors import InvalidArgument
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Integers or reals within bounds (always finite), one of some choices, or a regex."""
+
+    kind: str  # "int", "real", "choice", "regex"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None allowed (the option was not given)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "regex":
+            return "a regular expression"
+        noun = "an integer" if self.kind == "int" else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '≥'} {self.low:g}"
+        if self.high is not None:
+            return f"{noun} {'<' if self.high_open else '≤'} {self.high:g}"
+        return noun
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "regex":
+            if not isinstance(value, str):
+                return False
+            try:
+                re.compile(value)
+            except (re.error, RecursionError, OverflowError):
+                return False
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def check(self, flag: str, value: Any) -> None:
+        if not self.contains(value):
+            shown = repr(value) if isinstance(value, str) else value
+            raise InvalidArgument(f"{flag} {shown}: must be {self.describe()}")
+
+
+def Int(low: int | None = None, high: int | None = None, optional: bool = False) -> Domain:
+    return Domain("int", low, high, optional=optional)
+
+
+def Real(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+         optional: bool = False) -> Domain:
+    return Domain("real", low, high, low_open, high_open, optional=optional)
+
+
+def Choice(*choices: str, optional: bool = False) -> Domain:
+    return Domain("choice", choices=choices, optional=optional)
+
+
+REGEX = Domain("regex", optional=True)
+SEED = Int(0, MAX_SEED)
+
+
+def option(default: Any, domain: Domain, flag: str) -> Any:
+    """A dataclass field whose values are checked against `domain` (named `flag` in messages)."""
+    return field(default=default, metadata={"domain": domain, "flag": flag})
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a dataclass declared with `option` against its domain."""
+    for f in fields(obj):
+        if "domain" in f.metadata:
+            f.metadata["domain"].check(f.metadata["flag"], getattr(obj, f.name))
+
+
+def domains_of(cls: Any) -> dict[str, tuple[str, Domain]]:
+    """{field: (flag, domain)} of an options dataclass: for docs and generated tests."""
+    return {f.name: (f.metadata["flag"], f.metadata["domain"]) for f in fields(cls) if "domain" in f.metadata}

@@ -1,0 +1,146 @@
+"""Every output of one command, planned before any work and committed together.
+
+An output that is, contains or lies inside an input is refused, as are two outputs that are the
+same path (or one inside the other, or both stdout). Each output is staged in a private folder
+beside its destination; when the command succeeds they are all moved into place, and if any move
+fails the ones already made are undone. On an error or an interrupt nothing appears.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from weightlab.errors import OutputConflict
+from weightlab.io.atomic import MARKER, MARKER_TEXT, STDOUT, ensure_writable, staging_dir
+
+
+@dataclass(frozen=True)
+class Output:
+    """One destination: `option` names it in messages (`--json`, `-o`)."""
+
+    option: str
+    path: str | Path
+    directory: bool = False
+
+    @property
+    def stdout(self) -> bool:
+        return str(self.path) == STDOUT
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(str(path)))))
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return outer in inner.parents
+
+
+def input_footprint(path: str | Path) -> Path:
+    """What reading `path` touches: a sharded index file reads its whole folder."""
+    real = _real(path)
+    return real.parent if real.name.endswith(".index.json") else real
+
+
+def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force: bool) -> None:
+    """Refuse, before any work, outputs that would harm an input, collide, or replace what they may not."""
+    footprints = [(str(i), input_footprint(i)) for i in inputs if i is not None]
+    seen: list[tuple[Output, Path]] = []
+    stdout_taken: Output | None = None
+    for out in outputs:
+        if out.stdout:
+            if stdout_taken is not None:
+                raise OutputConflict(f"{stdout_taken.option} and {out.option} both write to stdout; send one to a file")
+            stdout_taken = out
+            continue
+        real = _real(out.path)
+        for given, footprint in footprints:
+            if real == footprint:
+                raise OutputConflict(f"{out.option} is the input {given}; choose another path", out.path)
+            if _inside(footprint, real):
+                raise OutputConflict(f"{out.option} contains the input {given}; choose another path", out.path)
+            if _inside(real, footprint):
+                raise OutputConflict(f"{out.option} lies inside the input {given}; write outside it", out.path)
+        for other, other_real in seen:
+            if real == other_real or _inside(real, other_real) or _inside(other_real, real):
+                raise OutputConflict(f"{other.option} and {out.option} collide ({other.path}, {out.path})", out.path)
+        seen.append((out, real))
+        ensure_writable(out.path, force, out.directory)
+
+
+class OutputPlan:
+    """Use as a context manager around the whole command:
+
+        with OutputPlan(inputs, [Output("--json", path), Output("-o", out, directory=True)], force) as plan:
+            write_adapter(plan.path("-o"), ...)      # a fresh path to write to
+            plan.write_text("--json", text)
+
+    Writers write to `plan.path(option)` (which does not exist yet); on a clean exit every output
+    moves into place, otherwise the staged ones vanish."""
+
+    def __init__(self, inputs: Iterable[str | Path | None], outputs: Sequence[Output | None], force: bool):
+        self.outputs = {o.option: o for o in outputs if o is not None and o.path not in (None, "")}
+        self.force = force
+        check_outputs([i for i in inputs if i is not None], list(self.outputs.values()), force)
+        self._stages: dict[str, Path] = {}
+        self._stdout: list[str] = []
+
+    def __contains__(self, option: str) -> bool:
+        return option in self.outputs
+
+    def path(self, option: str) -> Path:
+        """Where to write `option`'s output now; it moves to its destination at commit."""
+        out = self.outputs[option]
+        if out.stdout:
+            raise OutputConflict(f"{option} cannot be stdout here")
+        if option not in self._stages:
+            self._stages[option] = staging_dir(Path(out.path))
+        return self._stages[option] / Path(out.path).name
+
+    def write_text(self, option: str, text: str) -> None:
+        if self.outputs[option].stdout:
+            self._stdout.append(text)
+        else:
+            self.path(option).write_text(text)
+
+    def __enter__(self) -> "OutputPlan":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            for stage in self._stages.values():
+                shutil.rmtree(stage, ignore_errors=True)
+        return False
+
+    def _commit(self) -> None:
+        placed: list[Path] = []
+        moved_aside: list[tuple[Path, Path]] = []
+        try:
+            for option, stage in self._stages.items():
+                out = self.outputs[option]
+                dest, staged = Path(out.path), stage / Path(out.path).name
+                if not os.path.lexists(staged):
+                    continue  # declared but not produced (e.g. no plots to draw)
+                if out.directory and staged.is_dir() and not (staged / MARKER).exists():
+                    (staged / MARKER).write_text(MARKER_TEXT)
+                ensure_writable(dest, self.force, out.directory)
+                if os.path.lexists(dest):
+                    os.rename(dest, stage / ".replaced")
+                    moved_aside.append((dest, stage / ".replaced"))
+                os.rename(staged, dest)
+                placed.append(dest)
+        except BaseException:
+            for dest in placed:  # undo: the new outputs go, the old ones come back
+                shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
+            for dest, old in moved_aside:
+                os.rename(old, dest)
+            raise
+        for text in self._stdout:
+            sys.stdout.write(text)
