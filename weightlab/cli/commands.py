@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 
-import click
 import typer
 from rich.markup import escape
 
 from weightlab.cli import angles, demo, gaussian, inspect, lora, merge, report, spectrum, tsd  # noqa: F401 (registers)
 from weightlab.cli.app import app, err_console, state
 from weightlab.errors import WeightlabError
+
+try:  # typer ≥ 0.24 vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import ClickException
 
 
 def run(args: list[str]) -> int:
@@ -19,9 +23,9 @@ def run(args: list[str]) -> int:
     try:
         result = typer.main.get_command(app).main(args=args, prog_name="weightlab", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # unknown option, wrong type, missing argument
+    except ClickException as e:  # unknown option, wrong type, missing argument
         ctx = getattr(e, "ctx", None)
         where = f"{ctx.command_path}: " if ctx is not None else ""
         return _error(f"{where}{e.format_message()}", e.exit_code)

@@ -14,7 +14,7 @@ import yaml
 from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge.coefficients import NanOptions
-from weightlab.merge.methods import METHODS, MergeParams
+from weightlab.merge.methods import MAX_COEFFICIENT, METHODS, MergeParams
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PARAM_KEYS = {"lambda": "lam", "density": "density", "gamma": "gamma", "epsilon": "epsilon", "t": "t"}
@@ -81,7 +81,7 @@ class MergeConfig:
         SEED.check("--seed", self.seed)
         if self.weights is not None:
             for w in self.weights:
-                Real().check("--weights", w)
+                Real(-MAX_COEFFICIENT, MAX_COEFFICIENT).check("--weights", w)
             if spec.normalises and (min(self.weights) < 0 or sum(self.weights) <= 0):
                 raise InvalidArgument(f"--weights {','.join(f'{w:g}' for w in self.weights)}: {self.method} divides by "
                                       "the sum of the weights, so they must be non-negative with a positive sum")
@@ -175,6 +175,8 @@ def _from_ours(data: dict, path) -> dict:
         if bad:
             raise InvalidArgument(f"unknown nan options {', '.join(sorted(map(str, bad)))}", path)
         out["nan"] = NanOptions(**nan)
+        if out.get("coeff") != "nan" and out.get("method") != "nan":
+            raise InvalidArgument("a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path)
     out["param_values"] = {k: _typed(data[k], "number", k, path) for k in PARAM_KEYS if data.get(k) is not None}
     return out
 

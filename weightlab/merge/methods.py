@@ -18,9 +18,12 @@ from weightlab.compute.svd import full_svd
 from weightlab.domains import Real, check_fields, option
 
 
+MAX_COEFFICIENT = 1e6  # |λ|, |c_i| beyond this only overflow float32 maths
+
+
 @dataclass(frozen=True)
 class MergeParams:
-    lam: float = option(1.0, Real(), "--lambda")  # λ, scale of the merged task vector
+    lam: float = option(1.0, Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), "--lambda")  # λ, scale of the merged task vector
     density: float = option(1.0, Real(0, 1, low_open=True), "--density")  # fraction of entries kept
     gamma: float = option(0.01, Real(0, 1, high_open=True), "--gamma")  # fraction of largest entries dropped
     epsilon: float = option(5e-4, Real(0, 1, high_open=True), "--epsilon")  # SLERP: 1 − |cos Ω| below which linear

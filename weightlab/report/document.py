@@ -83,7 +83,7 @@ def _spectrum(payload: dict, plots: Path) -> Section:
     from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumOptions, SpectrumResult
     from weightlab.report.plots import spectrum_plots
 
-    matrices = [from_dict(MatrixSpectrum, m) for m in payload["matrices"]]
+    matrices = _convert(list[MatrixSpectrum], payload["matrices"], "matrices")
     result = SpectrumResult(payload["base"], payload["finetuned"], from_dict(SpectrumOptions, payload["options"]), matrices)
     images = spectrum_plots(result, plots / "spectrum")
     top = max(matrices, key=lambda m: m.relative_change) if matrices else None
@@ -110,7 +110,7 @@ def _angles(payload: dict, plots: Path) -> Section:
     from weightlab.analysis.angles import AnglesOptions, AnglesResult, MatrixAngles
     from weightlab.report.plots import angles_plots
 
-    matrices = [from_dict(MatrixAngles, m) for m in payload["matrices"]]
+    matrices = _convert(list[MatrixAngles], payload["matrices"], "matrices")
     result = AnglesResult(payload["a"], payload["b"], payload["base"], from_dict(AnglesOptions, payload["options"]), matrices)
     images = angles_plots(result, plots / "angles")
     mean = sum(m.mean_angle for m in matrices) / len(matrices) if matrices else None
@@ -130,7 +130,7 @@ def _gaussian(payload: dict, plots: Path) -> Section:
     from weightlab.analysis.gaussian import DepthTrend, GaussianOptions, GaussianResult, TensorGaussianity
     from weightlab.report.plots import gaussian_plots
 
-    tensors = [from_dict(TensorGaussianity, t) for t in payload["tensors"]]
+    tensors = _convert(list[TensorGaussianity], payload["tensors"], "tensors")
     trend = payload.get("depth_trend")
     result = GaussianResult(payload["checkpoint"], payload["base"], from_dict(GaussianOptions, payload["options"]), tensors,
                             from_dict(DepthTrend, {k: v for k, v in trend.items() if k != "grows_with_depth"}) if trend else None)
@@ -153,7 +153,7 @@ def _tsd(payload: dict, plots: Path) -> Section:
     from weightlab.analysis.tsd import MatrixTSD, TSDOptions, TSDResult
     from weightlab.report.plots import tsd_plots
 
-    matrices = [from_dict(MatrixTSD, m) for m in payload["matrices"]]
+    matrices = _convert(list[MatrixTSD], payload["matrices"], "matrices")
     result = TSDResult(payload["base"], payload["finetuned"], from_dict(TSDOptions, payload["options"]), matrices)
     images = tsd_plots(result, plots / "tsd")
     headline = [("tsd.matrices", "matrices", len(matrices)),

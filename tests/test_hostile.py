@@ -1,0 +1,342 @@
+"""A hostile and careless user's corpus, across every command: each case states the exit code,
+a fragment of the one-line message, files that must and must not exist afterwards; and every
+file that existed before is byte-identical afterwards unless the case replaces it on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weightlab import synthetic
+from weightlab.cli import main
+from weightlab.examples import minilm_path
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: str  # split on spaces; run inside a fresh copy of the workspace
+    code: int
+    message: str = ""  # fragment of stderr (exit 2) or of stdout (exit 0)
+    exists: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()  # pre-existing files this case may change (an output --force replaces)
+
+
+TA = "merge --method task-arithmetic --base base ft"
+CASES = [
+    # 1. outputs never destroy, contain or sit inside inputs; outputs never collide
+    Case("json-onto-input-folder", "spectrum base ft --json ft --force", 2, "--json is the input ft"),
+    Case("json-inside-input", "spectrum base ft --json ft/spectrum.json", 2, "lies inside the input ft", absent=("ft/spectrum.json",)),
+    Case("json-is-parent-of-inputs", "spectrum base ft --json . --force", 2, "contains the input"),
+    Case("json-and-csv-same-file", "spectrum base ft --json o.txt --csv o.txt", 2, "collide", absent=("o.txt",)),
+    Case("json-and-csv-both-stdout", "spectrum base ft --json - --csv -", 2, "both write to stdout"),
+    Case("plots-and-json-same-path", "spectrum base ft --plots p --json p", 2, "collide", absent=("p",)),
+    Case("report-and-json-same-path", "spectrum base ft --json r.html --report r.html", 2, "collide", absent=("r.html",)),
+    Case("adapter-and-residual-same-folder", "init-lora base -o X --residual-out X", 2, "collide", absent=("X",)),
+    Case("residual-inside-adapter", "init-lora base -o X --residual-out X/res", 2, "collide", absent=("X",)),
+    Case("adapter-inside-base", "init-lora base -o base/lora --no-residual", 2, "lies inside the input base",
+         absent=("base/lora",)),
+    Case("merge-into-input-file", f"{TA} -o ft/model.safetensors --force", 2, "lies inside the input ft"),
+    Case("merge-onto-base", f"{TA} -o base --force", 2, "is the input base"),
+    Case("merge-onto-foreign-folder", f"{TA} -o userdir --force", 2, "weightlab did not write", exists=("userdir/notes.txt",)),
+    Case("merge-onto-a-file", f"{TA} -o existing.json --force", 2, "not a folder"),
+    Case("json-onto-foreign-folder", "spectrum base ft --json userdir --force", 2, "not a regular file"),
+    Case("json-through-symlink", "spectrum base ft --json link.json --force", 2, "symbolic link"),
+    Case("report-onto-its-input", "report spectrum.json -o spectrum.json --force", 2, "is the input"),
+    Case("report-html-and-markdown-same", "report spectrum.json -o r.html --markdown r.html", 2, "collide"),
+    Case("report-html-is-markdown-assets", "report spectrum.json -o r_assets --markdown r.md", 2, "collide"),
+    Case("extract-onto-finetune", "extract-lora base ft -r 2 -o ft --force", 2, "is the input ft"),
+    Case("tsd-save-inside-input", "tsd base ft --save ft/model.safetensors --force", 2, "lies inside the input ft"),
+    Case("inspect-json-over-config", "inspect base --json base/config.json --force", 2, "lies inside the input base"),
+    Case("merge-via-config-into-model", "merge --config ta.yml -o ft/merged", 2, "lies inside the input ft",
+         absent=("ft/merged",)),
+    Case("existing-output-without-force", "spectrum base ft --json existing.json", 2, "already exists; pass --force"),
+    Case("force-replaces-a-regular-file", "spectrum base ft --json existing.json --force", 0, "",
+         exists=("existing.json",), replaces=("existing.json",)),
+    Case("force-replaces-weightlabs-own-folder", f"{TA} -o out_old --force", 0, "",
+         exists=("out_old/model.safetensors", "out_old/.weightlab-output"), absent=("out_old/stale.txt",),
+         replaces=("out_old/stale.txt", "out_old/.weightlab-output")),
+    Case("demo-into-the-example-model", "demo --out {minilm} --force", 2, "is the input"),
+    # 2. non-finite weights are never written; options that can only make garbage are refused
+    Case("weights-nan", f"{TA} ft2 --weights nan,1 -o m", 2, "--weights nan", absent=("m",)),
+    Case("lambda-inf", f"{TA} --lambda inf -o m", 2, "--lambda inf", absent=("m",)),
+    Case("average-weights-sum-zero", "merge --method average ft ft2 --weights 1,-1 -o m", 2, "positive sum", absent=("m",)),
+    Case("ties-negative-weights", "merge --method ties --base base ft ft2 --weights 1,-1 -o m", 2, "non-negative", absent=("m",)),
+    Case("lora-alpha-zero", "init-lora base --alpha 0 -o X --no-residual", 2, "--alpha 0", absent=("X",)),
+    Case("lambda-beyond-float32", f"{TA} --lambda 1e300 -o m", 2, "--lambda 1e+300", absent=("m",)),
+    Case("task-vector-overflows-float32", "merge --method task-arithmetic --base huge_neg huge_pos -o m", 2,
+         "NaN or Inf", absent=("m",)),
+    Case("fp16-output-overflows", "merge --method task-arithmetic --base zbase big --dtype float16 -o m", 2,
+         "NaN or Inf", absent=("m",)),
+    Case("model-holding-nan", "merge --method task-arithmetic --base base nan_ft -o m", 2, "NaN or Inf", absent=("m",)),
+    Case("spectrum-of-a-nan-model", "spectrum base nan_ft --json s.json", 2, "NaN or Inf", absent=("s.json",)),
+    # 3. every option has a domain
+    Case("k-zero", "spectrum base ft -k 0", 2, "-k 0: must be an integer ≥ 1"),
+    Case("k-negative", "spectrum base ft -k -3", 2, "-k -3"),
+    Case("keep-negative", "spectrum base ft --keep -1 --json s.json", 2, "--keep -1", absent=("s.json",)),
+    Case("intruder-k-negative", "spectrum base ft --intruder-k -5", 2, "--intruder-k -5"),
+    Case("epsilon-nan", "spectrum base ft --epsilon nan", 2, "--epsilon nan"),
+    Case("rows-negative", "spectrum base ft --rows -1", 2, "--rows -1"),
+    Case("k-not-a-number", "spectrum base ft -k abc", 2, "Invalid value for '-k'"),
+    Case("unknown-option", "spectrum base ft --frobnicate", 2, "No such option"),
+    Case("missing-argument", "spectrum", 2, "Missing argument"),
+    Case("sample-size-zero", "gaussian ft --sample-size 0", 2, "--sample-size 0"),
+    Case("gaussian-seed-negative", "gaussian ft --seed -1", 2, "--seed -1"),
+    Case("extract-rank-zero", "extract-lora base ft -r 0 -o E", 2, "--rank 0", absent=("E",)),
+    Case("extract-rank-negative", "extract-lora base ft -r -1 -o E", 2, "--rank -1", absent=("E",)),
+    Case("extract-energy-zero", "extract-lora base ft --energy 0 -o E", 2, "--energy 0", absent=("E",)),
+    Case("shard-size-overflow", f"{TA} --shard-size 1e400 -o m", 2, "--shard-size", absent=("m",)),
+    Case("shard-size-nan", f"{TA} --shard-size nanGB -o m", 2, "--shard-size", absent=("m",)),
+    Case("device-meta", "spectrum base ft --device meta", 2, "--device 'meta'"),
+    Case("device-cuda-without-gpu", "spectrum base ft --device cuda:0", 2, "no CUDA GPU"),
+    Case("compute-dtype-float16", "spectrum base ft --dtype float16", 2, "--dtype 'float16'"),
+    Case("density-zero", "merge --method ties --base base ft --density 0 -o m", 2, "--density 0", absent=("m",)),
+    Case("density-above-one", "merge --method ties --base base ft --density 1.5 -o m", 2, "--density 1.5", absent=("m",)),
+    Case("merge-seed-negative", "merge --method dare-linear --base base ft --density 0.5 --seed -5 -o m", 2, "--seed -5"),
+    Case("angles-side-unknown", "angles ft ft2 --side up", 2, "--side 'up'"),
+    Case("include-bad-regex", "spectrum base ft --include (", 2, "--include '('"),
+    Case("tsd-top-zero", "tsd base ft --top 0", 2, "--top 0"),
+    Case("nan-power-zero", "merge --method nan --base base ft ft2 --nan-power 0 -o m", 2, "--nan-power 0", absent=("m",)),
+    # 4. checkpoint parsing: exactly what the safetensors library accepts
+    Case("unknown-dtype", "inspect bad/q17.safetensors", 2, "unknown dtype 'Q17'"),
+    Case("negative-dim", "inspect bad/negative_dim.safetensors", 2, "not a list of non-negative integers"),
+    Case("infinity-dim", "inspect bad/infinity_dim.safetensors", 2, "not valid JSON"),
+    Case("float-dim", "inspect bad/float_dim.safetensors", 2, "not a list of non-negative integers"),
+    Case("huge-dim", "inspect bad/huge_dim.safetensors", 2, "not a list of non-negative integers"),
+    Case("overlapping-ranges", "inspect bad/overlap.safetensors", 2, "overlaps the previous tensor"),
+    Case("gapped-ranges", "inspect bad/gap.safetensors", 2, "leaves a gap"),
+    Case("duplicate-field", "inspect bad/duplicate_field.safetensors", 2, "repeats 'dtype'"),
+    Case("deep-nesting", "inspect bad/deep.safetensors", 2, "bad/deep.safetensors"),
+    Case("metadata-not-strings", "inspect bad/metadata_int.safetensors", 2, "is not a string"),
+    Case("trailing-bytes", "inspect bad/trailing.safetensors", 2, "trailing bytes"),
+    Case("truncated", "inspect bad/truncated.safetensors", 2, "truncated"),
+    Case("empty-file", "inspect bad/empty.safetensors", 2, "shorter than a safetensors header"),
+    # 5. a sharded index names files inside its folder only
+    Case("index-traversal", "inspect evil_traversal", 2, "not a plain file name"),
+    Case("index-absolute", "inspect evil_absolute", 2, "not a plain file name"),
+    Case("index-non-string", "inspect evil_number", 2, "not a plain file name"),
+    Case("index-symlink-escape", "inspect evil_link", 2, "leads out of the index's folder"),
+    Case("index-weight-map-list", "inspect evil_list", 2, "'weight_map' is not an object"),
+    Case("index-wrong-shard", "inspect evil_wrong_shard", 2, "does not hold it"),
+    Case("index-tensor-in-two-shards", "inspect evil_two_shards", 2, "is in two shards"),
+    # 6. adapter configs
+    Case("adapter-r-string", "spectrum base adapter_r_string", 2, "r = 'four' is not a positive integer"),
+    Case("adapter-r-null", "spectrum base adapter_r_null", 2, "r = None is not a positive integer"),
+    Case("adapter-r-zero", "spectrum base adapter_r_zero", 2, "r = 0 is not a positive integer"),
+    Case("adapter-alpha-string", "spectrum base adapter_alpha_string", 2, "lora_alpha = 'big'"),
+    Case("adapter-config-list", "spectrum base adapter_list", 2, "not a JSON object"),
+    Case("adapter-pattern-bad-regex", "spectrum base adapter_bad_regex", 2, "not a valid regular expression"),
+    Case("adapter-rank-disagrees", "spectrum base adapter_rank_mismatch", 2, "has rank 4 but adapter_config gives r=8"),
+    Case("adapter-as-base", "spectrum adapter ft", 2, "this is a LoRA adapter"),
+    # 7. YAML configs: types, not only keys
+    Case("yaml-density-list", "merge --config density_list.yml -o m", 2, "density must be a number", absent=("m",)),
+    Case("yaml-weights-string", "merge --config weights_string.yml -o m", 2, "weights must be a list", absent=("m",)),
+    Case("yaml-seed-string", "merge --config seed_string.yml -o m", 2, "seed must be an int", absent=("m",)),
+    Case("yaml-method-list", "merge --config method_list.yml -o m", 2, "method must be a str", absent=("m",)),
+    Case("yaml-model-without-model", "merge --config no_model.yml -o m", 2, "models[0] has no 'model' key", absent=("m",)),
+    Case("yaml-nan-block-ignored", "merge --config ties_with_nan.yml -o m", 2, "needs coeff: nan", absent=("m",)),
+    Case("mergekit-gradient-list", "merge --config mk_gradient.yml -o m", 2, "parameters.density must be a number"),
+    Case("mergekit-model-missing", "merge --config mk_no_model.yml -o m", 2, "models[1] has no 'model' key"),
+    Case("yaml-not-a-mapping", "merge --config list.yml -o m", 2, "a merge config is a mapping"),
+    # 8. everything else that used to give a traceback
+    Case("text-file-named-pt", "inspect text.pt", 2, "not a torch file"),
+    Case("report-missing-fields", "report bad_result.json -o r.html", 2, "missing field 'matrices'", absent=("r.html",)),
+    Case("report-mistyped-fields", "report mistyped_result.json -o r.html", 2, "matrices is not a list", absent=("r.html",)),
+    Case("extract-against-other-architecture", "extract-lora base bert -r 2 -o E", 2, "another model", absent=("E",)),
+    Case("donor-missing", f"{TA} --donor nowhere -o m", 2, "--donor: no such file", absent=("m",)),
+    Case("tsv-with-a-zero-size-tensor", "merge --method tsv --base zbase zft zft -o m", 0, "",
+         exists=("m/model.safetensors",)),
+    Case("missing-input", "spectrum base nowhere", 2, "nowhere: no such file"),
+    Case("angles-adapter-without-base", "angles adapter ft", 2, "adapter"),
+]
+
+
+def _st(path: Path, header: bytes | dict, data: bytes = b"") -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _entry(dtype: str, shape, offsets) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+def _adapter_variant(source: Path, dest: Path, **changes) -> None:
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    config.update(changes)
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _index_folder(root: Path, name: str, weight_map) -> None:
+    folder = root / name
+    folder.mkdir()
+    shutil.copy(root / "base" / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def template(zoo, adapters, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    for name, key in (("base", "llama"), ("ft", "llama_ft"), ("bert", "bert")):
+        shutil.copytree(zoo[key], root / name)
+    synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=3, seed=7), root / "ft2")
+    shutil.copytree(adapters["llama"], root / "adapter")
+    names = json.loads((root / "base" / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (root / "base" / "model.safetensors").read_bytes()[:8])[0]])
+    tensor_names = [n for n in names if n != "__metadata__"]
+
+    # a fine-tune with a NaN in one weight
+    state = {n: t for n, t in synthetic.tiny_model("llama", seed=0).state_dict().items()}
+    state["layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    (root / "nan_ft").mkdir()
+    save_file({n: t.contiguous() for n, t in state.items()}, root / "nan_ft" / "model.safetensors")
+    shutil.copy(root / "base" / "config.json", root / "nan_ft" / "config.json")
+    # checkpoints with a zero-size matrix
+    for name, value in (("zbase", 1.0), ("zft", 1.01), ("big", 1e5), ("huge_neg", -3e38), ("huge_pos", 3e38)):
+        (root / name).mkdir()
+        save_file({"w.weight": torch.full((4, 4), value), "empty.weight": torch.zeros(0, 4)}, root / name / "model.safetensors")
+
+    bad = root / "bad"
+    bad.mkdir()
+    _st(bad / "q17.safetensors", {"a": _entry("Q17", [2], [0, 8])}, b"\0" * 8)
+    _st(bad / "negative_dim.safetensors", {"a": _entry("F32", [-2], [0, 8])}, b"\0" * 8)
+    _st(bad / "infinity_dim.safetensors", b'{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,8]}}', b"\0" * 8)
+    _st(bad / "float_dim.safetensors", {"a": _entry("F32", [2.0], [0, 8])}, b"\0" * 8)
+    _st(bad / "huge_dim.safetensors", {"a": _entry("F32", [2**64], [0, 8])}, b"\0" * 8)
+    _st(bad / "overlap.safetensors", {"a": _entry("F32", [2], [0, 8]), "b": _entry("F32", [1], [4, 8])}, b"\0" * 8)
+    _st(bad / "gap.safetensors", {"a": _entry("F32", [1], [4, 8])}, b"\0" * 8)
+    _st(bad / "duplicate_field.safetensors", b'{"a":{"dtype":"F32","dtype":"F16","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8)
+    _st(bad / "deep.safetensors", b"[" * 200_000 + b"]" * 200_000)
+    _st(bad / "metadata_int.safetensors", {"__metadata__": {"step": 5}, "a": _entry("F32", [2], [0, 8])}, b"\0" * 8)
+    _st(bad / "trailing.safetensors", {"a": _entry("F32", [2], [0, 8])}, b"\0" * 9)
+    good = (root / "base" / "model.safetensors").read_bytes()
+    (bad / "truncated.safetensors").write_bytes(good[:-100])
+    (bad / "empty.safetensors").write_bytes(b"")
+
+    _index_folder(root, "evil_traversal", {n: "../base/model.safetensors" for n in tensor_names})
+    _index_folder(root, "evil_absolute", {n: "/etc/passwd" for n in tensor_names})
+    _index_folder(root, "evil_number", {n: 5 for n in tensor_names})
+    _index_folder(root, "evil_list", [["a", "b"]])
+    _index_folder(root, "evil_wrong_shard", {**{n: "model-00001-of-00001.safetensors" for n in tensor_names},
+                                             tensor_names[0]: "other.safetensors"})
+    save_file({"unrelated": torch.zeros(2)}, root / "evil_wrong_shard" / "other.safetensors")
+    _index_folder(root, "evil_two_shards", {n: "model-00001-of-00001.safetensors" for n in tensor_names})
+    shutil.copy(root / "base" / "model.safetensors", root / "evil_two_shards" / "copy.safetensors")
+    index = json.loads((root / "evil_two_shards" / "model.safetensors.index.json").read_text())
+    index["weight_map"][tensor_names[0]] = "copy.safetensors"
+    (root / "evil_two_shards" / "model.safetensors.index.json").write_text(json.dumps(index))
+    _index_folder(root, "evil_link", {n: "escape.safetensors" for n in tensor_names})
+    (root / "evil_link" / "model-00001-of-00001.safetensors").unlink()
+    (root / "evil_link" / "escape.safetensors").symlink_to(root / "base" / "model.safetensors")
+
+    _adapter_variant(root / "adapter", root / "adapter_r_string", r="four")
+    _adapter_variant(root / "adapter", root / "adapter_r_null", r=None)
+    _adapter_variant(root / "adapter", root / "adapter_r_zero", r=0)
+    _adapter_variant(root / "adapter", root / "adapter_alpha_string", lora_alpha="big")
+    _adapter_variant(root / "adapter", root / "adapter_bad_regex", rank_pattern={"(": 2})
+    _adapter_variant(root / "adapter", root / "adapter_rank_mismatch", r=8)
+    shutil.copytree(root / "adapter", root / "adapter_list")
+    (root / "adapter_list" / "adapter_config.json").write_text("[1, 2]")
+
+    yamls = {
+        "density_list.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: [0.1, 0.5]\n",
+        "weights_string.yml": "method: task-arithmetic\nbase: base\nmodels: [ft, ft2]\nweights: ab\n",
+        "seed_string.yml": "method: dare-linear\nbase: base\nmodels: [ft]\ndensity: 0.5\nseed: x\n",
+        "method_list.yml": "method: [ties]\nbase: base\nmodels: [ft]\n",
+        "no_model.yml": "method: task-arithmetic\nbase: base\nmodels:\n  - weight: 1\n",
+        "ties_with_nan.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: 0.5\nnan:\n  norm_of: task-vectors\n",
+        "mk_gradient.yml": "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft\nparameters:\n  density: [0.1, 0.9]\n",
+        "mk_no_model.yml": "merge_method: linear\nmodels:\n  - model: ft\n  - parameters: {weight: 1}\n",
+        "list.yml": "- ties\n- base\n",
+        "ta.yml": "method: task-arithmetic\nbase: base\nmodels: [ft]\n",
+    }
+    for name, text in yamls.items():
+        (root / name).write_text(text)
+    (root / "text.pt").write_text("hello, this is not a checkpoint\n")
+    (root / "userdir").mkdir()
+    (root / "userdir" / "notes.txt").write_text("my notes\n")
+    (root / "existing.json").write_text("{}\n")
+    (root / "link.json").symlink_to(root / "existing.json")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main_code(["spectrum", "base", "ft", "--json", "spectrum.json"]) == 0
+        assert main_code([*TA.split(), "-o", "out_old"]) == 0
+    finally:
+        os.chdir(cwd)
+    result = json.loads((root / "spectrum.json").read_text())
+    (root / "bad_result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "matrices"}))
+    (root / "mistyped_result.json").write_text(json.dumps({**result, "matrices": "many"}))
+    (root / "out_old" / "stale.txt").write_text("from an earlier run\n")
+    return root
+
+
+def main_code(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (links as their target) with a hash of its bytes."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "link:" + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    if (work / "evil_link" / "escape.safetensors").is_symlink():  # keep it pointing outside its folder
+        (work / "evil_link" / "escape.safetensors").unlink()
+        (work / "evil_link" / "escape.safetensors").symlink_to(work / "base" / "model.safetensors")
+    if (work / "link.json").is_symlink():
+        (work / "link.json").unlink()
+        (work / "link.json").symlink_to(work / "existing.json")
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    args = case.args.replace("{minilm}", str(minilm_path())).split(" ")
+    code = main_code(args)
+    captured = capsys.readouterr()
+    assert code == case.code, f"{case.args}\nstdout: {captured.out[-2000:]}\nstderr: {captured.err}"
+    assert "Traceback" not in captured.err
+    if case.code == 2:
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1, captured.err  # one line
+        assert lines[0].startswith("error:") and case.message in lines[0], captured.err
+    for rel in case.exists:
+        assert (work / rel).exists(), rel
+    for rel in case.absent:
+        assert not (work / rel).exists(), rel
+    after = snapshot(work)
+    for rel, digest in before.items():
+        if rel not in case.replaces:
+            assert after.get(rel) == digest, f"{rel} changed or vanished"
+    leftovers = [p for p in after if ".partial" in p or ".replaced" in p]
+    assert not leftovers, leftovers
+    if case.code == 2:
+        assert set(after) == set(before), "a refused command wrote something"
+
+
+def test_the_corpus_covers_every_command_and_class():
+    commands = {c.args.split()[0] for c in CASES}
+    assert commands >= {"inspect", "spectrum", "angles", "gaussian", "tsd", "merge", "init-lora", "extract-lora",
+                        "report", "demo"}
+    assert len(CASES) >= 60
