@@ -26,6 +26,8 @@ def run(args: list[str]) -> int:
     except typer.Exit as e:
         return e.exit_code
     except ClickException as e:  # unknown option, wrong type, missing argument
+        if not e.format_message().strip():  # no arguments at all: the help was shown, nothing to add
+            return e.exit_code
         ctx = getattr(e, "ctx", None)
         where = f"{ctx.command_path}: " if ctx is not None else ""
         return _error(f"{where}{e.format_message()}", e.exit_code)
