@@ -85,6 +85,15 @@ def corrupt(tmp_path_factory, zoo) -> dict[str, Path]:
     return files
 
 
+def exit_code(args: list[str]) -> int:
+    """Run the CLI in-process and return its exit code (output is left to the caller's capture)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 @pytest.fixture()
 def run_cli(capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""

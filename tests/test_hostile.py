@@ -9,15 +9,16 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import exit_code
+
 from weightlab import synthetic
-from weightlab.cli import main
 from weightlab.examples import minilm_path
 
 
@@ -269,8 +270,8 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert main_code(["spectrum", "base", "ft", "--json", "spectrum.json"]) == 0
-        assert main_code([*TA.split(), "-o", "out_old"]) == 0
+        assert exit_code(["spectrum", "base", "ft", "--json", "spectrum.json"]) == 0
+        assert exit_code([*TA.split(), "-o", "out_old"]) == 0
     finally:
         os.chdir(cwd)
     result = json.loads((root / "spectrum.json").read_text())
@@ -278,14 +279,6 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "mistyped_result.json").write_text(json.dumps({**result, "matrices": "many"}))
     (root / "out_old" / "stale.txt").write_text("from an earlier run\n")
     return root
-
-
-def main_code(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -313,7 +306,7 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(work)
     before = snapshot(work)
     args = case.args.replace("{minilm}", str(minilm_path())).split(" ")
-    code = main_code(args)
+    code = exit_code(args)
     captured = capsys.readouterr()
     assert code == case.code, f"{case.args}\nstdout: {captured.out[-2000:]}\nstderr: {captured.err}"
     assert "Traceback" not in captured.err

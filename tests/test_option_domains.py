@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from weightlab.cli import main
+from conftest import exit_code
 
 VALUES = st.one_of(
     st.integers(-10**20, 10**20).map(str),
@@ -47,14 +47,6 @@ def paths(zoo, adapters, tmp_path_factory) -> dict[str, str]:
     return {"base": str(zoo["llama"]), "ft": str(zoo["llama_ft"]), "ft2": str(ft2), "adapter": str(adapters["llama"])}
 
 
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_any_option_values_exit_0_or_2_and_a_refusal_writes_nothing(command, paths, capsys):
     template, flags = COMMANDS[command]
@@ -67,7 +59,7 @@ def test_any_option_values_exit_0_or_2_and_a_refusal_writes_nothing(command, pat
             args = template.format(out=out, **paths).split()
             for flag, value in options:
                 args += [flag, value]
-            code = run(args)
+            code = exit_code(args)
             err = capsys.readouterr().err
             assert code in (0, 2), (args, err)
             assert "Traceback" not in err

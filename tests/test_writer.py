@@ -98,3 +98,17 @@ def test_our_safetensors_files_read_back_with_the_reference_library(tmp_path):
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8)) if t.numel() else \
                 f.get_tensor(name).shape == t.shape
+
+
+def test_a_failed_commit_puts_every_earlier_output_back(tmp_path):
+    from weightlab.errors import OutputConflict
+    from weightlab.io.outputs import Output, OutputPlan
+
+    (tmp_path / "a.json").write_text("old a\n")
+    with pytest.raises(OutputConflict):
+        with OutputPlan([], [Output("--json", tmp_path / "a.json"), Output("--csv", tmp_path / "b.csv")], force=True) as plan:
+            plan.write_text("--json", "new a\n")
+            plan.write_text("--csv", "new b\n")
+            (tmp_path / "b.csv").mkdir()  # appears meanwhile: --force may not replace a folder with a file
+    assert (tmp_path / "a.json").read_text() == "old a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv"]  # no staging folder left

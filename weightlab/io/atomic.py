@@ -57,7 +57,7 @@ def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) 
     try:
         if directory:
             tmp.mkdir()
-            (tmp / MARKER).write_text(MARKER_TEXT)
+            mark(tmp)
         yield tmp
         ensure_writable(dest, force, directory)  # again: something may have appeared meanwhile
         replace(tmp, dest, stage)
@@ -65,11 +65,21 @@ def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) 
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def replace(new: Path, dest: Path, stage: Path) -> None:
-    """Move `new` onto `dest`; an existing `dest` is first moved into `stage` (removed with it)."""
+def mark(folder: Path) -> None:
+    """Mark a folder as weightlab's own, so that a later `--force` may replace it."""
+    if not (folder / MARKER).exists():
+        (folder / MARKER).write_text(MARKER_TEXT)
+
+
+def replace(new: Path, dest: Path, stage: Path) -> Path | None:
+    """Move `new` onto `dest`; an existing `dest` is first moved into `stage` (removed with it).
+    Returns where the old `dest` went, if there was one."""
+    old = None
     if os.path.lexists(dest):
-        os.rename(dest, stage / ".replaced")
+        old = stage / ".replaced"
+        os.rename(dest, old)
     os.rename(new, dest)
+    return old
 
 
 def write_text(dest: str | Path, text: str, force: bool = False) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from weightlab.errors import OutputConflict
-from weightlab.io.atomic import MARKER, MARKER_TEXT, STDOUT, ensure_writable, staging_dir
+from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_dir
 
 
 @dataclass(frozen=True)
@@ -120,27 +120,22 @@ class OutputPlan:
         return False
 
     def _commit(self) -> None:
-        placed: list[Path] = []
-        moved_aside: list[tuple[Path, Path]] = []
+        placed: list[tuple[Path, Path | None]] = []  # (destination, where its old content went)
         try:
             for option, stage in self._stages.items():
                 out = self.outputs[option]
                 dest, staged = Path(out.path), stage / Path(out.path).name
                 if not os.path.lexists(staged):
                     continue  # declared but not produced (e.g. no plots to draw)
-                if out.directory and staged.is_dir() and not (staged / MARKER).exists():
-                    (staged / MARKER).write_text(MARKER_TEXT)
+                if out.directory and staged.is_dir():
+                    mark(staged)
                 ensure_writable(dest, self.force, out.directory)
-                if os.path.lexists(dest):
-                    os.rename(dest, stage / ".replaced")
-                    moved_aside.append((dest, stage / ".replaced"))
-                os.rename(staged, dest)
-                placed.append(dest)
+                placed.append((dest, replace(staged, dest, stage)))
         except BaseException:
-            for dest in placed:  # undo: the new outputs go, the old ones come back
+            for dest, old in placed:  # undo: the new outputs go, the old ones come back
                 shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
-            for dest, old in moved_aside:
-                os.rename(old, dest)
+                if old is not None:
+                    os.rename(old, dest)
             raise
         for text in self._stdout:
             sys.stdout.write(text)
