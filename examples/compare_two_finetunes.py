@@ -3,7 +3,7 @@
 from _models import workspace
 
 from weightlab.analysis.angles import AnglesOptions, angles
-from weightlab.io.adapter import open_weights
+from weightlab.io import open_weights
 
 m = workspace()
 base = open_weights(m["base"])

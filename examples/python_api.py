@@ -4,7 +4,7 @@ from _models import workspace
 
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum
 from weightlab.analysis.tsd import TSDOptions, tsd
-from weightlab.io.adapter import open_finetuned, open_weights
+from weightlab.io import open_finetuned, open_weights
 
 m = workspace()
 base = open_weights(m["base"])

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 from weightlab.analysis.angles import AnglesOptions, angles, principal_angles
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
-from weightlab.io import open_checkpoint
-from weightlab.io.adapter import open_finetuned
+from weightlab.io import open_checkpoint, open_finetuned
 
 CPU64 = Compute(torch.device("cpu"), torch.float64, 1)
 

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from weightlab.analysis.gaussian import GaussianOptions, describe, gaussian, label_shape, reference_table
-from weightlab.io import open_checkpoint
-from weightlab.io.adapter import open_finetuned
+from weightlab.io import open_checkpoint, open_finetuned
 
 N = 60_000
 

@@ -18,8 +18,7 @@ from weightlab.errors import (
     ShapeMismatch,
     UnsafePickle,
 )
-from weightlab.io import AdaptedCheckpoint, LoraAdapter, open_checkpoint
-from weightlab.io.adapter import open_finetuned
+from weightlab.io import AdaptedCheckpoint, LoraAdapter, open_checkpoint, open_finetuned
 from weightlab.io.checkpoint import SafetensorsCheckpoint, TorchCheckpoint
 
 

@@ -61,7 +61,7 @@ def test_gpt2_conv1d_is_seen_out_by_in_and_computes_the_module_output(zoo):
 def test_linear_weights_and_other_families_keep_their_orientation(zoo):
     llama = open_checkpoint(zoo["llama"])
     assert not is_conv1d("layers.0.mlp.up_proj.weight", llama.config)
-    from weightlab.io.checkpoint import ModelConfig
+    from weightlab.model_config import ModelConfig
 
     bigcode = ModelConfig("gpt_bigcode", 2, True)  # uses c_attn names with nn.Linear
     assert not is_conv1d("h.0.attn.c_attn.weight", bigcode)

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 from weightlab.analysis.spectrum import SpectrumOptions, energy_rank, norms_from_singular_values, spectrum
 from weightlab.compute.device import Compute
-from weightlab.io import open_checkpoint
-from weightlab.io.adapter import open_finetuned
+from weightlab.io import open_checkpoint, open_finetuned
 from weightlab.synthetic import random_lora_like, rank_one_along
 
 CPU64 = Compute(torch.device("cpu"), torch.float64, 1)

@@ -103,7 +103,7 @@ def accuracy_with_encoder(encoder: dict[str, torch.Tensor], head: Path, task: Ta
 
 
 def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
-    from weightlab.io.adapter import open_weights
+    from weightlab.io import open_weights
 
     ckpt = open_weights(folder)
     return {name: ckpt.get(name) for name in ckpt.names()}
@@ -184,7 +184,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
     from weightlab.analysis.tsd import TSDOptions, save_directions, tsd
     from weightlab.inventory import inventory
-    from weightlab.io.adapter import open_finetuned, open_weights
+    from weightlab.io import open_finetuned, open_weights
     from weightlab.io.adapter_writer import write_adapter
     from weightlab.io.writer import CheckpointWriter
     from weightlab.merge import NanOptions, merge

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from weightlab.io.checkpoint import ModelConfig
+from weightlab.model_config import ModelConfig
 
 # Wrapper prefixes that differ between a base model, its task-head variant and a PEFT wrapper.
 WRAPPER_PREFIXES = ("base_model.model.", "model.", "bert.", "roberta.", "transformer.", "gpt_neox.", "encoder.model.")

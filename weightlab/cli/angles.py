@@ -12,7 +12,7 @@ from weightlab.cli.app import (CsvOpt, DeviceOpt, DtypeOpt, ExcludeOpt, ForceOpt
                                ReportOpt, app, check_rows, console, emit, outputs, progress, quiet_when_stdout,
                                show_problems)
 from weightlab.compute.device import Compute
-from weightlab.io.adapter import open_finetuned, open_weights
+from weightlab.io import open_finetuned, open_weights
 from weightlab.report.plots import angles_plots
 from weightlab.report.tables import short_name, table
 

@@ -11,7 +11,7 @@ from weightlab.analysis.gaussian import GaussianOptions, gaussian as compute_gau
 from weightlab.cli.app import (CsvOpt, DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, ReportOpt,
                                app, check_rows, console, emit, outputs, progress, quiet_when_stdout, show_problems)
 from weightlab.compute.device import Compute
-from weightlab.io.adapter import open_finetuned, open_weights
+from weightlab.io import open_finetuned, open_weights
 from weightlab.report.plots import gaussian_plots
 from weightlab.report.tables import short_name, table
 

@@ -9,7 +9,7 @@ import typer
 
 from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, console, emit, outputs, quiet_when_stdout
 from weightlab.inventory import inventory
-from weightlab.io.checkpoint import open_checkpoint
+from weightlab.io import open_checkpoint
 from weightlab.report.tables import human_bytes, human_count, table
 
 

@@ -11,9 +11,9 @@ import typer
 from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, outputs, progress
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
-from weightlab.io.adapter import LoraAdapter, open_finetuned, open_weights
+from weightlab.io.adapter import LoraAdapter
+from weightlab.io import open_checkpoint, open_finetuned, open_weights
 from weightlab.io.adapter_writer import write_adapter
-from weightlab.io.checkpoint import open_checkpoint
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import is_conv1d
 from weightlab.report.tables import short_name, table

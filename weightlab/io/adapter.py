@@ -208,21 +208,3 @@ class AdaptedCheckpoint(Checkpoint):
         if name not in self.module_of:
             return self.base.get(name, device, dtype)
         return self.apply(name, self.base.get(name, device, torch.float32 if dtype is None else dtype))
-
-
-def open_finetuned(path, base: Checkpoint) -> Checkpoint:
-    """A fine-tuned checkpoint, or an adapter applied to `base`: either way, weights W'."""
-    from weightlab.io.checkpoint import open_checkpoint
-
-    opened = open_checkpoint(path)
-    return AdaptedCheckpoint(base, opened) if isinstance(opened, LoraAdapter) else opened
-
-
-def open_weights(path) -> Checkpoint:
-    """A checkpoint of full weights (a base model): an adapter alone is refused."""
-    from weightlab.io.checkpoint import open_checkpoint
-
-    opened = open_checkpoint(path)
-    if isinstance(opened, LoraAdapter):
-        raise InvalidArgument("this is a LoRA adapter; full weights are needed here (give it as a fine-tune)", path)
-    return opened

@@ -1,15 +1,13 @@
-"""Lazy checkpoints: list tensors from headers, fetch one tensor at a time.
+"""Lazy dense checkpoints: list tensors from headers, fetch one tensor at a time.
 
-`open_checkpoint(path)` is the one entry point. It returns a `Checkpoint` for dense weights
-(one safetensors file, a sharded folder with an index, a Hugging Face folder, a legacy
-`.bin`/`.pt`) or a `LoraAdapter` for a PEFT adapter folder (see `weightlab.io.adapter`).
+One safetensors file, a sharded folder with an index, a Hugging Face folder, a legacy
+`.bin`/`.pt`. `weightlab.io.open` chooses between these and PEFT adapters.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -24,41 +22,9 @@ from weightlab.errors import (
     UnsafePickle,
 )
 from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE, SafetensorsFile, TensorInfo
+from weightlab.model_config import ModelConfig, read_model_config
 
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The few facts of `config.json` the analyses use."""
-
-    model_type: str | None
-    num_layers: int | None
-    tie_word_embeddings: bool
-    raw: dict = field(repr=False, default_factory=dict)
-
-
-def read_model_config(folder: Path) -> ModelConfig | None:
-    """Read `config.json` beside the weights; transformers resolves per-family key aliases."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptCheckpoint("config.json is not valid JSON", path) from None
-    num_layers = next((raw[k] for k in LAYER_COUNT_KEYS if isinstance(raw.get(k), int)), None)
-    if num_layers is None and "model_type" in raw:
-        try:  # rarer families: transformers knows their alias for the layer count
-            from transformers import AutoConfig
-
-            num_layers = getattr(AutoConfig.for_model(**raw), "num_hidden_layers", None)
-        except Exception:
-            num_layers = None
-    return ModelConfig(raw.get("model_type"), num_layers, bool(raw.get("tie_word_embeddings", True)), raw)
-
-
 class Checkpoint:
     """Dense weights addressed by name. Subclasses implement `_infos` and `_read`."""
 
@@ -189,14 +155,8 @@ def _safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def open_checkpoint(path: str | Path):
-    """Open any supported checkpoint by path; reads headers only.
-
-    Returns a `Checkpoint` or, for a PEFT adapter folder, a `LoraAdapter`.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFound("no such file or folder", path)
+def open_dense(path: Path) -> Checkpoint:
+    """The dense checkpoint at `path` (a file or a folder that exists; headers only)."""
     if path.is_file():
         config = read_model_config(path.parent)
         if path.name.endswith(".index.json"):
@@ -206,14 +166,7 @@ def open_checkpoint(path: str | Path):
         if path.suffix in LEGACY_SUFFIXES:
             return TorchCheckpoint(path, [path], config=config)
         raise NotACheckpoint("not a .safetensors, .bin/.pt file or a checkpoint folder", path)
-    return _open_folder(path)
-
-
-def _open_folder(folder: Path):
-    if (folder / "adapter_config.json").is_file():
-        from weightlab.io.adapter import LoraAdapter
-
-        return LoraAdapter(folder)
+    folder = path
     config = read_model_config(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
     if len(indexes) > 1:
@@ -229,6 +182,7 @@ def _open_folder(folder: Path):
     if legacy:
         return TorchCheckpoint(folder, legacy[:1], config=config)
     raise NotACheckpoint("no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder)
+
 
 
 def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkpoint:

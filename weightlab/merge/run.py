@@ -25,14 +25,16 @@ import torch
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import stream_matrices
 from weightlab.errors import MissingTensor, ShapeMismatch
-from weightlab.io.adapter import open_weights
+from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.outputs import Output, check_outputs
+from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter
 from weightlab.matching import MatchedTensor, match_checkpoints
 from weightlab.merge.coefficients import nan_coefficients
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS
+from weightlab.naming import layer_index
 
 SCHEMA = "weightlab.merge/1"
 
@@ -51,8 +53,6 @@ class MergeReport:
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
-        from weightlab.naming import layer_index
-
         groups: dict[str, list[list[float]]] = {}
         for name, cs in self.per_tensor.items():
             layer = layer_index(name)
@@ -177,6 +177,4 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
 
 
 def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
-    from weightlab.io.safetensors_file import torch_dtype
-
     return torch_dtype(ckpt.info(name).dtype, ckpt.path, name)

@@ -1,0 +1,35 @@
+"""Open any checkpoint by path: dense weights, or a PEFT adapter (alone or applied to a base)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from weightlab.errors import CheckpointNotFound, InvalidArgument
+from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
+from weightlab.io.checkpoint import Checkpoint, open_dense
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
+    """A `Checkpoint` for dense weights (one safetensors file, a sharded folder with an index, a
+    Hugging Face folder, a legacy `.bin`/`.pt`) or a `LoraAdapter` for a PEFT adapter folder.
+    Reads headers only."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound("no such file or folder", path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return LoraAdapter(path)
+    return open_dense(path)
+
+
+def open_finetuned(path: str | Path, base: Checkpoint) -> Checkpoint:
+    """A fine-tuned checkpoint, or an adapter applied to `base`: either way, weights W'."""
+    opened = open_checkpoint(path)
+    return AdaptedCheckpoint(base, opened) if isinstance(opened, LoraAdapter) else opened
+
+
+def open_weights(path: str | Path) -> Checkpoint:
+    """A checkpoint of full weights (a base model): an adapter alone is refused."""
+    opened = open_checkpoint(path)
+    if isinstance(opened, LoraAdapter):
+        raise InvalidArgument("this is a LoRA adapter; full weights are needed here (give it as a fine-tune)", path)
+    return opened
