@@ -23,13 +23,13 @@ from generate import generate, parameters  # noqa: E402
 
 from weightlab.compute.svd import full_svd, singular_values  # noqa: E402
 from weightlab.io import open_checkpoint  # noqa: E402
-from weightlab.matching import match_checkpoints, select_matrices  # noqa: E402
+from weightlab.compute.walk import TensorWalk  # noqa: E402
 
 
 def bare_compute(base_path: Path, ft_path: Path) -> tuple[float, int]:
     """Seconds of the decompositions alone, each matrix loaded before its clock starts."""
     base, ft = open_checkpoint(base_path), open_checkpoint(ft_path)
-    items = select_matrices(match_checkpoints([base, ft]).matched)
+    items = TensorWalk([base, ft]).items
     total = 0.0
     for item in items:
         w, w2 = base.get(item.names[0])[None], ft.get(item.names[1])[None]

@@ -186,7 +186,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.inventory import inventory
     from weightlab.io import open_finetuned, open_weights
     from weightlab.io.adapter_writer import write_adapter
-    from weightlab.io.writer import CheckpointWriter
+    from weightlab.io.writer import CheckpointWriter, stored_plan
     from weightlab.merge import NanOptions, merge
     from weightlab.merge.config import build_config
     from weightlab.report.document import load_results, write_report
@@ -246,7 +246,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
 
     step("init-lora --tsd from the warm-up, and extract-lora of a full fine-tune")
     targets = resolve_targets(base, "query,value")
-    with CheckpointWriter(tmp / "lora-init" / "residual", donor=base.path) as writer:
+    with CheckpointWriter(tmp / "lora-init" / "residual", donor=base.path, plan=stored_plan(base)) as writer:
         init_report, factors = init_lora(base, targets, LoraInitOptions("tsd", 8), fts["lora_animal"], writer, compute)
     write_adapter(tmp / "lora-init" / "adapter", factors, scale=1.0, base_model=str(tmp / "lora-init" / "residual"),
                   sidecar=init_report.to_dict())

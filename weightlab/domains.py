@@ -89,9 +89,9 @@ REGEX = Domain("regex", optional=True)
 SEED = Int(0, MAX_SEED)
 
 
-def option(default: Any, domain: Domain, flag: str) -> Any:
+def option(default: Any, domain: Domain, flag: str, kw_only: bool = False) -> Any:
     """A dataclass field whose values are checked against `domain` (named `flag` in messages)."""
-    return field(default=default, metadata={"domain": domain, "flag": flag})
+    return field(default=default, metadata={"domain": domain, "flag": flag}, kw_only=kw_only)
 
 
 def check_fields(obj: Any) -> None:
@@ -104,3 +104,12 @@ def check_fields(obj: Any) -> None:
 def domains_of(cls: Any) -> dict[str, tuple[str, Domain]]:
     """{field: (flag, domain)} of an options dataclass: for docs and generated tests."""
     return {f.name: (f.metadata["flag"], f.metadata["domain"]) for f in fields(cls) if "domain" in f.metadata}
+
+
+def compile_filter(pattern: str | None, flag: str) -> re.Pattern[str] | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise InvalidArgument(f"{flag} {pattern!r} is not a valid regular expression ({e})") from None

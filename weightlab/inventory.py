@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.matching import compile_filter
+from weightlab.domains import compile_filter
 from weightlab.naming import layer_index, module_role
 
 SCHEMA = "weightlab.inventory/1"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.naming import canonical_name, layer_index, module_role
 
@@ -44,15 +42,6 @@ class Matching:
         return lines
 
 
-def compile_filter(pattern: str | None, option: str) -> re.Pattern[str] | None:
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise InvalidArgument(f"{option} {pattern!r} is not a valid regular expression ({e})") from None
-
-
 def match_checkpoints(checkpoints: Sequence[Checkpoint]) -> Matching:
     """Tensors common to all checkpoints, in the first checkpoint's order."""
     keyed = []
@@ -77,25 +66,3 @@ def match_checkpoints(checkpoints: Sequence[Checkpoint]) -> Matching:
                                               checkpoints[0].info(first).dtype))
     return matching
 
-
-def select_matrices(matched: list[MatchedTensor], include: str | None = None, exclude: str | None = None,
-                    only: set[str] | None = None) -> list[MatchedTensor]:
-    """2-D (or conv) weights with both sides > 1, filtered by regex on the name; `only` restricts
-    to a set of first-checkpoint names (e.g. the modules an adapter changes)."""
-    inc, exc = compile_filter(include, "--include"), compile_filter(exclude, "--exclude")
-    chosen = []
-    for item in matched:
-        name = item.names[0]
-        if not item.is_float or len(item.shape) < 2 or min(item.shape[0], _prod(item.shape[1:])) < 2:
-            continue
-        if (inc and not inc.search(name)) or (exc and exc.search(name)) or (only is not None and name not in only):
-            continue
-        chosen.append(item)
-    return chosen
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out

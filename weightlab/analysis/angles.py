@@ -21,13 +21,12 @@ import torch
 from weightlab.analysis.deltas import delta_top_svd, numerical_rank
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.domains import REGEX, SEED, Choice, Int, check_fields, option
-from weightlab.compute.stream import stream_matrices
 from weightlab.compute.svd import SVD, SVD_METHODS, top_svd
+from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.domains import SEED, Choice, Int, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.matching import match_checkpoints, select_matrices
 
 SCHEMA = "weightlab.angles/1"
 SIDES = ("left", "right", "both")
@@ -46,16 +45,11 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class AnglesOptions:
+class AnglesOptions(Filters):
     k: int = option(16, Int(1), "-k")
     side: str = option("left", Choice(*SIDES), "--side")
     svd: str = option("exact", Choice(*SVD_METHODS), "--svd")
     seed: int = option(0, SEED, "--seed")
-    include: str | None = option(None, REGEX, "--include")
-    exclude: str | None = option(None, REGEX, "--exclude")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -123,25 +117,18 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
     for ckpt in (a, b):
         if isinstance(ckpt, AdaptedCheckpoint) and base is None:
             raise InvalidArgument("an adapter input needs --base (its update is relative to a base)", ckpt.path)
-    sources = [a, b] if base is None else [base, a, b]
-    matching = match_checkpoints(sources)
-    only = None
-    adapted = [set(c.module_of) for c in (a, b) if isinstance(c, AdaptedCheckpoint)]
-    if base is not None and adapted:  # elsewhere an adapter's task vector is zero
-        only = set.intersection(*adapted)
-    items = select_matrices(matching.matched, options.include, options.exclude, only)
-    if on_start:
-        on_start(len(items))
+    # with a base, an adapter's task vector is zero outside its modules: keep what both change
+    walk = TensorWalk([a, b] if base is None else [base, a, b], Selection.of(options),
+                      changed_by=[a, b] if base is not None else [], every=True)
     results: list[MatrixAngles] = []
     unchanged: list[str] = []
-    for batch, mats in stream_matrices(sources, items, compute.device, compute.dtype, compute.batch_size,
-                                       compute.prefetch):
-        for i, item in enumerate(batch):
+    for batch in walk.batches(compute, factors=base is not None, on_start=on_start, on_progress=on_progress):
+        for i, item in enumerate(batch.items):
             name = item.names[0]
             if base is None:
-                svd_a, svd_b = (top_svd(m[i], options.k, options.svd, options.seed) for m in mats)
+                svd_a, svd_b = (top_svd(m[i], options.k, options.svd, options.seed) for m in batch.tensors)
             else:
-                w, wa, wb = (m[i] for m in mats)
+                w, wa, wb = (None if m is None else m[i] for m in batch.tensors)
                 svd_a = delta_top_svd(a, name, w, wa, options.k, compute, options.svd, options.seed)
                 svd_b = delta_top_svd(b, name, w, wb, options.k, compute, options.svd, options.seed)
                 shape = tuple(w.shape)
@@ -155,14 +142,14 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
                 qb = _bases(svd_b, side)[side]
                 theta = principal_angles(qa[:, :k], qb[:, :k])
                 degrees = [math.degrees(t) for t in theta.tolist()]
-                results.append(MatrixAngles(name, item.layer, item.role, list(mats[0].shape[-2:]), side, k, degrees,
-                                            [math.cos(t) for t in theta.tolist()]))
-        if on_progress:
-            on_progress(len(batch))
-    num_layers = sources[0].config.num_layers if sources[0].config else None
-    problems = matching.describe_problems()
+                results.append(MatrixAngles(name, item.layer, item.role, list(batch.tensors[0].shape[-2:]), side, k,
+                                            degrees, [math.cos(t) for t in theta.tolist()]))
+    num_layers = walk.sources[0].config.num_layers if walk.sources[0].config else None
+    problems = walk.problems
     if unchanged:
+        unchanged = walk.in_order(unchanged, str)
         problems.append(f"{len(unchanged)} matrices left out: unchanged from the base in A or B ({', '.join(unchanged[:3])}"
                         + (", …)" if len(unchanged) > 3 else ")"))
-    return AnglesResult(str(a.path), str(b.path), None if base is None else str(base.path), options, results,
+    return AnglesResult(str(a.path), str(b.path), None if base is None else str(base.path), options,
+                        walk.in_order(results, lambda m: m.name),
                         num_layers, problems)

@@ -14,7 +14,6 @@ seeded uniform sample (with replacement) of `sample_size` entries (all, when few
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -24,12 +23,9 @@ from scipy import stats
 
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.domains import REGEX, SEED, Int, check_fields, option
-from weightlab.io.finite import all_finite
-from weightlab.errors import CorruptCheckpoint
-from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.domains import SEED, Int, option
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.matching import MatchedTensor, compile_filter, match_checkpoints
 
 SCHEMA = "weightlab.gaussian/1"
 
@@ -47,15 +43,10 @@ LABELS = ("gaussian", "sharp", "inverted-T", "linear", "other")
 
 
 @dataclass(frozen=True)
-class GaussianOptions:
+class GaussianOptions(Filters):
     min_elements: int = option(4096, Int(1), "--min-elements")
     sample_size: int = option(100_000, Int(MIN_SAMPLE), "--sample-size")  # K² needs at least 20 values
     seed: int = option(0, SEED, "--seed")
-    include: str | None = option(None, REGEX, "--include")
-    exclude: str | None = option(None, REGEX, "--exclude")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -258,55 +249,31 @@ def depth_trend(tensors: Sequence[TensorGaussianity]) -> DepthTrend | None:
     return DepthTrend(layers, std, float(fit.slope), float(fit.intercept), float(fit.rvalue**2), float(fit.pvalue))
 
 
-def _selected(matched: Sequence[MatchedTensor], options: GaussianOptions) -> list[MatchedTensor]:
-    inc, exc = compile_filter(options.include, "--include"), compile_filter(options.exclude, "--exclude")
-    chosen = []
-    for item in matched:
-        name = item.names[0]
-        if not item.is_float or math.prod(item.shape) < options.min_elements:
-            continue
-        if (inc and not inc.search(name)) or (exc and exc.search(name)):
-            continue
-        chosen.append(item)
-    return chosen
-
-
-def _finite(x: torch.Tensor, ckpt: Checkpoint, name: str) -> torch.Tensor:
-    if not all_finite(x):
-        raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
-    return x
-
-
 def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: GaussianOptions = GaussianOptions(),
              compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
              on_start: Callable[[int], None] | None = None) -> GaussianResult:
     """Distribution statistics of every floating tensor of `ckpt` (and of ΔW = ckpt − base)."""
     compute = compute or Compute.create()
-    sources = [ckpt] if base is None else [ckpt, base]
-    matching = match_checkpoints(sources)
-    items = _selected(matching.matched, options)
-    if base is not None and isinstance(ckpt, AdaptedCheckpoint):
-        items = [i for i in items if i.names[0] in ckpt.module_of]
-    if on_start:
-        on_start(len(items))
+    selection = Selection.of(options, matrices=False, min_elements=options.min_elements)
+    walk = TensorWalk([ckpt] if base is None else [ckpt, base], selection, changed_by=[ckpt] if base is not None else [])
     results = []
-    for item in items:
-        seed = options.seed
-        w = _finite(ckpt.get(item.names[0], compute.device, compute.dtype), ckpt, item.names[0])
-        entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, seed))
-        if base is not None:
-            w0 = _finite(base.get(item.names[1], compute.device, compute.dtype), base, item.names[1])
-            delta = w - w0
-            entry.delta = describe(delta, options.sample_size, seed)
-            base_std = _moments(w0)[1] ** 0.5
-            entry.std_ratio = entry.weights.std / base_std if base_std > 0 else float("nan")
-            entry.delta_weight_correlation = _correlation(delta, w0)
-        results.append(entry)
-        if on_progress:
-            on_progress(1)
+    for batch in walk.batches(compute, stored_layout=True, on_start=on_start, on_progress=on_progress):
+        for b, item in enumerate(batch.items):
+            w = batch.tensors[0][b]
+            entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, options.seed))
+            if base is not None:
+                w0 = batch.tensors[1][b]
+                delta = w - w0
+                entry.delta = describe(delta, options.sample_size, options.seed)
+                base_std = _moments(w0)[1] ** 0.5
+                entry.std_ratio = entry.weights.std / base_std if base_std > 0 else float("nan")
+                entry.delta_weight_correlation = _correlation(delta, w0)
+            results.append(entry)
+        del batch
+    results = walk.in_order(results, lambda t: t.name)
     trend = depth_trend(results) if base is not None else None
     return GaussianResult(str(ckpt.path), None if base is None else str(base.path), options, results, trend,
-                          matching.describe_problems() if base is not None else [])
+                          walk.problems if base is not None else [])
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,30 +20,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from weightlab.compute.device import Compute
-from weightlab.domains import REGEX, Int, Real, check_fields, option
-from weightlab.compute.stream import stream_matrices
 from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
+from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, full_svd
-from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.domains import Int, Real, option
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.matching import MatchedTensor, match_checkpoints, select_matrices
+from weightlab.matching import MatchedTensor
 
 SCHEMA = "weightlab.spectrum/1"
 
 
 @dataclass(frozen=True)
-class SpectrumOptions:
+class SpectrumOptions(Filters):
     k: int = option(8, Int(1), "-k")  # top singular values/vectors for amplification and reorientation
     intruder_k: int = option(10, Int(1), "--intruder-k")  # top fine-tuned singular vectors checked for intruders
     epsilon: float = option(0.5, Real(0, 1), "--epsilon")  # intruder threshold on max_j |cos(u'_i, u_j)|
     keep: int | None = option(None, Int(1, optional=True), "--keep")  # singular values kept per matrix (None = all)
-    include: str | None = option(None, REGEX, "--include")
-    exclude: str | None = option(None, REGEX, "--exclude")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -194,25 +188,15 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
     """Compare every matched weight matrix of `base` with each fine-tune (checkpoints or adapters
     applied to `base`). The base's SVD is computed once per matrix and shared by all fine-tunes."""
     compute = compute or Compute.create()
-    matching = match_checkpoints([base, *finetuned])
-    only = None
-    if finetuned and all(isinstance(f, AdaptedCheckpoint) for f in finetuned):
-        only = set().union(*(f.module_of for f in finetuned))  # the rest is unchanged by construction
-    items = select_matrices(matching.matched, options.include, options.exclude, only)
-    if on_start:
-        on_start(len(items))
+    walk = TensorWalk([base, *finetuned], Selection.of(options), changed_by=finetuned)
     matrices: list[MatrixSpectrum] = []
-    sources = [base, *finetuned]
-    for batch, (w, *w_fts) in stream_matrices(sources, items, compute.device, compute.dtype, compute.batch_size,
-                                               compute.prefetch):
+    for batch in walk.batches(compute, on_start=on_start, on_progress=on_progress):
+        w, *w_fts = batch.tensors
         base_svd = full_svd(w)
         for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
-            delta_sv = delta_singular_values(ft, batch, w, w_ft, compute)
-            matrices.extend(compare(base_svd, full_svd(w_ft), delta_sv, batch, index, options))
-        del w, w_fts, base_svd  # before the next batch arrives: keeps one batch in memory
-        if on_progress:
-            on_progress(len(batch))
-    order = {item.names[0]: i for i, item in enumerate(items)}
-    matrices.sort(key=lambda m: (m.finetuned, order[m.name]))
-    return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options, matrices,
-                          base.config.num_layers if base.config else None, matching.describe_problems())
+            delta_sv = delta_singular_values(ft, batch.items, w, w_ft, compute)
+            matrices.extend(compare(base_svd, full_svd(w_ft), delta_sv, batch.items, index, options))
+        del w, w_fts, base_svd, batch  # before the next batch arrives: keeps one batch in memory
+    return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options,
+                          walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned),
+                          base.config.num_layers if base.config else None, walk.problems)

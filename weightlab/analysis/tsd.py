@@ -21,28 +21,21 @@ import torch
 
 from weightlab.analysis.deltas import adapter_factors
 from weightlab.compute.device import Compute
-from weightlab.domains import REGEX, Int, check_fields, option
-from weightlab.compute.stream import stream_matrices
 from weightlab.compute.svd import full_svd
+from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.domains import Int, option
 from weightlab.errors import CorruptCheckpoint
-from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.atomic import atomic_path
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
-from weightlab.matching import match_checkpoints, select_matrices
 
 SCHEMA = "weightlab.tsd/1"
 
 
 @dataclass(frozen=True)
-class TSDOptions:
+class TSDOptions(Filters):
     top: int = option(8, Int(1), "--top")
     keep: int | None = option(None, Int(1, optional=True), "--keep")  # change rates kept per matrix (None = all)
-    include: str | None = option(None, REGEX, "--include")
-    exclude: str | None = option(None, REGEX, "--exclude")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -99,11 +92,14 @@ def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, del
 def delta_times_v(finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor | None, vh: torch.Tensor,
                   compute: Compute) -> tuple[torch.Tensor, float]:
     """ΔW·V and ‖ΔW‖²_F for one matrix: from LoRA factors (ΔW V = s·L·(R V), no dense ΔW) when
-    the fine-tune is an adapter, else from the dense difference W' − W."""
+    the fine-tune is an adapter, else from the dense difference W' − W (`w_ft` None: an adapter
+    that leaves this weight unchanged, ΔW = 0)."""
     factors = adapter_factors(finetuned, name, compute)
     if factors is not None:
         left, right, scale = factors
         return scale * left @ (right @ vh.T), float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
+    if w_ft is None:
+        return torch.zeros_like(w @ vh.T), 0.0
     delta = w_ft - w
     return delta @ vh.T, float((delta * delta).sum())
 
@@ -117,23 +113,16 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
     (indices, u, v, sigma, rate), for LoRA-Init.
     """
     compute = compute or Compute.create()
-    adapter = isinstance(finetuned, AdaptedCheckpoint)
-    sources = [base] if adapter else [base, finetuned]
-    matching = match_checkpoints([base, finetuned])
-    only = set(finetuned.module_of) if adapter else None
-    items = select_matrices(matching.matched, options.include, options.exclude, only)
-    if on_start:
-        on_start(len(items))
+    walk = TensorWalk([base, finetuned], Selection.of(options), changed_by=[finetuned])
     matrices: list[MatrixTSD] = []
     vectors: dict[str, dict[str, torch.Tensor]] = {}
-    for batch, mats in stream_matrices(sources, items, compute.device, compute.dtype, compute.batch_size,
-                                       compute.prefetch):
-        svd = full_svd(mats[0])
-        for b, item in enumerate(batch):
+    for batch in walk.batches(compute, factors=True, on_start=on_start, on_progress=on_progress):
+        w, w_ft = batch.tensors
+        svd = full_svd(w)
+        for b, item in enumerate(batch.items):
             name = item.names[0]
             u, s, vh = svd.U[b], svd.S[b], svd.Vh[b]
-            delta_v, delta_norm2 = delta_times_v(finetuned, name, mats[0][b], mats[1][b] if not adapter else None,
-                                                 vh, compute)
+            delta_v, delta_norm2 = delta_times_v(finetuned, name, w[b], None if w_ft is None else w_ft[b], vh, compute)
             rates, order, core, chosen = core_directions(u, s, delta_v, delta_norm2, min(options.top, s.numel()))
             r = s.numel()
             idx = order.tolist()
@@ -145,9 +134,10 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
                 vectors[name] = {"indices": order.cpu(), "u": u[:, order].cpu().contiguous(),
                                  "v": vh[order].T.cpu().contiguous(), "sigma": s[order].cpu(),
                                  "rate": rates[order].cpu()}
-        if on_progress:
-            on_progress(len(batch))
-    result = TSDResult(str(base.path), str(finetuned.path), options, matrices, matching.describe_problems())
+        del w, w_ft, svd, batch
+    matrices = walk.in_order(matrices, lambda m: m.name)
+    vectors = {m.name: vectors[m.name] for m in matrices if m.name in vectors}
+    result = TSDResult(str(base.path), str(finetuned.path), options, matrices, walk.problems)
     return result, vectors
 
 

@@ -41,7 +41,7 @@ def angles(
 
     Example: weightlab angles ft_math/ ft_code/ --base base/ -k 16 --plots plots/
     """
-    options = AnglesOptions(k, side, svd, seed, include, exclude)
+    options = AnglesOptions(k, side, svd, seed, include=include, exclude=exclude)
     compute = Compute.create(device, dtype)
     check_rows(rows)
     with outputs(force, [a, b, base], json=json_out, csv=csv_out, plots=plots, report=report) as plan:

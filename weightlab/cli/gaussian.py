@@ -37,7 +37,7 @@ def gaussian(
 
     Example: weightlab gaussian ft/ --base base/ --plots plots/
     """
-    options = GaussianOptions(min_elements, sample_size, seed, include, exclude)
+    options = GaussianOptions(min_elements, sample_size, seed, include=include, exclude=exclude)
     compute = Compute.create(device, "float32")  # storage precision; moments accumulate in float64
     check_rows(rows)
     with outputs(force, [checkpoint, base], json=json_out, csv=csv_out, plots=plots, report=report) as plan:

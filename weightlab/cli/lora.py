@@ -14,7 +14,7 @@ from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io import open_checkpoint, open_finetuned, open_weights
 from weightlab.io.adapter_writer import write_adapter
-from weightlab.io.writer import CheckpointWriter
+from weightlab.io.writer import CheckpointWriter, stored_plan
 from weightlab.naming import is_conv1d
 from weightlab.report.tables import short_name, table
 from weightlab.surgery.lora import LoraInitOptions, extract_lora as run_extract, init_lora as run_init, to_plain_lora
@@ -83,7 +83,7 @@ def init_lora(
         names = resolve_targets(base_ckpt, targets)
         fan = _fan_in_fan_out(base_ckpt, names)
         ft = open_finetuned(source, base_ckpt) if source else None
-        writer = CheckpointWriter(plan.path("--residual-out"), donor=base_ckpt.path,
+        writer = CheckpointWriter(plan.path("--residual-out"), donor=base_ckpt.path, plan=stored_plan(base_ckpt),
                                   metadata={"weightlab": f"residual of init-lora {options.method} r={rank}"}) \
             if residual_out else None
         with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):

@@ -40,7 +40,7 @@ def spectrum(
 
     Example: weightlab spectrum base/ ft/ --plots plots/ --json spectrum.json
     """
-    options = SpectrumOptions(k, intruder_k, epsilon, keep, include, exclude)
+    options = SpectrumOptions(k, intruder_k, epsilon, keep, include=include, exclude=exclude)
     compute = Compute.create(device, dtype)
     check_rows(rows)
     with outputs(force, [base, *finetuned], json=json_out, csv=csv_out, plots=plots, report=report) as plan:

@@ -40,7 +40,7 @@ def tsd(
 
     Example: weightlab tsd base/ warmup-adapter/ --top 8 --save tsd.safetensors
     """
-    options = TSDOptions(top, keep, include, exclude)
+    options = TSDOptions(top, keep, include=include, exclude=exclude)
     compute = Compute.create(device, dtype)
     check_rows(rows)
     with outputs(force, [base, finetuned], json=json_out, csv=csv_out, plots=plots, report=report, save=save) as plan:

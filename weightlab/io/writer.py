@@ -14,7 +14,7 @@ import torch
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
 from weightlab.io.finite import require_finite
-from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, write_safetensors
+from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, torch_dtype, write_safetensors
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -49,6 +49,13 @@ def parse_size(text: str | int) -> int:
     if not 1 <= value <= MAX_SHARD_SIZE:
         raise InvalidArgument(f"--shard-size {text!r}: give a size from 1 byte to 1PB")
     return int(value)
+
+
+def stored_plan(ckpt, names: list[str] | None = None) -> list[TensorSpec]:
+    """(name, shape, stored dtype) of `names` (default: every tensor) of a checkpoint, from its
+    headers: the `plan` of a writer that receives tensors in any order."""
+    return [(n, tuple(ckpt.info(n).shape), torch_dtype(ckpt.info(n).dtype, ckpt.path, n))
+            for n in (ckpt.names() if names is None else names)]
 
 
 class CheckpointWriter:

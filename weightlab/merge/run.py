@@ -16,27 +16,27 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from weightlab.compute.device import Compute
-from weightlab.compute.stream import stream_matrices
+from weightlab.compute.walk import Selection, TensorWalk
 from weightlab.errors import MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.outputs import Output, check_outputs
-from weightlab.io.safetensors_file import torch_dtype
-from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter
-from weightlab.matching import MatchedTensor, match_checkpoints
+from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
+from weightlab.matching import Matching
 from weightlab.merge.coefficients import nan_coefficients
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS
 from weightlab.naming import layer_index
 
 SCHEMA = "weightlab.merge/1"
+MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
 
 
 @dataclass
@@ -73,10 +73,9 @@ def tensor_seed(seed: int, name: str, model: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + model) % (2**63 - 1)
 
 
-def _check_alignment(ckpts: list[Checkpoint], has_base: bool) -> tuple[list[MatchedTensor], list[str], list[str]]:
-    """Matched tensors, non-floating tensors only the base has (copied as they are), and tensors
-    only some models have (left out)."""
-    matching = match_checkpoints(ckpts)
+def _check_alignment(matching: Matching, ckpts: list[Checkpoint], has_base: bool) -> tuple[list[str], list[str]]:
+    """Non-floating tensors only the base has (copied as they are), and tensors only some models
+    have (left out); a shape mismatch or a floating tensor a model lacks is an error."""
     if matching.shape_mismatches:
         key, shapes = matching.shape_mismatches[0]
         where = ", ".join(f"{c.path} {list(s)}" for c, s in zip(ckpts, shapes))
@@ -90,15 +89,15 @@ def _check_alignment(ckpts: list[Checkpoint], has_base: bool) -> tuple[list[Matc
             raise MissingTensor(f"{'the base' if has_base else 'the first model'} has it but this model does not",
                                 lacking.path, name)
     left_out = sorted({n for c in ckpts[1:] for n in matching.unmatched[str(c.path)]})
-    return matching.matched, buffers, left_out
+    return buffers, left_out
 
 
-def _model_norms(models: list[Checkpoint], base: Checkpoint | None, items: list[MatchedTensor], task_vectors: bool,
-                 compute: Compute) -> list[float]:
+def _model_norms(models: list[Checkpoint], base: Checkpoint | None, task_vectors: bool, compute: Compute) -> list[float]:
     """‖θ_i‖ (or ‖τ_i‖) over every merged tensor: one streaming pass for model-level NAN."""
-    sources = [base, *models] if base is not None else models
+    walk = TensorWalk([base, *models] if base is not None else models, MERGED)
     squares = [0.0] * len(models)
-    for _, mats in stream_matrices(sources, items, compute.device, torch.float64, 1, compute.prefetch, matrix=False):
+    for batch in walk.batches(replace(compute, dtype=torch.float64, batch_size=1), stored_layout=True):
+        mats = [m[0] for m in batch.tensors]
         w0 = mats[0] if base is not None else None
         for i, m in enumerate(mats[1:] if base is not None else mats):
             x = m - w0 if task_vectors else m
@@ -117,35 +116,33 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     base = open_weights(config.base) if config.base else None
     models = [open_weights(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
-    items, buffers, left_out = _check_alignment(ckpts, base is not None)
-    floats = [i for i in items if i.is_float]
+    walk = TensorWalk(ckpts, replace(MERGED, floating=False))
+    buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
+    items = walk.items
     nan = config.coeff == "nan"
     task_vectors = config.nan.norm_of == "task-vectors"
     n = len(models)
     if nan and config.nan.granularity == "model":
-        fixed = nan_coefficients(_model_norms(models, base, floats, task_vectors, compute), config.nan.power,
+        fixed = nan_coefficients(_model_norms(models, base, task_vectors, compute), config.nan.power,
                                  config.nan.normalize)
     else:
         fixed = list(config.weights) if config.weights is not None else [1.0] * n
     per_tensor: dict[str, list[float]] = {}
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
-    if on_start:
-        on_start(len(items))
     report = MergeReport(config, str(out_dir), 0, [], left_out, fixed)
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
-    def out_dtype_of(name: str) -> torch.dtype:
-        stored = _stored_dtype(anchor, name)
-        return out_dtype if out_dtype is not None and stored.is_floating_point else stored
-
-    plan = [(n, tuple(anchor.info(n).shape), out_dtype_of(n)) for n in [i.names[0] for i in items] + buffers]
+    plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
+            for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
+    out_dtype_of = {n: dtype for n, _, dtype in plan}
     with CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, donor=donor or config.base or config.models[0],
                           force=force, plan=plan) as writer:
-        for batch, mats in stream_matrices(ckpts, items, compute.device, compute.dtype, 1, compute.prefetch, matrix=False):
-            item = batch[0]
+        one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
+        for batch in walk.batches(one_at_a_time, stored_layout=True, on_start=on_start, on_progress=on_progress):
+            item = batch.items[0]
             name = item.names[0]
-            tensors = [m[0] for m in mats]
+            tensors = [m[0] for m in batch.tensors]
             if not item.is_float:
                 writer.add(name, tensors[0].cpu())
                 report.copied.append(name)
@@ -160,10 +157,8 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
                 merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
                                  config.params, generators)
-                writer.add(name, merged.to(out_dtype_of(name)))
+                writer.add(name, merged.to(out_dtype_of[name]))
                 report.merged += 1
-            if on_progress:
-                on_progress(1)
         for name in buffers:  # e.g. position_ids a fine-tune was saved without
             writer.add(name, ckpts[0].get(name))
             report.copied.append(name)
@@ -175,6 +170,3 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
     return report
 
-
-def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
-    return torch_dtype(ckpt.info(name).dtype, ckpt.path, name)

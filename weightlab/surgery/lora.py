@@ -24,17 +24,19 @@ from typing import Callable
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors, is_adapted
+from weightlab.analysis.deltas import adapter_factors
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, SVD_METHODS, full_svd, lowrank_svd, randomized_svd
+from weightlab.compute.walk import Selection, TensorWalk
 from weightlab.domains import SEED, Choice, Int, Real, check_fields, option
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
-from weightlab.naming import as_matrix, is_conv1d, matrix_shape, module_role
+from weightlab.naming import is_conv1d, matrix_shape, module_role
 
 INIT_METHODS = ("tsd", "pissa", "milora")
 
@@ -98,56 +100,77 @@ def _embedding(name: str) -> bool:
     return module_role(name) in ("embed", "pos_embed")
 
 
+def _check_same_weights(base: Checkpoint, finetuned: Checkpoint, targets: list[str]) -> None:
+    """Every target is in the fine-tune too, with the base's shape."""
+    for name in targets:
+        if name not in finetuned:
+            raise MissingTensor("the base has this weight but the fine-tune does not; is it of another model?",
+                                finetuned.path, name)
+        if tuple(finetuned.info(name).shape) != tuple(base.info(name).shape):
+            raise ShapeMismatch(f"{list(finetuned.info(name).shape)} in the fine-tune but {list(base.info(name).shape)} "
+                                "in the base; is it of another model?", finetuned.path, name)
+
+
+def _targets_walk(base: Checkpoint, targets: list[str], finetuned: Checkpoint | None = None) -> TensorWalk:
+    return TensorWalk([base] if finetuned is None else [base, finetuned], Selection(matrices=False, names=frozenset(targets)))
+
+
+def _chosen_directions(w: torch.Tensor, name: str, options: LoraInitOptions, finetuned: Checkpoint | None,
+                       w_ft: torch.Tensor | None, compute: Compute) -> tuple[SVD, torch.Tensor]:
+    """The SVD of W (top-r only when randomized) and the r triplets the method uses."""
+    if options.svd == "randomized":
+        return randomized_svd(w, options.rank, seed=options.seed), torch.arange(options.rank, device=w.device)
+    svd = full_svd(w)
+    r_all = svd.S.numel()
+    if options.method == "pissa":
+        return svd, torch.arange(options.rank, device=w.device)
+    if options.method == "milora":
+        return svd, torch.arange(r_all - options.rank, r_all, device=w.device)
+    delta_v, delta_norm2 = delta_times_v(finetuned, name, w, w_ft, svd.Vh, compute)
+    return svd, core_directions(svd.U, svd.S, delta_v, delta_norm2, options.rank)[1]
+
+
 def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, finetuned: Checkpoint | None = None,
               residual: CheckpointWriter | None = None, compute: Compute | None = None,
               on_progress: Callable[[int], None] | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
-    """Factors for every targeted weight; with `residual`, the whole base is streamed into it with
-    the targeted weights replaced by their residuals (in the base's dtype)."""
+    """Factors for every targeted weight; with `residual` (a writer planned with `stored_plan(base)`),
+    the whole base is written into it with the targeted weights replaced by their residuals (in
+    the base's dtype)."""
     compute = compute or Compute.create()
     if options.method == "tsd" and finetuned is None:
         raise InvalidArgument("--method tsd needs --from FT (a fine-tuned checkpoint or a warm-up adapter)")
     for name in targets:
         _check_rank(name, options.rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
+    warmup = finetuned if options.method == "tsd" else None
+    if warmup is not None:
+        _check_same_weights(base, warmup, targets)
     report = LoraReport("init", asdict(options), str(base.path), None if finetuned is None else str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
     wanted = set(targets)
-    for name in base.names():
-        if name not in wanted:
-            if residual is not None:
+    if residual is not None:
+        for name in base.names():
+            if name not in wanted:
                 residual.add(name, base.get(name))
-            continue
-        stored = base.get(name)
-        w = as_matrix(name, stored.to(compute.device, compute.dtype), base.config)
-        if options.svd == "randomized":
-            svd = randomized_svd(w, options.rank, seed=options.seed)
-            chosen = torch.arange(options.rank, device=w.device)
-        else:
-            svd = full_svd(w)
-            r_all = svd.S.numel()
-            if options.method == "pissa":
-                chosen = torch.arange(options.rank, device=w.device)
-            elif options.method == "milora":
-                chosen = torch.arange(r_all - options.rank, r_all, device=w.device)
-            else:
-                w_ft = None if is_adapted(finetuned, name) else \
-                    as_matrix(name, finetuned.get(name, compute.device, compute.dtype), base.config)
-                delta_v, delta_norm2 = delta_times_v(finetuned, name, w, w_ft, svd.Vh, compute)
-                _, order, _, _ = core_directions(svd.U, svd.S, delta_v, delta_norm2, options.rank)
-                chosen = order
-        f, res = _split(w, svd, chosen, options.scale)
-        f.embedding = _embedding(name)
-        module = name.removesuffix(".weight")
-        factors[module] = f
-        total = float((w * w).sum()) or 1.0
-        kept = float((svd.S[chosen] ** 2).sum())
-        report.modules.append(ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
-                                           math.sqrt(float((res * res).sum()) / total)))
-        if residual is not None:
-            stored_res = res.T if is_conv1d(name, base.config) else res.reshape(stored.shape)
-            residual.add(name, stored_res.to(stored.dtype).cpu())
-        if on_progress:
-            on_progress(1)
-    return report, factors
+    walk = _targets_walk(base, targets, warmup)
+    for batch in walk.batches(compute, factors=True, on_progress=on_progress):
+        for b, item in enumerate(batch.items):
+            name = item.names[0]
+            w = batch.tensors[0][b]
+            w_ft = batch.tensors[1][b] if warmup is not None and batch.tensors[1] is not None else None
+            svd, chosen = _chosen_directions(w, name, options, warmup, w_ft, compute)
+            f, res = _split(w, svd, chosen, options.scale)
+            f.embedding = _embedding(name)
+            factors[name.removesuffix(".weight")] = f
+            total = float((w * w).sum()) or 1.0
+            kept = float((svd.S[chosen] ** 2).sum())
+            report.modules.append(ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
+                                               math.sqrt(float((res * res).sum()) / total)))
+            if residual is not None:
+                stored = base.info(name)
+                stored_res = res.T if is_conv1d(name, base.config) else res.reshape(stored.shape)
+                residual.add(name, stored_res.to(torch_dtype(stored.dtype, base.path, name)).cpu())
+    report.modules = walk.in_order(report.modules, lambda m: m.name)
+    return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
 
 def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], rank: int | None = None,
@@ -162,41 +185,39 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
     if rank is not None:
         for name in targets:
             _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
-    for name in targets:
-        if name not in finetuned:
-            raise MissingTensor("the base has this weight but the fine-tune does not; is it of another model?",
-                                finetuned.path, name)
-        if tuple(finetuned.info(name).shape) != tuple(base.info(name).shape):
-            raise ShapeMismatch(f"{list(finetuned.info(name).shape)} in the fine-tune but {list(base.info(name).shape)} "
-                                "in the base; is it of another model?", finetuned.path, name)
+    _check_same_weights(base, finetuned, targets)
     report = LoraReport("extract", {"rank": rank, "energy": energy}, str(base.path), str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
-    for name in targets:
-        lowrank = adapter_factors(finetuned, name, compute)
-        if lowrank is not None:
-            svd = lowrank_svd(*lowrank)
-        else:
-            w = as_matrix(name, base.get(name, compute.device, compute.dtype), base.config)
-            w_ft = as_matrix(name, finetuned.get(name, compute.device, compute.dtype), base.config)
-            svd = full_svd(w_ft - w)
-        s2 = svd.S.double() ** 2
-        total = float(s2.sum())
-        if total == 0:
-            report.skipped.append(name)
-            continue
-        r = rank if rank is not None else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
-        r = min(r, svd.S.numel())
-        root = svd.S[:r].sqrt()
-        f = LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :], embedding=_embedding(name))
-        factors[name.removesuffix(".weight")] = f
-        kept = float(s2[:r].sum())
-        report.modules.append(ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
-                                           math.sqrt(max(total - kept, 0.0) / total)))
-        if on_progress:
-            on_progress(1)
+    walk = _targets_walk(base, targets, finetuned)
+    for batch in walk.batches(compute, factors=True, on_progress=on_progress):
+        for b, item in enumerate(batch.items):
+            name = item.names[0]
+            lowrank = adapter_factors(finetuned, name, compute)
+            if lowrank is not None:
+                svd = lowrank_svd(*lowrank)
+            elif batch.tensors[1] is None:  # an adapter that leaves this weight as the base has it
+                report.skipped.append(name)
+                continue
+            else:
+                svd = full_svd(batch.tensors[1][b] - batch.tensors[0][b])
+            s2 = svd.S.double() ** 2
+            total = float(s2.sum())
+            if total == 0:
+                report.skipped.append(name)
+                continue
+            r = rank if rank is not None else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
+            r = min(r, svd.S.numel())
+            root = svd.S[:r].sqrt()
+            factors[name.removesuffix(".weight")] = LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :],
+                                                                embedding=_embedding(name))
+            kept = float(s2[:r].sum())
+            report.modules.append(ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
+                                               math.sqrt(max(total - kept, 0.0) / total)))
     if not factors:
         raise InvalidArgument("no targeted weight differs between the base and the fine-tune", finetuned.path)
-    return report, factors
+    report.modules = walk.in_order(report.modules, lambda m: m.name)
+    report.skipped = walk.in_order(report.skipped, str)
+    return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
 
 def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str, LoraFactors], float]:

@@ -1,0 +1,132 @@
+"""The one pass every analysis and surgery makes over the tensors of its checkpoints.
+
+`TensorWalk(sources, selection, changed_by=...)` decides what is visited: tensors every source
+has with one shape (matched by canonical name), floating, matrices (or any tensor of at least
+`min_elements` entries), within `--include`/`--exclude`, and — when fine-tunes are adapters —
+only the modules an adapter changes (elsewhere W' = W by construction). `walk.batches(compute)`
+then reads them ahead of use, checks every floating value finite, stacks same-shape tensors into
+batches of `compute.batch_size` and reports progress. Analyses keep only their maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
+
+import torch
+
+from weightlab.compute.device import Compute
+from weightlab.compute.stream import stream_matrices
+from weightlab.domains import REGEX, check_fields, compile_filter, option
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import MatchedTensor, match_checkpoints
+
+T = TypeVar("T")
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """`--include` / `--exclude` regexes on tensor names; a base of every analysis's options
+    (keyword-only, so they follow each analysis's own options)."""
+
+    include: str | None = option(None, REGEX, "--include", kw_only=True)
+    exclude: str | None = option(None, REGEX, "--exclude", kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which matched tensors a walk visits."""
+
+    include: str | None = None
+    exclude: str | None = None
+    matrices: bool = True  # 2-D (or conv) weights with both sides > 1; else any tensor
+    floating: bool = True  # floating tensors only (merging also copies integer buffers)
+    min_elements: int = 1
+    names: frozenset[str] | None = None  # only these (first-source) names, e.g. LoRA targets
+
+    @classmethod
+    def of(cls, filters: Filters, **more: Any) -> "Selection":
+        return cls(filters.include, filters.exclude, **more)
+
+
+def select(matched: Sequence[MatchedTensor], selection: Selection) -> list[MatchedTensor]:
+    """The matched tensors `selection` keeps, in their order."""
+    inc, exc = compile_filter(selection.include, "--include"), compile_filter(selection.exclude, "--exclude")
+    chosen = []
+    for item in matched:
+        name = item.names[0]
+        if (selection.floating and not item.is_float) or math.prod(item.shape) < selection.min_elements:
+            continue
+        if selection.matrices and (len(item.shape) < 2 or min(item.shape[0], math.prod(item.shape[1:])) < 2):
+            continue
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            continue
+        if selection.names is not None and name not in selection.names:
+            continue
+        chosen.append(item)
+    return chosen
+
+
+def may_change(ckpt: Checkpoint, name: str) -> bool:
+    """False only when `ckpt` is an adapter that leaves `name` as the base has it."""
+    return not isinstance(ckpt, AdaptedCheckpoint) or name in ckpt.module_of
+
+
+class Batch(NamedTuple):
+    items: list[MatchedTensor]
+    tensors: list[torch.Tensor | None]  # per source a stack [b, ...]; None: an adapter read as factors
+
+
+class TensorWalk:
+    """What one pass visits; `batches()` makes the pass.
+
+    `changed_by` names the fine-tunes whose change the analysis is about: a tensor is kept when
+    any of them (with `every=True`: each of them) may change it (see `may_change`)."""
+
+    def __init__(self, sources: Sequence[Checkpoint], selection: Selection = Selection(), *,
+                 changed_by: Sequence[Checkpoint] = (), every: bool = False):
+        self.sources = list(sources)
+        self.matching = match_checkpoints(self.sources)
+        rule = all if every else any
+        self.items = [item for item in select(self.matching.matched, selection)
+                      if not changed_by or rule(may_change(c, item.names[0]) for c in changed_by)]
+        self._position = {item.names[0]: i for i, item in enumerate(self.items)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def problems(self) -> list[str]:
+        """Tensors only some sources have, and shape mismatches, as lines for the user."""
+        return self.matching.describe_problems()
+
+    def in_order(self, results: list[T], name_of: Callable[[T], str], group: Callable[[T], Any] = lambda r: 0) -> list[T]:
+        """`results` in the walk's tensor order (within each `group`): the same order whatever the
+        batch size, so a GPU run writes the same JSON as a CPU run."""
+        return sorted(results, key=lambda r: (group(r), self._position[name_of(r)]))
+
+    def batches(self, compute: Compute, *, factors: bool = False, stored_layout: bool = False,
+                on_start: Progress | None = None, on_progress: Progress | None = None) -> Iterator[Batch]:
+        """Read ahead, check finite, stack same-shape tensors. Tensors are out×in matrices
+        (`naming.as_matrix`) unless `stored_layout`. With `factors`, adapters are not applied
+        densely: their slot is None and the analysis reads their factors (`analysis.deltas`)."""
+        read = [i for i, c in enumerate(self.sources) if not (factors and isinstance(c, AdaptedCheckpoint))]
+        if on_start:
+            on_start(len(self.items))
+        stream = stream_matrices([self.sources[i] for i in read], self.items, compute.device, compute.dtype,
+                                 compute.batch_size, compute.prefetch, matrix=not stored_layout)
+        for items, stacks in stream:
+            tensors: list[torch.Tensor | None] = [None] * len(self.sources)
+            for i, stack in zip(read, stacks):
+                tensors[i] = stack
+            del stacks
+            yield Batch(items, tensors)
+            del tensors  # before the next batch is prepared: one batch in memory
+            if on_progress:
+                on_progress(len(items))
