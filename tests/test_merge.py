@@ -15,7 +15,6 @@ from weightlab.errors import InvalidArgument, MissingTensor, OutputExists, Shape
 from weightlab.io import open_checkpoint
 from weightlab.merge import METHODS, NanOptions, merge, nan_coefficients
 from weightlab.merge.config import build_config, load_config
-from weightlab.merge.methods import MergeParams
 from weightlab.merge.run import tensor_seed
 
 
@@ -25,7 +24,10 @@ def rand(*shape, seed=0):
 
 def call(method, base, models, coeffs, seed=0, name="w", **params):
     gen = lambda i: torch.Generator().manual_seed(tensor_seed(seed, name, i))  # noqa: E731
-    return METHODS[method].fn(base, models, torch.tensor(coeffs, dtype=torch.float64), MergeParams(**params), gen)
+    spec = METHODS[method]
+    given = {("lambda" if k == "lam" else k): v for k, v in params.items()}
+    given = {k: v for k, v in given.items() if spec.param(k)}  # the ones it declares
+    return spec.fn(base, models, torch.tensor(coeffs, dtype=torch.float64), spec.resolve(given), gen)
 
 
 # --- plain references, entry by entry, from the papers' formulas -----------------------------
@@ -231,7 +233,7 @@ def test_tensor_missing_from_a_model_is_an_error(three, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"method": "task-arithmetic", "models": ["a"], "param_values": {"density": 0.5}, "base": "b"}, "does not use --density"),
+    ({"method": "task-arithmetic", "models": ["a"], "param_values": {"density": 0.5}, "base": "b"}, "task-arithmetic does not use density \\(its parameters: lambda\\)"),
     ({"method": "ties", "models": ["a", "b"]}, "needs --base"),
     ({"method": "slerp", "models": ["a", "b", "c"]}, "merges 2 models"),
     ({"method": "nan", "models": ["a"], "base": "b", "weights": [1.0]}, "use one"),
@@ -251,7 +253,7 @@ def test_yaml_config_rejects_unknown_keys_and_reads_mergekit(tmp_path):
         "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n  - model: a\n    parameters: {weight: 0.7, density: 0.4}\n"
         "  - model: b\n    parameters: {weight: 0.3, density: 0.4}\nparameters: {normalize: true, int8_mask: true}\ndtype: bfloat16\n")
     cfg = build_config(load_config(tmp_path / "mk.yml"))
-    assert (cfg.method, cfg.base, cfg.models, cfg.weights, cfg.params.density, cfg.dtype) == \
+    assert (cfg.method, cfg.base, cfg.models, cfg.weights, cfg.resolved.density, cfg.dtype) == \
         ("ties", "base", ["a", "b"], [0.7, 0.3], 0.4, "bfloat16")
 
 
@@ -264,7 +266,7 @@ def test_cli_merge_prints_coefficients_and_refuses_to_overwrite(three, run_cli, 
     assert code == 2 and "--force" in err
     code, _, err = run_cli("merge", "--method", "ties", "--base", three["base"], three["ft0"], "--gamma", "0.1", "-o",
                            tmp_path / "x")
-    assert code == 2 and "does not use --gamma" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "ties does not use gamma" in err and not (tmp_path / "x").exists()
 
 
 def test_existing_output_is_not_touched_without_force(three, tmp_path):

@@ -17,6 +17,29 @@ from weightlab.merge.config import build_config, load_config
 from weightlab.report.tables import table
 
 
+def _methods_help() -> str:
+    """The registry, one line per method, for the bottom of `merge --help`."""
+    lines = ["Methods (parameters: --lambda, --density, or --param NAME=VALUE):"]
+    for m in METHODS.values():
+        params = ", ".join(f"{p.name}={p.default:g}" for p in m.params) or "no parameters"
+        lines.append(f"{m.name}: {params}{'' if m.needs_base else '; no base'}. {m.reference.replace('*', '')}")
+    return "\n\n".join(lines)
+
+
+def _params(texts: Optional[list[str]]) -> dict[str, float]:
+    """{name: value} from `--param NAME=VALUE` options."""
+    out: dict[str, float] = {}
+    for text in texts or []:
+        name, sep, value = text.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InvalidArgument(f"--param {text!r}: write NAME=VALUE with a number, e.g. --param gamma=0.05") from None
+    return out
+
+
 def _floats(text: Optional[str]) -> Optional[list[float]]:
     if text is None:
         return None
@@ -26,7 +49,7 @@ def _floats(text: Optional[str]) -> Optional[list[float]]:
         raise InvalidArgument(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
 
 
-@app.command()
+@app.command(epilog=_methods_help())
 def merge(
     models: List[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output checkpoint folder."),
@@ -40,9 +63,11 @@ def merge(
     nan_normalize: Optional[str] = typer.Option(None, "--nan-normalize", help="NAN Σc_i = 1 (sum, default) or N (count)."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
     density: Optional[float] = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="Fraction of largest entries dropped (breadcrumbs)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="SLERP: 1 − |cos| below which it is linear."),
-    t: Optional[float] = typer.Option(None, "--t", help="SLERP position between the two models (default 0.5)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
+                                              help="Any other parameter of the method (repeatable); listed below."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", hidden=True),  # = --param gamma=…, kept for old scripts
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", hidden=True),
+    t: Optional[float] = typer.Option(None, "--t", hidden=True),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for DARE's random drops (default 0)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
@@ -52,13 +77,14 @@ def merge(
     report_out: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
-    """Merge fine-tunes of one base: average, task arithmetic, TIES, DARE, breadcrumbs, SLERP, Model Stock, NAN, TSV.
+    """Merge fine-tunes of one base, streaming tensor by tensor, with manual or NAN coefficients.
 
     Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
     """
     options = load_config(config) if config else {}
-    cli_params = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
-    options["param_values"] = {**options.get("param_values", {}), **{k: v for k, v in cli_params.items() if v is not None}}
+    flags = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
+    given = {**{k: v for k, v in flags.items() if v is not None}, **_params(param)}
+    options["param_values"] = {**options.get("param_values", {}), **given}
     overrides = {"method": method, "base": base, "weights": _floats(weights), "coeff": coeff, "seed": seed, "dtype": dtype}
     options.update({k: v for k, v in overrides.items() if v is not None})
     if models:

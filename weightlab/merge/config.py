@@ -14,15 +14,11 @@ import yaml
 from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge.coefficients import NanOptions
-from weightlab.merge.methods import MAX_COEFFICIENT, METHODS, MergeParams
+from weightlab.merge.methods import MAX_COEFFICIENT, METHODS, MergeMethod, Params, mergekit_names, parameter_names
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-PARAM_KEYS = {"lambda": "lam", "density": "density", "gamma": "gamma", "epsilon": "epsilon", "t": "t"}
-OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype", *PARAM_KEYS}
-# mergekit method names -> ours, and top-level keys we accept as no-ops (they only tune mergekit's memory use)
-MERGEKIT_METHODS = {"linear": "average", "task_arithmetic": "task-arithmetic", "ties": "ties", "dare_linear": "dare-linear",
-                    "dare_ties": "dare-ties", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs-ties",
-                    "slerp": "slerp", "model_stock": "model-stock"}
+OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype"}  # and every parameter name
+# mergekit parameters we accept as no-ops (they only tune mergekit's memory use)
 MERGEKIT_NOOP_PARAMETERS = {"int8_mask", "normalize"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
 
@@ -35,36 +31,42 @@ class MergeConfig:
     weights: list[float] | None = None
     coeff: str = "manual"  # manual | nan
     nan: NanOptions = field(default_factory=NanOptions)
-    params: MergeParams = field(default_factory=MergeParams)
-    explicit_params: frozenset[str] = frozenset()  # MergeParams fields the user set
+    params: dict[str, float] = field(default_factory=dict)  # the method parameters given, by name (`lambda`, …)
     seed: int = 0
     dtype: str | None = None  # output dtype; default: each tensor's dtype in the base
 
     def __post_init__(self) -> None:
-        if self.method == "nan":
+        Choice(*METHODS).check("--method", self.method)
+        if self.spec.nan:
             self.coeff = "nan"
         self.validate()
 
+    @property
+    def spec(self) -> MergeMethod:
+        return METHODS[self.method]
+
+    @property
+    def resolved(self) -> Params:
+        """Every parameter the method declares: the given values, else the defaults."""
+        return self.spec.resolve(self.params)
+
     def validate(self) -> None:
-        Choice(*METHODS).check("--method", self.method)
         if not isinstance(self.models, list) or not all(isinstance(m, str) and m for m in self.models):
             raise InvalidArgument("models must be a list of paths")
         if self.base is not None and not (isinstance(self.base, str) and self.base):
             raise InvalidArgument("base must be a path")
-        spec = METHODS[self.method]
+        spec = self.spec
         n = len(self.models)
         if n < spec.min_models or (spec.max_models and n > spec.max_models):
             wanted = spec.min_models if spec.min_models == spec.max_models else f"at least {spec.min_models}"
             raise InvalidArgument(f"{self.method} merges {wanted} models, got {n}")
         if spec.needs_base and not self.base:
             raise InvalidArgument(f"{self.method} needs --base (task vectors are relative to it)")
-        unused = self.explicit_params - spec.params
-        if unused:
-            names = ", ".join("--" + ("lambda" if u == "lam" else u) for u in sorted(unused))
-            raise InvalidArgument(f"{self.method} does not use {names}")
-        uses_coefficients = self.method not in ("slerp", "model-stock")
+        if not isinstance(self.params, dict):
+            raise InvalidArgument("params must be a mapping of parameter names to values")
+        spec.resolve(self.params)
         if self.weights is not None:
-            if not uses_coefficients:
+            if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")
             if len(self.weights) != n:
                 raise InvalidArgument(f"--weights has {len(self.weights)} values for {n} models")
@@ -73,7 +75,7 @@ class MergeConfig:
         if self.coeff not in ("manual", "nan"):
             raise InvalidArgument(f"--coeff {self.coeff!r}: choose manual or nan")
         if self.coeff == "nan":
-            if not uses_coefficients:
+            if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no coefficients, so --coeff nan does not apply")
             if self.nan.norm_of == "task-vectors" and not self.base:
                 raise InvalidArgument("NAN on task vectors needs --base")
@@ -89,22 +91,15 @@ class MergeConfig:
     def to_dict(self) -> dict:
         return {"method": self.method, "base": self.base, "models": self.models, "weights": self.weights,
                 "coeff": self.coeff, "nan": asdict(self.nan) if self.coeff == "nan" else None,
-                "params": {k: v for k, v in asdict(self.params).items() if k in METHODS[self.method].params},
+                "params": self.resolved.as_dict(),
                 "seed": self.seed, "dtype": self.dtype}
-
-
-def params_from(values: dict[str, float | None]) -> tuple[MergeParams, frozenset[str]]:
-    """MergeParams from option values (None = not given), and which were given."""
-    given = {PARAM_KEYS.get(k, k): v for k, v in values.items() if v is not None}
-    known = {f.name for f in fields(MergeParams)}
-    return MergeParams(**{k: v for k, v in given.items() if k in known}), frozenset(given)
 
 
 def build_config(options: dict) -> MergeConfig:
     """A validated `MergeConfig` from keyword options, with method parameters given as
-    `param_values` by their option names (lambda, density, gamma, epsilon, t)."""
+    `param_values` by name (lambda, density, gamma, …)."""
     options = dict(options)
-    options["params"], options["explicit_params"] = params_from(options.pop("param_values", {}))
+    options["params"] = options.pop("param_values", {})
     return MergeConfig(**options)
 
 
@@ -152,9 +147,10 @@ def _models(entries: Any, key: str, path) -> list[tuple[str, dict]]:
 
 
 def _from_ours(data: dict, path) -> dict:
-    unknown = set(data) - OUR_KEYS
+    known = OUR_KEYS | set(parameter_names())
+    unknown = set(data) - known
     if unknown:
-        raise InvalidArgument(f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(OUR_KEYS))})", path)
+        raise InvalidArgument(f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(known))})", path)
     kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str"}
     out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
     models = _models(data.get("models") or [], "models", path)
@@ -177,7 +173,7 @@ def _from_ours(data: dict, path) -> dict:
         out["nan"] = NanOptions(**nan)
         if out.get("coeff") != "nan" and out.get("method") != "nan":
             raise InvalidArgument("a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path)
-    out["param_values"] = {k: _typed(data[k], "number", k, path) for k in PARAM_KEYS if data.get(k) is not None}
+    out["param_values"] = {k: _typed(data[k], "number", k, path) for k in parameter_names() if data.get(k) is not None}
     return out
 
 
@@ -186,10 +182,10 @@ def _from_mergekit(data: dict, path) -> dict:
     if unknown:
         raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
     method_name = _typed(data["merge_method"], "str", "merge_method", path)
-    method = MERGEKIT_METHODS.get(method_name)
+    method = mergekit_names().get(method_name)
     if method is None:
         raise InvalidArgument(f"mergekit merge_method {method_name!r} is not supported; supported: "
-                              f"{', '.join(MERGEKIT_METHODS)}", path)
+                              f"{', '.join(mergekit_names())}", path)
     base = data.get("base_model")
     if base is not None:
         base = _typed(base, "str", "base_model", path)
@@ -208,17 +204,16 @@ def _from_mergekit(data: dict, path) -> dict:
         if any(v != values[0] for v in values):
             raise InvalidArgument(f"per-model {key} differs between models; weightlab takes one {key} for all", path)
         global_params.setdefault(key, values[0])
-    if global_params.get("normalize") is False and method in ("ties", "dare-ties", "breadcrumbs-ties", "average"):
+    if global_params.get("normalize") is False and METHODS[method].normalises:
         raise InvalidArgument("normalize: false is not supported (weightlab's TIES/average always normalise)", path)
-    unknown_params = set(global_params) - set(PARAM_KEYS) - MERGEKIT_NOOP_PARAMETERS
+    unknown_params = set(global_params) - set(parameter_names()) - MERGEKIT_NOOP_PARAMETERS
     if unknown_params:
         raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(map(str, unknown_params)))}", path)
-    values = {k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in PARAM_KEYS if k in global_params}
+    values = {k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in parameter_names() if k in global_params}
     if method == "slerp" and base:  # mergekit interpolates from base_model (t = 0) to the other model
         models, base = [base, *models], None
-    takes_weights = method not in ("slerp", "model-stock")
     out = {"method": method, "base": base, "models": models,
-           "weights": weights if takes_weights and any(w != 1.0 for w in weights) else None, "param_values": values}
+           "weights": weights if METHODS[method].coefficients and any(w != 1.0 for w in weights) else None, "param_values": values}
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         out["dtype"] = _typed(dtype, "str", "out_dtype" if data.get("out_dtype") else "dtype", path)

@@ -32,7 +32,6 @@ from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_pla
 from weightlab.matching import Matching
 from weightlab.merge.coefficients import nan_coefficients
 from weightlab.merge.config import MergeConfig
-from weightlab.merge.methods import METHODS
 from weightlab.naming import layer_index
 
 SCHEMA = "weightlab.merge/1"
@@ -112,7 +111,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     started = time.perf_counter()
     check_outputs([config.base, *config.models, donor], [Output("-o", out_dir, directory=True)], force)
     compute = compute or Compute.create()
-    spec = METHODS[config.method]
+    spec, params = config.spec, config.resolved
     base = open_weights(config.base) if config.base else None
     models = [open_weights(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
@@ -156,7 +155,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                     per_tensor[name] = coeffs
                 generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
                 merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
-                                 config.params, generators)
+                                 params, generators)
                 writer.add(name, merged.to(out_dtype_of[name]))
                 report.merged += 1
         for name in buffers:  # e.g. position_ids a fine-tune was saved without

@@ -1,0 +1,110 @@
+"""The merge registry is the one source of truth: config validation, --param, --help, the
+mergekit mapping and docs/merge.md all come from it, and a new method is one entry."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from weightlab.domains import Real
+from weightlab.errors import InvalidArgument
+from weightlab.merge import merge
+from weightlab.merge.config import build_config, load_config
+from weightlab.merge.methods import METHODS, LAMBDA, MergeMethod, Param, methods_table, mergekit_names
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
+
+
+def test_docs_methods_table_is_the_registry():
+    text = DOCS.read_text()
+    table = text.split("keeps it equal -->\n", 1)[1].split("\n<!-- end of methods table -->", 1)[0]
+    assert table == methods_table()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.values() if not m.nan], ids=lambda m: m.name)
+def test_each_method_function_cites_its_paper(method):
+    first_author = method.reference.split()[0]
+    assert first_author in (method.fn.__doc__ or ""), (method.name, method.reference)
+
+
+def test_help_lists_every_method_with_its_parameters(run_cli):
+    code, out, _ = run_cli("merge", "--help")
+    assert code == 0
+    for m in METHODS.values():
+        assert m.name in out and all(f"{p.name}={p.default:g}" in out for p in m.params)
+    assert "--param" in out and "--gamma" not in out  # method-specific parameters are not global flags
+
+
+@pytest.mark.parametrize("mergekit, ours", sorted(mergekit_names().items()))
+def test_every_mergekit_name_loads_as_its_method(mergekit, ours, tmp_path):
+    assert METHODS[ours].mergekit == mergekit
+    # slerp interpolates from base_model to one other model; model stock wants two or more
+    models = "  - model: a\n" + ("" if ours == "slerp" else "  - model: b\n")
+    (tmp_path / "mk.yml").write_text(f"merge_method: {mergekit}\nbase_model: base\nmodels:\n{models}")
+    assert build_config(load_config(tmp_path / "mk.yml")).method == ours
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density\)"),
+    ({"density": 0.0}, r"--density 0.0: must be a finite number in \(0, 1\]"),
+    ({"lambda": float("inf")}, r"--lambda inf"),
+])
+def test_parameters_are_checked_against_the_method_declaration(given, message):
+    with pytest.raises(InvalidArgument, match=message):
+        build_config({"method": "ties", "base": "b", "models": ["a"], "param_values": given})
+
+
+def test_a_yaml_nan_block_without_nan_coefficients_is_refused(tmp_path):
+    (tmp_path / "c.yml").write_text("method: ties\nbase: b\nmodels: [a]\nnan: {power: 2}\n")
+    with pytest.raises(InvalidArgument, match="needs coeff: nan"):
+        load_config(tmp_path / "c.yml")
+
+
+def _two(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = {"layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=gen)}
+    paths = {}
+    for name, shift in (("base", 0.0), ("a", 1.0), ("b", -0.5)):
+        (tmp_path / name).mkdir()
+        save_file({k: v + shift for k, v in base.items()}, tmp_path / name / "model.safetensors")
+        paths[name] = str(tmp_path / name)
+    return paths
+
+
+def test_param_option_reaches_the_method_and_the_record(tmp_path, run_cli):
+    p = _two(tmp_path)
+    code, _, err = run_cli("merge", "--method", "breadcrumbs", "--base", p["base"], p["a"], p["b"], "--param", "gamma=0.25",
+                           "--density", "0.5", "-o", tmp_path / "m")
+    assert code == 0, err
+    record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
+    assert record["config"]["params"] == {"lam": 1.0, "density": 0.5, "gamma": 0.25}
+    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "gamma=0.25", "-o", tmp_path / "x")
+    assert code == 2 and "ties does not use gamma (its parameters: lambda, density)" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "density", "-o", tmp_path / "x")
+    assert code == 2 and "NAME=VALUE" in err
+
+
+def scaled_mean(base, models, coeffs, p, gen):
+    """θ_b + β·mean_i τ_i (a toy method for this test; no paper)."""
+    return base + p.beta * torch.stack([m - base for m in models]).mean(0)
+
+
+def test_a_new_method_is_one_function_and_one_entry(tmp_path, monkeypatch):
+    beta = Param("beta", Real(0, 10), 1.0, "scale of the mean task vector")
+    monkeypatch.setitem(METHODS, "scaled-mean", MergeMethod("scaled-mean", scaled_mean, "θ_b + β·mean τ_i", "toy",
+                                                            (beta,), coefficients=False))
+    p = _two(tmp_path)
+    cfg = build_config({"method": "scaled-mean", "base": p["base"], "models": [p["a"], p["b"]], "param_values": {"beta": 2.0}})
+    merge(cfg, tmp_path / "m")
+    got = load_file(next((tmp_path / "m").glob("*.safetensors")))["layers.0.mlp.up_proj.weight"]
+    base = load_file(Path(p["base"]) / "model.safetensors")["layers.0.mlp.up_proj.weight"]
+    torch.testing.assert_close(got, base + 2.0 * 0.25)  # mean shift (1 − 0.5)/2, scaled by β = 2
+    with pytest.raises(InvalidArgument, match=r"--param beta 11"):
+        build_config({"method": "scaled-mean", "base": "b", "models": ["a"], "param_values": {"beta": 11}})
+    assert "scaled-mean" in methods_table() and re.search(r"`beta` \(1\)", methods_table())
+    (tmp_path / "c.yml").write_text(f"method: scaled-mean\nbase: {p['base']}\nmodels: [{p['a']}]\nbeta: 3\n")
+    assert build_config(load_config(tmp_path / "c.yml")).resolved.beta == 3
+    assert LAMBDA.flag == "--lambda"
