@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from weightlab.examples import minilm_path
+from weightlab.results import Result, Table
 
 CACHE_VERSION = "1"
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
@@ -177,6 +178,47 @@ def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None =
     return paths
 
 
+@dataclass
+class DemoSummary(Result):
+    """The tour's headline numbers (summary.json)."""
+
+    SCHEMA = "weightlab.demo/1"
+    TITLE = "The demo: brief fine-tunes of all-MiniLM-L6-v2, and their merges"
+    REFERENCE = "docs/demo.md"
+    ORDER = 0
+
+    model: str
+    fine_tunes: dict  # key -> {accuracy: {before, after}, lora, ...}
+    spectrum: dict  # key -> mean change, most changed matrix and role, intruders
+    angles_ft_animal_vs_ft_colour_mean_deg: float
+    gaussian: dict
+    tsd_percentile_histogram: list[int]
+    merge: dict  # label -> {accuracy: {task: value}, coefficients}
+    init_lora_tsd_max_residual_error: float
+    extract_lora: dict
+
+    def _tasks(self) -> list[str]:
+        return sorted({t for m in self.merge.values() for t in m["accuracy"]})
+
+    def tables(self) -> list[Table]:
+        tasks = self._tasks()
+        return [Table("merging the two full fine-tunes: test accuracy per task", ["merge", *(f"{t} accuracy" for t in tasks),
+                                                                                  "coefficients"],
+                      [[label, *(m["accuracy"][t] for t in tasks), ", ".join(f"{c:.3f}" for c in m["coefficients"])]
+                       for label, m in self.merge.items()])]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        tasks = self._tasks()
+        return [(f"demo.merge.{label}", f"merged, {label}: accuracy " + " / ".join(tasks),
+                 " / ".join(f"{m['accuracy'][t]:.2f}" for t in tasks)) for label, m in self.merge.items()]
+
+    def note(self) -> str:
+        before = ", ".join(f"{k} {ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}"
+                           for k, ft in self.fine_tunes.items())
+        return (f"Test accuracy of each fine-tune, before → after (fresh head): {before}. Each merged encoder is scored "
+                "with each task's own trained head; every variant is listed.")
+
+
 def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = None) -> dict:
     """Run the tour into folder `tmp` (the caller renames it into place); returns the headline numbers."""
     from weightlab.analysis.angles import AnglesOptions, angles
@@ -191,7 +233,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.merge.config import build_config
     from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
-    from weightlab.report.plots import angles_plots, gaussian_plots, spectrum_plots, tsd_plots
+    from weightlab.report.plots import draw, gaussian_plots
     from weightlab.surgery.lora import LoraInitOptions, extract_lora, init_lora
     from weightlab.surgery.targets import resolve_targets
 
@@ -205,13 +247,13 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     step("spectrum: base vs each fine-tune")
     spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute)
     (tmp / "spectrum.json").write_text(to_json(spec.to_dict()))
-    (tmp / "spectrum.csv").write_text(to_csv(m.row() for m in spec.matrices))
-    spectrum_plots(spec, tmp / "plots" / "spectrum")
+    (tmp / "spectrum.csv").write_text(to_csv(spec.rows()))
+    draw(spec, tmp / "plots" / "spectrum")
 
     step("angles: task vectors of the two full fine-tunes")
     ang = angles(fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16), compute)
     (tmp / "angles.json").write_text(to_json(ang.to_dict()))
-    angles_plots(ang, tmp / "plots" / "angles")
+    draw(ang, tmp / "plots" / "angles")
 
     step("gaussian: the full fine-tune's update ΔW")
     gauss = gaussian(fts["ft_animal"], base, GaussianOptions(), compute)
@@ -222,7 +264,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     directions, vectors = tsd(base, fts["lora_animal"], TSDOptions(top=8), compute, keep_vectors=True)
     (tmp / "tsd.json").write_text(to_json(directions.to_dict()))
     save_directions(tmp / "tsd.safetensors", vectors, {"finetuned": str(paths["lora_animal"])})
-    tsd_plots(directions, tmp / "plots" / "tsd")
+    draw(directions, tmp / "plots" / "tsd")
 
     tasks = {t.name: t for t in make_tasks()}
     models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
@@ -258,25 +300,26 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
 
     keys = list(fts)
     by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
-    headline = {
-        "schema": "weightlab.demo/1", "model": str(base.path), "fine_tunes": trained,
-        "spectrum": {key: {
+    summary = DemoSummary(
+        model=str(base.path), fine_tunes=trained,
+        spectrum={key: {
             "matrices": len(ms),
             "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
             "most_changed": max(ms, key=lambda m: m.relative_change).name,
             "intruders": sum(len(m.intruders) for m in ms),
             "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
         } for key, ms in by_ft.items()},
-        "angles_ft_animal_vs_ft_colour_mean_deg": sum(m.mean_angle for m in ang.matrices) / len(ang.matrices),
-        "gaussian": {"weights": gauss.label_counts(), "delta": gauss.label_counts("delta"),
-                     "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None},
-        "tsd_percentile_histogram": directions.percentile_histogram(),
-        "merge": {label: {"accuracy": m["accuracy"], "coefficients": m["coefficients"]} for label, m in merges.items()},
-        "init_lora_tsd_max_residual_error": max(m.relative_error for m in init_report.modules),
-        "extract_lora": {"modules": len(extract_report.modules),
-                         "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
-                         "accuracy_animal": extract_accuracy},
-    }
+        angles_ft_animal_vs_ft_colour_mean_deg=sum(m.mean_angle for m in ang.matrices) / len(ang.matrices),
+        gaussian={"weights": gauss.label_counts(), "delta": gauss.label_counts("delta"),
+                  "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None},
+        tsd_percentile_histogram=directions.percentile_histogram(),
+        merge={label: {"accuracy": m["accuracy"], "coefficients": m["coefficients"]} for label, m in merges.items()},
+        init_lora_tsd_max_residual_error=max(m.relative_error for m in init_report.modules),
+        extract_lora={"modules": len(extract_report.modules),
+                      "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
+                      "accuracy_animal": extract_accuracy},
+    )
+    headline = summary.to_dict()
     (tmp / "summary.json").write_text(to_json(headline))
     step("report: report.html and report.md")
     write_report(load_results([tmp]), tmp / "report.html", title="weightlab demo: all-MiniLM-L6-v2, briefly fine-tuned",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.domains import compile_filter
 from weightlab.naming import layer_index, module_role
-
-SCHEMA = "weightlab.inventory/1"
+from weightlab.report.tables import human_bytes, human_count
+from weightlab.results import Result, Table
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,11 @@ class DtypeTotal:
 
 
 @dataclass
-class Inventory:
+class Inventory(Result):
+    SCHEMA = "weightlab.inventory/1"
+    TITLE = "What the checkpoint holds"
+    ORDER = 5
+
     path: str
     kind: str
     tensors: list[TensorRow]
@@ -40,7 +44,6 @@ class Inventory:
     model_type: str | None = None
     num_layers: int | None = None
     adapter: dict | None = None  # for LoRA adapters: rank, alpha, scale per module
-    schema: str = field(default=SCHEMA)
 
     @property
     def parameters(self) -> int:
@@ -51,8 +54,31 @@ class Inventory:
         return sum(t.bytes for t in self.totals)
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, **{k: v for k, v in asdict(self).items() if k != "schema"},
-                "parameters": self.parameters, "bytes": self.bytes}
+        return {"schema": self.SCHEMA, **asdict(self), "parameters": self.parameters, "bytes": self.bytes}
+
+    def rows(self) -> list[dict]:
+        return [asdict(r) for r in self.tensors]
+
+    def tables(self) -> list[Table]:
+        totals = [[t.dtype, t.tensors, human_count(t.parameters), human_bytes(t.bytes)] for t in self.totals]
+        totals.append(["all", sum(t.tensors for t in self.totals), human_count(self.parameters), human_bytes(self.bytes)])
+        return [Table(f"{self.path} ({self.kind})", ["tensor", "shape", "dtype", "params", "bytes", "layer", "role"],
+                      [[t.name, "×".join(map(str, t.shape)) or "scalar", t.dtype, human_count(t.parameters),
+                        human_bytes(t.bytes), t.layer, t.role] for t in self.tensors], numeric_from=3),
+                Table("totals per dtype", ["dtype", "tensors", "params", "bytes"], totals)]
+
+    def lines(self) -> list[str]:
+        if not self.adapter:
+            return []
+        ranks = sorted({m["rank"] for m in self.adapter.values()})
+        return [f"LoRA adapter: {len(self.adapter)} modules, rank {', '.join(map(str, ranks))}"]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        return [("inventory.tensors", "tensors", len(self.tensors)), ("inventory.parameters", "parameters", self.parameters),
+                ("inventory.bytes", "bytes", human_bytes(self.bytes))]
+
+    def note(self) -> str:
+        return f"{self.path} ({self.kind}" + (f", {self.model_type}" if self.model_type else "") + ")"
 
 
 def inventory(ckpt: Checkpoint | LoraAdapter, name_filter: str | None = None) -> Inventory:

@@ -27,8 +27,8 @@ from weightlab.domains import SEED, Choice, Int, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.results import Result, Table
 
-SCHEMA = "weightlab.angles/1"
 SIDES = ("left", "right", "both")
 
 
@@ -80,7 +80,11 @@ class MatrixAngles:
 
 
 @dataclass
-class AnglesResult:
+class AnglesResult(Result):
+    SCHEMA = "weightlab.angles/1"
+    REFERENCE = "Björck & Golub 1973; Knyazev & Argentati 2002"
+    ORDER = 20
+
     a: str
     b: str
     base: str | None
@@ -88,14 +92,40 @@ class AnglesResult:
     matrices: list[MatrixAngles]
     num_layers: int | None = None
     problems: list[str] = field(default_factory=list)
-    schema: str = SCHEMA
+
+    def title(self) -> str:
+        return f"Principal angles between the {'task vectors' if self.base else 'weights'} of A and B"
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "a": self.a, "b": self.b, "base": self.base, "options": asdict(self.options),
+        return {"schema": self.SCHEMA, "a": self.a, "b": self.b, "base": self.base, "options": asdict(self.options),
                 "num_layers": self.num_layers, "problems": self.problems,
                 "summary_by_layer": summarise_angles(self.matrices, "layer"),
                 "summary_by_role": summarise_angles(self.matrices, "role"),
                 "matrices": [{**asdict(m), "mean_angle_deg": m.mean_angle, "overlap": m.overlap} for m in self.matrices]}
+
+    def rows(self) -> list[dict]:
+        return [m.row() for m in self.matrices]
+
+    def tables(self) -> list[Table]:
+        main = Table(f"principal angles of {'task vectors' if self.base else 'weights'}, top-{self.options.k} subspaces "
+                     "(most aligned first)", ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²"],
+                     [[m.name, m.layer, m.role, m.side, m.k, m.mean_angle, m.angles_deg[0] if m.angles_deg else None,
+                       m.angles_deg[-1] if m.angles_deg else None, m.overlap]
+                      for m in sorted(self.matrices, key=lambda m: m.mean_angle)], names=True)
+        by = [Table(f"by {key}", ["side", key, "matrices", "mean °", "mean cos²"],
+                    [[s["side"], s[key], s["matrices"], s["mean_angle_deg"], s["overlap"]]
+                     for s in summarise_angles(self.matrices, key)], numeric_from=2) for key in ("layer", "role")]
+        return [main, *by]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        ms = self.matrices
+        closest = min(ms, key=lambda m: m.mean_angle) if ms else None
+        return [("angles.mean_angle_deg", "mean principal angle (°)", sum(m.mean_angle for m in ms) / len(ms) if ms else None),
+                ("angles.most_aligned", "most aligned matrix", closest.name if closest else "-"),
+                ("angles.matrices", "matrices compared", len(ms))]
+
+    def note(self) -> str:
+        return f"A = {self.a}, B = {self.b}" + (f", base = {self.base}" if self.base else "")
 
 
 def summarise_angles(matrices: Sequence[MatrixAngles], by: str) -> list[dict]:

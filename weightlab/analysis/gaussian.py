@@ -26,8 +26,7 @@ from weightlab.compute.device import Compute
 from weightlab.compute.walk import Filters, Selection, TensorWalk
 from weightlab.domains import SEED, Int, option
 from weightlab.io.checkpoint import Checkpoint
-
-SCHEMA = "weightlab.gaussian/1"
+from weightlab.results import Result, Table
 
 # Shape-label thresholds, chosen between the values of synthetic references (docs/gaussian.md
 # lists them: `reference_table()` recomputes them). Excess kurtosis: Gaussian 0, Laplace 3,
@@ -190,14 +189,22 @@ class DepthTrend:
 
 
 @dataclass
-class GaussianResult:
+class GaussianResult(Result):
+    SCHEMA = "weightlab.gaussian/1"
+    REFERENCE = "Si, Jiang, Shen 2025, Gaussian Distribution Never Fades"
+    ORDER = 30
+
     checkpoint: str
     base: str | None
     options: GaussianOptions
     tensors: list[TensorGaussianity]
     depth_trend: DepthTrend | None = None
     problems: list[str] = field(default_factory=list)
-    schema: str = SCHEMA
+
+    @property
+    def part(self) -> str:
+        """What the tables rank: the update ΔW with a base, else the weights."""
+        return "delta" if self.base else "weights"
 
     def label_counts(self, part: str = "weights") -> dict[str, int]:
         counts = dict.fromkeys(LABELS, 0)
@@ -211,12 +218,53 @@ class GaussianResult:
         trend = None
         if self.depth_trend is not None:
             trend = {**asdict(self.depth_trend), "grows_with_depth": self.depth_trend.grows_with_depth}
-        return {"schema": self.schema, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
+        return {"schema": self.SCHEMA, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
                 "problems": self.problems, "label_counts": self.label_counts(),
                 "delta_label_counts": self.label_counts("delta") if self.base else None,
                 "depth_trend": trend, "summary_by_layer": summarise_gaussian(self.tensors, "layer"),
                 "summary_by_role": summarise_gaussian(self.tensors, "role"),
                 "tensors": [asdict(t) for t in self.tensors]}
+
+    def rows(self) -> list[dict]:
+        return [t.row() for t in self.tensors]
+
+    def title(self) -> str:
+        return "Gaussianity of " + ("the update ΔW" if self.base else "the weights")
+
+    def tables(self) -> list[Table]:
+        delta = self.base is not None
+        body = []
+        for t in sorted(self.tensors, key=lambda t: getattr(t, self.part).qq_r2):
+            d = getattr(t, self.part)
+            body.append([t.name, t.layer, t.role, d.label, d.std, d.skewness, d.excess_kurtosis, d.beyond_3sigma,
+                         d.near_zero, d.ks_statistic, d.anderson_darling, d.qq_r2,
+                         *([t.std_ratio, t.delta_weight_correlation] if delta else [])])
+        what = "ΔW" if delta else "weights"
+        return [Table(f"Gaussianity of {what}: {len(self.tensors)} tensors, least Gaussian first",
+                      ["tensor", "layer", "role", "label", "std", "skew", "ex.kurt", ">3σ", "≈0", "KS", "AD", "Q-Q R²",
+                       *(["std W'/W", "corr(ΔW,W)"] if delta else [])], body,
+                      "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027", names=True)]
+
+    def lines(self) -> list[str]:
+        out = ["weights: " + ", ".join(f"{k} {v}" for k, v in self.label_counts().items())]
+        if self.base:
+            out.append("ΔW:      " + ", ".join(f"{k} {v}" for k, v in self.label_counts("delta").items()))
+        if self.depth_trend is not None:
+            t = self.depth_trend
+            verdict = "grows" if t.grows_with_depth else ("shrinks" if t.slope < 0 and t.pvalue < 0.05 else "no clear trend")
+            out.append(f"std(ΔW) vs depth: slope {t.slope:+.3e} per layer (R² {t.r2:.2f}, p {t.pvalue:.2g}): {verdict}")
+        return out
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        n = len(self.tensors)
+        out = [("gaussian.tensors", "tensors tested", n),
+               ("gaussian.gaussian_share", "share labelled gaussian", self.label_counts()["gaussian"] / n if n else None)]
+        if self.depth_trend is not None:
+            out.append(("gaussian.delta_std_slope", "std(ΔW) slope per layer", self.depth_trend.slope))
+        return out
+
+    def note(self) -> str:
+        return "Labels: " + ", ".join(f"{k} {v}" for k, v in self.label_counts().items())
 
 
 def summarise_gaussian(tensors: Sequence[TensorGaussianity], by: str) -> list[dict]:

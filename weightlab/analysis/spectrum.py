@@ -28,9 +28,7 @@ from weightlab.compute.walk import Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
-
-SCHEMA = "weightlab.spectrum/1"
-
+from weightlab.results import Result, Table
 
 @dataclass(frozen=True)
 class SpectrumOptions(Filters):
@@ -95,21 +93,62 @@ class MatrixSpectrum:
 
 
 @dataclass
-class SpectrumResult:
+class SpectrumResult(Result):
+    SCHEMA = "weightlab.spectrum/1"
+    TITLE = "Spectrum: what fine-tuning did to each matrix"
+    REFERENCE = "Si et al. 2025 (spectra); Shuttleworth et al. 2024 (intruder dimensions)"
+    ORDER = 10
+
     base: str
     finetuned: list[str]
     options: SpectrumOptions
     matrices: list[MatrixSpectrum]
     num_layers: int | None = None
     problems: list[str] = field(default_factory=list)
-    schema: str = SCHEMA
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "base": self.base, "finetuned": self.finetuned,
+        return {"schema": self.SCHEMA, "base": self.base, "finetuned": self.finetuned,
                 "options": asdict(self.options), "num_layers": self.num_layers, "problems": self.problems,
                 "summary_by_layer": summarise(self.matrices, "layer"),
                 "summary_by_role": summarise(self.matrices, "role"),
                 "matrices": [asdict(m) for m in self.matrices]}
+
+    def rows(self) -> list[dict]:
+        return [m.row() for m in self.matrices]
+
+    def tables(self) -> list[Table]:
+        several = len(self.finetuned) > 1
+        ft = ["ft"] if several else []
+        k = self.options.k
+        main = Table(f"spectrum: {len(self.matrices)} matrices, most changed first",
+                     ["matrix", *ft, "layer", "role", "shape", "‖ΔW‖/‖W‖", "σ'₁/σ₁", f"top{k} share", "rank90 ΔW",
+                      "eff.rank", "|u'₁·u₁|", "φ", "intr."],
+                     [[m.name, *([m.finetuned] if several else []), m.layer, m.role, f"{m.shape[0]}×{m.shape[1]}",
+                       m.relative_change, m.amplification[0], m.topk_change_share, m.delta_rank90,
+                       f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}", m.u_alignment[0], m.subspace_similarity,
+                       len(m.intruders)] for m in sorted(self.matrices, key=lambda m: -m.relative_change)],
+                     f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions",
+                     numeric_from=2 if several else 1, names=True)
+        by = [Table(f"by {key}", [*ft, key, "matrices", "‖ΔW‖/‖W‖", "σ'/σ (top k)", "|u'·u| (top k)", "φ", "intruders"],
+                    [[*([s["finetuned"]] if several else []), s[key], s["matrices"], s["relative_change"],
+                      s["mean_amplification_k"], s["mean_u_alignment_k"], s["subspace_similarity"], s["intruders"]]
+                     for s in summarise(self.matrices, key)], numeric_from=2 if several else 1)
+              for key in ("layer", "role")]
+        return [main, *by]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        ms = self.matrices
+        top = max(ms, key=lambda m: m.relative_change) if ms else None
+        by_role = max(summarise(ms, "role"), key=lambda s: s["relative_change"]) if ms else {}
+        return [("spectrum.matrices", "matrices analysed", len(ms)),
+                ("spectrum.mean_relative_change", "mean ‖ΔW‖/‖W‖",
+                 sum(m.relative_change for m in ms) / len(ms) if ms else None),
+                ("spectrum.most_changed", "most changed matrix", top.name if top else "-"),
+                ("spectrum.most_changed_role", "most changed role", by_role.get("role", "-")),
+                ("spectrum.intruders", "intruder dimensions", sum(len(m.intruders) for m in ms))]
+
+    def note(self) -> str:
+        return "Fine-tunes: " + ", ".join(f"{i}: {p}" for i, p in enumerate(self.finetuned))
 
 
 def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:

@@ -28,8 +28,7 @@ from weightlab.errors import CorruptCheckpoint
 from weightlab.io.atomic import atomic_path
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
-
-SCHEMA = "weightlab.tsd/1"
+from weightlab.results import Result, Table
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,17 @@ class MatrixTSD:
 
 
 @dataclass
-class TSDResult:
+class TSDResult(Result):
+    SCHEMA = "weightlab.tsd/1"
+    TITLE = "Task-specific directions"
+    REFERENCE = "Si et al. 2024, arXiv 2409.01035"
+    ORDER = 40
+
     base: str
     finetuned: str
     options: TSDOptions
     matrices: list[MatrixTSD]
     problems: list[str] = field(default_factory=list)
-    schema: str = SCHEMA
 
     def percentile_histogram(self, bins: int = 10) -> list[int]:
         """How many TSDs sit in each tenth of the spectrum (first bin: the top singular values)."""
@@ -69,12 +72,34 @@ class TSDResult:
         counts, _ = np.histogram(values, bins=bins, range=(0, 100))
         return counts.tolist()
 
+    def median_percentile(self) -> float | None:
+        return float(np.median([p for m in self.matrices for p in m.percentile])) if self.matrices else None
+
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "base": self.base, "finetuned": self.finetuned, "options": asdict(self.options),
+        return {"schema": self.SCHEMA, "base": self.base, "finetuned": self.finetuned, "options": asdict(self.options),
                 "problems": self.problems, "percentile_histogram": self.percentile_histogram(),
-                "median_percentile": float(np.median([p for m in self.matrices for p in m.percentile]))
-                if self.matrices else None,
-                "matrices": [asdict(m) for m in self.matrices]}
+                "median_percentile": self.median_percentile(), "matrices": [asdict(m) for m in self.matrices]}
+
+    def rows(self) -> list[dict]:
+        return [{"name": m.name, "layer": m.layer, "role": m.role, "indices": m.indices, "rates": m.rate,
+                 "core_energy_share": m.core_energy_share, "tsd_energy_share": m.tsd_energy_share,
+                 "delta_norm": m.delta_norm} for m in self.matrices]
+
+    def tables(self) -> list[Table]:
+        return [Table(f"task-specific directions (top {self.options.top}), largest updates first",
+                      ["matrix", "layer", "role", "TSD indices", "top δ", "mean pct", "TSD share", "core share"],
+                      [[m.name, m.layer, m.role, ", ".join(map(str, m.indices[:8])), ", ".join(f"{r:.2g}" for r in m.rate[:3]),
+                        sum(m.percentile) / len(m.percentile) if m.percentile else None, m.tsd_energy_share,
+                        m.core_energy_share] for m in sorted(self.matrices, key=lambda m: -m.delta_norm)],
+                      "pct: position in the spectrum (0 = largest σ); shares of ‖ΔW‖²_F on the TSDs / all core directions",
+                      names=True)]
+
+    def lines(self) -> list[str]:
+        return ["TSD positions by spectrum decile (top σ first): " + " ".join(str(c) for c in self.percentile_histogram())]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        return [("tsd.matrices", "matrices", len(self.matrices)),
+                ("tsd.median_percentile", "median TSD position (percentile, 0 = top σ)", self.median_percentile())]
 
 
 def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, delta_norm2: float, top: int):
@@ -146,7 +171,7 @@ def save_directions(path: str | Path, vectors: dict[str, dict[str, torch.Tensor]
     """Store per matrix `NAME::indices|u|v|sigma|rate` in one safetensors file (atomically)."""
     flat = {f"{name}::{key}": t for name, parts in vectors.items() for key, t in parts.items()}
     with atomic_path(path, force) as tmp:
-        write_safetensors(tmp, flat, {"schema": SCHEMA, **metadata})
+        write_safetensors(tmp, flat, {"schema": TSDResult.SCHEMA, **metadata})
 
 
 def load_directions(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from weightlab.compute.device import Compute
 from weightlab.domains import Int
 from weightlab.io.outputs import Output, OutputPlan
 from weightlab.report.document import write_report
 from weightlab.report.export import to_csv, to_json
+from weightlab.report.plots import draw as draw_plots
+from weightlab.report.tables import short_name, table
+from weightlab.results import Result
 
 app = typer.Typer(
     name="weightlab",
@@ -70,18 +77,104 @@ def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]
     return OutputPlan([i for i in inputs if i is not None], planned, force)
 
 
-def emit(plan: OutputPlan, payload: dict, rows: list[dict], draw: Callable[[Path], list[Path]] | None = None) -> None:
-    """Write a result's JSON, CSV, plots and report to the plan's outputs (committed together)."""
+def emit(plan: OutputPlan, result: Result, draw: Callable[[Path], list[Path]] | None = None) -> None:
+    """Write any result's JSON, CSV, plots and report to the plan's outputs (committed together);
+    `draw` replaces the plots `report.plots.draw` makes for the result's type."""
     if "--json" in plan:
-        plan.write_text("--json", to_json(payload))
+        plan.write_text("--json", to_json(result.to_dict()))
     if "--csv" in plan:
-        plan.write_text("--csv", to_csv(rows))
-    if "--plots" in plan and draw is not None:
+        plan.write_text("--csv", to_csv(result.rows()))
+    if "--plots" in plan:
         folder = plan.path("--plots")
         folder.mkdir()
-        draw(folder)
+        (draw or (lambda d: draw_plots(result, d)))(folder)
     if "--report" in plan:
-        write_report([payload], plan.path("--report"))
+        write_report([result], plan.path("--report"))
+
+
+def show(result: Result, rows: int | None = None) -> None:
+    """The result for a person: notes about the inputs, its tables (the first cut to `rows`, tensor
+    names shortened), then its summary lines."""
+    show_problems(result.problems_found())
+    for i, t in enumerate(result.tables()):
+        body = t.rows[:rows] if i == 0 and rows is not None else t.rows
+        if t.names:
+            body = [[short_name(r[0], 44, drop_layer=True), *r[1:]] for r in body]
+        console.print(table(t.title, t.columns, body, numeric_from=t.numeric_from, caption=t.caption or None))
+    for line in result.lines():
+        console.print(line, highlight=False)
+
+
+@dataclass
+class Common:
+    """The options every analysis command shares (added to it by `analysis_command`)."""
+
+    include: Optional[str]
+    exclude: Optional[str]
+    rows: int
+    device: str
+    json_out: Optional[str]
+    csv_out: Optional[str]
+    plots: Optional[Path]
+    report: Optional[Path]
+    force: bool
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_rows(self.rows)
+
+    @property
+    def filters(self) -> dict[str, Optional[str]]:
+        return {"include": self.include, "exclude": self.exclude}
+
+    def compute(self) -> Compute:
+        return Compute.create(self.device, self.dtype)
+
+    def outputs(self, inputs: Sequence[object], **more: Optional[Path | str]) -> OutputPlan:
+        return outputs(self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report,
+                       **more)
+
+    def show(self, result: Result) -> None:
+        if not quiet_when_stdout(self.json_out, self.csv_out):
+            show(result, self.rows)
+
+
+def _common_parameters(precision: bool) -> list[inspect.Parameter]:
+    options: list[tuple[str, Any, Any]] = [
+        ("include", Optional[str], typer.Option(None, "--include", help="Only tensors whose name matches this regex.", metavar="REGEX")),
+        ("exclude", Optional[str], typer.Option(None, "--exclude", help="Skip tensors whose name matches this regex.", metavar="REGEX")),
+        ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
+        ("device", str, DeviceOpt),
+        *([("dtype", str, DtypeOpt)] if precision else []),
+        ("json_out", Optional[str], JsonOpt),
+        ("csv_out", Optional[str], CsvOpt),
+        ("plots", Optional[Path], PlotsOpt),
+        ("report", Optional[Path], ReportOpt),
+        ("force", bool, ForceOpt),
+    ]
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, annotation, default in options]
+
+
+def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register an analysis command: the function declares its own arguments and options and a
+    last parameter `common: Common`; the shared options (filters, rows, device, dtype unless
+    `precision=False`, outputs, force) are added here, once for every command."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "common"]
+        shared = _common_parameters(precision)
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            common = Common(**{p.name: kwargs.pop(p.name) for p in shared})
+            fn(**kwargs, common=common)
+
+        command.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return app.command()(command)
+
+    return register
 
 
 def check_rows(rows: int) -> int:

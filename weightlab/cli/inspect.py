@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, console, emit, outputs, quiet_when_stdout
+from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, emit, outputs, quiet_when_stdout, show
 from weightlab.inventory import inventory
 from weightlab.io import open_checkpoint
-from weightlab.report.tables import human_bytes, human_count, table
 
 
 @app.command()
@@ -27,16 +26,6 @@ def inspect(
     """
     with outputs(force, [checkpoint], json=json_out, csv=csv_out) as plan:
         inv = inventory(open_checkpoint(checkpoint), name_filter)
-        emit(plan, inv.to_dict(), [r.__dict__ for r in inv.tensors])
-    if quiet_when_stdout(json_out, csv_out):
-        return
-    rows = [(t.name, "×".join(map(str, t.shape)) or "scalar", t.dtype, human_count(t.parameters), human_bytes(t.bytes),
-             t.layer, t.role) for t in inv.tensors]
-    console.print(table(f"{inv.path} ({inv.kind})", ["tensor", "shape", "dtype", "params", "bytes", "layer", "role"],
-                        rows, numeric_from=3))
-    totals = [(t.dtype, t.tensors, human_count(t.parameters), human_bytes(t.bytes)) for t in inv.totals]
-    totals.append(("all", sum(t.tensors for t in inv.totals), human_count(inv.parameters), human_bytes(inv.bytes)))
-    console.print(table("totals per dtype", ["dtype", "tensors", "params", "bytes"], totals))
-    if inv.adapter:
-        ranks = sorted({m["rank"] for m in inv.adapter.values()})
-        console.print(f"LoRA adapter: {len(inv.adapter)} modules, rank {', '.join(map(str, ranks))}")
+        emit(plan, inv)
+    if not quiet_when_stdout(json_out, csv_out):
+        show(inv)

@@ -8,13 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, ReportOpt, app, console, emit, outputs, progress
+from weightlab.cli.app import DeviceOpt, ForceOpt, ReportOpt, app, emit, outputs, progress, show
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from weightlab.merge import METHODS, NanOptions, merge as run_merge
 from weightlab.merge.config import build_config, load_config
-from weightlab.report.tables import table
 
 
 def _methods_help() -> str:
@@ -105,16 +104,5 @@ def merge(
             report = run_merge(cfg, plan.path("-o"), shard_size=shard_bytes, donor=donor, compute=compute,
                                on_progress=on_progress, on_start=on_start)
         report.out = str(out)  # it was written to a staging path; this is where it lands
-        emit(plan, report.to_dict(), [])
-    names = [Path(m).name or m for m in cfg.models]
-    kind = "NAN" if cfg.coeff == "nan" else "manual"
-    console.print(table(f"{kind} coefficients" + (" (mean over tensors)" if report.per_tensor else ""),
-                        ["model", "coefficient"], list(zip(names, report.coefficients))))
-    if report.per_tensor:
-        console.print(table("NAN coefficients per layer (mean over its tensors)", ["layer", *names],
-                            [(layer, *cs) for layer, cs in report.per_layer().items()]))
-    if report.left_out:
-        console.print(f"[yellow]note:[/] {len(report.left_out)} tensors only in some models were left out: "
-                      f"{', '.join(report.left_out[:5])}")
-    console.print(f"merged {report.merged} tensors, copied {len(report.copied)} from the base, "
-                  f"in {report.seconds:.1f}s → {out}/")
+        emit(plan, report)
+    show(report)

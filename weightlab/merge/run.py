@@ -30,16 +30,21 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import Matching
-from weightlab.merge.coefficients import nan_coefficients
+from weightlab.merge.coefficients import NanOptions, nan_coefficients
 from weightlab.merge.config import MergeConfig
+from weightlab.merge.methods import METHODS
 from weightlab.naming import layer_index
+from weightlab.results import Result, Table
 
-SCHEMA = "weightlab.merge/1"
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
 
 
 @dataclass
-class MergeReport:
+class MergeReport(Result):
+    SCHEMA = "weightlab.merge/1"
+    REFERENCE = "see docs/merge.md for each method's paper"
+    ORDER = 60
+
     config: MergeConfig
     out: str
     merged: int  # tensors computed by the method
@@ -48,7 +53,6 @@ class MergeReport:
     coefficients: list[float]  # per model: the global coefficients, or the mean over tensors
     per_tensor: dict[str, list[float]] = field(default_factory=dict)  # NAN per tensor
     seconds: float = 0.0
-    schema: str = SCHEMA
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -61,10 +65,55 @@ class MergeReport:
                 for k in ordered}
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "out": self.out, "config": self.config.to_dict(), "merged_tensors": self.merged,
+        return {"schema": self.SCHEMA, "out": self.out, "config": self.config.to_dict(), "merged_tensors": self.merged,
                 "copied_from_base": self.copied, "left_out": self.left_out, "coefficients": self.coefficients,
                 "coefficients_per_layer": self.per_layer() if self.per_tensor else None,
                 "coefficients_per_tensor": self.per_tensor or None, "seconds": round(self.seconds, 3)}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "MergeReport":
+        cfg = payload["config"]
+        spec = METHODS[cfg["method"]]
+        params = {p.name: cfg["params"][p.field] for p in spec.params if p.field in (cfg.get("params") or {})}
+        config = MergeConfig(cfg["method"], cfg["models"], cfg.get("base"), cfg.get("weights"), cfg.get("coeff", "manual"),
+                             NanOptions(**cfg["nan"]) if cfg.get("nan") else NanOptions(), params, cfg.get("seed", 0),
+                             cfg.get("dtype"))
+        return cls(config, payload.get("out", ""), payload["merged_tensors"], payload["copied_from_base"],
+                   payload["left_out"], payload["coefficients"], payload.get("coefficients_per_tensor") or {},
+                   payload.get("seconds", 0.0))
+
+    def title(self) -> str:
+        detail = [self.config.method]
+        if self.config.coeff == "nan":
+            detail.append(f"NAN on {self.config.nan.norm_of}, per {self.config.nan.granularity}")
+        detail += [f"{'λ' if k == 'lam' else k} {v:g}" for k, v in self.config.resolved.as_dict().items()]
+        return f"Merge: {', '.join(detail)}"
+
+    def tables(self) -> list[Table]:
+        names = [Path(m).name or m for m in self.config.models]
+        kind = "NAN" if self.config.coeff == "nan" else "manual"
+        out = [Table(f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""), ["model", "coefficient"],
+                     [[name, c] for name, c in zip(names, self.coefficients)])]
+        if self.per_tensor:
+            out.append(Table("NAN coefficients per layer (mean over its tensors)", ["layer", *names],
+                             [[layer, *cs] for layer, cs in self.per_layer().items()]))
+        return out
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.left_out:
+            out.append(f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}")
+        return out + [f"merged {self.merged} tensors, copied {len(self.copied)} from the base, in {self.seconds:.1f}s → {self.out}/"]
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        return [("merge.method", "method", self.config.method), ("merge.models", "models merged", len(self.config.models)),
+                ("merge.coefficients", "coefficients", ", ".join(f"{c:.4g}" for c in self.coefficients))]
+
+    def note(self) -> str:
+        if self.per_tensor:
+            return "Coefficients per layer: " + "; ".join(f"{k}: " + ", ".join(f"{c:.3f}" for c in v)
+                                                       for k, v in self.per_layer().items())
+        return f"parameters: {json.dumps(self.config.resolved.as_dict())}"
 
 
 def tensor_seed(seed: int, name: str, model: int) -> int:

@@ -11,9 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from weightlab.analysis.angles import AnglesResult  # noqa: E402
+from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  # noqa: E402
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
+from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
 from weightlab.report.tables import short_name  # noqa: E402
 
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
@@ -191,15 +195,10 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
 
 
 
-def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
+def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
     """Histogram with the fitted normal and Q-Q plot for the most and least Gaussian tensors
     (when the checkpoint is at hand), shape-label counts, and std(ΔW) against depth with its
     fitted line."""
-    import torch
-    from scipy import stats
-
-    from weightlab.analysis.gaussian import LABELS, sample_entries
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     part = "delta" if result.base else "weights"
@@ -266,11 +265,9 @@ def gaussian_plots(result, ckpt, base, out_dir: Path, sample_size: int = 100_000
     return paths
 
 
-def tsd_plots(result, out_dir: Path) -> list[Path]:
+def tsd_plots(result: TSDResult, out_dir: Path) -> list[Path]:
     """δ_i against i for representative matrices (Si et al. 2024, Fig. 2 style) with the chosen
     TSDs marked, and the histogram of TSD positions in the spectrum."""
-    from weightlab.analysis.tsd import representative
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     with plt.rc_context(STYLE):
@@ -296,3 +293,17 @@ def tsd_plots(result, out_dir: Path) -> list[Path]:
         ax.set_title(f"Where the top-{result.options.top} TSDs sit, over {len(result.matrices)} matrices")
         paths.append(_save(fig, out_dir / "tsd_percentiles.png"))
     return paths
+
+
+def draw(result: object, out_dir: Path) -> list[Path]:
+    """The plots of any result, chosen by its type; none for a type without plots."""
+    plotter = PLOTTERS.get(type(result))
+    return plotter(result, out_dir) if plotter is not None else []
+
+
+PLOTTERS: dict[type, Callable[..., list[Path]]] = {
+    SpectrumResult: spectrum_plots,
+    AnglesResult: angles_plots,
+    GaussianResult: lambda result, out_dir: gaussian_plots(result, None, None, out_dir),  # no checkpoint at hand
+    TSDResult: tsd_plots,
+}

@@ -1,0 +1,110 @@
+"""One result protocol: every result round-trips through its JSON, the report and the CLI know no
+result type by name, and a new result type gets a report section with no report code."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import weightlab.results as results
+from weightlab.analysis.angles import angles
+from weightlab.analysis.gaussian import GaussianOptions, gaussian
+from weightlab.analysis.spectrum import spectrum
+from weightlab.analysis.tsd import tsd
+from weightlab.compute.device import Compute
+from weightlab.inventory import inventory
+from weightlab.io import open_checkpoint
+from weightlab.merge import merge
+from weightlab.merge.config import build_config
+from weightlab.report.document import load_results, parse_result, write_report
+from weightlab.report.export import to_json
+from weightlab.results import Result, Table, known_schemas
+
+ROOT = Path(__file__).resolve().parents[1] / "weightlab"
+CPU = Compute(torch.device("cpu"), torch.float32, 1)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """One result of every kind, from tiny seeded checkpoints."""
+    root = tmp_path_factory.mktemp("results")
+    gen = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=gen) for i in range(3)}
+    for stem, scale in (("base", 0.0), ("a", 0.1), ("b", -0.2)):
+        (root / stem).mkdir()
+        save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+                  root / stem / "model.safetensors")
+    b, a, c = (open_checkpoint(root / s) for s in ("base", "a", "b"))
+    cfg = build_config({"method": "ties", "base": str(root / "base"), "models": [str(root / "a"), str(root / "b")],
+                        "param_values": {"density": 0.5}})
+    return {
+        "spectrum": spectrum(b, [a, c], compute=CPU),
+        "angles": angles(a, c, b, compute=CPU),
+        "gaussian": gaussian(a, b, GaussianOptions(min_elements=16), compute=CPU),
+        "tsd": tsd(b, a, compute=CPU)[0],
+        "inventory": inventory(a),
+        "merge": merge(cfg, root / "merged", compute=CPU),
+    }
+
+
+def test_every_result_kind_is_registered(made):
+    assert {r.SCHEMA for r in made.values()} <= set(known_schemas())
+    assert "weightlab.demo/1" in known_schemas()
+
+
+@pytest.mark.parametrize("kind", ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge"])
+def test_a_result_round_trips_through_its_json(made, kind):
+    result = made[kind]
+    payload = json.loads(to_json(result.to_dict()))
+    again = parse_result(payload)
+    assert type(again) is type(result)
+    assert json.loads(to_json(again.to_dict())) == payload
+    assert again.tables() and again.headline()  # the report has something to show
+
+
+def test_report_and_cli_name_no_schema():
+    """Schema strings live only with their result class: bumping a version cannot break `report`."""
+    for path in [*(ROOT / "report").glob("*.py"), *(ROOT / "cli").glob("*.py")]:
+        assert "weightlab.spectrum/" not in path.read_text() and "weightlab.merge/" not in path.read_text(), path
+
+
+def test_a_report_from_every_kind_of_result(made, tmp_path):
+    sections = write_report(list(made.values()), tmp_path / "r.html")
+    assert [s.title for s in sections][0] == made["inventory"].title()  # report order: the ORDER of each type
+    html = (tmp_path / "r.html").read_text()
+    assert all(s.title.split(":")[0] in html for s in sections)
+
+
+def test_a_new_result_type_gets_a_report_section_without_report_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "_TYPES", dict(results._TYPES))
+
+    @dataclass
+    class NormsResult(Result):
+        SCHEMA = "weightlab.test-norms/1"
+        TITLE = "Norms per tensor"
+        names: list[str]
+        norms: list[float]
+
+        def tables(self) -> list[Table]:
+            return [Table("norms", ["tensor", "norm"], [[n, v] for n, v in zip(self.names, self.norms)], names=True)]
+
+        def headline(self):
+            return [("norms.largest", "largest norm", max(self.norms))]
+
+    result = NormsResult(["a.weight", "b.weight"], [1.5, 2.5])
+    (tmp_path / "n.json").write_text(to_json(result.to_dict()))
+    loaded = load_results([tmp_path / "n.json"])
+    assert loaded == [result]
+    write_report(loaded, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "Norms per tensor" in html and "b.weight" in html and "data-key='norms.largest'" in html
+
+
+def test_a_mistyped_result_names_the_field_and_the_schema(made):
+    payload = json.loads(to_json(made["tsd"].to_dict()))
+    payload["matrices"][0]["indices"] = "7"
+    with pytest.raises(Exception, match=r"result does not match weightlab.tsd/1 \(matrices\[0\].indices is not a list\)"):
+        parse_result(payload, "t.json")
