@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import errno
+import importlib
+import pkgutil
 
 import typer
 from rich.markup import escape
 
-from weightlab.cli import angles, demo, gaussian, inspect, lora, merge, report, spectrum, tsd  # noqa: F401 (registers)
+import weightlab.cli
 from weightlab.cli.app import app, err_console, state
 from weightlab.errors import WeightlabError
+
+COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(weightlab.cli.__path__) if m.name not in ("app", "commands"))
+for _name in COMMAND_MODULES:  # each registers its command on `app`
+    importlib.import_module(f"weightlab.cli.{_name}")
 
 try:  # typer ≥ 0.24 vendors its own click
     from typer._click.exceptions import ClickException
