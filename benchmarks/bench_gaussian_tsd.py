@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, run_command, save_result  # noqa: E402
+from common import SCRATCH_JSON, bench_args, run_command, save_result  # noqa: E402
 from generate import generate, parameters  # noqa: E402
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     result = {"parameters": n}
     for command, argv in (("gaussian", ["gaussian", str(paths["ft0"]), "--base", str(paths["base"])]),
                           ("tsd", ["tsd", str(paths["base"]), str(paths["ft0"])])):
-        wall, rss, rss0 = run_command([*argv, "--json", "/dev/null", "--force", "--device", "cpu"])
+        wall, rss, rss0 = run_command([*argv, "--json", SCRATCH_JSON, "--force", "--device", "cpu"])
         result[command] = {"wall_s": round(wall, 2), "s_per_100M_params": round(wall / (n / 1e8), 2),
                            "peak_rss_mb": round(rss), "rss_after_imports_mb": round(rss0)}
     save_result(result, args.out)

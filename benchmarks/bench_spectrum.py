@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, run_command, save_result  # noqa: E402
+from common import SCRATCH_JSON, bench_args, run_command, save_result  # noqa: E402
 from generate import generate, parameters  # noqa: E402
 
 from weightlab.compute.svd import full_svd, singular_values  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
     paths = generate(args.layers, args.hidden)
     n_params = parameters(args.layers, args.hidden)
     largest = max(open_checkpoint(paths["base"]).info(n).nbytes for n in open_checkpoint(paths["base"]).names())
-    wall, rss, rss0 = run_command(["spectrum", str(paths["base"]), str(paths["ft0"]), "--json", "/dev/null", "--force",
+    wall, rss, rss0 = run_command(["spectrum", str(paths["base"]), str(paths["ft0"]), "--json", SCRATCH_JSON, "--force",
                              "--device", "cpu"])
     bare, n_matrices = bare_compute(paths["base"], paths["ft0"])
     ww = weightwatcher_time(paths["base"], args.layers, args.hidden)

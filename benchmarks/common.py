@@ -6,7 +6,12 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+
+# A throwaway result file: the output planner refuses /dev/null (not a regular file).
+SCRATCH_JSON = str(Path(tempfile.gettempdir()) / "weightlab-bench-result.json")
 
 
 def run_command(args: list[str]) -> tuple[float, float, float]:
@@ -18,8 +23,10 @@ def run_command(args: list[str]) -> tuple[float, float, float]:
             "rss0 = hwm(); t = time.perf_counter()\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(time.perf_counter() - t, hwm(), rss0)")
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
-    wall, rss, rss0 = out.strip().splitlines()[-1].split()
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"weightlab {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    wall, rss, rss0 = done.stdout.strip().splitlines()[-1].split()
     return float(wall), float(rss), float(rss0)
 
 

@@ -108,3 +108,17 @@ def test_a_new_method_is_one_function_and_one_entry(tmp_path, monkeypatch):
     (tmp_path / "c.yml").write_text(f"method: scaled-mean\nbase: {p['base']}\nmodels: [{p['a']}]\nbeta: 3\n")
     assert build_config(load_config(tmp_path / "c.yml")).resolved.beta == 3
     assert LAMBDA.flag == "--lambda"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli):
+    p = _two(tmp_path)
+    spec = METHODS[method]
+    base = ["--base", p["base"]] if spec.needs_base else []
+    code, out, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "-o", tmp_path / "m")
+    assert code == 0, err
+    merged = load_file(next((tmp_path / "m").glob("*.safetensors")))["layers.0.mlp.up_proj.weight"]
+    assert torch.isfinite(merged).all() and merged.shape == (6, 4)
+    record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
+    assert record["config"]["method"] == method
+    assert set(record["config"]["params"]) == {p.field for p in spec.params}

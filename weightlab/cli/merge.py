@@ -33,7 +33,7 @@ def _params(texts: Optional[list[str]]) -> dict[str, float]:
         try:
             if not sep or not name.strip():
                 raise ValueError
-            out[name.strip()] = float(value)
+            out[name.strip()] = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
         except ValueError:
             raise InvalidArgument(f"--param {text!r}: write NAME=VALUE with a number, e.g. --param gamma=0.05") from None
     return out

@@ -14,56 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from weightlab.compute.svd import full_svd
-from weightlab.domains import Domain, Real
 from weightlab.errors import InvalidArgument
-
-
-MAX_COEFFICIENT = 1e6  # |λ|, |c_i| beyond this only overflow float32 maths
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter a method declares: what users write (`--param NAME=VALUE`, a YAML key), its
-    values, default and meaning."""
-
-    name: str
-    domain: Domain
-    default: float
-    help: str
-    attribute: str = ""  # what the method reads (default: the name; `lambda` is a Python keyword)
-    flag: str | None = None  # a command-line flag of its own, for the parameters most methods share
-
-    @property
-    def field(self) -> str:
-        return self.attribute or self.name
-
-
-LAMBDA = Param("lambda", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 1.0, "scale λ of the merged task vector",
-               "lam", "--lambda")
-DENSITY = Param("density", Real(0, 1, low_open=True), 1.0, "fraction of entries kept", flag="--density")
-GAMMA = Param("gamma", Real(0, 1, high_open=True), 0.01, "fraction of largest-magnitude entries dropped")
-SLERP_EPSILON = Param("epsilon", Real(0, 1, high_open=True), 5e-4, "1 − |cos Ω| below which SLERP is linear")
-SLERP_T = Param("t", Real(0, 1), 0.5, "position between the two models (0: the first)")
-
-
-class Params:
-    """A method's parameter values, read as attributes (`p.lam`, `p.density`)."""
-
-    def __init__(self, values: dict[str, float]):
-        self._values = dict(values)
-
-    def __getattr__(self, name: str) -> float:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(f"this method declares no parameter {name!r}") from None
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(self._values)
-
-
-Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor
+from weightlab.merge.params import (COMMON, DENSITY, GAMMA, LAMBDA, LR, MAX_COEFFICIENT, RANK, RATIO, SLERP_EPSILON,
+                                    SLERP_T, STEPS, Generator, Param, Params)
+from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
 
 
 @dataclass(frozen=True)
@@ -264,27 +218,42 @@ def model_stock(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor
     return t * torch.stack(models).mean(0) + (1 - t) * base
 
 
-def tsv(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
-    """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): keep the top 1/N of
-    each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
-    nearest orthogonal matrices (U = PΣQᵀ → PQᵀ), and add λ·U⊥ΣV⊥ᵀ. Vectors: λ·mean of c_i τ_i."""
-    taus = [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
-    if base.ndim < 2 or base.numel() == 0 or min(base.shape[0], base[0].numel()) < 2:
-        return base + p.lam * torch.stack(taus).sum(0) / len(taus)
-    shape = base.shape
-    mats = [t.reshape(shape[0], -1) for t in taus]
-    keep = max(1, min(mats[0].shape) // len(mats))
-    parts = [full_svd(m).truncate(keep) for m in mats]
-    u = torch.cat([s.U for s in parts], 1)
-    sigma = torch.cat([s.S for s in parts])
-    v = torch.cat([s.Vh.T for s in parts], 1)
+def _order_statistic(x: torch.Tensor, index: int) -> torch.Tensor:
+    """The value at 0-based position `index` of x sorted ascending (a flat tensor)."""
+    return kth_largest(x, x.numel() - index)
 
-    def orthogonal(x: torch.Tensor) -> torch.Tensor:
-        q = full_svd(x)
-        return q.U @ q.Vh
 
-    delta = (orthogonal(u) * sigma) @ orthogonal(v).T
-    return base + p.lam * delta.reshape(shape)
+def _minmax(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    span = high - low
+    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
+
+
+def pcb(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model Merging", §3, eq. 2-5),
+    per tensor. With d entries and N tasks:
+    |τ_i| clipped to its order statistics at positions ⌊0.0001d⌋ and ⌊0.9999d⌋ − 1 (τ̃_i keeps the sign);
+    intra-balancing exp(N·minmax(|τ̃_i|)²), inter-balancing tanh(τ_i ⊙ Σ_j τ_j), their product s_i;
+    s_i clipped below at its order statistic ⌊(1 − ratio)d⌋ and min-max normalised to weights
+    w_i ∈ [0, 1] (zero outside the top ratio); θ_b + λ Σ_i w_i τ̃_i / Σ_i w_i."""
+    taus = [(m - base).reshape(-1) for m in models]
+    d, n = taus[0].numel(), len(taus)
+    if d == 0:
+        return base.clone()
+    total = torch.stack(taus).sum(0)
+    merged, weight_sum = torch.zeros_like(total), torch.zeros_like(total)
+    for tau in taus:
+        magnitude = tau.abs()
+        low, high = _order_statistic(magnitude, int(d * 0.0001)), _order_statistic(magnitude, max(int(d * 0.9999) - 1, 0))
+        magnitude = magnitude.clamp(low, high)
+        intra = torch.exp(n * _minmax(magnitude, magnitude.min(), magnitude.max()) ** 2)
+        score = intra * torch.tanh(tau * total)
+        floor = _order_statistic(score, min(int(d * (1 - p.ratio)), d - 1))
+        score = score.clamp_min(floor)
+        weight = _minmax(score, floor, score.max())
+        merged += weight * torch.sign(tau) * magnitude
+        weight_sum += weight
+    merged = merged / weight_sum.clamp_min(1e-12)
+    return base + p.lam * merged.reshape(base.shape)
 
 
 TV = (LAMBDA,)
@@ -319,6 +288,23 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("tsv", tsv, "per matrix: top 1/N singular triplets of each c_i τ_i, stacked; U and V replaced by their "
                 "nearest orthogonal matrices; θ_b + λ U⊥ΣV⊥ᵀ (vectors: λ·mean)",
                 "Gargiulo et al. 2025, *Task Singular Vectors*, Alg. 1", TV),
+    MergeMethod("iso-c", iso_c, "per matrix: Σ c_i τ_i = UΣVᵀ with every σ replaced by their mean σ̄; θ_b + λσ̄UVᵀ",
+                "Marczak et al. 2025, *No Task Left Behind: Isotropic Model Merging*, §4.1, eq. 6", TV),
+    MergeMethod("iso-cts", iso_cts, "per matrix: top common·r directions of Σ c_i τ_i, plus each task's top (r−k)/N "
+                "outside them; U, V orthogonalised; flat spectrum at the mean σ; θ_b + λ·that",
+                "Marczak et al. 2025, *No Task Left Behind*, §4.2, Alg. 1", (LAMBDA, COMMON)),
+    MergeMethod("wudi", wudi, "per matrix: τ_m = argmin Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²/‖τ_i‖², solved exactly "
+                "(τ_m = B·G⁺); θ_b + λτ_m", "Cheng et al. 2025, *Whoever Started the Interference Should End It* "
+                "(WUDI-Merging), eq. 8; closed form ours", TV, coefficients=False),
+    MergeMethod("wudi-adam", wudi_adam, "the WUDI loss minimised by Adam from Σ τ_i, as the paper does",
+                "Cheng et al. 2025, *WUDI-Merging*, §4.2", (LAMBDA, STEPS, LR), coefficients=False),
+    MergeMethod("cart", cart, "θ̄ = Σ c_iθ_i/Σ c_i; per matrix θ̄ + λ Σ_i SVD_k(θ_i − θ̄), k = rank·min(m, n)",
+                "Choi et al. 2024, *Revisiting Weight Averaging for Model Merging* (CART), §3, eq. 4", (LAMBDA, RANK),
+                needs_base=False, task_vectors=False, normalises=True),
+    MergeMethod("pcb", pcb, "intra- × inter-balancing scores exp(N·minmax|τ_i|²)·tanh(τ_i ⊙ Σ_j τ_j); each task keeps "
+                "its top ratio, weighted mean of the clipped τ_i; θ_b + λ·that",
+                "Du et al. 2024, *Parameter Competition Balancing for Model Merging* (PCB), §3, eq. 2-5",
+                (LAMBDA, RATIO), coefficients=False),
 ]}
 
 

@@ -1,0 +1,61 @@
+"""The parameters merge methods declare, and the values a method receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from weightlab.domains import Domain, Int, Real
+
+MAX_COEFFICIENT = 1e6  # |λ|, |c_i| beyond this only overflow float32 maths
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a method declares: what users write (`--param NAME=VALUE`, a YAML key), its
+    values, default and meaning."""
+
+    name: str
+    domain: Domain
+    default: float
+    help: str
+    attribute: str = ""  # what the method reads (default: the name; `lambda` is a Python keyword)
+    flag: str | None = None  # a command-line flag of its own, for the parameters most methods share
+
+    @property
+    def field(self) -> str:
+        return self.attribute or self.name
+
+
+LAMBDA = Param("lambda", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 1.0, "scale λ of the merged task vector",
+               "lam", "--lambda")
+DENSITY = Param("density", Real(0, 1, low_open=True), 1.0, "fraction of entries kept", flag="--density")
+GAMMA = Param("gamma", Real(0, 1, high_open=True), 0.01, "fraction of largest-magnitude entries dropped")
+SLERP_EPSILON = Param("epsilon", Real(0, 1, high_open=True), 5e-4, "1 − |cos Ω| below which SLERP is linear")
+SLERP_T = Param("t", Real(0, 1), 0.5, "position between the two models (0: the first)")
+COMMON = Param("common", Real(0, 1), 0.8, "fraction of the rank kept as the common subspace")
+RANK = Param("rank", Real(0, 1, low_open=True), 0.08, "rank kept per deviation, as a fraction of min(m, n)")
+RATIO = Param("ratio", Real(0, 1, low_open=True), 0.1, "fraction of entries each task keeps")
+STEPS = Param("steps", Int(1, 100_000), 300, "Adam iterations")
+LR = Param("lr", Real(0, 1, low_open=True), 1e-5, "Adam learning rate")
+
+
+class Params:
+    """A method's parameter values, read as attributes (`p.lam`, `p.density`)."""
+
+    def __init__(self, values: dict[str, float]):
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> float:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"this method declares no parameter {name!r}") from None
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._values)
+
+
+Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor

@@ -1,0 +1,170 @@
+"""Merge methods that work in the singular subspaces of each weight matrix's task vectors.
+
+Each takes the tensors of one name (base θ_b, models θ_i, coefficients c_i) like every merge
+method. Matrices (2-D, or conv kernels seen as out × rest) get the method; other tensors (biases,
+norms) get θ_b + λ·mean_i c_i τ_i, as the papers do for non-matrix parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightlab.compute.svd import full_svd
+from weightlab.merge.params import Generator, Params
+
+
+def is_matrix(t: torch.Tensor) -> bool:
+    return t.ndim >= 2 and t.numel() > 0 and min(t.shape[0], t[0].numel()) >= 2
+
+
+def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
+    """The (semi-)orthogonal matrix closest to x in Frobenius norm: x = PΣQᵀ → PQᵀ (Schönemann 1966)."""
+    q = full_svd(x)
+    return q.U @ q.Vh
+
+
+def _scaled_task_vectors(base: torch.Tensor, models, coeffs: torch.Tensor) -> list[torch.Tensor]:
+    return [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
+
+
+def _mean_update(base: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor:
+    return base + lam * torch.stack(taus).sum(0) / len(taus)
+
+
+def tsv(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): keep the top 1/N of
+    each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
+    nearest orthogonal matrices, and add λ·U⊥ΣV⊥ᵀ."""
+    taus = _scaled_task_vectors(base, models, coeffs)
+    if not is_matrix(base):
+        return _mean_update(base, taus, p.lam)
+    mats = [t.reshape(base.shape[0], -1) for t in taus]
+    keep = max(1, min(mats[0].shape) // len(mats))
+    parts = [full_svd(m).truncate(keep) for m in mats]
+    u = torch.cat([s.U for s in parts], 1)
+    sigma = torch.cat([s.S for s in parts])
+    v = torch.cat([s.Vh.T for s in parts], 1)
+    delta = (nearest_orthogonal(u) * sigma) @ nearest_orthogonal(v).T
+    return base + p.lam * delta.reshape(base.shape)
+
+
+def iso_c(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """Iso-C (Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", §4.1, eq. 6): Δ = Σ_i c_i τ_i = UΣVᵀ; every singular value is
+    replaced by their mean σ̄ = (1/r)Σ_j σ_j over all r = min(m, n) of them; θ_b + λ·σ̄·UVᵀ."""
+    taus = _scaled_task_vectors(base, models, coeffs)
+    if not is_matrix(base):
+        return _mean_update(base, taus, p.lam)
+    svd = full_svd(torch.stack(taus).sum(0).reshape(base.shape[0], -1))
+    flat = svd.S.mean() * (svd.U @ svd.Vh)
+    return base + p.lam * flat.reshape(base.shape)
+
+
+def iso_cts(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """Iso-CTS (Marczak et al. 2025, §4.2, Alg. 1): the top k = ⌊common·r⌋ singular vectors of
+    Σ_i c_i τ_i span the common subspace; each task adds its top s = round((r − k)/N) singular
+    vectors after the common left subspace is projected out of it (τ_i − U_kU_kᵀτ_i); the stacked
+    U and V are orthogonalised (nearest orthogonal matrices) and the spectrum made flat at the
+    mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ."""
+    taus = _scaled_task_vectors(base, models, coeffs)
+    if not is_matrix(base):
+        return _mean_update(base, taus, p.lam)
+    mats = [t.reshape(base.shape[0], -1) for t in taus]
+    r = min(mats[0].shape)
+    k = int(r * p.common)
+    s = round((r - k) / len(mats))
+    common = full_svd(torch.stack(mats).sum(0)).truncate(k)
+    us, sigmas, vs = [common.U], [common.S], [common.Vh.T]
+    for m in mats:
+        specific = full_svd(m - common.U @ (common.U.T @ m)).truncate(s)
+        us.append(specific.U)
+        sigmas.append(specific.S)
+        vs.append(specific.Vh.T)
+    sigma = torch.cat(sigmas)
+    if sigma.numel() == 0:
+        return base.clone()
+    flat = sigma.mean() * (nearest_orthogonal(torch.cat(us, 1)) @ nearest_orthogonal(torch.cat(vs, 1)).T)
+    return base + p.lam * flat.reshape(base.shape)
+
+
+def cart(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """CART (Choi et al. 2024, "Revisiting Weight Averaging for Model Merging", §3, eq. 4):
+    centred arithmetic with rank reduction. θ̄ = Σ_i c_iθ_i / Σ_i c_i; each θ_i − θ̄ is cut to its
+    top k = max(1, round(rank·min(m, n))) singular triplets; θ̄ + λ Σ_i SVD_k(θ_i − θ̄)."""
+    weights = coeffs / coeffs.sum()
+    centre = sum(w * m for w, m in zip(weights.tolist(), models))
+    if not is_matrix(centre):
+        return centre
+    shape = centre.shape
+    k = max(1, round(p.rank * min(shape[0], centre[0].numel())))
+    out = centre.reshape(shape[0], -1).clone()
+    for m in models:
+        part = full_svd((m - centre).reshape(shape[0], -1)).truncate(k)
+        out += p.lam * (part.U * part.S) @ part.Vh
+    return out.reshape(shape)
+
+
+def _wudi_terms(mats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """G = Σ_i w_i τ_iᵀτ_i and B = Σ_i w_i τ_iτ_iᵀτ_i with w_i = 1/‖τ_i‖²_F (zero updates left out),
+    in float64: the loss is tr(XGXᵀ) − 2tr(XBᵀ) + const, its gradient 2(XG − B)."""
+    n = mats[0].shape[1]
+    gram = torch.zeros(n, n, dtype=torch.float64, device=mats[0].device)
+    target = torch.zeros(mats[0].shape, dtype=torch.float64, device=mats[0].device)
+    weights = []
+    for m in mats:
+        m = m.double()
+        norm2 = float((m * m).sum())
+        weights.append(1.0 / norm2 if norm2 > 0 else 0.0)
+        if norm2 > 0:
+            g = m.T @ m / norm2
+            gram += g
+            target += m @ g
+    return gram, target, weights
+
+
+def wudi_objective(x: torch.Tensor, mats: list[torch.Tensor]) -> float:
+    """Σ_i ‖(x − τ_i)τ_iᵀ‖²_F / ‖τ_i‖²_F (Cheng et al. 2025, eq. 8), for tests and reports."""
+    total = 0.0
+    for m in mats:
+        norm2 = float((m.double() ** 2).sum())
+        if norm2 > 0:
+            total += float((((x.double() - m.double()) @ m.double().T) ** 2).sum()) / norm2
+    return total
+
+
+def wudi(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """WUDI-Merging (Cheng et al. 2025, "Whoever Started the Interference Should End It", eq. 8),
+    solved exactly: the loss Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²_F/‖τ_i‖²_F is quadratic in τ_m, with normal
+    equations τ_m·G = B (G = Σ_i τ_iᵀτ_i/‖τ_i‖², B = Σ_i τ_iτ_iᵀτ_i/‖τ_i‖²). The minimum-norm
+    solution τ_m = B·G⁺ (eigenvalues of G below ε·λ_max treated as zero) is the optimum the
+    paper's Adam approaches; θ_b + λτ_m."""
+    taus = [m - base for m in models]
+    if not is_matrix(base):
+        return _mean_update(base, taus, p.lam)
+    mats = [t.reshape(base.shape[0], -1) for t in taus]
+    gram, target, _ = _wudi_terms(mats)
+    values, vectors = torch.linalg.eigh(gram)
+    cutoff = float(values.max()) * gram.shape[0] * torch.finfo(torch.float64).eps if values.numel() else 0.0
+    inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
+    merged = ((target @ vectors) * inverse) @ vectors.T
+    return base + p.lam * merged.to(base.dtype).reshape(base.shape)
+
+
+def wudi_adam(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+    """WUDI-Merging as the paper runs it (Cheng et al. 2025, §4.2): Adam (β = 0.9, 0.999) on the
+    same loss from τ_m = Σ_i τ_i, `steps` iterations at learning rate `lr`; θ_b + λτ_m."""
+    taus = [m - base for m in models]
+    if not is_matrix(base):
+        return _mean_update(base, taus, p.lam)
+    mats = [t.reshape(base.shape[0], -1) for t in taus]
+    gram, target, _ = _wudi_terms(mats)
+    x = torch.stack(mats).sum(0).double()
+    first, second = torch.zeros_like(x), torch.zeros_like(x)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, int(p.steps) + 1):
+        grad = 2 * (x @ gram - target)
+        first.mul_(b1).add_(grad, alpha=1 - b1)
+        second.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        x -= p.lr * (first / (1 - b1**step)) / ((second / (1 - b2**step)).sqrt() + eps)
+    return base + p.lam * x.to(base.dtype).reshape(base.shape)
+
