@@ -122,3 +122,22 @@ def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli)
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
     assert record["config"]["method"] == method
     assert set(record["config"]["params"]) == {p.field for p in spec.params}
+
+
+def test_modifiers_from_the_cli_and_yaml_with_their_parameters(tmp_path, run_cli):
+    p = _two(tmp_path)
+    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], p["b"], "--svc", "--lines",
+                           "--param", "svc_alpha=2", "--param", "lines_beta=0.25", "-o", tmp_path / "m")
+    assert code == 0, err
+    record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
+    assert record["config"]["modifiers"] == ["svc", "lines"] and record["lines_alpha"] > 0
+    assert record["config"]["params"] == {"lam": 1.0, "density": 1.0, "svc_alpha": 2, "lines_beta": 0.25}
+    code, _, err = run_cli("merge", "--method", "average", p["a"], p["b"], "--svc", "-o", tmp_path / "x")
+    assert code == 2 and "svc changes the merged task vector, so it needs --base" in err
+    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "svc_alpha=2",
+                           "-o", tmp_path / "x")
+    assert code == 2 and "does not use svc_alpha" in err
+    (tmp_path / "c.yml").write_text(f"method: iso-c\nbase: {p['base']}\nmodels: [{p['a']}, {p['b']}]\n"
+                                    "modifiers: [lines]\nlines_beta: 1.0\n")
+    cfg = build_config(load_config(tmp_path / "c.yml"))
+    assert cfg.modifiers == ["lines"] and cfg.resolved.lines_beta == 1.0

@@ -175,3 +175,59 @@ def test_vectors_get_the_mean_update(method):
     base = rand(16, seed=11)
     models = [base + rand(16, seed=12), base + rand(16, seed=13)]
     torch.testing.assert_close(call(method, base, models), base + (models[0] - base + models[1] - base) / 2)
+
+
+# ---- modifiers: SVC per matrix, LiNeS per layer ------------------------------------------------
+
+from weightlab.merge.modifiers import calibrate  # noqa: E402
+
+
+def ref_svc(merged, taus, alpha):
+    u, s, vt = np.linalg.svd(merged, full_matrices=False)
+    response = s[:, None] * vt
+    floor = np.zeros_like(s)
+    for t in taus:
+        own = u.T @ t
+        n2 = (own * own).sum(1)
+        floor += np.maximum(alpha, np.where(n2 > 0, (response * own).sum(1) / np.where(n2 > 0, n2, 1), 0))
+    return (u * (len(taus) / floor * s)) @ vt
+
+
+def test_svc_equals_its_reference():
+    taus = [rand(10, 7, seed=20 + i) for i in range(3)]
+    merged = sum(taus) * 0.8
+    got = calibrate(merged, taus, 0.5)
+    np.testing.assert_allclose(got.numpy(), ref_svc(merged.numpy(), [t.numpy() for t in taus], 0.5), atol=1e-12)
+
+
+def test_svc_shrinks_a_shared_direction_to_one_copy_and_keeps_owned_ones():
+    tau = rand(10, 7, seed=30)
+    torch.testing.assert_close(calibrate(3 * tau, [tau, tau, tau], 1.0), tau)  # summed three times: back to once
+    q = torch.linalg.qr(rand(7, 7, seed=31))[0]
+    t1, t2 = rand(10, 3, seed=32) @ q[:, :3].T, rand(10, 3, seed=33) @ q[:, 3:6].T
+    torch.testing.assert_close(calibrate(t1 + t2, [t1, t2], 1.0), t1 + t2)  # orthogonal updates: unchanged
+
+
+def test_lines_scales_each_layer_of_the_merged_task_vector_by_depth(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from weightlab.merge import merge
+    from weightlab.merge.config import build_config
+
+    names = [f"layers.{i}.mlp.up_proj.weight" for i in range(3)] + ["embed_tokens.weight"]
+    base = {n: rand(6, 4, seed=40 + i).float() for i, n in enumerate(names)}
+    models = [{n: v + rand(6, 4, seed=50 + 10 * j + i).float() for i, (n, v) in enumerate(base.items())} for j in range(2)]
+    for stem, tensors in (("base", base), ("a", models[0]), ("b", models[1])):
+        (tmp_path / stem).mkdir()
+        save_file(tensors, tmp_path / stem / "model.safetensors")
+    cfg = build_config({"method": "task-arithmetic", "base": str(tmp_path / "base"), "modifiers": ["lines"],
+                        "models": [str(tmp_path / "a"), str(tmp_path / "b")], "param_values": {"lines_beta": 0.6}})
+    report = merge(cfg, tmp_path / "out")
+    assert report.lines_alpha == pytest.approx(0.5)  # task arithmetic: ‖Σ τ_i‖₁ = ‖τ_m‖₁, so α = 1/N
+    got = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    for n in names:
+        layer = int(n.split(".")[1]) if n.startswith("layers") else None
+        scale = 0.5 + (0.6 * layer / 2 if layer is not None else 0.0)
+        expected = base[n] + scale * (models[0][n] - base[n] + models[1][n] - base[n])
+        torch.testing.assert_close(got[n], expected, atol=1e-6, rtol=0)
+    assert not list(tmp_path.glob(".weightlab-lines-*"))  # the spill is gone

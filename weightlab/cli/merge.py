@@ -13,15 +13,18 @@ from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from weightlab.merge import METHODS, NanOptions, merge as run_merge
+from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.config import build_config, load_config
 
 
 def _methods_help() -> str:
     """The registry, one line per method, for the bottom of `merge --help`."""
     lines = ["Methods (parameters: --lambda, --density, or --param NAME=VALUE):"]
-    for m in METHODS.values():
+    for m in [*METHODS.values(), *MODIFIERS.values()]:
         params = ", ".join(f"{p.name}={p.default:g}" for p in m.params) or "no parameters"
-        lines.append(f"{m.name}: {params}{'' if m.needs_base else '; no base'}. {m.reference.replace('*', '')}")
+        kind = "--" + m.name + " (after any method)" if m.name in MODIFIERS else m.name
+        base = "" if getattr(m, "needs_base", True) else "; no base"
+        lines.append(f"{kind}: {params}{base}. {m.reference.replace('*', '')}")
     return "\n\n".join(lines)
 
 
@@ -64,6 +67,8 @@ def merge(
     density: Optional[float] = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
     param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
                                               help="Any other parameter of the method (repeatable); listed below."),
+    svc: bool = typer.Option(False, "--svc", help="Then recalibrate each matrix's singular values (SVC; --param svc_alpha)."),
+    lines: bool = typer.Option(False, "--lines", help="Then scale each layer's update by depth (LiNeS; --param lines_beta)."),
     gamma: Optional[float] = typer.Option(None, "--gamma", hidden=True),  # = --param gamma=…, kept for old scripts
     epsilon: Optional[float] = typer.Option(None, "--epsilon", hidden=True),
     t: Optional[float] = typer.Option(None, "--t", hidden=True),
@@ -88,6 +93,8 @@ def merge(
     options.update({k: v for k, v in overrides.items() if v is not None})
     if models:
         options["models"] = list(models)
+    flagged = [name for name, on in (("svc", svc), ("lines", lines)) if on]
+    options["modifiers"] = [*options.get("modifiers", []), *(m for m in flagged if m not in options.get("modifiers", []))]
     nan_given = {k: v for k, v in {"norm_of": nan_norm_of, "granularity": nan_granularity, "power": nan_power,
                                    "normalize": nan_normalize}.items() if v is not None}
     if nan_given:

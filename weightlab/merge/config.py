@@ -15,9 +15,11 @@ from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge.coefficients import NanOptions
 from weightlab.merge.methods import MAX_COEFFICIENT, METHODS, MergeMethod, Params, mergekit_names, parameter_names
+from weightlab.merge.modifiers import MODIFIERS
+from weightlab.merge.params import resolve
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype"}  # and every parameter name
+OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype", "modifiers"}  # and every parameter
 # mergekit parameters we accept as no-ops (they only tune mergekit's memory use)
 MERGEKIT_NOOP_PARAMETERS = {"int8_mask", "normalize"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
@@ -34,6 +36,7 @@ class MergeConfig:
     params: dict[str, float] = field(default_factory=dict)  # the method parameters given, by name (`lambda`, …)
     seed: int = 0
     dtype: str | None = None  # output dtype; default: each tensor's dtype in the base
+    modifiers: list[str] = field(default_factory=list)  # steps on the merged task vector: svc, lines
 
     def __post_init__(self) -> None:
         Choice(*METHODS).check("--method", self.method)
@@ -47,8 +50,9 @@ class MergeConfig:
 
     @property
     def resolved(self) -> Params:
-        """Every parameter the method declares: the given values, else the defaults."""
-        return self.spec.resolve(self.params)
+        """Every parameter the method and its modifiers declare: the given values, else the defaults."""
+        declared = self.spec.params + tuple(p for m in self.modifiers for p in MODIFIERS[m].params)
+        return resolve(declared, self.params, " + ".join([self.method, *self.modifiers]))
 
     def validate(self) -> None:
         if not isinstance(self.models, list) or not all(isinstance(m, str) and m for m in self.models):
@@ -62,9 +66,17 @@ class MergeConfig:
             raise InvalidArgument(f"{self.method} merges {wanted} models, got {n}")
         if spec.needs_base and not self.base:
             raise InvalidArgument(f"{self.method} needs --base (task vectors are relative to it)")
+        if not isinstance(self.modifiers, list) or not all(isinstance(m, str) for m in self.modifiers):
+            raise InvalidArgument("modifiers must be a list of names")
+        for name in self.modifiers:
+            Choice(*MODIFIERS).check("modifier", name)
+            if not self.base:
+                raise InvalidArgument(f"{name} changes the merged task vector, so it needs --base")
+        if len(set(self.modifiers)) != len(self.modifiers):
+            raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
-        spec.resolve(self.params)
+        self.resolved
         if self.weights is not None:
             if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")
@@ -92,7 +104,7 @@ class MergeConfig:
         return {"method": self.method, "base": self.base, "models": self.models, "weights": self.weights,
                 "coeff": self.coeff, "nan": asdict(self.nan) if self.coeff == "nan" else None,
                 "params": self.resolved.as_dict(),
-                "seed": self.seed, "dtype": self.dtype}
+                "seed": self.seed, "dtype": self.dtype, **({"modifiers": self.modifiers} if self.modifiers else {})}
 
 
 def build_config(options: dict) -> MergeConfig:
@@ -151,7 +163,7 @@ def _from_ours(data: dict, path) -> dict:
     unknown = set(data) - known
     if unknown:
         raise InvalidArgument(f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(known))})", path)
-    kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str"}
+    kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str", "modifiers": "list"}
     out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
     models = _models(data.get("models") or [], "models", path)
     for i, (_, extra) in enumerate(models):

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from weightlab.errors import InvalidArgument
 from weightlab.merge.params import (COMMON, DENSITY, GAMMA, LAMBDA, LR, MAX_COEFFICIENT, RANK, RATIO, SLERP_EPSILON,
-                                    SLERP_T, STEPS, Generator, Param, Params)
+                                    SLERP_T, STEPS, Generator, Param, Params, resolve)
+from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
 
 
@@ -42,15 +42,8 @@ class MergeMethod:
         return next((p for p in self.params if p.name == name), None)
 
     def resolve(self, given: dict[str, Any]) -> Params:
-        """Defaults overridden by `given` (names as users write them), each checked against its
-        domain; a name the method does not declare is an error listing the ones it does."""
-        for name, value in given.items():
-            spec = self.param(name)
-            if spec is None:
-                known = ", ".join(p.name for p in self.params) or "none"
-                raise InvalidArgument(f"{self.name} does not use {name} (its parameters: {known})")
-            spec.domain.check(spec.flag or f"--param {name}", value)
-        return Params({p.field: given.get(p.name, p.default) for p in self.params})
+        """The method's parameters: `given` (checked against each declaration), else defaults."""
+        return resolve(self.params, given, self.name)
 
 
 def average(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
@@ -309,8 +302,9 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
 
 
 def parameter_names() -> tuple[str, ...]:
-    """Every parameter name some method declares, once each (config files take them as keys)."""
-    return tuple(dict.fromkeys(p.name for m in METHODS.values() for p in m.params))
+    """Every parameter name some method or modifier declares, once each (config files take them as keys)."""
+    owners = [*METHODS.values(), *MODIFIERS.values()]
+    return tuple(dict.fromkeys(p.name for m in owners for p in m.params))
 
 
 def mergekit_names() -> dict[str, str]:
@@ -331,4 +325,9 @@ def methods_table() -> str:
             f" ({m.min_models} models)" if m.min_models == m.max_models else f" (≥ {m.min_models} models)"
         lines.append(f"| `{m.name}`{count} | {m.formula} | {params} | {'needed' if m.needs_base else '—'} | "
                      f"{coefficients} | {m.mergekit or '—'} | {m.reference} |")
+    lines += ["", "Modifiers, after any method with a base (`--svc`, `--lines`, or `modifiers: [svc, lines]`):", "",
+              "| modifier | formula | parameters (default) | reference |", "|---|---|---|---|"]
+    for mod in MODIFIERS.values():
+        params = ", ".join(f"`{p.name}` ({p.default:g})" for p in mod.params)
+        lines.append(f"| `{mod.name}` | {mod.formula} | {params} | {mod.reference} |")
     return "\n".join(lines)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from weightlab.domains import Domain, Int, Real
+from weightlab.errors import InvalidArgument
 
 MAX_COEFFICIENT = 1e6  # |λ|, |c_i| beyond this only overflow float32 maths
 
@@ -56,6 +57,19 @@ class Params:
 
     def as_dict(self) -> dict[str, float]:
         return dict(self._values)
+
+
+def resolve(declared: tuple[Param, ...], given: dict[str, Any], owner: str) -> Params:
+    """Defaults overridden by `given` (names as users write them), each checked against its
+    domain; a name not declared is an error listing the ones that are."""
+    by_name = {p.name: p for p in declared}
+    for name, value in given.items():
+        spec = by_name.get(name)
+        if spec is None:
+            known = ", ".join(by_name) or "none"
+            raise InvalidArgument(f"{owner} does not use {name} (its parameters: {known})")
+        spec.domain.check(spec.flag or f"--param {name}", value)
+    return Params({p.field: given.get(p.name, p.default) for p in declared})
 
 
 Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor

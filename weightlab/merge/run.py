@@ -14,13 +14,16 @@ Rules for tensors that do not line up (docs/merge.md):
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 from weightlab.compute.device import Compute
 from weightlab.compute.walk import Selection, TensorWalk
@@ -28,11 +31,13 @@ from weightlab.errors import MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.outputs import Output, check_outputs
+from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import Matching
 from weightlab.merge.coefficients import NanOptions, nan_coefficients
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS
+from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
@@ -53,6 +58,7 @@ class MergeReport(Result):
     coefficients: list[float]  # per model: the global coefficients, or the mean over tensors
     per_tensor: dict[str, list[float]] = field(default_factory=dict)  # NAN per tensor
     seconds: float = 0.0
+    lines_alpha: float | None = None  # LiNeS's α, when it ran
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -68,7 +74,8 @@ class MergeReport(Result):
         return {"schema": self.SCHEMA, "out": self.out, "config": self.config.to_dict(), "merged_tensors": self.merged,
                 "copied_from_base": self.copied, "left_out": self.left_out, "coefficients": self.coefficients,
                 "coefficients_per_layer": self.per_layer() if self.per_tensor else None,
-                "coefficients_per_tensor": self.per_tensor or None, "seconds": round(self.seconds, 3)}
+                "coefficients_per_tensor": self.per_tensor or None, "seconds": round(self.seconds, 3),
+                **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {})}
 
     @classmethod
     def from_dict(cls, payload: dict) -> "MergeReport":
@@ -77,10 +84,10 @@ class MergeReport(Result):
         params = {p.name: cfg["params"][p.field] for p in spec.params if p.field in (cfg.get("params") or {})}
         config = MergeConfig(cfg["method"], cfg["models"], cfg.get("base"), cfg.get("weights"), cfg.get("coeff", "manual"),
                              NanOptions(**cfg["nan"]) if cfg.get("nan") else NanOptions(), params, cfg.get("seed", 0),
-                             cfg.get("dtype"))
+                             cfg.get("dtype"), cfg.get("modifiers") or [])
         return cls(config, payload.get("out", ""), payload["merged_tensors"], payload["copied_from_base"],
                    payload["left_out"], payload["coefficients"], payload.get("coefficients_per_tensor") or {},
-                   payload.get("seconds", 0.0))
+                   payload.get("seconds", 0.0), payload.get("lines_alpha"))
 
     def title(self) -> str:
         detail = [self.config.method]
@@ -153,6 +160,41 @@ def _model_norms(models: list[Checkpoint], base: Checkpoint | None, task_vectors
     return [s**0.5 for s in squares]
 
 
+def num_layers(ckpt: Checkpoint) -> int:
+    """L: the config's layer count, else one more than the largest layer index in the names."""
+    if ckpt.config is not None and ckpt.config.num_layers:
+        return ckpt.config.num_layers
+    return max((i for i in map(layer_index, ckpt.names()) if i is not None), default=-1) + 1
+
+
+class _LinesSpill:
+    """LiNeS needs norms over the whole model before any tensor is scaled: the merged task vectors
+    wait on disk (one file each, beside the output) while the norms accumulate."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.names: list[str] = []
+        self.summed_l1 = self.merged_l1 = 0.0
+
+    def add(self, name: str, base: torch.Tensor, models: list[torch.Tensor], merged: torch.Tensor) -> None:
+        delta = merged - base
+        self.summed_l1 += float(sum(m - base for m in models).abs().sum())
+        self.merged_l1 += float(delta.abs().sum())
+        write_safetensors(self.folder / f"{len(self.names)}.safetensors", {"delta": delta.cpu().contiguous()})
+        self.names.append(name)
+
+    def alpha(self, models: int) -> float:
+        return lines_alpha(self.summed_l1, self.merged_l1, models)
+
+    def scaled(self, base: Checkpoint, compute: Compute, alpha: float, beta: float,
+               layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """θ_b + (α + β·ℓ/(L−1))·τ_m for every spilled tensor (Wang et al. 2025, eq. 1)."""
+        for i, name in enumerate(self.names):
+            delta = load_file(self.folder / f"{i}.safetensors")["delta"].to(compute.device)
+            w0 = base.get(name, compute.device, compute.dtype)
+            yield name, w0 + lines_scale(layer_index(name), layers, alpha, beta) * delta
+
+
 def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
           donor: str | Path | None = None, compute: Compute | None = None,
           on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> MergeReport:
@@ -184,9 +226,13 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
             for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
-    with CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, donor=donor or config.base or config.models[0],
-                          force=force, plan=plan) as writer:
+    with ExitStack() as stack:
+        writer = stack.enter_context(CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan,
+                                                      donor=donor or config.base or config.models[0]))
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
+        lines = _LinesSpill(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent,
+                                                                            prefix=".weightlab-lines-"))) \
+            if "lines" in config.modifiers else None
         for batch in walk.batches(one_at_a_time, stored_layout=True, on_start=on_start, on_progress=on_progress):
             item = batch.items[0]
             name = item.names[0]
@@ -205,8 +251,17 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
                 merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
                                  params, generators)
-                writer.add(name, merged.to(out_dtype_of[name]))
+                if "svc" in config.modifiers:
+                    merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
+                if lines is not None:
+                    lines.add(name, w0, thetas, merged)
+                else:
+                    writer.add(name, merged.to(out_dtype_of[name]))
                 report.merged += 1
+        if lines is not None:
+            report.lines_alpha = lines.alpha(n)
+            for name, merged in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, num_layers(anchor)):
+                writer.add(name, merged.to(out_dtype_of[name]))
         for name in buffers:  # e.g. position_ids a fine-tune was saved without
             writer.add(name, ckpts[0].get(name))
             report.copied.append(name)
