@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from weightlab.compute.memory import release_large_buffers
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -59,6 +60,7 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
     """Yield (batch items, one stack [b, ...] per source), read ahead of use: out×in matrices
     (`as_matrix`), or with `matrix=False` tensors in their stored layout. Floating tensors are
     cast to `dtype` and checked finite; others keep their dtype."""
+    release_large_buffers()
     pending: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
