@@ -40,9 +40,10 @@ def polar(x):
 
 def ref_iso_cts(base, models, common, lam):
     taus = [(m - base).numpy() for m in models]
-    r = min(taus[0].shape)
-    k = int(r * common)
-    s = round((r - k) / len(taus))
+    r, n = min(taus[0].shape), len(taus)
+    s = round((r - int(r * common)) / n)  # the authors' code: the task-specific total divisible by N
+    s = s if n * s <= r else r // n
+    k = r - n * s
     u, sig, vt = np.linalg.svd(sum(taus), full_matrices=False)
     us, ss, vs = [u[:, :k]], [sig[:k]], [vt[:k].T]
     for t in taus:

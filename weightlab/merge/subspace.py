@@ -61,18 +61,20 @@ def iso_c(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
 
 
 def iso_cts(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
-    """Iso-CTS (Marczak et al. 2025, §4.2, Alg. 1): the top k = ⌊common·r⌋ singular vectors of
-    Σ_i c_i τ_i span the common subspace; each task adds its top s = round((r − k)/N) singular
-    vectors after the common left subspace is projected out of it (τ_i − U_kU_kᵀτ_i); the stacked
-    U and V are orthogonalised (nearest orthogonal matrices) and the spectrum made flat at the
-    mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ."""
+    """Iso-CTS (Marczak et al. 2025, §4.2, Alg. 1): each task keeps s = round((r − ⌊common·r⌋)/N)
+    directions and the common subspace the remaining k = r − N·s, so that the total is r (as the
+    authors' code does); the top k singular vectors of Σ_i c_i τ_i span the common subspace; each
+    task adds its top s singular vectors after the common left subspace is projected out of it
+    (τ_i − U_kU_kᵀτ_i); the stacked U and V are orthogonalised (nearest orthogonal matrices) and
+    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
         return _mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
-    r = min(mats[0].shape)
-    k = int(r * p.common)
-    s = round((r - k) / len(mats))
+    r, n = min(mats[0].shape), len(mats)
+    s = round((r - int(r * p.common)) / n)
+    s = s if n * s <= r else r // n
+    k = r - n * s
     common = full_svd(torch.stack(mats).sum(0)).truncate(k)
     us, sigmas, vs = [common.U], [common.S], [common.Vh.T]
     for m in mats:
