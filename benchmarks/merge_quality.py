@@ -166,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--only", nargs="*", help="Re-run these method labels, keeping the other rows of --out.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "merge_quality.json")
     args = parser.parse_args()
     root = ROOT / f"merge-quality-s{args.steps}-lr{args.lr:g}"
@@ -175,9 +176,13 @@ def main() -> None:
     score = Scorer(tasks, {name: path / "classifier_head.pt" for name, path in paths.items()})
     base = minilm_path()
     individual = {name: score(path)[name] for name, path in paths.items()}
+    previous = json.loads(args.out.read_text())["methods"] if args.only and args.out.is_file() else []
     rows = []
     scratch = root / "merged"
     for label, method, options in DEFAULTS:
+        if args.only and label not in args.only:
+            rows += [row for row in previous if row["method"] == label]
+            continue
         cfg = config(method, options, base, models)
         wall, rss, rss0 = run_command(cli_args(cfg, scratch / "default"))
         accuracy = score(scratch / "default")
