@@ -141,3 +141,14 @@ def test_modifiers_from_the_cli_and_yaml_with_their_parameters(tmp_path, run_cli
                                     "modifiers: [lines]\nlines_beta: 1.0\n")
     cfg = build_config(load_config(tmp_path / "c.yml"))
     assert cfg.modifiers == ["lines"] and cfg.resolved.lines_beta == 1.0
+
+
+@pytest.mark.parametrize("method", [m.name for m in METHODS.values() if m.coefficients and not m.nan])
+def test_nan_coefficients_plug_into_every_method_that_takes_coefficients(method, tmp_path, run_cli):
+    p = _two(tmp_path)
+    base = ["--base", p["base"]] if METHODS[method].needs_base else []
+    code, _, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "--coeff", "nan", "-o", tmp_path / "m")
+    assert code == 0, err
+    record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
+    assert record["config"]["coeff"] == "nan" and len(record["coefficients"]) == 2
+    assert sum(record["coefficients"]) == pytest.approx(1.0)  # NAN's default normalisation
