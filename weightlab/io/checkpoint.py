@@ -14,7 +14,6 @@ from typing import Iterator
 import torch
 
 from weightlab.errors import (
-    CheckpointNotFound,
     CorruptCheckpoint,
     MissingShard,
     MissingTensor,

@@ -14,9 +14,9 @@ import yaml
 from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge.coefficients import NanOptions
-from weightlab.merge.methods import MAX_COEFFICIENT, METHODS, MergeMethod, Params, mergekit_names, parameter_names
+from weightlab.merge.methods import METHODS, MergeMethod, Params, mergekit_names, parameter_names
 from weightlab.merge.modifiers import MODIFIERS
-from weightlab.merge.params import resolve
+from weightlab.merge.params import MAX_COEFFICIENT, resolve
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype", "modifiers"}  # and every parameter

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from weightlab.merge.params import (COMMON, DENSITY, GAMMA, LAMBDA, LR, MAX_COEFFICIENT, RANK, RATIO, SLERP_EPSILON,
-                                    SLERP_T, STEPS, Generator, Param, Params, resolve)
+from weightlab.merge.params import (COMMON, DENSITY, GAMMA, LAMBDA, LR, RANK, RATIO, SLERP_EPSILON, SLERP_T, STEPS,
+                                    Generator, Param, Params, resolve)
 from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
 
