@@ -295,3 +295,17 @@ def test_ties_trim_keeps_exactly_k_on_large_tensors():
     kept = trim_top_magnitude(tau, 0.3)
     assert int((kept != 0).sum()) == int(0.3 * tau.numel())
     assert float(kept.abs()[kept != 0].min()) >= float(tau.abs()[kept == 0].max())
+
+
+def test_chunked_ties_is_bit_identical_to_trimming_whole_task_vectors():
+    from weightlab.merge.methods import TIES_CHUNK, elect_and_mean, trim_top_magnitude
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3 * TIES_CHUNK + 17, generator=gen)
+    models = [base + torch.randn(base.shape, generator=gen).round(decimals=1) * 0.1 for _ in range(3)]  # many ties
+    coeffs = torch.tensor([0.5, 0.3, 0.2])
+    for density in (0.2, 0.5, 1.0):
+        whole = base + 0.9 * elect_and_mean([trim_top_magnitude(m - base, density) for m in models], coeffs)
+        spec = METHODS["ties"]
+        chunked = spec.fn(base, models, coeffs, spec.resolve({"density": density, "lambda": 0.9}), None)
+        assert torch.equal(chunked, whole), density

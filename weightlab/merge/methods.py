@@ -130,11 +130,49 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tens
     return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, 1.0), 0.0)
 
 
+TIES_CHUNK = 1 << 17  # entries per elementwise pass: the trimmed task vectors never exist whole
+
+
+def _trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
+    """(t, ties): `trim_top_magnitude` keeps the entries with |τ| > t and the first `ties` entries
+    with |τ| = t, in index order; t = inf keeps nothing."""
+    k = int(density * tau.numel())
+    if k == 0:
+        return float("inf"), 0
+    magnitude = tau.abs()
+    threshold = kth_largest(magnitude, k)
+    return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
+
+
 def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
-    trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ."""
-    taus = [trim_top_magnitude(m - base, p.density) for m in models]
-    return base + p.lam * elect_and_mean(taus, coeffs)
+    trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ.
+
+    The per-model thresholds come first (one task vector at a time); trimming, election and mean
+    then run over chunks, so memory is the inputs plus the output, whatever the tensor's size. Same
+    result, bit for bit, as trimming whole task vectors (`trim_top_magnitude`)."""
+    flat_base = base.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    trims = [_trim_threshold(m - flat_base, p.density) if p.density < 1 else None for m in flats]
+    ties_left = [t[1] if t is not None else 0 for t in trims]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), TIES_CHUNK):
+        part = slice(start, start + TIES_CHUNK)
+        b = flat_base[part]
+        taus = []
+        for i, m in enumerate(flats):
+            tau = m[part] - b
+            if trims[i] is not None:
+                magnitude = tau.abs()
+                keep = magnitude > trims[i][0]
+                if ties_left[i] > 0:  # ties at the threshold go to the lowest indices
+                    tied = torch.nonzero(magnitude == trims[i][0]).flatten()[:ties_left[i]]
+                    keep[tied] = True
+                    ties_left[i] -= tied.numel()
+                tau = torch.where(keep, tau, 0.0)
+            taus.append(tau)
+        out[part] = b + p.lam * elect_and_mean(taus, coeffs)
+    return out.reshape(base.shape)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
