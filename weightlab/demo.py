@@ -7,6 +7,7 @@ on two small synthetic sentence-classification tasks (full fine-tuning) and once
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -90,17 +91,24 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
-def accuracy_with_encoder(encoder: dict[str, torch.Tensor], head: Path, task: Task) -> float:
-    """Test accuracy of MiniLM with these encoder weights (e.g. a merge) and a task's trained head."""
+@functools.cache
+def _classifier():
+    """One MiniLM classifier and tokenizer per process: every scoring replaces all its weights."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    return (AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
+            AutoTokenizer.from_pretrained(minilm_path()))
+
+
+def accuracy_with_encoder(encoder: dict[str, torch.Tensor], head: Path, task: Task) -> float:
+    """Test accuracy of MiniLM with these encoder weights (e.g. a merge) and a task's trained head."""
+    model, tokenizer = _classifier()
     missing = model.bert.load_state_dict(encoder, strict=False).missing_keys
     if missing:
         raise ValueError(f"encoder weights lack {missing[:3]}")
     model.classifier.load_state_dict(torch.load(head, weights_only=True))
-    return accuracy(model, AutoTokenizer.from_pretrained(minilm_path()), task.test)
+    return accuracy(model, tokenizer, task.test)
 
 
 def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -248,23 +256,23 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute)
     (tmp / "spectrum.json").write_text(to_json(spec.to_dict()))
     (tmp / "spectrum.csv").write_text(to_csv(spec.rows()))
-    draw(spec, tmp / "plots" / "spectrum")
+    drawn = {"spectrum": draw(spec, tmp / "plots" / "spectrum")}  # the report reuses them
 
     step("angles: task vectors of the two full fine-tunes")
-    ang = angles(fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16), compute)
+    ang = angles(fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16, svd="randomized"), compute)  # k ≪ 384: seeded top-k
     (tmp / "angles.json").write_text(to_json(ang.to_dict()))
-    draw(ang, tmp / "plots" / "angles")
+    drawn["angles"] = draw(ang, tmp / "plots" / "angles")
 
     step("gaussian: the full fine-tune's update ΔW")
-    gauss = gaussian(fts["ft_animal"], base, GaussianOptions(), compute)
+    gauss = gaussian(fts["ft_animal"], base, GaussianOptions(sample_size=20_000), compute)
     (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
-    gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian")
+    drawn["gaussian"] = gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", 20_000)
 
     step("tsd: task-specific directions of the LoRA warm-up")
     directions, vectors = tsd(base, fts["lora_animal"], TSDOptions(top=8), compute, keep_vectors=True)
     (tmp / "tsd.json").write_text(to_json(directions.to_dict()))
     save_directions(tmp / "tsd.safetensors", vectors, {"finetuned": str(paths["lora_animal"])})
-    draw(directions, tmp / "plots" / "tsd")
+    drawn["tsd"] = draw(directions, tmp / "plots" / "tsd")
 
     tasks = {t.name: t for t in make_tasks()}
     models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
@@ -323,6 +331,6 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     (tmp / "summary.json").write_text(to_json(headline))
     step("report: report.html and report.md")
     write_report(load_results([tmp]), tmp / "report.html", title="weightlab demo: all-MiniLM-L6-v2, briefly fine-tuned",
-                 markdown=tmp / "report.md")
+                 markdown=tmp / "report.md", drawn=drawn)
     return headline
 

@@ -32,22 +32,24 @@ class Section:
 
 # ---- one section per result, whatever its type --------------------------------------------
 
-def section(result: Result, plots: Path) -> Section:
-    """The report section of any result: its headline, plots and main table."""
+def section(result: Result, plots: Path, images: list[Path] | None = None) -> Section:
+    """The report section of any result: its headline, plots (drawn into `plots` unless `images`
+    already holds them) and main table."""
     tables = result.tables()
     main = tables[0] if tables else None
-    return Section(result.title(), result.REFERENCE, result.headline(), draw(result, plots),
+    return Section(result.title(), result.REFERENCE, result.headline(), images if images is not None else draw(result, plots),
                    main.columns if main else [], main.rows if main else [], result.note())
 
 
-def sections_for(results: list[Result], plots: Path) -> list[Section]:
-    """Sections in the results' report order; each result's plots in its own folder."""
+def sections_for(results: list[Result], plots: Path, drawn: dict[str, list[Path]] | None = None) -> list[Section]:
+    """Sections in the results' report order; each result's plots in its own folder, or those
+    already drawn for it (`drawn`, by folder name: spectrum, angles, …)."""
     out, used = [], set()
     for result in sorted(results, key=lambda r: r.ORDER):
         name = result.SCHEMA.split("/")[0].removeprefix("weightlab.")
         folder = name if name not in used else f"{name}-{len(used)}"
         used.add(folder)
-        out.append(section(result, plots / folder))
+        out.append(section(result, plots / folder, (drawn or {}).get(folder)))
     return out
 
 
@@ -196,11 +198,12 @@ def assets_folder(markdown: str | Path) -> Path:
 
 def write_report(results: list[Result], out: str | Path, *, title: str = "weightlab report",
                  markdown: str | Path | None = None, assets: str | Path | None = None,
-                 force: bool = False) -> list[Section]:
-    """Build the sections (drawing the plots again from the results) and write the HTML file, and
-    with `markdown` a Markdown file plus its PNGs in `assets` (default `<name>_assets/` beside it)."""
+                 force: bool = False, drawn: dict[str, list[Path]] | None = None) -> list[Section]:
+    """Build the sections (drawing the plots from the results, except those in `drawn`) and write
+    the HTML file, and with `markdown` a Markdown file plus its PNGs in `assets` (default
+    `<name>_assets/` beside it)."""
     with tempfile.TemporaryDirectory(prefix="weightlab-report-") as tmp:
-        sections = sections_for(results, Path(tmp))
+        sections = sections_for(results, Path(tmp), drawn)
         with atomic_path(out, force) as path:
             path.write_text(render_html(title, sections))
         if markdown:
