@@ -37,6 +37,7 @@ from weightlab.examples import minilm_path  # noqa: E402
 from weightlab.io import open_weights  # noqa: E402
 from weightlab.merge import merge  # noqa: E402
 from weightlab.merge.config import build_config  # noqa: E402
+from weightlab.merge.methods import METHODS  # noqa: E402
 
 ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow", "lion", "mouse"]
 THINGS = ["car", "house", "chair", "table", "book", "phone", "lamp", "boat"]
@@ -148,7 +149,7 @@ def config(method: str, options: dict, base: Path, models: list[Path], lam: floa
         params["lambda"] = lam
     out = {"method": method, "models": [str(m) for m in models], "param_values": params,
            "modifiers": options.get("modifiers", [])}
-    if build_config({**out, "base": str(base)}).spec.needs_base or out["modifiers"]:
+    if METHODS[method].needs_base or out["modifiers"]:
         out["base"] = str(base)
     return out
 
@@ -188,7 +189,7 @@ def main() -> None:
         accuracy = score(scratch / "default")
         row = {"method": label, "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
                "wall_s": round(wall, 2), "peak_rss_mb": round(rss), "rss_after_imports_mb": round(rss0)}
-        if "lambda" in {p.name for p in build_config({**cfg, "base": str(base)}).spec.params}:
+        if METHODS[method].param("lambda"):
             best = None
             for lam in GRID:
                 started = time.perf_counter()

@@ -266,7 +266,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     step("gaussian: the full fine-tune's update ΔW")
     gauss = gaussian(fts["ft_animal"], base, GaussianOptions(sample_size=20_000), compute)
     (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
-    drawn["gaussian"] = gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", 20_000)
+    drawn["gaussian"] = gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", gauss.options.sample_size)
 
     step("tsd: task-specific directions of the LoRA warm-up")
     directions, vectors = tsd(base, fts["lora_animal"], TSDOptions(top=8), compute, keep_vectors=True)

@@ -124,7 +124,7 @@ def delta_times_v(finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch
         left, right, scale = factors
         return scale * left @ (right @ vh.T), float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
     if w_ft is None:
-        return torch.zeros_like(w @ vh.T), 0.0
+        return w.new_zeros(w.shape[0], vh.shape[0]), 0.0
     delta = w_ft - w
     return delta @ vh.T, float((delta * delta).sum())
 

@@ -141,8 +141,8 @@ class Common:
 
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
     options: list[tuple[str, Any, Any]] = [
-        ("include", Optional[str], typer.Option(None, "--include", help="Only tensors whose name matches this regex.", metavar="REGEX")),
-        ("exclude", Optional[str], typer.Option(None, "--exclude", help="Skip tensors whose name matches this regex.", metavar="REGEX")),
+        ("include", Optional[str], IncludeOpt),
+        ("exclude", Optional[str], ExcludeOpt),
         ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
         ("device", str, DeviceOpt),
         *([("dtype", str, DtypeOpt)] if precision else []),

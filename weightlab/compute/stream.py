@@ -16,10 +16,9 @@ from typing import Iterator, Sequence
 import torch
 
 from weightlab.compute.memory import release_large_buffers
-from weightlab.errors import CorruptCheckpoint
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.finite import all_finite
+from weightlab.io.finite import require_finite_input
 from weightlab.matching import MatchedTensor
 from weightlab.naming import as_matrix
 
@@ -49,8 +48,7 @@ def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.devic
     weight = raw.to(device=device, dtype=dtype)
     if isinstance(ckpt, AdaptedCheckpoint):
         weight = ckpt.apply(name, weight)
-    if not all_finite(weight):
-        raise CorruptCheckpoint("tensor has NaN or Inf values", ckpt.path, name)
+    require_finite_input(weight, ckpt.path, name)
     return as_matrix(name, weight, ckpt.config) if matrix else weight
 
 

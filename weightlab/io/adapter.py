@@ -18,7 +18,7 @@ import torch
 
 from weightlab.errors import CorruptCheckpoint, InvalidArgument, NotACheckpoint, ShapeMismatch
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.finite import all_finite
+from weightlab.io.finite import require_finite_input
 from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
 from weightlab.naming import canonical_name
 
@@ -145,8 +145,7 @@ class LoraAdapter:
         a, b = (self.file.read(info) for info in (m.a, m.b))
         self.bytes_read += m.a.nbytes + m.b.nbytes
         for factor, info in ((a, m.a), (b, m.b)):
-            if factor.is_floating_point() and not all_finite(factor):
-                raise CorruptCheckpoint("tensor has NaN or Inf values", self.path, info.name)
+            require_finite_input(factor, self.path, info.name)
         return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), m.scale
 
     def matrix_factors(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:

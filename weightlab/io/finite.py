@@ -1,4 +1,5 @@
-"""NaN and Inf never reach a file: every writer calls `require_finite` on what it writes."""
+"""NaN and Inf never reach a file nor the maths: every writer calls `require_finite` on what it
+writes, every reader `require_finite_input` on what it read."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from weightlab.errors import NonFiniteTensor
+from weightlab.errors import CorruptCheckpoint, NonFiniteTensor
 
 CHUNK = 1 << 24
 
@@ -27,4 +28,11 @@ def require_finite(x: torch.Tensor, path: str | Path | None, name: str) -> torch
     if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteTensor(f"{bad} of {x.numel()} values are NaN or Inf; nothing was written", path, name)
+    return x
+
+
+def require_finite_input(x: torch.Tensor, path: str | Path | None, name: str) -> torch.Tensor:
+    """`x`, or CorruptCheckpoint naming the input file and the tensor."""
+    if not all_finite(x):
+        raise CorruptCheckpoint("tensor has NaN or Inf values", path, name)
     return x

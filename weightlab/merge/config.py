@@ -76,7 +76,7 @@ class MergeConfig:
             raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
-        self.resolved
+        self.resolved  # every given parameter declared by the method or a modifier, and within its domain
         if self.weights is not None:
             if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")

@@ -95,22 +95,36 @@ def kth_largest(values: torch.Tensor, k: int, sample: int = 65_536) -> torch.Ten
     return torch.kthvalue(values, n - k + 1).values
 
 
+def trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
+    """(t, ties) for keeping the k = int(density·n) largest-magnitude entries of τ: the entries
+    with |τ| > t and the first `ties` entries with |τ| = t in index order (so exactly k survive);
+    t = inf keeps nothing."""
+    k = int(density * tau.numel())
+    if k == 0:
+        return float("inf"), 0
+    magnitude = tau.abs()
+    threshold = kth_largest(magnitude.reshape(-1), k)
+    return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
+
+
+def keep_top(tau: torch.Tensor, threshold: float, ties: int) -> tuple[torch.Tensor, int]:
+    """τ with every entry zeroed but |τ| > threshold and the first `ties` with |τ| = threshold,
+    and how many ties it kept (a chunked caller passes the rest on)."""
+    magnitude = tau.abs()
+    keep = magnitude > threshold
+    tied = keep.new_empty(0, dtype=torch.long)
+    if ties > 0:
+        tied = torch.nonzero(magnitude.reshape(-1) == threshold).flatten()[:ties]
+        keep.reshape(-1)[tied] = True
+    return torch.where(keep, tau, 0.0), tied.numel()
+
+
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1); ties at
     the threshold go to the lowest indices, so exactly k survive."""
     if density >= 1:
         return tau
-    flat = tau.reshape(-1)
-    k = int(density * flat.numel())
-    if k == 0:
-        return torch.zeros_like(tau)
-    magnitude = flat.abs()
-    threshold = kth_largest(magnitude, k)
-    mask = magnitude > threshold
-    short = k - int(torch.count_nonzero(mask))
-    if short > 0:
-        mask[torch.nonzero(magnitude == threshold).flatten()[:short]] = True
-    return torch.where(mask, flat, 0.0).reshape(tau.shape)
+    return keep_top(tau, *trim_threshold(tau, density))[0]
 
 
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
@@ -133,17 +147,6 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tens
 TIES_CHUNK = 1 << 17  # entries per elementwise pass: the trimmed task vectors never exist whole
 
 
-def _trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
-    """(t, ties): `trim_top_magnitude` keeps the entries with |τ| > t and the first `ties` entries
-    with |τ| = t, in index order; t = inf keeps nothing."""
-    k = int(density * tau.numel())
-    if k == 0:
-        return float("inf"), 0
-    magnitude = tau.abs()
-    threshold = kth_largest(magnitude, k)
-    return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
-
-
 def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
     trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ.
@@ -153,23 +156,17 @@ def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     result, bit for bit, as trimming whole task vectors (`trim_top_magnitude`)."""
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
-    trims = [_trim_threshold(m - flat_base, p.density) if p.density < 1 else None for m in flats]
-    ties_left = [t[1] if t is not None else 0 for t in trims]
+    trims = [list(trim_threshold(m - flat_base, p.density)) if p.density < 1 else None for m in flats]
     out = torch.empty_like(flat_base)
     for start in range(0, flat_base.numel(), TIES_CHUNK):
         part = slice(start, start + TIES_CHUNK)
         b = flat_base[part]
         taus = []
-        for i, m in enumerate(flats):
+        for m, trim in zip(flats, trims):
             tau = m[part] - b
-            if trims[i] is not None:
-                magnitude = tau.abs()
-                keep = magnitude > trims[i][0]
-                if ties_left[i] > 0:  # ties at the threshold go to the lowest indices
-                    tied = torch.nonzero(magnitude == trims[i][0]).flatten()[:ties_left[i]]
-                    keep[tied] = True
-                    ties_left[i] -= tied.numel()
-                tau = torch.where(keep, tau, 0.0)
+            if trim is not None:
+                tau, kept = keep_top(tau, *trim)
+                trim[1] -= kept  # ties at the threshold go to the lowest indices: the earliest chunks
             taus.append(tau)
         out[part] = b + p.lam * elect_and_mean(taus, coeffs)
     return out.reshape(base.shape)

@@ -106,22 +106,20 @@ def cart(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def _wudi_terms(mats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def _wudi_terms(mats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """G = Σ_i w_i τ_iᵀτ_i and B = Σ_i w_i τ_iτ_iᵀτ_i with w_i = 1/‖τ_i‖²_F (zero updates left out),
     in float64: the loss is tr(XGXᵀ) − 2tr(XBᵀ) + const, its gradient 2(XG − B)."""
     n = mats[0].shape[1]
     gram = torch.zeros(n, n, dtype=torch.float64, device=mats[0].device)
     target = torch.zeros(mats[0].shape, dtype=torch.float64, device=mats[0].device)
-    weights = []
     for m in mats:
         m = m.double()
         norm2 = float((m * m).sum())
-        weights.append(1.0 / norm2 if norm2 > 0 else 0.0)
         if norm2 > 0:
             g = m.T @ m / norm2
             gram += g
             target += m @ g
-    return gram, target, weights
+    return gram, target
 
 
 def wudi_objective(x: torch.Tensor, mats: list[torch.Tensor]) -> float:
@@ -144,7 +142,7 @@ def wudi(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     if not is_matrix(base):
         return _mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
-    gram, target, _ = _wudi_terms(mats)
+    gram, target = _wudi_terms(mats)
     values, vectors = torch.linalg.eigh(gram)
     cutoff = float(values.max()) * gram.shape[0] * torch.finfo(torch.float64).eps if values.numel() else 0.0
     inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
@@ -159,7 +157,7 @@ def wudi_adam(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     if not is_matrix(base):
         return _mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
-    gram, target, _ = _wudi_terms(mats)
+    gram, target = _wudi_terms(mats)
     x = torch.stack(mats).sum(0).double()
     first, second = torch.zeros_like(x), torch.zeros_like(x)
     b1, b2, eps = 0.9, 0.999, 1e-8
