@@ -4,6 +4,7 @@ fine-tunes, planted changes, PEFT adapters and corrupt files. Built once per tes
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import torch
 
 from weightlab import synthetic
 from weightlab.cli import main
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decomposition_cache(tmp_path_factory) -> Path:
+    """Every run in the tests caches base decompositions in a temporary folder, never in ~/.cache."""
+    folder = tmp_path_factory.mktemp("decompositions")
+    os.environ["WEIGHTLAB_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

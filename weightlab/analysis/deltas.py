@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from weightlab.compute.device import Compute
-from weightlab.compute.svd import SVD, lowrank_svd, singular_values, top_svd
+from weightlab.compute.gram import singular_values
+from weightlab.compute.svd import SVD, lowrank_svd, top_svd
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
@@ -31,12 +32,12 @@ def adapter_factors(ft: Checkpoint, name: str, compute: Compute) -> tuple[torch.
 
 def delta_singular_values(ft: Checkpoint, items: Sequence[MatchedTensor], w: torch.Tensor, w_ft: torch.Tensor,
                           compute: Compute) -> torch.Tensor:
-    """All min(m, n) singular values of ΔW for each batch item [b, min(m, n)], zero-padded."""
+    """All min(m, n) singular values of ΔW for each batch item [b, min(m, n)] in float64, zero-padded."""
     factors = [adapter_factors(ft, item.names[0], compute) for item in items]
     if any(f is None for f in factors):
         return singular_values(w_ft - w)
     r = min(w.shape[-2:])
-    out = torch.zeros(len(items), r, dtype=w.dtype, device=w.device)
+    out = torch.zeros(len(items), r, dtype=torch.float64, device=w.device)
     for b, (left, right, scale) in enumerate(factors):
         s = lowrank_svd(left, right, scale).S[:r]
         out[b, : s.shape[-1]] = s

@@ -11,6 +11,12 @@ With W = UΣVᵀ the base matrix and W' = U'Σ'V'ᵀ the fine-tuned one (ΔW = W
 - intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
   Equivalence", §3): u'_i among the top k_int of W' with max_j |cos(u'_i, u_j)| < ε;
 - subspace similarity φ = ‖U_kᵀU'_k‖_F²/k (1 = same top-k subspace, Hu et al. 2021, §7.2).
+
+Route (`compute.gram`): every singular value from the eigenvalues of the smaller Gram matrix in
+float64; the fine-tune's top singular vectors from the same tridiagonal reduction;
+only the base is fully decomposed (Gram eigenvectors), once per matrix, and kept in a persistent
+cache keyed by its content (`compute.cache`). `values_only` skips every vector; with no
+fine-tune it gives the base's own spectra (norms, ranks, singular values).
 """
 
 from __future__ import annotations
@@ -23,12 +29,17 @@ import torch
 from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.compute.svd import SVD, full_svd
+from weightlab.compute.cache import DecompositionCache, content_key
+from weightlab.compute.gram import (GramSpectrum, decompose, gram, is_tall, singular_values, to_singular, top_eigen,
+                                    top_singular)
 from weightlab.compute.walk import Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
+from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 from weightlab.results import Result, Table
+
+NULL = 1e-4  # σ_j ≤ NULL·σ₁: u_j = Wv_j/σ_j would carry float32 rounding of v_j times σ₁/σ_j
 
 @dataclass(frozen=True)
 class SpectrumOptions(Filters):
@@ -36,6 +47,7 @@ class SpectrumOptions(Filters):
     intruder_k: int = option(10, Int(1), "--intruder-k")  # top fine-tuned singular vectors checked for intruders
     epsilon: float = option(0.5, Real(0, 1), "--epsilon")  # intruder threshold on max_j |cos(u'_i, u_j)|
     keep: int | None = option(None, Int(1, optional=True), "--keep")  # singular values kept per matrix (None = all)
+    values_only: bool = False  # singular values alone: no vectors, no alignment or intruders
 
 
 @dataclass
@@ -48,47 +60,51 @@ class Norms:
 
 @dataclass
 class MatrixSpectrum:
+    """One matrix against one fine-tune. Without a fine-tune (`--values-only` on one checkpoint)
+    only the base fields are set; with `values_only` the vector fields stay empty."""
+
     name: str
-    finetuned: int  # index into SpectrumResult.finetuned
+    finetuned: int | None  # index into SpectrumResult.finetuned
     layer: int | None
     role: str
     shape: list[int]
     base: Norms
-    ft: Norms
-    delta: Norms
-    relative_change: float  # ‖ΔW‖_F / ‖W‖_F
-    delta_rank90: int
-    delta_rank99: int
+    ft: Norms | None
+    delta: Norms | None
+    relative_change: float | None  # ‖ΔW‖_F / ‖W‖_F
+    delta_rank90: int | None
+    delta_rank99: int | None
     amplification: list[float]  # σ'_i/σ_i, i < k
-    topk_change_share: float  # Σ_{i<k}|σ'_i−σ_i| / Σ_i|σ'_i−σ_i|
+    topk_change_share: float | None  # Σ_{i<k}|σ'_i−σ_i| / Σ_i|σ'_i−σ_i|
     u_alignment: list[float]  # |⟨u'_i, u_i⟩|, i < k
     v_alignment: list[float]
     best_match_index: list[int]  # argmax_j |⟨u'_i, u_j⟩|, i < intruder_k
     best_match_cos: list[float]
     intruders: list[int]  # i < intruder_k with best_match_cos < ε
-    subspace_similarity: float
+    subspace_similarity: float | None
     sv_base: list[float]
     sv_ft: list[float]
 
     @property
-    def mean_amplification(self) -> float:
-        return sum(self.amplification) / len(self.amplification)
+    def mean_amplification(self) -> float | None:
+        return sum(self.amplification) / len(self.amplification) if self.amplification else None
 
     @property
-    def mean_u_alignment(self) -> float:
-        return sum(self.u_alignment) / len(self.u_alignment)
+    def mean_u_alignment(self) -> float | None:
+        return sum(self.u_alignment) / len(self.u_alignment) if self.u_alignment else None
 
     def row(self) -> dict:
         """Flat scalar columns for CSV and tables."""
         return {
             "name": self.name, "finetuned": self.finetuned, "layer": self.layer, "role": self.role,
             "rows": self.shape[0], "cols": self.shape[1], "relative_change": self.relative_change,
-            "amplification_1": self.amplification[0], "mean_amplification_k": self.mean_amplification,
+            "amplification_1": first(self.amplification), "mean_amplification_k": self.mean_amplification,
             "topk_change_share": self.topk_change_share, "delta_rank90": self.delta_rank90,
-            "delta_rank99": self.delta_rank99, "u1_alignment": self.u_alignment[0],
+            "delta_rank99": self.delta_rank99, "u1_alignment": first(self.u_alignment),
             "mean_u_alignment_k": self.mean_u_alignment, "subspace_similarity": self.subspace_similarity,
-            "intruders": len(self.intruders),
-            **{f"{part}_{k}": v for part in ("base", "ft", "delta") for k, v in asdict(getattr(self, part)).items()},
+            "intruders": len(self.intruders) if self.best_match_cos else None,
+            **{f"{part}_{k}": v for part in ("base", "ft", "delta")
+               for k, v in asdict(getattr(self, part) or Norms(*[None] * 4)).items()},
         }
 
 
@@ -117,6 +133,8 @@ class SpectrumResult(Result):
         return [m.row() for m in self.matrices]
 
     def tables(self) -> list[Table]:
+        if not self.finetuned:
+            return self.base_tables()
         several = len(self.finetuned) > 1
         ft = ["ft"] if several else []
         k = self.options.k
@@ -136,8 +154,23 @@ class SpectrumResult(Result):
               for key in ("layer", "role")]
         return [main, *by]
 
+    def base_tables(self) -> list[Table]:
+        """One checkpoint's own spectra (`--values-only` without a fine-tune)."""
+        main = Table(f"spectra: {len(self.matrices)} matrices",
+                     ["matrix", "layer", "role", "shape", "σ₁", "‖W‖_F", "stable rank", "eff.rank", "σ_min"],
+                     [[m.name, m.layer, m.role, f"{m.shape[0]}×{m.shape[1]}", m.base.spectral, m.base.frobenius,
+                       m.base.stable_rank, m.base.effective_rank, first(m.sv_base[-1:])] for m in self.matrices],
+                     "stable rank = ‖W‖_F²/σ₁²; eff.rank = exp(entropy of σ/Σσ)", numeric_from=1, names=True)
+        by = [Table(f"by {key}", [key, "matrices", "stable rank", "eff.rank"],
+                    [[s[key], s["matrices"], s["stable_rank"], s["effective_rank"]] for s in summarise(self.matrices, key)])
+              for key in ("layer", "role")]
+        return [main, *by]
+
     def headline(self) -> list[tuple[str, str, object]]:
         ms = self.matrices
+        if not self.finetuned:
+            return [("spectrum.matrices", "matrices analysed", len(ms)),
+                    ("spectrum.mean_stable_rank", "mean stable rank", mean(lambda m: m.base.stable_rank)(ms))]
         top = max(ms, key=lambda m: m.relative_change) if ms else None
         by_role = max(summarise(ms, "role"), key=lambda s: s["relative_change"]) if ms else {}
         return [("spectrum.matrices", "matrices analysed", len(ms)),
@@ -148,7 +181,13 @@ class SpectrumResult(Result):
                 ("spectrum.intruders", "intruder dimensions", sum(len(m.intruders) for m in ms))]
 
     def note(self) -> str:
+        if not self.finetuned:
+            return f"Spectra of {self.base} alone (values only)."
         return "Fine-tunes: " + ", ".join(f"{i}: {p}" for i, p in enumerate(self.finetuned))
+
+
+def first(values: list) -> object:
+    return values[0] if values else None
 
 
 def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:
@@ -159,7 +198,9 @@ def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:
         "mean_amplification_k": mean(lambda m: m.mean_amplification),
         "mean_u_alignment_k": mean(lambda m: m.mean_u_alignment),
         "subspace_similarity": mean(lambda m: m.subspace_similarity),
-        "intruders": lambda ms: sum(len(m.intruders) for m in ms),
+        "intruders": lambda ms: sum(len(m.intruders) for m in ms) if any(m.best_match_cos for m in ms) else None,
+        "stable_rank": mean(lambda m: m.base.stable_rank),
+        "effective_rank": mean(lambda m: m.base.effective_rank),
     })
 
 
@@ -185,57 +226,104 @@ def energy_rank(s: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(total[:, 0] > 0, rank, torch.zeros_like(rank))
 
 
-def compare(base: SVD, ft: SVD, delta_sv: torch.Tensor, items: Sequence[MatchedTensor], ft_index: int,
-            options: SpectrumOptions) -> list[MatrixSpectrum]:
-    """All spectrum metrics for a batch: base and fine-tuned thin SVDs and ΔW's singular values."""
-    r = base.S.shape[-1]
-    k, kk = min(options.k, r), min(max(options.k, options.intruder_k), r)
-    cos = (ft.U[..., :kk].mT @ base.U).abs()  # [b, kk, r]: |⟨u'_i, u_j⟩|
-    index_matched = torch.diagonal(cos[:, :k, :k], dim1=-2, dim2=-1)
-    v_matched = (ft.Vh[:, :k, :] * base.Vh[:, :k, :]).sum(-1).abs()
-    best_cos, best_j = cos.max(-1)
-    phi = (cos[:, :k, :k] ** 2).sum((-2, -1)) / k
-    amplification = ft.S[:, :k] / base.S[:, :k].clamp_min(torch.finfo(base.S.dtype).tiny)
-    moved = (ft.S - base.S).abs()
-    share = moved[:, :k].sum(-1) / moved.sum(-1).clamp_min(torch.finfo(moved.dtype).tiny)
-    norms_w, norms_ft, norms_d = (norms_from_singular_values(s) for s in (base.S, ft.S, delta_sv))
-    r90, r99 = energy_rank(delta_sv, 0.9).tolist(), energy_rank(delta_sv, 0.99).tolist()
+def base_spectrum(w: torch.Tensor, cache: DecompositionCache | None, vectors: bool) -> GramSpectrum:
+    """The base matrix's singular values, with its Gram eigenvectors when `vectors`: from the cache
+    when it has them, else computed and stored. Values alone cost one eigvalsh and bypass the
+    cache (eigvalsh and eigh round differently: each mode gives the same bytes, warm or cold)."""
+    if not vectors:
+        return GramSpectrum(singular_values(w), None, is_tall(w))
+    key = content_key(w) if cache else ""
+    found = cache.get(key) if cache else None
+    if found is not None and tuple(found.S.shape) == (min(w.shape),):
+        return found
+    decomposed = decompose(w)
+    if cache:
+        cache.put(key, decomposed)
+    return decomposed
+
+
+def base_vectors(w: torch.Tensor, base: GramSpectrum, k: int, u_ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base's top-k U and Vh and |⟨u'_i, u_j⟩| for every base left singular vector u_j [kk, r],
+    from the Gram eigenvectors E: wide W has U = E; tall W has V = E and U = WVΣ⁻¹, used as
+    (WᵀU')ᵀVΣ⁻¹ without forming U. Where σ_j ≤ NULL·σ₁ (u_j not determined by W) the thin SVD decides."""
+    w64, s = w.double(), base.S.to(w.device)
+    e = base.E.to(w.device, torch.float64)
+    needed = s if base.tall else s[:k]
+    if float(needed[-1]) <= NULL * float(s[0]):
+        u, _, vh = (x.double() for x in torch.linalg.svd(w, full_matrices=False))
+        return u[:, :k], vh[:k], (u_ft.mT @ u).abs()
+    if base.tall:
+        v_k = e[:, :k]
+        return w64 @ v_k / s[:k], v_k.mT, ((w64.mT @ u_ft).mT @ e).abs() / s
+    u_k = e[:, :k]
+    return u_k, (w64.mT @ u_k / s[:k]).mT, (u_ft.mT @ e).abs()
+
+
+def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: GramSpectrum,
+            w_ft: torch.Tensor | None, delta_sv: torch.Tensor | None, options: SpectrumOptions) -> MatrixSpectrum:
+    """All spectrum metrics of one matrix against one fine-tune (or none)."""
+    s = base.S.to(w.device)
+    norms_w = norms_from_singular_values(s[None])[0]
     keep = options.keep
-    results = []
-    for b, item in enumerate(items):
+    if w_ft is None:
+        return MatrixSpectrum(item.names[0], None, item.layer, item.role, list(w.shape), norms_w, None, None, None,
+                              None, None, [], None, [], [], [], [], [], None, s[:keep].tolist(), [])
+    r = s.shape[-1]
+    k, kk = min(options.k, r), min(max(options.k, options.intruder_k), r)
+    if options.values_only:
+        s_ft, aligned = singular_values(w_ft), None
+    else:
+        g = gram(w_ft)
+        lam, vectors = top_eigen(g, kk)
+        s_ft, top = to_singular(lam), top_singular(w_ft, kk, g, lam, vectors)
+        u_k, vh_k, cos = base_vectors(w, base, k, top.U)
+        best_cos, best_j = cos.max(-1)
         intruder_k = min(options.intruder_k, r)
-        best = best_cos[b, :intruder_k].tolist()
-        results.append(MatrixSpectrum(
-            name=item.names[0], finetuned=ft_index, layer=item.layer, role=item.role,
-            shape=list(base.U.shape[-2:-1]) + list(base.Vh.shape[-1:]),
-            base=norms_w[b], ft=norms_ft[b], delta=norms_d[b],
-            relative_change=norms_d[b].frobenius / norms_w[b].frobenius if norms_w[b].frobenius > 0 else float("inf"),
-            delta_rank90=r90[b], delta_rank99=r99[b],
-            amplification=amplification[b].tolist(), topk_change_share=float(share[b]),
-            u_alignment=index_matched[b].tolist(), v_alignment=v_matched[b].tolist(),
-            best_match_index=best_j[b, :intruder_k].tolist(), best_match_cos=best,
-            intruders=[i for i, c in enumerate(best) if c < options.epsilon],
-            subspace_similarity=float(phi[b]),
-            sv_base=base.S[b, :keep].tolist(), sv_ft=ft.S[b, :keep].tolist(),
-        ))
-    return results
+        aligned = dict(
+            u_alignment=torch.diagonal(cos[:k, :k]).tolist(),
+            v_alignment=(top.Vh[:k] * vh_k).sum(-1).abs().tolist(),
+            best_match_index=best_j[:intruder_k].tolist(), best_match_cos=best_cos[:intruder_k].tolist(),
+            subspace_similarity=float((cos[:k, :k] ** 2).sum() / k))
+    tiny = torch.finfo(torch.float64).tiny
+    moved = (s_ft - s).abs()
+    norms_ft, norms_d = (norms_from_singular_values(x[None])[0] for x in (s_ft, delta_sv))
+    return MatrixSpectrum(
+        name=item.names[0], finetuned=ft_index, layer=item.layer, role=item.role, shape=list(w.shape),
+        base=norms_w, ft=norms_ft, delta=norms_d,
+        relative_change=norms_d.frobenius / norms_w.frobenius if norms_w.frobenius > 0 else float("inf"),
+        delta_rank90=int(energy_rank(delta_sv[None], 0.9)), delta_rank99=int(energy_rank(delta_sv[None], 0.99)),
+        amplification=(s_ft[:k] / s[:k].clamp_min(tiny)).tolist(),
+        topk_change_share=float(moved[:k].sum() / moved.sum().clamp_min(tiny)),
+        u_alignment=aligned["u_alignment"] if aligned else [], v_alignment=aligned["v_alignment"] if aligned else [],
+        best_match_index=aligned["best_match_index"] if aligned else [],
+        best_match_cos=aligned["best_match_cos"] if aligned else [],
+        intruders=[i for i, c in enumerate(aligned["best_match_cos"]) if c < options.epsilon] if aligned else [],
+        subspace_similarity=aligned["subspace_similarity"] if aligned else None,
+        sv_base=s[:keep].tolist(), sv_ft=s_ft[:keep].tolist(),
+    )
 
 
 def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: SpectrumOptions = SpectrumOptions(),
              compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-             on_start: Callable[[int], None] | None = None) -> SpectrumResult:
+             on_start: Callable[[int], None] | None = None, cache: DecompositionCache | None = None) -> SpectrumResult:
     """Compare every matched weight matrix of `base` with each fine-tune (checkpoints or adapters
-    applied to `base`). The base's SVD is computed once per matrix and shared by all fine-tunes."""
+    applied to `base`); with `options.values_only` and no fine-tune, the base's own spectra. The
+    base is decomposed once per matrix (or read from `cache`) and shared by all fine-tunes."""
+    if not finetuned and not options.values_only:
+        raise InvalidArgument("spectrum: give at least one fine-tune of the base, or --values-only for the base's own spectra")
     compute = compute or Compute.create()
     walk = TensorWalk([base, *finetuned], Selection.of(options), changed_by=finetuned)
     matrices: list[MatrixSpectrum] = []
     for batch in walk.batches(compute, on_start=on_start, on_progress=on_progress):
         w, *w_fts = batch.tensors
-        base_svd = full_svd(w)
-        for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
-            delta_sv = delta_singular_values(ft, batch.items, w, w_ft, compute)
-            matrices.extend(compare(base_svd, full_svd(w_ft), delta_sv, batch.items, index, options))
-        del w, w_fts, base_svd, batch  # before the next batch arrives: keeps one batch in memory
+        for b, item in enumerate(batch.items):
+            base_spec = base_spectrum(w[b], cache, vectors=not options.values_only and bool(finetuned))
+            if not finetuned:
+                matrices.append(compare(item, None, w[b], base_spec, None, None, options))
+            for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
+                delta_sv = delta_singular_values(ft, [item], w[b:b + 1], w_ft[b:b + 1], compute)[0]
+                matrices.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options))
+        del w, w_fts, batch  # before the next batch arrives: keeps one batch in memory
     return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options,
-                          walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned),
+                          walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned or 0),
                           base.config.num_layers if base.config else None, walk.problems)

@@ -22,5 +22,9 @@ def group_summary(items: Sequence[T], keys: dict[str, Callable[[T], object]],
             for key in sorted(groups, key=_order)]
 
 
-def mean(value: Callable[[T], float]) -> Callable[[list[T]], float]:
-    return lambda group: sum(value(x) for x in group) / len(group)
+def mean(value: Callable[[T], float | None]) -> Callable[[list[T]], float | None]:
+    """The mean of `value` over a group, skipping None (None when every value is None)."""
+    def of(group: list[T]) -> float | None:
+        values = [v for v in map(value, group) if v is not None]
+        return sum(values) / len(values) if values else None
+    return of

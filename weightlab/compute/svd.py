@@ -1,4 +1,6 @@
-"""One SVD helper: the cheapest exact route for what is asked, or a seeded randomized top-k.
+"""SVD helpers: the thin SVD, a seeded randomized top-k, and the exact SVD of a low-rank product.
+
+All singular values and certified top-k vectors by the Gram route are in `compute.gram`.
 
 All functions accept a leading batch dimension ([..., m, n]), so same-shape matrices can go to
 the GPU as one batched call.
@@ -10,10 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Singular values of an m×n matrix with max(m,n) ≥ GRAM_RATIO·min(m,n) come from the
-# eigenvalues of the smaller Gram matrix in float64: σ_i = √λ_i(WWᵀ). Relative error of σ_i is
-# about ε₆₄·σ₁²/σ_i², far below float32 resolution for any spectrum a weight matrix has.
-GRAM_RATIO = 3
 SVD_METHODS = ("exact", "randomized")
 
 
@@ -27,27 +25,6 @@ class SVD:
 
     def truncate(self, k: int) -> "SVD":
         return SVD(self.U[..., :, :k], self.S[..., :k], self.Vh[..., :k, :])
-
-
-def singular_values(w: torch.Tensor) -> torch.Tensor:
-    """All min(m, n) singular values, descending (svdvals, or the Gram route for very wide matrices)."""
-    m, n = w.shape[-2:]
-    if max(m, n) >= GRAM_RATIO * min(m, n):
-        return torch.linalg.eigvalsh(gram64(w)).flip(-1).clamp_min(0).sqrt().to(w.dtype)
-    return torch.linalg.svdvals(w)
-
-
-def gram64(w: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    """The smaller Gram matrix (WWᵀ or WᵀW) in float64, accumulated over blocks of the long side
-    so that no float64 copy of W is ever held."""
-    tall = w.shape[-2] >= w.shape[-1]
-    x = w if tall else w.mT
-    side = x.shape[-1]
-    gram = torch.zeros((*x.shape[:-2], side, side), dtype=torch.float64, device=w.device)
-    for start in range(0, x.shape[-2], block):
-        chunk = x[..., start:start + block, :].double()
-        gram += chunk.mT @ chunk
-    return gram
 
 
 def full_svd(w: torch.Tensor) -> SVD:

@@ -46,9 +46,22 @@ def input_footprint(path: str | Path) -> Path:
     return real.parent if real.name.endswith(".index.json") else real
 
 
+def refuse_input_overlap(option: str, path: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse a path weightlab will write (an output, the cache) that is, contains or lies inside an input."""
+    real = _real(path)
+    for given in inputs:
+        footprint = input_footprint(given)
+        if real == footprint:
+            raise OutputConflict(f"{option} is the input {given}; choose another path", path)
+        if _inside(footprint, real):
+            raise OutputConflict(f"{option} contains the input {given}; choose another path", path)
+        if _inside(real, footprint):
+            raise OutputConflict(f"{option} lies inside the input {given}; write outside it", path)
+
+
 def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force: bool) -> None:
     """Refuse, before any work, outputs that would harm an input, collide, or replace what they may not."""
-    footprints = [(str(i), input_footprint(i)) for i in inputs if i is not None]
+    inputs = [i for i in inputs if i is not None]
     seen: list[tuple[Output, Path]] = []
     stdout_taken: Output | None = None
     for out in outputs:
@@ -58,13 +71,7 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force
             stdout_taken = out
             continue
         real = _real(out.path)
-        for given, footprint in footprints:
-            if real == footprint:
-                raise OutputConflict(f"{out.option} is the input {given}; choose another path", out.path)
-            if _inside(footprint, real):
-                raise OutputConflict(f"{out.option} contains the input {given}; choose another path", out.path)
-            if _inside(real, footprint):
-                raise OutputConflict(f"{out.option} lies inside the input {given}; write outside it", out.path)
+        refuse_input_overlap(out.option, out.path, inputs)
         for other, other_real in seen:
             if real == other_real or _inside(real, other_real) or _inside(other_real, real):
                 raise OutputConflict(f"{other.option} and {out.option} collide ({other.path}, {out.path})", out.path)

@@ -86,7 +86,10 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
     groups = _by_finetune(result)
     k = result.options.k
     with plt.rc_context(STYLE):
-        top = sorted(result.matrices, key=lambda m: -m.relative_change)[:most_changed]
+        if not result.finetuned:  # one checkpoint's own spectra: the matrices with the largest σ₁
+            top = sorted(result.matrices, key=lambda m: -m.base.spectral)[:most_changed]
+        else:
+            top = sorted(result.matrices, key=lambda m: -m.relative_change)[:most_changed]
         if top:
             cols = min(3, len(top))
             rows = math.ceil(len(top) / cols)
@@ -95,6 +98,11 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 idx = np.arange(1, len(m.sv_base) + 1)
                 n = len(m.sv_ft)
                 ax.semilogy(idx, m.sv_base, color="#888888", lw=2.2, label="base σ_i")
+                ax.set_title(short_name(m.name), fontsize=8)
+                ax.set_xlabel("index i")
+                ax.set_ylabel("singular value")
+                if not n:
+                    continue
                 ax.semilogy(idx[:n], m.sv_ft, color="#d62728", lw=1.0, label="fine-tuned σ'_i")
                 ax.axvline(k + 0.5, color="#444444", ls=":", lw=1)
                 ratio = ax.twinx()
@@ -108,18 +116,18 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 ratio.set_ylabel("σ'/σ − 1 (%)", color="#1f77b4")
                 ratio.tick_params(axis="y", colors="#1f77b4")
                 ratio.spines["right"].set_visible(True)
-                ax.set_title(short_name(m.name), fontsize=8)
                 ax.text(0.97, 0.95, f"‖ΔW‖/‖W‖ = {m.relative_change:.3g}\nσ'₁/σ₁ = {m.amplification[0]:.4g}",
                         transform=ax.transAxes, ha="right", va="top", fontsize=7,
                         bbox=dict(boxstyle="round", fc="white", ec="#dddddd", alpha=0.9))
-                ax.set_xlabel("index i")
-                ax.set_ylabel("singular value")
             for ax in axes.flat[len(top):]:
                 ax.axis("off")
             handles = axes.flat[0].get_legend_handles_labels()
-            fig.legend(handles[0] + [plt.Line2D([], [], color="#1f77b4", lw=0.8)], handles[1] + ["σ'_i/σ_i − 1 (right axis)"],
-                       loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
-            fig.suptitle(f"Singular values of the {len(top)} most-changed matrices (dotted: top-{k})", fontweight="bold")
+            if result.finetuned:
+                fig.legend(handles[0] + [plt.Line2D([], [], color="#1f77b4", lw=0.8)], handles[1] + ["σ'_i/σ_i − 1 (right axis)"],
+                           loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
+                fig.suptitle(f"Singular values of the {len(top)} most-changed matrices (dotted: top-{k})", fontweight="bold")
+            else:
+                fig.suptitle(f"Singular values of the {len(top)} matrices with the largest σ₁", fontweight="bold")
             paths.append(_save(fig, out_dir / "spectrum_curves.png"))
 
         for filename, value, title, cmap, label, diverging, fmt in [
@@ -127,9 +135,9 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
              f"top-{k} amplification: mean σ'_i/σ_i − 1", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
             ("reorientation_heatmap.png", lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
              f"rotation of the top-{k} left singular vectors: mean ∠(u'_i, u_i)", "magma_r", "degrees", False, "{:.1f}"),
-        ]:
+        ][:1 if result.options.values_only else 2]:
             grids = [_grid(g, value) for g in groups]
-            if not any(g[0].size for g in grids):
+            if not grids or not any(np.isfinite(g[0]).any() for g in grids):
                 continue
             n_roles, n_layers = len(grids[0][2]), len(grids[0][1])
             fig, axes = plt.subplots(1, len(grids), figsize=((1.6 + 0.75 * n_roles) * len(grids) + 1.2, 1.3 + 0.34 * n_layers),
@@ -145,7 +153,7 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
             paths.append(_save(fig, out_dir / filename))
 
         layers = sorted({m.layer for m in result.matrices if m.layer is not None})
-        if layers:
+        if layers and groups and not result.options.values_only:
             fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(layers) + 2), 3.2))
             width = 0.8 / len(groups)
             for i, g in enumerate(groups):
