@@ -93,7 +93,7 @@ def test_several_finetunes_share_one_base_decomposition(planted, monkeypatch):
     root, _, _ = planted
     calls = []
     real = mod.decompose
-    monkeypatch.setattr(mod, "decompose", lambda w: calls.append(w.shape) or real(w))
+    monkeypatch.setattr(mod, "decompose", lambda w, columns=None: calls.append(w.shape) or real(w, columns))
     ft = open_checkpoint(root / "ft.safetensors")
     result = spectrum(open_checkpoint(root / "base.safetensors"), [ft, ft, ft])
     assert len(calls) == 2  # two matrices: one base decomposition each, shared by the three fine-tunes

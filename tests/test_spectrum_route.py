@@ -84,12 +84,42 @@ def test_fast_route_equals_the_svd_definition_within_tolerance(pair):
         assert np.array_equal(np.asarray(m.best_match_index)[clear], ref["best_match_index"][clear])
 
 
+@pytest.mark.parametrize("shape", [(240, 160), (160, 240), (200, 200)])
+def test_large_matrices_certify_best_matches_among_the_top_base_vectors(shape, tmp_path, monkeypatch):
+    """r ≥ 66: the base is decomposed for its top 32 vectors only. A small dense change keeps every
+    u'_i matched inside them (no full decomposition); a strong rank-2 update makes intruders,
+    whose best match needs every base vector (one full decomposition). Both equal the definition."""
+    w = decaying(*shape, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    small = w + 0.002 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    lora = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64) @ torch.randn(2, shape[1], generator=gen,
+                                                                                      dtype=torch.float64)
+    intruded = w + 4 * lora / lora.norm()
+    name = "layers.0.mlp.up_proj.weight"
+    for label, tensor in (("base", w), ("small", small), ("intruded", intruded)):
+        save_file({name: tensor.float()}, tmp_path / f"{label}.safetensors")
+    columns = []
+    real = spectrum_mod.decompose
+    monkeypatch.setattr(spectrum_mod, "decompose", lambda m, c=None: columns.append(c) or real(m, c))
+    base = open_checkpoint(tmp_path / "base.safetensors")
+    for label, full_decompositions in (("small", 0), ("intruded", 1)):
+        columns.clear()
+        m = spectrum(base, [open_checkpoint(tmp_path / f"{label}.safetensors")]).matrices[0]
+        assert columns == [32] + [None] * full_decompositions, label
+        ref = reference(w.float(), (small if label == "small" else intruded).float(), 8, 10)
+        for field in ("u_alignment", "v_alignment", "best_match_cos"):
+            np.testing.assert_allclose(getattr(m, field), ref[field], atol=1e-6, err_msg=f"{label} {field}")
+        assert m.best_match_index == ref["best_match_index"].tolist()
+        assert m.intruders == [i for i, c in enumerate(ref["best_match_cos"]) if c < 0.5]
+        assert (min(m.best_match_cos) < 0.9) if label == "intruded" else (min(m.best_match_cos) > 0.99)
+
+
 def test_a_warm_cache_skips_every_base_decomposition_and_gives_the_same_bytes(pair, tmp_path, monkeypatch):
     root, _, _ = pair
     cache = DecompositionCache(tmp_path / "cache")
     calls = []
     real = spectrum_mod.decompose
-    monkeypatch.setattr(spectrum_mod, "decompose", lambda w: calls.append(1) or real(w))
+    monkeypatch.setattr(spectrum_mod, "decompose", lambda w, columns=None: calls.append(1) or real(w, columns))
 
     def run() -> str:
         result = spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")],

@@ -21,6 +21,7 @@ fine-tune it gives the base's own spectra (norms, ranks, singular values).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -226,42 +227,70 @@ def energy_rank(s: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(total[:, 0] > 0, rank, torch.zeros_like(rank))
 
 
-def base_spectrum(w: torch.Tensor, cache: DecompositionCache | None, vectors: bool) -> GramSpectrum:
-    """The base matrix's singular values, with its Gram eigenvectors when `vectors`: from the cache
-    when it has them, else computed and stored. Values alone cost one eigvalsh and bypass the
-    cache (eigvalsh and eigh round differently: each mode gives the same bytes, warm or cold)."""
-    if not vectors:
-        return GramSpectrum(singular_values(w), None, is_tall(w))
-    key = content_key(w) if cache else ""
+def base_decomposition(w: torch.Tensor, cache: DecompositionCache | None, columns: int | None) -> GramSpectrum:
+    """The base matrix's singular values and top `columns` Gram eigenvectors (all when None): from
+    the cache when it has them, else computed and stored. Each kind is one deterministic
+    computation, so a warm run gives the bytes of a cold one."""
+    key = content_key(w, f"top{columns}" if columns else "all") if cache else ""
     found = cache.get(key) if cache else None
-    if found is not None and tuple(found.S.shape) == (min(w.shape),):
+    r = min(w.shape)
+    if found is not None and tuple(found.S.shape) == (r,) and found.E.shape[-1] == min(columns or r, r):
         return found
-    decomposed = decompose(w)
+    decomposed = decompose(w, columns)
     if cache:
         cache.put(key, decomposed)
     return decomposed
 
 
-def base_vectors(w: torch.Tensor, base: GramSpectrum, k: int, u_ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The base's top-k U and Vh and |⟨u'_i, u_j⟩| for every base left singular vector u_j [kk, r],
-    from the Gram eigenvectors E: wide W has U = E; tall W has V = E and U = WVΣ⁻¹, used as
-    (WᵀU')ᵀVΣ⁻¹ without forming U. Where σ_j ≤ NULL·σ₁ (u_j not determined by W) the thin SVD decides."""
-    w64, s = w.double(), base.S.to(w.device)
-    e = base.E.to(w.device, torch.float64)
-    needed = s if base.tall else s[:k]
-    if float(needed[-1]) <= NULL * float(s[0]):
-        u, _, vh = (x.double() for x in torch.linalg.svd(w, full_matrices=False))
+def top_columns(options: SpectrumOptions, r: int) -> int | None:
+    """How many base Gram eigenvectors to compute up front: twice what the metrics read, at least
+    32 (the best match of an aligned u'_i is then certified among them); all for small matrices."""
+    columns = max(32, 2 * max(options.k, options.intruder_k))
+    return None if columns >= r // 2 else columns
+
+
+def left_cosines(w64: torch.Tensor, base: GramSpectrum, u_ft: torch.Tensor, columns: slice) -> torch.Tensor | None:
+    """|⟨u'_i, u_j⟩| for the base left singular vectors j in `columns`, from its Gram eigenvectors:
+    wide W has U = E; tall W has V = E and U = WVΣ⁻¹, used as (WᵀU')ᵀVΣ⁻¹ without forming U.
+    None when some σ_j there is ≤ NULL·σ₁ (u_j is not determined well enough by W)."""
+    e = base.E[:, columns].to(w64.device, torch.float64)
+    if not base.tall:
+        return (u_ft.mT @ e).abs()
+    s = base.S[columns].to(w64.device)
+    if float(s[-1]) <= NULL * float(base.S[0]):
+        return None
+    return ((w64.mT @ u_ft).mT @ e).abs() / s
+
+
+def base_vectors(w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor,
+                 whole: Callable[[], GramSpectrum]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base's top-k U and Vh, and |⟨u'_i, u_j⟩| [kk, ·] over the base left singular vectors
+    that can be u'_i's best match. From the top-K Gram eigenvectors: since Σ_j cos²_ij ≤ 1, no
+    u_j beyond the top K can beat the best of them once best² > 1 − Σ_{j<K} cos²_ij; only when
+    that fails for some i (an intruder candidate) is `whole()` decomposed for the rest. Where u_j
+    is not determined by W (σ_j ≤ NULL·σ₁), the thin SVD decides."""
+    w64, s = w.double(), top.S.to(w.device)
+    r, width = s.shape[-1], top.E.shape[-1]
+    cos = left_cosines(w64, top, u_ft, slice(0, width)) if float(s[k - 1]) > NULL * float(s[0]) else None
+    if cos is not None and width < r:
+        best = cos.max(-1).values
+        if bool((best ** 2 <= 1 - (cos ** 2).sum(-1)).any()):
+            rest = left_cosines(w64, whole(), u_ft, slice(width, r))
+            cos = None if rest is None else torch.cat([cos, rest], -1)
+    if cos is None:
+        u, _, vh = torch.linalg.svd(w64, full_matrices=False)  # rare: float64, as exact as the rest
         return u[:, :k], vh[:k], (u_ft.mT @ u).abs()
-    if base.tall:
-        v_k = e[:, :k]
-        return w64 @ v_k / s[:k], v_k.mT, ((w64.mT @ u_ft).mT @ e).abs() / s
-    u_k = e[:, :k]
-    return u_k, (w64.mT @ u_k / s[:k]).mT, (u_ft.mT @ e).abs()
+    e = top.E[:, :k].to(w.device, torch.float64)
+    if top.tall:
+        return w64 @ e / s[:k], e.mT, cos
+    return e, (w64.mT @ e / s[:k]).mT, cos
 
 
 def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: GramSpectrum,
-            w_ft: torch.Tensor | None, delta_sv: torch.Tensor | None, options: SpectrumOptions) -> MatrixSpectrum:
-    """All spectrum metrics of one matrix against one fine-tune (or none)."""
+            w_ft: torch.Tensor | None, delta_sv: torch.Tensor | None, options: SpectrumOptions,
+            whole: Callable[[], GramSpectrum] | None = None) -> MatrixSpectrum:
+    """All spectrum metrics of one matrix against one fine-tune (or none). `base` holds the top
+    Gram eigenvectors; `whole()` gives them all when an intruder candidate needs them."""
     s = base.S.to(w.device)
     norms_w = norms_from_singular_values(s[None])[0]
     keep = options.keep
@@ -276,7 +305,7 @@ def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: Gr
         g = gram(w_ft)
         lam, vectors = top_eigen(g, kk)
         s_ft, top = to_singular(lam), top_singular(w_ft, kk, g, lam, vectors)
-        u_k, vh_k, cos = base_vectors(w, base, k, top.U)
+        u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
         best_cos, best_j = cos.max(-1)
         intruder_k = min(options.intruder_k, r)
         aligned = dict(
@@ -317,12 +346,16 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
     for batch in walk.batches(compute, on_start=on_start, on_progress=on_progress):
         w, *w_fts = batch.tensors
         for b, item in enumerate(batch.items):
-            base_spec = base_spectrum(w[b], cache, vectors=not options.values_only and bool(finetuned))
+            if options.values_only or not finetuned:  # values alone: one eigvalsh, not worth a cache entry
+                base_spec = GramSpectrum(singular_values(w[b]), None, is_tall(w[b]))
+            else:
+                base_spec = base_decomposition(w[b], cache, top_columns(options, min(item.shape)))
+            whole = functools.cache(lambda b=b: base_decomposition(w[b], cache, None))
             if not finetuned:
                 matrices.append(compare(item, None, w[b], base_spec, None, None, options))
             for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
                 delta_sv = delta_singular_values(ft, [item], w[b:b + 1], w_ft[b:b + 1], compute)[0]
-                matrices.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options))
+                matrices.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
         del w, w_fts, batch  # before the next batch arrives: keeps one batch in memory
     return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options,
                           walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned or 0),

@@ -40,9 +40,10 @@ def default_folder() -> Path:
     return root / "weightlab" / "decompositions"
 
 
-def content_key(w: torch.Tensor) -> str:
-    """SHA-256 of a 2-D tensor's bytes with its shape, dtype, device kind and the entry format."""
-    digest = hashlib.sha256(f"{FORMAT}|{tuple(w.shape)}|{w.dtype}|{w.device.type}|".encode())
+def content_key(w: torch.Tensor, kind: str = "") -> str:
+    """SHA-256 of a 2-D tensor's bytes with its shape, dtype, device kind, the entry format and
+    `kind` (what the entry holds, e.g. how many vectors)."""
+    digest = hashlib.sha256(f"{FORMAT}|{kind}|{tuple(w.shape)}|{w.dtype}|{w.device.type}|".encode())
     digest.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().data)
     return digest.hexdigest()
 

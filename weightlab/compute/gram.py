@@ -37,7 +37,7 @@ class GramSpectrum:
     """All singular values of W and, when asked for, every eigenvector of its smaller Gram matrix."""
 
     S: torch.Tensor  # [r] float64, descending
-    E: torch.Tensor | None  # [r, r] float32, column i for S[i]: right singular vectors (tall) or left (wide)
+    E: torch.Tensor | None  # [r, c] float32, column i for S[i]: right singular vectors (tall) or left (wide)
     tall: bool
 
 
@@ -97,10 +97,12 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([to_singular(eigenvalues(gram(m))) for m in flat]).reshape(*w.shape[:-2], -1)
 
 
-def decompose(w: torch.Tensor) -> GramSpectrum:
-    """Every singular value of a 2-D W and every eigenvector of its Gram matrix (rounded to
-    float32, as stored in the cache, so that a cold and a warm run give the same bytes)."""
-    lam, vec = eigen(gram(w))
+def decompose(w: torch.Tensor, columns: int | None = None) -> GramSpectrum:
+    """Every singular value of a 2-D W and the top `columns` eigenvectors of its Gram matrix (all
+    when None), rounded to float32 as stored in the cache, so that a cold and a warm run give the
+    same bytes."""
+    g = gram(w)
+    lam, vec = eigen(g) if columns is None or columns >= g.shape[-1] else top_eigen(g, columns)
     # contiguous, exactly as read back from the cache: the same memory layout takes the same BLAS path
     return GramSpectrum(to_singular(lam).contiguous(), vec.float().cpu().contiguous(), is_tall(w))
 
