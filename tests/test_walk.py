@@ -194,3 +194,26 @@ def test_batch_sizes_give_identical_results(planted):
     for x, y in zip(one["matrices"], three["matrices"]):
         np.testing.assert_allclose(x["sv_ft"], y["sv_ft"], rtol=1e-10)
         assert x["intruders"] == y["intruders"]
+
+
+def test_read_ahead_stops_at_its_byte_budget(tmp_path, monkeypatch):
+    """With a budget of one tensor, nothing is read ahead while a batch is in use: a large tensor
+    (an embedding) is never held twice. With the default budget, small tensors are read ahead."""
+    import time
+
+    import weightlab.compute.stream as stream
+
+    save_file({f"layers.{i}.w": torch.full((8, 8), float(i)) for i in range(6)}, tmp_path / "m.safetensors")
+
+    def reads_at_each_batch() -> list[int]:
+        ckpt = open_checkpoint(tmp_path / "m.safetensors")
+        walk = TensorWalk([ckpt])
+        seen = []
+        for _ in walk.batches(Compute(torch.device("cpu"), torch.float32, 1)):
+            time.sleep(0.05)  # time for the reader to run ahead, if it may
+            seen.append(ckpt.bytes_read // 256)
+        return seen
+
+    assert max(n - i for i, n in enumerate(reads_at_each_batch())) > 1
+    monkeypatch.setattr(stream, "READ_AHEAD_BYTES", 256)
+    assert reads_at_each_batch() == [1, 2, 3, 4, 5, 6]

@@ -3,8 +3,10 @@
 The background thread only reads (a pread into a fresh buffer, which releases the GIL and
 spawns no compute threads); conversion, checks and maths stay on the calling thread. On a
 2-core machine any compute work in a second thread stalls the math library's parallel kernels,
-so the split matters. At most `prefetch` batches wait in the queue: memory stays bounded by a
-few tensors whatever the model size.
+so the split matters. At most `prefetch` batches wait in the queue, and reading ahead stops
+while READ_AHEAD_BYTES are in flight (read and not yet done with), unless nothing is: a large
+tensor (an embedding) is never held twice, and memory stays bounded by a few tensors whatever
+the model size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from weightlab.matching import MatchedTensor
 from weightlab.naming import as_matrix
 
 _DONE = object()
+READ_AHEAD_BYTES = 256 << 20
 
 
 def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[MatchedTensor]]:
@@ -39,6 +42,10 @@ def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[Matche
 def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """Raw stored tensor; an adapted checkpoint reads its base (the update is added later)."""
     return ckpt.base.get(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
+
+
+def _stored_bytes(ckpt: Checkpoint, name: str) -> int:
+    return (ckpt.base if isinstance(ckpt, AdaptedCheckpoint) else ckpt).info(name).nbytes
 
 
 def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -61,13 +68,19 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
     release_large_buffers()
     pending: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
+    room = threading.Condition()
+    in_flight = [0]  # bytes read and not yet released by the consumer
 
     def produce() -> None:
         try:
             for batch in batches(items, batch_size):
+                size = sum(_stored_bytes(c, n) for item in batch for c, n in zip(sources, item.names))
+                with room:
+                    room.wait_for(lambda: stop.is_set() or not in_flight[0] or in_flight[0] + size <= READ_AHEAD_BYTES)
+                    in_flight[0] += size
                 if stop.is_set():
                     return
-                pending.put((batch, [[_read(c, n) for c, n in zip(sources, item.names)] for item in batch]))
+                pending.put((batch, size, [[_read(c, n) for c, n in zip(sources, item.names)] for item in batch]))
             pending.put(_DONE)
         except BaseException as e:  # hand the error to the consumer, who re-raises it
             pending.put(e)
@@ -78,12 +91,18 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
         while (got := pending.get()) is not _DONE:
             if isinstance(got, BaseException):
                 raise got
-            batch, raws = got
+            batch, size, raws = got
             per_source = zip(*[[_prepare(c, n, raw, device, dtype, matrix) for c, n, raw in zip(sources, item.names, item_raws)]
                                for item, item_raws in zip(batch, raws)])
+            del got, raws
             yield batch, [torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0) for mats in per_source]
+            with room:  # the caller is done with this batch
+                in_flight[0] -= size
+                room.notify()
     finally:
         stop.set()
+        with room:
+            room.notify()
         while worker.is_alive():  # unblock a producer waiting on a full queue
             try:
                 pending.get_nowait()

@@ -101,6 +101,13 @@ class TensorWalk:
     def __len__(self) -> int:
         return len(self.items)
 
+    def take(self, wanted: Callable[[MatchedTensor], bool]) -> list[MatchedTensor]:
+        """Remove the items `wanted` picks from the pass and return them: the caller reads those
+        itself (e.g. a block of rows at a time). Result order (`in_order`) still knows them."""
+        taken = [item for item in self.items if wanted(item)]
+        self.items = [item for item in self.items if not wanted(item)]
+        return taken
+
     @property
     def problems(self) -> list[str]:
         """Tensors only some sources have, and shape mismatches, as lines for the user."""

@@ -59,6 +59,22 @@ class Checkpoint:
             tensor = tensor.to(dtype)
         return tensor
 
+    def get_rows(self, name: str, start: int, stop: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor's first dimension, read without the rest where the format
+        allows (safetensors); floating rows cast to `dtype`."""
+        info = self.info(name)
+        rows = self._read_rows(info, start, stop)
+        self.bytes_read += rows.numel() * rows.element_size()
+        if device is not None:
+            rows = rows.to(device)
+        if dtype is not None and rows.is_floating_point():
+            rows = rows.to(dtype)
+        return rows
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        return self._read(info)[start:stop].clone()
+
     def __contains__(self, name: object) -> bool:
         return name in self._infos
 
@@ -102,6 +118,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._by_file[info.file].read(info)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        return self._by_file[info.file].read(info, rows=(start, stop))
 
 
 class TorchCheckpoint(Checkpoint):

@@ -79,24 +79,30 @@ class SafetensorsFile:
         self.path = Path(path)
         self.infos, self.metadata = _read_header(self.path)
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """Read one tensor (CPU, stored dtype) with a single positioned read of its bytes."""
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (CPU, stored dtype) with a single positioned read of its bytes; with
+        `rows` = (start, stop), only those rows of its first dimension."""
         dtype = torch_dtype(info.dtype, self.path, info.name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0]
+            shape = (rows[1] - rows[0], *shape[1:])
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
         view = memoryview(raw.numpy())
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
-            while done < info.nbytes:  # pread may return short reads for very large tensors
-                n = os.preadv(fd, [view[done:]], info.offset + done)
+            while done < nbytes:  # pread may return short reads for very large tensors
+                n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
                     raise CorruptCheckpoint("file is truncated", self.path, info.name)
                 done += n
         finally:
             os.close(fd)
-        return raw.view(dtype).reshape(info.shape)
+        return raw.view(dtype).reshape(shape)
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

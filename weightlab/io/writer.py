@@ -87,6 +87,7 @@ class CheckpointWriter:
         self.plan = {name: (tuple(shape), dtype) for name, shape, dtype in plan} if plan is not None else None
         self._placed: dict[str, tuple[int, int]] = {}  # planned name -> (shard file descriptor, offset)
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in parts
 
     def __enter__(self) -> "CheckpointWriter":
         self._tmp = self._stack.enter_context(atomic_path(self.out_dir, self.force, directory=True))
@@ -146,6 +147,25 @@ class CheckpointWriter:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
         self._written.add(name)
+
+    def add_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows [start, start + len(rows)) of a planned tensor; it counts as written once
+        every row is (a tensor too large to hold whole is written in parts)."""
+        if self.plan is None or name not in self.plan:
+            raise InvalidArgument("rows of a tensor not in the output plan", self.out_dir, name)
+        shape, dtype = self.plan[name]
+        if name in self._written or tuple(rows.shape[1:]) != shape[1:] or rows.dtype != dtype \
+                or not 0 <= start <= start + rows.shape[0] <= shape[0]:
+            raise InvalidArgument(f"rows {start}+{tuple(rows.shape)} do not fit the planned {shape}", self.out_dir, name)
+        fd, offset = self._placed[name]
+        row_bytes = math.prod(shape[1:]) * rows.element_size()
+        data = tensor_bytes(rows, self.out_dir, name)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + start * row_bytes + done)
+        self._rows[name] = self._rows.get(name, 0) + rows.shape[0]
+        if self._rows[name] == shape[0]:
+            self._written.add(name)
 
     def _flush(self) -> None:
         index = len(self._shards)

@@ -37,6 +37,11 @@ class MergeMethod:
     max_models: int | None = None
     mergekit: str | None = None  # its merge_method name in mergekit's YAML
     nan: bool = False  # always takes NAN coefficients
+    # Merging a large tensor a block of rows at a time (bit for bit the same as whole):
+    # `blockwise(base, models, coeffs, params, states)` on blocks, after `statistics(base, model,
+    # params)` of each model's whole tensor (one model at a time) gave `states`.
+    blockwise: Callable | None = None
+    statistics: Callable | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -103,6 +108,7 @@ def trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
     if k == 0:
         return float("inf"), 0
     magnitude = tau.abs()
+    del tau  # callers pass a temporary: let it go before the selection allocates
     threshold = kth_largest(magnitude.reshape(-1), k)
     return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
 
@@ -151,25 +157,36 @@ def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
     trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ.
 
-    The per-model thresholds come first (one task vector at a time); trimming, election and mean
-    then run over chunks, so memory is the inputs plus the output, whatever the tensor's size. Same
-    result, bit for bit, as trimming whole task vectors (`trim_top_magnitude`)."""
-    flat_base = base.reshape(-1)
-    flats = [m.reshape(-1) for m in models]
-    trims = [list(trim_threshold(m - flat_base, p.density)) if p.density < 1 else None for m in flats]
+    The per-model thresholds come first (`ties_trim`, one task vector at a time); trimming,
+    election and mean then run over chunks (`ties_block`), so memory is the inputs plus the
+    output, whatever the tensor's size. Same result, bit for bit, as trimming whole task vectors
+    (`trim_top_magnitude`); the executor runs the same two steps on blocks of rows it reads itself."""
+    trims = [ties_trim(base, m, p) for m in models]
+    flat_base, flats = base.reshape(-1), [m.reshape(-1) for m in models]
     out = torch.empty_like(flat_base)
     for start in range(0, flat_base.numel(), TIES_CHUNK):
         part = slice(start, start + TIES_CHUNK)
-        b = flat_base[part]
-        taus = []
-        for m, trim in zip(flats, trims):
-            tau = m[part] - b
-            if trim is not None:
-                tau, kept = keep_top(tau, *trim)
-                trim[1] -= kept  # ties at the threshold go to the lowest indices: the earliest chunks
-            taus.append(tau)
-        out[part] = b + p.lam * elect_and_mean(taus, coeffs)
+        out[part] = ties_block(flat_base[part], [m[part] for m in flats], coeffs, p, trims)
     return out.reshape(base.shape)
+
+
+def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> list | None:
+    """[threshold, ties left] of one model's whole task vector (None at density 1)."""
+    return list(trim_threshold((model - base).reshape(-1), p.density)) if p.density < 1 else None
+
+
+def ties_block(base: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, p: Params,
+               trims: list[list | None]) -> torch.Tensor:
+    """TIES on consecutive entries (in index order across calls): trim with each model's
+    threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
+    taus = []
+    for m, trim in zip(models, trims):
+        tau = m - base
+        if trim is not None:
+            tau, kept = keep_top(tau, *trim)
+            trim[1] -= kept  # ties at the threshold go to the lowest indices: the earliest blocks
+        taus.append(tau)
+    return base + p.lam * elect_and_mean(taus, coeffs)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -287,12 +304,15 @@ def pcb(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
 TV = (LAMBDA,)
 METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("average", average, "Σ c_i θ_i / Σ c_i", "Wortsman et al. 2022, *Model soups* (uniform soup)",
-                needs_base=False, task_vectors=False, normalises=True, mergekit="linear"),
+                needs_base=False, task_vectors=False, normalises=True, mergekit="linear",
+                blockwise=lambda base, models, coeffs, p, states: average(base, models, coeffs, p, None)),
     MergeMethod("task-arithmetic", task_arithmetic, "θ_b + λ Σ c_i τ_i",
-                "Ilharco et al. 2023, *Editing Models with Task Arithmetic*, eq. 1", TV, mergekit="task_arithmetic"),
+                "Ilharco et al. 2023, *Editing Models with Task Arithmetic*, eq. 1", TV, mergekit="task_arithmetic",
+                blockwise=lambda base, models, coeffs, p, states: task_arithmetic(base, models, coeffs, p, None)),
     MergeMethod("ties", ties, "trim each τ_i to its top-density entries by magnitude; elect the sign of Σ c_i τ̂_i per "
                 "entry; coefficient-weighted mean of the entries that agree; θ_b + λ·that",
-                "Yadav et al. 2023, *TIES-Merging*, Alg. 1", (LAMBDA, DENSITY), normalises=True, mergekit="ties"),
+                "Yadav et al. 2023, *TIES-Merging*, Alg. 1", (LAMBDA, DENSITY), normalises=True, mergekit="ties",
+                blockwise=ties_block, statistics=ties_trim),
     MergeMethod("dare-linear", dare_linear, "keep each entry with probability density (seeded Bernoulli), rescale by "
                 "1/density, then task arithmetic", "Yu et al. 2024, *DARE*, eq. 2", (LAMBDA, DENSITY),
                 mergekit="dare_linear"),

@@ -30,18 +30,20 @@ from weightlab.compute.walk import Selection, TensorWalk
 from weightlab.errors import MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.finite import require_finite_input
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
-from weightlab.matching import Matching
+from weightlab.matching import Matching, MatchedTensor
 from weightlab.merge.coefficients import NanOptions, nan_coefficients
 from weightlab.merge.config import MergeConfig
-from weightlab.merge.methods import METHODS
+from weightlab.merge.methods import METHODS, MergeMethod
 from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
+ROW_BLOCK_BYTES = 16 << 20  # elementwise methods merge tensors larger than twice this a block of rows at a time
 
 
 @dataclass
@@ -160,6 +162,34 @@ def _model_norms(models: list[Checkpoint], base: Checkpoint | None, task_vectors
     return [s**0.5 for s in squares]
 
 
+def _nbytes(ckpt: Checkpoint, name: str) -> int:
+    return ckpt.info(name).nbytes
+
+
+def _merge_in_rows(item: MatchedTensor, ckpts: list[Checkpoint], has_base: bool, spec: MergeMethod, coeffs: list[float],
+                   params, compute: Compute, writer: CheckpointWriter, out_dtype: torch.dtype) -> None:
+    """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`): memory holds
+    (models + 2) blocks, not (models + 2) tensors; the bytes are those of the whole-tensor merge.
+    A method with `statistics` first gets them from each model's whole tensor, one at a time."""
+    name, rows = item.names[0], item.shape[0]
+
+    def read(i: int, start: int = 0, stop: int = rows) -> torch.Tensor:
+        c, n = ckpts[i], item.names[i]
+        return require_finite_input(c.get_rows(n, start, stop, compute.device, compute.dtype), c.path, n)
+
+    states = None
+    if spec.statistics is not None:
+        base = read(0)
+        states = [spec.statistics(base, read(i), params) for i in range(1, len(ckpts))]
+        del base
+    step = max(1, ROW_BLOCK_BYTES * rows // max(_nbytes(ckpts[0], name), 1))
+    weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
+    for start in range(0, rows, step):
+        blocks = [read(i, start, min(rows, start + step)) for i in range(len(ckpts))]
+        w0, thetas = (blocks[0], blocks[1:]) if has_base else (None, blocks)
+        writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, states).to(out_dtype))
+
+
 def num_layers(ckpt: Checkpoint) -> int:
     """L: the config's layer count, else one more than the largest layer index in the names."""
     if ckpt.config is not None and ckpt.config.num_layers:
@@ -226,6 +256,9 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
             for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
+    in_rows = walk.take(lambda item: spec.blockwise is not None and item.is_float and not config.modifiers
+                        and not (nan and config.nan.granularity == "tensor") and len(item.shape) > 0
+                        and item.shape[0] > 1 and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES)
     with ExitStack() as stack:
         writer = stack.enter_context(CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan,
                                                       donor=donor or config.base or config.models[0]))
@@ -233,7 +266,8 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
         lines = _LinesSpill(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent,
                                                                             prefix=".weightlab-lines-"))) \
             if "lines" in config.modifiers else None
-        for batch in walk.batches(one_at_a_time, stored_layout=True, on_start=on_start, on_progress=on_progress):
+        counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
+        for batch in walk.batches(one_at_a_time, stored_layout=True, on_start=counted, on_progress=on_progress):
             item = batch.items[0]
             name = item.names[0]
             tensors = [m[0] for m in batch.tensors]
@@ -258,6 +292,12 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 else:
                     writer.add(name, merged.to(out_dtype_of[name]))
                 report.merged += 1
+        for item in in_rows:
+            _merge_in_rows(item, ckpts, base is not None, spec, fixed, params, compute, writer,
+                           out_dtype_of[item.names[0]])
+            report.merged += 1
+            if on_progress:
+                on_progress(1)
         if lines is not None:
             report.lines_alpha = lines.alpha(n)
             for name, merged in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, num_layers(anchor)):

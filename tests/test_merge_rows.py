@@ -1,0 +1,98 @@
+"""Large tensors of elementwise methods are merged a block of rows at a time: the same bytes as
+the whole-tensor merge, a fraction of the memory; row reads and row writes on their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import weightlab.merge.run as run
+from weightlab.errors import CorruptCheckpoint
+from weightlab.io import CheckpointWriter, open_checkpoint
+from weightlab.merge.config import MergeConfig
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rows")
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (301, 16), "model.layers.0.mlp.up_proj.weight": (40, 16),
+              "model.norm.weight": (16,), "lm_head.weight": (301, 16)}
+    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    save_file(base, root / "base.safetensors")
+    for i in range(3):  # task vectors on a coarse grid: many ties at TIES's trim thresholds
+        save_file({n: t + torch.round(4 * torch.randn(t.shape, generator=gen)) / 16 for n, t in base.items()},
+                  root / f"ft{i}.safetensors")
+    return root
+
+
+def merged_bytes(root, out, method, base="base", **extra) -> dict[str, torch.Tensor]:
+    models = [str(root / f"ft{i}.safetensors") for i in range(2 if method == "slerp" else 3)]
+    config = MergeConfig(method=method, base=str(root / f"{base}.safetensors") if base and method != "average" else None,
+                         models=models, **extra)
+    run.merge(config, out)
+    return load_file(next(out.glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("method,params", [("task-arithmetic", {}), ("average", {}), ("ties", {"density": 0.3})])
+def test_merging_in_row_blocks_gives_the_same_bytes(models, tmp_path, monkeypatch, method, params):
+    whole = merged_bytes(models, tmp_path / "whole", method, weights=[0.5, 1.0, 0.25], params=params)
+    taken = []
+    real_take = run.TensorWalk.take
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)  # blocks of 31 rows: only the 301-row tensors are split
+
+    def take(self, wanted):
+        got = real_take(self, wanted)
+        taken.extend(got)
+        return got
+
+    monkeypatch.setattr(run.TensorWalk, "take", take)
+    blocks = merged_bytes(models, tmp_path / "blocks", method, weights=[0.5, 1.0, 0.25], params=params)
+    assert sorted(i.names[0] for i in taken) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert whole.keys() == blocks.keys()
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.int32), blocks[name].view(torch.int32)), name
+
+
+def test_methods_that_need_the_whole_tensor_are_not_split(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 64)
+    calls = []
+    monkeypatch.setattr(run, "_merge_in_rows", lambda *a, **k: calls.append(a))
+    merged_bytes(models, tmp_path / "dare", "dare-linear", params={"density": 0.5})  # a seeded mask per tensor
+    merged_bytes(models, tmp_path / "slerp", "slerp", base=None)  # norms of whole tensors
+    merged_bytes(models, tmp_path / "nan", "task-arithmetic", coeff="nan")  # per-tensor norms need it whole
+    assert calls == []
+
+
+def test_reading_rows_reads_only_those_bytes(models):
+    ckpt = open_checkpoint(models / "base.safetensors")
+    whole = ckpt.get("model.embed_tokens.weight")
+    before = ckpt.bytes_read
+    rows = ckpt.get_rows("model.embed_tokens.weight", 100, 107, dtype=torch.float64)
+    assert rows.dtype == torch.float64 and torch.equal(rows, whole[100:107].double())
+    assert ckpt.bytes_read - before == 7 * 16 * 4
+
+
+def test_a_truncated_file_is_reported_when_its_rows_are_read(models, tmp_path):
+    data = (models / "base.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-200])
+    with pytest.raises(CorruptCheckpoint):
+        ckpt = open_checkpoint(tmp_path / "cut.safetensors")
+        name = max(ckpt.names(), key=lambda n: ckpt.info(n).offset)
+        ckpt.get_rows(name, ckpt.info(name).shape[0] - 1, ckpt.info(name).shape[0])
+
+
+def test_row_writes_complete_a_planned_tensor_and_refuse_what_does_not_fit(tmp_path):
+    plan = [("a", (5, 3), torch.float32), ("b", (2,), torch.float32)]
+    values = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    with CheckpointWriter(tmp_path / "out", plan=plan) as writer:
+        writer.add_rows("a", 3, values[3:])
+        with pytest.raises(Exception, match="do not fit"):
+            writer.add_rows("a", 4, values[:2])
+        with pytest.raises(Exception, match="non-finite|NaN|nan"):
+            writer.add_rows("a", 0, torch.full((1, 3), float("nan")))
+        writer.add_rows("a", 0, values[:3])
+        writer.add("b", torch.ones(2))
+    out = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert torch.equal(out["a"], values)
