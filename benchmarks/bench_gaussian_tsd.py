@@ -1,6 +1,6 @@
 """Time per 100M parameters of `weightlab gaussian --base` and `weightlab tsd`, with peak RSS.
 
-    python benchmarks/bench_gaussian_tsd.py             # BERT-large shape, ~334M parameters
+    python benchmarks/bench_gaussian_tsd.py             # Llama shape, ~271M parameters
     python benchmarks/bench_gaussian_tsd.py --layers 4  # quick
 """
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SCRATCH_JSON, bench_args, run_command, save_result  # noqa: E402
-from generate import generate, parameters  # noqa: E402
+from generate import generate  # noqa: E402
 
 
 def main() -> None:
     args = bench_args(__doc__, "gaussian_tsd")
-    paths = generate(args.layers, args.hidden)
-    n = parameters(args.layers, args.hidden)
+    paths = generate(args.shape)
+    n = args.shape.parameters
     result = {"parameters": n}
     for command, argv in (("gaussian", ["gaussian", str(paths["ft0"]), "--base", str(paths["base"])]),
                           ("tsd", ["tsd", str(paths["base"]), str(paths["ft0"])])):

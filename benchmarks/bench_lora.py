@@ -1,6 +1,6 @@
 """Benchmark `weightlab init-lora` (PiSSA, all linear layers) with exact vs randomized SVD.
 
-    python benchmarks/bench_lora.py               # BERT-large shape, ~334M parameters
+    python benchmarks/bench_lora.py               # Llama shape, ~271M parameters
     python benchmarks/bench_lora.py --layers 4    # quick
 
 Reports in one run: wall time of each, and the reconstruction error each gives — the mean over
@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_args, run_command, save_result  # noqa: E402
-from generate import ROOT, generate, parameters  # noqa: E402
+from generate import ROOT, generate  # noqa: E402
 
 
 def main() -> None:
     args = bench_args(__doc__, "lora", rank=16)
-    base = generate(args.layers, args.hidden)["base"]
+    base = generate(args.shape)["base"]
     scratch = ROOT / "lora-out"
-    result = {"parameters": parameters(args.layers, args.hidden), "rank": args.rank}
+    result = {"parameters": args.shape.parameters, "rank": args.rank}
     for svd in ("exact", "randomized"):
         out = scratch / svd
         wall, rss, _ = run_command(["init-lora", str(base), "--rank", str(args.rank), "--svd", svd, "-o", str(out),

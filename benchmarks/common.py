@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from generate import Shape
+
 
 # A throwaway result file: the output planner refuses /dev/null (not a regular file).
 SCRATCH_JSON = str(Path(tempfile.gettempdir()) / "weightlab-bench-result.json")
@@ -30,16 +32,46 @@ def run_command(args: list[str]) -> tuple[float, float, float]:
     return float(wall), float(rss), float(rss0)
 
 
+def run_python(code: str, names: list[str] = ()) -> tuple[float, float, dict]:
+    """Run `code` in a fresh interpreter; it sets SECONDS (what to time) and the variables in
+    `names`. Returns SECONDS, the process's peak RSS (MB) and those variables. RuntimeError on failure."""
+    wrapped = (code + "\nimport json\n"
+               "hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+               f"print('@@', json.dumps([SECONDS, hwm, {{n: globals()[n] for n in {list(names)!r}}}]))")
+    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    seconds, rss, values = json.loads(done.stdout.rsplit("@@", 1)[1])
+    return seconds, rss, values
+
+
+def run_external(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of another program (a peer tool), run as a child of a small
+    wrapper so that its maximum resident set is its own (RUSAGE_CHILDREN)."""
+    code = ("import resource, subprocess, sys, time\n"
+            "t = time.perf_counter(); done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "wall = time.perf_counter() - t\n"
+            "if done.returncode: sys.exit(done.stderr[-2000:])\n"
+            "print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    done = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    wall, rss = done.stdout.split()
+    return float(wall), float(rss)
+
 
 def bench_args(doc: str, result_name: str, **extra: int) -> argparse.Namespace:
     """The options every benchmark takes: the model shape and where the result JSON goes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=Shape.layers)
+    parser.add_argument("--hidden", type=int, default=Shape.hidden)
+    parser.add_argument("--vocab", type=int, default=Shape.vocab)
     for name, default in extra.items():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / f"{result_name}.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.shape = Shape(args.layers, args.hidden, args.vocab)
+    return args
 
 
 def save_result(result: dict, path: Path) -> None:

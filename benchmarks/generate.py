@@ -1,13 +1,18 @@
-"""Generate large BERT-shaped checkpoints for benchmarks (cached under .bench/).
+"""Generate Llama-shaped checkpoints for the benchmarks (cached under .bench/).
 
-Defaults give a BERT-large shape: 24 layers, hidden 1024, intermediate 4096, vocab 30522,
-about 334M parameters (1.3 GB in float32). A fine-tune is the base plus a small dense update
-and a stronger low-rank one, written tensor by tensor so generation itself stays bounded.
+Defaults: transformers' `LlamaConfig` with hidden 1024, 16 layers, intermediate 2816 and vocab
+32000, about 271M parameters (1.0 GB in float32) with untied embeddings. Each matrix is
+G·diag(d)·0.02 with G standard Gaussian and d_j = (1 + j)^(-1/2) rescaled to unit mean square:
+a decaying spectrum with separated top singular values, as trained weights have, instead of the
+flat Marchenko–Pastur bulk of a pure Gaussian. A fine-tune adds a small dense update and a
+stronger rank-4 one. Tensors are generated and written one shard at a time, so generation
+itself stays bounded; mergekit, WeightWatcher and transformers load the folders as they are.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,61 +21,89 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent / ".bench"
 
 
-def bert_shapes(layers: int, hidden: int, vocab: int = 30522) -> dict[str, tuple[int, ...]]:
-    inter = 4 * hidden
-    shapes = {"embeddings.word_embeddings.weight": (vocab, hidden),
-              "embeddings.position_embeddings.weight": (512, hidden),
-              "embeddings.LayerNorm.weight": (hidden,)}
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        for n in ("query", "key", "value"):
-            shapes[p + f"attention.self.{n}.weight"] = (hidden, hidden)
-            shapes[p + f"attention.self.{n}.bias"] = (hidden,)
-        shapes[p + "attention.output.dense.weight"] = (hidden, hidden)
-        shapes[p + "intermediate.dense.weight"] = (inter, hidden)
-        shapes[p + "output.dense.weight"] = (hidden, inter)
-        shapes[p + "output.LayerNorm.weight"] = (hidden,)
-    return shapes
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 16
+    hidden: int = 1024
+    vocab: int = 32000
+
+    @property
+    def intermediate(self) -> int:
+        return 11 * self.hidden // 4  # 2816 for hidden 1024, as in the issue's Llama shape
+
+    @property
+    def heads(self) -> int:
+        return max(1, self.hidden // 64)
+
+    def config(self) -> dict:
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(hidden_size=self.hidden, num_hidden_layers=self.layers, intermediate_size=self.intermediate,
+                             vocab_size=self.vocab, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                             tie_word_embeddings=False, torch_dtype="float32")
+        return {**config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        h, i = self.hidden, self.intermediate
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for layer in range(self.layers):
+            p = f"model.layers.{layer}."
+            for proj in ("q", "k", "v", "o"):
+                shapes[p + f"self_attn.{proj}_proj.weight"] = (h, h)
+            shapes[p + "mlp.gate_proj.weight"] = (i, h)
+            shapes[p + "mlp.up_proj.weight"] = (i, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
+            shapes[p + "input_layernorm.weight"] = (h,)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    @property
+    def parameters(self) -> int:
+        return sum(torch.Size(s).numel() for s in self.tensors().values())
+
+    @property
+    def folder(self) -> Path:
+        return ROOT / f"llama-{self.layers}x{self.hidden}-v{self.vocab}"
 
 
-def generate(layers: int = 24, hidden: int = 1024, finetunes: int = 1, shard_tensors: int = 40) -> dict[str, Path]:
-    """Base and `finetunes` fine-tuned checkpoints, sharded safetensors folders with an index."""
-    folder = ROOT / f"bert-{layers}x{hidden}"
-    paths = {"base": folder / "base", **{f"ft{i}": folder / f"ft{i}" for i in range(finetunes)}}
-    if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
-        return paths
-    shapes = bert_shapes(layers, hidden)
+def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if len(shape) == 1:
+        return 1 + 0.05 * torch.randn(shape, generator=gen)
+    decay = (1 + torch.arange(shape[1], dtype=torch.float32)) ** -0.5
+    decay /= decay.square().mean().sqrt()
+    return 0.02 * torch.randn(shape, generator=gen) * decay
+
+
+def _finetune(w: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = w + 2e-4 * torch.randn(w.shape, generator=gen)
+    if w.ndim == 2:
+        b, a = torch.randn(w.shape[0], 4, generator=gen), torch.randn(4, w.shape[1], generator=gen)
+        w += 1e-3 * (b @ a) / (w.shape[0] * w.shape[1]) ** 0.25
+    return w
+
+
+def generate(shape: Shape = Shape(), finetunes: int = 1, shard_tensors: int = 40) -> dict[str, Path]:
+    """Base and `finetunes` fine-tuned checkpoints: sharded safetensors folders with an index and a config."""
+    paths = {"base": shape.folder / "base", **{f"ft{i}": shape.folder / f"ft{i}" for i in range(finetunes)}}
+    shapes = shape.tensors()
     names = list(shapes)
     for key, path in paths.items():
+        if (path / "model.safetensors.index.json").exists():
+            continue
         path.mkdir(parents=True, exist_ok=True)
         weight_map = {}
         for s, start in enumerate(range(0, len(names), shard_tensors)):
             shard = f"model-{s + 1:05d}.safetensors"
             tensors = {}
             for j, name in enumerate(names[start:start + shard_tensors]):
-                gen = torch.Generator().manual_seed(start + j)
-                w = torch.randn(shapes[name], generator=gen) * 0.02
-                if key != "base":
-                    ft_gen = torch.Generator().manual_seed(10_000 * (int(key[2:]) + 1) + start + j)
-                    w += 2e-4 * torch.randn(shapes[name], generator=ft_gen)
-                    if w.ndim == 2:
-                        b = torch.randn(w.shape[0], 4, generator=ft_gen)
-                        a = torch.randn(4, w.shape[1], generator=ft_gen)
-                        w += 1e-3 * (b @ a) / (w.shape[0] * w.shape[1]) ** 0.25
-                tensors[name] = w
+                w = _weight(shapes[name], start + j)
+                tensors[name] = w if key == "base" else _finetune(w, 10_000 * (int(key[2:]) + 1) + start + j)
                 weight_map[name] = shard
-            save_file(tensors, path / shard)
+            save_file(tensors, path / shard, metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(shape.config(), indent=2))
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        (path / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": layers,
-                                                      "hidden_size": hidden, "intermediate_size": 4 * hidden}))
     return paths
-
-
-def parameters(layers: int = 24, hidden: int = 1024) -> int:
-    total = 0
-    for shape in bert_shapes(layers, hidden).values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# All benchmarks in one command; results land in benchmarks/results/*.json.
-# Quick check: benchmarks/run_all.sh --layers 2 --hidden 256
+# Every benchmark in one command, with the peers installed beside it (benchmarks/setup.sh, once);
+# every ratio and peak RSS lands in benchmarks/results/*.json and is printed.
+# Quick check: benchmarks/run_all.sh --layers 2 --hidden 256 --vocab 4096
 set -euo pipefail
 cd "$(dirname "$0")"
+[ -x ../.bench/env/bin/python ] || ./setup.sh
 for bench in bench_spectrum.py bench_merge.py bench_lora.py bench_gaussian_tsd.py; do
   echo "== $bench"
-  python "$bench" "$@"
+  ../.bench/env/bin/python "$bench" "$@"
 done
