@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from weightlab.analysis.angles import AnglesResult  # noqa: E402
+from weightlab.analysis.compare import CompareResult  # noqa: E402
 from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  # noqa: E402
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
 from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
@@ -303,6 +304,64 @@ def tsd_plots(result: TSDResult, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _model_label(path: str, index: int) -> str:
+    name = Path(path).name
+    return f"{index}: {name[:18]}"
+
+
+def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
+    """Pairwise heatmaps (cosine, subspace overlap, sign conflict) in clustering order, and the
+    mean pairwise cosine and sign conflict per layer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order, n = result.order, len(result.finetuned)
+    labels = [_model_label(result.finetuned[i], i) for i in order]
+    paths = []
+    with plt.rc_context(STYLE):
+        panels = [("cosine", "cos(τ_a, τ_b)", "RdBu_r", -1.0, 1.0),
+                  ("subspace_overlap", f"top-{result.options.k} subspace overlap (mean cos²)", "viridis", 0.0, 1.0),
+                  ("sign_conflict", f"TIES sign conflict (density {result.options.density:g})", "magma_r", 0.0, 0.5)]
+        size = 1.2 + 0.42 * n
+        fig, axes = plt.subplots(1, 3, figsize=(3 * size + 2.4, size + 0.6), squeeze=False)
+        for ax, (key, title, cmap, vmin, vmax) in zip(axes.flat, panels):
+            values = getattr(result.overall, key)
+            grid = np.array([[np.nan if values[i][j] is None else values[i][j] for j in order] for i in order])
+            if np.isfinite(grid).any():
+                vmax = max(vmax, float(np.nanmax(grid)))  # a conflict above one half still shows
+            image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(n), labels, fontsize=7)
+            ax.set_title(title)
+            if n <= 12:
+                for (i, j), v in np.ndenumerate(grid):
+                    if not math.isnan(v):
+                        r, g, b, _ = image.cmap(image.norm(v))
+                        light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="black" if light else "white")
+            plt.colorbar(image, ax=ax, shrink=0.8)
+        fig.suptitle(f"Which of {n} fine-tunes agree (models in clustering order)", fontweight="bold")
+        paths.append(_save(fig, out_dir / "compare_heatmaps.png"))
+
+        layers = [layer for layer in result.layers if layer.layer is not None]
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2.5), 3.2))
+        x = [layer.layer for layer in layers]
+
+        def off_diagonal_mean(square) -> float:
+            values = [square[i][j] for i in range(n) for j in range(n) if i != j and square[i][j] is not None]
+            return float(np.mean(values)) if values else np.nan
+
+        ax.plot(x, [off_diagonal_mean(layer.cosine) for layer in layers], marker="o", label="mean pairwise cosine")
+        ax.plot(x, [off_diagonal_mean(layer.sign_conflict) for layer in layers], marker="s",
+                label="mean TIES sign conflict")
+        ax.axhline(0, color="#888888", lw=0.6)
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("mean over pairs")
+        ax.set_title("Agreement of the fine-tunes by depth")
+        ax.legend(fontsize=7, frameon=False)
+        paths.append(_save(fig, out_dir / "compare_layers.png"))
+    return paths
+
+
 def draw(result: object, out_dir: Path) -> list[Path]:
     """The plots of any result, chosen by its type; none for a type without plots."""
     plotter = PLOTTERS.get(type(result))
@@ -314,4 +373,5 @@ PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     AnglesResult: angles_plots,
     GaussianResult: lambda result, out_dir: gaussian_plots(result, None, None, out_dir),  # no checkpoint at hand
     TSDResult: tsd_plots,
+    CompareResult: compare_plots,
 }

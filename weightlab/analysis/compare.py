@@ -1,0 +1,272 @@
+"""`weightlab compare`: which fine-tunes of one base agree, and which would fight when merged.
+
+For fine-tunes i = 1..n of one base, τ_i = W_i − W for every tensor any of them changes (an
+adapter's τ = s·B·A, from its factors). Per pair (i, j), over all tensors and per layer:
+
+- cosine similarity of task vectors, cos_ij = Σ_t⟨τ_i^t, τ_j^t⟩ / (‖τ_i‖‖τ_j‖) (Ilharco et al.
+  2023, "Editing Models with Task Arithmetic", §6 and Fig. 5: task vectors of different tasks
+  are close to orthogonal; large positive cosines mean shared directions);
+- subspace overlap, per matrix ‖U_iᵀU_j‖²_F/k (the mean cos² of the principal angles between
+  the top-k left singular subspaces of ΔW_i and ΔW_j, Björck & Golub 1973), k cut to the
+  numerical rank of both, averaged over matrices;
+- sign conflict, the share of entries that TIES keeps in both τ_i and τ_j (top `density` by
+  magnitude per tensor, ties to the lowest indices, exactly as `merge --method ties`) whose signs
+  differ: #{both kept, sign differs} / #{both kept} (Yadav et al. 2023, "TIES-Merging", §3:
+  sign interference);
+- norm ratio ‖τ_i‖/‖τ_j‖: which model a plain sum of task vectors would follow.
+
+Per-model pieces (norms, trims, singular subspaces) are computed once per tensor and the n×n
+products from them: dot products and sign agreements as Gram matrices of the stacked task
+vectors, a block of entries at a time (counts exact in int64). Models are ordered by average-
+linkage clustering of 1 − cos (scipy), so that groups that agree sit together in the heatmaps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.spatial.distance import squareform
+
+from weightlab.analysis.deltas import adapter_factors, numerical_rank
+from weightlab.compute.device import Compute
+from weightlab.compute.gram import gram, top_eigen, top_singular
+from weightlab.compute.svd import lowrank_svd
+from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.domains import Int, Real, option
+from weightlab.errors import InvalidArgument
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.merge.methods import keep_top, trim_threshold
+from weightlab.results import Result, Table
+
+BLOCK = 1 << 20  # entries per Gram block: float32 sign counts stay exact (< 2²⁴)
+Square = list[list[float | None]]
+
+
+@dataclass(frozen=True)
+class CompareOptions(Filters):
+    k: int = option(8, Int(1), "-k")  # top singular subspace dimension of each ΔW
+    density: float = option(0.2, Real(0, 1, low_open=True), "--density")  # TIES's trim for the sign conflict
+
+
+@dataclass
+class Pairwise:
+    """n×n matrices (row i, column j); None where a model leaves everything here unchanged."""
+
+    cosine: Square
+    subspace_overlap: Square
+    sign_conflict: Square
+
+
+@dataclass
+class LayerComparison(Pairwise):
+    layer: int | None = None  # None: tensors outside the numbered layers (embeddings, head, final norm)
+
+
+@dataclass
+class CompareResult(Result):
+    SCHEMA = "weightlab.compare/1"
+    TITLE = "Compare: which fine-tunes agree, which would fight"
+    REFERENCE = "Ilharco et al. 2023 (task-vector cosines); Yadav et al. 2023 (TIES sign conflicts)"
+    ORDER = 25
+
+    base: str
+    finetuned: list[str]
+    options: CompareOptions
+    norms: list[float]  # ‖τ_i‖ over every compared tensor
+    overall: Pairwise
+    layers: list[LayerComparison]
+    order: list[int]  # models in clustering order (heatmap rows and columns)
+    tensors: int
+    matrices: int
+    problems: list[str] = field(default_factory=list)
+
+    def pairs(self) -> list[dict]:
+        n, o = len(self.finetuned), self.overall
+        return [{"a": i, "b": j, "model_a": self.finetuned[i], "model_b": self.finetuned[j],
+                 "cosine": o.cosine[i][j], "subspace_overlap": o.subspace_overlap[i][j],
+                 "sign_conflict": o.sign_conflict[i][j],
+                 "norm_ratio": self.norms[i] / self.norms[j] if self.norms[j] > 0 else None}
+                for i in range(n) for j in range(i + 1, n)]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "pairs": self.pairs()}
+
+    def rows(self) -> list[dict]:
+        return self.pairs()
+
+    def tables(self) -> list[Table]:
+        ranked = sorted(self.pairs(), key=lambda p: -(p["cosine"] if p["cosine"] is not None else -2))
+        pairs = Table("pairs, most compatible first (highest task-vector cosine)",
+                      ["pair", "cos(τ_a, τ_b)", f"top-{self.options.k} overlap", "sign conflict", "‖τ_a‖/‖τ_b‖"],
+                      [[f"{p['a']} × {p['b']}", p["cosine"], p["subspace_overlap"], p["sign_conflict"], p["norm_ratio"]]
+                       for p in ranked],
+                      f"sign conflict: share of entries TIES keeps in both (density {self.options.density}) whose signs "
+                      "differ; overlap: mean cos² of the principal angles")
+        models = Table("models (clustering order)", ["model", "index", "‖τ‖", "mean cos with the others"],
+                       [[self.finetuned[i], i, self.norms[i], self._mean_cosine(i)] for i in self.order], numeric_from=1)
+        return [pairs, models]
+
+    def _mean_cosine(self, i: int) -> float | None:
+        values = [c for j, c in enumerate(self.overall.cosine[i]) if j != i and c is not None]
+        return sum(values) / len(values) if values else None
+
+    def headline(self) -> list[tuple[str, str, object]]:
+        ranked = [p for p in self.pairs() if p["cosine"] is not None]
+        ranked.sort(key=lambda p: -p["cosine"])
+        conflicts = [p["sign_conflict"] for p in ranked if p["sign_conflict"] is not None]
+        return [("compare.models", "fine-tunes compared", len(self.finetuned)),
+                ("compare.most_compatible", "most compatible pair", f"{ranked[0]['a']} × {ranked[0]['b']}" if ranked else "-"),
+                ("compare.least_compatible", "least compatible pair",
+                 f"{ranked[-1]['a']} × {ranked[-1]['b']}" if ranked else "-"),
+                ("compare.mean_cosine", "mean pairwise cosine",
+                 sum(p["cosine"] for p in ranked) / len(ranked) if ranked else None),
+                ("compare.mean_sign_conflict", "mean sign conflict", sum(conflicts) / len(conflicts) if conflicts else None)]
+
+    def lines(self) -> list[str]:
+        ranked = sorted((p for p in self.pairs() if p["cosine"] is not None), key=lambda p: -p["cosine"])
+        if len(ranked) < 2:
+            return []
+        best, worst = ranked[0], ranked[-1]
+        return [f"Most compatible: {best['a']} × {best['b']} (cos {best['cosine']:.3f}); least: {worst['a']} × "
+                f"{worst['b']} (cos {worst['cosine']:.3f}, sign conflict {fmt(worst['sign_conflict'])})."]
+
+    def note(self) -> str:
+        return "Fine-tunes: " + ", ".join(f"{i}: {p}" for i, p in enumerate(self.finetuned))
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+class _Sums:
+    """Per-layer running sums from which the n×n matrices follow."""
+
+    def __init__(self, n: int):
+        self.dots = np.zeros((n, n))
+        self.agree_minus_differ = np.zeros((n, n), dtype=np.int64)  # Σ P_iP_j, P = kept sign (−1, 0, 1)
+        self.both_kept = np.zeros((n, n), dtype=np.int64)  # Σ K_iK_j, K = |P|
+        self.overlap = np.zeros((n, n))
+        self.overlap_count = np.zeros((n, n), dtype=np.int64)
+
+    def add(self, other: "_Sums") -> None:
+        for name in vars(self):
+            getattr(self, name).__iadd__(getattr(other, name))
+
+    def pairwise(self) -> Pairwise:
+        n = self.dots.shape[0]
+        norm = np.sqrt(np.diag(self.dots))
+        cosine = [[float(self.dots[i, j] / (norm[i] * norm[j])) if norm[i] > 0 and norm[j] > 0 else None
+                   for j in range(n)] for i in range(n)]
+        conflict = [[float((self.both_kept[i, j] - self.agree_minus_differ[i, j]) / 2 / self.both_kept[i, j])
+                     if self.both_kept[i, j] > 0 else None for j in range(n)] for i in range(n)]
+        overlap = [[float(self.overlap[i, j] / self.overlap_count[i, j]) if self.overlap_count[i, j] else None
+                    for j in range(n)] for i in range(n)]
+        return Pairwise(cosine, overlap, conflict)
+
+
+def task_vectors(finetuned: Sequence[Checkpoint], name: str, w: torch.Tensor, tensors: Sequence[torch.Tensor | None],
+                 compute: Compute) -> list[torch.Tensor]:
+    """τ_i for one tensor (matrix layout): W_i − W, or an adapter's s·L·R from its factors
+    (zero where the adapter leaves the tensor alone)."""
+    taus = []
+    for ft, w_ft in zip(finetuned, tensors):
+        if w_ft is not None:
+            taus.append(w_ft - w)
+            continue
+        factors = adapter_factors(ft, name, compute)
+        taus.append(torch.zeros_like(w) if factors is None else factors[2] * factors[0] @ factors[1])
+    return taus
+
+
+def sign_and_dot_sums(taus: list[torch.Tensor], density: float, sums: _Sums) -> None:
+    """Add the dot products of the task vectors and the TIES sign agreements to `sums`."""
+    flats = [t.reshape(-1) for t in taus]
+    trims = [list(trim_threshold(f, density)) if density < 1 else None for f in flats]
+    for start in range(0, flats[0].numel(), BLOCK):
+        block = torch.stack([f[start:start + BLOCK] for f in flats])
+        sums.dots += (block.double() @ block.double().T).numpy()
+        kept = []
+        for row, trim in zip(block, trims):
+            if trim is not None:
+                row, used = keep_top(row, *trim)
+                trim[1] -= used
+            kept.append(torch.sign(row))
+        signs = torch.stack(kept)
+        sums.agree_minus_differ += (signs @ signs.T).round().long().numpy()
+        sums.both_kept += (signs.abs() @ signs.abs().T).round().long().numpy()
+
+
+def subspace_sums(finetuned: Sequence[Checkpoint], name: str, taus: list[torch.Tensor], k: int, compute: Compute,
+                  sums: _Sums) -> bool:
+    """Add the pairwise top-k subspace overlaps of one matrix to `sums`; False if it is no matrix."""
+    if taus[0].ndim != 2 or min(taus[0].shape) < 2:
+        return False
+    bases = []
+    for ft, tau in zip(finetuned, taus):
+        factors = adapter_factors(ft, name, compute)
+        if factors is not None:
+            svd = lowrank_svd(*factors)
+        else:
+            g = gram(tau)
+            lam, vectors = top_eigen(g, k)
+            svd = top_singular(tau, k, g, lam, vectors)
+        rank = min(k, numerical_rank(svd.S, tuple(tau.shape)))
+        bases.append(svd.U[:, :rank].double())
+    for i, a in enumerate(bases):
+        for j, b in enumerate(bases):
+            r = min(a.shape[-1], b.shape[-1])
+            if r:
+                sums.overlap[i, j] += float((a[:, :r].mT @ b[:, :r]).square().sum()) / r
+                sums.overlap_count[i, j] += 1
+    return True
+
+
+def clustering_order(cosine: Square) -> list[int]:
+    """Leaves of average-linkage clustering of 1 − cos (optimal leaf order), so that models that
+    agree sit next to each other."""
+    n = len(cosine)
+    if n < 3:
+        return list(range(n))
+    distance = np.array([[0.0 if i == j else 1.0 - (cosine[i][j] if cosine[i][j] is not None else 0.0)
+                          for j in range(n)] for i in range(n)])
+    distance = np.clip((distance + distance.T) / 2, 0, 2)
+    return [int(i) for i in leaves_list(linkage(squareform(distance, checks=False), "average", optimal_ordering=True))]
+
+
+def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareOptions = CompareOptions(),
+            compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
+            on_start: Callable[[int], None] | None = None) -> CompareResult:
+    """Pairwise compatibility of fine-tunes (checkpoints or adapters) of one base, overall and per layer."""
+    if len(finetuned) < 2:
+        raise InvalidArgument("compare: give at least two fine-tunes of the base")
+    compute = replace(compute or Compute.create(), batch_size=1)  # n + 1 tensors in memory at a time
+    n = len(finetuned)
+    walk = TensorWalk([base, *finetuned], Selection.of(options, matrices=False), changed_by=finetuned)
+    by_layer: dict[int | None, _Sums] = {}
+    tensors = matrices = 0
+    for batch in walk.batches(compute, factors=True, on_start=on_start, on_progress=on_progress):
+        for b, item in enumerate(batch.items):
+            name = item.names[0]
+            w = batch.tensors[0][b]
+            taus = task_vectors(finetuned, name, w, [None if t is None else t[b] for t in batch.tensors[1:]], compute)
+            sums = by_layer.setdefault(item.layer, _Sums(n))
+            sign_and_dot_sums(taus, options.density, sums)
+            matrices += subspace_sums(finetuned, name, taus, options.k, compute, sums)
+            tensors += 1
+        del batch
+    total = _Sums(n)
+    for sums in by_layer.values():
+        total.add(sums)
+    overall = total.pairwise()
+    order = clustering_order(overall.cosine)
+    layers = [LayerComparison(**asdict(by_layer[key].pairwise()), layer=key)
+              for key in sorted(by_layer, key=lambda k: (k is None, k or 0))]
+    return CompareResult(str(base.path), [str(f.path) for f in finetuned], options,
+                         [math.sqrt(max(total.dots[i, i], 0.0)) for i in range(n)], overall, layers, order, tensors,
+                         matrices, walk.problems)
+
