@@ -231,6 +231,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     """Run the tour into folder `tmp` (the caller renames it into place); returns the headline numbers."""
     from weightlab.analysis.angles import AnglesOptions, angles
     from weightlab.analysis.gaussian import GaussianOptions, gaussian
+    from weightlab.compute.cache import DecompositionCache, default_folder
     from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
     from weightlab.analysis.tsd import TSDOptions, save_directions, tsd
     from weightlab.inventory import inventory
@@ -253,7 +254,8 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     trained = {key: json.loads((path / "weightlab_demo.json").read_text()) for key, path in paths.items()}
 
     step("spectrum: base vs each fine-tune")
-    spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute)
+    spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute,
+                    cache=DecompositionCache(default_folder()))  # a second tour decomposes no base matrix
     (tmp / "spectrum.json").write_text(to_json(spec.to_dict()))
     (tmp / "spectrum.csv").write_text(to_csv(spec.rows()))
     drawn = {"spectrum": draw(spec, tmp / "plots" / "spectrum")}  # the report reuses them
