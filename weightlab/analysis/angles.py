@@ -22,7 +22,7 @@ from weightlab.analysis.deltas import delta_top_svd, numerical_rank
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, SVD_METHODS, top_svd
-from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import SEED, Choice, Int, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
@@ -150,9 +150,10 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
     # with a base, an adapter's task vector is zero outside its modules: keep what both change
     walk = TensorWalk([a, b] if base is None else [base, a, b], Selection.of(options),
                       changed_by=[a, b] if base is not None else [], every=True)
-    results: list[MatrixAngles] = []
-    unchanged: list[str] = []
-    for batch in walk.batches(compute, factors=base is not None, on_start=on_start, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[MatrixAngles | str]:
+        """The angles of each matrix, or its name when it is unchanged in A or B."""
+        out: list[MatrixAngles | str] = []
         for i, item in enumerate(batch.items):
             name = item.names[0]
             if base is None:
@@ -166,14 +167,19 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
                 svd_a, svd_b = svd_a.truncate(k), svd_b.truncate(k)
             k = min(svd_a.S.shape[-1], svd_b.S.shape[-1])
             if k == 0:
-                unchanged.append(name)
+                out.append(name)
                 continue
             for side, qa in _bases(svd_a, options.side).items():
                 qb = _bases(svd_b, side)[side]
                 theta = principal_angles(qa[:, :k], qb[:, :k])
                 degrees = [math.degrees(t) for t in theta.tolist()]
-                results.append(MatrixAngles(name, item.layer, item.role, list(batch.tensors[0].shape[-2:]), side, k,
-                                            degrees, [math.cos(t) for t in theta.tolist()]))
+                out.append(MatrixAngles(name, item.layer, item.role, list(batch.tensors[0].shape[-2:]), side, k,
+                                        degrees, [math.cos(t) for t in theta.tolist()]))
+        return out
+
+    pieces = walk.map(work, compute, factors=base is not None, on_start=on_start, on_progress=on_progress)
+    results = [p for p in pieces if isinstance(p, MatrixAngles)]
+    unchanged = [p for p in pieces if isinstance(p, str)]
     num_layers = walk.sources[0].config.num_layers if walk.sources[0].config else None
     problems = walk.problems
     if unchanged:

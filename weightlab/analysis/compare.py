@@ -36,7 +36,7 @@ from weightlab.analysis.deltas import adapter_factors, numerical_rank
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import gram, top_eigen, top_singular
 from weightlab.compute.svd import lowrank_svd
-from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
@@ -247,18 +247,24 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
     compute = replace(compute or Compute.create(), batch_size=1)  # n + 1 tensors in memory at a time
     n = len(finetuned)
     walk = TensorWalk([base, *finetuned], Selection.of(options, matrices=False), changed_by=finetuned)
-    by_layer: dict[int | None, _Sums] = {}
-    tensors = matrices = 0
-    for batch in walk.batches(compute, factors=True, on_start=on_start, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[str, int | None, _Sums, bool]]:
+        out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
-            w = batch.tensors[0][b]
-            taus = task_vectors(finetuned, name, w, [None if t is None else t[b] for t in batch.tensors[1:]], compute)
-            sums = by_layer.setdefault(item.layer, _Sums(n))
+            taus = task_vectors(finetuned, name, batch.tensors[0][b],
+                                [None if t is None else t[b] for t in batch.tensors[1:]], compute)
+            sums = _Sums(n)
             sign_and_dot_sums(taus, options.density, sums)
-            matrices += subspace_sums(finetuned, name, taus, options.k, compute, sums)
-            tensors += 1
-        del batch
+            out.append((name, item.layer, sums, subspace_sums(finetuned, name, taus, options.k, compute, sums)))
+        return out
+
+    by_layer: dict[int | None, _Sums] = {}
+    pieces = walk.in_order(walk.map(work, compute, factors=True, on_start=on_start, on_progress=on_progress),
+                           lambda piece: piece[0])
+    for _, layer, sums, _ in pieces:  # summed in tensor order, however the work was split: the same bytes
+        by_layer.setdefault(layer, _Sums(n)).add(sums)
+    tensors, matrices = len(pieces), sum(is_matrix for *_, is_matrix in pieces)
     total = _Sums(n)
     for sums in by_layer.values():
         total.add(sums)

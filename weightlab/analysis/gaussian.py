@@ -23,7 +23,7 @@ from scipy import stats
 
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import SEED, Int, option
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.results import Result, Table
@@ -304,8 +304,9 @@ def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: Gaussian
     compute = compute or Compute.create()
     selection = Selection.of(options, matrices=False, min_elements=options.min_elements)
     walk = TensorWalk([ckpt] if base is None else [ckpt, base], selection, changed_by=[ckpt] if base is not None else [])
-    results = []
-    for batch in walk.batches(compute, stored_layout=True, on_start=on_start, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[TensorGaussianity]:
+        out = []
         for b, item in enumerate(batch.items):
             w = batch.tensors[0][b]
             entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, options.seed))
@@ -316,8 +317,10 @@ def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: Gaussian
                 base_std = _moments(w0)[1] ** 0.5
                 entry.std_ratio = entry.weights.std / base_std if base_std > 0 else float("nan")
                 entry.delta_weight_correlation = _correlation(delta, w0)
-            results.append(entry)
-        del batch
+            out.append(entry)
+        return out
+
+    results = walk.map(work, compute, stored_layout=True, on_start=on_start, on_progress=on_progress)
     results = walk.in_order(results, lambda t: t.name)
     trend = depth_trend(results) if base is not None else None
     return GaussianResult(str(ckpt.path), None if base is None else str(base.path), options, results, trend,

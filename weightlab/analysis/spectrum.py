@@ -33,7 +33,7 @@ from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.gram import (GramSpectrum, decompose, gram, is_tall, singular_values, to_singular, top_eigen,
                                     top_singular)
-from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
@@ -342,9 +342,10 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
         raise InvalidArgument("spectrum: give at least one fine-tune of the base, or --values-only for the base's own spectra")
     compute = compute or Compute.create()
     walk = TensorWalk([base, *finetuned], Selection.of(options), changed_by=finetuned)
-    matrices: list[MatrixSpectrum] = []
-    for batch in walk.batches(compute, on_start=on_start, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[MatrixSpectrum]:
         w, *w_fts = batch.tensors
+        out = []
         for b, item in enumerate(batch.items):
             if options.values_only or not finetuned:  # values alone: one eigvalsh, not worth a cache entry
                 base_spec = GramSpectrum(singular_values(w[b]), None, is_tall(w[b]))
@@ -352,11 +353,13 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
                 base_spec = base_decomposition(w[b], cache, top_columns(options, min(item.shape)))
             whole = functools.cache(lambda b=b: base_decomposition(w[b], cache, None))
             if not finetuned:
-                matrices.append(compare(item, None, w[b], base_spec, None, None, options))
+                out.append(compare(item, None, w[b], base_spec, None, None, options))
             for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
                 delta_sv = delta_singular_values(ft, [item], w[b:b + 1], w_ft[b:b + 1], compute)[0]
-                matrices.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
-        del w, w_fts, batch  # before the next batch arrives: keeps one batch in memory
+                out.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
+        return out
+
+    matrices = walk.map(work, compute, on_start=on_start, on_progress=on_progress)
     return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options,
                           walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned or 0),
                           base.config.num_layers if base.config else None, walk.problems)

@@ -22,7 +22,7 @@ import torch
 from weightlab.analysis.deltas import adapter_factors
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import full_svd
-from weightlab.compute.walk import Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, option
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.atomic import atomic_path
@@ -139,11 +139,11 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
     """
     compute = compute or Compute.create()
     walk = TensorWalk([base, finetuned], Selection.of(options), changed_by=[finetuned])
-    matrices: list[MatrixTSD] = []
-    vectors: dict[str, dict[str, torch.Tensor]] = {}
-    for batch in walk.batches(compute, factors=True, on_start=on_start, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[MatrixTSD, dict[str, torch.Tensor] | None]]:
         w, w_ft = batch.tensors
         svd = full_svd(w)
+        out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
             u, s, vh = svd.U[b], svd.S[b], svd.Vh[b]
@@ -151,15 +151,17 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
             rates, order, core, chosen = core_directions(u, s, delta_v, delta_norm2, min(options.top, s.numel()))
             r = s.numel()
             idx = order.tolist()
-            matrices.append(MatrixTSD(
-                name, item.layer, item.role, [u.shape[0], vh.shape[1]], idx, s[order].tolist(), rates[order].tolist(),
-                [100.0 * i / max(r - 1, 1) for i in idx], core, chosen, delta_norm2**0.5,
-                rates[: options.keep].tolist()))
-            if keep_vectors:
-                vectors[name] = {"indices": order.cpu(), "u": u[:, order].cpu().contiguous(),
-                                 "v": vh[order].T.cpu().contiguous(), "sigma": s[order].cpu(),
-                                 "rate": rates[order].cpu()}
-        del w, w_ft, svd, batch
+            matrix = MatrixTSD(name, item.layer, item.role, [u.shape[0], vh.shape[1]], idx, s[order].tolist(),
+                               rates[order].tolist(), [100.0 * i / max(r - 1, 1) for i in idx], core, chosen,
+                               delta_norm2**0.5, rates[: options.keep].tolist())
+            kept = {"indices": order.cpu(), "u": u[:, order].cpu().contiguous(), "v": vh[order].T.cpu().contiguous(),
+                    "sigma": s[order].cpu(), "rate": rates[order].cpu()} if keep_vectors else None
+            out.append((matrix, kept))
+        return out
+
+    pieces = walk.map(work, compute, factors=True, on_start=on_start, on_progress=on_progress)
+    matrices = [m for m, _ in pieces]
+    vectors = {m.name: kept for m, kept in pieces if kept is not None}
     matrices = walk.in_order(matrices, lambda m: m.name)
     vectors = {m.name: vectors[m.name] for m in matrices if m.name in vectors}
     result = TSDResult(str(base.path), str(finetuned.path), options, matrices, walk.problems)

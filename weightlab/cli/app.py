@@ -118,6 +118,7 @@ class Common:
     plots: Optional[Path]
     report: Optional[Path]
     force: bool
+    ray: Optional[str] = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -128,7 +129,7 @@ class Common:
         return {"include": self.include, "exclude": self.exclude}
 
     def compute(self) -> Compute:
-        return Compute.create(self.device, self.dtype)
+        return Compute.create(self.device, self.dtype, cluster=self.ray)
 
     def outputs(self, inputs: Sequence[object], **more: Optional[Path | str]) -> OutputPlan:
         return outputs(self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report,
@@ -137,6 +138,11 @@ class Common:
     def show(self, result: Result) -> None:
         if not quiet_when_stdout(self.json_out, self.csv_out):
             show(result, self.rows)
+
+
+RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
+                      help="Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
+                           "every node must see the input paths. Needs weightlab[ray].")
 
 
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
@@ -151,6 +157,7 @@ def _common_parameters(precision: bool) -> list[inspect.Parameter]:
         ("plots", Optional[Path], PlotsOpt),
         ("report", Optional[Path], ReportOpt),
         ("force", bool, ForceOpt),
+        ("ray", Optional[str], RayOpt),
     ]
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
             for name, annotation, default in options]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,9 +43,20 @@ class Compute:
     dtype: torch.dtype
     batch_size: int  # same-shape matrices per decomposition call: batching pays off on GPUs
     prefetch: int = 2
+    cluster: str | None = None  # a Ray address ("auto": $RAY_ADDRESS or a local cluster); None runs here
+    requested: str = "auto"  # the --device asked for: each Ray worker resolves it on its own node
+    threads: int = field(default_factory=torch.get_num_threads)  # math threads (Ray workers match it)
 
     @classmethod
-    def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None) -> "Compute":
+    def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None,
+               cluster: str | None = None) -> "Compute":
         Int(1, 4096, optional=True).check("batch size", batch_size)
         dev = resolve_device(device)
-        return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1))
+        return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1), cluster=cluster,
+                   requested=device)
+
+    def on_this_node(self) -> "Compute":
+        """This compute as a Ray worker runs it: its own device (its GPU when it has one and
+        `--device auto`), batched as that device likes, nothing further distributed."""
+        device = resolve_device(self.requested)
+        return replace(self, device=device, batch_size=8 if device.type == "cuda" else 1, cluster=None)

@@ -98,8 +98,33 @@ class TensorWalk:
                       if not changed_by or rule(may_change(c, item.names[0]) for c in changed_by)]
         self._position = {item.names[0]: i for i, item in enumerate(self.items)}
 
+    @classmethod
+    def of_items(cls, sources: Sequence[Checkpoint], items: Sequence[MatchedTensor]) -> "TensorWalk":
+        """A walk over items already matched and selected (a Ray task's share of a walk)."""
+        walk = cls.__new__(cls)
+        walk.sources, walk.items, walk.matching = list(sources), list(items), None
+        walk._position = {item.names[0]: i for i, item in enumerate(walk.items)}
+        return walk
+
     def __len__(self) -> int:
         return len(self.items)
+
+    def map(self, work: Callable[[Batch, Compute], list[T]], compute: Compute, *, factors: bool = False,
+            stored_layout: bool = False, on_start: Progress | None = None,
+            on_progress: Progress | None = None) -> list[T]:
+        """`work(batch, compute)` over every batch, results concatenated in batch order: here, or
+        on the Ray cluster `compute.cluster` names (split by tensor, the same results)."""
+        if compute.cluster is not None:
+            from weightlab.compute.cluster import map_on_cluster
+
+            return map_on_cluster(self.sources, self.items, work, compute,
+                                  {"factors": factors, "stored_layout": stored_layout}, on_start, on_progress)
+        out: list[T] = []
+        for batch in self.batches(compute, factors=factors, stored_layout=stored_layout, on_start=on_start,
+                                  on_progress=on_progress):
+            out.extend(work(batch, compute))
+            del batch  # before the next batch arrives: one batch in memory
+        return out
 
     def take(self, wanted: Callable[[MatchedTensor], bool]) -> list[MatchedTensor]:
         """Remove the items `wanted` picks from the pass and return them: the caller reads those

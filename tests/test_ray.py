@@ -1,0 +1,100 @@
+"""Every analysis on a real Ray cluster gives the bytes of a local run: in-process (`ray.init`)
+and through the CLI against a cluster started with `ray start --head`. A path a worker cannot
+read is one clear error; without Ray, --ray says how to install it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from weightlab.analysis.angles import AnglesOptions, angles  # noqa: E402
+from weightlab.analysis.compare import compare  # noqa: E402
+from weightlab.analysis.gaussian import GaussianOptions, gaussian  # noqa: E402
+from weightlab.analysis.spectrum import spectrum  # noqa: E402
+from weightlab.analysis.tsd import tsd  # noqa: E402
+from weightlab.compute.device import Compute  # noqa: E402
+from weightlab.errors import CheckpointNotFound, InvalidArgument  # noqa: E402
+from weightlab.io import open_checkpoint, open_finetuned  # noqa: E402
+
+# a throwaway cluster on this machine: no usage stats, no token (Ray ≥ 2.5x asks every client for one)
+LOCAL_CLUSTER_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+LOCAL = Compute.create("cpu")
+CLUSTER = replace(LOCAL, cluster="auto")
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def same(run) -> None:
+    here, there = run(LOCAL), run(CLUSTER)
+    assert json.dumps(here.to_dict()) == json.dumps(there.to_dict())
+
+
+def test_every_analysis_on_ray_equals_the_local_run(in_process, zoo, adapters):
+    base = open_checkpoint(zoo["llama"])
+    ft = open_checkpoint(zoo["llama_ft"])
+    adapter = open_finetuned(adapters["llama"], base)
+    same(lambda c: spectrum(base, [ft, adapter], compute=c))
+    same(lambda c: compare(base, [ft, adapter, open_checkpoint(zoo["llama_sharded"])], compute=c))
+    same(lambda c: angles(ft, adapter, base, AnglesOptions(k=4), compute=c))
+    same(lambda c: gaussian(ft, base, GaussianOptions(min_elements=64), compute=c))
+    same(lambda c: tsd(base, ft, compute=c)[0])
+
+
+def test_a_path_a_worker_cannot_read_is_one_clear_error(in_process, zoo, tmp_path):
+    shutil.copytree(zoo["llama_ft"], tmp_path / "ft")
+    ft = open_checkpoint(tmp_path / "ft")  # the driver reads the header, then the file goes away
+    (tmp_path / "ft" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointNotFound, match="cannot be read on Ray node"):
+        spectrum(open_checkpoint(zoo["llama"]), [ft], compute=CLUSTER)
+
+
+def test_without_ray_the_option_says_how_to_install_it(zoo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    base = open_checkpoint(zoo["llama"])
+    with pytest.raises(InvalidArgument, match=r'pip install "weightlab\[ray\]"'):
+        spectrum(base, [open_checkpoint(zoo["llama_ft"])], compute=CLUSTER)
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """A real cluster on this machine, as users start one: `ray start --head`, stopped at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = LOCAL_CLUSTER_ENV
+    ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    yield f"127.0.0.1:{port}"
+    ray.shutdown()  # `ray stop` ends every Ray process on this machine: leave none connected to it
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_cli_against_a_started_cluster_writes_the_local_bytes(head_node, zoo, tmp_path):
+    def cli(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "weightlab", *args], capture_output=True, text=True, timeout=300,
+                              env=LOCAL_CLUSTER_ENV)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    common = [str(zoo["llama"]), str(zoo["llama_ft"]), "--force"]
+    cli("spectrum", *common, "--json", str(tmp_path / "local.json"))
+    cli("spectrum", *common, "--json", str(tmp_path / "ray.json"), "--ray", head_node)
+    assert (tmp_path / "local.json").read_bytes() == (tmp_path / "ray.json").read_bytes()
+    fts = [str(zoo["llama_ft"]), str(zoo["llama_sharded"])]
+    cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-local.json"))
+    cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-ray.json"), "--ray", head_node)
+    assert (tmp_path / "c-local.json").read_bytes() == (tmp_path / "c-ray.json").read_bytes()

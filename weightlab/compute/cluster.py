@@ -1,0 +1,99 @@
+"""Run a tensor walk's work on a Ray cluster: split by tensor, gather in order.
+
+Each task gets the checkpoints (small objects: paths and headers; they pickle to a few KB), a
+run of consecutive items and the work function. The worker opens the files lazily from the
+same paths, so every node must see them (a shared filesystem, or the same copy at the same
+path); a path a worker cannot read is an error naming the node and the path. The results come
+back in item order, so the driver assembles exactly what a local run assembles. Ray retries a
+task whose worker died (`max_retries`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence, TypeVar
+
+from weightlab.compute.device import Compute
+from weightlab.errors import CheckpointNotFound, InvalidArgument, WeightlabError
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.matching import MatchedTensor
+
+R = TypeVar("R")
+TASKS_PER_WORKER = 4  # tasks per CPU of the cluster: enough to balance, few enough to keep overheads small
+INSTALL = 'install Ray to use --ray: pip install "weightlab[ray]"'
+
+
+def connect(address: str) -> Any:
+    """The `ray` module, connected to `address` ("auto": $RAY_ADDRESS, else a local cluster)."""
+    try:
+        import ray
+    except ImportError:
+        raise InvalidArgument(INSTALL) from None
+    if not ray.is_initialized():
+        target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+        try:
+            ray.init(address=target or None, ignore_reinit_error=True, log_to_driver=False,
+                     include_dashboard=False, configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise InvalidArgument(f"--ray {address}: cannot connect to a Ray cluster ({e})") from None
+    return ray
+
+
+def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable, compute: Compute,
+              options: dict) -> list:
+    """A task's body, on a worker: the same walk over these items, on this node's device."""
+    from weightlab.compute.walk import TensorWalk
+
+    here = compute.on_this_node()
+    _same_threads(compute.threads)
+    try:
+        out = []
+        for batch in TensorWalk.of_items(sources, items).batches(here, **options):
+            out.extend(work(batch, here))
+        return out
+    except OSError as e:
+        import socket
+
+        raise CheckpointNotFound(f"cannot be read on Ray node {socket.gethostname()} ({e.strerror or e})",
+                                 e.filename or "a checkpoint path") from None
+
+
+def _same_threads(threads: int) -> None:
+    """Run the maths with the driver's thread count (Ray starts workers with one): BLAS sums in an
+    order that depends on it, and the bytes are to equal a local run's."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def map_on_cluster(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable[[Any, Compute], list[R]],
+                   compute: Compute, options: dict, on_start: Callable[[int], None] | None = None,
+                   on_progress: Callable[[int], None] | None = None) -> list[R]:
+    """`work` over `items` in Ray tasks of consecutive items; results in item order."""
+    ray = connect(compute.cluster)
+    if on_start:
+        on_start(len(items))
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = max(1, -(-len(items) // (TASKS_PER_WORKER * workers)))
+    runs = [list(items[i:i + size]) for i in range(0, len(items), size)]
+    task = ray.remote(max_retries=3)(_run_here)
+    shared = [ray.put(x) for x in (list(sources), work, compute, options)]
+    pending = {task.remote(shared[0], run, shared[1], shared[2], shared[3]): i for i, run in enumerate(runs)}
+    done: dict[int, list] = {}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ready[0])
+            done[index] = ray.get(ready[0])
+            if on_progress:
+                on_progress(len(runs[index]))
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        for ref in pending:
+            ray.cancel(ref)
+        if isinstance(cause, WeightlabError):
+            raise cause from None
+        raise
+    return [r for i in range(len(runs)) for r in done[i]]
