@@ -154,8 +154,8 @@ class _Sums:
         self.overlap_count = np.zeros((n, n), dtype=np.int64)
 
     def add(self, other: "_Sums") -> None:
-        for name in vars(self):
-            getattr(self, name).__iadd__(getattr(other, name))
+        for name, total in vars(self).items():
+            total += getattr(other, name)  # numpy arrays: in place
 
     def pairwise(self) -> Pairwise:
         n = self.dots.shape[0]
