@@ -98,3 +98,24 @@ def test_cli_against_a_started_cluster_writes_the_local_bytes(head_node, zoo, tm
     cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-local.json"))
     cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-ray.json"), "--ray", head_node)
     assert (tmp_path / "c-local.json").read_bytes() == (tmp_path / "c-ray.json").read_bytes()
+
+
+def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
+    """Workers write their tensors into the staged shards; the driver writes the rest and commits."""
+    from weightlab.merge.config import MergeConfig
+    from weightlab.merge.run import merge
+
+    models = [str(zoo["llama_ft"]), str(zoo["llama_sharded"])]
+    for label, extra in (("ta", {"method": "task-arithmetic"}),
+                         ("ties-nan", {"method": "ties", "coeff": "nan", "params": {"density": 0.3}}),
+                         ("dare-svc", {"method": "dare-ties", "params": {"density": 0.5}, "modifiers": ["svc"]})):
+        config = MergeConfig(base=str(zoo["llama"]), models=models, **extra)
+        merge(config, tmp_path / f"{label}-local", compute=LOCAL)
+        merge(config, tmp_path / f"{label}-ray", compute=CLUSTER)
+        for file in sorted(p.name for p in (tmp_path / f"{label}-local").iterdir()):
+            assert (tmp_path / f"{label}-local" / file).read_bytes() == (tmp_path / f"{label}-ray" / file).read_bytes(), \
+                (label, file)
+    lines = MergeConfig(base=str(zoo["llama"]), models=models, method="task-arithmetic", modifiers=["lines"])
+    with pytest.raises(InvalidArgument, match="without --ray"):
+        merge(lines, tmp_path / "lines", compute=CLUSTER)
+    assert not (tmp_path / "lines").exists()

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, ReportOpt, app, emit, outputs, progress, show
+from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, ReportOpt, app, emit, outputs, progress, show
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
@@ -78,6 +78,7 @@ def merge(
     donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     device: str = DeviceOpt,
+    ray: Optional[str] = RayOpt,
     report_out: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
@@ -104,7 +105,7 @@ def merge(
     cfg = build_config(options)
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
-    compute = Compute.create(device)
+    compute = Compute.create(device, cluster=ray)
     shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
     with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
         with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,35 @@ def stored_plan(ckpt, names: list[str] | None = None) -> list[TensorSpec]:
             for n in (ckpt.names() if names is None else names)]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """A planned tensor's place in a staged shard file."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    out_dir: str  # named in errors
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the tensor there (finite, of the planned shape and dtype); from any process that sees the path."""
+        if (tuple(tensor.shape), tensor.dtype) != (self.shape, self.dtype):
+            raise InvalidArgument(f"planned as {(self.shape, self.dtype)}, got {(tuple(tensor.shape), tensor.dtype)}",
+                                  self.out_dir, name)
+        data = tensor_bytes(tensor, self.out_dir, name)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, data, self.offset)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class CheckpointWriter:
     """Stream tensors into `out_dir` as shards of at most `shard_size` bytes.
 
@@ -88,6 +118,7 @@ class CheckpointWriter:
         self._placed: dict[str, tuple[int, int]] = {}  # planned name -> (shard file descriptor, offset)
         self._written: set[str] = set()
         self._rows: dict[str, int] = {}  # rows written so far of tensors written in parts
+        self._files: dict[str, Path] = {}  # planned name -> its shard file (in the staging folder)
 
     def __enter__(self) -> "CheckpointWriter":
         self._tmp = self._stack.enter_context(atomic_path(self.out_dir, self.force, directory=True))
@@ -119,6 +150,7 @@ class CheckpointWriter:
                       default=len(header))
             os.ftruncate(fd, end)
             self._placed.update({name: (fd, offsets[name]) for name, _, _ in specs})
+            self._files.update({name: path for name, _, _ in specs})
             self._shards.append([name for name, _, _ in specs])
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -142,11 +174,17 @@ class CheckpointWriter:
             raise InvalidArgument(f"planned as {self.plan[name]}, got {(tuple(tensor.shape), tensor.dtype)}",
                                   self.out_dir, name)
         fd, offset = self._placed[name]
-        data = tensor_bytes(tensor, self.out_dir, name)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        _pwrite_all(fd, tensor_bytes(tensor, self.out_dir, name), offset)
         self._written.add(name)
+
+    def placement(self, name: str) -> "Placement":
+        """Where a planned tensor goes, for a process that writes it itself (a Ray worker)."""
+        shape, dtype = self.plan[name]
+        return Placement(str(self._files[name]), self._placed[name][1], shape, dtype, str(self.out_dir))
+
+    def written_elsewhere(self, names: list[str]) -> None:
+        """Count tensors another process wrote to their `placement` as written."""
+        self._written.update(names)
 
     def add_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Write rows [start, start + len(rows)) of a planned tensor; it counts as written once

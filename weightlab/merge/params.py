@@ -50,8 +50,9 @@ class Params:
         self._values = dict(values)
 
     def __getattr__(self, name: str) -> float:
+        values = self.__dict__.get("_values", {})  # absent while unpickling (e.g. in a Ray worker)
         try:
-            return self._values[name]
+            return values[name]
         except KeyError:
             raise AttributeError(f"this method declares no parameter {name!r}") from None
 

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from weightlab.compute.device import Compute
-from weightlab.compute.walk import Selection, TensorWalk
-from weightlab.errors import MissingTensor, ShapeMismatch
+from weightlab.compute.stream import batches as stream_batches
+from weightlab.compute.walk import Batch, Selection, TensorWalk
+from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
@@ -256,6 +257,10 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
             for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
+    copied_names = {i.names[0] for i in walk.items if not i.is_float}
+    if compute.cluster is not None and "lines" in config.modifiers:
+        raise InvalidArgument("--lines scales each layer after a pass over all of them, on this machine: "
+                              "run it without --ray")
     in_rows = walk.take(lambda item: spec.blockwise is not None and item.is_float and not config.modifiers
                         and not (nan and config.nan.granularity == "tensor") and len(item.shape) > 0
                         and item.shape[0] > 1 and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES)
@@ -267,31 +272,49 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                                                                             prefix=".weightlab-lines-"))) \
             if "lines" in config.modifiers else None
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
-        for batch in walk.batches(one_at_a_time, stored_layout=True, on_start=counted, on_progress=on_progress):
+        if compute.cluster is not None:  # Ray workers write their tensors into the staged shards themselves
+            placements = {i.names[0]: writer.placement(i.names[0]) for i in walk.items}
+            sink = lambda name, tensor: placements[name].write(name, tensor)  # noqa: E731
+        else:
+            sink = writer.add
+
+        def work(batch: Batch, compute: Compute) -> list[tuple[str, list[float] | None]]:
+            """Merge (or copy) one tensor into its place; (name, its NAN coefficients or None)."""
             item = batch.items[0]
             name = item.names[0]
             tensors = [m[0] for m in batch.tensors]
             if not item.is_float:
-                writer.add(name, tensors[0].cpu())
-                report.copied.append(name)
+                sink(name, tensors[0].cpu())
+                return [(name, None)]
+            w0 = tensors[0] if base is not None else None
+            thetas = tensors[1:] if base is not None else tensors
+            coeffs, own = fixed, None
+            if nan and config.nan.granularity == "tensor":
+                norms = [float((t - w0).norm()) if task_vectors else float(t.norm()) for t in thetas]
+                coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
+            generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
+            merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params,
+                             generators)
+            if "svc" in config.modifiers:
+                merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
+            if lines is not None:
+                lines.add(name, w0, thetas, merged)
             else:
-                w0 = tensors[0] if base is not None else None
-                thetas = tensors[1:] if base is not None else tensors
-                coeffs = fixed
-                if nan and config.nan.granularity == "tensor":
-                    norms = [float((t - w0).norm()) if task_vectors else float(t.norm()) for t in thetas]
-                    coeffs = nan_coefficients(norms, config.nan.power, config.nan.normalize)
-                    per_tensor[name] = coeffs
-                generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
-                merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
-                                 params, generators)
-                if "svc" in config.modifiers:
-                    merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
-                if lines is not None:
-                    lines.add(name, w0, thetas, merged)
-                else:
-                    writer.add(name, merged.to(out_dtype_of[name]))
-                report.merged += 1
+                sink(name, merged.to(out_dtype_of[name]))
+            return [(name, own)]
+
+        done = walk.map(work, one_at_a_time, stored_layout=True, on_start=counted, on_progress=on_progress)
+        if compute.cluster is not None:
+            writer.written_elsewhere([name for name, _ in done])
+        position = {i.names[0]: k for k, i in enumerate(i for b in stream_batches(walk.items, 1) for i in b)}
+        for name, own in sorted(done, key=lambda piece: position[piece[0]]):  # a local run's order, wherever it ran
+            item_float = name not in copied_names
+            if not item_float:
+                report.copied.append(name)
+                continue
+            if own is not None:
+                per_tensor[name] = own
+            report.merged += 1
         for item in in_rows:
             _merge_in_rows(item, ckpts, base is not None, spec, fixed, params, compute, writer,
                            out_dtype_of[item.names[0]])
