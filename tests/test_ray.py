@@ -119,3 +119,22 @@ def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
     with pytest.raises(InvalidArgument, match="without --ray"):
         merge(lines, tmp_path / "lines", compute=CLUSTER)
     assert not (tmp_path / "lines").exists()
+
+
+def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo, tmp_path):
+    """init-lora (its residual model written by the workers) and extract-lora: the same files."""
+    def cli(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "weightlab", *args], capture_output=True, text=True, timeout=300,
+                              env=LOCAL_CLUSTER_ENV)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    for where, extra in (("local", []), ("ray", ["--ray", head_node])):  # same output paths: configs name them
+        cli("init-lora", str(zoo["llama"]), "--rank", "4", "--method", "pissa", "-o", str(tmp_path / "out" / "init"),
+            "--residual-out", str(tmp_path / "out" / "residual"), *extra)
+        cli("extract-lora", str(zoo["llama"]), str(zoo["llama_ft"]), "--rank", "4", "-o",
+            str(tmp_path / "out" / "extract"), *extra)
+        (tmp_path / "out").rename(tmp_path / where)
+    local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert local and local == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    for path in local:
+        assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path

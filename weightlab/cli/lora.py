@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, outputs, progress
+from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, app, console, outputs, progress
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import LoraAdapter
@@ -52,6 +52,7 @@ def init_lora(
                                                  "into a plain LoRA for the unmodified base.", metavar="TRAINED"),
     initial: Optional[Path] = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
     device: str = DeviceOpt,
+    ray: Optional[str] = RayOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
@@ -74,7 +75,7 @@ def init_lora(
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
     options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
-    compute = Compute.create(device)
+    compute = Compute.create(device, cluster=ray)
     if residual_out is None and not no_residual:
         raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
                               "or --no-residual if you will build the residual yourself")
@@ -104,13 +105,14 @@ def extract_lora(
     energy: Optional[float] = typer.Option(None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."),
     targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
     device: str = DeviceOpt,
+    ray: Optional[str] = RayOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
 
     Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
     """
-    compute = Compute.create(device)
+    compute = Compute.create(device, cluster=ray)
     with outputs(force, [base, finetuned], out_dir=out) as plan:
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)

@@ -28,7 +28,7 @@ from weightlab.analysis.deltas import adapter_factors
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, SVD_METHODS, full_svd, lowrank_svd, randomized_svd
-from weightlab.compute.walk import Selection, TensorWalk
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.domains import SEED, Choice, Int, Real, check_fields, option
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import LoraAdapter
@@ -152,7 +152,14 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             if name not in wanted:
                 residual.add(name, base.get(name))
     walk = _targets_walk(base, targets, warmup)
-    for batch in walk.batches(compute, factors=True, on_progress=on_progress):
+    if residual is not None and compute.cluster is not None:  # Ray workers write residuals into the staged shards
+        placements = {i.names[0]: residual.placement(i.names[0]) for i in walk.items}
+        sink = lambda name, tensor: placements[name].write(name, tensor)  # noqa: E731
+    else:
+        sink = residual.add if residual is not None else None
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[str, LoraFactors, ModuleReport]]:
+        out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
             w = batch.tensors[0][b]
@@ -160,15 +167,22 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             svd, chosen = _chosen_directions(w, name, options, warmup, w_ft, compute)
             f, res = _split(w, svd, chosen, options.scale)
             f.embedding = _embedding(name)
-            factors[name.removesuffix(".weight")] = f
             total = float((w * w).sum()) or 1.0
             kept = float((svd.S[chosen] ** 2).sum())
-            report.modules.append(ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
-                                               math.sqrt(float((res * res).sum()) / total)))
-            if residual is not None:
+            out.append((name, f, ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
+                                              math.sqrt(float((res * res).sum()) / total))))
+            if sink is not None:
                 stored = base.info(name)
                 stored_res = res.T if is_conv1d(name, base.config) else res.reshape(stored.shape)
-                residual.add(name, stored_res.to(torch_dtype(stored.dtype, base.path, name)).cpu())
+                sink(name, stored_res.to(torch_dtype(stored.dtype, base.path, name)).cpu())
+        return out
+
+    pieces = walk.map(work, compute, factors=True, on_progress=on_progress)
+    if residual is not None and compute.cluster is not None:
+        residual.written_elsewhere([name for name, _, _ in pieces])
+    for name, f, module in pieces:
+        factors[name.removesuffix(".weight")] = f
+        report.modules.append(module)
     report.modules = walk.in_order(report.modules, lambda m: m.name)
     return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
@@ -189,30 +203,41 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
     report = LoraReport("extract", {"rank": rank, "energy": energy}, str(base.path), str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
     walk = _targets_walk(base, targets, finetuned)
-    for batch in walk.batches(compute, factors=True, on_progress=on_progress):
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[str, LoraFactors | None, ModuleReport | None]]:
+        """Per weight its factors and report, or (name, None, None) when ΔW is zero there."""
+        out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
             lowrank = adapter_factors(finetuned, name, compute)
             if lowrank is not None:
                 svd = lowrank_svd(*lowrank)
             elif batch.tensors[1] is None:  # an adapter that leaves this weight as the base has it
-                report.skipped.append(name)
+                out.append((name, None, None))
                 continue
             else:
                 svd = full_svd(batch.tensors[1][b] - batch.tensors[0][b])
             s2 = svd.S.double() ** 2
             total = float(s2.sum())
             if total == 0:
-                report.skipped.append(name)
+                out.append((name, None, None))
                 continue
             r = rank if rank is not None else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
             r = min(r, svd.S.numel())
             root = svd.S[:r].sqrt()
-            factors[name.removesuffix(".weight")] = LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :],
-                                                                embedding=_embedding(name))
             kept = float(s2[:r].sum())
-            report.modules.append(ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
-                                               math.sqrt(max(total - kept, 0.0) / total)))
+            out.append((name, LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :],
+                                          embedding=_embedding(name)),
+                        ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
+                                     math.sqrt(max(total - kept, 0.0) / total))))
+        return out
+
+    for name, f, module in walk.map(work, compute, factors=True, on_progress=on_progress):
+        if f is None:
+            report.skipped.append(name)
+        else:
+            factors[name.removesuffix(".weight")] = f
+            report.modules.append(module)
     if not factors:
         raise InvalidArgument("no targeted weight differs between the base and the fine-tune", finetuned.path)
     report.modules = walk.in_order(report.modules, lambda m: m.name)
