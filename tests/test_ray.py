@@ -138,3 +138,25 @@ def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo
     assert local and local == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
     for path in local:
         assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path
+
+
+def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process, zoo, tmp_path):
+    """A NaN in a late tensor: a worker stops the merge mid-way, after others wrote theirs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from weightlab.errors import CorruptCheckpoint
+    from weightlab.merge.config import MergeConfig
+    from weightlab.merge.run import merge
+
+    shutil.copytree(zoo["llama_ft"], tmp_path / "ft")
+    tensors = load_file(tmp_path / "ft" / "model.safetensors")
+    last = sorted(n for n in tensors if n.startswith("layers.1.") and tensors[n].ndim == 2)[-1]
+    tensors[last][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    config = MergeConfig(base=str(zoo["llama"]), models=[str(tmp_path / "ft"), str(zoo["llama_sharded"])],
+                         method="task-arithmetic")
+    out = tmp_path / "merged"
+    with pytest.raises(CorruptCheckpoint, match=last):
+        merge(config, out, compute=CLUSTER)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ft"]
