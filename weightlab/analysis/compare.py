@@ -34,7 +34,7 @@ from scipy.spatial.distance import squareform
 
 from weightlab.analysis.deltas import adapter_factors, numerical_rank
 from weightlab.compute.device import Compute
-from weightlab.compute.gram import gram, top_eigen, top_singular
+from weightlab.compute.gram import top_singular
 from weightlab.compute.svd import lowrank_svd
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
@@ -212,9 +212,7 @@ def subspace_sums(finetuned: Sequence[Checkpoint], name: str, taus: list[torch.T
         if factors is not None:
             svd = lowrank_svd(*factors)
         else:
-            g = gram(tau)
-            lam, vectors = top_eigen(g, k)
-            svd = top_singular(tau, k, g, lam, vectors)
+            svd = top_singular(tau, k)[1]
         rank = min(k, numerical_rank(svd.S, tuple(tau.shape)))
         bases.append(svd.U[:, :rank].double())
     for i, a in enumerate(bases):

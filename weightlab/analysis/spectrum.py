@@ -31,8 +31,7 @@ from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
-from weightlab.compute.gram import (GramSpectrum, decompose, gram, is_tall, singular_values, to_singular, top_eigen,
-                                    top_singular)
+from weightlab.compute.gram import GramSpectrum, decompose, is_tall, singular_values, top_singular
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
@@ -302,9 +301,7 @@ def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: Gr
     if options.values_only:
         s_ft, aligned = singular_values(w_ft), None
     else:
-        g = gram(w_ft)
-        lam, vectors = top_eigen(g, kk)
-        s_ft, top = to_singular(lam), top_singular(w_ft, kk, g, lam, vectors)
+        s_ft, top = top_singular(w_ft, kk)
         u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
         best_cos, best_j = cos.max(-1)
         intruder_k = min(options.intruder_k, r)

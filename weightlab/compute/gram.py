@@ -126,16 +126,18 @@ def top_eigen(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.sort(lam)[::-1].copy()), torch.from_numpy(np.ascontiguousarray(z[:, ::-1]))
 
 
-def top_singular(w: torch.Tensor, k: int, g: torch.Tensor, lam: torch.Tensor, vectors: torch.Tensor) -> SVD:
-    """The top k singular triplets of a 2-D W in float64 from its Gram matrix's eigenvalues `lam`
-    and top eigenvectors (`top_eigen`); the other side of each pair is W·e/σ (exact in float64 for
-    the top σ). A W whose k-th singular value is zero has no unique top-k pairs: the thin SVD decides."""
-    k = min(k, g.shape[-1])
-    s = to_singular(lam[:k])
-    if k == 0 or float(s[-1]) <= float(s[0]) * 1e-6:
+def top_singular(w: torch.Tensor, k: int) -> tuple[torch.Tensor, SVD]:
+    """Every singular value of a 2-D W (float64, descending) and its top k singular triplets, from
+    one Gram matrix and one tridiagonal reduction (`top_eigen`); the other side of each pair is
+    W·e/σ (exact in float64 for the top σ). A W whose k-th singular value is zero has no unique
+    top-k pairs: the thin SVD decides."""
+    lam, vectors = top_eigen(gram(w), k)
+    every = to_singular(lam)
+    s = every[:vectors.shape[-1]]
+    if s.numel() == 0 or float(s[-1]) <= float(s[0]) * 1e-6:
         u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        return SVD(u[:, :k], sv[:k], vh[:k])
-    e = vectors[:, :k].to(w.device)
+        return every, SVD(u[:, :s.numel()], sv[:s.numel()], vh[:s.numel()])
+    e = vectors.to(w.device)
     if is_tall(w):
-        return SVD(w.double() @ e / s, s, e.mT)
-    return SVD(e, s, (w.double().mT @ e / s).mT)
+        return every, SVD(w.double() @ e / s, s, e.mT)
+    return every, SVD(e, s, (w.double().mT @ e / s).mT)
