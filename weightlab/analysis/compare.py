@@ -40,7 +40,7 @@ from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.merge.methods import keep_top, trim_threshold
+from weightlab.merge.methods import trim_block, trim_state
 from weightlab.results import Result, Table
 
 BLOCK = 1 << 20  # entries per Gram block: float32 sign counts stay exact (< 2²⁴)
@@ -170,49 +170,40 @@ class _Sums:
 
 
 def task_vectors(finetuned: Sequence[Checkpoint], name: str, w: torch.Tensor, tensors: Sequence[torch.Tensor | None],
-                 compute: Compute) -> list[torch.Tensor]:
-    """τ_i for one tensor (matrix layout): W_i − W, or an adapter's s·L·R from its factors
-    (zero where the adapter leaves the tensor alone)."""
-    taus = []
+                 compute: Compute) -> tuple[list[torch.Tensor], list[tuple | None]]:
+    """τ_i for one tensor (matrix layout) — W_i − W, or an adapter's s·L·R (zero where the adapter
+    leaves the tensor alone) — and each adapter's factors (L, R, s), read once, else None."""
+    taus, factors = [], []
     for ft, w_ft in zip(finetuned, tensors):
+        lowrank = None if w_ft is not None else adapter_factors(ft, name, compute)
+        factors.append(lowrank)
         if w_ft is not None:
             taus.append(w_ft - w)
-            continue
-        factors = adapter_factors(ft, name, compute)
-        taus.append(torch.zeros_like(w) if factors is None else factors[2] * factors[0] @ factors[1])
-    return taus
+        else:
+            taus.append(torch.zeros_like(w) if lowrank is None else lowrank[2] * lowrank[0] @ lowrank[1])
+    return taus, factors
 
 
 def sign_and_dot_sums(taus: list[torch.Tensor], density: float, sums: _Sums) -> None:
     """Add the dot products of the task vectors and the TIES sign agreements to `sums`."""
     flats = [t.reshape(-1) for t in taus]
-    trims = [list(trim_threshold(f, density)) if density < 1 else None for f in flats]
+    trims = [trim_state(f, density) for f in flats]
     for start in range(0, flats[0].numel(), BLOCK):
         block = torch.stack([f[start:start + BLOCK] for f in flats])
         sums.dots += (block.double() @ block.double().T).numpy()
-        kept = []
-        for row, trim in zip(block, trims):
-            if trim is not None:
-                row, used = keep_top(row, *trim)
-                trim[1] -= used
-            kept.append(torch.sign(row))
-        signs = torch.stack(kept)
+        signs = torch.stack([torch.sign(trim_block(row, trim)) for row, trim in zip(block, trims)])
         sums.agree_minus_differ += (signs @ signs.T).round().long().numpy()
         sums.both_kept += (signs.abs() @ signs.abs().T).round().long().numpy()
 
 
-def subspace_sums(finetuned: Sequence[Checkpoint], name: str, taus: list[torch.Tensor], k: int, compute: Compute,
-                  sums: _Sums) -> bool:
-    """Add the pairwise top-k subspace overlaps of one matrix to `sums`; False if it is no matrix."""
+def subspace_sums(taus: list[torch.Tensor], factors: list[tuple | None], k: int, sums: _Sums) -> bool:
+    """Add the pairwise top-k subspace overlaps of one matrix to `sums` (from an adapter's factors
+    where there are some); False if it is no matrix."""
     if taus[0].ndim != 2 or min(taus[0].shape) < 2:
         return False
     bases = []
-    for ft, tau in zip(finetuned, taus):
-        factors = adapter_factors(ft, name, compute)
-        if factors is not None:
-            svd = lowrank_svd(*factors)
-        else:
-            svd = top_singular(tau, k)[1]
+    for tau, lowrank in zip(taus, factors):
+        svd = lowrank_svd(*lowrank) if lowrank is not None else top_singular(tau, k)[1]
         rank = min(k, numerical_rank(svd.S, tuple(tau.shape)))
         bases.append(svd.U[:, :rank].double())
     for i, a in enumerate(bases):
@@ -250,11 +241,11 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
         out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
-            taus = task_vectors(finetuned, name, batch.tensors[0][b],
-                                [None if t is None else t[b] for t in batch.tensors[1:]], compute)
+            taus, factors = task_vectors(finetuned, name, batch.tensors[0][b],
+                                         [None if t is None else t[b] for t in batch.tensors[1:]], compute)
             sums = _Sums(n)
             sign_and_dot_sums(taus, options.density, sums)
-            out.append((name, item.layer, sums, subspace_sums(finetuned, name, taus, options.k, compute, sums)))
+            out.append((name, item.layer, sums, subspace_sums(taus, factors, options.k, sums)))
         return out
 
     by_layer: dict[int | None, _Sums] = {}

@@ -172,20 +172,30 @@ def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
 
 def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> list | None:
     """[threshold, ties left] of one model's whole task vector (None at density 1)."""
-    return list(trim_threshold((model - base).reshape(-1), p.density)) if p.density < 1 else None
+    return trim_state(model - base, p.density)
+
+
+def trim_state(tau: torch.Tensor, density: float) -> list | None:
+    """[threshold, ties left] for trimming τ to its top-density entries by blocks (`trim_block`);
+    None at density 1 (nothing trimmed)."""
+    return list(trim_threshold(tau.reshape(-1), density)) if density < 1 else None
+
+
+def trim_block(tau: torch.Tensor, trim: list | None) -> torch.Tensor:
+    """Consecutive entries of τ (in index order across calls) trimmed with `trim_state`: ties at
+    the threshold go to the lowest indices, the earliest blocks, so `trim` counts them down."""
+    if trim is None:
+        return tau
+    tau, kept = keep_top(tau, *trim)
+    trim[1] -= kept
+    return tau
 
 
 def ties_block(base: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, p: Params,
                trims: list[list | None]) -> torch.Tensor:
     """TIES on consecutive entries (in index order across calls): trim with each model's
     threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
-    taus = []
-    for m, trim in zip(models, trims):
-        tau = m - base
-        if trim is not None:
-            tau, kept = keep_top(tau, *trim)
-            trim[1] -= kept  # ties at the threshold go to the lowest indices: the earliest blocks
-        taus.append(tau)
+    taus = [trim_block(m - base, trim) for m, trim in zip(models, trims)]
     return base + p.lam * elect_and_mean(taus, coeffs)
 
 
