@@ -9,6 +9,7 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,15 +72,29 @@ class Placement:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the tensor there (finite, of the planned shape and dtype); from any process that sees the path."""
-        if (tuple(tensor.shape), tensor.dtype) != (self.shape, self.dtype):
-            raise InvalidArgument(f"planned as {(self.shape, self.dtype)}, got {(tuple(tensor.shape), tensor.dtype)}",
-                                  self.out_dir, name)
-        data = tensor_bytes(tensor, self.out_dir, name)
+        data = _planned_bytes(tensor, (self.shape, self.dtype), self.out_dir, name)
         fd = os.open(self.path, os.O_WRONLY)
         try:
             _pwrite_all(fd, data, self.offset)
         finally:
             os.close(fd)
+
+
+class PlacedSink:
+    """Writes planned tensors into their places from any process (a Ray worker): picklable."""
+
+    def __init__(self, placements: dict[str, Placement]):
+        self.placements = placements
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.placements[name].write(name, tensor)
+
+
+def _planned_bytes(tensor: torch.Tensor, planned: tuple[tuple[int, ...], torch.dtype], out_dir: str | Path,
+                   name: str) -> memoryview:
+    if (tuple(tensor.shape), tensor.dtype) != planned:
+        raise InvalidArgument(f"planned as {planned}, got {(tuple(tensor.shape), tensor.dtype)}", out_dir, name)
+    return tensor_bytes(tensor, out_dir, name)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -170,20 +185,20 @@ class CheckpointWriter:
     def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.plan:
             raise InvalidArgument("tensor not in the output plan", self.out_dir, name)
-        if (tuple(tensor.shape), tensor.dtype) != self.plan[name]:
-            raise InvalidArgument(f"planned as {self.plan[name]}, got {(tuple(tensor.shape), tensor.dtype)}",
-                                  self.out_dir, name)
         fd, offset = self._placed[name]
-        _pwrite_all(fd, tensor_bytes(tensor, self.out_dir, name), offset)
+        _pwrite_all(fd, _planned_bytes(tensor, self.plan[name], self.out_dir, name), offset)
         self._written.add(name)
 
-    def placement(self, name: str) -> "Placement":
-        """Where a planned tensor goes, for a process that writes it itself (a Ray worker)."""
-        shape, dtype = self.plan[name]
-        return Placement(str(self._files[name]), self._placed[name][1], shape, dtype, str(self.out_dir))
+    def sink(self, names: list[str], elsewhere: bool) -> Callable[[str, torch.Tensor], None]:
+        """What writes the planned tensors `names`: `add` here, or, `elsewhere` (Ray workers), a
+        picklable writer into their places in the staging folder; then call `written_elsewhere`."""
+        if not elsewhere:
+            return self.add
+        return PlacedSink({name: Placement(str(self._files[name]), self._placed[name][1], *self.plan[name],
+                                           str(self.out_dir)) for name in names})
 
     def written_elsewhere(self, names: list[str]) -> None:
-        """Count tensors another process wrote to their `placement` as written."""
+        """Count tensors another process wrote through `sink(..., elsewhere=True)` as written."""
         self._written.update(names)
 
     def add_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
@@ -197,10 +212,7 @@ class CheckpointWriter:
             raise InvalidArgument(f"rows {start}+{tuple(rows.shape)} do not fit the planned {shape}", self.out_dir, name)
         fd, offset = self._placed[name]
         row_bytes = math.prod(shape[1:]) * rows.element_size()
-        data = tensor_bytes(rows, self.out_dir, name)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + start * row_bytes + done)
+        _pwrite_all(fd, tensor_bytes(rows, self.out_dir, name), offset + start * row_bytes)
         self._rows[name] = self._rows.get(name, 0) + rows.shape[0]
         if self._rows[name] == shape[0]:
             self._written.add(name)

@@ -257,7 +257,6 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
             for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
-    copied_names = {i.names[0] for i in walk.items if not i.is_float}
     if compute.cluster is not None and "lines" in config.modifiers:
         raise InvalidArgument("--lines scales each layer after a pass over all of them, on this machine: "
                               "run it without --ray")
@@ -272,20 +271,17 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                                                                             prefix=".weightlab-lines-"))) \
             if "lines" in config.modifiers else None
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
-        if compute.cluster is not None:  # Ray workers write their tensors into the staged shards themselves
-            placements = {i.names[0]: writer.placement(i.names[0]) for i in walk.items}
-            sink = lambda name, tensor: placements[name].write(name, tensor)  # noqa: E731
-        else:
-            sink = writer.add
+        # on a Ray cluster the workers write their tensors into the staged shards themselves
+        sink = writer.sink([i.names[0] for i in walk.items], elsewhere=compute.cluster is not None)
 
-        def work(batch: Batch, compute: Compute) -> list[tuple[str, list[float] | None]]:
-            """Merge (or copy) one tensor into its place; (name, its NAN coefficients or None)."""
+        def work(batch: Batch, compute: Compute) -> list[tuple[str, bool, list[float] | None]]:
+            """Merge (or copy) one tensor into its place: (name, merged, its NAN coefficients or None)."""
             item = batch.items[0]
             name = item.names[0]
             tensors = [m[0] for m in batch.tensors]
             if not item.is_float:
                 sink(name, tensors[0].cpu())
-                return [(name, None)]
+                return [(name, False, None)]
             w0 = tensors[0] if base is not None else None
             thetas = tensors[1:] if base is not None else tensors
             coeffs, own = fixed, None
@@ -301,20 +297,18 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 lines.add(name, w0, thetas, merged)
             else:
                 sink(name, merged.to(out_dtype_of[name]))
-            return [(name, own)]
+            return [(name, True, own)]
 
         done = walk.map(work, one_at_a_time, stored_layout=True, on_start=counted, on_progress=on_progress)
         if compute.cluster is not None:
-            writer.written_elsewhere([name for name, _ in done])
+            writer.written_elsewhere([name for name, _, _ in done])
         position = {i.names[0]: k for k, i in enumerate(i for b in stream_batches(walk.items, 1) for i in b)}
-        for name, own in sorted(done, key=lambda piece: position[piece[0]]):  # a local run's order, wherever it ran
-            item_float = name not in copied_names
-            if not item_float:
+        for name, merged, own in sorted(done, key=lambda piece: position[piece[0]]):  # a local run's order, wherever
+            if not merged:
                 report.copied.append(name)
-                continue
-            if own is not None:
+            elif own is not None:
                 per_tensor[name] = own
-            report.merged += 1
+        report.merged += sum(merged for _, merged, _ in done)
         for item in in_rows:
             _merge_in_rows(item, ckpts, base is not None, spec, fixed, params, compute, writer,
                            out_dtype_of[item.names[0]])

@@ -152,11 +152,8 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             if name not in wanted:
                 residual.add(name, base.get(name))
     walk = _targets_walk(base, targets, warmup)
-    if residual is not None and compute.cluster is not None:  # Ray workers write residuals into the staged shards
-        placements = {i.names[0]: residual.placement(i.names[0]) for i in walk.items}
-        sink = lambda name, tensor: placements[name].write(name, tensor)  # noqa: E731
-    else:
-        sink = residual.add if residual is not None else None
+    # on a Ray cluster the workers write the residuals into the staged shards themselves
+    sink = residual.sink([i.names[0] for i in walk.items], compute.cluster is not None) if residual is not None else None
 
     def work(batch: Batch, compute: Compute) -> list[tuple[str, LoraFactors, ModuleReport]]:
         out = []
