@@ -110,10 +110,3 @@ class DecompositionCache:
                 break
             path.unlink(missing_ok=True)
             total -= size
-
-    def clear(self) -> int:
-        """Remove every entry; returns how many there were."""
-        entries = self.entries()
-        for _, _, path in entries:
-            path.unlink(missing_ok=True)
-        return len(entries)

@@ -47,10 +47,7 @@ def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], wor
     here = compute.on_this_node()
     _same_threads(compute.threads)
     try:
-        out = []
-        for batch in TensorWalk.of_items(sources, items).batches(here, **options):
-            out.extend(work(batch, here))
-        return out
+        return TensorWalk.of_items(sources, items).map(work, here, **options)
     except OSError as e:
         import socket
 

@@ -39,13 +39,9 @@ def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[Matche
     return out
 
 
-def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """Raw stored tensor; an adapted checkpoint reads its base (the update is added later)."""
-    return ckpt.base.get(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
-
-
-def _stored_bytes(ckpt: Checkpoint, name: str) -> int:
-    return (ckpt.base if isinstance(ckpt, AdaptedCheckpoint) else ckpt).info(name).nbytes
+def _stored(ckpt: Checkpoint) -> Checkpoint:
+    """Where the raw tensors are: an adapted checkpoint's base (the update is added later)."""
+    return ckpt.base if isinstance(ckpt, AdaptedCheckpoint) else ckpt
 
 
 def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -74,13 +70,13 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
     def produce() -> None:
         try:
             for batch in batches(items, batch_size):
-                size = sum(_stored_bytes(c, n) for item in batch for c, n in zip(sources, item.names))
+                size = sum(_stored(c).info(n).nbytes for item in batch for c, n in zip(sources, item.names))
                 with room:
                     room.wait_for(lambda: stop.is_set() or not in_flight[0] or in_flight[0] + size <= READ_AHEAD_BYTES)
                     in_flight[0] += size
                 if stop.is_set():
                     return
-                pending.put((batch, size, [[_read(c, n) for c, n in zip(sources, item.names)] for item in batch]))
+                pending.put((batch, size, [[_stored(c).get(n) for c, n in zip(sources, item.names)] for item in batch]))
             pending.put(_DONE)
         except BaseException as e:  # hand the error to the consumer, who re-raises it
             pending.put(e)
