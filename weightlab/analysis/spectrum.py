@@ -291,41 +291,38 @@ def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: Gr
     """All spectrum metrics of one matrix against one fine-tune (or none). `base` holds the top
     Gram eigenvectors; `whole()` gives them all when an intruder candidate needs them."""
     s = base.S.to(w.device)
-    norms_w = norms_from_singular_values(s[None])[0]
     keep = options.keep
+    common = dict(name=item.names[0], finetuned=ft_index, layer=item.layer, role=item.role, shape=list(w.shape),
+                  base=norms_from_singular_values(s[None])[0], sv_base=s[:keep].tolist())
+    vectors = dict(u_alignment=[], v_alignment=[], best_match_index=[], best_match_cos=[], intruders=[],
+                   subspace_similarity=None)  # values only: none
     if w_ft is None:
-        return MatrixSpectrum(item.names[0], None, item.layer, item.role, list(w.shape), norms_w, None, None, None,
-                              None, None, [], None, [], [], [], [], [], None, s[:keep].tolist(), [])
+        return MatrixSpectrum(**common, **vectors, ft=None, delta=None, relative_change=None, delta_rank90=None,
+                              delta_rank99=None, amplification=[], topk_change_share=None, sv_ft=[])
     r = s.shape[-1]
     k, kk = min(options.k, r), min(max(options.k, options.intruder_k), r)
     if options.values_only:
-        s_ft, aligned = singular_values(w_ft), None
+        s_ft = singular_values(w_ft)
     else:
         s_ft, top = top_singular(w_ft, kk)
         u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
         best_cos, best_j = cos.max(-1)
-        intruder_k = min(options.intruder_k, r)
-        aligned = dict(
-            u_alignment=torch.diagonal(cos[:k, :k]).tolist(),
-            v_alignment=(top.Vh[:k] * vh_k).sum(-1).abs().tolist(),
-            best_match_index=best_j[:intruder_k].tolist(), best_match_cos=best_cos[:intruder_k].tolist(),
-            subspace_similarity=float((cos[:k, :k] ** 2).sum() / k))
+        best = best_cos[:min(options.intruder_k, r)].tolist()
+        vectors = dict(u_alignment=torch.diagonal(cos[:k, :k]).tolist(),
+                       v_alignment=(top.Vh[:k] * vh_k).sum(-1).abs().tolist(),
+                       best_match_index=best_j[:len(best)].tolist(), best_match_cos=best,
+                       intruders=[i for i, c in enumerate(best) if c < options.epsilon],
+                       subspace_similarity=float((cos[:k, :k] ** 2).sum() / k))
     tiny = torch.finfo(torch.float64).tiny
     moved = (s_ft - s).abs()
-    norms_ft, norms_d = (norms_from_singular_values(x[None])[0] for x in (s_ft, delta_sv))
+    norms_w, norms_ft, norms_d = common["base"], *(norms_from_singular_values(x[None])[0] for x in (s_ft, delta_sv))
     return MatrixSpectrum(
-        name=item.names[0], finetuned=ft_index, layer=item.layer, role=item.role, shape=list(w.shape),
-        base=norms_w, ft=norms_ft, delta=norms_d,
+        **common, **vectors, ft=norms_ft, delta=norms_d,
         relative_change=norms_d.frobenius / norms_w.frobenius if norms_w.frobenius > 0 else float("inf"),
         delta_rank90=int(energy_rank(delta_sv[None], 0.9)), delta_rank99=int(energy_rank(delta_sv[None], 0.99)),
         amplification=(s_ft[:k] / s[:k].clamp_min(tiny)).tolist(),
         topk_change_share=float(moved[:k].sum() / moved.sum().clamp_min(tiny)),
-        u_alignment=aligned["u_alignment"] if aligned else [], v_alignment=aligned["v_alignment"] if aligned else [],
-        best_match_index=aligned["best_match_index"] if aligned else [],
-        best_match_cos=aligned["best_match_cos"] if aligned else [],
-        intruders=[i for i, c in enumerate(aligned["best_match_cos"]) if c < options.epsilon] if aligned else [],
-        subspace_similarity=aligned["subspace_similarity"] if aligned else None,
-        sv_base=s[:keep].tolist(), sv_ft=s_ft[:keep].tolist(),
+        sv_ft=s_ft[:keep].tolist(),
     )
 
 

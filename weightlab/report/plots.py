@@ -56,12 +56,17 @@ def _heatmap(ax, grid: np.ndarray, layers: list[int], roles: list[str], title: s
     ax.set_ylabel("layer (depth ↓)")
     ax.set_title(title)
     if grid.size <= 400:
-        for (i, j), v in np.ndenumerate(grid):
-            if not math.isnan(v):
-                r, g, b, _ = image.cmap(image.norm(v))
-                light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="black" if light else "white")
+        _annotate(ax, image, grid, fmt, 7)
     plt.colorbar(image, ax=ax, label=label, shrink=0.85)
+
+
+def _annotate(ax, image, grid: np.ndarray, fmt: str, fontsize: float) -> None:
+    """Each finite cell's value, in black or white by the luminance of its colour."""
+    for (i, j), v in np.ndenumerate(grid):
+        if not math.isnan(v):
+            r, g, b, _ = image.cmap(image.norm(v))
+            light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize, color="black" if light else "white")
 
 
 def _save(fig, path: Path) -> Path:
@@ -332,11 +337,7 @@ def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
             ax.set_yticks(range(n), labels, fontsize=7)
             ax.set_title(title)
             if n <= 12:
-                for (i, j), v in np.ndenumerate(grid):
-                    if not math.isnan(v):
-                        r, g, b, _ = image.cmap(image.norm(v))
-                        light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="black" if light else "white")
+                _annotate(ax, image, grid, "{:.2f}", 6.5)
             plt.colorbar(image, ax=ax, shrink=0.8)
         fig.suptitle(f"Which of {n} fine-tunes agree (models in clustering order)", fontweight="bold")
         paths.append(_save(fig, out_dir / "compare_heatmaps.png"))
