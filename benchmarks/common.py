@@ -16,19 +16,30 @@ from generate import Shape
 SCRATCH_JSON = str(Path(tempfile.gettempdir()) / "weightlab-bench-result.json")
 
 
+# Peak resident set of this process (MB): VmHWM starts afresh at exec, unlike ru_maxrss, which
+# a child inherits from the parent that forked it.
+PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+
+
+def fresh_python(code: str, args: list[str] = ()) -> str:
+    """Run `code` with `args` in a fresh interpreter; its last line of output, or RuntimeError."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
 def run_command(args: list[str]) -> tuple[float, float, float]:
     """Wall seconds, peak RSS and RSS after imports (MB) of `weightlab ARGS` in a fresh process."""
-    # VmHWM (the peak resident set of this address space) starts afresh at exec, unlike
-    # ru_maxrss, which a child inherits from the parent that forked it.
     code = ("import sys, time; from weightlab.cli import main; import weightlab.report.plots\n"
-            "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+            f"hwm = lambda: {PEAK_RSS}\n"
             "rss0 = hwm(); t = time.perf_counter()\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(time.perf_counter() - t, hwm(), rss0)")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"weightlab {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    wall, rss, rss0 = done.stdout.strip().splitlines()[-1].split()
+    try:
+        wall, rss, rss0 = fresh_python(code, args).split()
+    except RuntimeError as e:
+        raise SystemExit(f"weightlab {' '.join(args)} failed:\n{e}") from None
     return float(wall), float(rss), float(rss0)
 
 
@@ -36,12 +47,8 @@ def run_python(code: str, names: list[str] = ()) -> tuple[float, float, dict]:
     """Run `code` in a fresh interpreter; it sets SECONDS (what to time) and the variables in
     `names`. Returns SECONDS, the process's peak RSS (MB) and those variables. RuntimeError on failure."""
     wrapped = (code + "\nimport json\n"
-               "hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
-               f"print('@@', json.dumps([SECONDS, hwm, {{n: globals()[n] for n in {list(names)!r}}}]))")
-    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    seconds, rss, values = json.loads(done.stdout.rsplit("@@", 1)[1])
+               f"print(json.dumps([SECONDS, {PEAK_RSS}, {{n: globals()[n] for n in {list(names)!r}}}]))")
+    seconds, rss, values = json.loads(fresh_python(wrapped))
     return seconds, rss, values
 
 
@@ -53,10 +60,10 @@ def run_external(command: list[str]) -> tuple[float, float]:
             "wall = time.perf_counter() - t\n"
             "if done.returncode: sys.exit(done.stderr[-2000:])\n"
             "print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
-    done = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    wall, rss = done.stdout.split()
+    try:
+        wall, rss = fresh_python(code, command).split()
+    except RuntimeError as e:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{e}") from None
     return float(wall), float(rss)
 
 
