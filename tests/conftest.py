@@ -3,8 +3,12 @@ fine-tunes, planted changes, PEFT adapters and corrupt files. Built once per tes
 
 from __future__ import annotations
 
-import json
 import os
+
+# Nothing in the tests may reach the Hugging Face Hub; set before huggingface_hub reads it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
 import struct
 from pathlib import Path
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weightlab.errors import CheckpointNotFound, InvalidArgument
+from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint, open_dense
+from weightlab.io.hub import locate
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
     """A `Checkpoint` for dense weights (one safetensors file, a sharded folder with an index, a
     Hugging Face folder, a legacy `.bin`/`.pt`) or a `LoraAdapter` for a PEFT adapter folder.
-    Reads headers only."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFound("no such file or folder", path)
+    `path` may also be a Hub model ID, `org/name[@revision]` (a local path wins). Reads headers only."""
+    path = locate(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return LoraAdapter(path)
     return open_dense(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from weightlab.errors import OutputConflict
+from weightlab.io.hub import cache_folder, is_hub_id, parse_hub_id
 from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_dir
 
 
@@ -41,7 +42,10 @@ def _inside(inner: Path, outer: Path) -> bool:
 
 
 def input_footprint(path: str | Path) -> Path:
-    """What reading `path` touches: a sharded index file reads its whole folder."""
+    """What reading `path` touches: a sharded index file reads its whole folder, a Hub model ID
+    its folder in the Hub cache."""
+    if is_hub_id(path):
+        return _real(cache_folder(parse_hub_id(str(path))[0]))
     real = _real(path)
     return real.parent if real.name.endswith(".index.json") else real
 

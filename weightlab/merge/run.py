@@ -265,7 +265,7 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                         and item.shape[0] > 1 and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES)
     with ExitStack() as stack:
         writer = stack.enter_context(CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan,
-                                                      donor=donor or config.base or config.models[0]))
+                                                      donor=donor or ckpts[0].path))
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
         lines = _LinesSpill(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent,
                                                                             prefix=".weightlab-lines-"))) \
