@@ -16,6 +16,7 @@ from scipy import stats  # noqa: E402
 
 from weightlab.analysis.angles import AnglesResult  # noqa: E402
 from weightlab.analysis.compare import CompareResult  # noqa: E402
+from weightlab.analysis.esd import ESDResult, SpectralDensity  # noqa: E402
 from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  # noqa: E402
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
 from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
@@ -363,6 +364,69 @@ def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _esd_panel(ax, d: SpectralDensity, title: str) -> None:
+    """One ESD on log-log axes: the density of λ in log-spaced bins, the fitted λ^−α from x_min,
+    and the Marchenko–Pastur edge."""
+    lam = np.array([v for v in d.eigenvalues if v > 0])
+    bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()) + 1e-9, min(60, max(10, len(lam) // 8)))
+    hist, edges = np.histogram(lam, bins=bins, density=True)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    ax.loglog(centres[hist > 0], hist[hist > 0], "o", ms=3, color="#3182bd", label="ESD")
+    fit = d.power_law
+    if fit is not None:
+        share = fit.tail / len(lam)  # the fit's density is a share of the whole ESD
+        x = np.logspace(np.log10(fit.xmin), np.log10(fit.xmax), 50)
+        ax.loglog(x, share * (fit.alpha - 1) / fit.xmin * (x / fit.xmin) ** -fit.alpha, color="#d62728", lw=1.4,
+                  label=f"power law α = {fit.alpha:.2f}")
+        ax.axvline(fit.xmin, color="#d62728", ls=":", lw=0.9, label="x_min")
+    ax.axvline(d.mp.bulk_max, color="#31a354", ls="--", lw=0.9, label=f"MP edge ({d.mp.spikes} spikes)")
+    ax.set_xlabel("eigenvalue λ of WᵀW")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6.5, frameon=False)
+
+
+def esd_plots(result: ESDResult, out_dir: Path) -> list[Path]:
+    """α against depth per role (with the 2 and 6 lines of the HTSR reading), and the log-log ESD
+    with its power-law fit for the matrices of smallest and largest α."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [("weights", "W")] + ([("delta", "ΔW")] if result.base is not None else [])
+    paths = []
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(parts), figsize=(6.0 * len(parts), 3.4), squeeze=False)
+        for ax, (part, what) in zip(axes.flat, parts):
+            for role in _roles(result.matrices):
+                shown = [(m.layer, getattr(m, part).alpha) for m in result.matrices
+                         if m.role == role and m.layer is not None and getattr(m, part).alpha is not None]
+                if shown:
+                    ax.plot(*zip(*shown), marker="o", ms=3, lw=1, label=role)
+            for level, text in ((2.0, "α < 2: over-trained"), (6.0, "α > 6: under-trained")):
+                ax.axhline(level, color="#888888", ls="--", lw=0.7)
+                ax.annotate(text, (0, level), textcoords="offset points", xytext=(2, 2), fontsize=6.5, color="#666666",
+                            xycoords=("axes fraction", "data"))
+            ax.set_xlabel("layer")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylabel("power-law exponent α")
+            ax.set_title(f"α of {what} by depth")
+            ax.legend(fontsize=7, frameon=False, ncol=2)
+        paths.append(_save(fig, out_dir / "esd_alpha.png"))
+
+        picks = []
+        for part, what in parts:
+            fitted = sorted((m for m in result.matrices if getattr(m, part).alpha is not None and getattr(m, part).eigenvalues),
+                            key=lambda m: getattr(m, part).alpha)
+            if fitted:
+                ends = [("smallest", fitted[0]), ("largest", fitted[-1])] if len(fitted) > 1 else [("only", fitted[0])]
+                picks += [(getattr(m, part), f"{what}, {which} α: {short_name(m.name, 34)}") for which, m in ends]
+        if picks:
+            fig, axes = plt.subplots(1, len(picks), figsize=(3.9 * len(picks), 3.3), squeeze=False)
+            for ax, (d, title) in zip(axes.flat, picks):
+                _esd_panel(ax, d, title)
+            fig.suptitle("Empirical spectral densities with their power-law fits", fontweight="bold")
+            paths.append(_save(fig, out_dir / "esd_fits.png"))
+    return paths
+
+
 def draw(result: object, out_dir: Path) -> list[Path]:
     """The plots of any result, chosen by its type; none for a type without plots."""
     plotter = PLOTTERS.get(type(result))
@@ -375,4 +439,5 @@ PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     GaussianResult: lambda result, out_dir: gaussian_plots(result, None, None, out_dir),  # no checkpoint at hand
     TSDResult: tsd_plots,
     CompareResult: compare_plots,
+    ESDResult: esd_plots,
 }
