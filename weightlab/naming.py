@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import torch
 
@@ -81,6 +82,11 @@ def as_matrix(name: str, tensor: torch.Tensor, config: ModelConfig | None = None
     if tensor.ndim > 2:
         return tensor.reshape(tensor.shape[0], -1)
     return tensor
+
+
+def from_matrix(name: str, matrix: torch.Tensor, shape: Sequence[int], config: ModelConfig | None = None) -> torch.Tensor:
+    """The inverse of `as_matrix`: the out x in matrix back in the stored layout `shape`."""
+    return matrix.T if is_conv1d(name, config) else matrix.reshape(tuple(shape))
 
 
 def matrix_shape(name: str, shape: tuple[int, ...], config: ModelConfig | None = None) -> tuple[int, int] | None:

@@ -31,6 +31,7 @@ from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
+from weightlab.compute.svd import SVD
 from weightlab.compute.gram import GramSpectrum, decompose, is_tall, singular_values, top_singular
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
@@ -241,10 +242,11 @@ def base_decomposition(w: torch.Tensor, cache: DecompositionCache | None, column
     return decomposed
 
 
-def top_columns(options: SpectrumOptions, r: int) -> int | None:
-    """How many base Gram eigenvectors to compute up front: twice what the metrics read, at least
-    32 (the best match of an aligned u'_i is then certified among them); all for small matrices."""
-    columns = max(32, 2 * max(options.k, options.intruder_k))
+def top_columns(k: int, r: int) -> int | None:
+    """How many base Gram eigenvectors to compute up front for metrics that read the top k: twice
+    that, at least 32 (the best match of an aligned u'_i is then certified among them); all for
+    small matrices."""
+    columns = max(32, 2 * k)
     return None if columns >= r // 2 else columns
 
 
@@ -283,6 +285,19 @@ def base_vectors(w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor,
     if top.tall:
         return w64 @ e / s[:k], e.mT, cos
     return e, (w64.mT @ e / s[:k]).mT, cos
+
+
+def intruder_dimensions(w: torch.Tensor, w_ft: torch.Tensor, k: int, epsilon: float,
+                        cache: DecompositionCache | None = None) -> tuple[list[int], list[float], SVD]:
+    """Shuttleworth et al. 2024, §3: the i < k among W''s top singular vectors with
+    max_j |cos(u'_i, u_j)| < ε over every base left singular vector u_j. Returns those i, every
+    top-k best-match cosine, and W''s top-k triplets (float64)."""
+    k = min(k, min(w.shape))
+    top_base = base_decomposition(w, cache, top_columns(k, min(w.shape)))
+    _, top = top_singular(w_ft, k)
+    _, _, cos = base_vectors(w, top_base, 1, top.U, functools.cache(lambda: base_decomposition(w, cache, None)))
+    best = cos.max(-1).values[:k].tolist()
+    return [i for i, c in enumerate(best) if c < epsilon], best, top
 
 
 def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: GramSpectrum,
@@ -344,7 +359,7 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
             if options.values_only or not finetuned:  # values alone: one eigvalsh, not worth a cache entry
                 base_spec = GramSpectrum(singular_values(w[b]), None, is_tall(w[b]))
             else:
-                base_spec = base_decomposition(w[b], cache, top_columns(options, min(item.shape)))
+                base_spec = base_decomposition(w[b], cache, top_columns(max(options.k, options.intruder_k), min(item.shape)))
             whole = functools.cache(lambda b=b: base_decomposition(w[b], cache, None))
             if not finetuned:
                 out.append(compare(item, None, w[b], base_spec, None, None, options))

@@ -36,7 +36,7 @@ from weightlab.io.adapter_writer import LoraFactors
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
-from weightlab.naming import is_conv1d, matrix_shape, module_role
+from weightlab.naming import from_matrix, matrix_shape, module_role
 
 INIT_METHODS = ("tsd", "pissa", "milora")
 
@@ -170,7 +170,7 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
                                               math.sqrt(float((res * res).sum()) / total))))
             if sink is not None:
                 stored = base.info(name)
-                stored_res = res.T if is_conv1d(name, base.config) else res.reshape(stored.shape)
+                stored_res = from_matrix(name, res, stored.shape, base.config)
                 sink(name, stored_res.to(torch_dtype(stored.dtype, base.path, name)).cpu())
         return out
 

@@ -1,0 +1,63 @@
+"""`weightlab mitigate-intruders`: scale a fine-tune's intruder dimensions by λ."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from weightlab.cli.app import (DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, ReportOpt, app, outputs, progress,
+                               show)
+from weightlab.compute.device import Compute
+from weightlab.io import open_finetuned, open_weights
+from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.io.adapter_writer import write_adapter
+from weightlab.io.writer import CheckpointWriter, stored_plan
+from weightlab.report.document import write_report
+from weightlab.report.export import to_json
+from weightlab.surgery.intruders import IntruderOptions, mitigate_intruders
+
+
+@app.command("mitigate-intruders")
+def mitigate(
+    base: Path = typer.Argument(..., help="Base checkpoint (file, folder or Hub ID)."),
+    finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint, or a PEFT adapter of BASE."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the mitigated checkpoint (or adapter)."),
+    scale: float = typer.Option(0.75, "--lambda", help="Multiply each intruder's singular value by this (0 removes it)."),
+    top_k: int = typer.Option(10, "--intruder-k", help="Top singular vectors of the fine-tune examined per matrix."),
+    epsilon: float = typer.Option(0.5, "--epsilon", help="An intruder's best |cos| with any base singular vector is below this."),
+    include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
+    json_out: Optional[str] = JsonOpt,
+    report: Optional[Path] = ReportOpt,
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Scale the intruder dimensions of a fine-tune by λ (Shuttleworth et al. 2024), to undo forgetting.
+
+    Example: weightlab mitigate-intruders base/ ft/ -o ft-mitigated/ --lambda 0.75
+
+    A checkpoint gives a checkpoint in which only matrices with intruders differ; an adapter gives
+    an adapter (exact: its rank grows by the number of intruders of each module).
+    """
+    options = IntruderOptions(top_k, epsilon, scale, include=include, exclude=exclude)
+    compute = Compute.create(device)
+    with outputs(force, [base, finetuned], out_dir=out, json=json_out, report=report) as plan:
+        base_ckpt = open_weights(base)
+        ft = open_finetuned(finetuned, base_ckpt)
+        adapter = isinstance(ft, AdaptedCheckpoint)
+        writer = None if adapter else CheckpointWriter(plan.path("-o"), donor=ft.path, plan=stored_plan(ft),
+                                                       metadata={"weightlab": f"intruders scaled by {scale:g}"})
+        with progress("mitigate-intruders") as (on_start, on_progress), (writer or nullcontext()):
+            result, factors = mitigate_intruders(base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start)
+        if adapter:
+            write_adapter(plan.path("-o"), factors, scale=1.0, base_model=ft.adapter.base_model_name_or_path,
+                          fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")), sidecar=result.to_dict())
+        if "--json" in plan:
+            plan.write_text("--json", to_json(result.to_dict()))
+        if "--report" in plan:
+            write_report([result], plan.path("--report"))
+    if json_out != "-":
+        show(result)
