@@ -17,7 +17,7 @@ from weightlab.io.adapter_writer import write_adapter
 from weightlab.io.writer import CheckpointWriter, stored_plan
 from weightlab.naming import is_conv1d
 from weightlab.report.tables import short_name, table
-from weightlab.surgery.lora import LoraInitOptions, extract_lora as run_extract, init_lora as run_init, to_plain_lora
+from weightlab.surgery.lora import LoraInitOptions, RankBudget, extract_lora as run_extract, init_lora as run_init, to_plain_lora
 from weightlab.surgery.targets import resolve_targets
 
 
@@ -46,6 +46,9 @@ def init_lora(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default r: scale 1)."),
     svd: str = typer.Option("exact", "--svd", help="exact, or randomized (seeded; pissa only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    rank_budget: Optional[int] = typer.Option(None, "--rank-budget", help="Total rank over all targets instead of --rank, "
+                                              "shared by their spectra (scale 1)."),
+    allocation: str = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."),
     residual_out: Optional[Path] = typer.Option(None, "--residual-out", help="Write the residual base model here."),
     no_residual: bool = typer.Option(False, "--no-residual", help="Write only the adapter (it then needs a residual you make)."),
     as_plain_lora: Optional[Path] = typer.Option(None, "--as-plain-lora", help="Convert this TRAINED adapter (with --initial) "
@@ -75,6 +78,7 @@ def init_lora(
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
     options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
+    budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
     compute = Compute.create(device, cluster=ray)
     if residual_out is None and not no_residual:
         raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
@@ -89,10 +93,12 @@ def init_lora(
             if residual_out else None
         with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
             on_start(len(names))
-            report, factors = run_init(base_ckpt, names, options, ft, writer, compute, on_progress)
-            write_adapter(plan.path("-o"), factors, scale=options.scale, base_model=str(residual_out or base),
+            report, factors = run_init(base_ckpt, names, options, ft, writer, compute, on_progress, budget)
+            scale = 1.0 if budget else options.scale
+            write_adapter(plan.path("-o"), factors, scale=scale, base_model=str(residual_out or base),
                           fan_in_fan_out=fan, sidecar=report.to_dict())
-    _show(report, f"init-lora {options.method}: {len(report.modules)} modules, r = {rank}, scale {options.scale:g}")
+    ranks = f"ranks from a budget of {rank_budget} ({allocation})" if budget else f"r = {rank}"
+    _show(report, f"init-lora {options.method}: {len(report.modules)} modules, {ranks}, scale {scale:g}")
     console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
 
 
@@ -103,6 +109,9 @@ def extract_lora(
     out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="One rank for every module."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."),
+    rank_budget: Optional[int] = typer.Option(None, "--rank-budget", help="Total rank over all targets, shared by the "
+                                              "spectra of their ΔW."),
+    allocation: str = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."),
     targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
@@ -120,7 +129,8 @@ def extract_lora(
         fan = _fan_in_fan_out(base_ckpt, names)
         with progress("extract-lora", "modules") as (on_start, on_progress):
             on_start(len(names))
-            report, factors = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress)
+            budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
+            report, factors = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress, budget)
         write_adapter(plan.path("-o"), factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan,
                       sidecar=report.to_dict())
     _show(report, f"extract-lora: {len(report.modules)} modules")

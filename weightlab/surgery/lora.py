@@ -24,9 +24,10 @@ from typing import Callable
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors
+from weightlab.analysis.deltas import adapter_factors, numerical_rank
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
+from weightlab.compute.gram import singular_values
 from weightlab.compute.svd import SVD, SVD_METHODS, full_svd, lowrank_svd, randomized_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.domains import SEED, Choice, Int, Real, check_fields, option
@@ -37,6 +38,7 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import from_matrix, matrix_shape, module_role
+from weightlab.surgery.rank_budget import RULES, allocate_ranks
 
 INIT_METHODS = ("tsd", "pissa", "milora")
 
@@ -57,6 +59,17 @@ class LoraInitOptions:
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass(frozen=True)
+class RankBudget:
+    """A total rank over all targeted modules, shared by their spectra (`surgery.rank_budget`)."""
+
+    total: int = option(64, Int(1), "--rank-budget")
+    rule: str = option("energy", Choice(*RULES), "--rank-allocation")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -115,36 +128,75 @@ def _targets_walk(base: Checkpoint, targets: list[str], finetuned: Checkpoint | 
     return TensorWalk([base] if finetuned is None else [base, finetuned], Selection(matrices=False, names=frozenset(targets)))
 
 
-def _chosen_directions(w: torch.Tensor, name: str, options: LoraInitOptions, finetuned: Checkpoint | None,
+def budget_ranks(base: Checkpoint, targets: list[str], budget: RankBudget, finetuned: Checkpoint | None = None,
+                 compute: Compute | None = None) -> dict[str, int]:
+    """Each target's rank under `budget`, from the singular values of ΔW = finetuned − base (of W
+    itself without a fine-tune), capped by the numerical rank."""
+    compute = compute or Compute.create()
+    walk = _targets_walk(base, targets, finetuned)
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for b, item in enumerate(batch.items):
+            w = batch.tensors[0][b]
+            lowrank = adapter_factors(finetuned, item.names[0], compute) if finetuned is not None else None
+            if lowrank is not None:
+                s = lowrank_svd(*lowrank).S
+            elif finetuned is None:
+                s = singular_values(w)
+            elif batch.tensors[1] is None:  # an adapter that leaves this weight alone: no rank for it
+                continue
+            else:
+                s = singular_values(batch.tensors[1][b] - w)
+            out.append((item.names[0], s.cpu()))
+        return out
+
+    spectra = {name: s for name, s in walk.map(work, compute, factors=True) if float(s[0]) > 0}
+    if not spectra:
+        raise InvalidArgument("no targeted weight differs between the base and the fine-tune",
+                              finetuned.path if finetuned is not None else base.path)
+    caps = {name: numerical_rank(s, matrix_shape(name, base.info(name).shape, base.config)) or 1
+            for name, s in spectra.items()}
+    return allocate_ranks(spectra, budget.total, budget.rule, caps)
+
+
+def _chosen_directions(w: torch.Tensor, name: str, options: LoraInitOptions, rank: int, finetuned: Checkpoint | None,
                        w_ft: torch.Tensor | None, compute: Compute) -> tuple[SVD, torch.Tensor]:
-    """The SVD of W (top-r only when randomized) and the r triplets the method uses."""
+    """The SVD of W (top-r only when randomized) and the `rank` triplets the method uses."""
     if options.svd == "randomized":
-        return randomized_svd(w, options.rank, seed=options.seed), torch.arange(options.rank, device=w.device)
+        return randomized_svd(w, rank, seed=options.seed), torch.arange(rank, device=w.device)
     svd = full_svd(w)
     r_all = svd.S.numel()
     if options.method == "pissa":
-        return svd, torch.arange(options.rank, device=w.device)
+        return svd, torch.arange(rank, device=w.device)
     if options.method == "milora":
-        return svd, torch.arange(r_all - options.rank, r_all, device=w.device)
+        return svd, torch.arange(r_all - rank, r_all, device=w.device)
     delta_v, delta_norm2 = delta_times_v(finetuned, name, w, w_ft, svd.Vh, compute)
-    return svd, core_directions(svd.U, svd.S, delta_v, delta_norm2, options.rank)[1]
+    return svd, core_directions(svd.U, svd.S, delta_v, delta_norm2, rank)[1]
 
 
 def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, finetuned: Checkpoint | None = None,
               residual: CheckpointWriter | None = None, compute: Compute | None = None,
-              on_progress: Callable[[int], None] | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+              on_progress: Callable[[int], None] | None = None,
+              budget: RankBudget | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
     """Factors for every targeted weight; with `residual` (a writer planned with `stored_plan(base)`),
     the whole base is written into it with the targeted weights replaced by their residuals (in
-    the base's dtype)."""
+    the base's dtype). With `budget`, ranks are shared by the spectra of W (of ΔW for tsd) and
+    the scale is 1 (lora_alpha = each module's rank)."""
     compute = compute or Compute.create()
     if options.method == "tsd" and finetuned is None:
         raise InvalidArgument("--method tsd needs --from FT (a fine-tuned checkpoint or a warm-up adapter)")
-    for name in targets:
-        _check_rank(name, options.rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
+    if budget is not None and options.alpha is not None:
+        raise InvalidArgument("--alpha with --rank-budget: each module's lora_alpha is its own rank (scale 1)")
     warmup = finetuned if options.method == "tsd" else None
     if warmup is not None:
         _check_same_weights(base, warmup, targets)
-    report = LoraReport("init", asdict(options), str(base.path), None if finetuned is None else str(finetuned.path))
+    ranks = budget_ranks(base, targets, budget, warmup, compute) if budget is not None else dict.fromkeys(targets, options.rank)
+    for name in targets:
+        _check_rank(name, ranks[name], matrix_shape(name, base.info(name).shape, base.config), base.path)
+    scale = 1.0 if budget is not None else options.scale
+    report = LoraReport("init", {**asdict(options), **({"rank_budget": asdict(budget), "rank": None} if budget else {})},
+                        str(base.path), None if finetuned is None else str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
     wanted = set(targets)
     if residual is not None:
@@ -161,12 +213,12 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             name = item.names[0]
             w = batch.tensors[0][b]
             w_ft = batch.tensors[1][b] if warmup is not None and batch.tensors[1] is not None else None
-            svd, chosen = _chosen_directions(w, name, options, warmup, w_ft, compute)
-            f, res = _split(w, svd, chosen, options.scale)
+            svd, chosen = _chosen_directions(w, name, options, ranks[name], warmup, w_ft, compute)
+            f, res = _split(w, svd, chosen, scale)
             f.embedding = _embedding(name)
             total = float((w * w).sum()) or 1.0
             kept = float((svd.S[chosen] ** 2).sum())
-            out.append((name, f, ModuleReport(name, list(w.shape), options.rank, chosen.tolist(), kept / total,
+            out.append((name, f, ModuleReport(name, list(w.shape), ranks[name], chosen.tolist(), kept / total,
                                               math.sqrt(float((res * res).sum()) / total))))
             if sink is not None:
                 stored = base.info(name)
@@ -186,18 +238,22 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
 
 def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], rank: int | None = None,
                  energy: float | None = None, compute: Compute | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
-    """Rank-r (or energy-chosen rank) LoRA factors of ΔW for every targeted weight (scale 1)."""
+                 on_progress: Callable[[int], None] | None = None,
+                 budget: RankBudget | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+    """LoRA factors of ΔW for every targeted weight (scale 1), of one rank, of the rank that keeps
+    an `energy` share, or of the ranks a `budget` gives each module from the spectra of ΔW."""
     compute = compute or Compute.create()
-    if (rank is None) == (energy is None):
-        raise InvalidArgument("give exactly one of --rank and --energy")
+    if sum(x is not None for x in (rank, energy, budget)) != 1:
+        raise InvalidArgument("give exactly one of --rank, --energy and --rank-budget")
     Int(1, optional=True).check("--rank", rank)
     Real(0, 1, low_open=True, optional=True).check("--energy", energy)
     if rank is not None:
         for name in targets:
             _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
     _check_same_weights(base, finetuned, targets)
-    report = LoraReport("extract", {"rank": rank, "energy": energy}, str(base.path), str(finetuned.path))
+    ranks = budget_ranks(base, targets, budget, finetuned, compute) if budget is not None else None
+    report = LoraReport("extract", {"rank": rank, "energy": energy, "rank_budget": asdict(budget) if budget else None},
+                        str(base.path), str(finetuned.path))
     factors: dict[str, LoraFactors] = {}
     walk = _targets_walk(base, targets, finetuned)
 
@@ -219,7 +275,8 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
             if total == 0:
                 out.append((name, None, None))
                 continue
-            r = rank if rank is not None else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
+            r = ranks[name] if ranks is not None else rank if rank is not None else \
+                int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
             r = min(r, svd.S.numel())
             root = svd.S[:r].sqrt()
             kept = float(s2[:r].sum())
