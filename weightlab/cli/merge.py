@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, ReportOpt, app, emit, outputs, progress, show
+from weightlab.merge.adapters import merge_as_adapter
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
@@ -77,6 +78,9 @@ def merge(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
     donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="The models are LoRA adapters: write a LoRA adapter "
+                                    "(task-arithmetic, average: exact; ties: in their joint low-rank space)."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
     report_out: Optional[Path] = ReportOpt,
@@ -105,6 +109,10 @@ def merge(
     cfg = build_config(options)
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
+    if as_adapter:
+        return _merge_adapters(cfg, out, max_rank, [config, donor], report_out, force, ray)
+    if max_rank is not None:
+        raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
     compute = Compute.create(device, cluster=ray)
     shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
     with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
@@ -112,5 +120,18 @@ def merge(
             report = run_merge(cfg, plan.path("-o"), shard_size=shard_bytes, donor=donor, compute=compute,
                                on_progress=on_progress, on_start=on_start)
         report.out = str(out)  # it was written to a staging path; this is where it lands
+        emit(plan, report)
+    show(report)
+
+
+
+def _merge_adapters(cfg, out: Path, max_rank: Optional[int], extra_inputs: list, report_out: Optional[Path], force: bool,
+                    ray: Optional[str]) -> None:
+    """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
+    if ray:
+        raise InvalidArgument("--ray does not apply to --as-adapter (it reads only the adapters' small factors)")
+    with outputs(force, [cfg.base, *cfg.models, *extra_inputs], out_dir=out, report=report_out) as plan:
+        report = merge_as_adapter(cfg, plan.path("-o"), max_rank)
+        report.out = str(out)
         emit(plan, report)
     show(report)

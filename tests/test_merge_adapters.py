@@ -1,0 +1,108 @@
+"""`merge --as-adapter`: LoRA adapters merged into a LoRA adapter that PEFT loads, equal to the
+dense merge of the same method, of the rank the method says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from weightlab.io import open_checkpoint, open_finetuned, open_weights
+from weightlab.merge.methods import ties
+from weightlab.merge.params import resolve
+from weightlab.merge.methods import METHODS
+from test_lora import peft_merged
+
+
+def _dense_knots_ties(taus: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
+    """KnOTS-TIES from dense updates, written independently: one SVD of the column-concatenated
+    updates, TIES on the V_iᵀ blocks, UΣV_mergedᵀ."""
+    u, s, vh = torch.linalg.svd(torch.cat(taus, 1), full_matrices=False)
+    keep = s > s[0] * 1e-12
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    n = taus[0].shape[1]
+    blocks = [vh[:, i * n:(i + 1) * n] for i in range(len(taus))]
+    params = resolve(METHODS["ties"].params, {"density": density, "lambda": lam}, "ties")
+    merged = ties(torch.zeros_like(blocks[0]), blocks, torch.ones(len(blocks), dtype=s.dtype), params, None)
+    return (u * s) @ merged
+
+
+@pytest.fixture()
+def pair(adapters):
+    return adapters["llama"], adapters["llama_rslora_pattern"]  # different modules, ranks and alpha patterns
+
+
+def test_task_arithmetic_as_adapter_is_exact_and_of_the_summed_rank(zoo, pair, run_cli, tmp_path):
+    out = tmp_path / "ta"
+    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
+                           "--weights", "0.7,0.4", "--lambda", "0.9", "-o", out, "--report", tmp_path / "r.html")
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    fts = [open_finetuned(p, base) for p in pair]
+    merged = peft_merged(zoo["llama"], out)  # PEFT loads it and merges it
+    adapter = open_checkpoint(out)
+    for name in base.names():
+        w = base.get(name).double()
+        expected = w + 0.9 * sum(c * (ft.get(name).double() - w) for c, ft in zip((0.7, 0.4), fts))
+        torch.testing.assert_close(merged[name].double(), expected, atol=2e-6, rtol=1e-5, msg=name)
+    sources = [open_checkpoint(p) for p in pair]
+    for module, m in adapter.modules.items():
+        assert m.rank == sum(s.modules[module].rank for s in sources if module in s.modules)
+    size = (out / "adapter_model.safetensors").stat().st_size
+    payload = sum(4 * m.rank * (m.a.shape[1] + m.b.shape[0]) for m in adapter.modules.values())
+    assert payload <= size < payload + 8192  # the factors and a header, nothing dense
+    assert (tmp_path / "r.html").is_file()
+
+
+def test_ties_as_adapter_equals_ties_in_the_joint_space_computed_densely(zoo, pair, run_cli, tmp_path):
+    out = tmp_path / "ties"
+    code, _, err = run_cli("merge", "--as-adapter", "--method", "ties", "--base", zoo["llama"], *pair,
+                           "--density", "0.4", "--weights", "1,0.5", "-o", out)
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    fts = [open_finetuned(p, base) for p in pair]
+    merged = open_finetuned(out, base)
+    peft = peft_merged(zoo["llama"], out)
+    changed = set().union(*(set(ft.module_of) for ft in fts))
+    for name in sorted(changed):
+        w = base.get(name).double()
+        # each dense τ_i in float64 (W' − W in float32 would add rounding noise directions)
+        taus = [c * ft.adapter.delta(ft.module_of[name], dtype=torch.float64) for c, ft in zip((1.0, 0.5), fts)
+                if name in ft.module_of]
+        expected = _dense_knots_ties(taus, 0.4, 1.0)
+        got = merged.get(name).double() - w
+        assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()) + 1e-7), name
+        torch.testing.assert_close(peft[name].double(), merged.get(name).double(), atol=2e-6, rtol=1e-5)
+
+
+def test_max_rank_keeps_the_best_rank_k_update(zoo, pair, run_cli, tmp_path):
+    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
+                           "-o", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
+                           "--max-rank", "3", "-o", tmp_path / "r3")
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    full, cut = open_finetuned(tmp_path / "full", base), open_finetuned(tmp_path / "r3", base)
+    assert max(m.rank for m in open_checkpoint(tmp_path / "r3").modules.values()) <= 3
+    for name in full.module_of:
+        w = base.get(name).double()
+        u, s, vh = torch.linalg.svd(full.get(name).double() - w, full_matrices=False)
+        torch.testing.assert_close(cut.get(name).double() - w, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5, rtol=1e-4)
+
+
+def test_as_adapter_refusals(zoo, pair, run_cli, tmp_path):
+    cases = [
+        (["--method", "dare-ties", "--base", zoo["llama"], *pair], "--as-adapter merges with"),
+        (["--method", "task-arithmetic", "--base", zoo["llama"], zoo["llama_ft"], pair[0]], "this is a checkpoint"),
+        (["--method", "task-arithmetic", "--base", zoo["gpt2"], *pair], ""),
+        (["--method", "task-arithmetic", "--coeff", "nan", "--base", zoo["llama"], *pair], "--coeff nan"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli("merge", "--as-adapter", *args, "-o", tmp_path / "x")
+        assert code == 2 and message in err, (args, err)
+    code, _, err = run_cli("merge", "--method", "task-arithmetic", "--base", zoo["llama"], zoo["llama_ft"],
+                           "--max-rank", "2", "-o", tmp_path / "x")
+    assert code == 2 and "--as-adapter" in err
+    assert not (tmp_path / "x").exists()
