@@ -22,6 +22,7 @@ fine-tune it gives the base's own spectra (norms, ranks, singular values).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -60,6 +61,42 @@ class Norms:
 
 
 @dataclass
+class MagnitudeDirection:
+    """How much W grew and how far it turned: the whole matrix as one vector (MAP, Si et al. 2025,
+    "Revisiting Weight Decomposition for Low-Rank Adaptation", §3) and per output row, the
+    magnitude vector m_j = ‖W_j,:‖ of DoRA (Liu et al. 2024, §4.1, eq. 2 and the ΔM, ΔD of eq. 5;
+    PEFT's `weight_norm` over dim 1 of the out×in weight)."""
+
+    norm_ratio: float  # ‖W'‖_F / ‖W‖_F
+    angle_deg: float  # ∠(vec W, vec W') in degrees
+    magnitude_change: float  # mean_j |m'_j − m_j| / m_j
+    magnitude_change_max: float  # max_j of the same
+    dora_delta_m: float  # ΔM = mean_j |m'_j − m_j|
+    dora_delta_d: float  # ΔD = mean_j (1 − cos(W_j, W'_j))
+
+
+def vector_angle(a: float, b: float, d: float) -> float:
+    """∠ between two vectors of norms a, b whose difference has norm d, in degrees, by the
+    half-angle law of cosines, θ = 2·asin(√((d² − (a − b)²) / 4ab)): exact for tiny angles, where
+    arccos of the cosine would cancel."""
+    if a == 0 or b == 0:
+        return float("nan")
+    gap = abs(a - b)
+    inner = max((d - gap) * (d + gap), 0.0) / (4 * a * b)
+    return math.degrees(2 * math.asin(min(math.sqrt(inner), 1.0)))
+
+
+def magnitude_direction(w: torch.Tensor, w_ft: torch.Tensor, base: Norms, ft: Norms, delta: Norms) -> MagnitudeDirection:
+    """`MagnitudeDirection` of one matrix (out×in) from its rows and the three Frobenius norms."""
+    m, m_ft = w.double().norm(dim=1), w_ft.double().norm(dim=1)
+    cos = (w.double() * w_ft.double()).sum(1) / (m * m_ft).clamp_min(torch.finfo(torch.float64).tiny)
+    relative = (m_ft - m).abs() / m.clamp_min(torch.finfo(torch.float64).tiny)
+    ratio = ft.frobenius / base.frobenius if base.frobenius > 0 else float("inf")
+    return MagnitudeDirection(ratio, vector_angle(base.frobenius, ft.frobenius, delta.frobenius), float(relative.mean()),
+                              float(relative.max()), float((m_ft - m).abs().mean()), float((1 - cos).mean()))
+
+
+@dataclass
 class MatrixSpectrum:
     """One matrix against one fine-tune. Without a fine-tune (`--values-only` on one checkpoint)
     only the base fields are set; with `values_only` the vector fields stay empty."""
@@ -85,6 +122,7 @@ class MatrixSpectrum:
     subspace_similarity: float | None
     sv_base: list[float]
     sv_ft: list[float]
+    direction: MagnitudeDirection | None = None  # with a fine-tune
 
     @property
     def mean_amplification(self) -> float | None:
@@ -104,6 +142,7 @@ class MatrixSpectrum:
             "delta_rank99": self.delta_rank99, "u1_alignment": first(self.u_alignment),
             "mean_u_alignment_k": self.mean_u_alignment, "subspace_similarity": self.subspace_similarity,
             "intruders": len(self.intruders) if self.best_match_cos else None,
+            **({f"direction_{k}": v for k, v in asdict(self.direction).items()} if self.direction else {}),
             **{f"{part}_{k}": v for part in ("base", "ft", "delta")
                for k, v in asdict(getattr(self, part) or Norms(*[None] * 4)).items()},
         }
@@ -140,13 +179,15 @@ class SpectrumResult(Result):
         ft = ["ft"] if several else []
         k = self.options.k
         main = Table(f"spectrum: {len(self.matrices)} matrices, most changed first",
-                     ["matrix", *ft, "layer", "role", "shape", "‖ΔW‖/‖W‖", "σ'₁/σ₁", f"top{k} share", "rank90 ΔW",
-                      "eff.rank", "|u'₁·u₁|", "φ", "intr."],
+                     ["matrix", *ft, "layer", "role", "shape", "‖ΔW‖/‖W‖", "‖W'‖/‖W‖", "∠(W,W')°", "σ'₁/σ₁",
+                      f"top{k} share", "rank90 ΔW", "eff.rank", "|u'₁·u₁|", "φ", "intr."],
                      [[m.name, *([m.finetuned] if several else []), m.layer, m.role, f"{m.shape[0]}×{m.shape[1]}",
-                       m.relative_change, m.amplification[0], m.topk_change_share, m.delta_rank90,
+                       m.relative_change, m.direction.norm_ratio, m.direction.angle_deg, m.amplification[0],
+                       m.topk_change_share, m.delta_rank90,
                        f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}", m.u_alignment[0], m.subspace_similarity,
                        len(m.intruders)] for m in sorted(self.matrices, key=lambda m: -m.relative_change)],
-                     f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions",
+                     f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions; "
+                     "∠ between vec W and vec W'",
                      numeric_from=2 if several else 1, names=True)
         by = [Table(f"by {key}", [*ft, key, "matrices", "‖ΔW‖/‖W‖", "σ'/σ (top k)", "|u'·u| (top k)", "φ", "intruders"],
                     [[*([s["finetuned"]] if several else []), s[key], s["matrices"], s["relative_change"],
@@ -200,6 +241,8 @@ def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:
         "mean_u_alignment_k": mean(lambda m: m.mean_u_alignment),
         "subspace_similarity": mean(lambda m: m.subspace_similarity),
         "intruders": lambda ms: sum(len(m.intruders) for m in ms) if any(m.best_match_cos for m in ms) else None,
+        "angle_deg": mean(lambda m: m.direction.angle_deg if m.direction else None),
+        "norm_ratio": mean(lambda m: m.direction.norm_ratio if m.direction else None),
         "stable_rank": mean(lambda m: m.base.stable_rank),
         "effective_rank": mean(lambda m: m.base.effective_rank),
     })
@@ -337,7 +380,7 @@ def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: Gr
         delta_rank90=int(energy_rank(delta_sv[None], 0.9)), delta_rank99=int(energy_rank(delta_sv[None], 0.99)),
         amplification=(s_ft[:k] / s[:k].clamp_min(tiny)).tolist(),
         topk_change_share=float(moved[:k].sum() / moved.sum().clamp_min(tiny)),
-        sv_ft=s_ft[:keep].tolist(),
+        sv_ft=s_ft[:keep].tolist(), direction=magnitude_direction(w, w_ft, norms_w, norms_ft, norms_d),
     )
 
 
