@@ -8,15 +8,13 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import (DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, ReportOpt, app, outputs, progress,
-                               show)
+from weightlab.cli.app import (DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, ReportOpt, app, emit,
+                               outputs, progress, show)
 from weightlab.compute.device import Compute
 from weightlab.io import open_finetuned, open_weights
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.adapter_writer import write_adapter
 from weightlab.io.writer import CheckpointWriter, stored_plan
-from weightlab.report.document import write_report
-from weightlab.report.export import to_json
 from weightlab.surgery.intruders import IntruderOptions, mitigate_intruders
 
 
@@ -31,6 +29,7 @@ def mitigate(
     include: Optional[str] = IncludeOpt,
     exclude: Optional[str] = ExcludeOpt,
     json_out: Optional[str] = JsonOpt,
+    plots: Optional[Path] = PlotsOpt,
     report: Optional[Path] = ReportOpt,
     device: str = DeviceOpt,
     force: bool = ForceOpt,
@@ -44,7 +43,7 @@ def mitigate(
     """
     options = IntruderOptions(top_k, epsilon, scale, include=include, exclude=exclude)
     compute = Compute.create(device)
-    with outputs(force, [base, finetuned], out_dir=out, json=json_out, report=report) as plan:
+    with outputs(force, [base, finetuned], out_dir=out, json=json_out, plots=plots, report=report) as plan:
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         adapter = isinstance(ft, AdaptedCheckpoint)
@@ -55,9 +54,6 @@ def mitigate(
         if adapter:
             write_adapter(plan.path("-o"), factors, scale=1.0, base_model=ft.adapter.base_model_name_or_path,
                           fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")), sidecar=result.to_dict())
-        if "--json" in plan:
-            plan.write_text("--json", to_json(result.to_dict()))
-        if "--report" in plan:
-            write_report([result], plan.path("--report"))
+        emit(plan, result)
     if json_out != "-":
         show(result)

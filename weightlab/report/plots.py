@@ -20,6 +20,7 @@ from weightlab.analysis.esd import ESDResult, SpectralDensity  # noqa: E402
 from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  # noqa: E402
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
 from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
+from weightlab.surgery.intruders import IntruderReport  # noqa: E402
 from weightlab.report.tables import short_name  # noqa: E402
 
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
@@ -427,6 +428,40 @@ def esd_plots(result: ESDResult, out_dir: Path) -> list[Path]:
     return paths
 
 
+def intruder_plots(result: IntruderReport, out_dir: Path) -> list[Path]:
+    """Where the intruders were, per layer and role, and every examined direction's best match
+    with the base against the threshold ε."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+        layers = sorted({m.layer for m in result.matrices if m.layer is not None})
+        bottom = np.zeros(len(layers))
+        for role in _roles(result.matrices):
+            counts = np.array([sum(len(m.intruders) for m in result.matrices if m.layer == layer and m.role == role)
+                               for layer in layers], dtype=float)
+            if counts.any():
+                left.bar(layers, counts, bottom=bottom, label=role)
+                bottom += counts
+        left.set_xlabel("layer")
+        left.xaxis.get_major_locator().set_params(integer=True)
+        left.set_ylabel(f"intruders scaled by λ = {result.options.scale:g}")
+        left.set_title("Intruder dimensions per layer")
+        if bottom.any():
+            left.legend(fontsize=7, frameon=False)
+        for m in result.matrices:
+            x = np.arange(len(m.best_match_cos))
+            right.plot(x, m.best_match_cos, color="#9ecae1", lw=0.6, alpha=0.6)
+            if m.intruders:
+                right.scatter(m.intruders, [m.best_match_cos[i] for i in m.intruders], color="#d62728", s=12, zorder=3)
+        right.axhline(result.options.epsilon, color="#d62728", ls="--", lw=0.8, label=f"ε = {result.options.epsilon:g}")
+        right.set_xlabel("singular direction i of W' (by σ'_i)")
+        right.set_ylabel("best |cos| with any base direction")
+        right.set_ylim(0, 1.02)
+        right.set_title("Each direction's best match with the base (red: intruders)")
+        right.legend(fontsize=7, frameon=False)
+        return [_save(fig, out_dir / "intruders.png")]
+
+
 def draw(result: object, out_dir: Path) -> list[Path]:
     """The plots of any result, chosen by its type; none for a type without plots."""
     plotter = PLOTTERS.get(type(result))
@@ -440,4 +475,5 @@ PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     TSDResult: tsd_plots,
     CompareResult: compare_plots,
     ESDResult: esd_plots,
+    IntruderReport: intruder_plots,
 }
