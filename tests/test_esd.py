@@ -111,6 +111,13 @@ def test_too_few_eigenvalues_is_said_not_fitted():
     assert d.power_law is None and "4 non-zero" in d.warning
 
 
+def test_rank_deficient_matrices_count_only_real_spikes():
+    rank_one = density(torch.ones(20, 30), ESDOptions(), seed=0)  # rounding leaves 19 tiny eigenvalues
+    assert rank_one.mp.spikes == 1 and rank_one.traps == 0 and rank_one.nonzero == 1
+    zero = density(torch.zeros(20, 30), ESDOptions(), seed=0)
+    assert zero.mp.spikes == 0 and zero.power_law is None and zero.log_norm == float("-inf")
+
+
 def test_esd_of_a_checkpoint_and_its_delta(zoo):
     base = open_weights(zoo["llama"])
     ft = open_finetuned(zoo["llama_ft"], base)

@@ -177,7 +177,8 @@ def marchenko_pastur(evals: np.ndarray, rows: int, cols: int, variance: float | 
     scale = root * (1 / math.sqrt(big) + 1 / math.sqrt(small)) ** (1 / 3)
     v = variance if variance is not None else float(np.median(lam)) / (big * mp_median(small / big))
     edge = v * root**2
-    spikes = int(np.count_nonzero(lam > edge + TRACY_WIDOM_99 * v * scale))
+    above = max(edge + TRACY_WIDOM_99 * v * scale, ZERO * float(lam[0]))  # rounding is never a spike
+    spikes = int(np.count_nonzero(lam > above)) if v > 0 or variance is None else 0
     return MarchenkoPastur(v, v * (math.sqrt(big) - math.sqrt(small)) ** 2, edge, v * scale, spikes,
                            edge / float(lam[0]) if lam[0] > 0 else float("nan"))
 
