@@ -76,6 +76,59 @@ def test_ties_as_adapter_equals_ties_in_the_joint_space_computed_densely(zoo, pa
         torch.testing.assert_close(peft[name].double(), merged.get(name).double(), atol=2e-6, rtol=1e-5)
 
 
+def _dense_tsv_of_real_directions(taus: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M written out with dense float64 SVDs, each task keeping its top min(rank, ⌊min(m, n)/N⌋)."""
+    keep = min(taus[0].shape) // len(taus)
+    us, ss, vs = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        k = min(keep, int((s > s[0] * 1e-10).sum()))
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
+    polar = lambda x: (lambda p, _, qt: p @ qt)(*torch.linalg.svd(x, full_matrices=False))  # noqa: E731
+    return (polar(torch.cat(us, 1)) * torch.cat(ss)) @ polar(torch.cat(vs, 1)).T
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A third adapter of the tiny Llama with factors of its own (the fixtures' two share lora_A
+    directions, and TSV's orthogonalisation of a rank-deficient stack is not unique)."""
+    from peft import LoraConfig, get_peft_model
+
+    from weightlab import synthetic
+
+    model = get_peft_model(synthetic.tiny_model("llama", seed=0),
+                           LoraConfig(init_lora_weights=False, r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"]))
+    gen = torch.Generator().manual_seed(11)  # PEFT's own init repeats the other adapters' lora_A
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    folder = tmp_path_factory.mktemp("other") / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_tsv_as_adapter_equals_dense_tsv_on_the_real_directions(zoo, adapters, other, run_cli, tmp_path):
+    pair = (adapters["llama"], other)
+    out = tmp_path / "tsv"
+    code, _, err = run_cli("merge", "--as-adapter", "--method", "tsv", "--base", zoo["llama"], *pair, "--lambda", "0.8",
+                           "-o", out)
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    fts = [open_finetuned(p, base) for p in pair]
+    merged = open_finetuned(out, base)
+    adapter = open_checkpoint(out)
+    for name in sorted(set().union(*(set(ft.module_of) for ft in fts))):
+        taus = [ft.adapter.delta(ft.module_of[name], dtype=torch.float64) for ft in fts if name in ft.module_of]
+        expected = 0.8 * _dense_tsv_of_real_directions(taus)
+        got = merged.get(name).double() - base.get(name).double()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
+        sources = [open_checkpoint(p) for p in pair]
+        module = name.removesuffix(".weight")
+        assert adapter.modules[module].rank == sum(s.modules[module].rank for s in sources if module in s.modules)
+    peft_merged(zoo["llama"], out)
+
+
 def test_max_rank_keeps_the_best_rank_k_update(zoo, pair, run_cli, tmp_path):
     code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
                            "-o", tmp_path / "full")

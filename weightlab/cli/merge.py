@@ -79,7 +79,7 @@ def merge(
     donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     as_adapter: bool = typer.Option(False, "--as-adapter", help="The models are LoRA adapters: write a LoRA adapter "
-                                    "(task-arithmetic, average: exact; ties: in their joint low-rank space)."),
+                                    "(task-arithmetic, average: exact; ties, tsv: in their joint low-rank space)."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,

@@ -10,6 +10,9 @@ With τ_i = s_i·L_i·R_i (L_i m×r_i, R_i r_i×n, in the out×in orientation) a
   c_iτ_i = UΣV_iᵀ with U, Σ shared; TIES (Yadav et al. 2023: trim to the top density by magnitude,
   elect signs, disjoint mean) then merges the V_iᵀ (Σr_i × n each, with λ), and the result is
   UΣV_mergedᵀ. The update lives in a rank-Σr_i space: the adapter is exact, not approximated.
+- `tsv` (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): each c_iτ_i's exact SVD from its
+  factors, its top min(r_i, ⌊min(m, n)/N⌋) triplets stacked, U and V replaced by their nearest
+  orthogonal matrices; λ·U⊥Σ and V⊥ᵀ are the factors (rank Σ of the kept).
 
 `max_rank` then keeps the best rank-k approximation of each module's merged update (its exact SVD
 from the factors, Eckart & Young 1936). Modules only some adapters change are merged from those.
@@ -32,9 +35,10 @@ from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import ties
 from weightlab.merge.params import Params
+from weightlab.merge.subspace import tsv_factors
 from weightlab.merge.run import MergeReport
 
-ADAPTER_METHODS = ("task-arithmetic", "average", "ties")
+ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")
 
 
 @dataclass
@@ -81,6 +85,19 @@ def knots_ties(lefts: list[torch.Tensor], rights: list[torch.Tensor], params: Pa
     return (q @ u) * s, merged
 
 
+def tsv_of_factors(lefts: list[torch.Tensor], rights: list[torch.Tensor], tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSV-M from the factors: each update's exact SVD (`lowrank_svd`), its top min(r_i, ⌊min(m, n)/N⌋)
+    non-zero triplets kept, then `tsv_factors`. Dense TSV keeps ⌊min(m, n)/N⌋ per task, padding a
+    rank-r_i update with arbitrary null directions when r_i is smaller; here only real ones."""
+    keep = max(1, min(lefts[0].shape[0], rights[0].shape[1]) // tasks)
+    parts = []
+    for left, right in zip(lefts, rights):
+        svd = lowrank_svd(left, right)
+        real = int((svd.S > svd.S[0] * torch.finfo(svd.S.dtype).eps * max(left.shape[0], right.shape[1])).sum())
+        parts.append(svd.truncate(max(1, min(keep, real))))
+    return tsv_factors(parts)
+
+
 def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[float], params: Params,
                    max_rank: int | None = None, seed: int = 0) -> list[MergedModule]:
     """Every module any adapter changes, merged by `method` into LoRA factors at scale 1."""
@@ -104,6 +121,9 @@ def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[
             rights.append(right)
         if method == "ties":
             left, right = knots_ties(lefts, rights, params, generator)
+        elif method == "tsv":
+            left, right = tsv_of_factors(lefts, rights, len(adapters))
+            left = left * lam
         else:
             left, right = torch.cat(lefts, 1) * lam, torch.cat(rights)
         if max_rank is not None and left.shape[1] > max_rank:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from weightlab.compute.svd import full_svd
+from weightlab.compute.svd import SVD, full_svd
 from weightlab.merge.params import Generator, Params
 
 
@@ -40,12 +40,17 @@ def tsv(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
         return _mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
     keep = max(1, min(mats[0].shape) // len(mats))
-    parts = [full_svd(m).truncate(keep) for m in mats]
+    left, right = tsv_factors([full_svd(m).truncate(keep) for m in mats])
+    return base + p.lam * (left @ right).reshape(base.shape)
+
+
+def tsv_factors(parts: list[SVD]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSV-M's merged update U⊥ΣV⊥ᵀ as factors (U⊥Σ, V⊥ᵀ), from each task's kept singular triplets:
+    the stacked U and V replaced by their nearest orthogonal matrices (Gargiulo et al. 2025, Alg. 1)."""
     u = torch.cat([s.U for s in parts], 1)
     sigma = torch.cat([s.S for s in parts])
-    v = torch.cat([s.Vh.T for s in parts], 1)
-    delta = (nearest_orthogonal(u) * sigma) @ nearest_orthogonal(v).T
-    return base + p.lam * delta.reshape(base.shape)
+    v = torch.cat([s.Vh.mT for s in parts], 1)
+    return nearest_orthogonal(u) * sigma, nearest_orthogonal(v).mT
 
 
 def iso_c(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
