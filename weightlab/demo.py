@@ -204,6 +204,8 @@ class DemoSummary(Result):
     merge: dict  # label -> {accuracy: {task: value}, coefficients}
     init_lora_tsd_max_residual_error: float
     extract_lora: dict
+    esd: dict | None = None  # mean α of W and of ΔW for the full fine-tune
+    intruders: dict | None = None  # the full fine-tune's intruders scaled by 0.75, and its accuracy after
 
     def _tasks(self) -> list[str]:
         return sorted({t for m in self.merge.values() for t in m["accuracy"]})
@@ -230,6 +232,7 @@ class DemoSummary(Result):
 def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = None) -> dict:
     """Run the tour into folder `tmp` (the caller renames it into place); returns the headline numbers."""
     from weightlab.analysis.angles import AnglesOptions, angles
+    from weightlab.analysis.esd import ESDOptions, esd
     from weightlab.analysis.gaussian import GaussianOptions, gaussian
     from weightlab.compute.cache import DecompositionCache, default_folder
     from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
@@ -243,6 +246,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
     from weightlab.report.plots import draw, gaussian_plots
+    from weightlab.surgery.intruders import IntruderOptions, mitigate_intruders
     from weightlab.surgery.lora import LoraInitOptions, extract_lora, init_lora
     from weightlab.surgery.targets import resolve_targets
 
@@ -270,6 +274,18 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
     drawn["gaussian"] = gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", gauss.options.sample_size)
 
+    step("esd: heavy-tailed spectra of the full fine-tune and of its update")
+    spectral = esd(fts["ft_animal"], base, ESDOptions(traps=False), compute)
+    (tmp / "esd.json").write_text(to_json(spectral.to_dict()))
+    drawn["esd"] = draw(spectral, tmp / "plots" / "esd")
+
+    step("mitigate-intruders: the full fine-tune's intruder dimensions scaled by 0.75")
+    mitigated = tmp / "intruders-mitigated"
+    with CheckpointWriter(mitigated, donor=fts["ft_animal"].path, plan=stored_plan(fts["ft_animal"])) as writer:
+        intruders, _ = mitigate_intruders(base, fts["ft_animal"], str(mitigated), IntruderOptions(), writer, compute)
+    (tmp / "intruders.json").write_text(to_json(intruders.to_dict()))
+    drawn["intruders"] = draw(intruders, tmp / "plots" / "intruders")
+
     step("tsd: task-specific directions of the LoRA warm-up")
     directions, vectors = tsd(base, fts["lora_animal"], TSDOptions(top=8), compute, keep_vectors=True)
     (tmp / "tsd.json").write_text(to_json(directions.to_dict()))
@@ -277,6 +293,8 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     drawn["tsd"] = draw(directions, tmp / "plots" / "tsd")
 
     tasks = {t.name: t for t in make_tasks()}
+    mitigated_accuracy = accuracy_with_encoder(checkpoint_state(mitigated), paths["ft_animal"] / "classifier_head.pt",
+                                               tasks["animal"])
     models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
     merges = {}
     variants = {  # NAN on weights vs on task vectors, against task arithmetic at two scales
@@ -328,6 +346,10 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
         extract_lora={"modules": len(extract_report.modules),
                       "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
                       "accuracy_animal": extract_accuracy},
+        esd={"mean_alpha_weights": spectral.summary()["weights"]["mean_alpha"],
+             "mean_alpha_delta": spectral.summary()["delta"]["mean_alpha"]},
+        intruders={**intruders.summary(), "accuracy_animal_before": trained["ft_animal"]["accuracy"]["after"],
+                   "accuracy_animal_after": mitigated_accuracy},
     )
     headline = summary.to_dict()
     (tmp / "summary.json").write_text(to_json(headline))

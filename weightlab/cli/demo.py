@@ -46,5 +46,10 @@ def demo(
                   f"std(ΔW) slope per layer {g['delta_std_slope_per_layer']:+.2e}")
     console.print(f"extract-lora (90% energy): {summary['extract_lora']['modules']} modules, mean rank "
                   f"{summary['extract_lora']['mean_rank']:.1f}, animal accuracy {summary['extract_lora']['accuracy_animal']:.2f}")
+    esd, intruders = summary["esd"], summary["intruders"]
+    console.print(f"esd: mean power-law α {esd['mean_alpha_weights']:.2f} for W, {esd['mean_alpha_delta']:.2f} for ΔW; "
+                  f"mitigate-intruders: {intruders['intruders']} intruders in {intruders['with_intruders']} of "
+                  f"{intruders['matrices']} matrices scaled by 0.75, animal accuracy {intruders['accuracy_animal_before']:.2f}"
+                  f" → {intruders['accuracy_animal_after']:.2f}")
     console.print(f"[bold]report: {out}/report.html[/] (and report.md); results in {out}/: summary.json, one JSON per "
                   "analysis, merged/, lora-init/, lora-extract/, plots/")
