@@ -75,18 +75,18 @@ def _snapshot(source: str, repo: str, revision: str | None) -> Path:
         weights = _weight_files(folder)
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=weights))
     except RevisionNotFoundError:
-        raise CheckpointNotFound(f"not a local path, and the Hub model {repo} has no revision {revision}",
+        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} has no revision {revision}",
                                  source) from None
     except (RepositoryNotFoundError, GatedRepoError):
-        raise CheckpointNotFound(f"not a local path, and no Hub model {repo} this account can read", source) from None
+        raise CheckpointNotFound(f"no such file or folder, and no Hub model {repo} this account can read", source) from None
     except IncompleteSnapshotError:
-        raise CheckpointNotFound(f"not a local path, and the Hub model {repo} is only partly in the cache "
+        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} is only partly in the cache "
                                  "(offline: HF_HUB_OFFLINE or no network)", source) from None
     except LocalEntryNotFoundError:
-        raise CheckpointNotFound(f"not a local path, and the Hub model {repo} is not in the cache "
+        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} is not in the cache "
                                  "(offline: HF_HUB_OFFLINE or no network)", source) from None
     except (HfHubHTTPError, HFValidationError, OSError) as error:
-        raise CheckpointNotFound(f"not a local path, and the Hub model {repo} could not be fetched: "
+        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} could not be fetched: "
                                  f"{str(error).splitlines()[0]}", source) from None
     missing = [w for w in weights if not (folder / w).is_file()]
     if missing:
