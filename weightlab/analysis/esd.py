@@ -183,12 +183,14 @@ def marchenko_pastur(evals: np.ndarray, rows: int, cols: int, variance: float | 
                            edge / float(lam[0]) if lam[0] > 0 else float("nan"))
 
 
-def shuffled(w: torch.Tensor, seed: int) -> torch.Tensor:
-    """W − mean(W) with its entries permuted by a seeded generator: the same entries, no correlations."""
-    centred = w - w.mean()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(centred.numel(), generator=gen).to(w.device)
-    return centred.reshape(-1)[order].reshape(w.shape)
+def shuffled(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The entries of x permuted by a seeded generator: the same entries, no correlations."""
+    order = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    return x.reshape(-1)[order].reshape(x.shape)
+
+
+def _log10(value: float) -> float:
+    return math.log10(value) if value > 0 else float("-inf")
 
 
 def matrix_seed(seed: int, name: str) -> int:
@@ -208,16 +210,15 @@ def density(w: torch.Tensor, options: ESDOptions, seed: int, keep_evals: bool = 
     fit = fit_power_law(nonzero) if len(nonzero) >= options.min_evals else None
     warning = (f"no fit: {len(nonzero)} non-zero eigenvalues (--min-evals {options.min_evals})" if fit is None
                else "over-trained" if fit.alpha < OVER_TRAINED else "under-trained" if fit.alpha > UNDER_TRAINED else "")
-    logs = lambda v: math.log10(v) if v > 0 else float("-inf")  # noqa: E731
     record = SpectralDensity(
-        len(lam), len(nonzero), top, logs(total), logs(top), total / top if top > 0 else 0.0, entropy, fit,
-        None if fit is None else fit.alpha * logs(top),
-        None if fit is None else logs(float(np.sum(nonzero ** fit.alpha))), warning,
+        len(lam), len(nonzero), top, _log10(total), _log10(top), total / top if top > 0 else 0.0, entropy, fit,
+        None if fit is None else fit.alpha * _log10(top),
+        None if fit is None else _log10(float(np.sum(nonzero ** fit.alpha))), warning,
         marchenko_pastur(lam, rows, cols), eigenvalues=[float(v) for v in lam] if keep_evals else [])
-    if options.traps and top > 0:
+    if options.traps and top > 0:  # W − mean(W), shuffled: the mean is no trap
         centred = w - w.mean()
-        variance = float(centred.double().pow(2).mean())
-        rand = eigenvalues(gram(shuffled(w, seed))).clamp_min(0).cpu().numpy()
+        variance = float(torch.linalg.vector_norm(centred, dtype=torch.float64)) ** 2 / centred.numel()
+        rand = eigenvalues(gram(shuffled(centred, seed))).clamp_min(0).cpu().numpy()
         mp = marchenko_pastur(rand, rows, cols, variance)
         record.traps, record.rand_lambda_max, record.rand_bulk_max = mp.spikes, float(rand[0]), mp.bulk_max
     return record
