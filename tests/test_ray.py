@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 
 from weightlab.analysis.angles import AnglesOptions, angles  # noqa: E402
 from weightlab.analysis.compare import compare  # noqa: E402
+from weightlab.analysis.esd import ESDOptions, esd  # noqa: E402
 from weightlab.analysis.gaussian import GaussianOptions, gaussian  # noqa: E402
 from weightlab.analysis.spectrum import spectrum  # noqa: E402
 from weightlab.analysis.tsd import tsd  # noqa: E402
@@ -52,6 +53,7 @@ def test_every_analysis_on_ray_equals_the_local_run(in_process, zoo, adapters):
     same(lambda c: angles(ft, adapter, base, AnglesOptions(k=4), compute=c))
     same(lambda c: gaussian(ft, base, GaussianOptions(min_elements=64), compute=c))
     same(lambda c: tsd(base, ft, compute=c)[0])
+    same(lambda c: esd(ft, base, ESDOptions(seed=3), compute=c))
 
 
 def test_a_path_a_worker_cannot_read_is_one_clear_error(in_process, zoo, tmp_path):
