@@ -43,7 +43,8 @@ def test_parse_hub_id_reads_org_name_and_revision():
     assert parse_hub_id("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)
     assert parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
     assert parse_hub_id("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
-    for not_an_id in ("model.safetensors", "./org/name", "/abs/path", "a/b/c", "org/", "org/name@"):
+    for not_an_id in ("model.safetensors", "./org/name", "/abs/path", "a/b/c", "org/", "org/name@", "org/..",
+                      "org/name@../../etc", "org/name@refs//x", "org/name@/abs"):
         assert parse_hub_id(not_an_id) is None, not_an_id
 
 

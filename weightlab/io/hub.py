@@ -22,7 +22,9 @@ DENSE_INDEX = "model.safetensors.index.json"
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """(repo, revision) for text shaped like `org/name[@revision]`, else None."""
     match = HUB_ID.match(text)
-    return (match["repo"], match["revision"]) if match else None
+    if not match or (match["revision"] and any(p in ("", ".", "..") for p in match["revision"].split("/"))):
+        return None  # a revision is a name, never a path out of the cache
+    return match["repo"], match["revision"]
 
 
 def is_hub_id(source: str | Path) -> bool:
