@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
+from weightlab.analysis.spectrum import energy_entropy
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import eigenvalues, gram
@@ -198,15 +199,14 @@ def matrix_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def density(w: torch.Tensor, options: ESDOptions, seed: int, keep_evals: bool = True) -> SpectralDensity:
+def density(w: torch.Tensor, options: ESDOptions, seed: int) -> SpectralDensity:
     """The spectral density record of one 2-D matrix (any device; eigenvalues in float64)."""
     rows, cols = w.shape
     lam = eigenvalues(gram(w)).clamp_min(0).cpu().numpy()
     top = float(lam[0])
     nonzero = lam[lam > ZERO * top] if top > 0 else lam[:0]
     total = float(lam.sum())
-    p = nonzero / total if total > 0 else nonzero
-    entropy = float(-(p * np.log(p)).sum() / math.log(len(p))) if len(p) > 1 else 0.0
+    entropy = energy_entropy(torch.from_numpy(nonzero)) / math.log(len(nonzero)) if len(nonzero) > 1 else 0.0
     fit = fit_power_law(nonzero) if len(nonzero) >= options.min_evals else None
     warning = (f"no fit: {len(nonzero)} non-zero eigenvalues (--min-evals {options.min_evals})" if fit is None
                else "over-trained" if fit.alpha < OVER_TRAINED else "under-trained" if fit.alpha > UNDER_TRAINED else "")
@@ -214,7 +214,7 @@ def density(w: torch.Tensor, options: ESDOptions, seed: int, keep_evals: bool = 
         len(lam), len(nonzero), top, _log10(total), _log10(top), total / top if top > 0 else 0.0, entropy, fit,
         None if fit is None else fit.alpha * _log10(top),
         None if fit is None else _log10(float(np.sum(nonzero ** fit.alpha))), warning,
-        marchenko_pastur(lam, rows, cols), eigenvalues=[float(v) for v in lam] if keep_evals else [])
+        marchenko_pastur(lam, rows, cols), eigenvalues=[float(v) for v in lam])
     if options.traps and top > 0:  # W − mean(W), shuffled: the mean is no trap
         centred = w - w.mean()
         variance = float(torch.linalg.vector_norm(centred, dtype=torch.float64)) ** 2 / centred.numel()

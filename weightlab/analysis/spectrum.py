@@ -88,8 +88,9 @@ def vector_angle(a: float, b: float, d: float) -> float:
 
 def magnitude_direction(w: torch.Tensor, w_ft: torch.Tensor, base: Norms, ft: Norms, delta: Norms) -> MagnitudeDirection:
     """`MagnitudeDirection` of one matrix (out×in) from its rows and the three Frobenius norms."""
-    m, m_ft = w.double().norm(dim=1), w_ft.double().norm(dim=1)
-    cos = (w.double() * w_ft.double()).sum(1) / (m * m_ft).clamp_min(torch.finfo(torch.float64).tiny)
+    w, w_ft = w.double(), w_ft.double()
+    m, m_ft = w.norm(dim=1), w_ft.norm(dim=1)
+    cos = (w * w_ft).sum(1) / (m * m_ft).clamp_min(torch.finfo(torch.float64).tiny)
     relative = (m_ft - m).abs() / m.clamp_min(torch.finfo(torch.float64).tiny)
     ratio = ft.frobenius / base.frobenius if base.frobenius > 0 else float("inf")
     return MagnitudeDirection(ratio, vector_angle(base.frobenius, ft.frobenius, delta.frobenius), float(relative.mean()),
@@ -259,6 +260,14 @@ def norms_from_singular_values(s: torch.Tensor) -> list[Norms]:
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     effective = torch.where(spectral > 0, torch.exp(entropy), torch.zeros_like(spectral))
     return [Norms(*vals) for vals in zip(spectral.tolist(), frob2.sqrt().tolist(), stable.tolist(), effective.tolist())]
+
+
+def energy_entropy(energy: torch.Tensor) -> float:
+    """H = −Σ p ln p over the shares p = e/Σe of non-negative energies (σ², or eigenvalues of WᵀW);
+    0 for a zero or rank-one spectrum."""
+    total = float(energy.sum())
+    p = energy[energy > 0].double() / total if total > 0 else energy[:0].double()
+    return float(-(p * p.log()).sum())
 
 
 def energy_rank(s: torch.Tensor, fraction: float) -> torch.Tensor:

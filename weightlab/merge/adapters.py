@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from weightlab.analysis.deltas import numerical_rank
 from weightlab.compute.svd import lowrank_svd
 from weightlab.domains import Int
 from weightlab.errors import InvalidArgument
@@ -78,8 +79,8 @@ def knots_ties(lefts: list[torch.Tensor], rights: list[torch.Tensor], params: Pa
         start += left.shape[1]
     u, s, vh = torch.linalg.svd(torch.cat(blocks, 1), full_matrices=False)
     n = rights[0].shape[1]
-    keep = s > s[0] * torch.finfo(s.dtype).eps * max(vh.shape) if s.numel() else s.bool()
-    u, s, vh = u[:, keep], s[keep], vh[keep]
+    rank = numerical_rank(s, (q.shape[0], vh.shape[1]))  # of [c_1τ_1, …, c_Nτ_N], m × N·n
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     v_blocks = [vh[:, i * n:(i + 1) * n] for i in range(len(rights))]
     merged = ties(torch.zeros_like(v_blocks[0]), v_blocks, torch.ones(len(v_blocks), dtype=s.dtype), params, generator)
     return (q @ u) * s, merged
@@ -93,8 +94,7 @@ def tsv_of_factors(lefts: list[torch.Tensor], rights: list[torch.Tensor], tasks:
     parts = []
     for left, right in zip(lefts, rights):
         svd = lowrank_svd(left, right)
-        real = int((svd.S > svd.S[0] * torch.finfo(svd.S.dtype).eps * max(left.shape[0], right.shape[1])).sum())
-        parts.append(svd.truncate(max(1, min(keep, real))))
+        parts.append(svd.truncate(max(1, min(keep, numerical_rank(svd.S, (left.shape[0], right.shape[1]))))))
     return tsv_factors(parts)
 
 

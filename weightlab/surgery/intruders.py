@@ -163,10 +163,6 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
             out.append((entry, factors))
         return out
 
-    pieces = walk.map(work, compute, on_start=on_start, on_progress=on_progress)
-    report.matrices = walk.in_order([entry for entry, _ in pieces], lambda m: m.name)
-    factors = {}
-    if adapter:
-        by_name = {entry.name: f for entry, f in pieces if f is not None}
-        factors = {finetuned.module_of[name]: by_name[name] for name in (m.name for m in report.matrices) if name in by_name}
-    return report, factors
+    pieces = walk.in_order(walk.map(work, compute, on_start=on_start, on_progress=on_progress), lambda p: p[0].name)
+    report.matrices = [entry for entry, _ in pieces]
+    return report, {finetuned.module_of[entry.name]: f for entry, f in pieces if f is not None}

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors, numerical_rank
+from weightlab.analysis.deltas import adapter_factors, delta_singular_values, numerical_rank
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import singular_values
@@ -136,22 +136,13 @@ def budget_ranks(base: Checkpoint, targets: list[str], budget: RankBudget, finet
     walk = _targets_walk(base, targets, finetuned)
 
     def work(batch: Batch, compute: Compute) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for b, item in enumerate(batch.items):
-            w = batch.tensors[0][b]
-            lowrank = adapter_factors(finetuned, item.names[0], compute) if finetuned is not None else None
-            if lowrank is not None:
-                s = lowrank_svd(*lowrank).S
-            elif finetuned is None:
-                s = singular_values(w)
-            elif batch.tensors[1] is None:  # an adapter that leaves this weight alone: no rank for it
-                continue
-            else:
-                s = singular_values(batch.tensors[1][b] - w)
-            out.append((item.names[0], s.cpu()))
-        return out
+        w = batch.tensors[0]
+        s = singular_values(w) if finetuned is None else \
+            delta_singular_values(finetuned, batch.items, w, batch.tensors[1], compute)  # from factors for adapters
+        return [(item.names[0], s[b].cpu()) for b, item in enumerate(batch.items)]
 
-    spectra = {name: s for name, s in walk.map(work, compute, factors=True) if float(s[0]) > 0}
+    # a weight the fine-tune leaves alone (ΔW = 0) gets no rank
+    spectra = {name: s for name, s in walk.map(work, compute) if float(s[0]) > 0}
     if not spectra:
         raise InvalidArgument("no targeted weight differs between the base and the fine-tune",
                               finetuned.path if finetuned is not None else base.path)

@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from weightlab.analysis.spectrum import energy_entropy
 from weightlab.errors import InvalidArgument
 
 RULES = ("energy", "entropy")
@@ -33,10 +34,8 @@ def energy_shares(s: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_entropy(s: torch.Tensor) -> float:
-    """H = −Σ p ln p over the energy shares p (0 for rank one or a zero matrix)."""
-    p = energy_shares(s)
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
+    """H = −Σ p ln p over the energy shares p of singular values s (0 for rank one or a zero matrix)."""
+    return energy_entropy(s.double() ** 2)
 
 
 def allocate_ranks(spectra: Mapping[str, torch.Tensor], budget: int, rule: str = "energy",
