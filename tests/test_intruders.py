@@ -124,3 +124,14 @@ def test_bad_input_is_refused_and_nothing_written(zoo, run_cli, tmp_path):
     assert code == 2 and "inside the input" in err
     code, _, err = run_cli("mitigate-intruders", zoo["llama"], zoo["gpt2"], "-o", tmp_path / "y")
     assert code == 2 and not (tmp_path / "y").exists()
+
+
+def test_a_bfloat16_fine_tune_keeps_its_untouched_bytes(zoo, planted, run_cli, tmp_path):
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(planted / "model.safetensors").items()}
+    save_file(tensors, planted / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("mitigate-intruders", zoo["llama"], planted, "-o", tmp_path / "out")
+    assert code == 0, err
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(after[n].dtype == torch.bfloat16 for n in after)
+    assert all(torch.equal(after[n], tensors[n]) for n in tensors if n != PLANTED)
+    assert not torch.equal(after[PLANTED], tensors[PLANTED])

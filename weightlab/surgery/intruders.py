@@ -154,12 +154,12 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
                     factors = LoraFactors(a=a_.float(), b=b_.float(), embedding=module.embedding)
             elif writer is not None:
                 stored = finetuned.info(name)
-                if correction is None:
-                    writer.add(name, finetuned.get(name))  # untouched: the fine-tune's own bytes
-                else:
-                    new = w_ft.double() + correction[0] @ correction[1]
-                    writer.add(name, from_matrix(name, new, stored.shape, finetuned.config)
-                               .to(torch_dtype(stored.dtype, finetuned.path, name)).cpu())
+                dtype = torch_dtype(stored.dtype, finetuned.path, name)
+                if correction is None and dtype.itemsize > w_ft.element_size():
+                    writer.add(name, finetuned.get(name))  # read at a lower precision: the stored bytes again
+                else:  # untouched, back to the stored dtype exactly (it is no wider than the compute dtype)
+                    new = w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]
+                    writer.add(name, from_matrix(name, new, stored.shape, finetuned.config).to(dtype).cpu())
             out.append((entry, factors))
         return out
 
