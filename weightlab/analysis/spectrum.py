@@ -33,7 +33,7 @@ from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.svd import SVD
-from weightlab.compute.gram import GramSpectrum, decompose, is_tall, singular_values, top_singular
+from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, singular_values, top_singular
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
@@ -75,26 +75,40 @@ class MagnitudeDirection:
     dora_delta_d: float  # ΔD = mean_j (1 − cos(W_j, W'_j))
 
 
+def half_versine(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(1 − cos θ)/2 = sin²(θ/2) = (d² − (a − b)²) / 4ab for vectors of norms a, b whose difference
+    has norm d (the law of cosines in half-angle form), elementwise in float64: exact for the tiny
+    angles of fine-tuning, where 1 − ⟨x, y⟩/(‖x‖‖y‖) would cancel. 1/2 (cos 0) where a or b is 0."""
+    a, b, d = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b, d))
+    gap = (a - b).abs()
+    inner = ((d - gap) * (d + gap)).clamp_min(0) / (4 * a * b)
+    return torch.where((a > 0) & (b > 0), inner.clamp(0, 1), torch.full_like(inner, 0.5))
+
+
 def vector_angle(a: float, b: float, d: float) -> float:
-    """∠ between two vectors of norms a, b whose difference has norm d, in degrees, by the
-    half-angle law of cosines, θ = 2·asin(√((d² − (a − b)²) / 4ab)): exact for tiny angles, where
-    arccos of the cosine would cancel."""
+    """∠ between two vectors of norms a, b whose difference has norm d, in degrees:
+    θ = 2·asin(√`half_versine`)."""
     if a == 0 or b == 0:
         return float("nan")
-    gap = abs(a - b)
-    inner = max((d - gap) * (d + gap), 0.0) / (4 * a * b)
-    return math.degrees(2 * math.asin(min(math.sqrt(inner), 1.0)))
+    return math.degrees(2 * math.asin(math.sqrt(float(half_versine(a, b, d)))))
+
+
+def _row_norms(*matrices: torch.Tensor) -> list[torch.Tensor]:
+    """The float64 norm of every row of each matrix, a block of rows at a time (no float64 copy
+    of a whole embedding)."""
+    return [torch.cat([torch.linalg.vector_norm(x[i:i + ROW_BLOCK].double(), dim=1) for i in range(0, x.shape[0], ROW_BLOCK)])
+            for x in matrices]
 
 
 def magnitude_direction(w: torch.Tensor, w_ft: torch.Tensor, base: Norms, ft: Norms, delta: Norms) -> MagnitudeDirection:
-    """`MagnitudeDirection` of one matrix (out×in) from its rows and the three Frobenius norms."""
-    w, w_ft = w.double(), w_ft.double()
-    m, m_ft = w.norm(dim=1), w_ft.norm(dim=1)
-    cos = (w * w_ft).sum(1) / (m * m_ft).clamp_min(torch.finfo(torch.float64).tiny)
+    """`MagnitudeDirection` of one matrix (out×in) from the norms of its rows, of the fine-tune's
+    and of the update's (1 − cos per row by `half_versine`), and the three Frobenius norms."""
+    m, m_ft, d = _row_norms(w, w_ft, w_ft - w)
     relative = (m_ft - m).abs() / m.clamp_min(torch.finfo(torch.float64).tiny)
     ratio = ft.frobenius / base.frobenius if base.frobenius > 0 else float("inf")
     return MagnitudeDirection(ratio, vector_angle(base.frobenius, ft.frobenius, delta.frobenius), float(relative.mean()),
-                              float(relative.max()), float((m_ft - m).abs().mean()), float((1 - cos).mean()))
+                              float(relative.max()), float((m_ft - m).abs().mean()),
+                              float((2 * half_versine(m, m_ft, d)).mean()))
 
 
 @dataclass
