@@ -98,6 +98,16 @@ def corrupt(tmp_path_factory, zoo) -> dict[str, Path]:
     return files
 
 
+def hub_repo(cache: Path, name: str, ref: str | None) -> Path:
+    """An empty Hub cache folder of org/NAME (refs, snapshots, blobs) whose refs/main holds `ref`."""
+    storage = cache / f"models--org--{name}"
+    for sub in ("refs", "snapshots", "blobs"):
+        (storage / sub).mkdir(parents=True)
+    if ref is not None:
+        (storage / "refs" / "main").write_text(ref)
+    return storage
+
+
 def exit_code(args: list[str]) -> int:
     """Run the CLI in-process and return its exit code (output is left to the caller's capture)."""
     try:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import hub_repo
+
+from weightlab.errors import CorruptCheckpoint
 from weightlab.io import open_checkpoint
 from weightlab.io.hub import parse_hub_id
 
@@ -105,3 +111,92 @@ def test_merge_of_hub_ids_copies_the_config_from_the_snapshot(hub, run_cli, tmp_
                            "-o", tmp_path / "merged")
     assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+_OPENED: list[str] | None = None  # while a list, the audit hook records every path opened
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event in ("open", "os.open") and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # hooks cannot be removed: this one records only inside `opened()`
+
+
+@contextlib.contextmanager
+def opened():
+    global _OPENED
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
+def _repo(cache: Path, name: str, ref: str | None = MAIN) -> Path:
+    return hub_repo(cache, name, ref)
+
+
+def _hostile_layouts(cache: Path, outside: Path) -> list[str]:
+    """Cache folders that lead out of their repository in every way we know: the IDs."""
+    _repo(cache, "refs-up", "../../../outside")
+    _repo(cache, "refs-abs", str(outside))
+    (_repo(cache, "snapshot-link") / "snapshots" / MAIN).symlink_to(outside)
+    snapshot = _repo(cache, "file-link") / "snapshots" / MAIN
+    snapshot.mkdir()
+    for f in outside.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    storage = _repo(cache, "blobs-link")
+    (storage / "blobs").rmdir()
+    (storage / "blobs").symlink_to(outside)
+    (storage / "snapshots" / MAIN).mkdir()
+    for f in outside.iterdir():
+        (storage / "snapshots" / MAIN / f.name).symlink_to(f"../../blobs/{f.name}")
+    shutil.copytree(outside, _repo(cache, "not-a-commit", "v1") / "snapshots" / "v1")
+    snapshot = _repo(cache, "tagged-by-commit", None) / "snapshots" / V1
+    snapshot.symlink_to(outside)
+    return ["org/refs-up", "org/refs-abs", "org/snapshot-link", "org/file-link", "org/blobs-link", "org/not-a-commit",
+            f"org/tagged-by-commit@{V1}"]
+
+
+def test_hostile_cache_layouts_are_refused_and_nothing_outside_is_opened(hub, zoo, tmp_path, run_cli):
+    outside = tmp_path / "outside"
+    shutil.copytree(zoo["llama_ft"], outside)
+    ids = _hostile_layouts(hub, outside)
+    real_outside = os.path.realpath(outside)
+    for hub_id in ids:
+        with opened() as paths:
+            code, _, err = run_cli("merge", "--method", "task-arithmetic", "--base", zoo["llama"], hub_id,
+                                   "-o", outside / "merged")
+        assert code == 2 and "Hub cache" in err and len(err.strip().splitlines()) == 1, (hub_id, err)
+        # (the output's own staging folder, made and removed beside it, is the only thing written there)
+        leaked = [p for p in paths if os.path.realpath(p).startswith(real_outside) and ".partial" not in p]
+        assert not leaked, (hub_id, leaked)
+        assert not (outside / "merged").exists()
+        with pytest.raises(CorruptCheckpoint):
+            open_checkpoint(hub_id)
+
+
+def test_the_output_check_sees_the_real_files_of_its_inputs(zoo, tmp_path, run_cli):
+    """A model folder whose weights are a link to another folder: that file is an input too."""
+    shutil.copytree(zoo["llama_ft"], tmp_path / "real")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "model.safetensors").symlink_to(tmp_path / "real" / "model.safetensors")
+    shutil.copy(zoo["llama_ft"] / "config.json", tmp_path / "linked" / "config.json")
+    before = (tmp_path / "real" / "model.safetensors").read_bytes()
+    code, _, err = run_cli("spectrum", zoo["llama"], tmp_path / "linked", "--json", tmp_path / "real" / "model.safetensors",
+                           "--force")
+    assert code == 2 and "is the input" in err
+    assert (tmp_path / "real" / "model.safetensors").read_bytes() == before
+
+
+def test_the_good_layout_of_huggingface_hub_still_opens(hub, zoo, tmp_path):
+    """Blobs and relative links, as huggingface_hub writes them: inside the repository, so accepted."""
+    storage = _repo(hub, "blob-layout")
+    snapshot = storage / "snapshots" / MAIN
+    snapshot.mkdir()
+    for f in zoo["llama"].iterdir():
+        (storage / "blobs" / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/sha-{f.name}")
+    assert set(open_checkpoint("org/blob-layout").names()) == set(open_checkpoint(zoo["llama"]).names())

@@ -40,10 +40,15 @@ def ensure_writable(dest: str | Path, force: bool, directory: bool = False) -> N
         raise OutputConflict("exists and is not a regular file; --force replaces only files here", dest)
 
 
+STAGE_NAME_BYTES = 64  # of the destination's name in its staging folder's name: any legal name stays legal
+
+
 def staging_dir(dest: Path) -> Path:
-    """A private temporary folder beside `dest` (same file system: renames out of it are atomic)."""
+    """A private temporary folder beside `dest` (same file system: renames out of it are atomic),
+    named after the start of `dest`'s name, so a destination name of any legal length works."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    short = dest.name.encode()[:STAGE_NAME_BYTES].decode(errors="ignore")
+    return Path(tempfile.mkdtemp(prefix=f".{short}.", suffix=".partial", dir=dest.parent))
 
 
 @contextmanager

@@ -202,14 +202,8 @@ def open_dense(path: Path) -> Checkpoint:
     raise NotACheckpoint("no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder)
 
 
-
 def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        raise CorruptCheckpoint("index is not valid JSON with a 'weight_map' object", index) from None
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpoint("index 'weight_map' is not an object", index)
+    weight_map = read_weight_map(index)
     shards: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if shard not in shards:
@@ -220,13 +214,32 @@ def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkp
     return SafetensorsCheckpoint(folder, files, weight_map=weight_map, config=config)
 
 
-def shard_path(folder: Path, shard: object, index: Path, tensor: str) -> Path:
-    """The file an index names, confined to the index's folder: a plain file name, no traversal,
-    no absolute path, and no symbolic link leading out of the folder (except, in a Hugging Face
-    cache snapshot, into that repository's `blobs/`, where the cache keeps the real files)."""
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's `weight_map`: an object whose every value is a plain file name in the index's
+    folder (`shard_name`), whatever JSON the file holds instead (lists, numbers, null, objects)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise CorruptCheckpoint("index is not valid JSON with a 'weight_map' object", index) from None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpoint("index 'weight_map' is not an object", index)
+    for name, shard in weight_map.items():
+        shard_name(shard, index, name)
+    return weight_map
+
+
+def shard_name(shard: object, index: Path, tensor: str) -> str:
+    """`shard` when it is a plain file name (a non-empty string, no folder part, no traversal)."""
     if not isinstance(shard, str) or not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
         raise CorruptCheckpoint(f"index names shard {shard!r}, which is not a plain file name in its folder", index, tensor)
-    path = folder / shard
+    return shard
+
+
+def shard_path(folder: Path, shard: str, index: Path, tensor: str) -> Path:
+    """The file an index names, confined to the index's folder: a `shard_name`, and no symbolic
+    link leading out of the folder (except, in a Hugging Face cache snapshot, into that
+    repository's `blobs/`, where the cache keeps the real files)."""
+    path = folder / shard_name(shard, index, tensor)
     if not path.is_file():
         raise MissingShard(f"index names missing shard {shard}", index, tensor)
     real, home = path.resolve(), folder.resolve()

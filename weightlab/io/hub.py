@@ -4,19 +4,28 @@
 its cache, a download with progress when online, `HF_HUB_OFFLINE=1` honoured. Only what weightlab
 reads is fetched: the configs and indexes first, then exactly the weight files they name. A local
 path that exists always wins over an ID.
+
+The cache is a folder anyone with write access could have edited, so what it resolves to is
+confined: a revision must lead to `snapshots/<commit hash>` of that very repository (a ref must
+hold a commit hash, `cached_snapshot`), and every file of the snapshot must resolve, links
+followed, inside the repository's `blobs/` or that snapshot (`confine_snapshot`). Nothing
+outside the repository's cache folder is ever opened.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
-from weightlab.errors import CheckpointNotFound
+from weightlab.errors import CheckpointNotFound, CorruptCheckpoint
+from weightlab.io.checkpoint import read_weight_map
+from weightlab.io.files import NotARegularFile, read_regular
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 METADATA = ["config.json", "adapter_config.json", "generation_config.json", "*.safetensors.index.json"]
 DENSE_INDEX = "model.safetensors.index.json"
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
@@ -55,16 +64,74 @@ def _weight_files(folder: Path) -> list[str]:
     """The weight files a snapshot's metadata asks for: an index's shards, else the single file."""
     index = folder / DENSE_INDEX
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointNotFound("its index has no readable weight_map", index) from None
-        if any(Path(s).is_absolute() or ".." in Path(s).parts for s in shards):
-            raise CheckpointNotFound("its index names a shard outside the repository", index)
-        return shards
+        return sorted(set(read_weight_map(index).values()))
     if (folder / "adapter_config.json").is_file():
         return ["adapter_model.safetensors"]
     return ["model.safetensors"]
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def confine_snapshot(repo: str, folder: Path, source: str) -> Path:
+    """`folder` when it is `snapshots/<commit hash>` of `repo`'s cache folder (links resolved) and
+    every entry in it resolves inside that repository's `blobs/` or the snapshot itself; else
+    `CorruptCheckpoint` naming the entry. A `refs/` file holding a path, a snapshot that links
+    out of the cache, or a weight file linking elsewhere are refused before anything is read."""
+    root, real = _real(cache_folder(repo)), _real(folder)
+    if not COMMIT.fullmatch(folder.name) or real != root / "snapshots" / folder.name:
+        really = f" (links followed: {real})" if real != Path(os.path.abspath(folder)) else ""
+        raise CorruptCheckpoint(f"the Hub cache of {repo} resolves this revision to {folder}{really}, which is not a "
+                                "commit snapshot inside that repository's cache folder", source)
+    allowed = (root / "blobs", root / "snapshots" / folder.name)
+    for parent, folders, files in os.walk(folder):  # links to folders are listed, not followed
+        for name in folders + files:
+            entry = Path(parent) / name
+            real = _real(entry)
+            if not any(real == home or home in real.parents for home in allowed):
+                raise CorruptCheckpoint(f"this file of the Hub cache of {repo} leads outside the repository "
+                                        f"(to {real}); the cache may have been tampered with", entry)
+    return folder
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real = _real(path)
+    return real == root or root in real.parents
+
+
+def _ref(storage: Path, name: str, repo: str, source: str) -> str | None:
+    """The commit hash `refs/NAME` holds in the cache (None when there is no such ref)."""
+    ref = storage / "refs" / name
+    if not os.path.lexists(ref):
+        return None
+    tampered = f"the Hub cache of {repo} has a refs/{name} that "
+    if not _inside(ref.parent, _real(storage) / "refs"):
+        raise CorruptCheckpoint(tampered + "lies outside the repository; the cache may have been tampered with", source)
+    try:
+        text = read_regular(ref, 256).decode("ascii")
+    except (NotARegularFile, UnicodeDecodeError):
+        raise CorruptCheckpoint(tampered + "is not a file holding a commit hash", source) from None
+    if not COMMIT.fullmatch(text):
+        raise CorruptCheckpoint(tampered + f"holds {text[:80]!r}, not a commit hash; the cache may have been tampered "
+                                "with", source)
+    return text
+
+
+def cached_snapshot(repo: str, revision: str | None, source: str) -> Path | None:
+    """The confined snapshot the cache holds for `revision`, or None when it holds none (then
+    huggingface_hub fetches it). The cache is read here, not by huggingface_hub, whose offline
+    lookup joins a ref's content into the paths it opens before anything could check it."""
+    storage = cache_folder(repo)
+    commit = revision if revision and COMMIT.fullmatch(revision) else _ref(storage, revision or "main", repo, source)
+    if commit is None:
+        return None
+    listing = storage / "trees" / f"{commit}.json"  # huggingface_hub reads it when it fetches
+    if os.path.lexists(listing) and not _inside(listing, _real(storage)):
+        raise CorruptCheckpoint(f"this file of the Hub cache of {repo} leads outside the repository (to "
+                                f"{_real(listing)}); the cache may have been tampered with", listing)
+    folder = storage / "snapshots" / commit
+    return confine_snapshot(repo, folder, source) if os.path.lexists(folder) else None
 
 
 def _snapshot(source: str, repo: str, revision: str | None) -> Path:
@@ -72,10 +139,13 @@ def _snapshot(source: str, repo: str, revision: str | None) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, IncompleteSnapshotError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
+    cached = cached_snapshot(repo, revision, source)
+    if cached is not None and all((cached / w).is_file() for w in _weight_files(cached)):
+        return cached
     try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA))
+        folder = confine_snapshot(repo, Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA)), source)
         weights = _weight_files(folder)
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=weights))
+        folder = confine_snapshot(repo, Path(snapshot_download(repo, revision=revision, allow_patterns=weights)), source)
     except RevisionNotFoundError:
         raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} has no revision {revision}",
                                  source) from None

@@ -22,11 +22,14 @@ from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_
 
 @dataclass(frozen=True)
 class Output:
-    """One destination: `option` names it in messages (`--json`, `-o`)."""
+    """One destination: `option` names it in messages (`--json`, `-o`). An `in_place` folder
+    (the decomposition cache) is written where it is, not staged: it is only checked against
+    the inputs and the other outputs."""
 
     option: str
     path: str | Path
     directory: bool = False
+    in_place: bool = False
 
     @property
     def stdout(self) -> bool:
@@ -41,26 +44,30 @@ def _inside(inner: Path, outer: Path) -> bool:
     return outer in inner.parents
 
 
-def input_footprint(path: str | Path) -> Path:
-    """What reading `path` touches: a sharded index file reads its whole folder, a Hub model ID
-    its folder in the Hub cache."""
+def input_footprints(path: str | Path) -> list[Path]:
+    """What reading `path` touches, links resolved: the path itself (a sharded index: its whole
+    folder), the real place of every file of a folder input (a weight file may be a link to
+    elsewhere), and for a Hub model ID its repository's cache folder (everything read through an
+    ID lies inside it: `hub.confine_snapshot`)."""
     if is_hub_id(path):
-        return _real(cache_folder(parse_hub_id(str(path))[0]))
+        return [_real(cache_folder(parse_hub_id(str(path))[0]))]
     real = _real(path)
-    return real.parent if real.name.endswith(".index.json") else real
+    folder = real.parent if real.name.endswith(".index.json") else real
+    linked = sorted({_real(p) for p in folder.iterdir() if p.is_symlink() and p.is_file()}) if folder.is_dir() else []
+    return [folder, *linked]
 
 
 def refuse_input_overlap(option: str, path: str | Path, inputs: Iterable[str | Path]) -> None:
     """Refuse a path weightlab will write (an output, the cache) that is, contains or lies inside an input."""
     real = _real(path)
     for given in inputs:
-        footprint = input_footprint(given)
-        if real == footprint:
-            raise OutputConflict(f"{option} is the input {given}; choose another path", path)
-        if _inside(footprint, real):
-            raise OutputConflict(f"{option} contains the input {given}; choose another path", path)
-        if _inside(real, footprint):
-            raise OutputConflict(f"{option} lies inside the input {given}; write outside it", path)
+        for footprint in input_footprints(given):
+            if real == footprint:
+                raise OutputConflict(f"{option} is the input {given}; choose another path", path)
+            if _inside(footprint, real):
+                raise OutputConflict(f"{option} contains the input {given}; choose another path", path)
+            if _inside(real, footprint):
+                raise OutputConflict(f"{option} lies inside the input {given}; write outside it", path)
 
 
 def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force: bool) -> None:
@@ -80,7 +87,8 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force
             if real == other_real or _inside(real, other_real) or _inside(other_real, real):
                 raise OutputConflict(f"{other.option} and {out.option} collide ({other.path}, {out.path})", out.path)
         seen.append((out, real))
-        ensure_writable(out.path, force, out.directory)
+        if not out.in_place:
+            ensure_writable(out.path, force, out.directory)
 
 
 class OutputPlan:
