@@ -143,11 +143,11 @@ def test_cache_keys_follow_content_and_damaged_entries_are_misses(tmp_path):
     edited = w.clone()
     edited[3, 4] += 1e-6
     assert content_key(edited) != key
-    assert cache.get(key) is None
+    assert cache.get(key, tuple(w.shape), None) is None
     cache.put(key, decompose(w))
-    assert cache.get(key) is not None
+    assert cache.get(key, tuple(w.shape), None) is not None
     cache.path(key).write_bytes(cache.path(key).read_bytes()[:100])  # truncated by a crash or a full disk
-    assert cache.get(key) is None
+    assert cache.get(key, tuple(w.shape), None) is None
 
 
 def test_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path):
@@ -159,7 +159,7 @@ def test_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path):
     for i, (key, spec) in enumerate(spectra):
         cache.put(key, spec)
         os.utime(cache.path(key), (1e9 + i, 1e9 + i))  # distinct times, oldest first
-    assert cache.get(spectra[2][0]) is not None  # a hit refreshes the entry
+    assert cache.get(spectra[2][0], (40, 40), None) is not None  # a hit refreshes the entry
     cache.put(*spectra[0])
     kept = {p.name.split(".")[0] for _, _, p in cache.entries()}
     assert kept == {spectra[2][0], spectra[0][0]}
@@ -175,7 +175,7 @@ def test_concurrent_runs_share_one_cache_safely(tmp_path):
         for _ in range(10):
             for key, spec in items:
                 cache.put(key, spec)
-                got = cache.get(key)
+                got = cache.get(key, (50, 30), None)
                 if got is not None and not (torch.equal(got.S, spec.S) and torch.equal(got.E, spec.E)):
                     errors.append(key)
 
@@ -230,8 +230,9 @@ def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_
     assert bad[0] == 2 and "--cache-size" in bad[2]
 
     folder = tmp_path / "mycache"
-    assert run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--no-cache",
-                   "--cache-dir", str(folder))[0] == 0
+    ignored = run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--no-cache",
+                      "--cache-dir", str(folder))
+    assert ignored[0] == 2 and "--cache-dir does not apply" in ignored[2]  # an option that changes nothing is refused
     assert not folder.exists()
     assert run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"),
                    "--cache-dir", str(folder))[0] == 0

@@ -9,7 +9,7 @@ import typer
 
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum as compute_spectrum
 from weightlab.compute.cache import DEFAULT_BYTES, DecompositionCache
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
 from weightlab.io import open_finetuned, open_weights
 
 
@@ -38,10 +38,15 @@ def spectrum(
     re-run) skip them. --values-only BASE alone gives the base's own spectra.
     """
     finetuned = finetuned or []
+    refuse_unless(not no_cache and not values_only, "does not apply: nothing is cached with --no-cache or --values-only",
+                  "cache_dir", "cache_size")
+    refuse_unless(not values_only, "does not apply to --values-only (no singular vectors, so no intruders)",
+                  "intruder_k", "epsilon")
+    refuse_unless(bool(finetuned), "does not apply to one checkpoint's own spectra (nothing to amplify)", "k")
     options = SpectrumOptions(k, intruder_k, epsilon, keep, values_only, **common.filters)
     compute = common.compute()
-    cache = None if no_cache else DecompositionCache.at(cache_dir, cache_size, [base, *finetuned])
-    with common.outputs([base, *finetuned]) as plan:
+    cache = None if no_cache else DecompositionCache.at(cache_dir, cache_size)
+    with common.outputs([base, *finetuned], cache_dir=cache and cache.folder) as plan:
         base_ckpt = open_weights(base)
         fts = [open_finetuned(p, base_ckpt) for p in finetuned]
         with progress("spectrum") as (on_start, on_progress):

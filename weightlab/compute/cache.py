@@ -5,31 +5,43 @@ The key is a SHA-256 of the tensor's bytes, shape and dtype plus the device kind
 format version, so an edited tensor, another precision or another device never reads a stale
 entry. Entries are safetensors files written to a private temporary name and renamed into
 place (atomic on POSIX), so concurrent runs never see half an entry: two writers of one key
-write the same bytes, and the last rename wins. A reader that finds an entry gone (evicted by
-another run) or unreadable treats it as a miss. When the folder outgrows its bound, the least
+write the same bytes, and the last rename wins. When the folder outgrows its bound, the least
 recently used entries go first (a hit refreshes an entry's time).
+
+An entry is trusted only when it proves itself (`DecompositionCache.get`): it must be a regular
+file (opened without following links and without blocking, so a named pipe cannot hang a run),
+carry a SHA-256 over its own tensors and its key (so a flipped bit, a truncation or another
+entry's file copied in its place fails), and hold finite values of the shapes and dtypes the
+matrix asks for. Anything else is a miss: the entry is deleted, recomputed, and a note says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from weightlab.compute.gram import GramSpectrum
+from weightlab.io.files import NotARegularFile, read_regular
 from weightlab.domains import Real
-from weightlab.io.outputs import refuse_input_overlap
 
-FORMAT = "weightlab.gram/1"
+FORMAT = "weightlab.gram/2"  # /2: entries carry their checksum
 DEFAULT_BYTES = 4 << 30
 SUFFIX = ".gram.safetensors"
+MAX_HEADER = 1 << 16  # an entry's header holds three tensors and two strings
+log = logging.getLogger("weightlab")
+
+
+class DamagedEntry(Exception):
+    """A cache entry that does not prove itself (why in the message)."""
 
 
 def default_folder() -> Path:
@@ -54,36 +66,41 @@ class DecompositionCache:
     max_bytes: int = DEFAULT_BYTES
 
     @classmethod
-    def at(cls, folder: Path | None, size_gib: float, inputs: Sequence[Path]) -> "DecompositionCache":
-        """The cache the CLI uses: `folder` (default `default_folder()`), bounded to `size_gib`,
-        refused when it is, contains or lies inside an input (weightlab never writes into inputs)."""
+    def at(cls, folder: Path | None, size_gib: float) -> "DecompositionCache":
+        """The cache the CLI uses: `folder` (default `default_folder()`), bounded to `size_gib`. The
+        command's output plan checks it against the inputs and outputs (`Output.in_place`)."""
         Real(0).check("--cache-size", size_gib)
         folder = Path(folder).expanduser() if folder is not None else default_folder()
-        refuse_input_overlap("--cache-dir", folder, inputs)
         return cls(folder, int(size_gib * 2**30))
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}{SUFFIX}"
 
-    def get(self, key: str) -> GramSpectrum | None:
+    def get(self, key: str, shape: tuple[int, ...], columns: int | None) -> GramSpectrum | None:
+        """The entry of `key` for a matrix of `shape` with its top `columns` Gram eigenvectors (all
+        when None), or None: missing, or damaged (then deleted, with a note)."""
         path = self.path(key)
         try:
-            tensors = load_file(path)
-            spectrum = GramSpectrum(tensors["S"], tensors["E"], bool(tensors["tall"]))
+            spectrum = read_entry(path, key, shape, columns)
             os.utime(path)
-        except (OSError, SafetensorError, KeyError, RuntimeError):
+        except FileNotFoundError:
+            return None
+        except (OSError, DamagedEntry) as e:
+            log.warning("%s: damaged decomposition cache entry (%s); deleted and recomputed", path, e)
+            if not path.is_dir():
+                path.unlink(missing_ok=True)
             return None
         return spectrum
 
     def put(self, key: str, spectrum: GramSpectrum) -> None:
         """Store an entry; a full disk or an unwritable folder costs speed, never the run."""
         path, temp = self.path(key), None
+        tensors = {"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(), "tall": torch.tensor(spectrum.tall)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
             os.close(handle)
-            save_file({"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(),
-                       "tall": torch.tensor(spectrum.tall)}, temp, metadata={"format": FORMAT})
+            save_file(tensors, temp, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)})
             os.replace(temp, path)
         except OSError:
             if temp:
@@ -110,3 +127,45 @@ class DecompositionCache:
                 break
             path.unlink(missing_ok=True)
             total -= size
+
+
+def entry_digest(key: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the key and every tensor's name, dtype, shape and bytes: an entry's own proof."""
+    digest = hashlib.sha256(f"{FORMAT}|{key}".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_entry(path: Path, key: str, shape: tuple[int, ...], columns: int | None) -> GramSpectrum:
+    """Entry `key` for a matrix of `shape` with `columns` eigenvectors, proven (`DamagedEntry` if not)."""
+    try:
+        data = read_regular(path)
+    except NotARegularFile:
+        raise DamagedEntry("not a regular file") from None
+    if len(data) < 8 or struct.unpack("<Q", data[:8])[0] > min(MAX_HEADER, len(data) - 8):
+        raise DamagedEntry("truncated")
+    try:
+        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+        metadata = header["__metadata__"]
+        stored = metadata["sha256"]
+        tensors = load(data)
+    except Exception as e:  # any parse failure of untrusted bytes is damage
+        raise DamagedEntry(f"unreadable: {type(e).__name__}") from None
+    if metadata != {"format": FORMAT, "sha256": stored}:
+        raise DamagedEntry("not an entry of this format")
+    if set(tensors) != {"S", "E", "tall"}:
+        raise DamagedEntry("wrong tensors")
+    if stored != entry_digest(key, tensors):
+        raise DamagedEntry("checksum mismatch")
+    m, n = shape
+    r = min(m, n)
+    S, E, tall = tensors["S"], tensors["E"], tensors["tall"]
+    if (S.dtype, tuple(S.shape), E.dtype, tuple(E.shape), tall.dtype, tuple(tall.shape)) != \
+            (torch.float64, (r,), torch.float32, (r, min(columns or r, r)), torch.bool, ()) or bool(tall) != (m > n):
+        raise DamagedEntry("wrong shape or dtype")
+    if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(E).all())) or bool((S < 0).any()):
+        raise DamagedEntry("non-finite or negative values")
+    return GramSpectrum(S, E, bool(tall))
