@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +166,70 @@ def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process
     with pytest.raises(CorruptCheckpoint, match=last):
         merge(config, out, compute=CLUSTER)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ft"]
+
+
+def _weightlab(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "weightlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=LOCAL_CLUSTER_ENV, **kwargs)
+
+
+@pytest.fixture()
+def silent_port():
+    """A port that accepts TCP connections and never says a word: Ray would wait on it for minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+def test_a_dead_address_is_one_line_and_exit_2_at_once(zoo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nobody listens there
+    started = time.monotonic()
+    done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{port}")
+    out, err = done.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, err
+    assert f"--ray 127.0.0.1:{port}: cannot reach a Ray cluster" in lines[0]
+    assert time.monotonic() - started < 60  # the import of torch, not minutes of retries
+
+
+def test_a_silent_address_gives_up_within_the_timeout(zoo, silent_port):
+    started = time.monotonic()
+    done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{silent_port}",
+                      "--ray-timeout", "3")
+    out, err = done.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, err  # Ray's own warnings went to its log, not here
+    assert "no Ray cluster connected within 3 s" in lines[0] and "Ray's log: " in lines[0]
+    assert time.monotonic() - started < 45
+
+
+def test_sigterm_while_connecting_exits_143_with_our_line(zoo, silent_port):
+    done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{silent_port}",
+                      "--ray-timeout", "120", "--json", "never.json", cwd=str(zoo["llama"].parent.parent))
+    log = Path(tempfile.gettempdir()) / f"weightlab-ray-{done.pid}.log"
+    deadline = time.monotonic() + 90
+    while not log.exists() and time.monotonic() < deadline and done.poll() is None:
+        time.sleep(0.1)
+    assert log.exists(), "the connection never started"
+    time.sleep(1)  # inside ray.init now
+    sent = time.monotonic()
+    done.send_signal(signal.SIGTERM)
+    out, err = done.communicate(timeout=30)
+    assert done.returncode == 143, err
+    assert time.monotonic() - sent < 10
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted (SIGTERM): nothing was written"]
+
+
+def test_ray_addresses_are_read_as_ray_writes_them():
+    from weightlab.compute.ray_connect import host_and_port
+
+    assert host_and_port("10.0.0.5:6380", "x") == ("10.0.0.5", 6380)
+    assert host_and_port("ray://head:10001", "x") == ("head", 10001)
+    assert host_and_port("[::1]:7000", "x") == ("::1", 7000)
+    assert host_and_port("head", "x") == ("head", 6379)
+    for bad in ("a:b:c", "host:99999", ":80", "host:port"):
+        with pytest.raises(InvalidArgument, match="not a Ray address"):
+            host_and_port(bad, "--ray " + bad)

@@ -10,33 +10,16 @@ task whose worker died (`max_retries`).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence, TypeVar
 
 from weightlab.compute.device import Compute
-from weightlab.errors import CheckpointNotFound, InvalidArgument, WeightlabError
+from weightlab.compute.ray_connect import connect
+from weightlab.errors import CheckpointNotFound, WeightlabError
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 
 R = TypeVar("R")
 TASKS_PER_WORKER = 4  # tasks per CPU of the cluster: enough to balance, few enough to keep overheads small
-INSTALL = 'install Ray to use --ray: pip install "weightlab[ray]"'
-
-
-def connect(address: str) -> Any:
-    """The `ray` module, connected to `address` ("auto": $RAY_ADDRESS, else a local cluster)."""
-    try:
-        import ray
-    except ImportError:
-        raise InvalidArgument(INSTALL) from None
-    if not ray.is_initialized():
-        target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
-        try:
-            ray.init(address=target or None, ignore_reinit_error=True, log_to_driver=False,
-                     include_dashboard=False, configure_logging=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise InvalidArgument(f"--ray {address}: cannot connect to a Ray cluster ({e})") from None
-    return ray
 
 
 def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable, compute: Compute,
@@ -69,7 +52,7 @@ def map_on_cluster(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor]
                    compute: Compute, options: dict, on_start: Callable[[int], None] | None = None,
                    on_progress: Callable[[int], None] | None = None) -> list[R]:
     """`work` over `items` in Ray tasks of consecutive items; results in item order."""
-    ray = connect(compute.cluster)
+    ray = connect(compute.cluster, compute.cluster_timeout)
     if on_start:
         on_start(len(items))
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from weightlab.domains import Choice, Int
+from weightlab.compute.ray_connect import CONNECT_TIMEOUT, connect
+from weightlab.domains import Choice, Int, Real
 from weightlab.errors import InvalidArgument
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -44,16 +45,24 @@ class Compute:
     batch_size: int  # same-shape matrices per decomposition call: batching pays off on GPUs
     prefetch: int = 2
     cluster: str | None = None  # a Ray address ("auto": $RAY_ADDRESS or a local cluster); None runs here
+    cluster_timeout: float = CONNECT_TIMEOUT  # seconds to connect to it (`compute.ray_connect`)
     requested: str = "auto"  # the --device asked for: each Ray worker resolves it on its own node
     threads: int = field(default_factory=torch.get_num_threads)  # math threads (Ray workers match it)
 
     @classmethod
     def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None,
-               cluster: str | None = None) -> "Compute":
+               cluster: str | None = None, cluster_timeout: float | None = None) -> "Compute":
+        """Validated options; with `cluster`, connected to it now (a dead address fails before any work)."""
         Int(1, 4096, optional=True).check("batch size", batch_size)
+        Real(0, 3600, low_open=True, optional=True).check("--ray-timeout", cluster_timeout)
+        if cluster_timeout is not None and cluster is None:
+            raise InvalidArgument("--ray-timeout bounds the connection to a cluster: it needs --ray")
         dev = resolve_device(device)
+        timeout = CONNECT_TIMEOUT if cluster_timeout is None else cluster_timeout
+        if cluster is not None:
+            connect(cluster, timeout)
         return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1), cluster=cluster,
-                   requested=device)
+                   cluster_timeout=timeout, requested=device)
 
     def on_this_node(self) -> "Compute":
         """This compute as a Ray worker runs it: its own device (its GPU when it has one and
