@@ -159,3 +159,35 @@ def test_as_adapter_refusals(zoo, pair, run_cli, tmp_path):
                            "--max-rank", "2", "-o", tmp_path / "x")
     assert code == 2 and "--as-adapter" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def zero_adapter(tmp_path_factory):
+    """PEFT's default initialisation: B = 0, so the adapter changes nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from weightlab import synthetic
+
+    torch.manual_seed(11)
+    folder = tmp_path_factory.mktemp("zero") / "adapter"
+    get_peft_model(synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties", "tsv"])
+def test_a_zero_adapter_contributes_no_direction(zoo, adapters, zero_adapter, run_cli, tmp_path, method):
+    """Merging with an adapter that changes nothing gives the merge without it: no null direction
+    stacked (TSV), no rank added (task arithmetic), the same update (TIES)."""
+    alone, with_zero = tmp_path / "alone", tmp_path / "with-zero"
+    common = ["merge", "--as-adapter", "--method", method, "--base", zoo["llama"], "--lambda", "0.8"]
+    weights = {"alone": ["--weights", "1"], "with-zero": ["--weights", "1,1"]}
+    assert run_cli(*common, adapters["llama"], *weights["alone"], "-o", alone)[0] == 0
+    code, _, err = run_cli(*common, adapters["llama"], zero_adapter, *weights["with-zero"], "-o", with_zero)
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    a, b = open_finetuned(alone, base), open_finetuned(with_zero, base)
+    for name in a.module_of:
+        torch.testing.assert_close(b.get(name), a.get(name), atol=1e-6, rtol=1e-5, msg=name)
+    if method == "task-arithmetic":
+        assert {m.rank for m in open_checkpoint(with_zero).modules.values()} == {4}

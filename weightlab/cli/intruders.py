@@ -50,10 +50,11 @@ def mitigate(
         writer = None if adapter else CheckpointWriter(plan.path("-o"), donor=ft.path, plan=stored_plan(ft),
                                                        metadata={"weightlab": f"intruders scaled by {scale:g}"})
         with progress("mitigate-intruders") as (on_start, on_progress), (writer or nullcontext()):
-            result, factors = mitigate_intruders(base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start)
-        if adapter:
-            write_adapter(plan.path("-o"), factors, scale=1.0, base_model=ft.adapter.base_model_name_or_path,
-                          fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")), sidecar=result.to_dict())
+            result, mitigated = mitigate_intruders(base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start)
+        if mitigated is not None:
+            write_adapter(plan.path("-o"), mitigated.factors, scale=1.0, base_model=ft.adapter.base_model_name_or_path,
+                          fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")), sidecar=result.to_dict(),
+                          saved=mitigated.saved)
         emit(plan, result)
     if json_out != "-":
         show(result)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -28,20 +28,21 @@ _DONE = object()
 READ_AHEAD_BYTES = 256 << 20
 
 
-def batches(items: Sequence[MatchedTensor], batch_size: int) -> list[list[MatchedTensor]]:
-    """Group same-shape items (in their given order) into batches of at most `batch_size`."""
-    groups: dict[tuple[int, ...], list[MatchedTensor]] = {}
+def batches(items: Sequence[MatchedTensor], batch_size: int,
+            kind: Callable[[MatchedTensor], Hashable] = lambda item: None) -> list[list[MatchedTensor]]:
+    """Group items of one shape and one `kind` (in their given order) into batches of at most `batch_size`."""
+    groups: dict[tuple, list[MatchedTensor]] = {}
     for item in items:
-        groups.setdefault(item.shape, []).append(item)
+        groups.setdefault((item.shape, kind(item)), []).append(item)
     out = []
     for group in groups.values():
         out.extend(group[i:i + batch_size] for i in range(0, len(group), batch_size))
     return out
 
 
-def _stored(ckpt: Checkpoint) -> Checkpoint:
-    """Where the raw tensors are: an adapted checkpoint's base (the update is added later)."""
-    return ckpt.base if isinstance(ckpt, AdaptedCheckpoint) else ckpt
+def _read(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """The raw tensor as stored: for an adapted checkpoint, the one its update is added to later."""
+    return ckpt.stored(name) if isinstance(ckpt, AdaptedCheckpoint) else ckpt.get(name)
 
 
 def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -56,11 +57,16 @@ def _prepare(ckpt: Checkpoint, name: str, raw: torch.Tensor, device: torch.devic
 
 
 def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], device: torch.device,
-                    dtype: torch.dtype, batch_size: int = 1, prefetch: int = 2,
-                    matrix: bool = True) -> Iterator[tuple[list[MatchedTensor], list[torch.Tensor]]]:
+                    dtype: torch.dtype, batch_size: int = 1, prefetch: int = 2, matrix: bool = True,
+                    skip: Callable[[int, MatchedTensor], bool] = lambda source, item: False,
+                    ) -> Iterator[tuple[list[MatchedTensor], list[torch.Tensor | None]]]:
     """Yield (batch items, one stack [b, ...] per source), read ahead of use: out×in matrices
     (`as_matrix`), or with `matrix=False` tensors in their stored layout. Floating tensors are
-    cast to `dtype` and checked finite; others keep their dtype."""
+    cast to `dtype` and checked finite; others keep their dtype. Where `skip(source, item)`, that
+    source is not read and its slot is None (batches never mix skipped and read items)."""
+    def unread(item: MatchedTensor) -> tuple[bool, ...]:
+        return tuple(skip(i, item) for i in range(len(sources)))
+
     release_large_buffers()
     pending: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
@@ -69,14 +75,16 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
 
     def produce() -> None:
         try:
-            for batch in batches(items, batch_size):
-                size = sum(_stored(c).info(n).nbytes for item in batch for c, n in zip(sources, item.names))
+            for batch in batches(items, batch_size, unread):
+                read = [not s for s in unread(batch[0])]
+                size = sum(c.info(n).nbytes for item in batch for c, n, r in zip(sources, item.names, read) if r)
                 with room:
                     room.wait_for(lambda: stop.is_set() or not in_flight[0] or in_flight[0] + size <= READ_AHEAD_BYTES)
                     in_flight[0] += size
                 if stop.is_set():
                     return
-                pending.put((batch, size, [[_stored(c).get(n) for c, n in zip(sources, item.names)] for item in batch]))
+                pending.put((batch, size, [[_read(c, n) if r else None for c, n, r in zip(sources, item.names, read)]
+                                           for item in batch]))
             pending.put(_DONE)
         except BaseException as e:  # hand the error to the consumer, who re-raises it
             pending.put(e)
@@ -88,10 +96,12 @@ def stream_matrices(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor
             if isinstance(got, BaseException):
                 raise got
             batch, size, raws = got
-            per_source = zip(*[[_prepare(c, n, raw, device, dtype, matrix) for c, n, raw in zip(sources, item.names, item_raws)]
+            per_source = zip(*[[None if raw is None else _prepare(c, n, raw, device, dtype, matrix)
+                                for c, n, raw in zip(sources, item.names, item_raws)]
                                for item, item_raws in zip(batch, raws)])
             del got, raws
-            yield batch, [torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0) for mats in per_source]
+            yield batch, [None if mats[0] is None else torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0)
+                          for mats in per_source]
             with room:  # the caller is done with this batch
                 in_flight[0] -= size
                 room.notify()

@@ -75,7 +75,7 @@ def select(matched: Sequence[MatchedTensor], selection: Selection) -> list[Match
 
 def may_change(ckpt: Checkpoint, name: str) -> bool:
     """False only when `ckpt` is an adapter that leaves `name` as the base has it."""
-    return not isinstance(ckpt, AdaptedCheckpoint) or name in ckpt.module_of
+    return not isinstance(ckpt, AdaptedCheckpoint) or ckpt.changes(name)
 
 
 class Batch(NamedTuple):
@@ -146,18 +146,19 @@ class TensorWalk:
     def batches(self, compute: Compute, *, factors: bool = False, stored_layout: bool = False,
                 on_start: Progress | None = None, on_progress: Progress | None = None) -> Iterator[Batch]:
         """Read ahead, check finite, stack same-shape tensors. Tensors are out×in matrices
-        (`naming.as_matrix`) unless `stored_layout`. With `factors`, adapters are not applied
-        densely: their slot is None and the analysis reads their factors (`analysis.deltas`)."""
-        read = [i for i, c in enumerate(self.sources) if not (factors and isinstance(c, AdaptedCheckpoint))]
+        (`naming.as_matrix`) unless `stored_layout`. With `factors`, an adapter is not applied
+        densely where its change is a LoRA product (or nothing): its slot is None and the analysis
+        reads the factors (`analysis.deltas`); a LoRA bias or a saved tensor is read as W'."""
         if on_start:
             on_start(len(self.items))
-        stream = stream_matrices([self.sources[i] for i in read], self.items, compute.device, compute.dtype,
-                                 compute.batch_size, compute.prefetch, matrix=not stored_layout)
-        for items, stacks in stream:
-            tensors: list[torch.Tensor | None] = [None] * len(self.sources)
-            for i, stack in zip(read, stacks):
-                tensors[i] = stack
-            del stacks
+
+        def skip(source: int, item: MatchedTensor) -> bool:
+            ckpt = self.sources[source]
+            return factors and isinstance(ckpt, AdaptedCheckpoint) and not ckpt.changes_densely(item.names[source])
+
+        stream = stream_matrices(self.sources, self.items, compute.device, compute.dtype, compute.batch_size,
+                                 compute.prefetch, matrix=not stored_layout, skip=skip)
+        for items, tensors in stream:
             yield Batch(items, tensors)
             del tensors  # before the next batch is prepared: one batch in memory
             if on_progress:

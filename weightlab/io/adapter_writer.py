@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
+from weightlab.errors import InvalidArgument
 from weightlab.io.atomic import atomic_path
 from weightlab.io.safetensors_file import write_safetensors
 
@@ -19,6 +21,7 @@ class LoraFactors:
     a: torch.Tensor
     b: torch.Tensor
     embedding: bool = False  # stored as lora_embedding_A = Aᵀ-side factors (see `to_peft`)
+    bias: torch.Tensor | None = None  # lora_B's bias (PEFT's lora_bias): the module's bias moves by s·bias
 
     @property
     def rank(self) -> int:
@@ -32,21 +35,29 @@ def peft_tensors(module: str, f: LoraFactors) -> dict[str, torch.Tensor]:
     prefix = f"base_model.model.{module}"
     if f.embedding:
         return {f"{prefix}.lora_embedding_A": f.b.T.contiguous(), f"{prefix}.lora_embedding_B": f.a.T.contiguous()}
-    return {f"{prefix}.lora_A.weight": f.a.contiguous(), f"{prefix}.lora_B.weight": f.b.contiguous()}
+    bias = {} if f.bias is None else {f"{prefix}.lora_B.bias": f.bias.contiguous()}
+    return {f"{prefix}.lora_A.weight": f.a.contiguous(), f"{prefix}.lora_B.weight": f.b.contiguous(), **bias}
 
 
 def write_adapter(out_dir: str | Path, factors: dict[str, LoraFactors], *, scale: float, base_model: str | None,
                   fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32, sidecar: dict | None = None,
-                  force: bool = False) -> None:
+                  force: bool = False, saved: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` (atomically).
 
     Every module gets the LoRA scale `scale` = alpha/r: the most common rank becomes `r` with
     lora_alpha = scale·r, and modules of other ranks go to `rank_pattern` with their own
-    alpha (scale·r_m) in `alpha_pattern`.
+    alpha (scale·r_m) in `alpha_pattern`. With a bias on any module, `lora_bias` is on (the
+    others get zero biases); `saved` tensors (by their name in an adapter file, without PEFT's
+    prefix; kept in their dtype) are written whole, their modules listed in `modules_to_save`
+    (except a targeted module's `base_layer` tensors, which PEFT loads as they are).
     """
+    saved = dict(saved or {})
+    if not factors or any(f.rank < 1 for f in factors.values()):
+        raise InvalidArgument("an adapter needs at least one module of rank ≥ 1; nothing to write")
     ranks = [f.rank for f in factors.values()]
     r = max(set(ranks), key=lambda x: (ranks.count(x), x))
     rank_pattern = {m: f.rank for m, f in factors.items() if f.rank != r}
+    lora_bias = any(f.bias is not None for f in factors.values())
     alpha = scale * r
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": r, "lora_alpha": alpha,
@@ -54,11 +65,16 @@ def write_adapter(out_dir: str | Path, factors: dict[str, LoraFactors], *, scale
         "alpha_pattern": {m: scale * rank for m, rank in rank_pattern.items()},
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
         # the factors are already in the file: PEFT must not re-run an initialisation on load
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": sorted({n.rpartition(".")[0] for n in saved if ".base_layer." not in n}) or None,
+        **({"lora_bias": True} if lora_bias else {}),
     }
     tensors: dict[str, torch.Tensor] = {}
     for module, f in factors.items():
+        if lora_bias and f.bias is None and not f.embedding:
+            f = replace(f, bias=f.b.new_zeros(f.b.shape[0]))
         tensors.update({k: v.to(dtype).cpu() for k, v in peft_tensors(module, f).items()})
+    tensors.update({f"base_model.model.{name}": t.cpu().contiguous() for name, t in saved.items()})
     with atomic_path(out_dir, force, directory=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})

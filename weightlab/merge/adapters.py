@@ -16,6 +16,13 @@ With τ_i = s_i·L_i·R_i (L_i m×r_i, R_i r_i×n, in the out×in orientation) a
 
 `max_rank` then keeps the best rank-k approximation of each module's merged update (its exact SVD
 from the factors, Eckart & Young 1936). Modules only some adapters change are merged from those.
+
+An adapter whose update of a module is zero (B = 0, PEFT's default initialisation, or a zero
+coefficient) contributes no direction there; a module no adapter changes is not written, and a
+merge that changes nothing is refused. What is not a LoRA product is merged as the dense method
+merges the densified adapters: LoRA biases (lora_bias) as task vectors s_i·b_i, tensors of saved
+modules (modules_to_save) as θ_i against the base's tensor (an adapter that does not save one
+leaves the base's), so `--base` is needed for those.
 """
 
 from __future__ import annotations
@@ -27,17 +34,19 @@ from pathlib import Path
 import torch
 
 from weightlab.analysis.deltas import numerical_rank
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import torch_dtype
 from weightlab.compute.svd import lowrank_svd
 from weightlab.domains import Int
-from weightlab.errors import InvalidArgument
+from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors, write_adapter
 from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.merge.config import MergeConfig
-from weightlab.merge.methods import ties
+from weightlab.merge.methods import METHODS, MergeMethod, ties
 from weightlab.merge.params import Params
 from weightlab.merge.subspace import tsv_factors
-from weightlab.merge.run import MergeReport
+from weightlab.merge.run import MergeReport, tensor_seed
 
 ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")
 
@@ -49,6 +58,13 @@ class MergedModule:
     sources: list[int]  # which adapters change this module
 
 
+@dataclass
+class MergedAdapter:
+    modules: list[MergedModule]
+    saved: dict[str, torch.Tensor]  # whole tensors of saved modules, by their name in the adapters
+    left_out: list[str]  # saved tensors the base lacks
+
+
 def _update_shape(adapter: LoraAdapter, module: str) -> tuple[int, int, bool]:
     """(out, in) of a module's update in the math orientation, from the headers alone."""
     m = adapter.modules[module]
@@ -57,8 +73,10 @@ def _update_shape(adapter: LoraAdapter, module: str) -> tuple[int, int, bool]:
 
 def check_adapters(adapters: list[LoraAdapter]) -> None:
     """Adapters of one base: the same fan_in_fan_out, and each module of one shape in all of them."""
-    if len({bool(a.adapter_config.get("fan_in_fan_out")) for a in adapters}) > 1:
-        raise InvalidArgument("the adapters disagree on fan_in_fan_out; merge adapters of one base model", adapters[0].path)
+    for flag in ("fan_in_fan_out", "lora_bias"):
+        if len({bool(a.adapter_config.get(flag)) for a in adapters}) > 1:
+            raise InvalidArgument(f"the adapters disagree on {flag}; merge adapters of one base model alike "
+                                  "(or merge them densely, without --as-adapter)", adapters[0].path)
     seen: dict[str, tuple[int, int, bool]] = {}
     for a in adapters:
         for module in a.modules:
@@ -94,13 +112,18 @@ def tsv_of_factors(lefts: list[torch.Tensor], rights: list[torch.Tensor], tasks:
     parts = []
     for left, right in zip(lefts, rights):
         svd = lowrank_svd(left, right)
-        parts.append(svd.truncate(max(1, min(keep, numerical_rank(svd.S, (left.shape[0], right.shape[1]))))))
-    return tsv_factors(parts)
+        parts.append(svd.truncate(min(keep, numerical_rank(svd.S, (left.shape[0], right.shape[1])))))
+    return tsv_factors([p for p in parts if p.S.numel()])
+
+
+def _is_zero(left: torch.Tensor, right: torch.Tensor) -> bool:
+    return not bool(left.any()) or not bool(right.any())
 
 
 def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[float], params: Params,
-                   max_rank: int | None = None, seed: int = 0) -> list[MergedModule]:
-    """Every module any adapter changes, merged by `method` into LoRA factors at scale 1."""
+                   max_rank: int | None = None, seed: int = 0, base: Checkpoint | None = None) -> MergedAdapter:
+    """Every module any adapter changes, merged by `method` into LoRA factors at scale 1, and the
+    tensors of saved modules merged against `base` (needed when an adapter saves any)."""
     if method not in ADAPTER_METHODS:
         raise InvalidArgument(f"--as-adapter merges with {', '.join(ADAPTER_METHODS)}; {method} needs dense task vectors "
                               "(merge without --as-adapter, or extract-lora afterwards)")
@@ -111,15 +134,24 @@ def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[
     else:
         lam = params.lam
     generator = torch.Generator().manual_seed(seed)
+    dense = METHODS[method]
     out = []
     for module in sorted({m for a in adapters for m in a.modules}):
         sources = [i for i, a in enumerate(adapters) if module in a.modules]
         lefts, rights = [], []
         for i in sources:
             left, right, scale = adapters[i].matrix_factors(module, dtype=torch.float64)
-            lefts.append(left * (scale * float(c[i])))
-            rights.append(right)
-        if method == "ties":
+            if not _is_zero(left * (scale * float(c[i])), right):  # no update: no direction
+                lefts.append(left * (scale * float(c[i])))
+                rights.append(right)
+        bias = _merged_bias(adapters, sources, module, dense, c, params, generator)
+        moved = bias is not None and bool(bias.any())
+        if not lefts and not moved:
+            continue
+        if not lefts:  # only the bias moves: B = 0 carries it
+            rows, cols, _ = _update_shape(adapters[sources[0]], module)
+            left, right = torch.zeros(rows, 1, dtype=torch.float64), torch.zeros(1, cols, dtype=torch.float64)
+        elif method == "ties":
             left, right = knots_ties(lefts, rights, params, generator)
         elif method == "tsv":
             left, right = tsv_of_factors(lefts, rights, len(adapters))
@@ -129,10 +161,60 @@ def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[
         if max_rank is not None and left.shape[1] > max_rank:
             svd = lowrank_svd(left, right).truncate(max_rank)
             left, right = svd.U * svd.S, svd.Vh
+        if _is_zero(left, right):
+            if not moved:
+                continue  # the method cancelled every direction
+            left, right = left.new_zeros(left.shape[0], 1), right.new_zeros(1, right.shape[1])
         embedding = adapters[sources[0]].modules[module].embedding
         out.append(MergedModule(module, LoraFactors(a=right.float().contiguous(), b=left.float().contiguous(),
-                                                    embedding=embedding), sources))
-    return out
+                                                    embedding=embedding, bias=bias), sources))
+    saved, left_out = _merged_saved(adapters, base, dense, c, params, seed)
+    if not out and not saved:
+        raise InvalidArgument("the merged adapter would change nothing: every adapter's update is zero (B = 0, PEFT's "
+                              "default initialisation, or a zero weight) or the method cancelled them all; nothing "
+                              "was written", adapters[0].path)
+    return MergedAdapter(out, saved, left_out)
+
+
+def _merged_bias(adapters: list[LoraAdapter], sources: list[int], module: str, method: MergeMethod, c: torch.Tensor,
+                 params: Params, generator: torch.Generator) -> torch.Tensor | None:
+    """The merged LoRA bias of a module (lora_bias), at scale 1: the dense method on the bias task
+    vectors s_i·b_i (zero for the adapters that do not adapt the module); None without lora_bias."""
+    if adapters[sources[0]].modules[module].bias is None:
+        return None
+    deltas = {i: adapters[i].bias_delta(module, dtype=torch.float64) for i in sources}
+    zero = torch.zeros_like(deltas[sources[0]])
+    return method.fn(zero, [deltas.get(i, zero) for i in range(len(adapters))], c, params, lambda i: generator).float()
+
+
+def _merged_saved(adapters: list[LoraAdapter], base: Checkpoint | None, method: MergeMethod, c: torch.Tensor,
+                  params: Params, seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors of saved modules merged by the dense method against the base's tensor (in the saved
+    dtype), by their name in the adapters; an adapter that does not save one leaves the base's
+    there. A saved tensor the base lacks (a new head) is left out, as the dense merge leaves out
+    tensors only some models have: the second value lists them."""
+    if not any(a.saved for a in adapters):
+        return {}, []
+    if base is None:
+        raise InvalidArgument("the adapters save whole modules (modules_to_save): give --base to merge those tensors",
+                              next(a.path for a in adapters if a.saved))
+    adapted = [AdaptedCheckpoint(base, a) for a in adapters]
+    out, left_out = {}, []
+    for target in sorted({n for ft in adapted for n in ft.saved_of}):
+        owner = next(ft for ft in adapted if target in ft.saved_of)
+        name = owner.saved_of[target]
+        if target not in base:
+            left_out.append(name)
+            continue
+        for ft in adapted:
+            if tuple(ft.info(target).shape) != tuple(base.info(target).shape):
+                raise ShapeMismatch(f"saved as {list(ft.info(target).shape)} but the base has "
+                                    f"{list(base.info(target).shape)}; resize or drop it before merging", ft.path, target)
+        generators = lambda i: torch.Generator().manual_seed(tensor_seed(seed, name, i))  # noqa: E731
+        merged = method.fn(base.get(target, dtype=torch.float64), [ft.get(target, dtype=torch.float64) for ft in adapted],
+                           c, params, generators)
+        out[name] = merged.to(torch_dtype(owner.adapter.saved[name].dtype, owner.path, name))
+    return out, left_out
 
 
 def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | None = None) -> MergeReport:
@@ -147,14 +229,14 @@ def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | N
     for path, a in zip(config.models, adapters):
         if not isinstance(a, LoraAdapter):
             raise InvalidArgument("--as-adapter merges PEFT LoRA adapters; this is a checkpoint", path)
-    if config.base:
-        base = open_weights(config.base)
+    base = open_weights(config.base) if config.base else None
+    if base is not None:
         for a in adapters:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
-    merged = merge_adapters(adapters, config.method, weights, config.resolved, max_rank, config.seed)
-    write_adapter(out_dir, {m.name: m.factors for m in merged}, scale=1.0,
+    merged = merge_adapters(adapters, config.method, weights, config.resolved, max_rank, config.seed, base)
+    write_adapter(out_dir, {m.name: m.factors for m in merged.modules}, scale=1.0,
                   base_model=config.base or adapters[0].base_model_name_or_path,
-                  fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")))
-    return MergeReport(config, str(out_dir), len(merged), [], [m.name for m in merged if len(m.sources) < len(adapters)],
-                       weights, seconds=time.perf_counter() - started)
+                  fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")), saved=merged.saved)
+    return MergeReport(config, str(out_dir), len(merged.modules) + len(merged.saved), [], merged.left_out, weights,
+                       seconds=time.perf_counter() - started)

@@ -11,18 +11,19 @@ small cost in the task:
 the formula of PEFT's `reduce_intruder_dimension` (defaults k = 10, ε = 0.5, λ = 0.75). A dense
 fine-tune gives a checkpoint in which only the matrices with intruders differ. An adapter gives
 an adapter, exactly: B' = [s·B, (λ−1)·U_I Σ_I], A' = [A; V_Iᵀ] at scale 1, so its rank grows by
-|I| (PEFT instead re-truncates to r, which also moves the other directions).
+|I| (PEFT instead re-truncates to r, which also moves the other directions). Everything else the
+adapter holds comes along: modules outside the filters, LoRA biases (as s·b), and saved modules
+(a saved matrix with intruders gets the same correction, densely).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors
 from weightlab.analysis.spectrum import intruder_dimensions
 from weightlab.compute.device import Compute
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
@@ -105,14 +106,21 @@ class IntruderReport(Result):
                 ("intruders.matrices", "matrices changed", s["with_intruders"])]
 
 
+@dataclass
+class MitigatedAdapter:
+    """An adapter fine-tune after mitigation, at scale 1: every module's factors, and its saved tensors."""
+
+    factors: dict[str, LoraFactors]
+    saved: dict[str, torch.Tensor]
+
+
 def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, options: IntruderOptions = IntruderOptions(),
                        writer: CheckpointWriter | None = None, compute: Compute | None = None,
                        on_progress: Callable[[int], None] | None = None,
-                       on_start: Callable[[int], None] | None = None) -> tuple[IntruderReport, dict[str, LoraFactors]]:
+                       on_start: Callable[[int], None] | None = None) -> tuple[IntruderReport, MitigatedAdapter | None]:
     """Scale every intruder direction of `finetuned` (a checkpoint, or an adapter applied to
     `base`) by λ. A dense fine-tune is written whole into `writer` (planned with its stored
-    layout); an adapter's new factors are returned, one entry per module, for `write_adapter` at
-    scale 1."""
+    layout); an adapter comes back whole as a `MitigatedAdapter`, for `write_adapter` at scale 1."""
     compute = compute or Compute.create()
     adapter = isinstance(finetuned, AdaptedCheckpoint)
     walk = TensorWalk([base, finetuned], Selection.of(options), changed_by=[finetuned])
@@ -126,7 +134,12 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
             if name not in chosen:
                 writer.add(name, finetuned.get(name))
 
-    def work(batch: Batch, compute: Compute) -> list[tuple[MitigatedMatrix, LoraFactors | None]]:
+    def stored(name: str, new: torch.Tensor) -> torch.Tensor:
+        """A matrix back in the fine-tune's storage layout and dtype."""
+        info = finetuned.adapter.saved[finetuned.saved_of[name]] if adapter else finetuned.info(name)
+        return from_matrix(name, new, info.shape, finetuned.config).to(torch_dtype(info.dtype, finetuned.path, name)).cpu()
+
+    def work(batch: Batch, compute: Compute) -> list[tuple[MitigatedMatrix, LoraFactors | torch.Tensor | None]]:
         out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
@@ -137,32 +150,38 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
             sigma = [float(top.S[i]) for i in found]
             entry = MitigatedMatrix(name, item.layer, item.role, list(w.shape), found, best, sigma, delta_norm,
                                     (1 - options.scale) * math.sqrt(sum(x * x for x in sigma)))
-            factors = None
             correction = None
             if found:
                 index = torch.tensor(found, device=top.U.device)
                 left = top.U[:, index] * (top.S[index] * (options.scale - 1))
                 correction = (left, top.Vh[index])  # (λ − 1) U_I Σ_I, V_Iᵀ
-            if adapter:
-                lowrank = adapter_factors(finetuned, name, compute)
-                if lowrank is not None:
-                    b_, a_, s = lowrank
-                    b_, a_ = b_.double() * s, a_.double()
-                    if correction is not None:
-                        b_, a_ = torch.cat([b_, correction[0]], 1), torch.cat([a_, correction[1]])
-                    module = finetuned.adapter.modules[finetuned.module_of[name]]
-                    factors = LoraFactors(a=a_.float(), b=b_.float(), embedding=module.embedding)
+            product: LoraFactors | torch.Tensor | None = None
+            if adapter and name in finetuned.module_of:
+                product = finetuned.adapter.at_scale_one(finetuned.module_of[name], torch.float64)
+                if correction is not None:
+                    product = replace(product, b=torch.cat([product.b, correction[0]], 1),
+                                      a=torch.cat([product.a, correction[1]]))
+                product = replace(product, a=product.a.float(), b=product.b.float(),
+                                  bias=None if product.bias is None else product.bias.float())
+            elif adapter:  # a saved module's matrix: corrected densely
+                product = stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1])
             elif writer is not None:
-                stored = finetuned.info(name)
-                dtype = torch_dtype(stored.dtype, finetuned.path, name)
+                dtype = torch_dtype(finetuned.info(name).dtype, finetuned.path, name)
                 if correction is None and dtype.itemsize > w_ft.element_size():
                     writer.add(name, finetuned.get(name))  # read at a lower precision: the stored bytes again
                 else:  # untouched, back to the stored dtype exactly (it is no wider than the compute dtype)
-                    new = w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]
-                    writer.add(name, from_matrix(name, new, stored.shape, finetuned.config).to(dtype).cpu())
-            out.append((entry, factors))
+                    writer.add(name, stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]))
+            out.append((entry, product))
         return out
 
     pieces = walk.in_order(walk.map(work, compute, on_start=on_start, on_progress=on_progress), lambda p: p[0].name)
     report.matrices = [entry for entry, _ in pieces]
-    return report, {finetuned.module_of[entry.name]: f for entry, f in pieces if f is not None}
+    if not adapter:
+        return report, None
+    done = {entry.name: product for entry, product in pieces}
+    whole = finetuned.adapter
+    factors = {module: done[name] if name in done else whole.at_scale_one(module)
+               for name, module in finetuned.module_of.items()}
+    saved = {own: done[name] if name in done and name not in finetuned.module_of else whole.read_saved(own)
+             for name, own in finetuned.saved_of.items()}
+    return report, MitigatedAdapter(factors, saved)

@@ -290,10 +290,12 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
     return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
 
-def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str, LoraFactors], float]:
+def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str, LoraFactors], float, dict[str, torch.Tensor]]:
     """A trained adapter that started from `initial` on a residual base, as a plain LoRA for the
     unmodified base: A' = [A; A₀], B' = [B, −B₀] (rank 2r, same scale), so that
-    s·B'A' = s(BA − B₀A₀) — the conversion PEFT documents for PiSSA."""
+    s·B'A' = s(BA − B₀A₀) — the conversion PEFT documents for PiSSA. A LoRA bias becomes b − b₀;
+    the trained adapter's saved modules come along as they are (the residual base leaves every
+    untargeted tensor as the base has it). Returns the factors, the scale and the saved tensors."""
     if set(trained.modules) != set(initial.modules):
         raise InvalidArgument("the trained adapter and the initial one adapt different modules", trained.path)
     out, scales = {}, set()
@@ -303,8 +305,12 @@ def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str,
             raise InvalidArgument("rank or scale differs from the initial adapter's", trained.path, module)
         left, right, _ = trained.matrix_factors(module)
         left0, right0, _ = initial.matrix_factors(module)
-        out[module] = LoraFactors(a=torch.cat([right, right0]), b=torch.cat([left, -left0], 1), embedding=m.embedding)
+        biases = [a.bias_delta(module) / m.scale if a.modules[module].bias is not None else None for a in (trained, initial)]
+        bias = None if biases == [None, None] else \
+            (biases[0] if biases[0] is not None else 0) - (biases[1] if biases[1] is not None else 0)
+        out[module] = LoraFactors(a=torch.cat([right, right0]), b=torch.cat([left, -left0], 1), embedding=m.embedding,
+                                  bias=bias)
         scales.add(m.scale)
     if len(scales) != 1:
         raise InvalidArgument("modules have different scales; cannot write one plain adapter", trained.path)
-    return out, scales.pop()
+    return out, scales.pop(), {name: trained.read_saved(name) for name in trained.saved}
