@@ -125,3 +125,30 @@ def test_compare_cli_outputs_and_report(bank, run_cli, tmp_path):
     assert run_cli("report", str(out / "c.json"), "-o", str(tmp_path / "again.html"))[0] == 0
     code, _, stderr = run_cli("compare", "--base", str(root / "base.safetensors"), fts[0])
     assert code == 2 and "at least two" in stderr
+
+
+def test_a_bank_that_does_not_match_is_named_not_silently_narrowed(zoo, tmp_path, run_cli):
+    """A fine-tune lacking a matrix: the note names it and the model, and the figures say over how
+    many tensors and parameters they were computed; a fine-tune of another model is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from weightlab.errors import InvalidArgument
+
+    (tmp_path / "lacking").mkdir()
+    tensors = load_file(zoo["llama_ft"] / "model.safetensors")
+    del tensors["layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "lacking" / "model.safetensors")
+    base = open_checkpoint(zoo["llama"])
+    result = compare(base, [open_checkpoint(zoo["llama_ft"]), open_checkpoint(tmp_path / "lacking")])
+    assert result.problems == [f"1 tensor missing from {tmp_path / 'lacking'}, so left out for every model: "
+                               "layers.1.mlp.up_proj.weight"]
+    compared = [n for n in base.names() if n != "layers.1.mlp.up_proj.weight"]
+    assert result.tensors == len(compared)
+    assert result.parameters == sum(base.get(n).numel() for n in compared)
+    assert f"over {len(compared)} tensors ({result.parameters:,} parameters)" in result.tables()[0].title
+    code, _, err = run_cli("compare", "--base", zoo["llama"], zoo["llama_ft"], tmp_path / "lacking",
+                           "--json", tmp_path / "c.json")
+    assert code == 0 and "missing from" in err and "lacking" in err
+    assert json.loads((tmp_path / "c.json").read_text())["parameters"] == result.parameters
+    with pytest.raises(InvalidArgument, match="shares no tensor name"):
+        compare(base, [open_checkpoint(zoo["llama_ft"]), open_checkpoint(zoo["bert"])])

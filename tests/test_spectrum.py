@@ -183,3 +183,18 @@ def test_spectrum_filters_and_real_finetune_run(zoo, run_cli):
     names = {m["name"] for m in data["matrices"]}
     assert code == 0 and names and all("self_attn" in n and "k_proj" not in n for n in names)
     assert all(m["relative_change"] > 0 for m in data["matrices"])  # a real fine-tune changed every one
+
+
+def test_an_adapters_figures_do_not_depend_on_its_neighbours(zoo, adapters):
+    """Given alone, an adapter's spectrum covers the matrices it adapts; beside a dense fine-tune
+    (which changes every matrix) its rows and its per-layer and per-role summaries are the same."""
+    base = open_checkpoint(zoo["llama"])
+    adapter = open_finetuned(adapters["llama"], base)
+    alone = spectrum(base, [adapter]).to_dict()
+    together = spectrum(base, [open_checkpoint(zoo["llama_ft"]), adapter]).to_dict()
+    mine = [m for m in together["matrices"] if m["finetuned"] == 1]
+    assert [m["name"] for m in mine] == [m["name"] for m in alone["matrices"]]
+    assert mine == [{**m, "finetuned": 1} for m in alone["matrices"]]
+    for key in ("summary_by_layer", "summary_by_role"):
+        assert [{**s, "finetuned": 1} for s in alone[key]] == [s for s in together[key] if s["finetuned"] == 1]
+    assert len([m for m in together["matrices"] if m["finetuned"] == 0]) > len(mine)  # the dense one: every matrix

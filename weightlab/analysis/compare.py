@@ -84,6 +84,7 @@ class CompareResult(Result):
     tensors: int
     matrices: int
     problems: list[str] = field(default_factory=list)
+    parameters: int | None = None  # entries of the compared tensors (None in results written before it was counted)
 
     def pairs(self) -> list[dict]:
         n, o = len(self.finetuned), self.overall
@@ -101,7 +102,8 @@ class CompareResult(Result):
 
     def tables(self) -> list[Table]:
         ranked = sorted(self.pairs(), key=lambda p: -(p["cosine"] if p["cosine"] is not None else -2))
-        pairs = Table("pairs, most compatible first (highest task-vector cosine)",
+        over = f"over {self.tensors} tensors" + (f" ({self.parameters:,} parameters)" if self.parameters is not None else "")
+        pairs = Table(f"pairs, most compatible first (highest task-vector cosine), {over}",
                       ["pair", "cos(τ_a, τ_b)", f"top-{self.options.k} overlap", "sign conflict", "‖τ_a‖/‖τ_b‖"],
                       [[f"{p['a']} × {p['b']}", p["cosine"], p["subspace_overlap"], p["sign_conflict"], p["norm_ratio"]]
                        for p in ranked],
@@ -254,6 +256,7 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
     for _, layer, sums, _ in pieces:  # summed in tensor order, however the work was split: the same bytes
         by_layer.setdefault(layer, _Sums(n)).add(sums)
     tensors, matrices = len(pieces), sum(is_matrix for *_, is_matrix in pieces)
+    parameters = sum(math.prod(item.shape) for item in walk.items)
     total = _Sums(n)
     for sums in by_layer.values():
         total.add(sums)
@@ -263,5 +266,5 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
               for key in sorted(by_layer, key=lambda k: (k is None, k or 0))]
     return CompareResult(str(base.path), [str(f.path) for f in finetuned], options,
                          [math.sqrt(max(total.dots[i, i], 0.0)) for i in range(n)], overall, layers, order, tensors,
-                         matrices, walk.problems)
+                         matrices, walk.problems, parameters)
 

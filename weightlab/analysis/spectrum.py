@@ -34,7 +34,7 @@ from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.svd import SVD
 from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, singular_values, top_singular
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
+from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk, may_change
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
@@ -298,9 +298,8 @@ def base_decomposition(w: torch.Tensor, cache: DecompositionCache | None, column
     the cache when it has them, else computed and stored. Each kind is one deterministic
     computation, so a warm run gives the bytes of a cold one."""
     key = content_key(w, f"top{columns}" if columns else "all") if cache else ""
-    found = cache.get(key) if cache else None
-    r = min(w.shape)
-    if found is not None and tuple(found.S.shape) == (r,) and found.E.shape[-1] == min(columns or r, r):
+    found = cache.get(key, tuple(w.shape), columns) if cache else None
+    if found is not None:
         return found
     decomposed = decompose(w, columns)
     if cache:
@@ -430,6 +429,8 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
             if not finetuned:
                 out.append(compare(item, None, w[b], base_spec, None, None, options))
             for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
+                if not may_change(ft, item.names[index + 1]):
+                    continue  # an adapter's figures cover the matrices it changes, whatever else is given
                 delta_sv = delta_singular_values(ft, [item], w[b:b + 1], w_ft[b:b + 1], compute)[0]
                 out.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
         return out
