@@ -49,7 +49,7 @@ def test_every_mergekit_name_loads_as_its_method(mergekit, ours, tmp_path):
 
 @pytest.mark.parametrize("given, message", [
     ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density\)"),
-    ({"density": 0.0}, r"--density 0.0: must be a finite number in \(0, 1\]"),
+    ({"density": 0.0}, r"--density 0: must be a finite number in \(0, 1\]"),
     ({"lambda": float("inf")}, r"--lambda inf"),
 ])
 def test_parameters_are_checked_against_the_method_declaration(given, message):

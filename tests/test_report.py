@@ -95,3 +95,50 @@ def test_every_analysis_command_writes_its_own_report(zoo, run_cli, tmp_path):
         assert code == 0, (name, err)
         page = (tmp_path / f"{name}.html").read_text()
         assert page.startswith("<!doctype html>") and "Summary" in page, name
+
+
+EVIL = "<script>alert(1)</script>|<img src=x onerror=alert(2)>\n| fake | row | *bold* [link](javascript:x)"
+
+
+def test_markdown_escapes_every_name_so_nothing_breaks_or_injects(results, run_cli, tmp_path):
+    """A tensor name and a title holding HTML, table pipes, a newline and Markdown syntax, rendered
+    by a CommonMark renderer that allows raw HTML: no element is injected, every table row keeps
+    its cells, and the names read back as the text they are."""
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt
+
+    payload = json.loads((results / "spectrum.json").read_text())
+    for m in payload["matrices"][:3]:
+        m["name"] = EVIL + m["name"]
+        m["relative_change"] = 9.0 + payload["matrices"].index(m)  # first in the table, most changed
+    (tmp_path / "evil.json").write_text(json.dumps(payload))
+    code, _, err = run_cli("report", tmp_path / "evil.json", "-o", tmp_path / "r.html", "--markdown",
+                           tmp_path / "r.md", "--title", EVIL)
+    assert code == 0, err
+    html = MarkdownIt("commonmark", {"html": True}).enable("table").render((tmp_path / "r.md").read_text())
+
+    class Elements(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.rows, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+            if tag == "tr":
+                self.rows.append(0)
+            if tag in ("td", "th"):
+                self.rows[-1] += 1
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Elements()
+    parsed.feed(html)
+    assert all("onerror" not in attrs and not str(attrs.get("href", "")).startswith("javascript")
+               for _, attrs in parsed.tags), parsed.tags
+    assert {t for t, _ in parsed.tags} <= {"h1", "h2", "p", "em", "table", "thead", "tbody", "tr", "th", "td", "img"}
+    images = [attrs for t, attrs in parsed.tags if t == "img"]
+    assert images and all(attrs["src"].startswith("r_assets/") for attrs in images)
+    assert len(set(parsed.rows)) <= 2  # the summary table's 3 cells, the matrix table's own count: no row split
+    assert "<script>alert(1)</script>|<img src=x onerror=alert(2)>\\n| fake | row" in "".join(parsed.text)

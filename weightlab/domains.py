@@ -68,8 +68,15 @@ class Domain:
 
     def check(self, flag: str, value: Any) -> None:
         if not self.contains(value):
-            shown = repr(value) if isinstance(value, str) else value
+            shown = repr(value) if isinstance(value, str) else _shown_number(value)
             raise InvalidArgument(f"{flag} {shown}: must be {self.describe()}")
+
+
+def _shown_number(value: Any) -> Any:
+    """A float as the user most likely typed it: 0 rather than 0.0, where nothing is lost."""
+    if isinstance(value, float) and math.isfinite(value) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return value
 
 
 def Int(low: int | None = None, high: int | None = None, optional: bool = False) -> Domain:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from weightlab.analysis.angles import AnglesOptions, angles as compute_angles
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
 from weightlab.io import open_finetuned, open_weights
 
 
@@ -27,6 +27,7 @@ def angles(
 
     Example: weightlab angles ft_math/ ft_code/ --base base/ -k 16 --plots plots/
     """
+    refuse_unless(svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
     options = AnglesOptions(k, side, svd, seed, **common.filters)
     compute = common.compute()
     with common.outputs([a, b, base]) as plan:

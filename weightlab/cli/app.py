@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,17 +13,26 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from weightlab.compute.device import Compute
+from weightlab.errors import InvalidArgument
 from weightlab.domains import Int
 from weightlab.io.outputs import Output, OutputPlan
 from weightlab.report.document import write_report
 from weightlab.report.export import to_csv, to_json
 from weightlab.report.plots import draw as draw_plots
-from weightlab.report.tables import short_name, table
+from weightlab.report.tables import one_line, short_name, table
 from weightlab.results import Result
+
+try:  # typer ≥ 0.24 vendors its own click
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import get_current_context
+    from click.core import ParameterSource
 
 app = typer.Typer(
     name="weightlab",
@@ -69,10 +79,11 @@ def progress(description: str, unit: str = "matrices") -> Iterator[tuple[Callabl
 def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]) -> OutputPlan:
     """The command's output plan, checked against the inputs before any work. Each keyword names
     an option (`residual_out_dir` is `--residual-out`, `out_dir`/`out_file` are `-o`); `plots` and
-    names ending in `_dir` are folders, the others files."""
-    flags = {"out_dir": "-o", "out_file": "-o", "markdown_assets_dir": "--markdown (its _assets folder)"}
+    names ending in `_dir` are folders, the others files; `cache_dir` is written in place."""
+    flags = {"out_dir": "-o", "out_file": "-o", "markdown_assets_dir": "--markdown (its _assets folder)",
+             "cache_dir": "--cache-dir"}
     planned = [Output(flags.get(name, "--" + name.removesuffix("_dir").replace("_", "-")), path,
-                      directory=name == "plots" or name.endswith("_dir"))
+                      directory=name == "plots" or name.endswith("_dir"), in_place=name == "cache_dir")
                for name, path in named.items() if path not in (None, "")]
     return OutputPlan([i for i in inputs if i is not None], planned, force)
 
@@ -102,7 +113,7 @@ def show(result: Result, rows: int | None = None) -> None:
             body = [[short_name(r[0], 44, drop_layer=True), *r[1:]] for r in body]
         console.print(table(t.title, t.columns, body, numeric_from=t.numeric_from, caption=t.caption or None))
     for line in result.lines():
-        console.print(line, highlight=False)
+        console.print(Text(one_line(line)), highlight=False)
 
 
 @dataclass
@@ -119,6 +130,7 @@ class Common:
     report: Optional[Path]
     force: bool
     ray: Optional[str] = None
+    ray_timeout: Optional[float] = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -129,7 +141,7 @@ class Common:
         return {"include": self.include, "exclude": self.exclude}
 
     def compute(self) -> Compute:
-        return Compute.create(self.device, self.dtype, cluster=self.ray)
+        return Compute.create(self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout)
 
     def outputs(self, inputs: Sequence[object], **more: Optional[Path | str]) -> OutputPlan:
         return outputs(self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report,
@@ -143,6 +155,8 @@ class Common:
 RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
                       help="Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
                            "every node must see the input paths. Needs weightlab[ray].")
+RayTimeoutOpt = typer.Option(None, "--ray-timeout", metavar="SECONDS",
+                             help="With --ray: give up connecting after this long [default: 15].")
 
 
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
@@ -158,6 +172,7 @@ def _common_parameters(precision: bool) -> list[inspect.Parameter]:
         ("report", Optional[Path], ReportOpt),
         ("force", bool, ForceOpt),
         ("ray", Optional[str], RayOpt),
+        ("ray_timeout", Optional[float], RayTimeoutOpt),
     ]
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
             for name, annotation, default in options]
@@ -184,15 +199,49 @@ def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]
     return register
 
 
+def given(name: str) -> bool:
+    """True when option `name` (its parameter's name) was given on the command line."""
+    ctx = get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def flag_of(name: str) -> str:
+    """How the user writes option `name` (its long flag; an argument's name in capitals)."""
+    opts = next(p.opts for p in get_current_context().command.params if p.name == name)
+    flags = [o for o in opts if o.startswith("-")]
+    return max(flags, key=len) if flags else name.upper()
+
+
+def refuse_unless(applies: bool, reason: str, *names: str) -> None:
+    """The one rule for options that only matter with another one: each of `names` given on the
+    command line where it does not apply (`applies` false) is refused, `reason` saying why."""
+    if not applies:
+        for name in names:
+            if given(name):
+                raise InvalidArgument(f"{flag_of(name)} {reason}")
+
+
 def check_rows(rows: int) -> int:
     Int(0).check("--rows", rows)
     return rows
 
 
 def show_problems(problems: list[str]) -> None:
-    """Notes about the inputs (unmatched tensors, shape mismatches) on stderr."""
+    """Notes about the inputs (unmatched tensors, shape mismatches) on stderr, one line each."""
     for line in problems:
-        err_console.print(f"[yellow]note:[/] {line}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {escape(one_line(line))}", highlight=False, soft_wrap=True)
+
+
+class _Notes(logging.Handler):
+    """The library's notes (logger "weightlab", e.g. a damaged cache entry replaced) as `note:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        show_problems([record.getMessage()])
+
+
+_library_log = logging.getLogger("weightlab")
+_library_log.addHandler(_Notes())
+_library_log.propagate = False
 
 
 def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 import weightlab.cli
-from weightlab.cli.app import app, err_console, state
+from weightlab.cli.app import app, err_console, one_line, state
 from weightlab.errors import WeightlabError
 
 COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(weightlab.cli.__path__) if m.name not in ("app", "commands"))
@@ -47,5 +47,5 @@ def run(args: list[str]) -> int:
 
 
 def _error(text: str, code: int) -> int:
-    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(text))}", highlight=False, soft_wrap=True)
     return code

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from weightlab.analysis.esd import ESDOptions, esd as compute_esd
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
 from weightlab.io import open_finetuned, open_weights
 
 
@@ -29,6 +29,7 @@ def esd(
     Every matrix is analysed whole, embeddings and heads included; what cannot be is listed with
     the reason. Eigenvalues come from float64 Gram matrices; --dtype sets the precision of ΔW.
     """
+    refuse_unless(traps, "does not apply with --no-traps (it seeds the shuffles that look for traps)", "seed")
     options = ESDOptions(traps, seed, min_evals, **common.filters)
     compute = common.compute()
     with common.outputs([checkpoint, base]) as plan:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, app, console, outputs, progress
+from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, app, console, outputs, progress, refuse_unless
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import LoraAdapter
@@ -56,12 +56,25 @@ def init_lora(
     initial: Optional[Path] = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
+    ray_timeout: Optional[float] = RayTimeoutOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
 
     Example: weightlab init-lora base/ --tsd --from warmup-adapter/ --rank 16 --targets q_proj,v_proj -o lora/ --residual-out base-res/
     """
+    refuse_unless(as_plain_lora is None, "does not apply to --as-plain-lora (it converts a trained adapter as it is)",
+                  "base", "rank", "method", "tsd", "source", "targets", "alpha", "svd", "seed", "rank_budget", "allocation",
+                  "residual_out", "no_residual", "device", "ray", "ray_timeout")
+    refuse_unless(as_plain_lora is not None, "is the adapter --as-plain-lora converts: it needs --as-plain-lora", "initial")
+    refuse_unless(not no_residual, "and --no-residual contradict each other", "residual_out")
+    refuse_unless(not tsd, "and --tsd both choose the method; use one", "method")
+    refuse_unless(tsd or method == "tsd", "gives the warm-up update of --method tsd; the other methods use the base alone",
+                  "source")
+    refuse_unless(svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
+    refuse_unless(rank_budget is None, "does not apply with --rank-budget (each module's rank comes from the budget)",
+                  "rank")
+    refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
     if as_plain_lora is not None:
         if initial is None:
             raise InvalidArgument("--as-plain-lora needs --initial (the adapter as init-lora wrote it)")
@@ -69,17 +82,17 @@ def init_lora(
             trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
             if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
                 raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
-            factors, scale = to_plain_lora(trained, start)
+            factors, scale, saved = to_plain_lora(trained, start)
             write_adapter(plan.path("-o"), factors, scale=scale, base_model=trained.base_model_name_or_path,
                           fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
-                          sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)})
+                          sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)}, saved=saved)
         console.print(f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/")
         return
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
     options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
     budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
-    compute = Compute.create(device, cluster=ray)
+    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
     if residual_out is None and not no_residual:
         raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
                               "or --no-residual if you will build the residual yourself")
@@ -115,13 +128,15 @@ def extract_lora(
     targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
+    ray_timeout: Optional[float] = RayTimeoutOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
 
     Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
     """
-    compute = Compute.create(device, cluster=ray)
+    refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
+    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
     with outputs(force, [base, finetuned], out_dir=out) as plan:
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)

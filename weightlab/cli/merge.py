@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, ReportOpt, app, emit, outputs, progress, show
+from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ReportOpt, app, emit, outputs, progress,
+                               refuse_unless, show)
 from weightlab.merge.adapters import merge_as_adapter
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
@@ -73,7 +74,7 @@ def merge(
     gamma: Optional[float] = typer.Option(None, "--gamma", hidden=True),  # = --param gamma=…, kept for old scripts
     epsilon: Optional[float] = typer.Option(None, "--epsilon", hidden=True),
     t: Optional[float] = typer.Option(None, "--t", hidden=True),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for DARE's random drops (default 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE's random drops (default 0; DARE methods only)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
     donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
@@ -83,6 +84,7 @@ def merge(
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."),
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
+    ray_timeout: Optional[float] = RayTimeoutOpt,
     report_out: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
@@ -109,11 +111,15 @@ def merge(
     cfg = build_config(options)
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
+    refuse_unless(cfg.spec.random, f"seeds random drops; {cfg.method} draws nothing at random", "seed")
+    refuse_unless(not as_adapter, "does not apply to --as-adapter (the adapters' small factors are merged on this "
+                  "machine's CPU in float64 into one adapter file, with no config to copy)",
+                  "device", "donor", "shard_size", "ray", "ray_timeout")
     if as_adapter:
-        return _merge_adapters(cfg, out, max_rank, [config, donor], report_out, force, ray)
+        return _merge_adapters(cfg, out, max_rank, [config], report_out, force)
     if max_rank is not None:
         raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
-    compute = Compute.create(device, cluster=ray)
+    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
     shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
     with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
         with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
@@ -125,11 +131,9 @@ def merge(
 
 
 
-def _merge_adapters(cfg, out: Path, max_rank: Optional[int], extra_inputs: list, report_out: Optional[Path], force: bool,
-                    ray: Optional[str]) -> None:
+def _merge_adapters(cfg, out: Path, max_rank: Optional[int], extra_inputs: list, report_out: Optional[Path],
+                    force: bool) -> None:
     """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
-    if ray:
-        raise InvalidArgument("--ray does not apply to --as-adapter (it reads only the adapters' small factors)")
     with outputs(force, [cfg.base, *cfg.models, *extra_inputs], out_dir=out, report=report_out) as plan:
         report = merge_as_adapter(cfg, plan.path("-o"), max_rank)
         report.out = str(out)

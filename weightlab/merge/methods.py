@@ -37,6 +37,7 @@ class MergeMethod:
     max_models: int | None = None
     mergekit: str | None = None  # its merge_method name in mergekit's YAML
     nan: bool = False  # always takes NAN coefficients
+    random: bool = False  # draws at random, seeded by --seed
     # Merging a large tensor a block of rows at a time (bit for bit the same as whole):
     # `blockwise(base, models, coeffs, params, states)` on blocks, after `statistics(base, model,
     # params)` of each model's whole tensor (one model at a time) gave `states`.
@@ -325,10 +326,10 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
                 blockwise=ties_block, statistics=ties_trim),
     MergeMethod("dare-linear", dare_linear, "keep each entry with probability density (seeded Bernoulli), rescale by "
                 "1/density, then task arithmetic", "Yu et al. 2024, *DARE*, eq. 2", (LAMBDA, DENSITY),
-                mergekit="dare_linear"),
+                mergekit="dare_linear", random=True),
     MergeMethod("dare-ties", dare_ties, "DARE, then TIES' election and disjoint mean",
                 "Yu et al. 2024, *DARE*, eq. 2; Yadav et al. 2023", (LAMBDA, DENSITY), normalises=True,
-                mergekit="dare_ties"),
+                mergekit="dare_ties", random=True),
     MergeMethod("breadcrumbs", breadcrumbs, "drop the largest γ·n and the smallest entries, keeping density·n; task "
                 "arithmetic", "Davari & Belilovsky 2024, *Model Breadcrumbs*, §3", (LAMBDA, DENSITY, GAMMA),
                 mergekit="breadcrumbs"),

@@ -7,16 +7,18 @@ import base64
 import html
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
 from weightlab.report.plots import draw
 from weightlab.results import Result, known_schemas, result_type
-from weightlab.report.tables import fmt, short_name
+from weightlab.report.tables import fmt, one_line, short_name
 
 
 @dataclass
@@ -174,18 +176,28 @@ def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str
     return "".join(parts)
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md(value: Any) -> str:
+    """A data string (a tensor name, a path, a value) for Markdown: one line, HTML's `&<>` as
+    entities and Markdown's own punctuation escaped, so no name can break a table or inject markup."""
+    text = html.escape(one_line(str(value)), quote=False)
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def render_markdown(title: str, sections: list[Section], assets: str, max_rows: int = 30) -> str:
-    lines = [f"# {title}", "", "| analysis | quantity | value |", "|---|---|---|"]
+    lines = [f"# {md(title)}", "", "| analysis | quantity | value |", "|---|---|---|"]
     for s in sections:
-        lines += [f"| {s.title} | {label} | {_value(value)} |" for _, label, value in s.headline]
+        lines += [f"| {md(s.title)} | {md(label)} | {md(_value(value))} |" for _, label, value in s.headline]
     for s in sections:
-        lines += ["", f"## {s.title}", "", f"_{s.reference}_", ""]
-        lines += [f"![{image.stem}]({assets}/{image.parent.name}_{image.name})" for image in s.images]
+        lines += ["", f"## {md(s.title)}", "", f"_{md(s.reference)}_", ""]
+        lines += [f"![{md(image.stem)}]({quote(f'{assets}/{image.parent.name}_{image.name}')})" for image in s.images]
         if s.note:
-            lines += ["", s.note]
+            lines += ["", md(s.note)]
         if s.rows:
-            lines += ["", "| " + " | ".join(s.columns) + " |", "|" + "---|" * len(s.columns)]
-            lines += ["| " + " | ".join(_value(short_name(v, 60) if isinstance(v, str) else v) for v in row) + " |"
+            lines += ["", "| " + " | ".join(md(c) for c in s.columns) + " |", "|" + "---|" * len(s.columns)]
+            lines += ["| " + " | ".join(md(_value(short_name(v, 60) if isinstance(v, str) else v)) for v in row) + " |"
                       for row in s.rows[:max_rows]]
     return "\n".join(lines) + "\n"
 
