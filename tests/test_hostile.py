@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from conftest import exit_code
+from conftest import exit_code, hub_repo
 
 from weightlab import synthetic
 from weightlab.examples import minilm_path
@@ -161,6 +161,102 @@ CASES = [
     Case("angles-adapter-without-base", "angles adapter ft", 2, "adapter"),
 ]
 
+LONG = "x" * 245 + ".json"  # a legal 250-byte file name
+COMMIT = "c" * 40
+# The surfaces added since the first round (issue 21): each class of the issue, written fresh.
+CASES += [
+    # 1. a Hub ID never reads outside its repository's cache folder
+    Case("hub-ref-climbs-out", "spectrum base org/refs-up", 2, "not a commit hash"),
+    Case("hub-ref-absolute", "spectrum base org/refs-abs", 2, "not a commit hash"),
+    Case("hub-ref-not-a-commit", "inspect org/not-a-commit", 2, "not a commit hash"),
+    Case("hub-snapshot-links-out", "inspect org/snap-link", 2, "links followed"),
+    Case("hub-weights-link-out", "merge --method task-arithmetic --base base org/file-link -o outside/merged", 2,
+         "leads outside the repository", absent=("outside/merged",)),
+    Case("hub-config-links-out", "inspect org/config-link", 2, "leads outside the repository"),
+    Case("hub-blobs-folder-links-out", "inspect org/blobs-link", 2, "leads outside the repository"),
+    Case("hub-shard-links-out", "inspect org/shard-link", 2, "leads outside the repository"),
+    Case("hub-index-weight-map-list", "inspect org/index-list", 2, "is not a plain file name"),
+    Case("hub-good-repo-still-works", "inspect org/good", 0, "embed_tokens"),
+    Case("output-onto-a-linked-input-file", "spectrum base linked --json ft/model.safetensors --force", 2,
+         "is the input linked"),
+    # 2-3. the decomposition cache is an output for the planner: no collision, nothing inside inputs
+    Case("cache-dir-is-json", "spectrum base ft --cache-dir c --json c", 2, "collide", absent=("c",)),
+    Case("cache-dir-holds-plots", "spectrum base ft --cache-dir c --plots c/p", 2, "collide", absent=("c",)),
+    Case("report-inside-cache-dir", "spectrum base ft --cache-dir c --report c/r.html", 2, "collide", absent=("c",)),
+    Case("cache-dir-is-an-input", "spectrum base ft --cache-dir ft", 2, "--cache-dir is the input ft"),
+    Case("cache-dir-inside-an-input", "spectrum base ft --cache-dir base/c", 2, "lies inside the input base",
+         absent=("base/c",)),
+    Case("cache-dir-holds-inputs", "spectrum base ft --cache-dir .", 2, "--cache-dir contains the input"),
+    # 4. --ray fails fast and clearly
+    Case("ray-nobody-listens", "spectrum base ft --ray 127.0.0.1:1 --ray-timeout 5", 2,
+         "cannot reach a Ray cluster at 127.0.0.1:1"),
+    Case("ray-not-an-address", "spectrum base ft --ray bad:addr:x", 2, "not a Ray address"),
+    Case("ray-merge-nobody-listens", f"{TA} --ray 127.0.0.1:1 --ray-timeout 5 -o m", 2, "cannot reach", absent=("m",)),
+    Case("ray-timeout-zero", "spectrum base ft --ray 127.0.0.1:1 --ray-timeout 0", 2, "--ray-timeout 0: must be"),
+    Case("ray-timeout-without-ray", "compare --base base ft ft2 --ray-timeout 5", 2, "it needs --ray"),
+    # 5. every tensor of an adapter is understood, or the adapter is refused naming it
+    Case("adapter-dora-magnitude", "spectrum base adapter_magnitude", 2, "lora_magnitude_vector"),
+    Case("adapter-bias-without-flag", "compare --base base adapter_stray_bias ft", 2, "lora_bias: true"),
+    Case("adapter-base-layer-of-unadapted", "spectrum base adapter_stray_base_layer", 2, "without LoRA factors"),
+    Case("adapter-unlisted-module", "merge --as-adapter --method task-arithmetic --base base adapter adapter_unlisted -o m", 2,
+         "modules_to_save", absent=("m",)),
+    Case("adapter-modules-to-save-string", "spectrum base adapter_save_string", 2, "modules_to_save = 'norm'"),
+    Case("adapters-disagree-on-lora-bias", "merge --as-adapter --method task-arithmetic --base bert bert_adapter bert_bias -o m", 2,
+         "disagree on lora_bias", absent=("m",)),
+    Case("saved-modules-merged-without-base", "merge --as-adapter --method average bert_bias bert_bias2 -o m", 2,
+         "give --base", absent=("m",)),
+    # 6. compare over a bank that does not match
+    Case("compare-another-architecture", "compare --base base ft bert", 2, "shares no tensor name"),
+    Case("compare-a-model-lacks-a-matrix", "compare --base base ft ft_missing --json c.json", 0,
+         "missing from ft_missing", exists=("c.json",)),
+    # 7. degenerate adapter merges
+    Case("merge-zero-adapters-ties", "merge --as-adapter --method ties --base base zero_ad zero_ad2 -o m", 2, "change nothing",
+         absent=("m",)),
+    Case("merge-zero-adapters-tsv", "merge --as-adapter --method tsv --base base zero_ad zero_ad2 -o m", 2, "change nothing",
+         absent=("m",)),
+    Case("merge-adapters-zero-weights", "merge --as-adapter --method task-arithmetic --base base adapter adapter --weights 0,0 -o m",
+         2, "change nothing", absent=("m",)),
+    # 8. an option that does not apply is refused
+    Case("extract-allocation-without-budget", "extract-lora base ft --rank-allocation entropy -r 2 -o E", 2,
+         "--rank-allocation says how --rank-budget is shared", absent=("E",)),
+    Case("init-allocation-without-budget", "init-lora base --rank-allocation entropy -o X --no-residual", 2,
+         "--rank-allocation", absent=("X",)),
+    Case("init-rank-with-budget", "init-lora base -r 4 --rank-budget 40 -o X --no-residual", 2,
+         "--rank does not apply with --rank-budget", absent=("X",)),
+    Case("init-from-without-tsd", "init-lora base --from ft -o X --no-residual", 2, "--from gives the warm-up",
+         absent=("X",)),
+    Case("init-seed-exact-svd", "init-lora base --seed 3 -o X --no-residual", 2, "--seed seeds only", absent=("X",)),
+    Case("init-initial-alone", "init-lora base --initial adapter -o X --no-residual", 2, "needs --as-plain-lora",
+         absent=("X",)),
+    Case("init-residual-and-no-residual", "init-lora base -o X --residual-out R --no-residual", 2, "contradict",
+         absent=("X", "R")),
+    Case("init-plain-lora-with-rank", "init-lora --as-plain-lora adapter --initial adapter -r 4 -o X", 2,
+         "--rank does not apply to --as-plain-lora", absent=("X",)),
+    Case("spectrum-epsilon-values-only", "spectrum base ft --values-only --epsilon 0.3", 2, "--epsilon does not apply"),
+    Case("spectrum-k-on-one-checkpoint", "spectrum base --values-only -k 3", 2, "--top-k does not apply"),
+    Case("spectrum-cache-size-no-cache", "spectrum base ft --no-cache --cache-size 1", 2, "--cache-size does not apply"),
+    Case("esd-seed-without-traps", "esd ft --no-traps --seed 2", 2, "--seed does not apply with --no-traps"),
+    Case("angles-seed-exact-svd", "angles base ft --seed 2", 2, "--seed seeds only --svd randomized"),
+    Case("merge-seed-without-randomness", f"{TA} --seed 3 -o m", 2, "task-arithmetic draws nothing at random",
+         absent=("m",)),
+    Case("merge-adapter-donor", "merge --as-adapter --method task-arithmetic --base base adapter --donor base -o m", 2,
+         "--donor does not apply to --as-adapter", absent=("m",)),
+    Case("merge-adapter-shard-size", "merge --as-adapter --method task-arithmetic --base base adapter --shard-size 1GB -o m", 2,
+         "--shard-size does not apply", absent=("m",)),
+    Case("merge-adapter-ray", "merge --as-adapter --method task-arithmetic --base base adapter --ray auto -o m", 2,
+         "--ray does not apply", absent=("m",)),
+    # 10. awkward paths: one line, and any legal name works
+    Case("missing-path-with-newline", "spectrum base no\nwhere", 2, "no\\nwhere: no such file"),
+    Case("output-name-of-250-bytes", f"spectrum base ft --json {LONG}", 0, "", exists=(LONG,)),
+    Case("merge-into-250-byte-name", f"{TA} -o {'m' * 250}", 0, "", exists=(f"{'m' * 250}/model.safetensors",)),
+    # 12. non-string weight_map values, the whole family, through the one validator
+    Case("index-values-lists", "inspect evil_wm_list", 2, "not a plain file name"),
+    Case("index-values-objects", "spectrum base evil_wm_object", 2, "not a plain file name"),
+    Case("index-values-null", "inspect evil_wm_null", 2, "not a plain file name"),
+    Case("index-values-true", "inspect evil_wm_true", 2, "not a plain file name"),
+    Case("index-values-empty", "inspect evil_wm_empty", 2, "not a plain file name"),
+]
+
 
 def _st(path: Path, header: bytes | dict, data: bytes = b"") -> None:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
@@ -278,7 +374,97 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "bad_result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "matrices"}))
     (root / "mistyped_result.json").write_text(json.dumps({**result, "matrices": "many"}))
     (root / "out_old" / "stale.txt").write_text("from an earlier run\n")
+    _new_surfaces(root, zoo, adapters, tensor_names)
     return root
+
+
+def _hub_repo(hub: Path, name: str, ref: str | None = COMMIT) -> Path:
+    return hub_repo(hub, name, ref)
+
+
+def _with_tensors(source: Path, dest: Path, change, config: dict | None = None) -> None:
+    """A copy of an adapter folder with its tensors edited by `change` (and its config updated)."""
+    shutil.copytree(source, dest)
+    tensors = {n: t.clone() for n, t in load_file(dest / "adapter_model.safetensors").items()}
+    change(tensors)
+    save_file(tensors, dest / "adapter_model.safetensors")
+    if config:
+        cfg = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+
+
+def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    # a Hugging Face cache with hostile layouts beside a good one; links are relative, so copies keep them
+    hub = root / "hub"
+    shutil.copytree(root / "base", root / "outside")
+    good = _hub_repo(hub, "good") / "snapshots" / COMMIT
+    for f in (root / "base").iterdir():  # blobs and links, as huggingface_hub lays them out
+        (good.parent.parent / "blobs" / f.name).write_bytes(f.read_bytes())
+        good.mkdir(exist_ok=True)
+        (good / f.name).symlink_to(f"../../blobs/{f.name}")
+    _hub_repo(hub, "refs-up", "../../../outside")
+    _hub_repo(hub, "refs-abs", str(root / "outside"))
+    shutil.copytree(root / "base", _hub_repo(hub, "not-a-commit", "not-a-commit") / "snapshots" / "not-a-commit")
+    (_hub_repo(hub, "snap-link") / "snapshots" / COMMIT).symlink_to("../../../outside")
+    for repo, links in (("file-link", {"config.json": "config.json", "model.safetensors": "model.safetensors"}),
+                        ("config-link", {"config.json": None})):
+        snapshot = _hub_repo(hub, repo) / "snapshots" / COMMIT
+        snapshot.mkdir()
+        for name, target in links.items():
+            (snapshot / name).symlink_to(f"../../../../outside/{target or name}")
+        if repo == "config-link":
+            shutil.copy(root / "base" / "model.safetensors", snapshot / "model.safetensors")
+    storage = _hub_repo(hub, "blobs-link")
+    (storage / "blobs").rmdir()
+    (storage / "blobs").symlink_to("../../outside")
+    (storage / "snapshots" / COMMIT).mkdir()
+    (storage / "snapshots" / COMMIT / "model.safetensors").symlink_to("../../blobs/model.safetensors")
+    snapshot = _hub_repo(hub, "shard-link") / "snapshots" / COMMIT
+    snapshot.mkdir()
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors"
+                                                                                      for n in tensor_names}}))
+    (snapshot / "shard.safetensors").symlink_to("../../../../outside/model.safetensors")
+    snapshot = _hub_repo(hub, "index-list") / "snapshots" / COMMIT
+    snapshot.mkdir()
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": ["x.safetensors"]}}))
+    # a local checkpoint whose weight file is a link to another folder's
+    (root / "linked").mkdir()
+    (root / "linked" / "model.safetensors").symlink_to("../ft/model.safetensors")
+    shutil.copy(root / "ft" / "config.json", root / "linked" / "config.json")
+
+    # adapters holding what LoRA factors do not explain
+    q = "base_model.model.layers.0.self_attn.q_proj"
+    _with_tensors(adapters["llama"], root / "adapter_magnitude", lambda t: t.update({f"{q}.lora_magnitude_vector": torch.ones(32)}))
+    _with_tensors(adapters["llama"], root / "adapter_stray_bias", lambda t: t.update({f"{q}.lora_B.bias": torch.ones(32)}))
+    _with_tensors(adapters["llama"], root / "adapter_stray_base_layer",
+                  lambda t: t.update({"base_model.model.layers.0.mlp.up_proj.base_layer.weight": torch.ones(64, 32)}))
+    _with_tensors(adapters["llama"], root / "adapter_unlisted",
+                  lambda t: t.update({"base_model.model.norm.weight": torch.ones(32)}))
+    _with_tensors(adapters["llama"], root / "adapter_save_string", lambda t: None, {"modules_to_save": "norm"})
+    for name, seed, extra in (("bert_adapter", 3, {}), ("bert_bias", 4, {"lora_bias": True, "modules_to_save": ["pooler.dense"]}),
+                              ("bert_bias2", 5, {"lora_bias": True, "modules_to_save": ["pooler.dense"]})):
+        torch.manual_seed(seed)
+        get_peft_model(synthetic.tiny_model("bert", seed=0), LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                                         init_lora_weights=False, **extra)
+                       ).save_pretrained(root / name)
+    for name, seed in (("zero_ad", 6), ("zero_ad2", 7)):  # PEFT's default initialisation: B = 0
+        torch.manual_seed(seed)
+        get_peft_model(synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+                       ).save_pretrained(root / name)
+
+    # a fine-tune lacking one matrix, for compare
+    (root / "ft_missing").mkdir()
+    tensors = load_file(root / "ft2" / "model.safetensors")
+    del tensors["layers.0.mlp.up_proj.weight"]
+    save_file(tensors, root / "ft_missing" / "model.safetensors")
+    shutil.copy(root / "ft2" / "config.json", root / "ft_missing" / "config.json")
+
+    # weight_map values of every JSON type but a file name
+    for label, value in (("list", ["model-00001-of-00001.safetensors"]), ("object", {"f": 1}), ("null", None),
+                         ("true", True), ("empty", "")):
+        _index_folder(root, f"evil_wm_{label}", {n: value for n in tensor_names})
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -304,6 +490,9 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
         (work / "link.json").unlink()
         (work / "link.json").symlink_to(work / "existing.json")
     monkeypatch.chdir(work)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(work / "hub"))
     before = snapshot(work)
     args = case.args.replace("{minilm}", str(minilm_path())).split(" ")
     code = exit_code(args)
@@ -314,6 +503,8 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
         lines = [line for line in captured.err.splitlines() if line.strip()]
         assert len(lines) == 1, captured.err  # one line
         assert lines[0].startswith("error:") and case.message in lines[0], captured.err
+    else:
+        assert case.message in captured.out + captured.err, captured
     for rel in case.exists:
         assert (work / rel).exists(), rel
     for rel in case.absent:
@@ -331,5 +522,5 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
 def test_the_corpus_covers_every_command_and_class():
     commands = {c.args.split()[0] for c in CASES}
     assert commands >= {"inspect", "spectrum", "angles", "gaussian", "tsd", "merge", "init-lora", "extract-lora",
-                        "report", "demo"}
-    assert len(CASES) >= 60
+                        "report", "demo", "compare", "esd"}
+    assert len(CASES) >= 160
