@@ -9,4 +9,6 @@ m = workspace()
 base = open_weights(m["base"])
 result = angles(open_weights(m["ft_a"]), open_weights(m["ft_b"]), base, AnglesOptions(k=8))
 for row in result.to_dict()["summary_by_layer"]:
-    print(f"layer {row['layer']}: mean angle {row['mean_angle_deg']:.1f}° over {row['matrices']} matrices")
+    where = f"layer {row['layer']}" if row["layer"] is not None else "outside the layers (embeddings, head)"
+    count = f"{row['matrices']} matrix" if row["matrices"] == 1 else f"{row['matrices']} matrices"
+    print(f"{where}: mean angle {row['mean_angle_deg']:.1f}° over {count}")

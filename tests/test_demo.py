@@ -6,6 +6,7 @@ This is the slowest test (a minute of training on 2 cores); it trains into a tem
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,19 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 def demo_out(tmp_path_factory):
     from weightlab.cli import main
 
+    import weightlab.cli.demo as cli_demo
+
     root = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    real_stages = cli_demo.stages
+
+    @contextmanager
+    def recorded(console, name, total):  # the stages the tour announces, as a person sees them
+        with real_stages(console, name, total) as step:
+            yield lambda text: STAGES.append((total, text)) or step(text)
+
+    mp.setattr(cli_demo, "stages", recorded)
     try:
         main(["demo", "--out", str(root / "out"), "--device", "cpu"])
     except SystemExit as e:
@@ -27,6 +38,20 @@ def demo_out(tmp_path_factory):
     finally:
         mp.undo()
     return root / "out"
+
+
+STAGES: list[tuple[int, str]] = []
+
+
+def test_the_tour_counts_its_stages_and_says_where_its_models_live(demo_out):
+    assert STAGES and all(total == len(STAGES) for total, _ in STAGES)
+    summary = json.loads((demo_out / "summary.json").read_text())
+    assert Path(summary["model"]).is_dir()
+    for key, ft in summary["fine_tunes"].items():
+        assert (Path(ft["path"]) / "weightlab_demo.json").is_file(), key
+    assert {p.name for p in (demo_out / "merged").iterdir()} == {"task-arithmetic-lambda-0.5", "task-arithmetic-lambda-1",
+                                                                 "nan-weights", "nan-task-vectors-lambda-2",
+                                                                 "ties-nan-density-0.3-lambda-2"}
 
 
 def test_demo_writes_every_result(demo_out):

@@ -3,7 +3,6 @@ dense merge of the same method, of the rank the method says."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -148,7 +148,6 @@ def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo
 
 def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process, zoo, tmp_path):
     """A NaN in a late tensor: a worker stops the merge mid-way, after others wrote theirs."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from weightlab.errors import CorruptCheckpoint

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from weightlab.compute.svd import full_svd, lowrank_svd, randomized_svd, top_svd

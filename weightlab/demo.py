@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,15 @@ def finetune(task: Task, lora: bool = False, steps: int = 60, seed: int = 0, lr:
     return model, tokenizer, {"before": before, "after": accuracy(model, tokenizer, task.test)}
 
 
+DEMO_STAGES = 16  # the on_step calls of one tour: 3 fine-tunes, 6 analyses and surgeries, 5 merges, LoRA, the report
+
+
+def slug(label: str) -> str:
+    """A folder name from a label: `ties + nan, density 0.3, λ=2` -> `ties-nan-density-0.3-lambda-2`."""
+    text = label.replace("λ", "lambda").replace("=", "-")
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
 def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Folders of the fine-tuned encoders (full fine-tunes) and the LoRA adapter, trained once and cached."""
     root = cache_dir()
@@ -168,9 +178,11 @@ def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None =
         folder = root / key
         paths[key] = folder
         if (folder / "weightlab_demo.json").is_file():
+            if on_step:
+                on_step(f"{key}: trained before, in {folder}")
             continue
         if on_step:
-            on_step(f"fine-tuning {key}")
+            on_step(f"fine-tuning {key} (cached in {folder})")
         model, _, acc = finetune(task, lora, steps)
         tmp = root / f".{key}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -306,7 +318,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     }
     for label, options in variants.items():
         step(f"merge: {label} of the two full fine-tunes")
-        folder = tmp / "merged" / label.split(" ")[0].replace(",", "") / str(len(merges))
+        folder = tmp / "merged" / slug(label)
         report = merge(build_config({**options, "base": str(base.path), "models": models}), folder, compute=compute)
         merged_state = checkpoint_state(folder)
         accuracies = {name: accuracy_with_encoder(merged_state, paths[f"ft_{name}"] / "classifier_head.pt", task)
@@ -329,7 +341,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     keys = list(fts)
     by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
     summary = DemoSummary(
-        model=str(base.path), fine_tunes=trained,
+        model=str(base.path), fine_tunes={key: {**trained[key], "path": str(paths[key])} for key in trained},
         spectrum={key: {
             "matrices": len(ms),
             "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
@@ -337,8 +349,8 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
             "intruders": sum(len(m.intruders) for m in ms),
             "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
         } for key, ms in by_ft.items()},
-        angles_ft_animal_vs_ft_colour_mean_deg=sum(m.mean_angle for m in ang.matrices) / len(ang.matrices),
-        gaussian={"weights": gauss.label_counts(), "delta": gauss.label_counts("delta"),
+        angles_ft_animal_vs_ft_colour_mean_deg=sum(m.mean_angle for m in ang.findings()) / len(ang.findings()),
+        gaussian={"weights": gauss.label_counts("weights"), "delta": gauss.label_counts("delta"),
                   "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None},
         tsd_percentile_histogram=directions.percentile_histogram(),
         merge={label: {"accuracy": m["accuracy"], "coefficients": m["coefficients"]} for label, m in merges.items()},

@@ -7,6 +7,7 @@ and the Python API refuse the same values with the same one-line message.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -69,7 +70,14 @@ class Domain:
     def check(self, flag: str, value: Any) -> None:
         if not self.contains(value):
             shown = repr(value) if isinstance(value, str) else _shown_number(value)
-            raise InvalidArgument(f"{flag} {shown}: must be {self.describe()}")
+            raise InvalidArgument(f"{flag} {shown}: must be {self.describe()}{self.suggestion(value)}")
+
+    def suggestion(self, value: Any) -> str:
+        """`; did you mean X?` for a mistyped choice close to one of them."""
+        if self.kind != "choice" or not isinstance(value, str):
+            return ""
+        close = difflib.get_close_matches(value.lower(), self.choices, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 def _shown_number(value: Any) -> Any:

@@ -72,11 +72,18 @@ class MatrixAngles:
         """Mean cos²: 1 when the subspaces coincide, about k/d for random ones."""
         return sum(c * c for c in self.cosines) / len(self.cosines) if self.cosines else float("nan")
 
+    @property
+    def spans_whole_space(self) -> bool:
+        """k reaches the dimension of the side's space (rows for left, columns for right): both
+        subspaces are the whole space and every angle is 0 by construction, no finding."""
+        return self.k >= self.shape[0 if self.side == "left" else 1]
+
     def row(self) -> dict:
         return {"name": self.name, "layer": self.layer, "role": self.role, "rows": self.shape[0],
                 "cols": self.shape[1], "side": self.side, "k": self.k, "mean_angle_deg": self.mean_angle,
                 "min_angle_deg": self.angles_deg[0] if self.angles_deg else None,
-                "max_angle_deg": self.angles_deg[-1] if self.angles_deg else None, "overlap": self.overlap}
+                "max_angle_deg": self.angles_deg[-1] if self.angles_deg else None, "overlap": self.overlap,
+                "spans_whole_space": self.spans_whole_space}
 
 
 @dataclass
@@ -101,35 +108,43 @@ class AnglesResult(Result):
                 "num_layers": self.num_layers, "problems": self.problems,
                 "summary_by_layer": summarise_angles(self.matrices, "layer"),
                 "summary_by_role": summarise_angles(self.matrices, "role"),
-                "matrices": [{**asdict(m), "mean_angle_deg": m.mean_angle, "overlap": m.overlap} for m in self.matrices]}
+                "matrices": [{**asdict(m), "mean_angle_deg": m.mean_angle, "overlap": m.overlap,
+                              "spans_whole_space": m.spans_whole_space} for m in self.matrices]}
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.matrices]
 
     def tables(self) -> list[Table]:
         main = Table(f"principal angles of {'task vectors' if self.base else 'weights'}, top-{self.options.k} subspaces "
-                     "(most aligned first)", ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²"],
+                     "(most aligned first)", ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²",
+                                              "note"],
                      [[m.name, m.layer, m.role, m.side, m.k, m.mean_angle, m.angles_deg[0] if m.angles_deg else None,
-                       m.angles_deg[-1] if m.angles_deg else None, m.overlap]
-                      for m in sorted(self.matrices, key=lambda m: m.mean_angle)], names=True)
+                       m.angles_deg[-1] if m.angles_deg else None, m.overlap,
+                       "k spans the whole space: 0° by construction" if m.spans_whole_space else None]
+                      for m in sorted(self.matrices, key=lambda m: (m.spans_whole_space, m.mean_angle))], names=True)
         by = [Table(f"by {key}", ["side", key, "matrices", "mean °", "mean cos²"],
                     [[s["side"], s[key], s["matrices"], s["mean_angle_deg"], s["overlap"]]
                      for s in summarise_angles(self.matrices, key)], numeric_from=2) for key in ("layer", "role")]
         return [main, *by]
 
     def headline(self) -> list[tuple[str, str, object]]:
-        ms = self.matrices
+        ms = self.findings()
         closest = min(ms, key=lambda m: m.mean_angle) if ms else None
         return [("angles.mean_angle_deg", "mean principal angle (°)", sum(m.mean_angle for m in ms) / len(ms) if ms else None),
-                ("angles.most_aligned", "most aligned matrix", closest.name if closest else "-"),
-                ("angles.matrices", "matrices compared", len(ms))]
+                ("angles.most_aligned", "most aligned matrix", closest.name if closest else None),
+                ("angles.matrices", "matrices compared", len(self.matrices))]
+
+    def findings(self) -> list[MatrixAngles]:
+        """The matrices whose angles say something: not those whose k spans the whole space."""
+        return [m for m in self.matrices if not m.spans_whole_space]
 
     def note(self) -> str:
         return f"A = {self.a}, B = {self.b}" + (f", base = {self.base}" if self.base else "")
 
 
 def summarise_angles(matrices: Sequence[MatrixAngles], by: str) -> list[dict]:
-    return group_summary([m for m in matrices if m.angles_deg], {"side": lambda m: m.side, by: lambda m: getattr(m, by)},
+    return group_summary([m for m in matrices if m.angles_deg and not m.spans_whole_space],
+                         {"side": lambda m: m.side, by: lambda m: getattr(m, by)},
                          {"matrices": len, "mean_angle_deg": mean(lambda m: m.mean_angle), "overlap": mean(lambda m: m.overlap)})
 
 

@@ -40,6 +40,7 @@ from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.display import model_names
 from weightlab.merge.methods import trim_block, trim_state
 from weightlab.results import Result, Table
 
@@ -86,9 +87,15 @@ class CompareResult(Result):
     problems: list[str] = field(default_factory=list)
     parameters: int | None = None  # entries of the compared tensors (None in results written before it was counted)
 
+    def names(self) -> list[str]:
+        """Each fine-tune's short name (`labels.model_names`)."""
+        return model_names(self.finetuned)
+
     def pairs(self) -> list[dict]:
         n, o = len(self.finetuned), self.overall
+        names = self.names()
         return [{"a": i, "b": j, "model_a": self.finetuned[i], "model_b": self.finetuned[j],
+                 "name_a": names[i], "name_b": names[j],
                  "cosine": o.cosine[i][j], "subspace_overlap": o.subspace_overlap[i][j],
                  "sign_conflict": o.sign_conflict[i][j],
                  "norm_ratio": self.norms[i] / self.norms[j] if self.norms[j] > 0 else None}
@@ -105,12 +112,14 @@ class CompareResult(Result):
         over = f"over {self.tensors} tensors" + (f" ({self.parameters:,} parameters)" if self.parameters is not None else "")
         pairs = Table(f"pairs, most compatible first (highest task-vector cosine), {over}",
                       ["pair", "cos(τ_a, τ_b)", f"top-{self.options.k} overlap", "sign conflict", "‖τ_a‖/‖τ_b‖"],
-                      [[f"{p['a']} × {p['b']}", p["cosine"], p["subspace_overlap"], p["sign_conflict"], p["norm_ratio"]]
-                       for p in ranked],
+                      [[f"{p['name_a']} × {p['name_b']}", p["cosine"], p["subspace_overlap"], p["sign_conflict"],
+                        p["norm_ratio"]] for p in ranked],
                       f"sign conflict: share of entries TIES keeps in both (density {self.options.density}) whose signs "
                       "differ; overlap: mean cos² of the principal angles")
-        models = Table("models (clustering order)", ["model", "index", "‖τ‖", "mean cos with the others"],
-                       [[self.finetuned[i], i, self.norms[i], self._mean_cosine(i)] for i in self.order], numeric_from=1)
+        names = self.names()
+        models = Table("models (clustering order)", ["model", "‖τ‖", "mean cos with the others", "path"],
+                       [[names[i], self.norms[i], self._mean_cosine(i), self.finetuned[i]] for i in self.order],
+                       numeric_from=1)
         return [pairs, models]
 
     def _mean_cosine(self, i: int) -> float | None:
@@ -122,9 +131,10 @@ class CompareResult(Result):
         ranked.sort(key=lambda p: -p["cosine"])
         conflicts = [p["sign_conflict"] for p in ranked if p["sign_conflict"] is not None]
         return [("compare.models", "fine-tunes compared", len(self.finetuned)),
-                ("compare.most_compatible", "most compatible pair", f"{ranked[0]['a']} × {ranked[0]['b']}" if ranked else "-"),
+                ("compare.most_compatible", "most compatible pair",
+                 f"{ranked[0]['name_a']} × {ranked[0]['name_b']}" if ranked else None),
                 ("compare.least_compatible", "least compatible pair",
-                 f"{ranked[-1]['a']} × {ranked[-1]['b']}" if ranked else "-"),
+                 f"{ranked[-1]['name_a']} × {ranked[-1]['name_b']}" if ranked else None),
                 ("compare.mean_cosine", "mean pairwise cosine",
                  sum(p["cosine"] for p in ranked) / len(ranked) if ranked else None),
                 ("compare.mean_sign_conflict", "mean sign conflict", sum(conflicts) / len(conflicts) if conflicts else None)]
@@ -134,11 +144,12 @@ class CompareResult(Result):
         if len(ranked) < 2:
             return []
         best, worst = ranked[0], ranked[-1]
-        return [f"Most compatible: {best['a']} × {best['b']} (cos {best['cosine']:.3f}); least: {worst['a']} × "
-                f"{worst['b']} (cos {worst['cosine']:.3f}, sign conflict {fmt(worst['sign_conflict'])})."]
+        return [f"Most compatible: {best['name_a']} × {best['name_b']} (cos {best['cosine']:.3f}); least: "
+                f"{worst['name_a']} × {worst['name_b']} (cos {worst['cosine']:.3f}, sign conflict "
+                f"{fmt(worst['sign_conflict'])})."]
 
     def note(self) -> str:
-        return "Fine-tunes: " + ", ".join(f"{i}: {p}" for i, p in enumerate(self.finetuned))
+        return "Fine-tunes: " + ", ".join(f"{name} ({p})" for name, p in zip(self.names(), self.finetuned))
 
 
 def fmt(value: float | None) -> str:

@@ -36,7 +36,7 @@ import torch
 from scipy import integrate, optimize
 
 from weightlab.analysis.spectrum import energy_entropy
-from weightlab.analysis.summary import group_summary, mean
+from weightlab.analysis.summary import group_summary, mean, total
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import eigenvalues, gram
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk, select
@@ -257,7 +257,7 @@ class ESDResult(Result):
                     "mean_log_spectral_norm": _mean([d.log_spectral_norm for d in dens]),
                     "mean_stable_rank": _mean([d.stable_rank for d in dens]),
                     "spikes": sum(d.mp.spikes for d in dens),
-                    "traps": sum(d.traps or 0 for d in dens),
+                    "traps": total(lambda d: d.traps)(dens),
                     "over_trained": sum(d.warning == "over-trained" for d in dens),
                     "under_trained": sum(d.warning == "under-trained" for d in dens),
                     "not_fitted": len(dens) - len(fitted), "matrices": len(dens)}
@@ -300,7 +300,7 @@ class ESDResult(Result):
             s = self.summary().get(part)
             if s:
                 out.append(f"{what}: mean α {_fmt(s['mean_alpha'])}, mean α̂ {_fmt(s['mean_alpha_weighted'])}, "
-                           f"{s['spikes']} spikes, {s['traps']} correlation traps; α < 2 in {s['over_trained']}, "
+                           f"{s['spikes']} spikes, {_traps(s['traps'])}; α < 2 in {s['over_trained']}, "
                            f"α > 6 in {s['under_trained']}, no fit in {s['not_fitted']} of {s['matrices']} matrices")
         if self.skipped:
             out.append(f"{len(self.skipped)} tensors not analysed (listed with the reason)")
@@ -318,6 +318,10 @@ class ESDResult(Result):
 
     def problems_found(self) -> list[str]:
         return self.problems
+
+
+def _traps(count: int | None) -> str:
+    return "correlation traps not looked for (--no-traps)" if count is None else f"{count} correlation traps"
 
 
 def _mean(values: list) -> float | None:
@@ -346,7 +350,7 @@ def summarise_esd(matrices: list[MatrixESD], by: str) -> list[dict]:
         "mean_alpha": mean(lambda m: m.weights.alpha),
         "mean_alpha_weighted": mean(lambda m: m.weights.alpha_weighted),
         "spikes": lambda ms: sum(m.weights.mp.spikes for m in ms),
-        "traps": lambda ms: sum(m.weights.traps or 0 for m in ms),
+        "traps": total(lambda m: m.weights.traps),
     })
 
 

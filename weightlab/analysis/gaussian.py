@@ -206,8 +206,10 @@ class GaussianResult(Result):
         """What the tables rank: the update ΔW with a base, else the weights."""
         return "delta" if self.base else "weights"
 
-    def label_counts(self, part: str = "weights") -> dict[str, int]:
+    def label_counts(self, part: str | None = None) -> dict[str, int]:
+        """Shape labels of `part` ("weights" or "delta"; default: what this result is about, `part`)."""
         counts = dict.fromkeys(LABELS, 0)
+        part = part or self.part
         for t in self.tensors:
             dist = getattr(t, part)
             if dist is not None:
@@ -219,7 +221,7 @@ class GaussianResult(Result):
         if self.depth_trend is not None:
             trend = {**asdict(self.depth_trend), "grows_with_depth": self.depth_trend.grows_with_depth}
         return {"schema": self.SCHEMA, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
-                "problems": self.problems, "label_counts": self.label_counts(),
+                "problems": self.problems, "label_counts": self.label_counts("weights"),
                 "delta_label_counts": self.label_counts("delta") if self.base else None,
                 "depth_trend": trend, "summary_by_layer": summarise_gaussian(self.tensors, "layer"),
                 "summary_by_role": summarise_gaussian(self.tensors, "role"),
@@ -246,7 +248,7 @@ class GaussianResult(Result):
                       "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027", names=True)]
 
     def lines(self) -> list[str]:
-        out = ["weights: " + ", ".join(f"{k} {v}" for k, v in self.label_counts().items())]
+        out = ["weights: " + ", ".join(f"{k} {v}" for k, v in self.label_counts("weights").items())]
         if self.base:
             out.append("ΔW:      " + ", ".join(f"{k} {v}" for k, v in self.label_counts("delta").items()))
         if self.depth_trend is not None:
@@ -257,14 +259,17 @@ class GaussianResult(Result):
 
     def headline(self) -> list[tuple[str, str, object]]:
         n = len(self.tensors)
+        what = "ΔW" if self.base else "weights"
         out = [("gaussian.tensors", "tensors tested", n),
-               ("gaussian.gaussian_share", "share labelled gaussian", self.label_counts()["gaussian"] / n if n else None)]
+               ("gaussian.gaussian_share", f"share of {what} labelled gaussian",
+                self.label_counts()["gaussian"] / n if n else None)]
         if self.depth_trend is not None:
             out.append(("gaussian.delta_std_slope", "std(ΔW) slope per layer", self.depth_trend.slope))
         return out
 
     def note(self) -> str:
-        return "Labels: " + ", ".join(f"{k} {v}" for k, v in self.label_counts().items())
+        return f"Labels of {'ΔW' if self.base else 'the weights'}: " + \
+            ", ".join(f"{k} {v}" for k, v in self.label_counts().items())
 
 
 def summarise_gaussian(tensors: Sequence[TensorGaussianity], by: str) -> list[dict]:

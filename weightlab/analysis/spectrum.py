@@ -37,6 +37,7 @@ from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, 
 from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk, may_change
 from weightlab.domains import Int, Real, option
 from weightlab.errors import InvalidArgument
+from weightlab.display import model_names
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 from weightlab.results import Result, Table
@@ -191,21 +192,22 @@ class SpectrumResult(Result):
         if not self.finetuned:
             return self.base_tables()
         several = len(self.finetuned) > 1
-        ft = ["ft"] if several else []
+        ft = ["fine-tune"] if several else []
+        names = model_names(self.finetuned)
         k = self.options.k
         main = Table(f"spectrum: {len(self.matrices)} matrices, most changed first",
-                     ["matrix", *ft, "layer", "role", "shape", "‖ΔW‖/‖W‖", "‖W'‖/‖W‖", "∠(W,W')°", "σ'₁/σ₁",
-                      f"top{k} share", "rank90 ΔW", "eff.rank", "|u'₁·u₁|", "φ", "intr."],
-                     [[m.name, *([m.finetuned] if several else []), m.layer, m.role, f"{m.shape[0]}×{m.shape[1]}",
-                       m.relative_change, m.direction.norm_ratio, m.direction.angle_deg, m.amplification[0],
-                       m.topk_change_share, m.delta_rank90,
-                       f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}", m.u_alignment[0], m.subspace_similarity,
-                       len(m.intruders)] for m in sorted(self.matrices, key=lambda m: -m.relative_change)],
+                     ["matrix", *ft, "layer", "role", "‖ΔW‖/‖W‖", "σ'₁/σ₁", "intr.", "φ", "|u'₁·u₁|", "∠(W,W')°",
+                      "‖W'‖/‖W‖", f"top{k} share", "rank90 ΔW", "eff.rank", "shape"],
+                     [[m.name, *([names[m.finetuned]] if several else []), m.layer, m.role, m.relative_change,
+                       m.amplification[0], m.row()["intruders"], m.subspace_similarity, first(m.u_alignment),
+                       m.direction.angle_deg, m.direction.norm_ratio, m.topk_change_share, m.delta_rank90,
+                       f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}", f"{m.shape[0]}×{m.shape[1]}"]
+                      for m in sorted(self.matrices, key=lambda m: -m.relative_change)],
                      f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions; "
                      "∠ between vec W and vec W'",
                      numeric_from=2 if several else 1, names=True)
         by = [Table(f"by {key}", [*ft, key, "matrices", "‖ΔW‖/‖W‖", "σ'/σ (top k)", "|u'·u| (top k)", "φ", "intruders"],
-                    [[*([s["finetuned"]] if several else []), s[key], s["matrices"], s["relative_change"],
+                    [[*([names[s["finetuned"]]] if several else []), s[key], s["matrices"], s["relative_change"],
                       s["mean_amplification_k"], s["mean_u_alignment_k"], s["subspace_similarity"], s["intruders"]]
                      for s in summarise(self.matrices, key)], numeric_from=2 if several else 1)
               for key in ("layer", "role")]
@@ -235,12 +237,13 @@ class SpectrumResult(Result):
                  sum(m.relative_change for m in ms) / len(ms) if ms else None),
                 ("spectrum.most_changed", "most changed matrix", top.name if top else "-"),
                 ("spectrum.most_changed_role", "most changed role", by_role.get("role", "-")),
-                ("spectrum.intruders", "intruder dimensions", sum(len(m.intruders) for m in ms))]
+                ("spectrum.intruders", "intruder dimensions",
+                 None if self.options.values_only else sum(len(m.intruders) for m in ms))]
 
     def note(self) -> str:
         if not self.finetuned:
             return f"Spectra of {self.base} alone (values only)."
-        return "Fine-tunes: " + ", ".join(f"{i}: {p}" for i, p in enumerate(self.finetuned))
+        return "Fine-tunes: " + ", ".join(f"{name} ({p})" for name, p in zip(model_names(self.finetuned), self.finetuned))
 
 
 def first(values: list) -> object:

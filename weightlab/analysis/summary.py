@@ -22,6 +22,15 @@ def group_summary(items: Sequence[T], keys: dict[str, Callable[[T], object]],
             for key in sorted(groups, key=_order)]
 
 
+def total(value: Callable[[T], float | None]) -> Callable[[list[T]], float | None]:
+    """The sum of `value` over a group, skipping None; None when every value is None (a figure
+    that was not computed is no zero)."""
+    def of(group: list[T]) -> float | None:
+        values = [v for v in map(value, group) if v is not None]
+        return sum(values) if values else None
+    return of
+
+
 def mean(value: Callable[[T], float | None]) -> Callable[[list[T]], float | None]:
     """The mean of `value` over a group, skipping None (None when every value is None)."""
     def of(group: list[T]) -> float | None:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table as RichTable
 from rich.text import Text
 
+from weightlab.cli.progress import Callbacks, progress as report_progress
 from weightlab.compute.device import Compute
 from weightlab.errors import InvalidArgument
 from weightlab.domains import Int
@@ -24,8 +25,8 @@ from weightlab.io.outputs import Output, OutputPlan
 from weightlab.report.document import write_report
 from weightlab.report.export import to_csv, to_json
 from weightlab.report.plots import draw as draw_plots
-from weightlab.report.tables import one_line, short_name, table
-from weightlab.results import Result
+from weightlab.report.tables import NAME_WIDTH, one_line, short_name, table
+from weightlab.results import Result, Table
 
 try:  # typer ≥ 0.24 vendors its own click
     from typer._click.core import ParameterSource
@@ -42,8 +43,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-# Piped output keeps whole tables instead of folding them to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 180)
+# Piped output keeps whole tables instead of folding them to 80 columns, unless $COLUMNS says otherwise.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 180)
 err_console = Console(stderr=True)
 state = {"debug": False}
 
@@ -58,22 +59,9 @@ PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.
 ReportOpt = typer.Option(None, "--report", help="Also write a self-contained HTML report.", metavar="FILE.html")
 
 
-class _RateColumn(ProgressColumn):
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "", style="cyan")
-
-
-@contextmanager
-def progress(description: str, unit: str = "matrices") -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """A progress bar on stderr; yields (on_start(total), on_progress(advance)) callbacks."""
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  _RateColumn(unit), TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+def progress(description: str, unit: str = "matrices") -> ContextManager[Callbacks]:
+    """Progress of long work on stderr: (on_start(total), on_progress(advance)) callbacks."""
+    return report_progress(err_console, description, unit)
 
 
 def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]) -> OutputPlan:
@@ -103,6 +91,21 @@ def emit(plan: OutputPlan, result: Result, draw: Callable[[Path], list[Path]] | 
         write_report([result], plan.path("--report"))
 
 
+def fitted(t: Table, body: list[list[Any]], width: int) -> RichTable:
+    """`t` with as many of its columns, from the left (tables put what matters most first), as a
+    terminal `width` characters wide shows whole; the caption names the others."""
+    kept = len(t.columns)
+    while True:
+        dropped = t.columns[kept:]
+        caption = "; ".join(filter(None, [t.caption, f"{len(dropped)} more columns in a wider terminal and in the "
+                                                     f"JSON: {', '.join(dropped)}" if dropped else ""]))
+        shown = table(t.title, t.columns[:kept], [r[:kept] for r in body], numeric_from=min(t.numeric_from, kept),
+                      caption=caption or None)
+        if kept == 1 or console.measure(shown, options=console.options.update_width(10**4)).maximum <= width:
+            return shown
+        kept -= 1
+
+
 def show(result: Result, rows: int | None = None) -> None:
     """The result for a person: notes about the inputs, its tables (the first cut to `rows`, tensor
     names shortened), then its summary lines."""
@@ -110,8 +113,8 @@ def show(result: Result, rows: int | None = None) -> None:
     for i, t in enumerate(result.tables()):
         body = t.rows[:rows] if i == 0 and rows is not None else t.rows
         if t.names:
-            body = [[short_name(r[0], 44, drop_layer=True), *r[1:]] for r in body]
-        console.print(table(t.title, t.columns, body, numeric_from=t.numeric_from, caption=t.caption or None))
+            body = [[short_name(r[0], NAME_WIDTH, drop_layer=True), *r[1:]] for r in body]
+        console.print(fitted(t, body, console.width))
     for line in result.lines():
         console.print(Text(one_line(line)), highlight=False)
 
@@ -249,8 +252,18 @@ def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:
     return any(str(p) == "-" for p in paths if p is not None)
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        console.print(f"weightlab {version('weightlab')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print weightlab's version and exit.")) -> None:
     """weightlab: spectra, subspace angles, Gaussianity, task-specific directions, merging and LoRA surgery.
 
     Example: weightlab inspect model.safetensors

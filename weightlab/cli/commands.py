@@ -13,21 +13,35 @@ import weightlab.cli
 from weightlab.cli.app import app, err_console, one_line, state
 from weightlab.errors import WeightlabError
 
-COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(weightlab.cli.__path__) if m.name not in ("app", "commands"))
+COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(weightlab.cli.__path__)
+                         if m.name not in ("app", "commands", "progress"))
 for _name in COMMAND_MODULES:  # each registers its command on `app`
     importlib.import_module(f"weightlab.cli.{_name}")
 
 try:  # typer ≥ 0.24 vendors its own click
+    from typer._click.core import Context
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import ClickException
+    from click import ClickException, Context
+
+
+def _quiet_flags(command) -> None:
+    """A flag takes no value, so --help shows no type for it (typer would print `<bool>`)."""
+    help_option = command.get_help_option(Context(command))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _quiet_flags(sub)
 
 
 def run(args: list[str]) -> int:
     """Exit code of `weightlab ARGS`: 0, 2 for bad input (one line on stderr), 1 for a bug."""
     state["debug"] = "--debug" in args
     try:
-        result = typer.main.get_command(app).main(args=args, prog_name="weightlab", standalone_mode=False)
+        command = typer.main.get_command(app)
+        _quiet_flags(command)
+        result = command.main(args=args, prog_name="weightlab", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except typer.Exit as e:
         return e.exit_code

@@ -8,7 +8,8 @@ import typer
 
 from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console, outputs
 from weightlab.compute.device import Compute
-from weightlab.demo import cache_dir, run_demo
+from weightlab.cli.progress import stages
+from weightlab.demo import DEMO_STAGES, cache_dir, run_demo
 from weightlab.examples import minilm_path
 from weightlab.report.tables import table
 
@@ -24,10 +25,10 @@ def demo(
     Example: weightlab demo --out ./weightlab-demo
     """
     compute = Compute.create(device)
-    with outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan, err_console.status("starting") as status:
+    with outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan, stages(err_console, "demo", DEMO_STAGES) as step:
         folder = plan.path("-o")
         folder.mkdir()
-        summary = run_demo(folder, compute, on_step=lambda text: status.update(text))
+        summary = run_demo(folder, compute, on_step=step)
     rows = [(key, f"{ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}", "LoRA r=8" if ft["lora"] else "full",
              summary["spectrum"][key]["mean_relative_change"], summary["spectrum"][key]["most_changed_role"],
              summary["spectrum"][key]["intruders"]) for key, ft in summary["fine_tunes"].items()]
@@ -51,5 +52,8 @@ def demo(
                   f"mitigate-intruders: {intruders['intruders']} intruders in {intruders['with_intruders']} of "
                   f"{intruders['matrices']} matrices scaled by 0.75, animal accuracy {intruders['accuracy_animal_before']:.2f}"
                   f" → {intruders['accuracy_animal_after']:.2f}")
+    console.print(f"base model: {summary['model']}")
+    console.print("fine-tunes (trained once, kept for the next tour): " +
+                  ", ".join(f"{key} in {ft['path']}" for key, ft in summary["fine_tunes"].items()), soft_wrap=True)
     console.print(f"[bold]report: {out}/report.html[/] (and report.md); results in {out}/: summary.json, one JSON per "
                   "analysis, merged/, lora-init/, lora-extract/, plots/")

@@ -21,13 +21,13 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from weightlab.compute.gram import GramSpectrum
 from weightlab.io.files import NotARegularFile, read_regular
@@ -94,17 +94,16 @@ class DecompositionCache:
 
     def put(self, key: str, spectrum: GramSpectrum) -> None:
         """Store an entry; a full disk or an unwritable folder costs speed, never the run."""
-        path, temp = self.path(key), None
+        path = self.path(key)
+        temp = path.with_name(f".{key[:16]}.{os.getpid()}.{secrets.token_hex(6)}.partial")
         tensors = {"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(), "tall": torch.tensor(spectrum.tall)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
-            os.close(handle)
-            save_file(tensors, temp, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)})
+            with open(temp, "xb") as file:  # the user's file mode (safetensors' own writer makes 0600 files)
+                file.write(save(tensors, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)}))
             os.replace(temp, path)
         except OSError:
-            if temp:
-                Path(temp).unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
             return
         self.evict()
 

@@ -36,6 +36,7 @@ from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import Matching, MatchedTensor
+from weightlab.display import model_names
 from weightlab.merge.coefficients import NanOptions, nan_coefficients
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS, MergeMethod
@@ -100,7 +101,7 @@ class MergeReport(Result):
         return f"Merge: {', '.join(detail)}"
 
     def tables(self) -> list[Table]:
-        names = [Path(m).name or m for m in self.config.models]
+        names = model_names(self.config.models)
         kind = "NAN" if self.config.coeff == "nan" else "manual"
         out = [Table(f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""), ["model", "coefficient"],
                      [[name, c] for name, c in zip(names, self.coefficients)])]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
 from weightlab.report.plots import draw
 from weightlab.results import Result, known_schemas, result_type
-from weightlab.report.tables import fmt, one_line, short_name
+from weightlab.display import fmt
+from weightlab.report.tables import one_line, short_name
 
 
 @dataclass
@@ -107,7 +107,7 @@ header p{margin:4px 0 0;color:#b8c0cc}main{max-width:1200px;margin:0 auto;paddin
 section{background:#fff;border:1px solid #e3e6eb;border-radius:10px;padding:18px 22px;margin:18px 0}
 h2{margin:0 0 4px;font-size:19px}.ref{color:#6b7380;font-size:13px;margin-bottom:12px}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0 14px}.card{background:#f1f4f9;border-radius:8px;padding:8px 14px;min-width:150px}
-.card .v{font-size:20px;font-weight:600;word-break:break-all}.card .k{font-size:12px;color:#5b6472}
+.card .v{font-size:20px;font-weight:600;word-break:break-all}.card .v.none{font-size:15px;font-weight:400;color:#8a93a0;font-style:italic}.card .k{font-size:12px;color:#5b6472}
 img{max-width:100%;border:1px solid #eef0f3;border-radius:6px;margin:8px 0}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:10px}th,td{padding:4px 8px;border-bottom:1px solid #edf0f3;text-align:right}
 th:first-child,td:first-child{text-align:left}th{cursor:pointer;background:#fafbfc;position:sticky;top:0;user-select:none}
@@ -133,10 +133,16 @@ SCRIPT = """
 """
 
 
+NOT_COMPUTED = "not computed"
+
+
 def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else fmt(v, 4)
     return fmt(v)
+
+
+def _headline_value(v: Any) -> str:
+    """A headline figure: None is a figure that was not computed, and says so (never 0 or a dash)."""
+    return NOT_COMPUTED if v is None else _value(v)
 
 
 def _data_uri(path: Path) -> str:
@@ -153,8 +159,8 @@ def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str
     for i, s in enumerate(sections):
         parts.append(f"<h3><a href='#s{i}'>{e(s.title)}</a></h3><div class='cards'>")
         for key, label, value in s.headline:
-            parts.append(f"<div class='card'><div class='v' data-key='{e(key)}' data-v='{e(str(value))}'>"
-                         f"{e(_value(value))}</div><div class='k'>{e(label)}</div></div>")
+            parts.append(f"<div class='card'><div class='v{' none' if value is None else ''}' data-key='{e(key)}' "
+                         f"data-v='{e(str(value))}'>{e(_headline_value(value))}</div><div class='k'>{e(label)}</div></div>")
         parts.append("</div>")
     parts.append("</section>")
     for i, s in enumerate(sections):
@@ -172,6 +178,7 @@ def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str
             parts.append("</tbody></table></div>")
             if len(s.rows) > max_rows:
                 parts.append(f"<p class='note'>{len(s.rows) - max_rows} more rows in the JSON result.</p>")
+        parts.append("</section>")
     parts.append(f"</main><script>{SCRIPT}</script></body></html>")
     return "".join(parts)
 
@@ -189,7 +196,7 @@ def md(value: Any) -> str:
 def render_markdown(title: str, sections: list[Section], assets: str, max_rows: int = 30) -> str:
     lines = [f"# {md(title)}", "", "| analysis | quantity | value |", "|---|---|---|"]
     for s in sections:
-        lines += [f"| {md(s.title)} | {md(label)} | {md(_value(value))} |" for _, label, value in s.headline]
+        lines += [f"| {md(s.title)} | {md(label)} | {md(_headline_value(value))} |" for _, label, value in s.headline]
     for s in sections:
         lines += ["", f"## {md(s.title)}", "", f"_{md(s.reference)}_", ""]
         lines += [f"![{md(image.stem)}]({quote(f'{assets}/{image.parent.name}_{image.name}')})" for image in s.images]

@@ -21,6 +21,7 @@ from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
 from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
 from weightlab.surgery.intruders import IntruderReport  # noqa: E402
+from weightlab.display import model_names  # noqa: E402
 from weightlab.report.tables import short_name  # noqa: E402
 
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
@@ -34,7 +35,8 @@ def _roles(items) -> list[str]:
 
 
 def _grid(items: Sequence, value: Callable) -> tuple[np.ndarray, list[int], list[str]]:
-    """Mean of `value` per (layer, role) over items with a layer index."""
+    """Mean of `value` per (layer, role) over the items inside the numbered layers (a depth map:
+    embeddings and heads, whose change can dwarf every layer's, are left to the tables)."""
     layered = [m for m in items if m.layer is not None]
     layers = sorted({m.layer for m in layered})
     roles = _roles(layered)
@@ -53,7 +55,7 @@ def _heatmap(ax, grid: np.ndarray, layers: list[int], roles: list[str], title: s
     shown = np.ma.masked_invalid(grid)
     image = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(roles)), roles)
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("module role")
     ax.set_ylabel("layer (depth ↓)")
     ax.set_title(title)
@@ -71,6 +73,25 @@ def _annotate(ax, image, grid: np.ndarray, fmt: str, fontsize: float) -> None:
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize, color="black" if light else "white")
 
 
+OUTSIDE = "outside\nlayers"  # embeddings, head, pooler: tensors without a layer index
+
+
+def _depths(items) -> list[int | None]:
+    """The layer indices present, in order, and None last when some items sit outside the layers."""
+    layers = sorted({m.layer for m in items if m.layer is not None})
+    return layers + ([None] if any(m.layer is None for m in items) else [])
+
+
+def _depth_labels(depths: list[int | None]) -> list[str]:
+    return [OUTSIDE if d is None else str(d) for d in depths]
+
+
+def _say_empty(ax, text: str) -> None:
+    """A plot with nothing to draw says why, in the figure itself."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555555",
+            bbox=dict(boxstyle="round", fc="#f7f7f7", ec="#dddddd"))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
@@ -83,7 +104,7 @@ def _by_finetune(result: SpectrumResult) -> list[list[MatrixSpectrum]]:
 
 
 def _ft_label(result: SpectrumResult, i: int) -> str:
-    return Path(result.finetuned[i]).name or result.finetuned[i]
+    return model_names(result.finetuned)[i]
 
 
 def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6) -> list[Path]:
@@ -106,7 +127,8 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 idx = np.arange(1, len(m.sv_base) + 1)
                 n = len(m.sv_ft)
                 ax.semilogy(idx, m.sv_base, color="#888888", lw=2.2, label="base σ_i")
-                ax.set_title(short_name(m.name), fontsize=8)
+                several = len(result.finetuned) > 1
+                ax.set_title(short_name(m.name) + (f"\n{_ft_label(result, m.finetuned)}" if several else ""), fontsize=8)
                 ax.set_xlabel("index i")
                 ax.set_ylabel("singular value")
                 if not n:
@@ -140,16 +162,20 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
 
         for filename, value, title, cmap, label, diverging, fmt in [
             ("amplification_heatmap.png", lambda m: 100 * (m.mean_amplification - 1),
-             f"top-{k} amplification: mean σ'_i/σ_i − 1", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
+             f"top-{k} amplification: mean σ'_i/σ_i − 1 (%)", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
             ("reorientation_heatmap.png", lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
              f"rotation of the top-{k} left singular vectors: mean ∠(u'_i, u_i)", "magma_r", "degrees", False, "{:.1f}"),
         ][:1 if result.options.values_only else 2]:
             grids = [_grid(g, value) for g in groups]
             if not grids or not any(np.isfinite(g[0]).any() for g in grids):
                 continue
-            n_roles, n_layers = len(grids[0][2]), len(grids[0][1])
-            fig, axes = plt.subplots(1, len(grids), figsize=((1.6 + 0.75 * n_roles) * len(grids) + 1.2, 1.3 + 0.34 * n_layers),
+            n_roles, n_layers = max(len(g[2]) for g in grids), max(len(g[1]) for g in grids)
+            cols = min(2, len(grids))  # side by side at most two: a wide strip would shrink every label
+            rows_ = math.ceil(len(grids) / cols)
+            fig, axes = plt.subplots(rows_, cols, figsize=((2.4 + 0.75 * n_roles) * cols, (1.5 + 0.34 * n_layers) * rows_),
                                      squeeze=False)
+            for ax in axes.flat[len(grids):]:
+                ax.axis("off")
             for i, (ax, (grid, layers, roles)) in enumerate(zip(axes.flat, grids)):
                 finite = grid[np.isfinite(grid)]
                 top_value = float(np.abs(finite).max()) if finite.size else 1.0
@@ -160,19 +186,27 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 _heatmap(ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, fmt)
             paths.append(_save(fig, out_dir / filename))
 
-        layers = sorted({m.layer for m in result.matrices if m.layer is not None})
-        if layers and groups and not result.options.values_only:
-            fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(layers) + 2), 3.2))
+        depths = _depths(result.matrices)
+        if depths and groups and not result.options.values_only:
+            fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(depths) + 2), 3.2))
             width = 0.8 / len(groups)
+            total = 0
             for i, g in enumerate(groups):
-                counts = [sum(len(m.intruders) for m in g if m.layer == layer) for layer in layers]
-                ax.bar(np.arange(len(layers)) + i * width - 0.4 + width / 2, counts, width, label=_ft_label(result, i))
-            ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+                counts = [sum(len(m.intruders) for m in g if m.layer == depth) for depth in depths]
+                total += sum(counts)
+                bars = ax.bar(np.arange(len(depths)) + i * width - 0.4 + width / 2, counts, width, label=_ft_label(result, i))
+                ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], fontsize=6.5)
+            ax.set_xticks(range(len(depths)), _depth_labels(depths))
             ax.set_xlabel("layer")
             ax.set_ylabel("intruder dimensions")
             ax.yaxis.get_major_locator().set_params(integer=True)
-            ax.set_title(f"Intruder dimensions per layer (top {result.options.intruder_k}, ε = {result.options.epsilon})")
-            if len(groups) > 1:
+            ax.set_title(f"Intruder dimensions per layer (top {result.options.intruder_k}, ε = {result.options.epsilon:g}): "
+                         f"{total} in all")
+            if total == 0:
+                ax.set_ylim(0, 1)
+                _say_empty(ax, f"no intruder dimension in any matrix\n(best |cos| ≥ ε = {result.options.epsilon:g} "
+                               f"for each of the top {result.options.intruder_k} directions)")
+            elif len(groups) > 1:
                 ax.legend(fontsize=7, frameon=False)
             paths.append(_save(fig, out_dir / "intruders_per_layer.png"))
     return paths
@@ -185,7 +219,7 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
     what = "task vectors ΔW" if result.base else "weights"
     sides = sorted({m.side for m in result.matrices})
     with plt.rc_context(STYLE):
-        layered = [m for m in result.matrices if m.layer is not None and m.angles_deg]
+        layered = [m for m in result.findings() if m.layer is not None and m.angles_deg]
         if layered:
             fig, axes = plt.subplots(1, len(sides), figsize=(5.2 * len(sides), 3.4), squeeze=False)
             for ax, side in zip(axes.flat, sides):
@@ -311,17 +345,13 @@ def tsd_plots(result: TSDResult, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _model_label(path: str, index: int) -> str:
-    name = Path(path).name
-    return f"{index}: {name[:18]}"
-
-
 def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
     """Pairwise heatmaps (cosine, subspace overlap, sign conflict) in clustering order, and the
     mean pairwise cosine and sign conflict per layer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order, n = result.order, len(result.finetuned)
-    labels = [_model_label(result.finetuned[i], i) for i in order]
+    names = result.names()
+    labels = [short_name(names[i], 22) for i in order]
     paths = []
     with plt.rc_context(STYLE):
         panels = [("cosine", "cos(τ_a, τ_b)", "RdBu_r", -1.0, 1.0),
@@ -434,20 +464,25 @@ def intruder_plots(result: IntruderReport, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with plt.rc_context(STYLE):
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
-        layers = sorted({m.layer for m in result.matrices if m.layer is not None})
-        bottom = np.zeros(len(layers))
+        depths = _depths(result.matrices)
+        bottom = np.zeros(len(depths))
         for role in _roles(result.matrices):
-            counts = np.array([sum(len(m.intruders) for m in result.matrices if m.layer == layer and m.role == role)
-                               for layer in layers], dtype=float)
+            counts = np.array([sum(len(m.intruders) for m in result.matrices if m.layer == depth and m.role == role)
+                               for depth in depths], dtype=float)
             if counts.any():
-                left.bar(layers, counts, bottom=bottom, label=role)
+                left.bar(range(len(depths)), counts, bottom=bottom, label=role)
                 bottom += counts
+        left.set_xticks(range(len(depths)), _depth_labels(depths))
         left.set_xlabel("layer")
-        left.xaxis.get_major_locator().set_params(integer=True)
+        left.yaxis.get_major_locator().set_params(integer=True)
         left.set_ylabel(f"intruders scaled by λ = {result.options.scale:g}")
-        left.set_title("Intruder dimensions per layer")
+        left.set_title(f"Intruder dimensions per layer: {int(bottom.sum())} in all")
         if bottom.any():
             left.legend(fontsize=7, frameon=False)
+        else:
+            left.set_ylim(0, 1)
+            _say_empty(left, f"no intruder dimension: nothing was scaled\n(best |cos| ≥ ε = {result.options.epsilon:g} "
+                             f"for each of the top {result.options.top_k} directions)")
         for m in result.matrices:
             x = np.arange(len(m.best_match_cos))
             right.plot(x, m.best_match_cos, color="#9ecae1", lw=0.6, alpha=0.6)

@@ -8,6 +8,8 @@ from typing import Sequence
 from rich.table import Table
 from rich.text import Text
 
+from weightlab.display import fmt
+
 _LAYER_PREFIX = re.compile(r"^.*?(?:layers|layer|h|blocks|block)\.\d+\.")
 
 
@@ -43,14 +45,7 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def fmt(value: object, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3e}"
-    return str(value)
+NAME_WIDTH = 44  # characters of a tensor name in the terminal (the report shows them whole)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], numeric_from: int = 1,
