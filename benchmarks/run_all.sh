@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x ../.bench/env/bin/python ] || ./setup.sh
-for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_lora.py bench_gaussian_tsd.py bench_scale.py; do
+for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_lora.py bench_gaussian_tsd.py bench_scale.py bench_load.py; do
   echo "== $bench"
   ../.bench/env/bin/python "$bench" "$@"
 done

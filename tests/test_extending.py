@@ -20,6 +20,8 @@ def load(name, source):
     exec(compile(source, module.__file__, "exec"), module.__dict__)
 
 blocks = json.loads(Path(sys.argv[1]).read_text())
+import weightlab.options
+exec(compile(blocks["weightlab/options.py"], "weightlab/options.py", "exec"), weightlab.options.__dict__)
 load("weightlab.analysis.norms", blocks["weightlab/analysis/norms.py"])
 import weightlab.cli.commands as commands  # the real app, with every built-in command
 load("weightlab.cli.norms", blocks["weightlab/cli/norms.py"])
@@ -32,8 +34,8 @@ sys.exit(code)
 
 
 def test_the_worked_analysis_runs_as_printed(zoo, tmp_path):
-    blocks = dict(re.findall(r"```python\n# (weightlab/\S+/norms\.py)\n(.*?)```", PAGE.read_text(), flags=re.S))
-    assert set(blocks) == {"weightlab/analysis/norms.py", "weightlab/cli/norms.py"}
+    blocks = dict(re.findall(r"```python\n# (weightlab/\S*(?:norms|options)\.py)\n(.*?)```", PAGE.read_text(), flags=re.S))
+    assert set(blocks) == {"weightlab/options.py", "weightlab/analysis/norms.py", "weightlab/cli/norms.py"}
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     done = subprocess.run([sys.executable, "-c", RUN, tmp_path / "blocks.json", zoo["llama"], tmp_path],
                           capture_output=True, text=True, timeout=300)

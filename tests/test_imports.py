@@ -42,3 +42,20 @@ def test_python_dash_m_weightlab_runs_the_command_line():
 def test_the_naming_module_that_used_to_cycle_imports_first():
     done = subprocess.run([sys.executable, "-c", "import weightlab.naming"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+LIGHT = r"""
+import sys
+import weightlab.cli.commands, weightlab.options, weightlab.io.outputs  # what a refusal or --help needs
+heavy = sorted(m for m in ("torch", "numpy", "scipy", "matplotlib", "transformers", "safetensors", "huggingface_hub",
+                           "ray", "peft") if m in sys.modules)
+print(" ".join(heavy))
+"""
+
+
+def test_the_command_line_starts_without_the_numerical_libraries():
+    """`--help`, `--version`, a refused option or a missing input answer before torch, scipy or
+    matplotlib load (each costs seconds on a busy machine): every command module imports the
+    library inside the command."""
+    done = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr

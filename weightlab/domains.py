@@ -104,9 +104,15 @@ REGEX = Domain("regex", optional=True)
 SEED = Int(0, MAX_SEED)
 
 
-def option(default: Any, domain: Domain, flag: str, kw_only: bool = False) -> Any:
-    """A dataclass field whose values are checked against `domain` (named `flag` in messages)."""
-    return field(default=default, metadata={"domain": domain, "flag": flag}, kw_only=kw_only)
+def option(default: Any, domain: Domain | None, flag: str, *aliases: str, help: str = "", kw_only: bool = False) -> Any:
+    """A field of an options dataclass, declared once for the Python API and the command line:
+    its values are checked against `domain` (None: any value of the field's type), `flag` names
+    it in messages and on the command line (`aliases` too, e.g. `--top-k`; a boolean's flag may be
+    `--traps/--no-traps`), and `help` is its line in `--help`."""
+    metadata = {"flag": flag.split("/")[0], "flags": (flag, *aliases), "help": help}
+    if domain is not None:
+        metadata["domain"] = domain
+    return field(default=default, metadata=metadata, kw_only=kw_only)
 
 
 def check_fields(obj: Any) -> None:

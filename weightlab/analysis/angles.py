@@ -21,15 +21,14 @@ import torch
 from weightlab.analysis.deltas import delta_top_svd, numerical_rank
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.compute.svd import SVD, SVD_METHODS, top_svd
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
-from weightlab.domains import SEED, Choice, Int, option
+from weightlab.compute.svd import SVD, top_svd
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.results import Result, Table
+from weightlab.options import AnglesOptions
 
-SIDES = ("left", "right", "both")
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,14 +41,6 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sines = torch.linalg.svdvals(b - a @ overlap).clamp(0, 1).flip(-1)  # ascending -> angles ascending
     small = cosines**2 >= 0.5
     return torch.where(small, torch.arcsin(sines), torch.arccos(cosines))
-
-
-@dataclass(frozen=True)
-class AnglesOptions(Filters):
-    k: int = option(16, Int(1), "-k")
-    side: str = option("left", Choice(*SIDES), "--side")
-    svd: str = option("exact", Choice(*SVD_METHODS), "--svd")
-    seed: int = option(0, SEED, "--seed")
 
 
 @dataclass

@@ -36,22 +36,16 @@ from weightlab.analysis.deltas import adapter_factors, numerical_rank
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import top_singular
 from weightlab.compute.svd import lowrank_svd
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
-from weightlab.domains import Int, Real, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.display import model_names
 from weightlab.merge.methods import trim_block, trim_state
 from weightlab.results import Result, Table
+from weightlab.options import CompareOptions
 
 BLOCK = 1 << 20  # entries per Gram block: float32 sign counts stay exact (< 2²⁴)
 Square = list[list[float | None]]
-
-
-@dataclass(frozen=True)
-class CompareOptions(Filters):
-    k: int = option(8, Int(1), "-k")  # top singular subspace dimension of each ΔW
-    density: float = option(0.2, Real(0, 1, low_open=True), "--density")  # TIES's trim for the sign conflict
 
 
 @dataclass

@@ -39,21 +39,14 @@ from weightlab.analysis.spectrum import energy_entropy
 from weightlab.analysis.summary import group_summary, mean, total
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import eigenvalues, gram
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk, select
-from weightlab.domains import SEED, Int, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk, select
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.results import Result, Table
+from weightlab.options import ESDOptions
 
 TRACY_WIDOM_99 = 2.02  # 99th percentile of the Tracy–Widom (β = 1) law
 ZERO = 1e-10  # eigenvalues below ZERO·λ_max are rounding, not spectrum (WeightWatcher: an absolute 1e-5)
 OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0  # WeightWatcher's warnings: α < 2, α > 6
-
-
-@dataclass(frozen=True)
-class ESDOptions(Filters):
-    traps: bool = True
-    seed: int = option(0, SEED, "--seed")
-    min_evals: int = option(10, Int(3), "--min-evals")  # non-zero eigenvalues a power-law fit needs
 
 
 @dataclass

@@ -23,10 +23,10 @@ from scipy import stats
 
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
-from weightlab.domains import SEED, Int, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.results import Result, Table
+from weightlab.options import GaussianOptions
 
 # Shape-label thresholds, chosen between the values of synthetic references (docs/gaussian.md
 # lists them: `reference_table()` recomputes them). Excess kurtosis: Gaussian 0, Laplace 3,
@@ -37,15 +37,7 @@ SHARP_KURTOSIS = 0.6  # excess kurtosis above which the centre is sharp (leptoku
 FLAT_KURTOSIS = -0.4  # excess kurtosis below which the histogram is flat (uniform/triangular-like)
 MAX_ABS_SKEW = 0.5  # a Gaussian label also needs a symmetric histogram
 LOPSIDED_SKEW = 1.0  # beyond this |skewness| no symmetric shape fits (lognormal: 1.8)
-MIN_SAMPLE = 20  # the smallest sample D'Agostino–Pearson's K² accepts
 LABELS = ("gaussian", "sharp", "inverted-T", "linear", "other")
-
-
-@dataclass(frozen=True)
-class GaussianOptions(Filters):
-    min_elements: int = option(4096, Int(1), "--min-elements")
-    sample_size: int = option(100_000, Int(MIN_SAMPLE), "--sample-size")  # K² needs at least 20 values
-    seed: int = option(0, SEED, "--seed")
 
 
 @dataclass

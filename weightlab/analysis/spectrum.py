@@ -34,24 +34,15 @@ from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.svd import SVD
 from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, singular_values, top_singular
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk, may_change
-from weightlab.domains import Int, Real, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk, may_change
 from weightlab.errors import InvalidArgument
 from weightlab.display import model_names
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 from weightlab.results import Result, Table
+from weightlab.options import SpectrumOptions
 
 NULL = 1e-4  # σ_j ≤ NULL·σ₁: u_j = Wv_j/σ_j would carry float32 rounding of v_j times σ₁/σ_j
-
-@dataclass(frozen=True)
-class SpectrumOptions(Filters):
-    k: int = option(8, Int(1), "-k")  # top singular values/vectors for amplification and reorientation
-    intruder_k: int = option(10, Int(1), "--intruder-k")  # top fine-tuned singular vectors checked for intruders
-    epsilon: float = option(0.5, Real(0, 1), "--epsilon")  # intruder threshold on max_j |cos(u'_i, u_j)|
-    keep: int | None = option(None, Int(1, optional=True), "--keep")  # singular values kept per matrix (None = all)
-    values_only: bool = False  # singular values alone: no vectors, no alignment or intruders
-
 
 @dataclass
 class Norms:

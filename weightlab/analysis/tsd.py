@@ -22,19 +22,13 @@ import torch
 from weightlab.analysis.deltas import adapter_factors
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import full_svd
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
-from weightlab.domains import Int, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io.atomic import atomic_path
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.results import Result, Table
-
-
-@dataclass(frozen=True)
-class TSDOptions(Filters):
-    top: int = option(8, Int(1), "--top")
-    keep: int | None = option(None, Int(1, optional=True), "--keep")  # change rates kept per matrix (None = all)
+from weightlab.options import TSDOptions
 
 
 @dataclass

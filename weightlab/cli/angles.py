@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from weightlab.analysis.angles import AnglesOptions, angles as compute_angles
 from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
-from weightlab.io import open_finetuned, open_weights
+from weightlab.options import AnglesOptions
 
 
 @analysis_command()
@@ -17,20 +16,19 @@ def angles(
     a: Path = typer.Argument(..., help="First checkpoint (or adapter, with --base)."),
     b: Path = typer.Argument(..., help="Second checkpoint (or adapter, with --base)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Compare task vectors A−BASE and B−BASE instead of weights."),
-    k: int = typer.Option(16, "-k", "--top-k", help="Dimension of the top singular subspaces."),
-    side: str = typer.Option("left", "--side", help="left (column space), right (row space) or both."),
-    svd: str = typer.Option("exact", "--svd", help="exact, or randomized (seeded) for k ≪ min(m, n)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    options: AnglesOptions = None,
     common: Common = None,
 ) -> None:
     """Principal angles between top-k singular subspaces of matching matrices of A and B.
 
     Example: weightlab angles ft_math/ ft_code/ --base base/ -k 16 --plots plots/
     """
-    refuse_unless(svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
-    options = AnglesOptions(k, side, svd, seed, **common.filters)
-    compute = common.compute()
+    refuse_unless(options.svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
     with common.outputs([a, b, base]) as plan:
+        from weightlab.analysis.angles import angles as compute_angles
+        from weightlab.io import open_finetuned, open_weights
+
+        compute = common.compute()
         base_ckpt = open_weights(base) if base else None
         ckpt_a, ckpt_b = (open_finetuned(p, base_ckpt) if base_ckpt else open_weights(p) for p in (a, b))
         with progress("angles") as (on_start, on_progress):

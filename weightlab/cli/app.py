@@ -1,15 +1,22 @@
-"""The typer application and the options every command shares."""
+"""The typer application and the options every command shares.
+
+Nothing here imports a numerical library (torch, scipy, matplotlib): `--help`, `--version` and a
+refused option or input answer at once, and a command imports the library when it runs. Each
+command's own options come from its options dataclass (`weightlab.options`): declared once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -18,15 +25,16 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from weightlab.cli.progress import Callbacks, progress as report_progress
-from weightlab.compute.device import Compute
-from weightlab.errors import InvalidArgument
 from weightlab.domains import Int
+from weightlab.errors import InvalidArgument
+from weightlab.io.hub import require_input
 from weightlab.io.outputs import Output, OutputPlan
-from weightlab.report.document import write_report
-from weightlab.report.export import to_csv, to_json
-from weightlab.report.plots import draw as draw_plots
+from weightlab.options import Checked
 from weightlab.report.tables import NAME_WIDTH, one_line, short_name, table
 from weightlab.results import Result, Table
+
+if TYPE_CHECKING:
+    from weightlab.compute.device import Compute
 
 try:  # typer ≥ 0.24 vendors its own click
     from typer._click.core import ParameterSource
@@ -51,8 +59,6 @@ state = {"debug": False}
 JsonOpt = typer.Option(None, "--json", help="Write the result as JSON ('-' for stdout).", metavar="FILE")
 CsvOpt = typer.Option(None, "--csv", help="Write one row per tensor as CSV ('-' for stdout).", metavar="FILE")
 ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
-IncludeOpt = typer.Option(None, "--include", help="Only tensors whose name matches this regex.", metavar="REGEX")
-ExcludeOpt = typer.Option(None, "--exclude", help="Skip tensors whose name matches this regex.", metavar="REGEX")
 DeviceOpt = typer.Option("auto", "--device", help="auto (GPU when present), cpu, or cuda[:N].")
 DtypeOpt = typer.Option("float32", "--dtype", help="Precision of the maths: float32 or float64.")
 PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.", metavar="DIR")
@@ -79,6 +85,10 @@ def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]
 def emit(plan: OutputPlan, result: Result, draw: Callable[[Path], list[Path]] | None = None) -> None:
     """Write any result's JSON, CSV, plots and report to the plan's outputs (committed together);
     `draw` replaces the plots `report.plots.draw` makes for the result's type."""
+    from weightlab.report.document import write_report
+    from weightlab.report.export import to_csv, to_json
+    from weightlab.report.plots import draw as draw_plots
+
     if "--json" in plan:
         plan.write_text("--json", to_json(result.to_dict()))
     if "--csv" in plan:
@@ -123,8 +133,6 @@ def show(result: Result, rows: int | None = None) -> None:
 class Common:
     """The options every analysis command shares (added to it by `analysis_command`)."""
 
-    include: Optional[str]
-    exclude: Optional[str]
     rows: int
     device: str
     json_out: Optional[str]
@@ -134,19 +142,23 @@ class Common:
     force: bool
     ray: Optional[str] = None
     ray_timeout: Optional[float] = None
+    threads: Optional[int] = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_rows(self.rows)
 
-    @property
-    def filters(self) -> dict[str, Optional[str]]:
-        return {"include": self.include, "exclude": self.exclude}
-
     def compute(self) -> Compute:
-        return Compute.create(self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout)
+        from weightlab.compute.device import Compute
+
+        return Compute.create(self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout,
+                              threads=self.threads)
 
     def outputs(self, inputs: Sequence[object], **more: Optional[Path | str]) -> OutputPlan:
+        """The plan of this analysis's outputs; inputs that do not exist are refused first."""
+        for given in inputs:
+            if given is not None:
+                require_input(given)
         return outputs(self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report,
                        **more)
 
@@ -160,14 +172,15 @@ RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
                            "every node must see the input paths. Needs weightlab[ray].")
 RayTimeoutOpt = typer.Option(None, "--ray-timeout", metavar="SECONDS",
                              help="With --ray: give up connecting after this long [default: 15].")
+ThreadsOpt = typer.Option(None, "--threads", metavar="N",
+                          help="Threads of the maths [default: the CPUs this process may use].")
 
 
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
     options: list[tuple[str, Any, Any]] = [
-        ("include", Optional[str], IncludeOpt),
-        ("exclude", Optional[str], ExcludeOpt),
         ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
         ("device", str, DeviceOpt),
+        ("threads", Optional[int], ThreadsOpt),
         *([("dtype", str, DtypeOpt)] if precision else []),
         ("json_out", Optional[str], JsonOpt),
         ("csv_out", Optional[str], CsvOpt),
@@ -181,25 +194,56 @@ def _common_parameters(precision: bool) -> list[inspect.Parameter]:
             for name, annotation, default in options]
 
 
-def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register an analysis command: the function declares its own arguments and options and a
-    last parameter `common: Common`; the shared options (filters, rows, device, dtype unless
-    `precision=False`, outputs, force) are added here, once for every command."""
+def options_parameters(cls: type) -> list[inspect.Parameter]:
+    """The command-line options of an options dataclass: one per field declared with
+    `domains.option`, with its default, flags and help from the declaration."""
+    hints = typing.get_type_hints(cls)
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                              default=typer.Option(f.default, *f.metadata["flags"], help=f.metadata["help"]))
+            for f in dataclasses.fields(cls) if "flags" in f.metadata]
+
+
+def _options_classes(parameters: Sequence[inspect.Parameter]) -> dict[str, type]:
+    return {p.name: p.annotation for p in parameters
+            if isinstance(p.annotation, type) and issubclass(p.annotation, Checked)}
+
+
+def command(*, name: str | None = None, common: Callable[[], list[inspect.Parameter]] | None = None,
+            **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command. A parameter annotated with an options dataclass (`SpectrumOptions`)
+    becomes that dataclass's options on the command line, and the function receives the built,
+    checked dataclass; with `common`, the shared options it lists become `common: Common`."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "common"]
-        shared = _common_parameters(precision)
+        classes = _options_classes(own)
+        declared = [p for p in own if p.name not in classes]
+        expanded = {name: options_parameters(cls) for name, cls in classes.items()}
+        shared = common() if common else []
+        parameters = declared + [p for ps in expanded.values() for p in ps] + shared
+        names = [p.name for p in parameters]
+        assert len(names) == len(set(names)), f"{fn.__name__}: an option is declared twice"
 
         @functools.wraps(fn)
-        def command(**kwargs: Any) -> None:
-            common = Common(**{p.name: kwargs.pop(p.name) for p in shared})
-            fn(**kwargs, common=common)
+        def run(**kwargs: Any) -> None:
+            for name, cls in classes.items():
+                kwargs[name] = cls(**{p.name: kwargs.pop(p.name) for p in expanded[name]})
+            if common:
+                kwargs["common"] = Common(**{p.name: kwargs.pop(p.name) for p in shared})
+            fn(**kwargs)
 
-        command.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in own + shared}
-        return app.command()(command)
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return app.command(name, **settings)(run)
 
     return register
+
+
+def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register an analysis command: its own arguments, its options dataclass, and the shared
+    options (rows, device, threads, dtype unless `precision=False`, outputs, force, Ray) as
+    `common: Common`, added here once for every command."""
+    return command(common=lambda: _common_parameters(precision))
 
 
 def given(name: str) -> bool:

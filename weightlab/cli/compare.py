@@ -7,26 +7,26 @@ from typing import List
 
 import typer
 
-from weightlab.analysis.compare import CompareOptions, compare as compute_compare
 from weightlab.cli.app import Common, analysis_command, emit, progress
-from weightlab.io import open_finetuned, open_weights
+from weightlab.options import CompareOptions
 
 
 @analysis_command()
 def compare(
     finetuned: List[Path] = typer.Argument(..., help="Two or more fine-tuned checkpoints or PEFT adapters of BASE."),
     base: Path = typer.Option(..., "--base", help="The base checkpoint every fine-tune started from."),
-    k: int = typer.Option(8, "-k", "--top-k", help="Dimension of each ΔW's top singular subspace."),
-    density: float = typer.Option(0.2, "--density", help="Share of entries TIES would keep, for the sign conflict."),
+    options: CompareOptions = None,
     common: Common = None,
 ) -> None:
     """Pairwise task-vector cosine, subspace overlap, TIES sign conflict and norm ratios of a bank of fine-tunes.
 
     Example: weightlab compare --base base/ ft_a/ ft_b/ adapter/ --plots plots/ --json compare.json
     """
-    options = CompareOptions(k, density, **common.filters)
-    compute = common.compute()
     with common.outputs([base, *finetuned]) as plan:
+        from weightlab.analysis.compare import compare as compute_compare
+        from weightlab.io import open_finetuned, open_weights
+
+        compute = common.compute()
         base_ckpt = open_weights(base)
         fts = [open_finetuned(p, base_ckpt) for p in finetuned]
         with progress("compare", "tensors") as (on_start, on_progress):

@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console, outputs
-from weightlab.compute.device import Compute
 from weightlab.cli.progress import stages
-from weightlab.demo import DEMO_STAGES, cache_dir, run_demo
 from weightlab.examples import minilm_path
 from weightlab.report.tables import table
 
@@ -24,6 +22,9 @@ def demo(
 
     Example: weightlab demo --out ./weightlab-demo
     """
+    from weightlab.compute.device import Compute
+    from weightlab.demo import DEMO_STAGES, cache_dir, run_demo
+
     compute = Compute.create(device)
     with outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan, stages(err_console, "demo", DEMO_STAGES) as step:
         folder = plan.path("-o")

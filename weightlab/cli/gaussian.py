@@ -7,31 +7,30 @@ from typing import Optional
 
 import typer
 
-from weightlab.analysis.gaussian import GaussianOptions, gaussian as compute_gaussian
 from weightlab.cli.app import Common, analysis_command, emit, progress
-from weightlab.io import open_finetuned, open_weights
-from weightlab.report.plots import gaussian_plots
+from weightlab.options import GaussianOptions
 
 
 @analysis_command(precision=False)  # storage precision; moments accumulate in float64
 def gaussian(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to test (with --base: a fine-tune or adapter of BASE)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Also test ΔW = CHECKPOINT − BASE and its trend with depth."),
-    min_elements: int = typer.Option(4096, "--min-elements", help="Skip tensors with fewer entries."),
-    sample_size: int = typer.Option(100_000, "--sample-size", help="Entries sampled (seeded) for KS, AD, K² and Q-Q."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    options: GaussianOptions = None,
     common: Common = None,
 ) -> None:
     """Moments, normality tests and a shape label per tensor; with --base, the same for ΔW and its spread vs depth.
 
     Example: weightlab gaussian ft/ --base base/ --plots plots/
     """
-    options = GaussianOptions(min_elements, sample_size, seed, **common.filters)
-    compute = common.compute()
     with common.outputs([checkpoint, base]) as plan:
+        from weightlab.analysis.gaussian import gaussian as compute_gaussian
+        from weightlab.io import open_finetuned, open_weights
+        from weightlab.report.plots import gaussian_plots
+
+        compute = common.compute()
         base_ckpt = open_weights(base) if base else None
         ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
         with progress("gaussian", "tensors") as (on_start, on_progress):
             result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
-        emit(plan, result, lambda folder: gaussian_plots(result, ckpt, base_ckpt, folder, sample_size))
+        emit(plan, result, lambda folder: gaussian_plots(result, ckpt, base_ckpt, folder, options.sample_size))
     common.show(result)

@@ -8,8 +8,6 @@ from typing import Optional
 import typer
 
 from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, emit, outputs, quiet_when_stdout, show
-from weightlab.inventory import inventory
-from weightlab.io import open_checkpoint
 
 
 @app.command()
@@ -25,6 +23,9 @@ def inspect(
     Example: weightlab inspect ./llama-3-8b --filter 'layers\\.0\\.' --json -
     """
     with outputs(force, [checkpoint], json=json_out, csv=csv_out) as plan:
+        from weightlab.inventory import inventory
+        from weightlab.io import open_checkpoint
+
         inv = inventory(open_checkpoint(checkpoint), name_filter)
         emit(plan, inv)
     if not quiet_when_stdout(json_out, csv_out):

@@ -8,30 +8,22 @@ from typing import Optional
 
 import typer
 
-from weightlab.cli.app import (DeviceOpt, ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, PlotsOpt, ReportOpt, app, emit,
-                               outputs, progress, show)
-from weightlab.compute.device import Compute
-from weightlab.io import open_finetuned, open_weights
-from weightlab.io.adapter import AdaptedCheckpoint
-from weightlab.io.adapter_writer import write_adapter
-from weightlab.io.writer import CheckpointWriter, stored_plan
-from weightlab.surgery.intruders import IntruderOptions, mitigate_intruders
+from weightlab.cli.app import DeviceOpt, ForceOpt, JsonOpt, PlotsOpt, ReportOpt, ThreadsOpt, command, emit, outputs, \
+    progress, show
+from weightlab.options import IntruderOptions
 
 
-@app.command("mitigate-intruders")
+@command(name="mitigate-intruders")
 def mitigate(
     base: Path = typer.Argument(..., help="Base checkpoint (file, folder or Hub ID)."),
     finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint, or a PEFT adapter of BASE."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the mitigated checkpoint (or adapter)."),
-    scale: float = typer.Option(0.75, "--lambda", help="Multiply each intruder's singular value by this (0 removes it)."),
-    top_k: int = typer.Option(10, "--intruder-k", help="Top singular vectors of the fine-tune examined per matrix."),
-    epsilon: float = typer.Option(0.5, "--epsilon", help="An intruder's best |cos| with any base singular vector is below this."),
-    include: Optional[str] = IncludeOpt,
-    exclude: Optional[str] = ExcludeOpt,
+    options: IntruderOptions = None,
     json_out: Optional[str] = JsonOpt,
     plots: Optional[Path] = PlotsOpt,
     report: Optional[Path] = ReportOpt,
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Scale the intruder dimensions of a fine-tune by λ (Shuttleworth et al. 2024), to undo forgetting.
@@ -41,14 +33,20 @@ def mitigate(
     A checkpoint gives a checkpoint in which only matrices with intruders differ; an adapter gives
     an adapter (exact: its rank grows by the number of intruders of each module).
     """
-    options = IntruderOptions(top_k, epsilon, scale, include=include, exclude=exclude)
-    compute = Compute.create(device)
     with outputs(force, [base, finetuned], out_dir=out, json=json_out, plots=plots, report=report) as plan:
+        from weightlab.compute.device import Compute
+        from weightlab.io import open_finetuned, open_weights
+        from weightlab.io.adapter import AdaptedCheckpoint
+        from weightlab.io.adapter_writer import write_adapter
+        from weightlab.io.writer import CheckpointWriter, stored_plan
+        from weightlab.surgery.intruders import mitigate_intruders
+
+        compute = Compute.create(device, threads=threads)
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         adapter = isinstance(ft, AdaptedCheckpoint)
         writer = None if adapter else CheckpointWriter(plan.path("-o"), donor=ft.path, plan=stored_plan(ft),
-                                                       metadata={"weightlab": f"intruders scaled by {scale:g}"})
+                                                       metadata={"weightlab": f"intruders scaled by {options.scale:g}"})
         with progress("mitigate-intruders") as (on_start, on_progress), (writer or nullcontext()):
             result, mitigated = mitigate_intruders(base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start)
         if mitigated is not None:

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, app, console, outputs, progress, refuse_unless
-from weightlab.compute.device import Compute
+from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ThreadsOpt, app, command, console, outputs,
+                               progress, refuse_unless)
 from weightlab.errors import InvalidArgument
-from weightlab.io.adapter import LoraAdapter
-from weightlab.io import open_checkpoint, open_finetuned, open_weights
-from weightlab.io.adapter_writer import write_adapter
-from weightlab.io.writer import CheckpointWriter, stored_plan
-from weightlab.naming import is_conv1d
+from weightlab.options import LoraInitOptions, RankBudget
 from weightlab.report.tables import short_name, table
-from weightlab.surgery.lora import LoraInitOptions, RankBudget, extract_lora as run_extract, init_lora as run_init, to_plain_lora
-from weightlab.surgery.targets import resolve_targets
 
 
 def _fan_in_fan_out(base, targets: list[str]) -> bool:
+    from weightlab.naming import is_conv1d
+
     conv = {is_conv1d(n, base.config) for n in targets}
     if len(conv) > 1:
         raise InvalidArgument("targets mix Conv1D (in×out) and Linear weights; target them in separate adapters")
@@ -34,18 +31,14 @@ def _show(report, title: str) -> None:
     console.print(table(title, ["module", "shape", "rank", "directions", "energy share", "rel. error"], rows))
 
 
-@app.command("init-lora")
+@command(name="init-lora")
 def init_lora(
     base: Optional[Path] = typer.Argument(None, help="Base checkpoint to initialise the LoRA from."),
     out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
-    rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank r."),
-    method: str = typer.Option("pissa", "--method", help="tsd, pissa (top-r) or milora (bottom-r)."),
+    options: LoraInitOptions = None,
     tsd: bool = typer.Option(False, "--tsd", help="Short for --method tsd."),
     source: Optional[Path] = typer.Option(None, "--from", help="tsd: fine-tuned checkpoint or warm-up adapter giving ΔW."),
     targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (default r: scale 1)."),
-    svd: str = typer.Option("exact", "--svd", help="exact, or randomized (seeded; pissa only)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
     rank_budget: Optional[int] = typer.Option(None, "--rank-budget", help="Total rank over all targets instead of --rank, "
                                               "shared by their spectra (scale 1)."),
     allocation: str = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."),
@@ -57,6 +50,7 @@ def init_lora(
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
     ray_timeout: Optional[float] = RayTimeoutOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
@@ -69,9 +63,9 @@ def init_lora(
     refuse_unless(as_plain_lora is not None, "is the adapter --as-plain-lora converts: it needs --as-plain-lora", "initial")
     refuse_unless(not no_residual, "and --no-residual contradict each other", "residual_out")
     refuse_unless(not tsd, "and --tsd both choose the method; use one", "method")
-    refuse_unless(tsd or method == "tsd", "gives the warm-up update of --method tsd; the other methods use the base alone",
+    refuse_unless(tsd or options.method == "tsd", "gives the warm-up update of --method tsd; the other methods use the base alone",
                   "source")
-    refuse_unless(svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
+    refuse_unless(options.svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
     refuse_unless(rank_budget is None, "does not apply with --rank-budget (each module's rank comes from the budget)",
                   "rank")
     refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
@@ -79,6 +73,10 @@ def init_lora(
         if initial is None:
             raise InvalidArgument("--as-plain-lora needs --initial (the adapter as init-lora wrote it)")
         with outputs(force, [as_plain_lora, initial, base], out_dir=out) as plan:
+            from weightlab.io import LoraAdapter, open_checkpoint
+            from weightlab.io.adapter_writer import write_adapter
+            from weightlab.surgery.lora import to_plain_lora
+
             trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
             if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
                 raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
@@ -90,19 +88,26 @@ def init_lora(
         return
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
-    options = LoraInitOptions("tsd" if tsd else method, rank, alpha, svd, seed)
+    options = replace(options, method="tsd") if tsd else options
     budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
-    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
     if residual_out is None and not no_residual:
         raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
                               "or --no-residual if you will build the residual yourself")
     with outputs(force, [base, source], out_dir=out, residual_out_dir=residual_out) as plan:
+        from weightlab.compute.device import Compute
+        from weightlab.io import CheckpointWriter, open_finetuned, open_weights
+        from weightlab.io.adapter_writer import write_adapter
+        from weightlab.io.writer import stored_plan
+        from weightlab.surgery.lora import init_lora as run_init
+        from weightlab.surgery.targets import resolve_targets
+
+        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
         base_ckpt = open_weights(base)
         names = resolve_targets(base_ckpt, targets)
         fan = _fan_in_fan_out(base_ckpt, names)
         ft = open_finetuned(source, base_ckpt) if source else None
         writer = CheckpointWriter(plan.path("--residual-out"), donor=base_ckpt.path, plan=stored_plan(base_ckpt),
-                                  metadata={"weightlab": f"residual of init-lora {options.method} r={rank}"}) \
+                                  metadata={"weightlab": f"residual of init-lora {options.method} r={options.rank}"}) \
             if residual_out else None
         with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
             on_start(len(names))
@@ -110,7 +115,7 @@ def init_lora(
             scale = 1.0 if budget else options.scale
             write_adapter(plan.path("-o"), factors, scale=scale, base_model=str(residual_out or base),
                           fan_in_fan_out=fan, sidecar=report.to_dict())
-    ranks = f"ranks from a budget of {rank_budget} ({allocation})" if budget else f"r = {rank}"
+    ranks = f"ranks from a budget of {rank_budget} ({allocation})" if budget else f"r = {options.rank}"
     _show(report, f"init-lora {options.method}: {len(report.modules)} modules, {ranks}, scale {scale:g}")
     console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
 
@@ -129,6 +134,7 @@ def extract_lora(
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
     ray_timeout: Optional[float] = RayTimeoutOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
@@ -136,8 +142,14 @@ def extract_lora(
     Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
     """
     refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
-    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
     with outputs(force, [base, finetuned], out_dir=out) as plan:
+        from weightlab.compute.device import Compute
+        from weightlab.io import open_finetuned, open_weights
+        from weightlab.io.adapter_writer import write_adapter
+        from weightlab.surgery.lora import extract_lora as run_extract
+        from weightlab.surgery.targets import resolve_targets
+
+        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         names = resolve_targets(base_ckpt, targets)

@@ -8,19 +8,19 @@ from typing import List, Optional
 
 import typer
 
-from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ReportOpt, app, emit, outputs, progress,
-                               refuse_unless, show)
-from weightlab.merge.adapters import merge_as_adapter
-from weightlab.compute.device import Compute
+from typer.core import TyperCommand
+
+from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ReportOpt, ThreadsOpt, app, emit, outputs,
+                               progress, refuse_unless, show)
 from weightlab.errors import InvalidArgument
-from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
-from weightlab.merge import METHODS, NanOptions, merge as run_merge
-from weightlab.merge.modifiers import MODIFIERS
-from weightlab.merge.config import build_config, load_config
+from weightlab.options import NanOptions
 
 
 def _methods_help() -> str:
     """The registry, one line per method, for the bottom of `merge --help`."""
+    from weightlab.merge import METHODS
+    from weightlab.merge.modifiers import MODIFIERS
+
     lines = ["Methods (parameters: --lambda, --density, or --param NAME=VALUE):"]
     for m in [*METHODS.values(), *MODIFIERS.values()]:
         params = ", ".join(f"{p.name}={p.default:g}" for p in m.params) or "no parameters"
@@ -53,11 +53,23 @@ def _floats(text: Optional[str]) -> Optional[list[float]]:
         raise InvalidArgument(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.3,0.2") from None
 
 
-@app.command(epilog=_methods_help())
+class _MergeCommand(TyperCommand):
+    """`merge`, whose epilog (the method registry) is read only when --help shows it."""
+
+    @property
+    def epilog(self) -> str:
+        return _methods_help()
+
+    @epilog.setter
+    def epilog(self, value: object) -> None:
+        pass
+
+
+@app.command(cls=_MergeCommand)
 def merge(
     models: List[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output checkpoint folder."),
-    method: Optional[str] = typer.Option(None, "--method", help=f"One of: {', '.join(METHODS)}."),
+    method: Optional[str] = typer.Option(None, "--method", help="One of the methods listed below."),
     base: Optional[str] = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
     coeff: Optional[str] = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
@@ -85,6 +97,7 @@ def merge(
     device: str = DeviceOpt,
     ray: Optional[str] = RayOpt,
     ray_timeout: Optional[float] = RayTimeoutOpt,
+    threads: Optional[int] = ThreadsOpt,
     report_out: Optional[Path] = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
@@ -92,6 +105,8 @@ def merge(
 
     Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
     """
+    from weightlab.merge.config import build_config, load_config
+
     options = load_config(config) if config else {}
     flags = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
     given = {**{k: v for k, v in flags.items() if v is not None}, **_params(param)}
@@ -114,14 +129,18 @@ def merge(
     refuse_unless(cfg.spec.random, f"seeds random drops; {cfg.method} draws nothing at random", "seed")
     refuse_unless(not as_adapter, "does not apply to --as-adapter (the adapters' small factors are merged on this "
                   "machine's CPU in float64 into one adapter file, with no config to copy)",
-                  "device", "donor", "shard_size", "ray", "ray_timeout")
+                  "device", "donor", "shard_size", "ray", "ray_timeout", "threads")
     if as_adapter:
         return _merge_adapters(cfg, out, max_rank, [config], report_out, force)
     if max_rank is not None:
         raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
-    compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout)
+    from weightlab.compute.device import Compute
+    from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
+    from weightlab.merge import merge as run_merge
+
     shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
     with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
+        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
         with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
             report = run_merge(cfg, plan.path("-o"), shard_size=shard_bytes, donor=donor, compute=compute,
                                on_progress=on_progress, on_start=on_start)
@@ -134,6 +153,8 @@ def merge(
 def _merge_adapters(cfg, out: Path, max_rank: Optional[int], extra_inputs: list, report_out: Optional[Path],
                     force: bool) -> None:
     """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
+    from weightlab.merge.adapters import merge_as_adapter
+
     with outputs(force, [cfg.base, *cfg.models, *extra_inputs], out_dir=out, report=report_out) as plan:
         report = merge_as_adapter(cfg, plan.path("-o"), max_rank)
         report.out = str(out)

@@ -31,10 +31,10 @@ from safetensors.torch import load, save
 
 from weightlab.compute.gram import GramSpectrum
 from weightlab.io.files import NotARegularFile, read_regular
-from weightlab.domains import Real
+from weightlab.options import DEFAULT_CACHE_GIB, CacheOptions
 
 FORMAT = "weightlab.gram/2"  # /2: entries carry their checksum
-DEFAULT_BYTES = 4 << 30
+DEFAULT_BYTES = int(DEFAULT_CACHE_GIB * 2**30)
 SUFFIX = ".gram.safetensors"
 MAX_HEADER = 1 << 16  # an entry's header holds three tensors and two strings
 log = logging.getLogger("weightlab")
@@ -46,10 +46,7 @@ class DamagedEntry(Exception):
 
 def default_folder() -> Path:
     """$WEIGHTLAB_CACHE, else $XDG_CACHE_HOME/weightlab/decompositions, else ~/.cache/…"""
-    if os.environ.get("WEIGHTLAB_CACHE"):
-        return Path(os.environ["WEIGHTLAB_CACHE"])
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "weightlab" / "decompositions"
+    return CacheOptions().folder
 
 
 def content_key(w: torch.Tensor, kind: str = "") -> str:
@@ -66,12 +63,11 @@ class DecompositionCache:
     max_bytes: int = DEFAULT_BYTES
 
     @classmethod
-    def at(cls, folder: Path | None, size_gib: float) -> "DecompositionCache":
-        """The cache the CLI uses: `folder` (default `default_folder()`), bounded to `size_gib`. The
-        command's output plan checks it against the inputs and outputs (`Output.in_place`)."""
-        Real(0).check("--cache-size", size_gib)
-        folder = Path(folder).expanduser() if folder is not None else default_folder()
-        return cls(folder, int(size_gib * 2**30))
+    def of(cls, options: CacheOptions) -> "DecompositionCache | None":
+        """The cache `options` describe (None with --no-cache). The command's output plan checks
+        its folder against the inputs and outputs (`Output.in_place`)."""
+        folder = options.folder
+        return None if folder is None else cls(folder, int(options.cache_size * 2**30))
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}{SUFFIX}"

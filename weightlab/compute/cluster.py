@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from weightlab.compute.device import Compute
+from weightlab.compute.device import Compute, use_threads
 from weightlab.compute.ray_connect import connect
 from weightlab.errors import CheckpointNotFound, WeightlabError
 from weightlab.io.checkpoint import Checkpoint
@@ -28,7 +28,8 @@ def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], wor
     from weightlab.compute.walk import TensorWalk
 
     here = compute.on_this_node()
-    _same_threads(compute.threads)
+    use_threads(compute.threads)  # the driver's count (Ray starts workers with one): BLAS sums in an order
+    # that depends on it, and the bytes are to equal a local run's
     try:
         return TensorWalk.of_items(sources, items).map(work, here, **options)
     except OSError as e:
@@ -36,16 +37,6 @@ def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], wor
 
         raise CheckpointNotFound(f"cannot be read on Ray node {socket.gethostname()} ({e.strerror or e})",
                                  e.filename or "a checkpoint path") from None
-
-
-def _same_threads(threads: int) -> None:
-    """Run the maths with the driver's thread count (Ray starts workers with one): BLAS sums in an
-    order that depends on it, and the bytes are to equal a local run's."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)
 
 
 def map_on_cluster(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable[[Any, Compute], list[R]],

@@ -1,9 +1,12 @@
-"""Where and in what precision the maths runs."""
+"""Where, in what precision and on how many threads the maths runs."""
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -31,6 +34,29 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container
+    given 2 CPUs of a 64-core host must not start 64 threads)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def use_threads(threads: int) -> None:
+    """Run torch's and the BLAS libraries' (scipy's OpenBLAS) kernels on `threads` threads."""
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency; without it BLAS keeps its own count
+        return
+    threadpool_limits(threads)
+
+
 def resolve_dtype(name: str = "float32") -> torch.dtype:
     Choice(*DTYPES).check("--dtype", name)
     return DTYPES[name]
@@ -51,9 +77,12 @@ class Compute:
 
     @classmethod
     def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None,
-               cluster: str | None = None, cluster_timeout: float | None = None) -> "Compute":
-        """Validated options; with `cluster`, connected to it now (a dead address fails before any work)."""
+               cluster: str | None = None, cluster_timeout: float | None = None,
+               threads: int | None = None) -> "Compute":
+        """Validated options; with `cluster`, connected to it now (a dead address fails before any
+        work); the maths on `threads` threads (default: the CPUs this process may use)."""
         Int(1, 4096, optional=True).check("batch size", batch_size)
+        Int(1, 1024, optional=True).check("--threads", threads)
         Real(0, 3600, low_open=True, optional=True).check("--ray-timeout", cluster_timeout)
         if cluster_timeout is not None and cluster is None:
             raise InvalidArgument("--ray-timeout bounds the connection to a cluster: it needs --ray")
@@ -61,6 +90,7 @@ class Compute:
         timeout = CONNECT_TIMEOUT if cluster_timeout is None else cluster_timeout
         if cluster is not None:
             connect(cluster, timeout)
+        use_threads(threads or available_cpus())
         return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1), cluster=cluster,
                    cluster_timeout=timeout, requested=device)
 

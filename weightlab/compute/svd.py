@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-SVD_METHODS = ("exact", "randomized")
 
 
 @dataclass

@@ -18,25 +18,14 @@ import torch
 
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import stream_matrices
-from weightlab.domains import REGEX, check_fields, compile_filter, option
+from weightlab.domains import compile_filter
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor, match_checkpoints
+from weightlab.options import Filters
 
 T = TypeVar("T")
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Filters:
-    """`--include` / `--exclude` regexes on tensor names; a base of every analysis's options
-    (keyword-only, so they follow each analysis's own options)."""
-
-    include: str | None = option(None, REGEX, "--include", kw_only=True)
-    exclude: str | None = option(None, REGEX, "--exclude", kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass(frozen=True)

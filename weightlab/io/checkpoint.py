@@ -6,7 +6,6 @@ One safetensors file, a sharded folder with an index, a Hugging Face folder, a l
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Iterator
@@ -15,11 +14,11 @@ import torch
 
 from weightlab.errors import (
     CorruptCheckpoint,
-    MissingShard,
     MissingTensor,
     NotACheckpoint,
     UnsafePickle,
 )
+from weightlab.io.index import read_weight_map, shard_path
 from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE, SafetensorsFile, TensorInfo
 from weightlab.model_config import ModelConfig, read_model_config
 
@@ -212,40 +211,3 @@ def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkp
     if index.name.endswith(".bin.index.json"):
         return TorchCheckpoint(folder, files, config=config)
     return SafetensorsCheckpoint(folder, files, weight_map=weight_map, config=config)
-
-
-def read_weight_map(index: Path) -> dict[str, str]:
-    """An index's `weight_map`: an object whose every value is a plain file name in the index's
-    folder (`shard_name`), whatever JSON the file holds instead (lists, numbers, null, objects)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        raise CorruptCheckpoint("index is not valid JSON with a 'weight_map' object", index) from None
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpoint("index 'weight_map' is not an object", index)
-    for name, shard in weight_map.items():
-        shard_name(shard, index, name)
-    return weight_map
-
-
-def shard_name(shard: object, index: Path, tensor: str) -> str:
-    """`shard` when it is a plain file name (a non-empty string, no folder part, no traversal)."""
-    if not isinstance(shard, str) or not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
-        raise CorruptCheckpoint(f"index names shard {shard!r}, which is not a plain file name in its folder", index, tensor)
-    return shard
-
-
-def shard_path(folder: Path, shard: str, index: Path, tensor: str) -> Path:
-    """The file an index names, confined to the index's folder: a `shard_name`, and no symbolic
-    link leading out of the folder (except, in a Hugging Face cache snapshot, into that
-    repository's `blobs/`, where the cache keeps the real files)."""
-    path = folder / shard_name(shard, index, tensor)
-    if not path.is_file():
-        raise MissingShard(f"index names missing shard {shard}", index, tensor)
-    real, home = path.resolve(), folder.resolve()
-    allowed = [home]
-    if home.parent.name == "snapshots":
-        allowed.append(home.parent.parent / "blobs")
-    if not any(real.parent == root or root in real.parents for root in allowed):
-        raise CorruptCheckpoint(f"shard {shard} is a link that leads out of the index's folder (to {real})", index, tensor)
-    return path

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from weightlab.errors import CheckpointNotFound, CorruptCheckpoint
-from weightlab.io.checkpoint import read_weight_map
+from weightlab.io.index import read_weight_map
 from weightlab.io.files import NotARegularFile, read_regular
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
@@ -39,6 +39,12 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
 def is_hub_id(source: str | Path) -> bool:
     """True when `source` is not an existing local path but reads as a Hub model ID."""
     return not Path(source).exists() and parse_hub_id(str(source)) is not None
+
+
+def require_input(source: str | Path) -> None:
+    """Refuse at once a path that does not exist and is no Hub ID either (nothing is read)."""
+    if not Path(source).exists() and parse_hub_id(str(source)) is None:
+        raise CheckpointNotFound("no such file or folder", source)
 
 
 def cache_folder(repo: str) -> Path:

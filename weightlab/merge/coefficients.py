@@ -18,25 +18,9 @@ The public text leaves choices open; ours are options with these defaults:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
-from weightlab.domains import Choice, Real, check_fields, option
 
-NORM_OF = ("weights", "task-vectors")
-GRANULARITY = ("tensor", "model")
-NORMALIZE = ("sum", "count")
-
-
-@dataclass(frozen=True)
-class NanOptions:
-    norm_of: str = option("weights", Choice(*NORM_OF), "--nan-norm-of")
-    granularity: str = option("tensor", Choice(*GRANULARITY), "--nan-granularity")
-    power: float = option(1.0, Real(0, 16, low_open=True), "--nan-power")  # beyond 16, ‖·‖^(−p) under/overflows
-    normalize: str = option("sum", Choice(*NORMALIZE), "--nan-normalize")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def nan_coefficients(norms: Sequence[float], power: float = 1.0, normalize: str = "sum") -> list[float]:

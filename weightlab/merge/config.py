@@ -13,7 +13,7 @@ import yaml
 
 from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
-from weightlab.merge.coefficients import NanOptions
+from weightlab.options import NanOptions
 from weightlab.merge.methods import METHODS, MergeMethod, Params, mergekit_names, parameter_names
 from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.params import MAX_COEFFICIENT, resolve

@@ -37,7 +37,8 @@ from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import Matching, MatchedTensor
 from weightlab.display import model_names
-from weightlab.merge.coefficients import NanOptions, nan_coefficients
+from weightlab.merge.coefficients import nan_coefficients
+from weightlab.options import NanOptions
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS, MergeMethod
 from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
-from weightlab.report.plots import draw
 from weightlab.results import Result, known_schemas, result_type
 from weightlab.display import fmt
 from weightlab.report.tables import one_line, short_name
@@ -37,6 +36,8 @@ class Section:
 def section(result: Result, plots: Path, images: list[Path] | None = None) -> Section:
     """The report section of any result: its headline, plots (drawn into `plots` unless `images`
     already holds them) and main table."""
+    from weightlab.report.plots import draw  # matplotlib, only when a report is drawn
+
     tables = result.tables()
     main = tables[0] if tables else None
     return Section(result.title(), result.REFERENCE, result.headline(), images if images is not None else draw(result, plots),

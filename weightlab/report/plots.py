@@ -21,7 +21,7 @@ from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
 from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
 from weightlab.surgery.intruders import IntruderReport  # noqa: E402
-from weightlab.display import model_names  # noqa: E402
+from weightlab.display import fmt, model_names  # noqa: E402
 from weightlab.report.tables import short_name  # noqa: E402
 
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
@@ -122,7 +122,7 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
         if top:
             cols = min(3, len(top))
             rows = math.ceil(len(top) / cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+            fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.3 * rows), squeeze=False)
             for ax, m in zip(axes.flat, top):
                 idx = np.arange(1, len(m.sv_base) + 1)
                 n = len(m.sv_ft)
@@ -146,7 +146,7 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 ratio.set_ylabel("σ'/σ − 1 (%)", color="#1f77b4")
                 ratio.tick_params(axis="y", colors="#1f77b4")
                 ratio.spines["right"].set_visible(True)
-                ax.text(0.97, 0.95, f"‖ΔW‖/‖W‖ = {m.relative_change:.3g}\nσ'₁/σ₁ = {m.amplification[0]:.4g}",
+                ax.text(0.97, 0.95, f"‖ΔW‖/‖W‖ = {fmt(m.relative_change)}\nσ'₁/σ₁ = {fmt(m.amplification[0])}",
                         transform=ax.transAxes, ha="right", va="top", fontsize=7,
                         bbox=dict(boxstyle="round", fc="white", ec="#dddddd", alpha=0.9))
             for ax in axes.flat[len(top):]:
@@ -160,7 +160,7 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 fig.suptitle(f"Singular values of the {len(top)} matrices with the largest σ₁", fontweight="bold")
             paths.append(_save(fig, out_dir / "spectrum_curves.png"))
 
-        for filename, value, title, cmap, label, diverging, fmt in [
+        for filename, value, title, cmap, label, diverging, cell_format in [
             ("amplification_heatmap.png", lambda m: 100 * (m.mean_amplification - 1),
              f"top-{k} amplification: mean σ'_i/σ_i − 1 (%)", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
             ("reorientation_heatmap.png", lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
@@ -183,7 +183,7 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                     vmin, vmax = -max(top_value, 1e-3), max(top_value, 1e-3)
                 else:
                     vmin, vmax = 0.0, max(top_value, 1e-3)
-                _heatmap(ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, fmt)
+                _heatmap(ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, cell_format)
             paths.append(_save(fig, out_dir / filename))
 
         depths = _depths(result.matrices)

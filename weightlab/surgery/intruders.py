@@ -26,8 +26,7 @@ import torch
 
 from weightlab.analysis.spectrum import intruder_dimensions
 from weightlab.compute.device import Compute
-from weightlab.compute.walk import Batch, Filters, Selection, TensorWalk
-from weightlab.domains import Int, Real, option
+from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.adapter_writer import LoraFactors
@@ -36,13 +35,7 @@ from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import from_matrix
 from weightlab.results import Result, Table
-
-
-@dataclass(frozen=True)
-class IntruderOptions(Filters):
-    top_k: int = option(10, Int(1), "--intruder-k")  # top singular vectors of W' examined
-    epsilon: float = option(0.5, Real(0, 1), "--epsilon")  # an intruder's best |cos| with the base is below this
-    scale: float = option(0.75, Real(0, 1), "--lambda")  # what an intruder's singular value is multiplied by
+from weightlab.options import IntruderOptions
 
 
 @dataclass

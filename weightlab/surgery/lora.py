@@ -28,9 +28,9 @@ from weightlab.analysis.deltas import adapter_factors, delta_singular_values, nu
 from weightlab.analysis.tsd import core_directions, delta_times_v
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import singular_values
-from weightlab.compute.svd import SVD, SVD_METHODS, full_svd, lowrank_svd, randomized_svd
+from weightlab.compute.svd import SVD, full_svd, lowrank_svd, randomized_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk
-from weightlab.domains import SEED, Choice, Int, Real, check_fields, option
+from weightlab.domains import Int, Real
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors
@@ -38,38 +38,9 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import from_matrix, matrix_shape, module_role
-from weightlab.surgery.rank_budget import RULES, allocate_ranks
+from weightlab.surgery.rank_budget import allocate_ranks
+from weightlab.options import LoraInitOptions, RankBudget
 
-INIT_METHODS = ("tsd", "pissa", "milora")
-
-
-@dataclass(frozen=True)
-class LoraInitOptions:
-    method: str = option("pissa", Choice(*INIT_METHODS), "--method")
-    rank: int = option(8, Int(1), "--rank")
-    alpha: float | None = option(None, Real(0, low_open=True, optional=True), "--alpha")  # lora_alpha; default r
-    svd: str = option("exact", Choice(*SVD_METHODS), "--svd")  # randomized: pissa only (the others need all σ)
-    seed: int = option(0, SEED, "--seed")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.svd == "randomized" and self.method != "pissa":
-            raise InvalidArgument(f"--svd randomized finds top directions only; {self.method} needs the full spectrum")
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-
-@dataclass(frozen=True)
-class RankBudget:
-    """A total rank over all targeted modules, shared by their spectra (`surgery.rank_budget`)."""
-
-    total: int = option(64, Int(1), "--rank-budget")
-    rule: str = option("energy", Choice(*RULES), "--rank-allocation")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass

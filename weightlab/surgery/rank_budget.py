@@ -22,8 +22,8 @@ import torch
 
 from weightlab.analysis.spectrum import energy_entropy
 from weightlab.errors import InvalidArgument
+from weightlab.options import RANK_RULES
 
-RULES = ("energy", "entropy")
 
 
 def energy_shares(s: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,8 @@ def allocate_ranks(spectra: Mapping[str, torch.Tensor], budget: int, rule: str =
                    caps: Mapping[str, int] | None = None) -> dict[str, int]:
     """Ranks r_m ≥ 1 with Σ r_m = `budget`, r_m ≤ caps[m] (default: the number of non-zero σ),
     from each module's singular values (descending) by `rule`."""
-    if rule not in RULES:
-        raise InvalidArgument(f"--rank-allocation {rule!r}: must be one of {', '.join(RULES)}")
+    if rule not in RANK_RULES:
+        raise InvalidArgument(f"--rank-allocation {rule!r}: must be one of {', '.join(RANK_RULES)}")
     names = list(spectra)
     cap = {m: min(int((spectra[m] > 0).sum()) or 1, (caps or {}).get(m, 10**9)) for m in names}
     if budget < len(names):
