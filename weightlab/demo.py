@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from weightlab.display import fmt
 from weightlab.examples import minilm_path
 from weightlab.results import Result, Table
 
@@ -232,7 +233,7 @@ class DemoSummary(Result):
     def headline(self) -> list[tuple[str, str, object]]:
         tasks = self._tasks()
         return [(f"demo.merge.{label}", f"merged, {label}: accuracy " + " / ".join(tasks),
-                 " / ".join(f"{m['accuracy'][t]:.2f}" for t in tasks)) for label, m in self.merge.items()]
+                 " / ".join(fmt(m["accuracy"][t]) for t in tasks)) for label, m in self.merge.items()]
 
     def note(self) -> str:
         before = ", ".join(f"{k} {ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}"

@@ -36,7 +36,7 @@ from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import Matching, MatchedTensor
-from weightlab.display import model_names
+from weightlab.display import fmt, model_names
 from weightlab.merge.coefficients import nan_coefficients
 from weightlab.options import NanOptions
 from weightlab.merge.config import MergeConfig
@@ -119,7 +119,7 @@ class MergeReport(Result):
 
     def headline(self) -> list[tuple[str, str, object]]:
         return [("merge.method", "method", self.config.method), ("merge.models", "models merged", len(self.config.models)),
-                ("merge.coefficients", "coefficients", ", ".join(f"{c:.4g}" for c in self.coefficients))]
+                ("merge.coefficients", "coefficients", ", ".join(fmt(c) for c in self.coefficients))]
 
     def note(self) -> str:
         if self.per_tensor:
