@@ -63,7 +63,7 @@ def test_report_renders_in_chromium_with_every_image_and_the_json_numbers(result
     shown_matrices = re.search(r"data-key=\"spectrum.matrices\" data-v=\"([^\"]+)\"", dom).group(1)
     assert int(shown_matrices) == len(spectrum["matrices"])
     merge = json.loads((results / "merged" / "weightlab_merge.json").read_text())
-    assert "0.5, 0.5" in re.search(r"data-key=\"merge.coefficients\" data-v=\"([^\"]+)\"", dom).group(1)
+    assert "0.500, 0.500" in re.search(r"data-key=\"merge.coefficients\" data-v=\"([^\"]+)\"", dom).group(1)
     assert merge["coefficients"] == pytest.approx([0.5, 0.5])
     ARTIFACTS.mkdir(exist_ok=True)
     chromium("--window-size=1280,2000", f"--screenshot={ARTIFACTS / 'report.png'}", out.as_uri())
