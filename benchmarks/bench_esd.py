@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SCRATCH_JSON, bench_args, run_command, run_python, save_result  # noqa: E402
-from generate import generate  # noqa: E402
+from common import SCRATCH_JSON, bench_args, run_command, run_python, save_result
+from generate import generate
 
 WEIGHTWATCHER = """
 import logging, time, warnings
@@ -34,7 +34,8 @@ model = AutoModel.from_pretrained({model!r})
 start = time.perf_counter()
 frame = weightwatcher.WeightWatcher(model=model).analyze(mp_fit=True, randomize=True)
 SECONDS = time.perf_counter() - start
-ROWS = frame[["longname", "alpha", "stable_rank", "log_spectral_norm", "num_spikes", "rand_num_spikes"]].to_dict("records")
+COLUMNS = ["longname", "alpha", "stable_rank", "log_spectral_norm", "num_spikes", "rand_num_spikes"]
+ROWS = frame[COLUMNS].to_dict("records")
 """
 
 
@@ -61,7 +62,9 @@ def compare(model: str) -> dict:
         if match:
             pairs.append((row, match[0]["weights"]))
     out["matched"] = f"{len(pairs)} of WeightWatcher's {len(extra['ROWS'])} layers; we analysed {len(ours)}"
-    only_ours = sorted(set(ours) - {k for k in ours for row, _ in pairs if k.endswith(row['longname']) or row['longname'].endswith(k)})
+    only_ours = sorted(
+        set(ours) - {k for k in ours for row, _ in pairs if k.endswith(row["longname"]) or row["longname"].endswith(k)}
+    )
     out["analysed_only_by_weightlab"] = only_ours
 
     def diffs(ww_key: str, our: callable, count: bool = False) -> dict:
@@ -69,8 +72,11 @@ def compare(model: str) -> dict:
         b = np.array([np.nan if our(d) is None else our(d) for _, d in pairs], dtype=float)
         ok = np.isfinite(a) & np.isfinite(b) & (a != -1)
         d = np.abs(a[ok] - b[ok])
-        out = {"compared": int(ok.sum()), "median_abs_diff": float(np.median(d)) if d.size else None,
-               "max_abs_diff": float(d.max()) if d.size else None}
+        out = {
+            "compared": int(ok.sum()),
+            "median_abs_diff": float(np.median(d)) if d.size else None,
+            "max_abs_diff": float(d.max()) if d.size else None,
+        }
         if count:
             out["equal"] = int((d == 0).sum())
         elif d.size:
@@ -91,8 +97,10 @@ def main() -> None:
     args = bench_args(__doc__, "esd")
     from weightlab.demo import minilm_path
 
-    result = {"minilm (pretrained, real)": compare(str(minilm_path())),
-              f"llama generated ({args.shape.parameters / 1e6:.0f}M)": compare(str(generate(args.shape)["base"]))}
+    result = {
+        "minilm (pretrained, real)": compare(str(minilm_path())),
+        f"llama generated ({args.shape.parameters / 1e6:.0f}M)": compare(str(generate(args.shape)["base"])),
+    }
     save_result(result, args.out)
 
 

@@ -40,8 +40,10 @@ def pair() -> tuple[Path, Path]:
     if not (ft / "model.safetensors").is_file():
         ft.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(0)
-        tensors = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                   for k, v in load_file(base / "model.safetensors").items()}
+        tensors = {
+            k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in load_file(base / "model.safetensors").items()
+        }
         save_file(tensors, ft / "model.safetensors")
         shutil.copy(base / "config.json", ft / "config.json")
     return base, ft
@@ -50,8 +52,9 @@ def pair() -> tuple[Path, Path]:
 def measured(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds (user + system) and exit code of `weightlab ARGS` in a fresh process."""
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "weightlab", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "weightlab", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     _, status, usage = os.wait4(child.pid, 0)
     return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status)
 
@@ -74,20 +77,30 @@ def spectrum_runs(base: Path, ft: Path, repeat: int) -> dict:
             for hog in hogs:
                 hog.kill()
         q_cpu, l_cpu = statistics.median(c for _, c in quiet), statistics.median(c for _, c in loaded)
-        out[setting] = {"quiet_wall_s": statistics.median(w for w, _ in quiet), "quiet_cpu_s": q_cpu,
-                        "loaded_wall_s": statistics.median(w for w, _ in loaded), "loaded_cpu_s": l_cpu,
-                        "loaded_over_quiet_cpu": l_cpu / q_cpu}
+        out[setting] = {
+            "quiet_wall_s": statistics.median(w for w, _ in quiet),
+            "quiet_cpu_s": q_cpu,
+            "loaded_wall_s": statistics.median(w for w, _ in loaded),
+            "loaded_cpu_s": l_cpu,
+            "loaded_over_quiet_cpu": l_cpu / q_cpu,
+        }
     out["goal_loaded_over_quiet_cpu"] = 1.3
     out["goal_met"] = out["weightlab"]["loaded_over_quiet_cpu"] <= 1.3
     return out
 
 
 def startup_runs(base: Path, repeat: int) -> dict:
-    cases = {"--help": ["--help"], "--version": ["--version"], "spectrum --help": ["spectrum", "--help"],
-             "refused option (-k 0)": ["spectrum", str(base), str(base), "-k", "0"],
-             "missing input": ["spectrum", str(base), str(BENCH / "nowhere")]}
-    out = {name: statistics.median(measured(args, dict(os.environ))[0] for _ in range(repeat))
-           for name, args in cases.items()}
+    cases = {
+        "--help": ["--help"],
+        "--version": ["--version"],
+        "spectrum --help": ["spectrum", "--help"],
+        "refused option (-k 0)": ["spectrum", str(base), str(base), "-k", "0"],
+        "missing input": ["spectrum", str(base), str(BENCH / "nowhere")],
+    }
+    out = {
+        name: statistics.median(measured(args, dict(os.environ))[0] for _ in range(repeat))
+        for name, args in cases.items()
+    }
     return {"wall_s": out, "goal_s": 0.5, "goal_met": max(out.values()) <= 0.5}
 
 
@@ -97,8 +110,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "load.json")
     args, _ = parser.parse_known_args()  # run_all.sh passes the model-shape options to every benchmark
     base, ft = pair()
-    save_result({"cpus": os.cpu_count(), "spectrum_minilm": spectrum_runs(base, ft, args.repeat),
-                 "startup": startup_runs(base, 2 * args.repeat + 1)}, args.out)
+    save_result(
+        {
+            "cpus": os.cpu_count(),
+            "spectrum_minilm": spectrum_runs(base, ft, args.repeat),
+            "startup": startup_runs(base, 2 * args.repeat + 1),
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, run_command, save_result  # noqa: E402
-from generate import ROOT, generate  # noqa: E402
+from common import bench_args, run_command, save_result
+from generate import ROOT, generate
 
 
 def main() -> None:
@@ -26,14 +26,34 @@ def main() -> None:
     result = {"parameters": args.shape.parameters, "rank": args.rank}
     for svd in ("exact", "randomized"):
         out = scratch / svd
-        wall, rss, _ = run_command(["init-lora", str(base), "--rank", str(args.rank), "--svd", svd, "-o", str(out),
-                                    "--no-residual", "--force", "--device", "cpu"])
+        wall, rss, _ = run_command(
+            [
+                "init-lora",
+                str(base),
+                "--rank",
+                str(args.rank),
+                "--svd",
+                svd,
+                "-o",
+                str(out),
+                "--no-residual",
+                "--force",
+                "--device",
+                "cpu",
+            ]
+        )
         modules = json.loads((out / "weightlab_lora.json").read_text())["modules"]
-        result[svd] = {"wall_s": round(wall, 2), "modules": len(modules), "peak_rss_mb": round(rss),
-                       "mean_relative_error": sum(m["relative_error"] for m in modules) / len(modules),
-                       "max_relative_error": max(m["relative_error"] for m in modules)}
+        result[svd] = {
+            "wall_s": round(wall, 2),
+            "modules": len(modules),
+            "peak_rss_mb": round(rss),
+            "mean_relative_error": sum(m["relative_error"] for m in modules) / len(modules),
+            "max_relative_error": max(m["relative_error"] for m in modules),
+        }
     result["speedup_randomized"] = round(result["exact"]["wall_s"] / result["randomized"]["wall_s"], 2)
-    result["error_increase_randomized"] = result["randomized"]["mean_relative_error"] - result["exact"]["mean_relative_error"]
+    result["error_increase_randomized"] = (
+        result["randomized"]["mean_relative_error"] - result["exact"]["mean_relative_error"]
+    )
     shutil.rmtree(scratch, ignore_errors=True)
     save_result(result, args.out)
 

@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, run_command, run_external, save_result  # noqa: E402
-from generate import ROOT, generate  # noqa: E402
+from common import bench_args, run_command, run_external, save_result
+from generate import ROOT, generate
 
-from weightlab.io import CheckpointWriter, open_checkpoint  # noqa: E402
-from weightlab.io.safetensors_file import torch_dtype  # noqa: E402
+from weightlab.io import CheckpointWriter, open_checkpoint
+from weightlab.io.safetensors_file import torch_dtype
 
-METHODS = {"task-arithmetic": ("task_arithmetic", [], {"normalize": False}),
-           "ties": ("ties", ["--density", "0.2"], {"density": 0.2, "normalize": True})}
+METHODS = {
+    "task-arithmetic": ("task_arithmetic", [], {"normalize": False}),
+    "ties": ("ties", ["--density", "0.2"], {"density": 0.2, "normalize": True}),
+}
 
 
 def raw_io(paths: list[Path], out: Path) -> float:
@@ -46,8 +48,13 @@ def raw_io(paths: list[Path], out: Path) -> float:
 
 def mergekit_config(method: str, base: Path, models: list[Path], params: dict) -> str:
     density = params.get("density")
-    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: float32",
-             f"parameters:\n  normalize: {str(params['normalize']).lower()}", "models:"]
+    lines = [
+        f"merge_method: {method}",
+        f"base_model: {base}",
+        "dtype: float32",
+        f"parameters:\n  normalize: {str(params['normalize']).lower()}",
+        "models:",
+    ]
     for m in models:
         lines += [f"  - model: {m}", "    parameters:", "      weight: 1.0"]
         if density is not None:
@@ -79,18 +86,41 @@ def main() -> None:
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
     for method, (theirs, extra, params) in METHODS.items():
         ours = scratch / method
-        wall, rss, rss0 = run_command(["merge", "--method", method, "--base", str(inputs[0]), *map(str, inputs[1:]),
-                                       *extra, "-o", str(ours), "--force", "--device", "cpu"])
-        entry = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss), "ratio_to_raw_io": round(wall / raw, 3),
-                 "rss_after_imports_mb": round(rss0)}
+        wall, rss, rss0 = run_command(
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                str(inputs[0]),
+                *map(str, inputs[1:]),
+                *extra,
+                "-o",
+                str(ours),
+                "--force",
+                "--device",
+                "cpu",
+            ]
+        )
+        entry = {
+            "wall_s": round(wall, 2),
+            "peak_rss_mb": round(rss),
+            "ratio_to_raw_io": round(wall / raw, 3),
+            "rss_after_imports_mb": round(rss0),
+        }
         if mergekit_yaml.exists():
             config = scratch / f"{method}.yml"
             config.write_text(mergekit_config(theirs, inputs[0], inputs[1:], params))
-            mk_wall, mk_rss = run_external([str(mergekit_yaml), str(config), str(scratch / f"mk-{method}"),
-                                            "--no-copy-tokenizer"])
-            entry.update(mergekit_wall_s=round(mk_wall, 2), mergekit_peak_rss_mb=round(mk_rss),
-                         wall_ratio_to_mergekit=round(wall / mk_wall, 3), rss_ratio_to_mergekit=round(rss / mk_rss, 3),
-                         largest_relative_difference=largest_difference(ours, scratch / f"mk-{method}"))
+            mk_wall, mk_rss = run_external(
+                [str(mergekit_yaml), str(config), str(scratch / f"mk-{method}"), "--no-copy-tokenizer"]
+            )
+            entry.update(
+                mergekit_wall_s=round(mk_wall, 2),
+                mergekit_peak_rss_mb=round(mk_rss),
+                wall_ratio_to_mergekit=round(wall / mk_wall, 3),
+                rss_ratio_to_mergekit=round(rss / mk_rss, 3),
+                largest_relative_difference=largest_difference(ours, scratch / f"mk-{method}"),
+            )
         else:
             entry["mergekit"] = "not installed: run benchmarks/setup.sh"
         result[method] = entry

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_args, run_command, save_result  # noqa: E402
-from generate import ROOT, Shape, generate  # noqa: E402
+from common import bench_args, run_command, save_result
+from generate import ROOT, Shape, generate
 
 
 def main() -> None:
@@ -37,18 +37,37 @@ def main() -> None:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster
     os.environ.update(env)  # the weightlab runs connect without a token too
-    subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     result: dict = {"parameters": shape.parameters, "finetunes": 8, "shape": vars(shape)}
     try:
-        for name, command in (("compare", ["compare", "--base", str(paths["base"]), *fts]),
-                              ("spectrum", ["spectrum", str(paths["base"]), fts[0], "--no-cache"])):
+        for name, command in (
+            ("compare", ["compare", "--base", str(paths["base"]), *fts]),
+            ("spectrum", ["spectrum", str(paths["base"]), fts[0], "--no-cache"]),
+        ):
             entry = {}
             for where, extra in (("local", []), ("ray_2_workers", ["--ray", f"127.0.0.1:{port}"])):
                 wall, rss, _ = run_command([*command, "--json", str(out / f"{name}-{where}.json"), "--force", *extra])
                 entry[where] = {"wall_s": round(wall, 2), "driver_peak_rss_mb": round(rss)}
             entry["ratio_ray_to_local"] = round(entry["ray_2_workers"]["wall_s"] / entry["local"]["wall_s"], 3)
-            entry["same_json_bytes"] = (out / f"{name}-local.json").read_bytes() == (out / f"{name}-ray_2_workers.json").read_bytes()
+            entry["same_json_bytes"] = (out / f"{name}-local.json").read_bytes() == (
+                out / f"{name}-ray_2_workers.json"
+            ).read_bytes()
             result[name] = entry
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)

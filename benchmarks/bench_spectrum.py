@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SCRATCH_JSON, bench_args, run_command, run_python, save_result  # noqa: E402
-from generate import ROOT, generate  # noqa: E402
+from common import SCRATCH_JSON, bench_args, run_command, run_python, save_result
+from generate import ROOT, generate
 
 WEIGHTWATCHER = """
 import logging, time, warnings
@@ -53,8 +53,11 @@ def main() -> None:
     try:
         for label, model, delta in (("delta", ft, True), ("plain", base, False)):
             seconds, rss, extra = run_python(WEIGHTWATCHER.format(model=model, base=base, delta=delta), ["LAYERS"])
-            result[f"weightwatcher_{label}"] = {"analyze_s": round(seconds, 2), "peak_rss_mb": round(rss),
-                                                "layers": extra["LAYERS"]}
+            result[f"weightwatcher_{label}"] = {
+                "analyze_s": round(seconds, 2),
+                "peak_rss_mb": round(rss),
+                "layers": extra["LAYERS"],
+            }
     except RuntimeError as e:  # not installed: benchmarks/setup.sh installs it
         result["weightwatcher"] = f"not run: {str(e)[-300:]}"
     else:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from generate import Shape
 
-
 # A throwaway result file: the output planner refuses /dev/null (not a regular file).
 SCRATCH_JSON = str(Path(tempfile.gettempdir()) / "weightlab-bench-result.json")
 
@@ -31,11 +30,13 @@ def fresh_python(code: str, args: list[str] = ()) -> str:
 
 def run_command(args: list[str]) -> tuple[float, float, float]:
     """Wall seconds, peak RSS and RSS after imports (MB) of `weightlab ARGS` in a fresh process."""
-    code = ("import sys, time; from weightlab.cli import main; import weightlab.report.plots\n"
-            f"hwm = lambda: {PEAK_RSS}\n"
-            "rss0 = hwm(); t = time.perf_counter()\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(time.perf_counter() - t, hwm(), rss0)")
+    code = (
+        "import sys, time; from weightlab.cli import main; import weightlab.report.plots\n"
+        f"hwm = lambda: {PEAK_RSS}\n"
+        "rss0 = hwm(); t = time.perf_counter()\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(time.perf_counter() - t, hwm(), rss0)"
+    )
     try:
         wall, rss, rss0 = fresh_python(code, args).split()
     except RuntimeError as e:
@@ -46,8 +47,9 @@ def run_command(args: list[str]) -> tuple[float, float, float]:
 def run_python(code: str, names: list[str] = ()) -> tuple[float, float, dict]:
     """Run `code` in a fresh interpreter; it sets SECONDS (what to time) and the variables in
     `names`. Returns SECONDS, the process's peak RSS (MB) and those variables. RuntimeError on failure."""
-    wrapped = (code + "\nimport json\n"
-               f"print(json.dumps([SECONDS, {PEAK_RSS}, {{n: globals()[n] for n in {list(names)!r}}}]))")
+    wrapped = (
+        code + f"\nimport json\nprint(json.dumps([SECONDS, {PEAK_RSS}, {{n: globals()[n] for n in {list(names)!r}}}]))"
+    )
     seconds, rss, values = json.loads(fresh_python(wrapped))
     return seconds, rss, values
 
@@ -55,11 +57,13 @@ def run_python(code: str, names: list[str] = ()) -> tuple[float, float, dict]:
 def run_external(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of another program (a peer tool), run as a child of a small
     wrapper so that its maximum resident set is its own (RUSAGE_CHILDREN)."""
-    code = ("import resource, subprocess, sys, time\n"
-            "t = time.perf_counter(); done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "wall = time.perf_counter() - t\n"
-            "if done.returncode: sys.exit(done.stderr[-2000:])\n"
-            "print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter(); done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - t\n"
+        "if done.returncode: sys.exit(done.stderr[-2000:])\n"
+        "print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
     try:
         wall, rss = fresh_python(code, command).split()
     except RuntimeError as e:

@@ -38,9 +38,16 @@ class Shape:
     def config(self) -> dict:
         from transformers import LlamaConfig
 
-        config = LlamaConfig(hidden_size=self.hidden, num_hidden_layers=self.layers, intermediate_size=self.intermediate,
-                             vocab_size=self.vocab, num_attention_heads=self.heads, num_key_value_heads=self.heads,
-                             tie_word_embeddings=False, torch_dtype="float32")
+        config = LlamaConfig(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            intermediate_size=self.intermediate,
+            vocab_size=self.vocab,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            tie_word_embeddings=False,
+            torch_dtype="float32",
+        )
         return {**config.to_dict(), "architectures": ["LlamaForCausalLM"]}
 
     def tensors(self) -> dict[str, tuple[int, ...]]:
@@ -99,7 +106,7 @@ def generate(shape: Shape = Shape(), finetunes: int = 1, shard_tensors: int = 40
         for s, start in enumerate(range(0, len(names), shard_tensors)):
             shard = f"model-{s + 1:05d}.safetensors"
             tensors = {}
-            for j, name in enumerate(names[start:start + shard_tensors]):
+            for j, name in enumerate(names[start : start + shard_tensors]):
                 w = _weight(shapes[name], start + j)
                 tensors[name] = w if key == "base" else _finetune(w, 10_000 * (int(key[2:]) + 1) + start + j)
                 weight_map[name] = shard

@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_command  # noqa: E402
-from generate import ROOT  # noqa: E402
+from common import run_command
+from generate import ROOT
 
-from weightlab.demo import Task, finetune  # noqa: E402
-from weightlab.examples import minilm_path  # noqa: E402
-from weightlab.io import open_weights  # noqa: E402
-from weightlab.merge import merge  # noqa: E402
-from weightlab.merge.config import build_config  # noqa: E402
-from weightlab.merge.methods import METHODS  # noqa: E402
+from weightlab.demo import Task, finetune
+from weightlab.examples import minilm_path
+from weightlab.io import open_weights
+from weightlab.merge import merge
+from weightlab.merge.config import build_config
+from weightlab.merge.methods import METHODS
 
 ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow", "lion", "mouse"]
 THINGS = ["car", "house", "chair", "table", "book", "phone", "lamp", "boat"]
@@ -94,8 +94,15 @@ def make_tasks(n_train: int = 256, n_test: int = 256, seed: int = 0) -> list[Tas
     """Six tasks on one shared set of sentences (train and test splits shared too)."""
     rng = random.Random(seed)
     rows = [sentence(rng) for _ in range(n_train + n_test)]
-    return [Task(name, description, [(s, lab[name]) for s, lab in rows[:n_train]],
-                 [(s, lab[name]) for s, lab in rows[n_train:]]) for name, description in PROPERTIES.items()]
+    return [
+        Task(
+            name,
+            description,
+            [(s, lab[name]) for s, lab in rows[:n_train]],
+            [(s, lab[name]) for s, lab in rows[n_train:]],
+        )
+        for name, description in PROPERTIES.items()
+    ]
 
 
 def fine_tunes(tasks: list[Task], steps: int, lr: float, root: Path) -> dict[str, Path]:
@@ -147,8 +154,12 @@ def config(method: str, options: dict, base: Path, models: list[Path], lam: floa
     params = {k: v for k, v in options.items() if k != "modifiers"}
     if lam is not None:
         params["lambda"] = lam
-    out = {"method": method, "models": [str(m) for m in models], "param_values": params,
-           "modifiers": options.get("modifiers", [])}
+    out = {
+        "method": method,
+        "models": [str(m) for m in models],
+        "param_values": params,
+        "modifiers": options.get("modifiers", []),
+    }
     if METHODS[method].needs_base or out["modifiers"]:
         out["base"] = str(base)
     return out
@@ -187,8 +198,14 @@ def main() -> None:
         cfg = config(method, options, base, models)
         wall, rss, rss0 = run_command(cli_args(cfg, scratch / "default"))
         accuracy = score(scratch / "default")
-        row = {"method": label, "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
-               "wall_s": round(wall, 2), "peak_rss_mb": round(rss), "rss_after_imports_mb": round(rss0)}
+        row = {
+            "method": label,
+            "accuracy": accuracy,
+            "mean": sum(accuracy.values()) / len(accuracy),
+            "wall_s": round(wall, 2),
+            "peak_rss_mb": round(rss),
+            "rss_after_imports_mb": round(rss0),
+        }
         if METHODS[method].param("lambda"):
             best = None
             for lam in GRID:
@@ -200,12 +217,23 @@ def main() -> None:
                     best = (lam, mean, time.perf_counter() - started)
             row["best_lambda"], row["best_lambda_mean"] = best[0], best[1]
         rows.append(row)
-        print(f"{label:28s} mean {row['mean']:.3f}" + (f"  (best λ={row['best_lambda']:g}: {row['best_lambda_mean']:.3f})"
-                                                    if "best_lambda" in row else ""), flush=True)
+        print(
+            f"{label:28s} mean {row['mean']:.3f}"
+            + (f"  (best λ={row['best_lambda']:g}: {row['best_lambda_mean']:.3f})" if "best_lambda" in row else ""),
+            flush=True,
+        )
     shutil.rmtree(scratch, ignore_errors=True)
-    result = {"model": "all-MiniLM-L6-v2", "tasks": PROPERTIES, "steps": args.steps, "lr": args.lr,
-              "test_sentences": len(tasks[0].test), "individual_fine_tunes": individual,
-              "individual_mean": sum(individual.values()) / len(individual), "grid": GRID, "methods": rows}
+    result = {
+        "model": "all-MiniLM-L6-v2",
+        "tasks": PROPERTIES,
+        "steps": args.steps,
+        "lr": args.lr,
+        "test_sentences": len(tasks[0].test),
+        "individual_fine_tunes": individual,
+        "individual_mean": sum(individual.values()) / len(individual),
+        "grid": GRID,
+        "methods": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))
@@ -213,14 +241,22 @@ def main() -> None:
 
 def markdown_table(result: dict) -> str:
     names = list(result["tasks"])
-    lines = ["| method (default) | " + " | ".join(names) + " | mean | best-λ mean (reference) | wall s | peak RSS MB |",
-             "|---|" + "---|" * (len(names) + 4)]
-    lines.append("| each fine-tune on its own task | " + " | ".join(f"{result['individual_fine_tunes'][n]:.3f}" for n in names)
-                 + f" | {result['individual_mean']:.3f} | | | |")
+    lines = [
+        "| method (default) | " + " | ".join(names) + " | mean | best-λ mean (reference) | wall s | peak RSS MB |",
+        "|---|" + "---|" * (len(names) + 4),
+    ]
+    lines.append(
+        "| each fine-tune on its own task | "
+        + " | ".join(f"{result['individual_fine_tunes'][n]:.3f}" for n in names)
+        + f" | {result['individual_mean']:.3f} | | | |"
+    )
     for row in sorted(result["methods"], key=lambda r: -r["mean"]):
         best = f"{row['best_lambda_mean']:.3f} (λ={row['best_lambda']:g})" if "best_lambda" in row else "—"
-        lines.append(f"| {row['method']} | " + " | ".join(f"{row['accuracy'][n]:.3f}" for n in names)
-                     + f" | **{row['mean']:.3f}** | {best} | {row['wall_s']} | {row['peak_rss_mb']} |")
+        lines.append(
+            f"| {row['method']} | "
+            + " | ".join(f"{row['accuracy'][n]:.3f}" for n in names)
+            + f" | **{row['mean']:.3f}** | {best} | {row['wall_s']} | {row['peak_rss_mb']} |"
+        )
     return "\n".join(lines)
 
 

@@ -37,11 +37,19 @@ def main() -> None:
         theirs_tsv = compute_and_sum_svd_mem_reduction([{"w": t} for t in taus], accelerator="cpu")["w"]
         with torch.enable_grad():
             theirs_wudi = wudi_merging([{"w": t} for t in taus], accelerator="cpu")["w"].detach()
-        pairs = {"iso-c": (ours("iso-c", taus), theirs_c), "iso-cts": (ours("iso-cts", taus, common=0.8), theirs_cts),
-                 "tsv": (ours("tsv", taus), theirs_tsv), "wudi-adam": (ours("wudi-adam", taus), theirs_wudi)}
-        print(f"{shape} × {n} tasks: " + ", ".join(f"{name} max |Δ| {float((a - b).abs().max()):.1e} "
-                                                   f"(entries to {float(b.abs().max()):.1e})"
-                                                   for name, (a, b) in pairs.items()))
+        pairs = {
+            "iso-c": (ours("iso-c", taus), theirs_c),
+            "iso-cts": (ours("iso-cts", taus, common=0.8), theirs_cts),
+            "tsv": (ours("tsv", taus), theirs_tsv),
+            "wudi-adam": (ours("wudi-adam", taus), theirs_wudi),
+        }
+        print(
+            f"{shape} × {n} tasks: "
+            + ", ".join(
+                f"{name} max |Δ| {float((a - b).abs().max()):.1e} (entries to {float(b.abs().max()):.1e})"
+                for name, (a, b) in pairs.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ def workspace(folder: str | Path = "example-models") -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
 
     # a short LoRA warm-up run: LoRA-Init reads its task-specific directions
-    model = get_peft_model(synthetic.tiny_model("llama", seed=0, layers=4, hidden=64),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        synthetic.tiny_model("llama", seed=0, layers=4, hidden=64),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     synthetic.finetune(model, steps=8, seed=7)
     model.save_pretrained(paths["warmup"])
     return paths

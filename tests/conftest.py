@@ -53,8 +53,17 @@ def adapters(zoo, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     specs = {
         "llama": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-        "llama_rslora_pattern": ("llama", dict(r=4, lora_alpha=8, use_rslora=False, target_modules=["q_proj", "o_proj"],
-                                                rank_pattern={"o_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+        "llama_rslora_pattern": (
+            "llama",
+            dict(
+                r=4,
+                lora_alpha=8,
+                use_rslora=False,
+                target_modules=["q_proj", "o_proj"],
+                rank_pattern={"o_proj": 2},
+                alpha_pattern={"layers.1.self_attn.q_proj": 3},
+            ),
+        ),
         "llama_rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "embed_tokens"])),
         "gpt2": ("gpt2", dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
         "bert": ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "value"])),

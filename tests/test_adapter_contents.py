@@ -25,9 +25,10 @@ def _trained_adapter(folder, seed: int, **config):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(synthetic.tiny_model("bert", seed=0),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False,
-                                      **config))
+    model = get_peft_model(
+        synthetic.tiny_model("bert", seed=0),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False, **config),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "modules_to_save" in name or "lora_B.bias" in name:
@@ -122,8 +123,19 @@ def test_mitigating_an_adapter_keeps_everything_it_holds(zoo, bank, tmp_path, ru
     input adapter makes (saved pooler, LoRA biases, modules outside --include all kept)."""
     root, merged = bank
     out = tmp_path / "mitigated"
-    code, _, err = run_cli("mitigate-intruders", zoo["bert"], root / "a", "-o", out, "--lambda", "1",
-                           "--include", "layer\\.0\\.", "--epsilon", "0.9")
+    code, _, err = run_cli(
+        "mitigate-intruders",
+        zoo["bert"],
+        root / "a",
+        "-o",
+        out,
+        "--lambda",
+        "1",
+        "--include",
+        "layer\\.0\\.",
+        "--epsilon",
+        "0.9",
+    )
     assert code == 0, err
     got = _peft_merged(zoo["bert"], out)
     for name, tensor in merged["a"].items():

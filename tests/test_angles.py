@@ -49,7 +49,9 @@ def rotated_pair(tmp_path, theta: float):
     w_a = u @ torch.diag(torch.linspace(10, 1, 30, dtype=torch.float64)) @ v.T
     g = torch.eye(40, dtype=torch.float64)
     x, y = u[:, 0], u[:, 9]
-    g += (math.cos(theta) - 1) * (torch.outer(x, x) + torch.outer(y, y)) + math.sin(theta) * (torch.outer(y, x) - torch.outer(x, y))
+    g += (math.cos(theta) - 1) * (torch.outer(x, x) + torch.outer(y, y)) + math.sin(theta) * (
+        torch.outer(y, x) - torch.outer(x, y)
+    )
     save_file({"layers.0.self_attn.q_proj.weight": w_a}, tmp_path / "a.safetensors")
     save_file({"layers.0.self_attn.q_proj.weight": g @ w_a}, tmp_path / "b.safetensors")
     return open_checkpoint(tmp_path / "a.safetensors"), open_checkpoint(tmp_path / "b.safetensors")
@@ -94,12 +96,15 @@ def test_adapters_against_base_use_their_factors_and_match_dense(zoo, adapters, 
 
     base = open_checkpoint(zoo["llama"])
     merged_dir = tmp_path / "merged"
-    PeftModel.from_pretrained(AutoModel.from_pretrained(zoo["llama"]), adapters["llama"]).merge_and_unload().save_pretrained(merged_dir)
+    PeftModel.from_pretrained(
+        AutoModel.from_pretrained(zoo["llama"]), adapters["llama"]
+    ).merge_and_unload().save_pretrained(merged_dir)
     ft_dense = open_checkpoint(merged_dir)
     ft_adapter = open_finetuned(adapters["llama"], base)
     via_factors = angles(ft_adapter, open_checkpoint(zoo["llama_ft"]), base, AnglesOptions(k=8), CPU64)
-    via_dense = angles(ft_dense, open_checkpoint(zoo["llama_ft"]), base, AnglesOptions(k=8, include="q_proj|v_proj|down_proj"),
-                       CPU64)
+    via_dense = angles(
+        ft_dense, open_checkpoint(zoo["llama_ft"]), base, AnglesOptions(k=8, include="q_proj|v_proj|down_proj"), CPU64
+    )
     dense = {m.name: m for m in via_dense.matrices}
     for m in via_factors.matrices:
         assert m.k == 4  # the adapter's rank caps the subspace
@@ -113,13 +118,18 @@ def test_adapter_without_base_is_refused(zoo, adapters):
 
 
 def test_angles_cli_json_and_plots(zoo, run_cli, tmp_path):
-    code, out, err = run_cli("angles", zoo["llama_ft"], zoo["llama"], "-k", "4", "--json", tmp_path / "a.json",
-                             "--plots", tmp_path / "plots")
+    code, out, err = run_cli(
+        "angles", zoo["llama_ft"], zoo["llama"], "-k", "4", "--json", tmp_path / "a.json", "--plots", tmp_path / "plots"
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "a.json").read_text())
     assert data["schema"] == "weightlab.angles/1" and data["base"] is None
     assert all(0 <= a <= 90 for m in data["matrices"] for a in m["angles_deg"])
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "angles_heatmap.png", "angles_vs_depth.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        ".weightlab-output",
+        "angles_heatmap.png",
+        "angles_vs_depth.png",
+    ]
     assert "principal angles" in out
 
 

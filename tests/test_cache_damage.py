@@ -36,12 +36,13 @@ def _swap_same_shape(entries: list[Path], rng: random.Random) -> None:
 
 def _truncate(entries: list[Path], rng: random.Random) -> None:
     path = rng.choice(entries)
-    path.write_bytes(path.read_bytes()[:rng.randrange(path.stat().st_size)])
+    path.write_bytes(path.read_bytes()[: rng.randrange(path.stat().st_size)])
 
 
 def _rewritten(change):
     """Damage with a valid checksum: the cache's own writer stores tampered values, so only the
     shape, dtype and finiteness checks stand between them and the numbers."""
+
     def damage(entries: list[Path], rng: random.Random) -> None:
         path = rng.choice(entries)
         cache, key = DecompositionCache(path.parent.parent), path.name.split(".")[0]
@@ -49,6 +50,7 @@ def _rewritten(change):
 
         tensors = load_file(path)
         cache.put(key, change(GramSpectrum(tensors["S"], tensors["E"], bool(tensors["tall"]))))
+
     return damage
 
 
@@ -82,9 +84,17 @@ def _link_to_another(entries: list[Path], rng: random.Random) -> None:
     b.symlink_to(a)
 
 
-DAMAGE = {"bit-flip": _bit_flip, "same-shape-swap": _swap_same_shape, "truncation": _truncate, "empty": _empty,
-          "nan": _rewritten(_nan), "wrong-dtype": _rewritten(_wrong_dtype), "wrong-shape": _rewritten(_wrong_shape),
-          "folder": _folder, "link": _link_to_another}
+DAMAGE = {
+    "bit-flip": _bit_flip,
+    "same-shape-swap": _swap_same_shape,
+    "truncation": _truncate,
+    "empty": _empty,
+    "nan": _rewritten(_nan),
+    "wrong-dtype": _rewritten(_wrong_dtype),
+    "wrong-shape": _rewritten(_wrong_shape),
+    "folder": _folder,
+    "link": _link_to_another,
+}
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +132,19 @@ def test_a_warm_run_on_a_damaged_cache_gives_the_numbers_of_no_cache(zoo, refere
 def test_a_named_pipe_in_the_cache_cannot_hang_a_run(zoo, reference, tmp_path):
     """A reader that opened the pipe would block forever: the entry is never opened that way."""
     cache = tmp_path / "cache"
-    run = [sys.executable, "-m", "weightlab", "spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--cache-dir",
-           str(cache)]
-    assert subprocess.run([*run, "--json", str(tmp_path / "cold.json")], capture_output=True, timeout=300).returncode == 0
+    run = [
+        sys.executable,
+        "-m",
+        "weightlab",
+        "spectrum",
+        str(zoo["llama"]),
+        str(zoo["llama_ft"]),
+        "--cache-dir",
+        str(cache),
+    ]
+    assert (
+        subprocess.run([*run, "--json", str(tmp_path / "cold.json")], capture_output=True, timeout=300).returncode == 0
+    )
     for path in sorted(cache.rglob("*.gram.safetensors")):
         path.unlink()
         os.mkfifo(path)

@@ -23,17 +23,21 @@ def test_inspect_json_to_stdout_is_machine_readable(run_cli, zoo):
 
 
 def test_inspect_adapter_reports_ranks(run_cli, adapters, tmp_path):
-    code, out, _ = run_cli("inspect", adapters["llama_rslora_pattern"], "--json", tmp_path / "a.json", "--csv", tmp_path / "a.csv")
+    code, _out, _ = run_cli(
+        "inspect", adapters["llama_rslora_pattern"], "--json", tmp_path / "a.json", "--csv", tmp_path / "a.csv"
+    )
     data = json.loads((tmp_path / "a.json").read_text())
     assert code == 0 and data["kind"] == "lora-adapter"
     assert data["adapter"]["layers.0.self_attn.o_proj"]["rank"] == 2
     assert (tmp_path / "a.csv").read_text().startswith("name,shape,dtype,parameters,bytes,layer,role")
 
 
-@pytest.mark.parametrize("case", ["truncated", "garbage_header", "header_too_long", "missing_shard", "not_a_checkpoint"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "garbage_header", "header_too_long", "missing_shard", "not_a_checkpoint"]
+)
 def test_bad_input_is_one_line_with_nonzero_exit_and_writes_nothing(run_cli, corrupt, case, tmp_path):
     out_json = tmp_path / "out.json"
-    code, out, err = run_cli("inspect", corrupt[case], "--json", out_json)
+    code, _out, err = run_cli("inspect", corrupt[case], "--json", out_json)
     assert code == 2
     assert err.startswith("error: ") and str(corrupt[case]) in err.replace("\n", "")
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2  # one logical line (may soft-wrap)

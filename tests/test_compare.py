@@ -42,8 +42,11 @@ def bank(tmp_path_factory):
 
 
 def run(root, n=5, **options):
-    return compare(open_checkpoint(root / "base.safetensors"),
-                   [open_checkpoint(root / f"ft{i}.safetensors") for i in range(n)], CompareOptions(**options))
+    return compare(
+        open_checkpoint(root / "base.safetensors"),
+        [open_checkpoint(root / f"ft{i}.safetensors") for i in range(n)],
+        CompareOptions(**options),
+    )
 
 
 def test_planted_bank_gives_known_answers(bank):
@@ -113,9 +116,20 @@ def test_compare_cli_outputs_and_report(bank, run_cli, tmp_path):
     root, _, _ = bank
     out = tmp_path / "out"
     fts = [str(root / f"ft{i}.safetensors") for i in range(5)]
-    code, stdout, stderr = run_cli("compare", "--base", str(root / "base.safetensors"), *fts, "--json", str(out / "c.json"),
-                                   "--csv", str(out / "c.csv"), "--plots", str(out / "plots"), "--report",
-                                   str(out / "r.html"))
+    code, _stdout, stderr = run_cli(
+        "compare",
+        "--base",
+        str(root / "base.safetensors"),
+        *fts,
+        "--json",
+        str(out / "c.json"),
+        "--csv",
+        str(out / "c.csv"),
+        "--plots",
+        str(out / "plots"),
+        "--report",
+        str(out / "r.html"),
+    )
     assert code == 0, stderr
     payload = json.loads((out / "c.json").read_text())
     assert payload["schema"] == "weightlab.compare/1" and len(payload["pairs"]) == 10
@@ -140,14 +154,16 @@ def test_a_bank_that_does_not_match_is_named_not_silently_narrowed(zoo, tmp_path
     save_file(tensors, tmp_path / "lacking" / "model.safetensors")
     base = open_checkpoint(zoo["llama"])
     result = compare(base, [open_checkpoint(zoo["llama_ft"]), open_checkpoint(tmp_path / "lacking")])
-    assert result.problems == [f"1 tensor missing from {tmp_path / 'lacking'}, so left out for every model: "
-                               "layers.1.mlp.up_proj.weight"]
+    assert result.problems == [
+        f"1 tensor missing from {tmp_path / 'lacking'}, so left out for every model: layers.1.mlp.up_proj.weight"
+    ]
     compared = [n for n in base.names() if n != "layers.1.mlp.up_proj.weight"]
     assert result.tensors == len(compared)
     assert result.parameters == sum(base.get(n).numel() for n in compared)
     assert f"over {len(compared)} tensors ({result.parameters:,} parameters)" in result.tables()[0].title
-    code, _, err = run_cli("compare", "--base", zoo["llama"], zoo["llama_ft"], tmp_path / "lacking",
-                           "--json", tmp_path / "c.json")
+    code, _, err = run_cli(
+        "compare", "--base", zoo["llama"], zoo["llama_ft"], tmp_path / "lacking", "--json", tmp_path / "c.json"
+    )
     assert code == 0 and "missing from" in err and "lacking" in err
     assert json.loads((tmp_path / "c.json").read_text())["parameters"] == result.parameters
     with pytest.raises(InvalidArgument, match="shares no tensor name"):

@@ -16,9 +16,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    from weightlab.cli import main
-
     import weightlab.cli.demo as cli_demo
+    from weightlab.cli import main
 
     root = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
@@ -49,14 +48,27 @@ def test_the_tour_counts_its_stages_and_says_where_its_models_live(demo_out):
     assert Path(summary["model"]).is_dir()
     for key, ft in summary["fine_tunes"].items():
         assert (Path(ft["path"]) / "weightlab_demo.json").is_file(), key
-    assert {p.name for p in (demo_out / "merged").iterdir()} == {"task-arithmetic-lambda-0.5", "task-arithmetic-lambda-1",
-                                                                 "nan-weights", "nan-task-vectors-lambda-2",
-                                                                 "ties-nan-density-0.3-lambda-2"}
+    assert {p.name for p in (demo_out / "merged").iterdir()} == {
+        "task-arithmetic-lambda-0.5",
+        "task-arithmetic-lambda-1",
+        "nan-weights",
+        "nan-task-vectors-lambda-2",
+        "ties-nan-density-0.3-lambda-2",
+    }
 
 
 def test_demo_writes_every_result(demo_out):
-    for name in ("summary.json", "spectrum.json", "spectrum.csv", "angles.json", "gaussian.json", "tsd.json",
-                 "tsd.safetensors", "merge.json", "inventory.json"):
+    for name in (
+        "summary.json",
+        "spectrum.json",
+        "spectrum.csv",
+        "angles.json",
+        "gaussian.json",
+        "tsd.json",
+        "tsd.safetensors",
+        "merge.json",
+        "inventory.json",
+    ):
         assert (demo_out / name).is_file(), name
     for sub in ("spectrum", "angles", "gaussian", "tsd"):
         assert list((demo_out / "plots" / sub).glob("*.png")), sub
@@ -80,8 +92,10 @@ def test_merged_models_keep_accuracy_and_nan_is_compared_with_task_arithmetic(de
     ARTIFACTS.mkdir(exist_ok=True)
     lines = ["method | animal | colour | coefficients"]
     for label, m in merges.items():
-        lines.append(f"{label} | {m['accuracy']['animal']:.3f} | {m['accuracy']['colour']:.3f} | "
-                     + ", ".join(f"{c:.3f}" for c in m["coefficients"]))
+        lines.append(
+            f"{label} | {m['accuracy']['animal']:.3f} | {m['accuracy']['colour']:.3f} | "
+            + ", ".join(f"{c:.3f}" for c in m["coefficients"])
+        )
     table = "\n".join(lines)
     print(table)
     (ARTIFACTS / "merge_accuracy.txt").write_text(table + "\n")
@@ -106,7 +120,9 @@ def test_tsd_initialised_lora_on_its_residual_is_the_pretrained_model(demo_out):
     from weightlab.examples import minilm_path
 
     init = demo_out / "lora-init"
-    merged = PeftModel.from_pretrained(AutoModel.from_pretrained(init / "residual"), init / "adapter").merge_and_unload()
+    merged = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(init / "residual"), init / "adapter"
+    ).merge_and_unload()
     original = AutoModel.from_pretrained(minilm_path()).state_dict()
     for name, w in merged.state_dict().items():
         torch.testing.assert_close(w, original[name], atol=1e-5, rtol=1e-5, msg=name)

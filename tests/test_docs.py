@@ -22,7 +22,11 @@ def examples(page: Path) -> tuple[dict[str, str], list[list[str]]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             code = line.split(" #")[0]
-            if code.startswith("weightlab ") and not code.startswith(SKIP) and not re.search(r"\[|\.\.\.|\b[A-Z]{2,}\b", code):
+            if (
+                code.startswith("weightlab ")
+                and not code.startswith(SKIP)
+                and not re.search(r"\[|\.\.\.|\b[A-Z]{2,}\b", code)
+            ):
                 commands.append(shlex.split(line, comments=True))
     return files, commands
 
@@ -32,9 +36,18 @@ def workspace(zoo, adapters, tmp_path_factory):
     """base/, ft/, ft_a/, ft_b/, ft_c/, model/, model.safetensors, adapter/, adapter_a/, adapter_b/,
     warmup-adapter/ and results/: real tiny Llama checkpoints and PEFT adapters."""
     root = tmp_path_factory.mktemp("docs")
-    links = {"base": zoo["llama"], "model": zoo["llama"], "ft": zoo["llama_ft"], "ft_a": zoo["llama_ft"], "ft_c": zoo["llama_ft"],
-             "adapter": adapters["llama"], "adapter_a": adapters["llama"], "adapter_b": adapters["llama_rslora_pattern"],
-             "warmup-adapter": adapters["llama"], "model.safetensors": zoo["llama"] / "model.safetensors"}
+    links = {
+        "base": zoo["llama"],
+        "model": zoo["llama"],
+        "ft": zoo["llama_ft"],
+        "ft_a": zoo["llama_ft"],
+        "ft_c": zoo["llama_ft"],
+        "adapter": adapters["llama"],
+        "adapter_a": adapters["llama"],
+        "adapter_b": adapters["llama_rslora_pattern"],
+        "warmup-adapter": adapters["llama"],
+        "model.safetensors": zoo["llama"] / "model.safetensors",
+    }
     for name, target in links.items():
         (root / name).symlink_to(target)
     synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=5, seed=9), root / "ft_b")

@@ -100,7 +100,7 @@ def test_norm_metrics_match_their_definitions():
     assert d.log_spectral_norm == pytest.approx(math.log10(lam[0]), rel=1e-10)
     assert d.stable_rank == pytest.approx(lam.sum() / lam[0], rel=1e-10)
     assert d.alpha_weighted == pytest.approx(d.alpha * math.log10(lam[0]))
-    assert d.log_alpha_norm == pytest.approx(math.log10(np.sum(lam ** d.alpha)), rel=1e-9)
+    assert d.log_alpha_norm == pytest.approx(math.log10(np.sum(lam**d.alpha)), rel=1e-9)
     p = lam / lam.sum()
     assert d.entropy == pytest.approx(-(p * np.log(p)).sum() / math.log(50), rel=1e-9)
     assert np.allclose(d.eigenvalues, lam, rtol=1e-9)
@@ -132,8 +132,16 @@ def test_esd_of_a_checkpoint_and_its_delta(zoo):
 
 
 def test_cli_writes_json_and_plots_and_refuses_bad_input(zoo, run_cli, tmp_path, corrupt):
-    code, out, err = run_cli("esd", zoo["gpt2"], "--json", tmp_path / "esd.json", "--plots", tmp_path / "plots",
-                             "--report", tmp_path / "esd.html")
+    code, out, err = run_cli(
+        "esd",
+        zoo["gpt2"],
+        "--json",
+        tmp_path / "esd.json",
+        "--plots",
+        tmp_path / "plots",
+        "--report",
+        tmp_path / "esd.html",
+    )
     assert code == 0, err
     payload = json.loads((tmp_path / "esd.json").read_text())
     assert payload["schema"] == "weightlab.esd/1" and payload["matrices"]

@@ -34,15 +34,22 @@ sys.exit(code)
 
 
 def test_the_worked_analysis_runs_as_printed(zoo, tmp_path):
-    blocks = dict(re.findall(r"```python\n# (weightlab/\S*(?:norms|options)\.py)\n(.*?)```", PAGE.read_text(), flags=re.S))
+    blocks = dict(
+        re.findall(r"```python\n# (weightlab/\S*(?:norms|options)\.py)\n(.*?)```", PAGE.read_text(), flags=re.S)
+    )
     assert set(blocks) == {"weightlab/options.py", "weightlab/analysis/norms.py", "weightlab/cli/norms.py"}
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    done = subprocess.run([sys.executable, "-c", RUN, tmp_path / "blocks.json", zoo["llama"], tmp_path],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, tmp_path / "blocks.json", zoo["llama"], tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "n.json").read_text())
     assert result["schema"] == "weightlab.norms/1" and result["matrices"]
     import torch
+
     from weightlab.io import open_checkpoint
 
     ckpt = open_checkpoint(zoo["llama"])

@@ -30,8 +30,10 @@ def synthetic(kind: str, seed: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind, label", [("gaussian", "gaussian"), ("laplace", "sharp"), ("uniform", "linear"),
-                                         ("spike-and-slab", "inverted-T")])
+@pytest.mark.parametrize(
+    "kind, label",
+    [("gaussian", "gaussian"), ("laplace", "sharp"), ("uniform", "linear"), ("spike-and-slab", "inverted-T")],
+)
 def test_synthetic_references_get_the_right_label(kind, label):
     assert describe(synthetic(kind)).label == label
 
@@ -104,17 +106,34 @@ def test_constant_delta_std_gives_about_zero_slope(tmp_path):
 def test_adapter_update_is_tested_on_its_modules_only(zoo, adapters):
     base = open_checkpoint(zoo["llama"])
     result = gaussian(open_finetuned(adapters["llama"], base), base, GaussianOptions(min_elements=256))
-    assert {t.name for t in result.tensors} == {f"layers.{i}.{m}.weight" for i in (0, 1)
-                                                for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert {t.name for t in result.tensors} == {
+        f"layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    }
     assert all(t.delta.std > 0 for t in result.tensors)
 
 
 def test_gaussian_cli_on_a_real_finetune_writes_everything(zoo, run_cli, tmp_path):
-    code, out, err = run_cli("gaussian", zoo["bert_ft"], "--base", zoo["bert"], "--min-elements", "512",
-                             "--json", tmp_path / "g.json", "--csv", tmp_path / "g.csv", "--plots", tmp_path / "plots")
+    code, out, err = run_cli(
+        "gaussian",
+        zoo["bert_ft"],
+        "--base",
+        zoo["bert"],
+        "--min-elements",
+        "512",
+        "--json",
+        tmp_path / "g.json",
+        "--csv",
+        tmp_path / "g.csv",
+        "--plots",
+        tmp_path / "plots",
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["schema"] == "weightlab.gaussian/1" and data["tensors"]
     assert sum(data["label_counts"].values()) == len(data["tensors"])
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "histograms.png", "shape_labels.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        ".weightlab-output",
+        "histograms.png",
+        "shape_labels.png",
+    ]
     assert "Gaussianity of ΔW" in out

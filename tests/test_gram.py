@@ -38,8 +38,9 @@ def test_singular_values_of_a_batch_and_of_a_zero_matrix():
     stack = torch.randn(3, 20, 12, generator=torch.Generator().manual_seed(4))
     batch = singular_values(stack)
     for i in range(3):
-        np.testing.assert_allclose(batch[i].numpy(), np.linalg.svd(stack[i].double().numpy(), compute_uv=False),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            batch[i].numpy(), np.linalg.svd(stack[i].double().numpy(), compute_uv=False), rtol=1e-6
+        )
     assert singular_values(torch.zeros(5, 7)).tolist() == [0.0] * 5
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import exit_code, hub_repo
+from safetensors.torch import load_file, save_file
 
 from weightlab import synthetic
 from weightlab.examples import minilm_path
@@ -37,19 +36,38 @@ TA = "merge --method task-arithmetic --base base ft"
 CASES = [
     # 1. outputs never destroy, contain or sit inside inputs; outputs never collide
     Case("json-onto-input-folder", "spectrum base ft --json ft --force", 2, "--json is the input ft"),
-    Case("json-inside-input", "spectrum base ft --json ft/spectrum.json", 2, "lies inside the input ft", absent=("ft/spectrum.json",)),
+    Case(
+        "json-inside-input",
+        "spectrum base ft --json ft/spectrum.json",
+        2,
+        "lies inside the input ft",
+        absent=("ft/spectrum.json",),
+    ),
     Case("json-is-parent-of-inputs", "spectrum base ft --json . --force", 2, "contains the input"),
     Case("json-and-csv-same-file", "spectrum base ft --json o.txt --csv o.txt", 2, "collide", absent=("o.txt",)),
     Case("json-and-csv-both-stdout", "spectrum base ft --json - --csv -", 2, "both write to stdout"),
     Case("plots-and-json-same-path", "spectrum base ft --plots p --json p", 2, "collide", absent=("p",)),
-    Case("report-and-json-same-path", "spectrum base ft --json r.html --report r.html", 2, "collide", absent=("r.html",)),
+    Case(
+        "report-and-json-same-path", "spectrum base ft --json r.html --report r.html", 2, "collide", absent=("r.html",)
+    ),
     Case("adapter-and-residual-same-folder", "init-lora base -o X --residual-out X", 2, "collide", absent=("X",)),
     Case("residual-inside-adapter", "init-lora base -o X --residual-out X/res", 2, "collide", absent=("X",)),
-    Case("adapter-inside-base", "init-lora base -o base/lora --no-residual", 2, "lies inside the input base",
-         absent=("base/lora",)),
+    Case(
+        "adapter-inside-base",
+        "init-lora base -o base/lora --no-residual",
+        2,
+        "lies inside the input base",
+        absent=("base/lora",),
+    ),
     Case("merge-into-input-file", f"{TA} -o ft/model.safetensors --force", 2, "lies inside the input ft"),
     Case("merge-onto-base", f"{TA} -o base --force", 2, "is the input base"),
-    Case("merge-onto-foreign-folder", f"{TA} -o userdir --force", 2, "weightlab did not write", exists=("userdir/notes.txt",)),
+    Case(
+        "merge-onto-foreign-folder",
+        f"{TA} -o userdir --force",
+        2,
+        "weightlab did not write",
+        exists=("userdir/notes.txt",),
+    ),
     Case("merge-onto-a-file", f"{TA} -o existing.json --force", 2, "not a folder"),
     Case("json-onto-foreign-folder", "spectrum base ft --json userdir --force", 2, "not a regular file"),
     Case("json-through-symlink", "spectrum base ft --json link.json --force", 2, "symbolic link"),
@@ -59,26 +77,65 @@ CASES = [
     Case("extract-onto-finetune", "extract-lora base ft -r 2 -o ft --force", 2, "is the input ft"),
     Case("tsd-save-inside-input", "tsd base ft --save ft/model.safetensors --force", 2, "lies inside the input ft"),
     Case("inspect-json-over-config", "inspect base --json base/config.json --force", 2, "lies inside the input base"),
-    Case("merge-via-config-into-model", "merge --config ta.yml -o ft/merged", 2, "lies inside the input ft",
-         absent=("ft/merged",)),
+    Case(
+        "merge-via-config-into-model",
+        "merge --config ta.yml -o ft/merged",
+        2,
+        "lies inside the input ft",
+        absent=("ft/merged",),
+    ),
     Case("existing-output-without-force", "spectrum base ft --json existing.json", 2, "already exists; pass --force"),
-    Case("force-replaces-a-regular-file", "spectrum base ft --json existing.json --force", 0, "",
-         exists=("existing.json",), replaces=("existing.json",)),
-    Case("force-replaces-weightlabs-own-folder", f"{TA} -o out_old --force", 0, "",
-         exists=("out_old/model.safetensors", "out_old/.weightlab-output"), absent=("out_old/stale.txt",),
-         replaces=("out_old/stale.txt", "out_old/.weightlab-output")),
+    Case(
+        "force-replaces-a-regular-file",
+        "spectrum base ft --json existing.json --force",
+        0,
+        "",
+        exists=("existing.json",),
+        replaces=("existing.json",),
+    ),
+    Case(
+        "force-replaces-weightlabs-own-folder",
+        f"{TA} -o out_old --force",
+        0,
+        "",
+        exists=("out_old/model.safetensors", "out_old/.weightlab-output"),
+        absent=("out_old/stale.txt",),
+        replaces=("out_old/stale.txt", "out_old/.weightlab-output"),
+    ),
     Case("demo-into-the-example-model", "demo --out {minilm} --force", 2, "is the input"),
     # 2. non-finite weights are never written; options that can only make garbage are refused
     Case("weights-nan", f"{TA} ft2 --weights nan,1 -o m", 2, "--weights nan", absent=("m",)),
     Case("lambda-inf", f"{TA} --lambda inf -o m", 2, "--lambda inf", absent=("m",)),
-    Case("average-weights-sum-zero", "merge --method average ft ft2 --weights 1,-1 -o m", 2, "positive sum", absent=("m",)),
-    Case("ties-negative-weights", "merge --method ties --base base ft ft2 --weights 1,-1 -o m", 2, "non-negative", absent=("m",)),
+    Case(
+        "average-weights-sum-zero",
+        "merge --method average ft ft2 --weights 1,-1 -o m",
+        2,
+        "positive sum",
+        absent=("m",),
+    ),
+    Case(
+        "ties-negative-weights",
+        "merge --method ties --base base ft ft2 --weights 1,-1 -o m",
+        2,
+        "non-negative",
+        absent=("m",),
+    ),
     Case("lora-alpha-zero", "init-lora base --alpha 0 -o X --no-residual", 2, "--alpha 0", absent=("X",)),
     Case("lambda-beyond-float32", f"{TA} --lambda 1e300 -o m", 2, "--lambda 1e+300", absent=("m",)),
-    Case("task-vector-overflows-float32", "merge --method task-arithmetic --base huge_neg huge_pos -o m", 2,
-         "NaN or Inf", absent=("m",)),
-    Case("fp16-output-overflows", "merge --method task-arithmetic --base zbase big --dtype float16 -o m", 2,
-         "NaN or Inf", absent=("m",)),
+    Case(
+        "task-vector-overflows-float32",
+        "merge --method task-arithmetic --base huge_neg huge_pos -o m",
+        2,
+        "NaN or Inf",
+        absent=("m",),
+    ),
+    Case(
+        "fp16-output-overflows",
+        "merge --method task-arithmetic --base zbase big --dtype float16 -o m",
+        2,
+        "NaN or Inf",
+        absent=("m",),
+    ),
     Case("model-holding-nan", "merge --method task-arithmetic --base base nan_ft -o m", 2, "NaN or Inf", absent=("m",)),
     Case("spectrum-of-a-nan-model", "spectrum base nan_ft --json s.json", 2, "NaN or Inf", absent=("s.json",)),
     # 3. every option has a domain
@@ -102,12 +159,18 @@ CASES = [
     Case("device-cuda-without-gpu", "spectrum base ft --device cuda:0", 2, "no CUDA GPU"),
     Case("compute-dtype-float16", "spectrum base ft --dtype float16", 2, "--dtype 'float16'"),
     Case("density-zero", "merge --method ties --base base ft --density 0 -o m", 2, "--density 0", absent=("m",)),
-    Case("density-above-one", "merge --method ties --base base ft --density 1.5 -o m", 2, "--density 1.5", absent=("m",)),
-    Case("merge-seed-negative", "merge --method dare-linear --base base ft --density 0.5 --seed -5 -o m", 2, "--seed -5"),
+    Case(
+        "density-above-one", "merge --method ties --base base ft --density 1.5 -o m", 2, "--density 1.5", absent=("m",)
+    ),
+    Case(
+        "merge-seed-negative", "merge --method dare-linear --base base ft --density 0.5 --seed -5 -o m", 2, "--seed -5"
+    ),
     Case("angles-side-unknown", "angles ft ft2 --side up", 2, "--side 'up'"),
     Case("include-bad-regex", "spectrum base ft --include (", 2, "--include '('"),
     Case("tsd-top-zero", "tsd base ft --top 0", 2, "--top 0"),
-    Case("nan-power-zero", "merge --method nan --base base ft ft2 --nan-power 0 -o m", 2, "--nan-power 0", absent=("m",)),
+    Case(
+        "nan-power-zero", "merge --method nan --base base ft ft2 --nan-power 0 -o m", 2, "--nan-power 0", absent=("m",)
+    ),
     # 4. checkpoint parsing: exactly what the safetensors library accepts
     Case("unknown-dtype", "inspect bad/q17.safetensors", 2, "unknown dtype 'Q17'"),
     Case("negative-dim", "inspect bad/negative_dim.safetensors", 2, "not a list of non-negative integers"),
@@ -144,19 +207,34 @@ CASES = [
     Case("yaml-weights-string", "merge --config weights_string.yml -o m", 2, "weights must be a list", absent=("m",)),
     Case("yaml-seed-string", "merge --config seed_string.yml -o m", 2, "seed must be an int", absent=("m",)),
     Case("yaml-method-list", "merge --config method_list.yml -o m", 2, "method must be a str", absent=("m",)),
-    Case("yaml-model-without-model", "merge --config no_model.yml -o m", 2, "models[0] has no 'model' key", absent=("m",)),
+    Case(
+        "yaml-model-without-model", "merge --config no_model.yml -o m", 2, "models[0] has no 'model' key", absent=("m",)
+    ),
     Case("yaml-nan-block-ignored", "merge --config ties_with_nan.yml -o m", 2, "needs coeff: nan", absent=("m",)),
     Case("mergekit-gradient-list", "merge --config mk_gradient.yml -o m", 2, "parameters.density must be a number"),
     Case("mergekit-model-missing", "merge --config mk_no_model.yml -o m", 2, "models[1] has no 'model' key"),
     Case("yaml-not-a-mapping", "merge --config list.yml -o m", 2, "a merge config is a mapping"),
     # 8. everything else that used to give a traceback
     Case("text-file-named-pt", "inspect text.pt", 2, "not a torch file"),
-    Case("report-missing-fields", "report bad_result.json -o r.html", 2, "missing field 'matrices'", absent=("r.html",)),
-    Case("report-mistyped-fields", "report mistyped_result.json -o r.html", 2, "matrices is not a list", absent=("r.html",)),
+    Case(
+        "report-missing-fields", "report bad_result.json -o r.html", 2, "missing field 'matrices'", absent=("r.html",)
+    ),
+    Case(
+        "report-mistyped-fields",
+        "report mistyped_result.json -o r.html",
+        2,
+        "matrices is not a list",
+        absent=("r.html",),
+    ),
     Case("extract-against-other-architecture", "extract-lora base bert -r 2 -o E", 2, "another model", absent=("E",)),
     Case("donor-missing", f"{TA} --donor nowhere -o m", 2, "--donor: no such file", absent=("m",)),
-    Case("tsv-with-a-zero-size-tensor", "merge --method tsv --base zbase zft zft -o m", 0, "",
-         exists=("m/model.safetensors",)),
+    Case(
+        "tsv-with-a-zero-size-tensor",
+        "merge --method tsv --base zbase zft zft -o m",
+        0,
+        "",
+        exists=("m/model.safetensors",),
+    ),
     Case("missing-input", "spectrum base nowhere", 2, "nowhere: no such file"),
     Case("angles-adapter-without-base", "angles adapter ft", 2, "adapter"),
 ]
@@ -170,26 +248,44 @@ CASES += [
     Case("hub-ref-absolute", "spectrum base org/refs-abs", 2, "not a commit hash"),
     Case("hub-ref-not-a-commit", "inspect org/not-a-commit", 2, "not a commit hash"),
     Case("hub-snapshot-links-out", "inspect org/snap-link", 2, "links followed"),
-    Case("hub-weights-link-out", "merge --method task-arithmetic --base base org/file-link -o outside/merged", 2,
-         "leads outside the repository", absent=("outside/merged",)),
+    Case(
+        "hub-weights-link-out",
+        "merge --method task-arithmetic --base base org/file-link -o outside/merged",
+        2,
+        "leads outside the repository",
+        absent=("outside/merged",),
+    ),
     Case("hub-config-links-out", "inspect org/config-link", 2, "leads outside the repository"),
     Case("hub-blobs-folder-links-out", "inspect org/blobs-link", 2, "leads outside the repository"),
     Case("hub-shard-links-out", "inspect org/shard-link", 2, "leads outside the repository"),
     Case("hub-index-weight-map-list", "inspect org/index-list", 2, "is not a plain file name"),
     Case("hub-good-repo-still-works", "inspect org/good", 0, "embed_tokens"),
-    Case("output-onto-a-linked-input-file", "spectrum base linked --json ft/model.safetensors --force", 2,
-         "is the input linked"),
+    Case(
+        "output-onto-a-linked-input-file",
+        "spectrum base linked --json ft/model.safetensors --force",
+        2,
+        "is the input linked",
+    ),
     # 2-3. the decomposition cache is an output for the planner: no collision, nothing inside inputs
     Case("cache-dir-is-json", "spectrum base ft --cache-dir c --json c", 2, "collide", absent=("c",)),
     Case("cache-dir-holds-plots", "spectrum base ft --cache-dir c --plots c/p", 2, "collide", absent=("c",)),
     Case("report-inside-cache-dir", "spectrum base ft --cache-dir c --report c/r.html", 2, "collide", absent=("c",)),
     Case("cache-dir-is-an-input", "spectrum base ft --cache-dir ft", 2, "--cache-dir is the input ft"),
-    Case("cache-dir-inside-an-input", "spectrum base ft --cache-dir base/c", 2, "lies inside the input base",
-         absent=("base/c",)),
+    Case(
+        "cache-dir-inside-an-input",
+        "spectrum base ft --cache-dir base/c",
+        2,
+        "lies inside the input base",
+        absent=("base/c",),
+    ),
     Case("cache-dir-holds-inputs", "spectrum base ft --cache-dir .", 2, "--cache-dir contains the input"),
     # 4. --ray fails fast and clearly
-    Case("ray-nobody-listens", "spectrum base ft --ray 127.0.0.1:1 --ray-timeout 5", 2,
-         "cannot reach a Ray cluster at 127.0.0.1:1"),
+    Case(
+        "ray-nobody-listens",
+        "spectrum base ft --ray 127.0.0.1:1 --ray-timeout 5",
+        2,
+        "cannot reach a Ray cluster at 127.0.0.1:1",
+    ),
     Case("ray-not-an-address", "spectrum base ft --ray bad:addr:x", 2, "not a Ray address"),
     Case("ray-merge-nobody-listens", f"{TA} --ray 127.0.0.1:1 --ray-timeout 5 -o m", 2, "cannot reach", absent=("m",)),
     Case("ray-timeout-zero", "spectrum base ft --ray 127.0.0.1:1 --ray-timeout 0", 2, "--ray-timeout 0: must be"),
@@ -198,53 +294,145 @@ CASES += [
     Case("adapter-dora-magnitude", "spectrum base adapter_magnitude", 2, "lora_magnitude_vector"),
     Case("adapter-bias-without-flag", "compare --base base adapter_stray_bias ft", 2, "lora_bias: true"),
     Case("adapter-base-layer-of-unadapted", "spectrum base adapter_stray_base_layer", 2, "without LoRA factors"),
-    Case("adapter-unlisted-module", "merge --as-adapter --method task-arithmetic --base base adapter adapter_unlisted -o m", 2,
-         "modules_to_save", absent=("m",)),
+    Case(
+        "adapter-unlisted-module",
+        "merge --as-adapter --method task-arithmetic --base base adapter adapter_unlisted -o m",
+        2,
+        "modules_to_save",
+        absent=("m",),
+    ),
     Case("adapter-modules-to-save-string", "spectrum base adapter_save_string", 2, "modules_to_save = 'norm'"),
-    Case("adapters-disagree-on-lora-bias", "merge --as-adapter --method task-arithmetic --base bert bert_adapter bert_bias -o m", 2,
-         "disagree on lora_bias", absent=("m",)),
-    Case("saved-modules-merged-without-base", "merge --as-adapter --method average bert_bias bert_bias2 -o m", 2,
-         "give --base", absent=("m",)),
+    Case(
+        "adapters-disagree-on-lora-bias",
+        "merge --as-adapter --method task-arithmetic --base bert bert_adapter bert_bias -o m",
+        2,
+        "disagree on lora_bias",
+        absent=("m",),
+    ),
+    Case(
+        "saved-modules-merged-without-base",
+        "merge --as-adapter --method average bert_bias bert_bias2 -o m",
+        2,
+        "give --base",
+        absent=("m",),
+    ),
     # 6. compare over a bank that does not match
     Case("compare-another-architecture", "compare --base base ft bert", 2, "shares no tensor name"),
-    Case("compare-a-model-lacks-a-matrix", "compare --base base ft ft_missing --json c.json", 0,
-         "missing from ft_missing", exists=("c.json",)),
+    Case(
+        "compare-a-model-lacks-a-matrix",
+        "compare --base base ft ft_missing --json c.json",
+        0,
+        "missing from ft_missing",
+        exists=("c.json",),
+    ),
     # 7. degenerate adapter merges
-    Case("merge-zero-adapters-ties", "merge --as-adapter --method ties --base base zero_ad zero_ad2 -o m", 2, "change nothing",
-         absent=("m",)),
-    Case("merge-zero-adapters-tsv", "merge --as-adapter --method tsv --base base zero_ad zero_ad2 -o m", 2, "change nothing",
-         absent=("m",)),
-    Case("merge-adapters-zero-weights", "merge --as-adapter --method task-arithmetic --base base adapter adapter --weights 0,0 -o m",
-         2, "change nothing", absent=("m",)),
+    Case(
+        "merge-zero-adapters-ties",
+        "merge --as-adapter --method ties --base base zero_ad zero_ad2 -o m",
+        2,
+        "change nothing",
+        absent=("m",),
+    ),
+    Case(
+        "merge-zero-adapters-tsv",
+        "merge --as-adapter --method tsv --base base zero_ad zero_ad2 -o m",
+        2,
+        "change nothing",
+        absent=("m",),
+    ),
+    Case(
+        "merge-adapters-zero-weights",
+        "merge --as-adapter --method task-arithmetic --base base adapter adapter --weights 0,0 -o m",
+        2,
+        "change nothing",
+        absent=("m",),
+    ),
     # 8. an option that does not apply is refused
-    Case("extract-allocation-without-budget", "extract-lora base ft --rank-allocation entropy -r 2 -o E", 2,
-         "--rank-allocation says how --rank-budget is shared", absent=("E",)),
-    Case("init-allocation-without-budget", "init-lora base --rank-allocation entropy -o X --no-residual", 2,
-         "--rank-allocation", absent=("X",)),
-    Case("init-rank-with-budget", "init-lora base -r 4 --rank-budget 40 -o X --no-residual", 2,
-         "--rank does not apply with --rank-budget", absent=("X",)),
-    Case("init-from-without-tsd", "init-lora base --from ft -o X --no-residual", 2, "--from gives the warm-up",
-         absent=("X",)),
+    Case(
+        "extract-allocation-without-budget",
+        "extract-lora base ft --rank-allocation entropy -r 2 -o E",
+        2,
+        "--rank-allocation says how --rank-budget is shared",
+        absent=("E",),
+    ),
+    Case(
+        "init-allocation-without-budget",
+        "init-lora base --rank-allocation entropy -o X --no-residual",
+        2,
+        "--rank-allocation",
+        absent=("X",),
+    ),
+    Case(
+        "init-rank-with-budget",
+        "init-lora base -r 4 --rank-budget 40 -o X --no-residual",
+        2,
+        "--rank does not apply with --rank-budget",
+        absent=("X",),
+    ),
+    Case(
+        "init-from-without-tsd",
+        "init-lora base --from ft -o X --no-residual",
+        2,
+        "--from gives the warm-up",
+        absent=("X",),
+    ),
     Case("init-seed-exact-svd", "init-lora base --seed 3 -o X --no-residual", 2, "--seed seeds only", absent=("X",)),
-    Case("init-initial-alone", "init-lora base --initial adapter -o X --no-residual", 2, "needs --as-plain-lora",
-         absent=("X",)),
-    Case("init-residual-and-no-residual", "init-lora base -o X --residual-out R --no-residual", 2, "contradict",
-         absent=("X", "R")),
-    Case("init-plain-lora-with-rank", "init-lora --as-plain-lora adapter --initial adapter -r 4 -o X", 2,
-         "--rank does not apply to --as-plain-lora", absent=("X",)),
+    Case(
+        "init-initial-alone",
+        "init-lora base --initial adapter -o X --no-residual",
+        2,
+        "needs --as-plain-lora",
+        absent=("X",),
+    ),
+    Case(
+        "init-residual-and-no-residual",
+        "init-lora base -o X --residual-out R --no-residual",
+        2,
+        "contradict",
+        absent=("X", "R"),
+    ),
+    Case(
+        "init-plain-lora-with-rank",
+        "init-lora --as-plain-lora adapter --initial adapter -r 4 -o X",
+        2,
+        "--rank does not apply to --as-plain-lora",
+        absent=("X",),
+    ),
     Case("spectrum-epsilon-values-only", "spectrum base ft --values-only --epsilon 0.3", 2, "--epsilon does not apply"),
     Case("spectrum-k-on-one-checkpoint", "spectrum base --values-only -k 3", 2, "--top-k does not apply"),
-    Case("spectrum-cache-size-no-cache", "spectrum base ft --no-cache --cache-size 1", 2, "--cache-size does not apply"),
+    Case(
+        "spectrum-cache-size-no-cache", "spectrum base ft --no-cache --cache-size 1", 2, "--cache-size does not apply"
+    ),
     Case("esd-seed-without-traps", "esd ft --no-traps --seed 2", 2, "--seed does not apply with --no-traps"),
     Case("angles-seed-exact-svd", "angles base ft --seed 2", 2, "--seed seeds only --svd randomized"),
-    Case("merge-seed-without-randomness", f"{TA} --seed 3 -o m", 2, "task-arithmetic draws nothing at random",
-         absent=("m",)),
-    Case("merge-adapter-donor", "merge --as-adapter --method task-arithmetic --base base adapter --donor base -o m", 2,
-         "--donor does not apply to --as-adapter", absent=("m",)),
-    Case("merge-adapter-shard-size", "merge --as-adapter --method task-arithmetic --base base adapter --shard-size 1GB -o m", 2,
-         "--shard-size does not apply", absent=("m",)),
-    Case("merge-adapter-ray", "merge --as-adapter --method task-arithmetic --base base adapter --ray auto -o m", 2,
-         "--ray does not apply", absent=("m",)),
+    Case(
+        "merge-seed-without-randomness",
+        f"{TA} --seed 3 -o m",
+        2,
+        "task-arithmetic draws nothing at random",
+        absent=("m",),
+    ),
+    Case(
+        "merge-adapter-donor",
+        "merge --as-adapter --method task-arithmetic --base base adapter --donor base -o m",
+        2,
+        "--donor does not apply to --as-adapter",
+        absent=("m",),
+    ),
+    Case(
+        "merge-adapter-shard-size",
+        "merge --as-adapter --method task-arithmetic --base base adapter --shard-size 1GB -o m",
+        2,
+        "--shard-size does not apply",
+        absent=("m",),
+    ),
+    Case(
+        "merge-adapter-ray",
+        "merge --as-adapter --method task-arithmetic --base base adapter --ray auto -o m",
+        2,
+        "--ray does not apply",
+        absent=("m",),
+    ),
     # 10. awkward paths: one line, and any legal name works
     Case("missing-path-with-newline", "spectrum base no\nwhere", 2, "no\\nwhere: no such file"),
     Case("output-name-of-250-bytes", f"spectrum base ft --json {LONG}", 0, "", exists=(LONG,)),
@@ -288,7 +476,11 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
         shutil.copytree(zoo[key], root / name)
     synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=3, seed=7), root / "ft2")
     shutil.copytree(adapters["llama"], root / "adapter")
-    names = json.loads((root / "base" / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (root / "base" / "model.safetensors").read_bytes()[:8])[0]])
+    names = json.loads(
+        (root / "base" / "model.safetensors").read_bytes()[
+            8 : 8 + struct.unpack("<Q", (root / "base" / "model.safetensors").read_bytes()[:8])[0]
+        ]
+    )
     tensor_names = [n for n in names if n != "__metadata__"]
 
     # a fine-tune with a NaN in one weight
@@ -300,7 +492,10 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     # checkpoints with a zero-size matrix
     for name, value in (("zbase", 1.0), ("zft", 1.01), ("big", 1e5), ("huge_neg", -3e38), ("huge_pos", 3e38)):
         (root / name).mkdir()
-        save_file({"w.weight": torch.full((4, 4), value), "empty.weight": torch.zeros(0, 4)}, root / name / "model.safetensors")
+        save_file(
+            {"w.weight": torch.full((4, 4), value), "empty.weight": torch.zeros(0, 4)},
+            root / name / "model.safetensors",
+        )
 
     bad = root / "bad"
     bad.mkdir()
@@ -311,7 +506,11 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     _st(bad / "huge_dim.safetensors", {"a": _entry("F32", [2**64], [0, 8])}, b"\0" * 8)
     _st(bad / "overlap.safetensors", {"a": _entry("F32", [2], [0, 8]), "b": _entry("F32", [1], [4, 8])}, b"\0" * 8)
     _st(bad / "gap.safetensors", {"a": _entry("F32", [1], [4, 8])}, b"\0" * 8)
-    _st(bad / "duplicate_field.safetensors", b'{"a":{"dtype":"F32","dtype":"F16","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8)
+    _st(
+        bad / "duplicate_field.safetensors",
+        b'{"a":{"dtype":"F32","dtype":"F16","shape":[2],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+    )
     _st(bad / "deep.safetensors", b"[" * 200_000 + b"]" * 200_000)
     _st(bad / "metadata_int.safetensors", {"__metadata__": {"step": 5}, "a": _entry("F32", [2], [0, 8])}, b"\0" * 8)
     _st(bad / "trailing.safetensors", {"a": _entry("F32", [2], [0, 8])}, b"\0" * 9)
@@ -323,8 +522,11 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     _index_folder(root, "evil_absolute", {n: "/etc/passwd" for n in tensor_names})
     _index_folder(root, "evil_number", {n: 5 for n in tensor_names})
     _index_folder(root, "evil_list", [["a", "b"]])
-    _index_folder(root, "evil_wrong_shard", {**{n: "model-00001-of-00001.safetensors" for n in tensor_names},
-                                             tensor_names[0]: "other.safetensors"})
+    _index_folder(
+        root,
+        "evil_wrong_shard",
+        {**{n: "model-00001-of-00001.safetensors" for n in tensor_names}, tensor_names[0]: "other.safetensors"},
+    )
     save_file({"unrelated": torch.zeros(2)}, root / "evil_wrong_shard" / "other.safetensors")
     _index_folder(root, "evil_two_shards", {n: "model-00001-of-00001.safetensors" for n in tensor_names})
     shutil.copy(root / "base" / "model.safetensors", root / "evil_two_shards" / "copy.safetensors")
@@ -350,8 +552,10 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
         "seed_string.yml": "method: dare-linear\nbase: base\nmodels: [ft]\ndensity: 0.5\nseed: x\n",
         "method_list.yml": "method: [ties]\nbase: base\nmodels: [ft]\n",
         "no_model.yml": "method: task-arithmetic\nbase: base\nmodels:\n  - weight: 1\n",
-        "ties_with_nan.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: 0.5\nnan:\n  norm_of: task-vectors\n",
-        "mk_gradient.yml": "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft\nparameters:\n  density: [0.1, 0.9]\n",
+        "ties_with_nan.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: 0.5\n"
+        "nan:\n  norm_of: task-vectors\n",
+        "mk_gradient.yml": "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft\n"
+        "parameters:\n  density: [0.1, 0.9]\n",
         "mk_no_model.yml": "merge_method: linear\nmodels:\n  - model: ft\n  - parameters: {weight: 1}\n",
         "list.yml": "- ties\n- base\n",
         "ta.yml": "method: task-arithmetic\nbase: base\nmodels: [ft]\n",
@@ -408,8 +612,10 @@ def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
     _hub_repo(hub, "refs-abs", str(root / "outside"))
     shutil.copytree(root / "base", _hub_repo(hub, "not-a-commit", "not-a-commit") / "snapshots" / "not-a-commit")
     (_hub_repo(hub, "snap-link") / "snapshots" / COMMIT).symlink_to("../../../outside")
-    for repo, links in (("file-link", {"config.json": "config.json", "model.safetensors": "model.safetensors"}),
-                        ("config-link", {"config.json": None})):
+    for repo, links in (
+        ("file-link", {"config.json": "config.json", "model.safetensors": "model.safetensors"}),
+        ("config-link", {"config.json": None}),
+    ):
         snapshot = _hub_repo(hub, repo) / "snapshots" / COMMIT
         snapshot.mkdir()
         for name, target in links.items():
@@ -423,8 +629,9 @@ def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
     (storage / "snapshots" / COMMIT / "model.safetensors").symlink_to("../../blobs/model.safetensors")
     snapshot = _hub_repo(hub, "shard-link") / "snapshots" / COMMIT
     snapshot.mkdir()
-    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors"
-                                                                                      for n in tensor_names}}))
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "shard.safetensors" for n in tensor_names}})
+    )
     (snapshot / "shard.safetensors").symlink_to("../../../../outside/model.safetensors")
     snapshot = _hub_repo(hub, "index-list") / "snapshots" / COMMIT
     snapshot.mkdir()
@@ -436,23 +643,40 @@ def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
 
     # adapters holding what LoRA factors do not explain
     q = "base_model.model.layers.0.self_attn.q_proj"
-    _with_tensors(adapters["llama"], root / "adapter_magnitude", lambda t: t.update({f"{q}.lora_magnitude_vector": torch.ones(32)}))
-    _with_tensors(adapters["llama"], root / "adapter_stray_bias", lambda t: t.update({f"{q}.lora_B.bias": torch.ones(32)}))
-    _with_tensors(adapters["llama"], root / "adapter_stray_base_layer",
-                  lambda t: t.update({"base_model.model.layers.0.mlp.up_proj.base_layer.weight": torch.ones(64, 32)}))
-    _with_tensors(adapters["llama"], root / "adapter_unlisted",
-                  lambda t: t.update({"base_model.model.norm.weight": torch.ones(32)}))
+    _with_tensors(
+        adapters["llama"],
+        root / "adapter_magnitude",
+        lambda t: t.update({f"{q}.lora_magnitude_vector": torch.ones(32)}),
+    )
+    _with_tensors(
+        adapters["llama"], root / "adapter_stray_bias", lambda t: t.update({f"{q}.lora_B.bias": torch.ones(32)})
+    )
+    _with_tensors(
+        adapters["llama"],
+        root / "adapter_stray_base_layer",
+        lambda t: t.update({"base_model.model.layers.0.mlp.up_proj.base_layer.weight": torch.ones(64, 32)}),
+    )
+    _with_tensors(
+        adapters["llama"],
+        root / "adapter_unlisted",
+        lambda t: t.update({"base_model.model.norm.weight": torch.ones(32)}),
+    )
     _with_tensors(adapters["llama"], root / "adapter_save_string", lambda t: None, {"modules_to_save": "norm"})
-    for name, seed, extra in (("bert_adapter", 3, {}), ("bert_bias", 4, {"lora_bias": True, "modules_to_save": ["pooler.dense"]}),
-                              ("bert_bias2", 5, {"lora_bias": True, "modules_to_save": ["pooler.dense"]})):
+    for name, seed, extra in (
+        ("bert_adapter", 3, {}),
+        ("bert_bias", 4, {"lora_bias": True, "modules_to_save": ["pooler.dense"]}),
+        ("bert_bias2", 5, {"lora_bias": True, "modules_to_save": ["pooler.dense"]}),
+    ):
         torch.manual_seed(seed)
-        get_peft_model(synthetic.tiny_model("bert", seed=0), LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
-                                                                         init_lora_weights=False, **extra)
-                       ).save_pretrained(root / name)
+        get_peft_model(
+            synthetic.tiny_model("bert", seed=0),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False, **extra),
+        ).save_pretrained(root / name)
     for name, seed in (("zero_ad", 6), ("zero_ad2", 7)):  # PEFT's default initialisation: B = 0
         torch.manual_seed(seed)
-        get_peft_model(synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-                       ).save_pretrained(root / name)
+        get_peft_model(
+            synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        ).save_pretrained(root / name)
 
     # a fine-tune lacking one matrix, for compare
     (root / "ft_missing").mkdir()
@@ -462,8 +686,13 @@ def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
     shutil.copy(root / "ft2" / "config.json", root / "ft_missing" / "config.json")
 
     # weight_map values of every JSON type but a file name
-    for label, value in (("list", ["model-00001-of-00001.safetensors"]), ("object", {"f": 1}), ("null", None),
-                         ("true", True), ("empty", "")):
+    for label, value in (
+        ("list", ["model-00001-of-00001.safetensors"]),
+        ("object", {"f": 1}),
+        ("null", None),
+        ("true", True),
+        ("empty", ""),
+    ):
         _index_folder(root, f"evil_wm_{label}", {n: value for n in tensor_names})
 
 
@@ -521,6 +750,18 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
 
 def test_the_corpus_covers_every_command_and_class():
     commands = {c.args.split()[0] for c in CASES}
-    assert commands >= {"inspect", "spectrum", "angles", "gaussian", "tsd", "merge", "init-lora", "extract-lora",
-                        "report", "demo", "compare", "esd"}
+    assert commands >= {
+        "inspect",
+        "spectrum",
+        "angles",
+        "gaussian",
+        "tsd",
+        "merge",
+        "init-lora",
+        "extract-lora",
+        "report",
+        "demo",
+        "compare",
+        "esd",
+    }
     assert len(CASES) >= 160

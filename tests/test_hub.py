@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import hub_repo
 
 from weightlab.errors import CorruptCheckpoint
@@ -49,8 +48,18 @@ def test_parse_hub_id_reads_org_name_and_revision():
     assert parse_hub_id("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)
     assert parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
     assert parse_hub_id("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
-    for not_an_id in ("model.safetensors", "./org/name", "/abs/path", "a/b/c", "org/", "org/name@", "org/..",
-                      "org/name@../../etc", "org/name@refs//x", "org/name@/abs"):
+    for not_an_id in (
+        "model.safetensors",
+        "./org/name",
+        "/abs/path",
+        "a/b/c",
+        "org/",
+        "org/name@",
+        "org/..",
+        "org/name@../../etc",
+        "org/name@refs//x",
+        "org/name@/abs",
+    ):
         assert parse_hub_id(not_an_id) is None, not_an_id
 
 
@@ -80,12 +89,14 @@ def test_spectrum_of_hub_ids_equals_the_local_run(hub, zoo, run_cli, tmp_path):
     assert code == 0, err
     code, _, err = run_cli("spectrum", zoo["llama"], zoo["llama_ft"], "--json", tmp_path / "local.json")
     assert code == 0, err
-    assert json.loads((tmp_path / "hub.json").read_text())["matrices"] == \
-        json.loads((tmp_path / "local.json").read_text())["matrices"]
+    assert (
+        json.loads((tmp_path / "hub.json").read_text())["matrices"]
+        == json.loads((tmp_path / "local.json").read_text())["matrices"]
+    )
 
 
 def test_an_id_missing_from_the_offline_cache_is_one_line_exit_2(hub, run_cli):
-    code, out, err = run_cli("inspect", "org/absent")
+    code, _out, err = run_cli("inspect", "org/absent")
     assert code == 2
     assert "org/absent" in err and "not in the cache" in err and "Traceback" not in err
     code, _, err = run_cli("inspect", "org/tiny-llama@no-such-tag")
@@ -107,8 +118,16 @@ def test_an_output_inside_the_hub_cache_of_an_input_is_refused(hub, run_cli, tmp
 
 
 def test_merge_of_hub_ids_copies_the_config_from_the_snapshot(hub, run_cli, tmp_path):
-    code, _, err = run_cli("merge", "--base", "org/tiny-llama", "org/tiny-llama@v1", "--method", "task-arithmetic",
-                           "-o", tmp_path / "merged")
+    code, _, err = run_cli(
+        "merge",
+        "--base",
+        "org/tiny-llama",
+        "org/tiny-llama@v1",
+        "--method",
+        "task-arithmetic",
+        "-o",
+        tmp_path / "merged",
+    )
     assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file()
 
@@ -156,8 +175,15 @@ def _hostile_layouts(cache: Path, outside: Path) -> list[str]:
     shutil.copytree(outside, _repo(cache, "not-a-commit", "v1") / "snapshots" / "v1")
     snapshot = _repo(cache, "tagged-by-commit", None) / "snapshots" / V1
     snapshot.symlink_to(outside)
-    return ["org/refs-up", "org/refs-abs", "org/snapshot-link", "org/file-link", "org/blobs-link", "org/not-a-commit",
-            f"org/tagged-by-commit@{V1}"]
+    return [
+        "org/refs-up",
+        "org/refs-abs",
+        "org/snapshot-link",
+        "org/file-link",
+        "org/blobs-link",
+        "org/not-a-commit",
+        f"org/tagged-by-commit@{V1}",
+    ]
 
 
 def test_hostile_cache_layouts_are_refused_and_nothing_outside_is_opened(hub, zoo, tmp_path, run_cli):
@@ -167,8 +193,9 @@ def test_hostile_cache_layouts_are_refused_and_nothing_outside_is_opened(hub, zo
     real_outside = os.path.realpath(outside)
     for hub_id in ids:
         with opened() as paths:
-            code, _, err = run_cli("merge", "--method", "task-arithmetic", "--base", zoo["llama"], hub_id,
-                                   "-o", outside / "merged")
+            code, _, err = run_cli(
+                "merge", "--method", "task-arithmetic", "--base", zoo["llama"], hub_id, "-o", outside / "merged"
+            )
         assert code == 2 and "Hub cache" in err and len(err.strip().splitlines()) == 1, (hub_id, err)
         # (the output's own staging folder, made and removed beside it, is the only thing written there)
         leaked = [p for p in paths if os.path.realpath(p).startswith(real_outside) and ".partial" not in p]
@@ -185,8 +212,9 @@ def test_the_output_check_sees_the_real_files_of_its_inputs(zoo, tmp_path, run_c
     (tmp_path / "linked" / "model.safetensors").symlink_to(tmp_path / "real" / "model.safetensors")
     shutil.copy(zoo["llama_ft"] / "config.json", tmp_path / "linked" / "config.json")
     before = (tmp_path / "real" / "model.safetensors").read_bytes()
-    code, _, err = run_cli("spectrum", zoo["llama"], tmp_path / "linked", "--json", tmp_path / "real" / "model.safetensors",
-                           "--force")
+    code, _, err = run_cli(
+        "spectrum", zoo["llama"], tmp_path / "linked", "--json", tmp_path / "real" / "model.safetensors", "--force"
+    )
     assert code == 2 and "is the input" in err
     assert (tmp_path / "real" / "model.safetensors").read_bytes() == before
 

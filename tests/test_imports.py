@@ -24,7 +24,9 @@ sys.exit(1 if failed else 0)
 
 def all_modules() -> list[str]:
     """Every module but `__main__`, which runs the command line when imported (tested by running it)."""
-    return sorted(m.name for m in pkgutil.walk_packages(weightlab.__path__, "weightlab.") if m.name != "weightlab.__main__")
+    return sorted(
+        m.name for m in pkgutil.walk_packages(weightlab.__path__, "weightlab.") if m.name != "weightlab.__main__"
+    )
 
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():

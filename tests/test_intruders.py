@@ -84,7 +84,9 @@ def test_an_adapter_gives_an_exact_adapter_that_agrees_with_peft(zoo, adapters, 
     from transformers import AutoModel
 
     out = tmp_path / "mitigated-adapter"
-    code, _, err = run_cli("mitigate-intruders", zoo["llama"], adapters["llama"], "-o", out, "--json", tmp_path / "r.json")
+    code, _, err = run_cli(
+        "mitigate-intruders", zoo["llama"], adapters["llama"], "-o", out, "--json", tmp_path / "r.json"
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     ours = {m["name"].removesuffix(".weight"): len(m["intruders"]) for m in report["matrices"]}

@@ -89,7 +89,7 @@ def test_pickle_with_code_is_refused_and_never_executed(tmp_path):
         pickle.dump({"w": _Payload()}, f)
     if os.path.exists("/tmp/weightlab-pwned"):
         os.remove("/tmp/weightlab-pwned")
-    with pytest.raises(UnsafePickle, match="evil.bin"):
+    with pytest.raises(UnsafePickle, match=r"evil\.bin"):
         open_checkpoint(path)
     assert not os.path.exists("/tmp/weightlab-pwned")
 
@@ -97,8 +97,14 @@ def test_pickle_with_code_is_refused_and_never_executed(tmp_path):
 def test_get_upcasts_low_precision_floats_but_leaves_integers(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"w": torch.randn(4, 4).to(torch.bfloat16), "f8": torch.randn(3, 3).to(torch.float8_e4m3fn),
-               "ids": torch.arange(5)}, tmp_path / "m.safetensors")
+    save_file(
+        {
+            "w": torch.randn(4, 4).to(torch.bfloat16),
+            "f8": torch.randn(3, 3).to(torch.float8_e4m3fn),
+            "ids": torch.arange(5),
+        },
+        tmp_path / "m.safetensors",
+    )
     ckpt = open_checkpoint(tmp_path / "m.safetensors")
     assert ckpt.info("f8").dtype == "F8_E4M3"
     assert ckpt.get("w", dtype=torch.float32).dtype == torch.float32
@@ -185,15 +191,18 @@ def test_adapter_for_another_base_is_a_shape_mismatch(zoo, adapters, tmp_path):
         open_finetuned(adapters["llama"], open_checkpoint(wider))
 
 
-@pytest.mark.parametrize("case, error, text", [
-    ("truncated", CorruptCheckpoint, "truncated"),
-    ("garbage_header", CorruptCheckpoint, "not valid JSON"),
-    ("header_too_long", CorruptCheckpoint, "larger than the file"),
-    ("tiny", CorruptCheckpoint, "shorter than"),
-    ("missing_shard", MissingShard, "missing shard"),
-    ("not_a_checkpoint", NotACheckpoint, "not a .safetensors"),
-    ("empty_dir", NotACheckpoint, "no weights found"),
-])
+@pytest.mark.parametrize(
+    "case, error, text",
+    [
+        ("truncated", CorruptCheckpoint, "truncated"),
+        ("garbage_header", CorruptCheckpoint, "not valid JSON"),
+        ("header_too_long", CorruptCheckpoint, "larger than the file"),
+        ("tiny", CorruptCheckpoint, "shorter than"),
+        ("missing_shard", MissingShard, "missing shard"),
+        ("not_a_checkpoint", NotACheckpoint, "not a .safetensors"),
+        ("empty_dir", NotACheckpoint, "no weights found"),
+    ],
+)
 def test_corrupt_inputs_raise_their_own_error(corrupt, case, error, text):
     with pytest.raises(error, match=text) as info:
         open_checkpoint(corrupt[case])

@@ -22,11 +22,27 @@ def peft_merged(model_dir, adapter_dir):
 def test_pissa_equals_peft_pissa_init(zoo, run_cli, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    code, _, err = run_cli("init-lora", zoo["llama"], "--method", "pissa", "--rank", "4", "--alpha", "8",
-                           "--targets", "q_proj,v_proj", "-o", tmp_path / "ad", "--residual-out", tmp_path / "res")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--method",
+        "pissa",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q_proj,v_proj",
+        "-o",
+        tmp_path / "ad",
+        "--residual-out",
+        tmp_path / "res",
+    )
     assert code == 0, err
-    theirs = get_peft_model(AutoModel.from_pretrained(zoo["llama"]),
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    theirs = get_peft_model(
+        AutoModel.from_pretrained(zoo["llama"]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"),
+    )
     state = theirs.state_dict()
     ours = open_checkpoint(tmp_path / "ad")
     residual = open_checkpoint(tmp_path / "res")
@@ -38,14 +54,30 @@ def test_pissa_equals_peft_pissa_init(zoo, run_cli, tmp_path):
         signs = torch.sign((a * their_a).sum(1))  # singular vectors are defined up to sign
         torch.testing.assert_close(a, their_a * signs[:, None], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b, their_b * signs[None, :], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(residual.get(f"{module}.weight"), state[f"base_model.model.{module}.base_layer.weight"],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            residual.get(f"{module}.weight"),
+            state[f"base_model.model.{module}.base_layer.weight"],
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("method", ["pissa", "milora"])
 def test_residual_plus_adapter_reproduces_the_base_in_peft(zoo, run_cli, tmp_path, method):
-    code, _, err = run_cli("init-lora", zoo["llama"], "--method", method, "--rank", "3", "--targets", "all-linear",
-                           "-o", tmp_path / "ad", "--residual-out", tmp_path / "res")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--method",
+        method,
+        "--rank",
+        "3",
+        "--targets",
+        "all-linear",
+        "-o",
+        tmp_path / "ad",
+        "--residual-out",
+        tmp_path / "res",
+    )
     assert code == 0, err
     merged = peft_merged(tmp_path / "res", tmp_path / "ad")
     base = AutoModel.from_pretrained(zoo["llama"]).state_dict()
@@ -59,8 +91,18 @@ def test_residual_plus_adapter_reproduces_the_base_in_peft(zoo, run_cli, tmp_pat
 
 
 def test_gpt2_conv1d_adapter_loads_with_fan_in_fan_out(zoo, run_cli, tmp_path):
-    code, _, err = run_cli("init-lora", zoo["gpt2"], "--rank", "2", "--targets", "c_attn,c_fc", "-o", tmp_path / "ad",
-                           "--residual-out", tmp_path / "res")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["gpt2"],
+        "--rank",
+        "2",
+        "--targets",
+        "c_attn,c_fc",
+        "-o",
+        tmp_path / "ad",
+        "--residual-out",
+        tmp_path / "res",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     merged = peft_merged(tmp_path / "res", tmp_path / "ad")
@@ -85,8 +127,21 @@ def planted_ft(zoo, tmp_path):
 
 
 def test_tsd_init_picks_the_planted_directions(zoo, planted_ft, run_cli, tmp_path):
-    code, _, err = run_cli("init-lora", zoo["llama"], "--tsd", "--from", planted_ft, "--rank", "2", "--targets", "q_proj",
-                           "-o", tmp_path / "ad", "--residual-out", tmp_path / "res")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--tsd",
+        "--from",
+        planted_ft,
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj",
+        "-o",
+        tmp_path / "ad",
+        "--residual-out",
+        tmp_path / "res",
+    )
     assert code == 0, err
     sidecar = json.loads((tmp_path / "ad" / "weightlab_lora.json").read_text())
     assert [m["indices"] for m in sidecar["modules"]] == [[5, 2], [5, 2]]  # δ_5 = 0.6 > δ_2 = 0.3
@@ -96,7 +151,9 @@ def test_tsd_init_picks_the_planted_directions(zoo, planted_ft, run_cli, tmp_pat
 
 
 def test_extract_lora_of_a_planted_change_reconstructs_it(zoo, planted_ft, run_cli, tmp_path):
-    code, out, err = run_cli("extract-lora", zoo["llama"], planted_ft, "--rank", "2", "--targets", "q_proj", "-o", tmp_path / "ex")
+    code, _out, err = run_cli(
+        "extract-lora", zoo["llama"], planted_ft, "--rank", "2", "--targets", "q_proj", "-o", tmp_path / "ex"
+    )
     assert code == 0, err
     merged = peft_merged(zoo["llama"], tmp_path / "ex")
     ft = open_checkpoint(planted_ft)
@@ -135,8 +192,17 @@ def test_extract_lora_on_a_real_finetune_error_falls_with_rank_and_logits_follow
 
 
 def test_extract_lora_energy_records_rank_pattern(zoo, planted_ft, run_cli, tmp_path):
-    code, _, err = run_cli("extract-lora", zoo["llama"], zoo["llama_ft"], "--energy", "0.5", "--targets", "q_proj,down_proj",
-                           "-o", tmp_path / "ex")
+    code, _, err = run_cli(
+        "extract-lora",
+        zoo["llama"],
+        zoo["llama_ft"],
+        "--energy",
+        "0.5",
+        "--targets",
+        "q_proj,down_proj",
+        "-o",
+        tmp_path / "ex",
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     sidecar = json.loads((tmp_path / "ex" / "weightlab_lora.json").read_text())
@@ -151,8 +217,18 @@ def test_extract_lora_energy_records_rank_pattern(zoo, planted_ft, run_cli, tmp_
 
 
 def test_plain_lora_conversion_matches_trained_adapter_on_residual(zoo, run_cli, tmp_path):
-    run_cli("init-lora", zoo["llama"], "--rank", "2", "--targets", "q_proj", "-o", tmp_path / "init", "--residual-out",
-            tmp_path / "res")
+    run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj",
+        "-o",
+        tmp_path / "init",
+        "--residual-out",
+        tmp_path / "res",
+    )
     trained = tmp_path / "trained"
     trained.mkdir()
     (trained / "adapter_config.json").write_text((tmp_path / "init" / "adapter_config.json").read_text())
@@ -160,7 +236,9 @@ def test_plain_lora_conversion_matches_trained_adapter_on_residual(zoo, run_cli,
 
     state = load_file(tmp_path / "init" / "adapter_model.safetensors")
     save_file({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, trained / "adapter_model.safetensors")
-    code, _, err = run_cli("init-lora", "--as-plain-lora", trained, "--initial", tmp_path / "init", "-o", tmp_path / "plain")
+    code, _, err = run_cli(
+        "init-lora", "--as-plain-lora", trained, "--initial", tmp_path / "init", "-o", tmp_path / "plain"
+    )
     assert code == 0, err
     on_residual = peft_merged(tmp_path / "res", trained)
     on_base = peft_merged(zoo["llama"], tmp_path / "plain")
@@ -169,12 +247,15 @@ def test_plain_lora_conversion_matches_trained_adapter_on_residual(zoo, run_cli,
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 4
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--targets", "nonexistent_proj"], "matches no 2-D weight"),
-    (["--targets", "q_proj", "--rank", "64"], "exceeds min(m, n)"),
-    (["--targets", "q_proj", "--method", "tsd"], "--from"),
-    (["--targets", "q_proj", "--method", "milora", "--svd", "randomized"], "full spectrum"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--targets", "nonexistent_proj"], "matches no 2-D weight"),
+        (["--targets", "q_proj", "--rank", "64"], "exceeds min(m, n)"),
+        (["--targets", "q_proj", "--method", "tsd"], "--from"),
+        (["--targets", "q_proj", "--method", "milora", "--svd", "randomized"], "full spectrum"),
+    ],
+)
 def test_bad_init_requests_are_clear_errors_and_write_nothing(zoo, run_cli, tmp_path, args, message):
     code, _, err = run_cli("init-lora", zoo["llama"], *args, "-o", tmp_path / "ad", "--residual-out", tmp_path / "res")
     assert code == 2 and message in err

@@ -54,8 +54,9 @@ def test_tiny_angles_are_exact_where_arccos_cancels():
 
 
 def test_spectrum_json_carries_the_record(zoo, run_cli, tmp_path):
-    code, _, err = run_cli("spectrum", zoo["llama"], zoo["llama_ft"], "--json", tmp_path / "s.json", "--csv",
-                           tmp_path / "s.csv")
+    code, _, err = run_cli(
+        "spectrum", zoo["llama"], zoo["llama_ft"], "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv"
+    )
     assert code == 0, err
     m = json.loads((tmp_path / "s.json").read_text())["matrices"][0]
     assert m["direction"]["angle_deg"] > 0 and m["direction"]["norm_ratio"] > 0

@@ -3,15 +3,13 @@ dense merge of the same method, of the rank the method says."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_lora import peft_merged
 
 from weightlab.io import open_checkpoint, open_finetuned, open_weights
-from weightlab.merge.methods import ties
+from weightlab.merge.methods import METHODS, ties
 from weightlab.merge.params import resolve
-from weightlab.merge.methods import METHODS
-from test_lora import peft_merged
 
 
 def _dense_knots_ties(taus: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:
@@ -21,7 +19,7 @@ def _dense_knots_ties(taus: list[torch.Tensor], density: float, lam: float) -> t
     keep = s > s[0] * 1e-12
     u, s, vh = u[:, keep], s[keep], vh[keep]
     n = taus[0].shape[1]
-    blocks = [vh[:, i * n:(i + 1) * n] for i in range(len(taus))]
+    blocks = [vh[:, i * n : (i + 1) * n] for i in range(len(taus))]
     params = resolve(METHODS["ties"].params, {"density": density, "lambda": lam}, "ties")
     merged = ties(torch.zeros_like(blocks[0]), blocks, torch.ones(len(blocks), dtype=s.dtype), params, None)
     return (u * s) @ merged
@@ -34,8 +32,23 @@ def pair(adapters):
 
 def test_task_arithmetic_as_adapter_is_exact_and_of_the_summed_rank(zoo, pair, run_cli, tmp_path):
     out = tmp_path / "ta"
-    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
-                           "--weights", "0.7,0.4", "--lambda", "0.9", "-o", out, "--report", tmp_path / "r.html")
+    code, _, err = run_cli(
+        "merge",
+        "--as-adapter",
+        "--method",
+        "task-arithmetic",
+        "--base",
+        zoo["llama"],
+        *pair,
+        "--weights",
+        "0.7,0.4",
+        "--lambda",
+        "0.9",
+        "-o",
+        out,
+        "--report",
+        tmp_path / "r.html",
+    )
     assert code == 0, err
     base = open_weights(zoo["llama"])
     fts = [open_finetuned(p, base) for p in pair]
@@ -56,8 +69,21 @@ def test_task_arithmetic_as_adapter_is_exact_and_of_the_summed_rank(zoo, pair, r
 
 def test_ties_as_adapter_equals_ties_in_the_joint_space_computed_densely(zoo, pair, run_cli, tmp_path):
     out = tmp_path / "ties"
-    code, _, err = run_cli("merge", "--as-adapter", "--method", "ties", "--base", zoo["llama"], *pair,
-                           "--density", "0.4", "--weights", "1,0.5", "-o", out)
+    code, _, err = run_cli(
+        "merge",
+        "--as-adapter",
+        "--method",
+        "ties",
+        "--base",
+        zoo["llama"],
+        *pair,
+        "--density",
+        "0.4",
+        "--weights",
+        "1,0.5",
+        "-o",
+        out,
+    )
     assert code == 0, err
     base = open_weights(zoo["llama"])
     fts = [open_finetuned(p, base) for p in pair]
@@ -67,8 +93,11 @@ def test_ties_as_adapter_equals_ties_in_the_joint_space_computed_densely(zoo, pa
     for name in sorted(changed):
         w = base.get(name).double()
         # each dense τ_i in float64 (W' − W in float32 would add rounding noise directions)
-        taus = [c * ft.adapter.delta(ft.module_of[name], dtype=torch.float64) for c, ft in zip((1.0, 0.5), fts)
-                if name in ft.module_of]
+        taus = [
+            c * ft.adapter.delta(ft.module_of[name], dtype=torch.float64)
+            for c, ft in zip((1.0, 0.5), fts)
+            if name in ft.module_of
+        ]
         expected = _dense_knots_ties(taus, 0.4, 1.0)
         got = merged.get(name).double() - w
         assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()) + 1e-7), name
@@ -83,7 +112,7 @@ def _dense_tsv_of_real_directions(taus: list[torch.Tensor]) -> torch.Tensor:
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
         k = min(keep, int((s > s[0] * 1e-10).sum()))
         us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
-    polar = lambda x: (lambda p, _, qt: p @ qt)(*torch.linalg.svd(x, full_matrices=False))  # noqa: E731
+    polar = lambda x: (lambda p, _, qt: p @ qt)(*torch.linalg.svd(x, full_matrices=False))
     return (polar(torch.cat(us, 1)) * torch.cat(ss)) @ polar(torch.cat(vs, 1)).T
 
 
@@ -95,8 +124,10 @@ def other(tmp_path_factory):
 
     from weightlab import synthetic
 
-    model = get_peft_model(synthetic.tiny_model("llama", seed=0),
-                           LoraConfig(init_lora_weights=False, r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"]))
+    model = get_peft_model(
+        synthetic.tiny_model("llama", seed=0),
+        LoraConfig(init_lora_weights=False, r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"]),
+    )
     gen = torch.Generator().manual_seed(11)  # PEFT's own init repeats the other adapters' lora_A
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -110,8 +141,9 @@ def other(tmp_path_factory):
 def test_tsv_as_adapter_equals_dense_tsv_on_the_real_directions(zoo, adapters, other, run_cli, tmp_path):
     pair = (adapters["llama"], other)
     out = tmp_path / "tsv"
-    code, _, err = run_cli("merge", "--as-adapter", "--method", "tsv", "--base", zoo["llama"], *pair, "--lambda", "0.8",
-                           "-o", out)
+    code, _, err = run_cli(
+        "merge", "--as-adapter", "--method", "tsv", "--base", zoo["llama"], *pair, "--lambda", "0.8", "-o", out
+    )
     assert code == 0, err
     base = open_weights(zoo["llama"])
     fts = [open_finetuned(p, base) for p in pair]
@@ -129,11 +161,23 @@ def test_tsv_as_adapter_equals_dense_tsv_on_the_real_directions(zoo, adapters, o
 
 
 def test_max_rank_keeps_the_best_rank_k_update(zoo, pair, run_cli, tmp_path):
-    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
-                           "-o", tmp_path / "full")
+    code, _, err = run_cli(
+        "merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair, "-o", tmp_path / "full"
+    )
     assert code == 0, err
-    code, _, err = run_cli("merge", "--as-adapter", "--method", "task-arithmetic", "--base", zoo["llama"], *pair,
-                           "--max-rank", "3", "-o", tmp_path / "r3")
+    code, _, err = run_cli(
+        "merge",
+        "--as-adapter",
+        "--method",
+        "task-arithmetic",
+        "--base",
+        zoo["llama"],
+        *pair,
+        "--max-rank",
+        "3",
+        "-o",
+        tmp_path / "r3",
+    )
     assert code == 0, err
     base = open_weights(zoo["llama"])
     full, cut = open_finetuned(tmp_path / "full", base), open_finetuned(tmp_path / "r3", base)
@@ -154,8 +198,18 @@ def test_as_adapter_refusals(zoo, pair, run_cli, tmp_path):
     for args, message in cases:
         code, _, err = run_cli("merge", "--as-adapter", *args, "-o", tmp_path / "x")
         assert code == 2 and message in err, (args, err)
-    code, _, err = run_cli("merge", "--method", "task-arithmetic", "--base", zoo["llama"], zoo["llama_ft"],
-                           "--max-rank", "2", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "merge",
+        "--method",
+        "task-arithmetic",
+        "--base",
+        zoo["llama"],
+        zoo["llama_ft"],
+        "--max-rank",
+        "2",
+        "-o",
+        tmp_path / "x",
+    )
     assert code == 2 and "--as-adapter" in err
     assert not (tmp_path / "x").exists()
 
@@ -169,8 +223,9 @@ def zero_adapter(tmp_path_factory):
 
     torch.manual_seed(11)
     folder = tmp_path_factory.mktemp("zero") / "adapter"
-    get_peft_model(synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-                   ).save_pretrained(folder)
+    get_peft_model(
+        synthetic.tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    ).save_pretrained(folder)
     return folder
 
 

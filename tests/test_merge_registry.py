@@ -13,7 +13,7 @@ from weightlab.domains import Real
 from weightlab.errors import InvalidArgument
 from weightlab.merge import merge
 from weightlab.merge.config import build_config, load_config
-from weightlab.merge.methods import METHODS, LAMBDA, MergeMethod, Param, methods_table, mergekit_names
+from weightlab.merge.methods import LAMBDA, METHODS, MergeMethod, Param, mergekit_names, methods_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
 
@@ -47,11 +47,14 @@ def test_every_mergekit_name_loads_as_its_method(mergekit, ours, tmp_path):
     assert build_config(load_config(tmp_path / "mk.yml")).method == ours
 
 
-@pytest.mark.parametrize("given, message", [
-    ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density\)"),
-    ({"density": 0.0}, r"--density 0: must be a finite number in \(0, 1\]"),
-    ({"lambda": float("inf")}, r"--lambda inf"),
-])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density\)"),
+        ({"density": 0.0}, r"--density 0: must be a finite number in \(0, 1\]"),
+        ({"lambda": float("inf")}, r"--lambda inf"),
+    ],
+)
 def test_parameters_are_checked_against_the_method_declaration(given, message):
     with pytest.raises(InvalidArgument, match=message):
         build_config({"method": "ties", "base": "b", "models": ["a"], "param_values": given})
@@ -76,14 +79,35 @@ def _two(tmp_path):
 
 def test_param_option_reaches_the_method_and_the_record(tmp_path, run_cli):
     p = _two(tmp_path)
-    code, _, err = run_cli("merge", "--method", "breadcrumbs", "--base", p["base"], p["a"], p["b"], "--param", "gamma=0.25",
-                           "--density", "0.5", "-o", tmp_path / "m")
+    code, _, err = run_cli(
+        "merge",
+        "--method",
+        "breadcrumbs",
+        "--base",
+        p["base"],
+        p["a"],
+        p["b"],
+        "--param",
+        "gamma=0.25",
+        "--density",
+        "0.5",
+        "-o",
+        tmp_path / "m",
+    )
     assert code == 0, err
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
     assert record["config"]["params"] == {"lam": 1.0, "density": 0.5, "gamma": 0.25}
-    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "gamma=0.25", "-o", tmp_path / "x")
-    assert code == 2 and "ties does not use gamma (its parameters: lambda, density)" in err and not (tmp_path / "x").exists()
-    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "density", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "gamma=0.25", "-o", tmp_path / "x"
+    )
+    assert (
+        code == 2
+        and "ties does not use gamma (its parameters: lambda, density)" in err
+        and not (tmp_path / "x").exists()
+    )
+    code, _, err = run_cli(
+        "merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "density", "-o", tmp_path / "x"
+    )
     assert code == 2 and "NAME=VALUE" in err
 
 
@@ -94,10 +118,15 @@ def scaled_mean(base, models, coeffs, p, gen):
 
 def test_a_new_method_is_one_function_and_one_entry(tmp_path, monkeypatch):
     beta = Param("beta", Real(0, 10), 1.0, "scale of the mean task vector")
-    monkeypatch.setitem(METHODS, "scaled-mean", MergeMethod("scaled-mean", scaled_mean, "θ_b + β·mean τ_i", "toy",
-                                                            (beta,), coefficients=False))
+    monkeypatch.setitem(
+        METHODS,
+        "scaled-mean",
+        MergeMethod("scaled-mean", scaled_mean, "θ_b + β·mean τ_i", "toy", (beta,), coefficients=False),
+    )
     p = _two(tmp_path)
-    cfg = build_config({"method": "scaled-mean", "base": p["base"], "models": [p["a"], p["b"]], "param_values": {"beta": 2.0}})
+    cfg = build_config(
+        {"method": "scaled-mean", "base": p["base"], "models": [p["a"], p["b"]], "param_values": {"beta": 2.0}}
+    )
     merge(cfg, tmp_path / "m")
     got = load_file(next((tmp_path / "m").glob("*.safetensors")))["layers.0.mlp.up_proj.weight"]
     base = load_file(Path(p["base"]) / "model.safetensors")["layers.0.mlp.up_proj.weight"]
@@ -115,7 +144,7 @@ def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli)
     p = _two(tmp_path)
     spec = METHODS[method]
     base = ["--base", p["base"]] if spec.needs_base else []
-    code, out, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "-o", tmp_path / "m")
+    code, _out, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "-o", tmp_path / "m")
     assert code == 0, err
     merged = load_file(next((tmp_path / "m").glob("*.safetensors")))["layers.0.mlp.up_proj.weight"]
     assert torch.isfinite(merged).all() and merged.shape == (6, 4)
@@ -126,19 +155,36 @@ def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli)
 
 def test_modifiers_from_the_cli_and_yaml_with_their_parameters(tmp_path, run_cli):
     p = _two(tmp_path)
-    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], p["b"], "--svc", "--lines",
-                           "--param", "svc_alpha=2", "--param", "lines_beta=0.25", "-o", tmp_path / "m")
+    code, _, err = run_cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        p["base"],
+        p["a"],
+        p["b"],
+        "--svc",
+        "--lines",
+        "--param",
+        "svc_alpha=2",
+        "--param",
+        "lines_beta=0.25",
+        "-o",
+        tmp_path / "m",
+    )
     assert code == 0, err
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
     assert record["config"]["modifiers"] == ["svc", "lines"] and record["lines_alpha"] > 0
     assert record["config"]["params"] == {"lam": 1.0, "density": 1.0, "svc_alpha": 2, "lines_beta": 0.25}
     code, _, err = run_cli("merge", "--method", "average", p["a"], p["b"], "--svc", "-o", tmp_path / "x")
     assert code == 2 and "svc changes the merged task vector, so it needs --base" in err
-    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "svc_alpha=2",
-                           "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "svc_alpha=2", "-o", tmp_path / "x"
+    )
     assert code == 2 and "does not use svc_alpha" in err
-    (tmp_path / "c.yml").write_text(f"method: iso-c\nbase: {p['base']}\nmodels: [{p['a']}, {p['b']}]\n"
-                                    "modifiers: [lines]\nlines_beta: 1.0\n")
+    (tmp_path / "c.yml").write_text(
+        f"method: iso-c\nbase: {p['base']}\nmodels: [{p['a']}, {p['b']}]\nmodifiers: [lines]\nlines_beta: 1.0\n"
+    )
     cfg = build_config(load_config(tmp_path / "c.yml"))
     assert cfg.modifiers == ["lines"] and cfg.resolved.lines_beta == 1.0
 

@@ -17,20 +17,30 @@ from weightlab.merge.config import MergeConfig
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("rows")
     gen = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (301, 16), "model.layers.0.mlp.up_proj.weight": (40, 16),
-              "model.norm.weight": (16,), "lm_head.weight": (301, 16)}
+    shapes = {
+        "model.embed_tokens.weight": (301, 16),
+        "model.layers.0.mlp.up_proj.weight": (40, 16),
+        "model.norm.weight": (16,),
+        "lm_head.weight": (301, 16),
+    }
     base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
     save_file(base, root / "base.safetensors")
     for i in range(3):  # task vectors on a coarse grid: many ties at TIES's trim thresholds
-        save_file({n: t + torch.round(4 * torch.randn(t.shape, generator=gen)) / 16 for n, t in base.items()},
-                  root / f"ft{i}.safetensors")
+        save_file(
+            {n: t + torch.round(4 * torch.randn(t.shape, generator=gen)) / 16 for n, t in base.items()},
+            root / f"ft{i}.safetensors",
+        )
     return root
 
 
 def merged_bytes(root, out, method, base="base", **extra) -> dict[str, torch.Tensor]:
     models = [str(root / f"ft{i}.safetensors") for i in range(2 if method == "slerp" else 3)]
-    config = MergeConfig(method=method, base=str(root / f"{base}.safetensors") if base and method != "average" else None,
-                         models=models, **extra)
+    config = MergeConfig(
+        method=method,
+        base=str(root / f"{base}.safetensors") if base and method != "average" else None,
+        models=models,
+        **extra,
+    )
     run.merge(config, out)
     return load_file(next(out.glob("*.safetensors")))
 
@@ -90,7 +100,7 @@ def test_row_writes_complete_a_planned_tensor_and_refuse_what_does_not_fit(tmp_p
         writer.add_rows("a", 3, values[3:])
         with pytest.raises(Exception, match="do not fit"):
             writer.add_rows("a", 4, values[:2])
-        with pytest.raises(Exception, match="non-finite|NaN|nan"):
+        with pytest.raises(Exception, match=r"non-finite|NaN|nan"):
             writer.add_rows("a", 0, torch.full((1, 3), float("nan")))
         writer.add_rows("a", 0, values[:3])
         writer.add("b", torch.ones(2))

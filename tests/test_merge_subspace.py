@@ -27,6 +27,7 @@ def three():
 
 # ---- plain references (numpy, straight from the formulas) ------------------------------------
 
+
 def ref_iso_c(base, models, coeffs, lam):
     total = sum(c * (m - base).numpy() for c, m in zip(coeffs, models))
     u, s, vt = np.linalg.svd(total, full_matrices=False)
@@ -49,7 +50,9 @@ def ref_iso_cts(base, models, common, lam):
     for t in taus:
         uu, si, vv = np.linalg.svd(t - u[:, :k] @ u[:, :k].T @ t, full_matrices=False)
         us.append(uu[:, :s]), ss.append(si[:s]), vs.append(vv[:s].T)
-    return base.numpy() + lam * np.concatenate(ss).mean() * polar(np.concatenate(us, 1)) @ polar(np.concatenate(vs, 1)).T
+    return (
+        base.numpy() + lam * np.concatenate(ss).mean() * polar(np.concatenate(us, 1)) @ polar(np.concatenate(vs, 1)).T
+    )
 
 
 def ref_cart(models, coeffs, rank, lam):
@@ -138,6 +141,7 @@ def test_pcb_on_a_large_tensor_keeps_each_tasks_top_ratio():
 
 # ---- WUDI: the closed form is the optimum of the paper's loss --------------------------------
 
+
 def wudi_gradient(x, mats):
     grad = torch.zeros_like(x)
     for m in mats:
@@ -180,7 +184,7 @@ def test_vectors_get_the_mean_update(method):
 
 # ---- modifiers: SVC per matrix, LiNeS per layer ------------------------------------------------
 
-from weightlab.merge.modifiers import calibrate  # noqa: E402
+from weightlab.merge.modifiers import calibrate
 
 
 def ref_svc(merged, taus, alpha):
@@ -217,12 +221,21 @@ def test_lines_scales_each_layer_of_the_merged_task_vector_by_depth(tmp_path):
 
     names = [f"layers.{i}.mlp.up_proj.weight" for i in range(3)] + ["embed_tokens.weight"]
     base = {n: rand(6, 4, seed=40 + i).float() for i, n in enumerate(names)}
-    models = [{n: v + rand(6, 4, seed=50 + 10 * j + i).float() for i, (n, v) in enumerate(base.items())} for j in range(2)]
+    models = [
+        {n: v + rand(6, 4, seed=50 + 10 * j + i).float() for i, (n, v) in enumerate(base.items())} for j in range(2)
+    ]
     for stem, tensors in (("base", base), ("a", models[0]), ("b", models[1])):
         (tmp_path / stem).mkdir()
         save_file(tensors, tmp_path / stem / "model.safetensors")
-    cfg = build_config({"method": "task-arithmetic", "base": str(tmp_path / "base"), "modifiers": ["lines"],
-                        "models": [str(tmp_path / "a"), str(tmp_path / "b")], "param_values": {"lines_beta": 0.6}})
+    cfg = build_config(
+        {
+            "method": "task-arithmetic",
+            "base": str(tmp_path / "base"),
+            "modifiers": ["lines"],
+            "models": [str(tmp_path / "a"), str(tmp_path / "b")],
+            "param_values": {"lines_beta": 0.6},
+        }
+    )
     report = merge(cfg, tmp_path / "out")
     assert report.lines_alpha == pytest.approx(0.5)  # task arithmetic: ‖Σ τ_i‖₁ = ‖τ_m‖₁, so α = 1/N
     got = load_file(next((tmp_path / "out").glob("*.safetensors")))

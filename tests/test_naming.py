@@ -11,29 +11,32 @@ from weightlab.matching import match_checkpoints
 from weightlab.naming import as_matrix, canonical_name, is_conv1d, layer_index, matrix_shape, module_role
 
 
-@pytest.mark.parametrize("name, layer, role", [
-    ("model.layers.3.self_attn.q_proj.weight", 3, "q"),
-    ("model.layers.3.self_attn.k_proj.weight", 3, "k"),
-    ("model.layers.3.self_attn.o_proj.weight", 3, "o"),
-    ("model.layers.11.mlp.gate_proj.weight", 11, "gate"),
-    ("model.layers.11.mlp.up_proj.weight", 11, "up"),
-    ("model.layers.11.mlp.down_proj.weight", 11, "down"),
-    ("model.embed_tokens.weight", None, "embed"),
-    ("lm_head.weight", None, "head"),
-    ("model.layers.0.input_layernorm.weight", 0, "norm"),
-    ("bert.encoder.layer.5.attention.self.query.weight", 5, "q"),
-    ("encoder.layer.5.attention.self.value.weight", 5, "v"),
-    ("encoder.layer.5.attention.output.dense.weight", 5, "o"),
-    ("encoder.layer.5.intermediate.dense.weight", 5, "up"),
-    ("encoder.layer.5.output.dense.weight", 5, "down"),
-    ("encoder.layer.5.output.LayerNorm.weight", 5, "norm"),
-    ("transformer.h.7.attn.c_attn.weight", 7, "qkv"),
-    ("h.7.attn.c_proj.weight", 7, "o"),
-    ("h.7.mlp.c_fc.weight", 7, "up"),
-    ("h.7.mlp.c_proj.weight", 7, "down"),
-    ("wte.weight", None, "embed"),
-    ("some.custom.thing", None, "other"),
-])
+@pytest.mark.parametrize(
+    "name, layer, role",
+    [
+        ("model.layers.3.self_attn.q_proj.weight", 3, "q"),
+        ("model.layers.3.self_attn.k_proj.weight", 3, "k"),
+        ("model.layers.3.self_attn.o_proj.weight", 3, "o"),
+        ("model.layers.11.mlp.gate_proj.weight", 11, "gate"),
+        ("model.layers.11.mlp.up_proj.weight", 11, "up"),
+        ("model.layers.11.mlp.down_proj.weight", 11, "down"),
+        ("model.embed_tokens.weight", None, "embed"),
+        ("lm_head.weight", None, "head"),
+        ("model.layers.0.input_layernorm.weight", 0, "norm"),
+        ("bert.encoder.layer.5.attention.self.query.weight", 5, "q"),
+        ("encoder.layer.5.attention.self.value.weight", 5, "v"),
+        ("encoder.layer.5.attention.output.dense.weight", 5, "o"),
+        ("encoder.layer.5.intermediate.dense.weight", 5, "up"),
+        ("encoder.layer.5.output.dense.weight", 5, "down"),
+        ("encoder.layer.5.output.LayerNorm.weight", 5, "norm"),
+        ("transformer.h.7.attn.c_attn.weight", 7, "qkv"),
+        ("h.7.attn.c_proj.weight", 7, "o"),
+        ("h.7.mlp.c_fc.weight", 7, "up"),
+        ("h.7.mlp.c_proj.weight", 7, "down"),
+        ("wte.weight", None, "embed"),
+        ("some.custom.thing", None, "other"),
+    ],
+)
 def test_layer_and_role_are_parsed_for_common_families(name, layer, role):
     assert layer_index(name) == layer
     assert module_role(name) == role
@@ -41,7 +44,10 @@ def test_layer_and_role_are_parsed_for_common_families(name, layer, role):
 
 def test_wrapper_prefixes_reduce_to_one_key():
     assert canonical_name("base_model.model.model.layers.0.mlp.up_proj.weight") == "layers.0.mlp.up_proj.weight"
-    assert canonical_name("bert.encoder.layer.0.attention.self.query.weight") == "encoder.layer.0.attention.self.query.weight"
+    assert (
+        canonical_name("bert.encoder.layer.0.attention.self.query.weight")
+        == "encoder.layer.0.attention.self.query.weight"
+    )
     assert canonical_name("transformer.h.0.attn.c_attn.weight") == "h.0.attn.c_attn.weight"
 
 

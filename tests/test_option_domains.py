@@ -8,30 +8,63 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import exit_code
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 VALUES = st.one_of(
-    st.integers(-10**20, 10**20).map(str),
+    st.integers(-(10**20), 10**20).map(str),
     st.integers(-3, 40).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["nan", "inf", "-inf", "1e400", "0", "-0", "0.5", "1", "", "abc", "(", "cuda:9", "float16",
-                     "1,-1", "nan,1", "0.3,0.7", "5GB", "-1GB", "left", "both", "pissa", "ties"]),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "0",
+            "-0",
+            "0.5",
+            "1",
+            "",
+            "abc",
+            "(",
+            "cuda:9",
+            "float16",
+            "1,-1",
+            "nan,1",
+            "0.3,0.7",
+            "5GB",
+            "-1GB",
+            "left",
+            "both",
+            "pissa",
+            "ties",
+        ]
+    ),
     st.text(max_size=6),
 )
 
 # command template and the options it takes; {base}, {ft}, {ft2}, {adapter} are real tiny checkpoints
 COMMANDS = {
-    "spectrum": ("spectrum {base} {ft} --json {out}/r.json",
-                 ["-k", "--intruder-k", "--epsilon", "--keep", "--rows", "--include", "--exclude", "--device", "--dtype"]),
+    "spectrum": (
+        "spectrum {base} {ft} --json {out}/r.json",
+        ["-k", "--intruder-k", "--epsilon", "--keep", "--rows", "--include", "--exclude", "--device", "--dtype"],
+    ),
     "angles": ("angles {ft} {ft2} --base {base} --json {out}/r.json", ["-k", "--side", "--svd", "--seed", "--rows"]),
-    "gaussian": ("gaussian {ft} --base {base} --json {out}/r.json", ["--sample-size", "--min-elements", "--seed", "--rows"]),
+    "gaussian": (
+        "gaussian {ft} --base {base} --json {out}/r.json",
+        ["--sample-size", "--min-elements", "--seed", "--rows"],
+    ),
     "tsd": ("tsd {base} {ft} --json {out}/r.json", ["--top", "--keep", "--rows", "--dtype"]),
-    "merge": ("merge --method ties --base {base} {ft} {ft2} -o {out}/m",
-              ["--lambda", "--density", "--weights", "--shard-size", "--dtype", "--method"]),
-    "merge-dare": ("merge --method dare-linear --base {base} {ft} {ft2} -o {out}/m",
-                   ["--lambda", "--density", "--seed", "--weights", "--coeff", "--nan-power"]),
+    "merge": (
+        "merge --method ties --base {base} {ft} {ft2} -o {out}/m",
+        ["--lambda", "--density", "--weights", "--shard-size", "--dtype", "--method"],
+    ),
+    "merge-dare": (
+        "merge --method dare-linear --base {base} {ft} {ft2} -o {out}/m",
+        ["--lambda", "--density", "--seed", "--weights", "--coeff", "--nan-power"],
+    ),
     "extract-lora": ("extract-lora {base} {ft} -o {out}/a", ["--rank", "--energy", "--targets"]),
     "init-lora": ("init-lora {base} -o {out}/a --no-residual", ["--rank", "--alpha", "--method", "--svd", "--seed"]),
     "inspect": ("inspect {adapter} --json {out}/r.json", ["--filter"]),
@@ -42,8 +75,10 @@ COMMANDS = {
 def paths(zoo, adapters, tmp_path_factory) -> dict[str, str]:
     from weightlab import synthetic
 
-    ft2 = synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=3, seed=4),
-                         tmp_path_factory.mktemp("ft2") / "ft2")
+    ft2 = synthetic.save(
+        synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=3, seed=4),
+        tmp_path_factory.mktemp("ft2") / "ft2",
+    )
     return {"base": str(zoo["llama"]), "ft": str(zoo["llama_ft"]), "ft2": str(ft2), "adapter": str(adapters["llama"])}
 
 

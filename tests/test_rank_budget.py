@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_lora import peft_merged
 
 from weightlab.errors import InvalidArgument
 from weightlab.surgery.rank_budget import allocate_ranks, spectral_entropy
-from test_lora import peft_merged
 
 SPREAD, PEAKED = "layers.0.self_attn.q_proj.weight", "layers.1.self_attn.q_proj.weight"
 
@@ -23,14 +23,17 @@ def test_energy_keeps_the_largest_energy_shares():
     assert ranks == {"peaked": 1, "spread": 4}
     # by a plain search over every split: the kept energy share is the largest possible
     share = {m: (s.double() ** 2 / (s.double() ** 2).sum()).tolist() for m, s in spectra.items()}
-    best = max(((a, 5 - a) for a in range(1, 5)), key=lambda r: sum(share["peaked"][:r[0]]) + sum(share["spread"][:r[1]]))
+    best = max(
+        ((a, 5 - a) for a in range(1, 5)), key=lambda r: sum(share["peaked"][: r[0]]) + sum(share["spread"][: r[1]])
+    )
     assert (ranks["peaked"], ranks["spread"]) == best
 
 
 def test_entropy_shares_in_proportion_to_the_effective_rank():
     gen = torch.Generator().manual_seed(0)
-    spectra = {f"m{i}": torch.sort(torch.rand(16, generator=gen) ** (3 * i + 1), descending=True).values
-               for i in range(4)}
+    spectra = {
+        f"m{i}": torch.sort(torch.rand(16, generator=gen) ** (3 * i + 1), descending=True).values for i in range(4)
+    }
     ranks = allocate_ranks(spectra, 20, "entropy")
     assert sum(ranks.values()) == 20 and all(r >= 1 for r in ranks.values())
     eff = {m: math.exp(spectral_entropy(s)) for m, s in spectra.items()}
@@ -66,11 +69,23 @@ def two_spectra_ft(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("rule", ["energy", "entropy"])
-def test_extract_lora_budget_sums_favours_the_spread_module_and_loads_in_peft(zoo, two_spectra_ft, run_cli,
-                                                                               tmp_path, rule):
+def test_extract_lora_budget_sums_favours_the_spread_module_and_loads_in_peft(
+    zoo, two_spectra_ft, run_cli, tmp_path, rule
+):
     out = tmp_path / "ex"
-    code, _, err = run_cli("extract-lora", zoo["llama"], two_spectra_ft, "--rank-budget", "7", "--rank-allocation", rule,
-                           "--targets", "q_proj", "-o", out)
+    code, _, err = run_cli(
+        "extract-lora",
+        zoo["llama"],
+        two_spectra_ft,
+        "--rank-budget",
+        "7",
+        "--rank-allocation",
+        rule,
+        "--targets",
+        "q_proj",
+        "-o",
+        out,
+    )
     assert code == 0, err
     config = json.loads((out / "adapter_config.json").read_text())
     ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
@@ -82,8 +97,20 @@ def test_extract_lora_budget_sums_favours_the_spread_module_and_loads_in_peft(zo
 
 
 def test_init_lora_budget_reproduces_the_base_and_sums(zoo, run_cli, tmp_path):
-    code, _, err = run_cli("init-lora", zoo["llama"], "--rank-budget", "40", "--rank-allocation", "entropy",
-                           "--targets", "q_proj,v_proj,down_proj", "-o", tmp_path / "ad", "--residual-out", tmp_path / "res")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--rank-budget",
+        "40",
+        "--rank-allocation",
+        "entropy",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "-o",
+        tmp_path / "ad",
+        "--residual-out",
+        tmp_path / "res",
+    )
     assert code == 0, err
     sidecar = json.loads((tmp_path / "ad" / "weightlab_lora.json").read_text())
     assert sum(m["rank"] for m in sidecar["modules"]) == 40
@@ -96,16 +123,50 @@ def test_init_lora_budget_reproduces_the_base_and_sums(zoo, run_cli, tmp_path):
 
 
 def test_budget_refusals(zoo, two_spectra_ft, run_cli, tmp_path):
-    code, _, err = run_cli("extract-lora", zoo["llama"], two_spectra_ft, "--rank-budget", "7", "--rank", "2",
-                           "--targets", "q_proj", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "extract-lora",
+        zoo["llama"],
+        two_spectra_ft,
+        "--rank-budget",
+        "7",
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj",
+        "-o",
+        tmp_path / "x",
+    )
     assert code == 2 and "exactly one" in err
-    code, _, err = run_cli("extract-lora", zoo["llama"], two_spectra_ft, "--rank-budget", "50", "--targets", "q_proj",
-                           "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "extract-lora", zoo["llama"], two_spectra_ft, "--rank-budget", "50", "--targets", "q_proj", "-o", tmp_path / "x"
+    )
     assert code == 2 and "exceeds" in err
-    code, _, err = run_cli("init-lora", zoo["llama"], "--rank-budget", "8", "--alpha", "16", "--targets", "q_proj",
-                           "-o", tmp_path / "x", "--no-residual")
+    code, _, err = run_cli(
+        "init-lora",
+        zoo["llama"],
+        "--rank-budget",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        "q_proj",
+        "-o",
+        tmp_path / "x",
+        "--no-residual",
+    )
     assert code == 2 and "--alpha" in err
-    code, _, err = run_cli("extract-lora", zoo["llama"], two_spectra_ft, "--rank-budget", "7", "--rank-allocation",
-                           "magic", "--targets", "q_proj", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "extract-lora",
+        zoo["llama"],
+        two_spectra_ft,
+        "--rank-budget",
+        "7",
+        "--rank-allocation",
+        "magic",
+        "--targets",
+        "q_proj",
+        "-o",
+        tmp_path / "x",
+    )
     assert code == 2 and "--rank-allocation" in err
     assert not (tmp_path / "x").exists()

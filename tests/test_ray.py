@@ -20,15 +20,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from weightlab.analysis.angles import AnglesOptions, angles  # noqa: E402
-from weightlab.analysis.compare import compare  # noqa: E402
-from weightlab.analysis.esd import ESDOptions, esd  # noqa: E402
-from weightlab.analysis.gaussian import GaussianOptions, gaussian  # noqa: E402
-from weightlab.analysis.spectrum import spectrum  # noqa: E402
-from weightlab.analysis.tsd import tsd  # noqa: E402
-from weightlab.compute.device import Compute  # noqa: E402
-from weightlab.errors import CheckpointNotFound, InvalidArgument  # noqa: E402
-from weightlab.io import open_checkpoint, open_finetuned  # noqa: E402
+from weightlab.analysis.angles import AnglesOptions, angles
+from weightlab.analysis.compare import compare
+from weightlab.analysis.esd import ESDOptions, esd
+from weightlab.analysis.gaussian import GaussianOptions, gaussian
+from weightlab.analysis.spectrum import spectrum
+from weightlab.analysis.tsd import tsd
+from weightlab.compute.device import Compute
+from weightlab.errors import CheckpointNotFound, InvalidArgument
+from weightlab.io import open_checkpoint, open_finetuned
 
 # a throwaway cluster on this machine: no usage stats, no token (Ray ≥ 2.5x asks every client for one)
 LOCAL_CLUSTER_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
@@ -83,8 +83,24 @@ def head_node(tmp_path_factory):
         port = s.getsockname()[1]
     env = LOCAL_CLUSTER_ENV
     ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     yield f"127.0.0.1:{port}"
     ray.shutdown()  # `ray stop` ends every Ray process on this machine: leave none connected to it
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
@@ -92,8 +108,13 @@ def head_node(tmp_path_factory):
 
 def test_cli_against_a_started_cluster_writes_the_local_bytes(head_node, zoo, tmp_path):
     def cli(*args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "weightlab", *args], capture_output=True, text=True, timeout=300,
-                              env=LOCAL_CLUSTER_ENV)
+        done = subprocess.run(
+            [sys.executable, "-m", "weightlab", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=LOCAL_CLUSTER_ENV,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
 
     common = [str(zoo["llama"]), str(zoo["llama_ft"]), "--force"]
@@ -102,7 +123,17 @@ def test_cli_against_a_started_cluster_writes_the_local_bytes(head_node, zoo, tm
     assert (tmp_path / "local.json").read_bytes() == (tmp_path / "ray.json").read_bytes()
     fts = [str(zoo["llama_ft"]), str(zoo["llama_sharded"])]
     cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-local.json"))
-    cli("compare", "--base", str(zoo["llama"]), *fts, "--force", "--json", str(tmp_path / "c-ray.json"), "--ray", head_node)
+    cli(
+        "compare",
+        "--base",
+        str(zoo["llama"]),
+        *fts,
+        "--force",
+        "--json",
+        str(tmp_path / "c-ray.json"),
+        "--ray",
+        head_node,
+    )
     assert (tmp_path / "c-local.json").read_bytes() == (tmp_path / "c-ray.json").read_bytes()
 
 
@@ -112,15 +143,18 @@ def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
     from weightlab.merge.run import merge
 
     models = [str(zoo["llama_ft"]), str(zoo["llama_sharded"])]
-    for label, extra in (("ta", {"method": "task-arithmetic"}),
-                         ("ties-nan", {"method": "ties", "coeff": "nan", "params": {"density": 0.3}}),
-                         ("dare-svc", {"method": "dare-ties", "params": {"density": 0.5}, "modifiers": ["svc"]})):
+    for label, extra in (
+        ("ta", {"method": "task-arithmetic"}),
+        ("ties-nan", {"method": "ties", "coeff": "nan", "params": {"density": 0.3}}),
+        ("dare-svc", {"method": "dare-ties", "params": {"density": 0.5}, "modifiers": ["svc"]}),
+    ):
         config = MergeConfig(base=str(zoo["llama"]), models=models, **extra)
         merge(config, tmp_path / f"{label}-local", compute=LOCAL)
         merge(config, tmp_path / f"{label}-ray", compute=CLUSTER)
         for file in sorted(p.name for p in (tmp_path / f"{label}-local").iterdir()):
-            assert (tmp_path / f"{label}-local" / file).read_bytes() == (tmp_path / f"{label}-ray" / file).read_bytes(), \
-                (label, file)
+            assert (tmp_path / f"{label}-local" / file).read_bytes() == (
+                tmp_path / f"{label}-ray" / file
+            ).read_bytes(), (label, file)
     lines = MergeConfig(base=str(zoo["llama"]), models=models, method="task-arithmetic", modifiers=["lines"])
     with pytest.raises(InvalidArgument, match="without --ray"):
         merge(lines, tmp_path / "lines", compute=CLUSTER)
@@ -129,19 +163,46 @@ def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
 
 def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo, tmp_path):
     """init-lora (its residual model written by the workers) and extract-lora: the same files."""
+
     def cli(*args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "weightlab", *args], capture_output=True, text=True, timeout=300,
-                              env=LOCAL_CLUSTER_ENV)
+        done = subprocess.run(
+            [sys.executable, "-m", "weightlab", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=LOCAL_CLUSTER_ENV,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
 
     for where, extra in (("local", []), ("ray", ["--ray", head_node])):  # same output paths: configs name them
-        cli("init-lora", str(zoo["llama"]), "--rank", "4", "--method", "pissa", "-o", str(tmp_path / "out" / "init"),
-            "--residual-out", str(tmp_path / "out" / "residual"), *extra)
-        cli("extract-lora", str(zoo["llama"]), str(zoo["llama_ft"]), "--rank", "4", "-o",
-            str(tmp_path / "out" / "extract"), *extra)
+        cli(
+            "init-lora",
+            str(zoo["llama"]),
+            "--rank",
+            "4",
+            "--method",
+            "pissa",
+            "-o",
+            str(tmp_path / "out" / "init"),
+            "--residual-out",
+            str(tmp_path / "out" / "residual"),
+            *extra,
+        )
+        cli(
+            "extract-lora",
+            str(zoo["llama"]),
+            str(zoo["llama_ft"]),
+            "--rank",
+            "4",
+            "-o",
+            str(tmp_path / "out" / "extract"),
+            *extra,
+        )
         (tmp_path / "out").rename(tmp_path / where)
     local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
-    assert local and local == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert local and local == sorted(
+        p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file()
+    )
     for path in local:
         assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path
 
@@ -159,8 +220,9 @@ def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process
     last = sorted(n for n in tensors if n.startswith("layers.1.") and tensors[n].ndim == 2)[-1]
     tensors[last][0, 0] = float("nan")
     save_file(tensors, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
-    config = MergeConfig(base=str(zoo["llama"]), models=[str(tmp_path / "ft"), str(zoo["llama_sharded"])],
-                         method="task-arithmetic")
+    config = MergeConfig(
+        base=str(zoo["llama"]), models=[str(tmp_path / "ft"), str(zoo["llama_sharded"])], method="task-arithmetic"
+    )
     out = tmp_path / "merged"
     with pytest.raises(CorruptCheckpoint, match=last):
         merge(config, out, compute=CLUSTER)
@@ -168,8 +230,14 @@ def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process
 
 
 def _weightlab(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "weightlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=LOCAL_CLUSTER_ENV, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "weightlab", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=LOCAL_CLUSTER_ENV,
+        **kwargs,
+    )
 
 
 @pytest.fixture()
@@ -187,7 +255,7 @@ def test_a_dead_address_is_one_line_and_exit_2_at_once(zoo):
         port = s.getsockname()[1]  # closed again below: nobody listens there
     started = time.monotonic()
     done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{port}")
-    out, err = done.communicate(timeout=120)
+    _out, err = done.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, err
     assert f"--ray 127.0.0.1:{port}: cannot reach a Ray cluster" in lines[0]
@@ -196,9 +264,10 @@ def test_a_dead_address_is_one_line_and_exit_2_at_once(zoo):
 
 def test_a_silent_address_gives_up_within_the_timeout(zoo, silent_port):
     started = time.monotonic()
-    done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{silent_port}",
-                      "--ray-timeout", "3")
-    out, err = done.communicate(timeout=120)
+    done = _weightlab(
+        "spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{silent_port}", "--ray-timeout", "3"
+    )
+    _out, err = done.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, err  # Ray's own warnings went to its log, not here
     assert "no Ray cluster connected within 3 s" in lines[0] and "Ray's log: " in lines[0]
@@ -206,8 +275,18 @@ def test_a_silent_address_gives_up_within_the_timeout(zoo, silent_port):
 
 
 def test_sigterm_while_connecting_exits_143_with_our_line(zoo, silent_port):
-    done = _weightlab("spectrum", str(zoo["llama"]), str(zoo["llama_ft"]), "--ray", f"127.0.0.1:{silent_port}",
-                      "--ray-timeout", "120", "--json", "never.json", cwd=str(zoo["llama"].parent.parent))
+    done = _weightlab(
+        "spectrum",
+        str(zoo["llama"]),
+        str(zoo["llama_ft"]),
+        "--ray",
+        f"127.0.0.1:{silent_port}",
+        "--ray-timeout",
+        "120",
+        "--json",
+        "never.json",
+        cwd=str(zoo["llama"].parent.parent),
+    )
     log = Path(tempfile.gettempdir()) / f"weightlab-ray-{done.pid}.log"
     deadline = time.monotonic() + 90
     while not log.exists() and time.monotonic() < deadline and done.poll() is None:
@@ -216,7 +295,7 @@ def test_sigterm_while_connecting_exits_143_with_our_line(zoo, silent_port):
     time.sleep(1)  # inside ray.init now
     sent = time.monotonic()
     done.send_signal(signal.SIGTERM)
-    out, err = done.communicate(timeout=30)
+    _out, err = done.communicate(timeout=30)
     assert done.returncode == 143, err
     assert time.monotonic() - sent < 10
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted (SIGTERM): nothing was written"]

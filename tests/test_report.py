@@ -14,9 +14,17 @@ import pytest
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=10000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=10000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +33,22 @@ def results(zoo, tmp_path_factory):
     from weightlab.cli import main
 
     root = tmp_path_factory.mktemp("report")
-    runs = [["spectrum", zoo["llama"], zoo["llama_ft"], "--json", root / "spectrum.json"],
-            ["angles", zoo["llama_ft"], zoo["llama"], "-k", "4", "--json", root / "angles.json"],
-            ["gaussian", zoo["llama_ft"], "--base", zoo["llama"], "--min-elements", "512", "--json", root / "gaussian.json"],
-            ["tsd", zoo["llama"], zoo["llama_ft"], "--json", root / "tsd.json"],
-            ["merge", "--method", "nan", "--base", zoo["llama"], zoo["llama_ft"], zoo["llama_ft"], "-o", root / "merged"]]
+    runs = [
+        ["spectrum", zoo["llama"], zoo["llama_ft"], "--json", root / "spectrum.json"],
+        ["angles", zoo["llama_ft"], zoo["llama"], "-k", "4", "--json", root / "angles.json"],
+        [
+            "gaussian",
+            zoo["llama_ft"],
+            "--base",
+            zoo["llama"],
+            "--min-elements",
+            "512",
+            "--json",
+            root / "gaussian.json",
+        ],
+        ["tsd", zoo["llama"], zoo["llama_ft"], "--json", root / "tsd.json"],
+        ["merge", "--method", "nan", "--base", zoo["llama"], zoo["llama_ft"], zoo["llama_ft"], "-o", root / "merged"],
+    ]
     for args in runs:
         try:
             main([str(a) for a in args])
@@ -71,8 +90,15 @@ def test_report_renders_in_chromium_with_every_image_and_the_json_numbers(result
 
 
 def test_markdown_twin_has_tables_and_its_images(results, run_cli, tmp_path):
-    code, _, err = run_cli("report", results / "spectrum.json", results / "tsd.json", "-o", tmp_path / "r.html",
-                           "--markdown", tmp_path / "r.md")
+    code, _, err = run_cli(
+        "report",
+        results / "spectrum.json",
+        results / "tsd.json",
+        "-o",
+        tmp_path / "r.html",
+        "--markdown",
+        tmp_path / "r.md",
+    )
     assert code == 0, err
     text = (tmp_path / "r.md").read_text()
     assert text.startswith("# weightlab report") and "| analysis | quantity | value |" in text
@@ -87,9 +113,13 @@ def test_report_of_a_file_that_is_not_a_result_is_a_clear_error(run_cli, tmp_pat
 
 
 def test_every_analysis_command_writes_its_own_report(zoo, run_cli, tmp_path):
-    runs = {"spectrum": ["spectrum", zoo["llama"], zoo["llama_ft"]], "angles": ["angles", zoo["llama"], zoo["llama_ft"]],
-            "gaussian": ["gaussian", zoo["llama_ft"], "--min-elements", "512"], "tsd": ["tsd", zoo["llama"], zoo["llama_ft"]],
-            "merge": ["merge", "--method", "average", zoo["llama"], zoo["llama_ft"], "-o", tmp_path / "m"]}
+    runs = {
+        "spectrum": ["spectrum", zoo["llama"], zoo["llama_ft"]],
+        "angles": ["angles", zoo["llama"], zoo["llama_ft"]],
+        "gaussian": ["gaussian", zoo["llama_ft"], "--min-elements", "512"],
+        "tsd": ["tsd", zoo["llama"], zoo["llama_ft"]],
+        "merge": ["merge", "--method", "average", zoo["llama"], zoo["llama_ft"], "-o", tmp_path / "m"],
+    }
     for name, args in runs.items():
         code, _, err = run_cli(*args, "--report", tmp_path / f"{name}.html")
         assert code == 0, (name, err)
@@ -113,8 +143,9 @@ def test_markdown_escapes_every_name_so_nothing_breaks_or_injects(results, run_c
         m["name"] = EVIL + m["name"]
         m["relative_change"] = 9.0 + payload["matrices"].index(m)  # first in the table, most changed
     (tmp_path / "evil.json").write_text(json.dumps(payload))
-    code, _, err = run_cli("report", tmp_path / "evil.json", "-o", tmp_path / "r.html", "--markdown",
-                           tmp_path / "r.md", "--title", EVIL)
+    code, _, err = run_cli(
+        "report", tmp_path / "evil.json", "-o", tmp_path / "r.html", "--markdown", tmp_path / "r.md", "--title", EVIL
+    )
     assert code == 0, err
     html = MarkdownIt("commonmark", {"html": True}).enable("table").render((tmp_path / "r.md").read_text())
 
@@ -135,8 +166,9 @@ def test_markdown_escapes_every_name_so_nothing_breaks_or_injects(results, run_c
 
     parsed = Elements()
     parsed.feed(html)
-    assert all("onerror" not in attrs and not str(attrs.get("href", "")).startswith("javascript")
-               for _, attrs in parsed.tags), parsed.tags
+    assert all(
+        "onerror" not in attrs and not str(attrs.get("href", "")).startswith("javascript") for _, attrs in parsed.tags
+    ), parsed.tags
     assert {t for t, _ in parsed.tags} <= {"h1", "h2", "p", "em", "table", "thead", "tbody", "tr", "th", "td", "img"}
     images = [attrs for t, attrs in parsed.tags if t == "img"]
     assert images and all(attrs["src"].startswith("r_assets/") for attrs in images)

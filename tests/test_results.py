@@ -35,11 +35,19 @@ def made(tmp_path_factory):
     base = {f"layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=gen) for i in range(3)}
     for stem, scale in (("base", 0.0), ("a", 0.1), ("b", -0.2)):
         (root / stem).mkdir()
-        save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()},
-                  root / stem / "model.safetensors")
+        save_file(
+            {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+            root / stem / "model.safetensors",
+        )
     b, a, c = (open_checkpoint(root / s) for s in ("base", "a", "b"))
-    cfg = build_config({"method": "ties", "base": str(root / "base"), "models": [str(root / "a"), str(root / "b")],
-                        "param_values": {"density": 0.5}})
+    cfg = build_config(
+        {
+            "method": "ties",
+            "base": str(root / "base"),
+            "models": [str(root / "a"), str(root / "b")],
+            "param_values": {"density": 0.5},
+        }
+    )
     return {
         "spectrum": spectrum(b, [a, c], compute=CPU),
         "angles": angles(a, c, b, compute=CPU),
@@ -73,7 +81,7 @@ def test_report_and_cli_name_no_schema():
 
 def test_a_report_from_every_kind_of_result(made, tmp_path):
     sections = write_report(list(made.values()), tmp_path / "r.html")
-    assert [s.title for s in sections][0] == made["inventory"].title()  # report order: the ORDER of each type
+    assert next(s.title for s in sections) == made["inventory"].title()  # report order: the ORDER of each type
     html = (tmp_path / "r.html").read_text()
     assert all(s.title.split(":")[0] in html for s in sections)
 
@@ -106,5 +114,7 @@ def test_a_new_result_type_gets_a_report_section_without_report_code(tmp_path, m
 def test_a_mistyped_result_names_the_field_and_the_schema(made):
     payload = json.loads(to_json(made["tsd"].to_dict()))
     payload["matrices"][0]["indices"] = "7"
-    with pytest.raises(Exception, match=r"result does not match weightlab.tsd/1 \(matrices\[0\].indices is not a list\)"):
+    with pytest.raises(
+        Exception, match=r"result does not match weightlab.tsd/1 \(matrices\[0\].indices is not a list\)"
+    ):
         parse_result(payload, "t.json")

@@ -17,23 +17,53 @@ from weightlab.errors import WeightlabError
 from weightlab.io.safetensors_file import SafetensorsFile, write_safetensors
 
 SEEDS = range(3000)
-ODD_VALUES = [-1, -0.0, 0, 1, 2.0, 2**64, 2**64 - 1, 2**63, True, None, "F32", "Q17", [], [2, 3], {"a": 1}, "x" * 3,
-              1e400, [1.5], [-2], [[1]]]
+ODD_VALUES = [
+    -1,
+    -0.0,
+    0,
+    1,
+    2.0,
+    2**64,
+    2**64 - 1,
+    2**63,
+    True,
+    None,
+    "F32",
+    "Q17",
+    [],
+    [2, 3],
+    {"a": 1},
+    "x" * 3,
+    1e400,
+    [1.5],
+    [-2],
+    [[1]],
+]
 
 
 def seed_files(root: Path) -> list[bytes]:
     """Valid files from the reference writer and ours: metadata, several dtypes, zero-size and scalar tensors."""
     gen = torch.Generator().manual_seed(0)
-    save_file({"w": torch.randn(3, 4, generator=gen), "b": torch.zeros(4, dtype=torch.bfloat16),
-               "i": torch.arange(5, dtype=torch.int64)}, root / "ref.safetensors", metadata={"format": "pt"})
-    write_safetensors(root / "ours.safetensors", {"e": torch.zeros(0, 3), "s": torch.tensor(1.5),
-                                                  "h": torch.ones(2, 2, dtype=torch.float16)}, {"k": "v"})
+    save_file(
+        {
+            "w": torch.randn(3, 4, generator=gen),
+            "b": torch.zeros(4, dtype=torch.bfloat16),
+            "i": torch.arange(5, dtype=torch.int64),
+        },
+        root / "ref.safetensors",
+        metadata={"format": "pt"},
+    )
+    write_safetensors(
+        root / "ours.safetensors",
+        {"e": torch.zeros(0, 3), "s": torch.tensor(1.5), "h": torch.ones(2, 2, dtype=torch.float16)},
+        {"k": "v"},
+    )
     return [(root / name).read_bytes() for name in ("ref.safetensors", "ours.safetensors")]
 
 
 def split(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join(header: dict, data: bytes) -> bytes:
@@ -50,7 +80,7 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
             out[rng.randrange(min(len(out), 8 + n))] = rng.randrange(256)
         return bytes(out)
     if kind == 1:  # truncate
-        return raw[:rng.randrange(len(raw))]
+        return raw[: rng.randrange(len(raw))]
     if kind == 2:  # append bytes
         return raw + bytes(rng.randrange(256) for _ in range(rng.randint(1, 9)))
     header, data = split(raw)
@@ -63,7 +93,7 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
         elif field == "data_offsets" and rng.random() < 0.5:
             entry[field] = [o + rng.choice([-4, -1, 1, 4]) for o in entry[field]]
         else:
-            entry[field] = rng.choice(ODD_VALUES + ["F16", "BF16", "I64", "U8", "F8_E4M3", "F4", "C64"])
+            entry[field] = rng.choice([*ODD_VALUES, "F16", "BF16", "I64", "U8", "F8_E4M3", "F4", "C64"])
         return join(header, data)
     if kind == 4:  # metadata of another type, or a repeated key, written as raw JSON text
         choice = rng.randrange(4)

@@ -30,8 +30,11 @@ def spread_matrix(m: int, n: int, seed: int, decay: float = 0.85) -> torch.Tenso
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
-    base = {"layers.0.attn.q_proj.weight": spread_matrix(48, 32, 0), "layers.1.mlp.up_proj.weight": spread_matrix(64, 32, 1),
-            "layers.1.norm.weight": torch.ones(32)}
+    base = {
+        "layers.0.attn.q_proj.weight": spread_matrix(48, 32, 0),
+        "layers.1.mlp.up_proj.weight": spread_matrix(64, 32, 1),
+        "layers.1.norm.weight": torch.ones(32),
+    }
     w = base["layers.0.attn.q_proj.weight"].double()
     s = torch.linalg.svdvals(w)
     amount = 0.5 * float(s[2] - s[3])  # raise σ_3 (0-based) without passing σ_2
@@ -44,8 +47,12 @@ def planted(tmp_path_factory):
 
 def test_planted_rank_one_change_amplifies_exactly_that_singular_value(planted):
     root, amount, s = planted
-    result = spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")],
-                      SpectrumOptions(k=8), CPU64)
+    result = spectrum(
+        open_checkpoint(root / "base.safetensors"),
+        [open_checkpoint(root / "ft.safetensors")],
+        SpectrumOptions(k=8),
+        CPU64,
+    )
     by_name = {m.name: m for m in result.matrices}
     assert set(by_name) == {"layers.0.attn.q_proj.weight", "layers.1.mlp.up_proj.weight"}
     m = by_name["layers.0.attn.q_proj.weight"]
@@ -110,7 +117,9 @@ def test_adapter_gives_the_same_numbers_as_its_merged_checkpoint(zoo, adapters, 
     via_adapter = spectrum(base, [open_finetuned(adapters["gpt2"], base)], SpectrumOptions(), CPU64)
     dense = spectrum(base, [open_checkpoint(tmp_path / "merged")], SpectrumOptions(), CPU64)
     dense_by_name = {m.name: m for m in dense.matrices}
-    assert {m.name for m in via_adapter.matrices} == {f"h.{i}.{p}.weight" for i in (0, 1) for p in ("attn.c_attn", "mlp.c_fc")}
+    assert {m.name for m in via_adapter.matrices} == {
+        f"h.{i}.{p}.weight" for i in (0, 1) for p in ("attn.c_attn", "mlp.c_fc")
+    }
     for m in via_adapter.matrices:
         d = dense_by_name[m.name]
         assert m.shape == d.shape and m.shape[0] > m.shape[1]  # Conv1D seen out×in: c_fc is 128×32
@@ -127,7 +136,10 @@ def test_lora_update_creates_intruders_where_full_rank_update_of_same_norm_does_
     names = [f"layers.{i}.mlp.up_proj.weight" for i in range(6)]
     base = {n: spread_matrix(128, 96, i, decay=0.95) for i, n in enumerate(names)}
     norm = 15.0  # 1.5 σ₁ of the base
-    lora = {n: (w.double() + random_lora_like(128, 96, 1, norm, seed=10 + i)).float() for i, (n, w) in enumerate(base.items())}
+    lora = {
+        n: (w.double() + random_lora_like(128, 96, 1, norm, seed=10 + i)).float()
+        for i, (n, w) in enumerate(base.items())
+    }
     gen = torch.Generator().manual_seed(0)
     full = {}
     for n, w in base.items():
@@ -135,8 +147,10 @@ def test_lora_update_creates_intruders_where_full_rank_update_of_same_norm_does_
         full[n] = (w.double() + noise * (norm / noise.norm())).float()
     for name, tensors in (("base", base), ("lora", lora), ("full", full)):
         save_file(tensors, tmp_path / f"{name}.safetensors")
-    result = spectrum(*(open_checkpoint(tmp_path / f"{n}.safetensors") for n in ("base",)),
-                      [open_checkpoint(tmp_path / "lora.safetensors"), open_checkpoint(tmp_path / "full.safetensors")])
+    result = spectrum(
+        *(open_checkpoint(tmp_path / f"{n}.safetensors") for n in ("base",)),
+        [open_checkpoint(tmp_path / "lora.safetensors"), open_checkpoint(tmp_path / "full.safetensors")],
+    )
     lora_intruders = [len(m.intruders) for m in result.matrices if m.finetuned == 0]
     full_intruders = [len(m.intruders) for m in result.matrices if m.finetuned == 1]
     lora_change = [m.relative_change for m in result.matrices if m.finetuned == 0]
@@ -152,16 +166,28 @@ def test_nan_tensor_is_a_clear_error_naming_it(tmp_path, run_cli):
     w2 = w.clone()
     w2[3, 3] = float("nan")
     save_file({"layers.0.q_proj.weight": w2}, tmp_path / "ft.safetensors")
-    code, _, err = run_cli("spectrum", tmp_path / "base.safetensors", tmp_path / "ft.safetensors",
-                           "--json", tmp_path / "out.json")
+    code, _, err = run_cli(
+        "spectrum", tmp_path / "base.safetensors", tmp_path / "ft.safetensors", "--json", tmp_path / "out.json"
+    )
     assert code == 2 and "layers.0.q_proj.weight" in err and "NaN" in err
     assert not (tmp_path / "out.json").exists()
 
 
 def test_spectrum_cli_writes_json_csv_and_plots(planted, run_cli, tmp_path):
     root, _, _ = planted
-    code, out, err = run_cli("spectrum", root / "base.safetensors", root / "ft.safetensors", "--json", tmp_path / "s.json",
-                             "--csv", tmp_path / "s.csv", "--plots", tmp_path / "plots", "--keep", "4")
+    code, out, err = run_cli(
+        "spectrum",
+        root / "base.safetensors",
+        root / "ft.safetensors",
+        "--json",
+        tmp_path / "s.json",
+        "--csv",
+        tmp_path / "s.csv",
+        "--plots",
+        tmp_path / "plots",
+        "--keep",
+        "4",
+    )
     assert code == 0, err
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["schema"] == "weightlab.spectrum/1" and len(data["matrices"]) == 2
@@ -171,14 +197,20 @@ def test_spectrum_cli_writes_json_csv_and_plots(planted, run_cli, tmp_path):
     assert {"name", "relative_change", "amplification_1", "intruders", "delta_stable_rank"} <= set(header)
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert (tmp_path / "plots" / ".weightlab-output").is_file()
-    assert pngs == ["amplification_heatmap.png", "intruders_per_layer.png", "reorientation_heatmap.png", "spectrum_curves.png"]
+    assert pngs == [
+        "amplification_heatmap.png",
+        "intruders_per_layer.png",
+        "reorientation_heatmap.png",
+        "spectrum_curves.png",
+    ]
     assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "q_proj" in out and "by layer" in out
 
 
 def test_spectrum_filters_and_real_finetune_run(zoo, run_cli):
-    code, out, err = run_cli("spectrum", zoo["llama"], zoo["llama_ft"], "--include", r"self_attn", "--exclude", r"k_proj",
-                             "--json", "-")
+    code, out, _err = run_cli(
+        "spectrum", zoo["llama"], zoo["llama_ft"], "--include", r"self_attn", "--exclude", r"k_proj", "--json", "-"
+    )
     data = json.loads(out)
     names = {m["name"] for m in data["matrices"]}
     assert code == 0 and names and all("self_attn" in n and "k_proj" not in n for n in names)

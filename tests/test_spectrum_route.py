@@ -19,8 +19,12 @@ from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.gram import decompose
 from weightlab.io import open_checkpoint
 
-SHAPES = {"layers.0.attn.q_proj.weight": (60, 60), "layers.0.mlp.up_proj.weight": (120, 48),
-          "layers.0.mlp.down_proj.weight": (48, 120), "layers.1.mlp.up_proj.weight": (120, 48)}
+SHAPES = {
+    "layers.0.attn.q_proj.weight": (60, 60),
+    "layers.0.mlp.up_proj.weight": (120, 48),
+    "layers.0.mlp.down_proj.weight": (48, 120),
+    "layers.1.mlp.up_proj.weight": (120, 48),
+}
 
 
 def decaying(m: int, n: int, seed: int, null: int = 0) -> torch.Tensor:
@@ -41,10 +45,13 @@ def pair(tmp_path_factory):
     for i, (name, shape) in enumerate(SHAPES.items()):
         w = decaying(*shape, seed=i, null=6 if name.startswith("layers.1") else 0)
         gen = torch.Generator().manual_seed(100 + i)
-        lora = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64) @ torch.randn(2, shape[1], generator=gen,
-                                                                                          dtype=torch.float64)
+        lora = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64) @ torch.randn(
+            2, shape[1], generator=gen, dtype=torch.float64
+        )
         base[name] = w.float()
-        ft[name] = (w + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64) + 0.15 * lora / lora.norm()).float()
+        ft[name] = (
+            w + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64) + 0.15 * lora / lora.norm()
+        ).float()
     save_file(base, root / "base.safetensors")
     save_file(ft, root / "ft.safetensors")
     return root, base, ft
@@ -56,20 +63,30 @@ def reference(w: torch.Tensor, w_ft: torch.Tensor, k: int, kk: int) -> dict:
     u2, s2, vh2 = np.linalg.svd(w_ft.double().numpy(), full_matrices=False)
     d = np.linalg.svd((w_ft.double() - w.double()).numpy(), compute_uv=False)
     cos = np.abs(u2[:, :kk].T @ u)
-    energy = np.cumsum(d ** 2) / np.sum(d ** 2)
-    return {"amplification": s2[:k] / s[:k], "u_alignment": np.diag(cos[:k, :k]),
-            "v_alignment": np.abs(np.sum(vh2[:k] * vh[:k], 1)), "best_match_cos": cos.max(1),
-            "best_match_index": cos.argmax(1), "subspace_similarity": np.sum(cos[:k, :k] ** 2) / k,
-            "sv_base": s, "sv_ft": s2, "delta_rank90": int(np.argmax(energy >= 0.9) + 1),
-            "topk_change_share": np.abs(s2 - s)[:k].sum() / np.abs(s2 - s).sum()}
+    energy = np.cumsum(d**2) / np.sum(d**2)
+    return {
+        "amplification": s2[:k] / s[:k],
+        "u_alignment": np.diag(cos[:k, :k]),
+        "v_alignment": np.abs(np.sum(vh2[:k] * vh[:k], 1)),
+        "best_match_cos": cos.max(1),
+        "best_match_index": cos.argmax(1),
+        "subspace_similarity": np.sum(cos[:k, :k] ** 2) / k,
+        "sv_base": s,
+        "sv_ft": s2,
+        "delta_rank90": int(np.argmax(energy >= 0.9) + 1),
+        "topk_change_share": np.abs(s2 - s)[:k].sum() / np.abs(s2 - s).sum(),
+    }
 
 
 def test_fast_route_equals_the_svd_definition_within_tolerance(pair):
     """Cosines to 1e-6 (certified vectors; float32-rounded cached base vectors); values to 1e-7
     relative, or 1e-7·σ₁ absolute below √ε₆₄·σ₁ (where float32 storage of W already blurs them)."""
     root, base, ft = pair
-    result = spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")],
-                      SpectrumOptions(k=8, intruder_k=10))
+    result = spectrum(
+        open_checkpoint(root / "base.safetensors"),
+        [open_checkpoint(root / "ft.safetensors")],
+        SpectrumOptions(k=8, intruder_k=10),
+    )
     assert len(result.matrices) == len(SHAPES)
     for m in result.matrices:
         ref = reference(base[m.name], ft[m.name], 8, 10)
@@ -92,8 +109,9 @@ def test_large_matrices_certify_best_matches_among_the_top_base_vectors(shape, t
     w = decaying(*shape, seed=11)
     gen = torch.Generator().manual_seed(12)
     small = w + 0.002 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    lora = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64) @ torch.randn(2, shape[1], generator=gen,
-                                                                                      dtype=torch.float64)
+    lora = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, shape[1], generator=gen, dtype=torch.float64
+    )
     intruded = w + 4 * lora / lora.norm()
     name = "layers.0.mlp.up_proj.weight"
     for label, tensor in (("base", w), ("small", small), ("intruded", intruded)):
@@ -122,8 +140,9 @@ def test_a_warm_cache_skips_every_base_decomposition_and_gives_the_same_bytes(pa
     monkeypatch.setattr(spectrum_mod, "decompose", lambda w, columns=None: calls.append(1) or real(w, columns))
 
     def run() -> str:
-        result = spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")],
-                          cache=cache)
+        result = spectrum(
+            open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")], cache=cache
+        )
         return json.dumps(result.to_dict())
 
     cold = run()
@@ -131,8 +150,12 @@ def test_a_warm_cache_skips_every_base_decomposition_and_gives_the_same_bytes(pa
     warm = run()
     assert len(calls) == len(SHAPES)  # nothing decomposed the second time
     assert warm == cold
-    assert json.dumps(spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")])
-                      .to_dict()) == cold  # and no cache at all: the same bytes too
+    assert (
+        json.dumps(
+            spectrum(open_checkpoint(root / "base.safetensors"), [open_checkpoint(root / "ft.safetensors")]).to_dict()
+        )
+        == cold
+    )  # and no cache at all: the same bytes too
 
 
 def test_cache_keys_follow_content_and_damaged_entries_are_misses(tmp_path):
@@ -209,8 +232,19 @@ def test_values_only_gives_the_same_values_and_no_vectors(pair):
 def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_path):
     root, _, _ = pair
     out = tmp_path / "out"
-    done = run_cli("spectrum", str(root / "base.safetensors"), "--values-only", "--json", str(out / "s.json"),
-                   "--csv", str(out / "s.csv"), "--plots", str(out / "plots"), "--report", str(out / "r.html"))
+    done = run_cli(
+        "spectrum",
+        str(root / "base.safetensors"),
+        "--values-only",
+        "--json",
+        str(out / "s.json"),
+        "--csv",
+        str(out / "s.csv"),
+        "--plots",
+        str(out / "plots"),
+        "--report",
+        str(out / "r.html"),
+    )
     assert done[0] == 0, done
     payload = json.loads((out / "s.json").read_text())
     assert payload["finetuned"] == [] and len(payload["matrices"]) == len(SHAPES)
@@ -223,17 +257,27 @@ def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_
     folder_input = tmp_path / "base_folder"
     folder_input.mkdir()
     (folder_input / "model.safetensors").write_bytes((root / "base.safetensors").read_bytes())
-    inside = run_cli("spectrum", str(folder_input), str(root / "ft.safetensors"), "--cache-dir", str(folder_input / "c"))
+    inside = run_cli(
+        "spectrum", str(folder_input), str(root / "ft.safetensors"), "--cache-dir", str(folder_input / "c")
+    )
     assert inside[0] == 2 and "--cache-dir" in inside[2] and not (folder_input / "c").exists()
 
     bad = run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--cache-size", "-1")
     assert bad[0] == 2 and "--cache-size" in bad[2]
 
     folder = tmp_path / "mycache"
-    ignored = run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--no-cache",
-                      "--cache-dir", str(folder))
+    ignored = run_cli(
+        "spectrum",
+        str(root / "base.safetensors"),
+        str(root / "ft.safetensors"),
+        "--no-cache",
+        "--cache-dir",
+        str(folder),
+    )
     assert ignored[0] == 2 and "--cache-dir does not apply" in ignored[2]  # an option that changes nothing is refused
     assert not folder.exists()
-    assert run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"),
-                   "--cache-dir", str(folder))[0] == 0
+    assert (
+        run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--cache-dir", str(folder))[0]
+        == 0
+    )
     assert len(DecompositionCache(folder).entries()) == len(SHAPES)

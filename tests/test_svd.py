@@ -44,7 +44,10 @@ def test_randomized_svd_is_deterministic_for_a_seed():
 
 def test_lowrank_svd_of_factors_equals_the_dense_svd():
     gen = torch.Generator().manual_seed(2)
-    b, a = torch.randn(50, 4, generator=gen, dtype=torch.float64), torch.randn(4, 70, generator=gen, dtype=torch.float64)
+    b, a = (
+        torch.randn(50, 4, generator=gen, dtype=torch.float64),
+        torch.randn(4, 70, generator=gen, dtype=torch.float64),
+    )
     got = lowrank_svd(b, a, scale=2.5)
     dense = 2.5 * b @ a
     np.testing.assert_allclose(got.S.numpy(), np.linalg.svd(dense.numpy(), compute_uv=False)[:4], rtol=1e-10)

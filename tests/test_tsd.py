@@ -29,8 +29,13 @@ def planted(tmp_path_factory):
 
 
 def test_planted_core_directions_are_the_tsds_with_their_rates(planted):
-    result, vectors = tsd(open_checkpoint(planted / "base.safetensors"), open_checkpoint(planted / "ft.safetensors"),
-                          TSDOptions(top=2), CPU64, keep_vectors=True)
+    result, vectors = tsd(
+        open_checkpoint(planted / "base.safetensors"),
+        open_checkpoint(planted / "ft.safetensors"),
+        TSDOptions(top=2),
+        CPU64,
+        keep_vectors=True,
+    )
     m = result.matrices[0]
     assert m.indices == [7, 2]
     assert m.rate == pytest.approx([0.5, 0.3], rel=1e-9)
@@ -38,7 +43,7 @@ def test_planted_core_directions_are_the_tsds_with_their_rates(planted):
     assert m.core_energy_share == pytest.approx(1.0) and m.tsd_energy_share == pytest.approx(1.0)
     assert m.percentile == pytest.approx([100 * 7 / 23, 100 * 2 / 23])
     base = open_checkpoint(planted / "base.safetensors").get("layers.0.self_attn.v_proj.weight")
-    u, s, vh = torch.linalg.svd(base, full_matrices=False)
+    u, s, _vh = torch.linalg.svd(base, full_matrices=False)
     v = vectors["layers.0.self_attn.v_proj.weight"]
     assert v["u"].shape == (40, 2) and v["v"].shape == (24, 2)
     assert abs(float(v["u"][:, 0] @ u[:, 7])) == pytest.approx(1.0)
@@ -49,7 +54,9 @@ def test_adapter_gives_the_same_tsds_as_its_merged_checkpoint(zoo, adapters, tmp
     from peft import PeftModel
     from transformers import AutoModel
 
-    PeftModel.from_pretrained(AutoModel.from_pretrained(zoo["bert"]), adapters["bert"]).merge_and_unload().save_pretrained(tmp_path / "m")
+    PeftModel.from_pretrained(
+        AutoModel.from_pretrained(zoo["bert"]), adapters["bert"]
+    ).merge_and_unload().save_pretrained(tmp_path / "m")
     base = open_checkpoint(zoo["bert"])
     via_adapter, _ = tsd(base, open_finetuned(adapters["bert"], base), TSDOptions(top=4), CPU64)
     dense, _ = tsd(base, open_checkpoint(tmp_path / "m"), TSDOptions(top=4, include="query|value"), CPU64)
@@ -62,12 +69,26 @@ def test_adapter_gives_the_same_tsds_as_its_merged_checkpoint(zoo, adapters, tmp
 
 
 def test_tsd_cli_saves_directions_for_init_lora(planted, run_cli, tmp_path):
-    code, out, err = run_cli("tsd", planted / "base.safetensors", planted / "ft.safetensors", "--top", "3",
-                             "--save", tmp_path / "tsd.safetensors", "--json", tmp_path / "t.json",
-                             "--plots", tmp_path / "plots")
+    code, _out, err = run_cli(
+        "tsd",
+        planted / "base.safetensors",
+        planted / "ft.safetensors",
+        "--top",
+        "3",
+        "--save",
+        tmp_path / "tsd.safetensors",
+        "--json",
+        tmp_path / "t.json",
+        "--plots",
+        tmp_path / "plots",
+    )
     assert code == 0, err
     saved = load_directions(tmp_path / "tsd.safetensors")
     assert saved["layers.0.self_attn.v_proj.weight"]["indices"].tolist()[:2] == [7, 2]
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["schema"] == "weightlab.tsd/1" and data["matrices"][0]["indices"][:2] == [7, 2]
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [".weightlab-output", "change_rates.png", "tsd_percentiles.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        ".weightlab-output",
+        "change_rates.png",
+        "tsd_percentiles.png",
+    ]

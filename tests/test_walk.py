@@ -21,7 +21,7 @@ from weightlab.surgery.lora import extract_lora
 
 SAME_SHAPE = [f"layers.{i}.self_attn.q_proj.weight" for i in range(5)]  # five 24×16 matrices
 ODD = "layers.2.mlp.up_proj.weight"  # one 30×16
-ORDER = sorted(SAME_SHAPE + [ODD])  # the files' order: the odd one sits between same-shape ones
+ORDER = sorted([*SAME_SHAPE, ODD])  # the files' order: the odd one sits between same-shape ones
 
 
 def cpu(batch: int) -> Compute:
@@ -71,6 +71,7 @@ def open_all(root):
 
 # ---- what the walk visits and how it batches ---------------------------------------------
 
+
 def test_same_shape_tensors_batch_together_and_progress_counts_every_tensor(planted):
     root, _ = planted
     base, a, _ = open_all(root)
@@ -86,7 +87,7 @@ def test_same_shape_tensors_batch_together_and_progress_counts_every_tensor(plan
 def test_selection_filters_by_name_shape_and_size(planted):
     root, _ = planted
     matched = TensorWalk(open_all(root)).matching.matched
-    names = lambda sel: [i.names[0] for i in select(matched, sel)]  # noqa: E731
+    names = lambda sel: [i.names[0] for i in select(matched, sel)]
     assert names(Selection(include="up_proj")) == [ODD]
     assert names(Selection(exclude="q_proj")) == [ODD]
     assert names(Selection(min_elements=24 * 16 + 1)) == [ODD]
@@ -99,12 +100,20 @@ def test_adapter_rule_keeps_modules_any_or_every_fine_tune_changes(planted, tmp_
     gen = torch.Generator().manual_seed(0)
     adapters = []
     for stem, modules in (("x", SAME_SHAPE[:3]), ("y", SAME_SHAPE[2:4])):
-        write_adapter(tmp_path / stem, {m.removesuffix(".weight"): LoraFactors(a=torch.randn(2, 16, generator=gen),
-                                                                              b=torch.randn(24, 2, generator=gen))
-                                        for m in modules}, scale=1.0, base_model="base")
+        write_adapter(
+            tmp_path / stem,
+            {
+                m.removesuffix(".weight"): LoraFactors(
+                    a=torch.randn(2, 16, generator=gen), b=torch.randn(24, 2, generator=gen)
+                )
+                for m in modules
+            },
+            scale=1.0,
+            base_model="base",
+        )
         adapters.append(open_finetuned(tmp_path / stem, base))
     assert all(isinstance(x, AdaptedCheckpoint) for x in adapters)
-    visited = lambda **kw: [i.names[0] for i in TensorWalk([base, *adapters], **kw).items]  # noqa: E731
+    visited = lambda **kw: [i.names[0] for i in TensorWalk([base, *adapters], **kw).items]
     assert visited(changed_by=adapters) == SAME_SHAPE[:4]
     assert visited(changed_by=adapters, every=True) == SAME_SHAPE[2:3]
     dense = open_checkpoint(root / "a.safetensors")
@@ -127,6 +136,7 @@ def test_a_non_finite_value_in_a_batch_names_its_file_and_tensor(planted, tmp_pa
 
 
 # ---- planted answers, the same at batch sizes 1 and 3 --------------------------------------
+
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_spectrum_finds_each_planted_amplification(planted, batch):
@@ -171,12 +181,14 @@ def test_gaussian_moments_of_each_update_equal_numpy(planted, batch):
     assert [t.name for t in result.tensors] == ORDER
     for t in (t for t in result.tensors if t.name != ODD):
         delta = (a.get(t.name) - base.get(t.name)).double().numpy()
-        assert t.delta.std == pytest.approx(delta.std(), rel=1e-6) and t.delta.mean == pytest.approx(delta.mean(), abs=1e-9)
+        assert t.delta.std == pytest.approx(delta.std(), rel=1e-6) and t.delta.mean == pytest.approx(
+            delta.mean(), abs=1e-9
+        )
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_extract_lora_recovers_each_rank_one_update(planted, batch):
-    root, facts = planted
+    root, _facts = planted
     base, a, _ = open_all(root)
     report, factors = extract_lora(base, a, ORDER, rank=1, compute=cpu(batch))
     assert [m.name for m in report.modules] == SAME_SHAPE and report.skipped == [ODD]

@@ -27,7 +27,7 @@ from weightlab.report.document import render_html, render_markdown, section
 class Structure(HTMLParser):
     """Open elements as a stack: every close tag must close the innermost open one."""
 
-    VOID = {"meta", "img", "br", "hr", "input", "link"}
+    VOID = frozenset({"meta", "img", "br", "hr", "input", "link"})
 
     def __init__(self):
         super().__init__()
@@ -55,9 +55,12 @@ def _sections(results, tmp_path) -> list:
 @pytest.fixture(scope="module")
 def analysed(zoo):
     base, ft = open_checkpoint(zoo["llama"]), open_checkpoint(zoo["llama_ft"])
-    return {"spectrum": spectrum(base, [ft]), "esd": esd(ft, base, ESDOptions(traps=False)),
-            "gaussian": gaussian(ft, base, GaussianOptions(min_elements=64)),
-            "values-only": spectrum(base, [ft], SpectrumOptions(values_only=True))}
+    return {
+        "spectrum": spectrum(base, [ft]),
+        "esd": esd(ft, base, ESDOptions(traps=False)),
+        "gaussian": gaussian(ft, base, GaussianOptions(min_elements=64)),
+        "values-only": spectrum(base, [ft], SpectrumOptions(values_only=True)),
+    }
 
 
 def test_the_html_report_is_well_formed_and_its_sections_are_siblings(analysed, tmp_path):
@@ -88,7 +91,7 @@ def test_figures_not_computed_say_so_never_zero(analysed, tmp_path):
 
 
 def test_values_only_against_a_fine_tune_shows_its_tables(zoo, run_cli):
-    code, out, err = run_cli("spectrum", zoo["llama"], zoo["llama_ft"], "--values-only", "--rows", "3")
+    code, _out, err = run_cli("spectrum", zoo["llama"], zoo["llama_ft"], "--values-only", "--rows", "3")
     assert code == 0 and "Traceback" not in err, err
 
 
@@ -101,11 +104,19 @@ def test_intruder_plots_count_what_the_headline_counts(zoo, tmp_path, monkeypatc
     def matrix(name, layer, intruders):
         return MitigatedMatrix(name, layer, "other", [4, 4], intruders, [0.1, 0.9], [1.0] * len(intruders), 1.0, 0.1)
 
-    report = IntruderReport("b", "f", "o", "checkpoint", IntruderOptions(),
-                            [matrix("layers.0.q.weight", 0, []), matrix("pooler.dense.weight", None, [0])])
+    report = IntruderReport(
+        "b",
+        "f",
+        "o",
+        "checkpoint",
+        IntruderOptions(),
+        [matrix("layers.0.q.weight", 0, []), matrix("pooler.dense.weight", None, [0])],
+    )
     drawn, said = [], []
     real_bar = plots.plt.Axes.bar
-    monkeypatch.setattr(plots.plt.Axes, "bar", lambda ax, x, h, *a, **k: drawn.append(list(h)) or real_bar(ax, x, h, *a, **k))
+    monkeypatch.setattr(
+        plots.plt.Axes, "bar", lambda ax, x, h, *a, **k: drawn.append(list(h)) or real_bar(ax, x, h, *a, **k)
+    )
     monkeypatch.setattr(plots, "_say_empty", lambda ax, text: said.append(text))
     plots.intruder_plots(report, tmp_path / "with")
     assert sum(sum(h) for h in drawn) == dict((k, v) for k, _, v in report.headline())["intruders.count"] == 1
@@ -122,8 +133,10 @@ def test_subspaces_that_span_the_whole_space_are_no_finding(tmp_path):
     tensors = {"tiny.weight": torch.randn(2, 32, generator=gen), "big.weight": torch.randn(32, 32, generator=gen)}
     for name, scale in (("a", 0.1), ("b", 0.2)):
         (tmp_path / name).mkdir()
-        save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
-                  tmp_path / name / "model.safetensors")
+        save_file(
+            {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in tensors.items()},
+            tmp_path / name / "model.safetensors",
+        )
     result = angles(open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b"), options=AnglesOptions(k=2))
     by_name = {m.name: m for m in result.matrices}
     assert by_name["tiny.weight"].spans_whole_space and not by_name["big.weight"].spans_whole_space
@@ -137,18 +150,24 @@ def test_models_are_named_not_numbered(zoo, adapters, tmp_path, run_cli):
     base = open_checkpoint(zoo["llama"])
     result = spectrum(base, [open_checkpoint(zoo["llama_ft"]), open_checkpoint(zoo["llama_sharded"])])
     assert {row[1] for row in result.tables()[0].rows} == {"llama_ft", "llama_sharded"}
-    assert model_names(["runs/a/model", "runs/b/model", "x/models--org--m/snapshots/" + "a" * 40]) == \
-        ["a/model", "b/model", "org/m@aaaaaaa"]
+    assert model_names(["runs/a/model", "runs/b/model", "x/models--org--m/snapshots/" + "a" * 40]) == [
+        "a/model",
+        "b/model",
+        "org/m@aaaaaaa",
+    ]
     code, out, _ = run_cli("compare", "--base", zoo["llama"], zoo["llama_ft"], zoo["llama_sharded"])
     assert code == 0 and "llama_ft × llama_sharded" in out
 
 
 def test_tables_fit_a_terminal_of_100_columns(zoo):
     env = {**os.environ, "COLUMNS": "100"}
-    for args in (["spectrum", zoo["llama"], zoo["llama_ft"], zoo["llama_sharded"], "--rows", "5"],
-                 ["esd", zoo["llama_ft"], "--base", zoo["llama"], "--no-traps"]):
-        done = subprocess.run([sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=300)
+    for args in (
+        ["spectrum", zoo["llama"], zoo["llama_ft"], zoo["llama_sharded"], "--rows", "5"],
+        ["esd", zoo["llama_ft"], "--base", zoo["llama"], "--no-traps"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+        )
         assert done.returncode == 0, done.stderr
         widest = max(len(line) for line in done.stdout.splitlines())
         assert widest <= 100, (args[0], widest)
@@ -156,8 +175,16 @@ def test_tables_fit_a_terminal_of_100_columns(zoo):
 
 
 def test_one_number_format_everywhere():
-    assert [fmt(v) for v in (0.5, 1.0, 0.6875, 0.0334, 12345.6, 22713728, 3, None)] == \
-        ["0.500", "1.00", "0.688", "0.0334", "1.23e+04", "22,713,728", "3", "-"]
+    assert [fmt(v) for v in (0.5, 1.0, 0.6875, 0.0334, 12345.6, 22713728, 3, None)] == [
+        "0.500",
+        "1.00",
+        "0.688",
+        "0.0334",
+        "1.23e+04",
+        "22,713,728",
+        "3",
+        "-",
+    ]
 
 
 def test_piped_progress_is_plain_lines_at_a_modest_rate():
@@ -180,7 +207,9 @@ def test_piped_progress_is_plain_lines_at_a_modest_rate():
 
 
 def _weightlab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_cli_says_what_it_is_and_how_to_fix_a_typo(zoo, tmp_path):
@@ -196,8 +225,9 @@ def test_the_cli_says_what_it_is_and_how_to_fix_a_typo(zoo, tmp_path):
     tensors["layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, tmp_path / "nan" / "model.safetensors")
     failed = _weightlab("spectrum", zoo["llama"], tmp_path / "nan")
-    assert failed.returncode == 2 and failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, \
-        repr(failed.stderr)  # no blank line, nothing else
+    assert failed.returncode == 2 and failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, repr(
+        failed.stderr
+    )  # no blank line, nothing else
 
 
 def test_cache_entries_take_the_users_file_mode(tmp_path):

@@ -40,7 +40,11 @@ def test_sharded_write_has_an_index_and_loads_in_transformers(zoo, tmp_path):
 
 def test_small_model_is_one_file_without_index(zoo, tmp_path):
     copy_checkpoint(zoo["bert"], tmp_path / "one")
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [".weightlab-output", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        ".weightlab-output",
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_interrupted_write_leaves_nothing_under_the_final_name(zoo, tmp_path):
@@ -80,7 +84,9 @@ def test_same_tensors_give_identical_bytes(zoo, tmp_path):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
 
 
-@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2MiB", 2 * 1024**2), ("1000", 1000)])
+@pytest.mark.parametrize(
+    "text, size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2MiB", 2 * 1024**2), ("1000", 1000)]
+)
 def test_sizes_parse(text, size):
     assert parse_size(text) == size
 
@@ -90,14 +96,22 @@ def test_our_safetensors_files_read_back_with_the_reference_library(tmp_path):
 
     from weightlab.io.safetensors_file import write_safetensors
 
-    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7), "m": torch.tensor([True, False]),
-               "e": torch.zeros(0, 4), "f8": torch.randn(4).to(torch.float8_e4m3fn)}
+    tensors = {
+        "b": torch.randn(3, 5).to(torch.bfloat16),
+        "a": torch.arange(7),
+        "m": torch.tensor([True, False]),
+        "e": torch.zeros(0, 4),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),
+    }
     write_safetensors(tmp_path / "x.safetensors", tensors, {"z": "1", "a": "2"})
     with safe_open(tmp_path / "x.safetensors", "pt") as f:
         assert f.metadata() == {"z": "1", "a": "2"}
         for name, t in tensors.items():
-            assert torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8)) if t.numel() else \
-                f.get_tensor(name).shape == t.shape
+            assert (
+                torch.equal(f.get_tensor(name).view(torch.uint8), t.view(torch.uint8))
+                if t.numel()
+                else f.get_tensor(name).shape == t.shape
+            )
 
 
 def test_a_failed_commit_puts_every_earlier_output_back(tmp_path):
@@ -106,7 +120,9 @@ def test_a_failed_commit_puts_every_earlier_output_back(tmp_path):
 
     (tmp_path / "a.json").write_text("old a\n")
     with pytest.raises(OutputConflict):
-        with OutputPlan([], [Output("--json", tmp_path / "a.json"), Output("--csv", tmp_path / "b.csv")], force=True) as plan:
+        with OutputPlan(
+            [], [Output("--json", tmp_path / "a.json"), Output("--csv", tmp_path / "b.csv")], force=True
+        ) as plan:
             plan.write_text("--json", "new a\n")
             plan.write_text("--csv", "new b\n")
             (tmp_path / "b.csv").mkdir()  # appears meanwhile: --force may not replace a folder with a file

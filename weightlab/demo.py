@@ -13,9 +13,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,8 +50,9 @@ def _sentence(rng: random.Random, subject_is_animal: bool, coloured: bool) -> st
 def make_tasks(n_train: int = 192, n_test: int = 96, seed: int = 0) -> list[Task]:
     """Two tasks on the same kind of sentences: is the subject an animal? does a colour qualify it?"""
     tasks = []
-    for index, (name, description) in enumerate([("animal", "is the sentence's subject an animal?"),
-                                                 ("colour", "is the subject described by a colour?")]):
+    for index, (name, description) in enumerate(
+        [("animal", "is the sentence's subject an animal?"), ("colour", "is the subject described by a colour?")]
+    ):
         rng = random.Random(seed * 100 + index)
         rows = []
         for _ in range(n_train + n_test):
@@ -70,7 +71,7 @@ def _batches(rows: list[tuple[str, int]], size: int, rng: random.Random):
     rows = rows[:]
     rng.shuffle(rows)
     for i in range(0, len(rows), size):
-        yield rows[i:i + size]
+        yield rows[i : i + size]
 
 
 def accuracy(model, tokenizer, rows: list[tuple[str, int]]) -> float:
@@ -99,8 +100,10 @@ def _classifier():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _quiet_transformers()
-    return (AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
-            AutoTokenizer.from_pretrained(minilm_path()))
+    return (
+        AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2),
+        AutoTokenizer.from_pretrained(minilm_path()),
+    )
 
 
 def accuracy_with_encoder(encoder: dict[str, torch.Tensor], head: Path, task: Task) -> float:
@@ -141,8 +144,9 @@ def finetune(task: Task, lora: bool = False, steps: int = 60, seed: int = 0, lr:
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                 modules_to_save=["classifier"]))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+        )
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or (1e-3 if lora else 1e-4))
     rng = random.Random(seed)
     done = 0
@@ -192,8 +196,9 @@ def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None =
         else:
             model.bert.save_pretrained(tmp)  # the encoder, named as the base checkpoint
             torch.save(model.classifier.state_dict(), tmp / "classifier_head.pt")
-        (tmp / "weightlab_demo.json").write_text(json.dumps({"task": task.name, "lora": lora, "steps": steps,
-                                                             "accuracy": acc}, indent=2))
+        (tmp / "weightlab_demo.json").write_text(
+            json.dumps({"task": task.name, "lora": lora, "steps": steps, "accuracy": acc}, indent=2)
+        )
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return paths
@@ -225,21 +230,36 @@ class DemoSummary(Result):
 
     def tables(self) -> list[Table]:
         tasks = self._tasks()
-        return [Table("merging the two full fine-tunes: test accuracy per task", ["merge", *(f"{t} accuracy" for t in tasks),
-                                                                                  "coefficients"],
-                      [[label, *(m["accuracy"][t] for t in tasks), ", ".join(f"{c:.3f}" for c in m["coefficients"])]
-                       for label, m in self.merge.items()])]
+        return [
+            Table(
+                "merging the two full fine-tunes: test accuracy per task",
+                ["merge", *(f"{t} accuracy" for t in tasks), "coefficients"],
+                [
+                    [label, *(m["accuracy"][t] for t in tasks), ", ".join(f"{c:.3f}" for c in m["coefficients"])]
+                    for label, m in self.merge.items()
+                ],
+            )
+        ]
 
     def headline(self) -> list[tuple[str, str, object]]:
         tasks = self._tasks()
-        return [(f"demo.merge.{label}", f"merged, {label}: accuracy " + " / ".join(tasks),
-                 " / ".join(fmt(m["accuracy"][t]) for t in tasks)) for label, m in self.merge.items()]
+        return [
+            (
+                f"demo.merge.{label}",
+                f"merged, {label}: accuracy " + " / ".join(tasks),
+                " / ".join(fmt(m["accuracy"][t]) for t in tasks),
+            )
+            for label, m in self.merge.items()
+        ]
 
     def note(self) -> str:
-        before = ", ".join(f"{k} {ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}"
-                           for k, ft in self.fine_tunes.items())
-        return (f"Test accuracy of each fine-tune, before → after (fresh head): {before}. Each merged encoder is scored "
-                "with each task's own trained head; every variant is listed.")
+        before = ", ".join(
+            f"{k} {ft['accuracy']['before']:.2f} → {ft['accuracy']['after']:.2f}" for k, ft in self.fine_tunes.items()
+        )
+        return (
+            f"Test accuracy of each fine-tune, before → after (fresh head): {before}. Each merged encoder is scored "
+            "with each task's own trained head; every variant is listed."
+        )
 
 
 def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = None) -> dict:
@@ -247,9 +267,9 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.analysis.angles import AnglesOptions, angles
     from weightlab.analysis.esd import ESDOptions, esd
     from weightlab.analysis.gaussian import GaussianOptions, gaussian
-    from weightlab.compute.cache import DecompositionCache, default_folder
     from weightlab.analysis.spectrum import SpectrumOptions, spectrum, summarise
     from weightlab.analysis.tsd import TSDOptions, save_directions, tsd
+    from weightlab.compute.cache import DecompositionCache, default_folder
     from weightlab.inventory import inventory
     from weightlab.io import open_finetuned, open_weights
     from weightlab.io.adapter_writer import write_adapter
@@ -271,21 +291,26 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     trained = {key: json.loads((path / "weightlab_demo.json").read_text()) for key, path in paths.items()}
 
     step("spectrum: base vs each fine-tune")
-    spec = spectrum(base, list(fts.values()), SpectrumOptions(keep=64), compute,
-                    cache=DecompositionCache(default_folder()))  # a second tour decomposes no base matrix
+    spec = spectrum(
+        base, list(fts.values()), SpectrumOptions(keep=64), compute, cache=DecompositionCache(default_folder())
+    )  # a second tour decomposes no base matrix
     (tmp / "spectrum.json").write_text(to_json(spec.to_dict()))
     (tmp / "spectrum.csv").write_text(to_csv(spec.rows()))
     drawn = {"spectrum": draw(spec, tmp / "plots" / "spectrum")}  # the report reuses them
 
     step("angles: task vectors of the two full fine-tunes")
-    ang = angles(fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16, svd="randomized"), compute)  # k ≪ 384: seeded top-k
+    ang = angles(
+        fts["ft_animal"], fts["ft_colour"], base, AnglesOptions(k=16, svd="randomized"), compute
+    )  # k ≪ 384: seeded top-k
     (tmp / "angles.json").write_text(to_json(ang.to_dict()))
     drawn["angles"] = draw(ang, tmp / "plots" / "angles")
 
     step("gaussian: the full fine-tune's update ΔW")
     gauss = gaussian(fts["ft_animal"], base, GaussianOptions(sample_size=20_000), compute)
     (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
-    drawn["gaussian"] = gaussian_plots(gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", gauss.options.sample_size)
+    drawn["gaussian"] = gaussian_plots(
+        gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", gauss.options.sample_size
+    )
 
     step("esd: heavy-tailed spectra of the full fine-tune and of its update")
     spectral = esd(fts["ft_animal"], base, ESDOptions(traps=False), compute)
@@ -306,24 +331,35 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     drawn["tsd"] = draw(directions, tmp / "plots" / "tsd")
 
     tasks = {t.name: t for t in make_tasks()}
-    mitigated_accuracy = accuracy_with_encoder(checkpoint_state(mitigated), paths["ft_animal"] / "classifier_head.pt",
-                                               tasks["animal"])
+    mitigated_accuracy = accuracy_with_encoder(
+        checkpoint_state(mitigated), paths["ft_animal"] / "classifier_head.pt", tasks["animal"]
+    )
     models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
     merges = {}
     variants = {  # NAN on weights vs on task vectors, against task arithmetic at two scales
         "task-arithmetic λ=0.5": {"method": "task-arithmetic", "param_values": {"lambda": 0.5}},
         "task-arithmetic λ=1": {"method": "task-arithmetic", "param_values": {"lambda": 1.0}},
         "nan (weights)": {"method": "nan", "param_values": {"lambda": 1.0}},
-        "nan (task vectors), λ=2": {"method": "nan", "nan": NanOptions(norm_of="task-vectors"), "param_values": {"lambda": 2.0}},
-        "ties + nan, density 0.3, λ=2": {"method": "ties", "coeff": "nan", "param_values": {"lambda": 2.0, "density": 0.3}},
+        "nan (task vectors), λ=2": {
+            "method": "nan",
+            "nan": NanOptions(norm_of="task-vectors"),
+            "param_values": {"lambda": 2.0},
+        },
+        "ties + nan, density 0.3, λ=2": {
+            "method": "ties",
+            "coeff": "nan",
+            "param_values": {"lambda": 2.0, "density": 0.3},
+        },
     }
     for label, options in variants.items():
         step(f"merge: {label} of the two full fine-tunes")
         folder = tmp / "merged" / slug(label)
         report = merge(build_config({**options, "base": str(base.path), "models": models}), folder, compute=compute)
         merged_state = checkpoint_state(folder)
-        accuracies = {name: accuracy_with_encoder(merged_state, paths[f"ft_{name}"] / "classifier_head.pt", task)
-                      for name, task in tasks.items()}
+        accuracies = {
+            name: accuracy_with_encoder(merged_state, paths[f"ft_{name}"] / "classifier_head.pt", task)
+            for name, task in tasks.items()
+        }
         merges[label] = {"coefficients": report.coefficients, "accuracy": accuracies, "config": report.config.to_dict()}
     (tmp / "merge.json").write_text(to_json(merges))
 
@@ -331,43 +367,70 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     targets = resolve_targets(base, "query,value")
     with CheckpointWriter(tmp / "lora-init" / "residual", donor=base.path, plan=stored_plan(base)) as writer:
         init_report, factors = init_lora(base, targets, LoraInitOptions("tsd", 8), fts["lora_animal"], writer, compute)
-    write_adapter(tmp / "lora-init" / "adapter", factors, scale=1.0, base_model=str(tmp / "lora-init" / "residual"),
-                  sidecar=init_report.to_dict())
-    extract_report, extracted = extract_lora(base, fts["ft_animal"], resolve_targets(base, "all-linear"), energy=0.9,
-                                             compute=compute)
-    write_adapter(tmp / "lora-extract", extracted, scale=1.0, base_model=str(base.path), sidecar=extract_report.to_dict())
-    extract_accuracy = accuracy_with_encoder(adapted_state(tmp / "lora-extract"), paths["ft_animal"] / "classifier_head.pt",
-                                             tasks["animal"])
+    write_adapter(
+        tmp / "lora-init" / "adapter",
+        factors,
+        scale=1.0,
+        base_model=str(tmp / "lora-init" / "residual"),
+        sidecar=init_report.to_dict(),
+    )
+    extract_report, extracted = extract_lora(
+        base, fts["ft_animal"], resolve_targets(base, "all-linear"), energy=0.9, compute=compute
+    )
+    write_adapter(
+        tmp / "lora-extract", extracted, scale=1.0, base_model=str(base.path), sidecar=extract_report.to_dict()
+    )
+    extract_accuracy = accuracy_with_encoder(
+        adapted_state(tmp / "lora-extract"), paths["ft_animal"] / "classifier_head.pt", tasks["animal"]
+    )
 
     keys = list(fts)
     by_ft = {key: [m for m in spec.matrices if m.finetuned == i] for i, key in enumerate(keys)}
     summary = DemoSummary(
-        model=str(base.path), fine_tunes={key: {**trained[key], "path": str(paths[key])} for key in trained},
-        spectrum={key: {
-            "matrices": len(ms),
-            "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
-            "most_changed": max(ms, key=lambda m: m.relative_change).name,
-            "intruders": sum(len(m.intruders) for m in ms),
-            "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
-        } for key, ms in by_ft.items()},
+        model=str(base.path),
+        fine_tunes={key: {**trained[key], "path": str(paths[key])} for key in trained},
+        spectrum={
+            key: {
+                "matrices": len(ms),
+                "mean_relative_change": sum(m.relative_change for m in ms) / len(ms),
+                "most_changed": max(ms, key=lambda m: m.relative_change).name,
+                "intruders": sum(len(m.intruders) for m in ms),
+                "most_changed_role": max(summarise(ms, "role"), key=lambda s: s["relative_change"])["role"],
+            }
+            for key, ms in by_ft.items()
+        },
         angles_ft_animal_vs_ft_colour_mean_deg=sum(m.mean_angle for m in ang.findings()) / len(ang.findings()),
-        gaussian={"weights": gauss.label_counts("weights"), "delta": gauss.label_counts("delta"),
-                  "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None},
+        gaussian={
+            "weights": gauss.label_counts("weights"),
+            "delta": gauss.label_counts("delta"),
+            "delta_std_slope_per_layer": gauss.depth_trend.slope if gauss.depth_trend else None,
+        },
         tsd_percentile_histogram=directions.percentile_histogram(),
         merge={label: {"accuracy": m["accuracy"], "coefficients": m["coefficients"]} for label, m in merges.items()},
         init_lora_tsd_max_residual_error=max(m.relative_error for m in init_report.modules),
-        extract_lora={"modules": len(extract_report.modules),
-                      "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
-                      "accuracy_animal": extract_accuracy},
-        esd={"mean_alpha_weights": spectral.summary()["weights"]["mean_alpha"],
-             "mean_alpha_delta": spectral.summary()["delta"]["mean_alpha"]},
-        intruders={**intruders.summary(), "accuracy_animal_before": trained["ft_animal"]["accuracy"]["after"],
-                   "accuracy_animal_after": mitigated_accuracy},
+        extract_lora={
+            "modules": len(extract_report.modules),
+            "mean_rank": sum(m.rank for m in extract_report.modules) / len(extract_report.modules),
+            "accuracy_animal": extract_accuracy,
+        },
+        esd={
+            "mean_alpha_weights": spectral.summary()["weights"]["mean_alpha"],
+            "mean_alpha_delta": spectral.summary()["delta"]["mean_alpha"],
+        },
+        intruders={
+            **intruders.summary(),
+            "accuracy_animal_before": trained["ft_animal"]["accuracy"]["after"],
+            "accuracy_animal_after": mitigated_accuracy,
+        },
     )
     headline = summary.to_dict()
     (tmp / "summary.json").write_text(to_json(headline))
     step("report: report.html and report.md")
-    write_report(load_results([tmp]), tmp / "report.html", title="weightlab demo: all-MiniLM-L6-v2, briefly fine-tuned",
-                 markdown=tmp / "report.md", drawn=drawn)
+    write_report(
+        load_results([tmp]),
+        tmp / "report.html",
+        title="weightlab demo: all-MiniLM-L6-v2, briefly fine-tuned",
+        markdown=tmp / "report.md",
+        drawn=drawn,
+    )
     return headline
-

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import PurePath
-from typing import Sequence
 
 DIGITS = 3  # significant digits of every number shown to a person
 
@@ -25,7 +25,9 @@ def _parts(path: str) -> list[str]:
     parts = [p for p in pure.parts if p not in ("/", "")]
     if parts and pure.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"):
         stem = pure.stem
-        parts = parts[:-1] + ([stem] if stem not in ("model", "pytorch_model", "adapter_model") or len(parts) == 1 else [])
+        parts = parts[:-1] + (
+            [stem] if stem not in ("model", "pytorch_model", "adapter_model") or len(parts) == 1 else []
+        )
     return list(reversed(parts)) or [path]
 
 

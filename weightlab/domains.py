@@ -37,7 +37,9 @@ class Domain:
             return "a regular expression"
         noun = "an integer" if self.kind == "int" else "a finite number"
         if self.low is not None and self.high is not None:
-            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return (
+                f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            )
         if self.low is not None:
             return f"{noun} {'>' if self.low_open else '≥'} {self.low:g}"
         if self.high is not None:
@@ -91,8 +93,13 @@ def Int(low: int | None = None, high: int | None = None, optional: bool = False)
     return Domain("int", low, high, optional=optional)
 
 
-def Real(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-         optional: bool = False) -> Domain:
+def Real(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> Domain:
     return Domain("real", low, high, low_open, high_open, optional=optional)
 
 
@@ -109,7 +116,7 @@ def option(default: Any, domain: Domain | None, flag: str, *aliases: str, help: 
     its values are checked against `domain` (None: any value of the field's type), `flag` names
     it in messages and on the command line (`aliases` too, e.g. `--top-k`; a boolean's flag may be
     `--traps/--no-traps`), and `help` is its line in `--help`."""
-    metadata = {"flag": flag.split("/")[0], "flags": (flag, *aliases), "help": help}
+    metadata: dict[str, Any] = {"flag": flag.split("/")[0], "flags": (flag, *aliases), "help": help}
     if domain is not None:
         metadata["domain"] = domain
     return field(default=default, metadata=metadata, kw_only=kw_only)

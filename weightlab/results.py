@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from weightlab.errors import InvalidArgument
 
-_TYPES: dict[str, type["Result"]] = {}
+_TYPES: dict[str, type[Result]] = {}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Result:
         return list(getattr(self, "problems", []))
 
     @classmethod
-    def from_dict(cls, payload: dict) -> "Result":
+    def from_dict(cls, payload: dict) -> Result:
         """The result again from its `to_dict()`, every field checked against its declared type."""
         return from_dict(cls, payload)
 
@@ -102,6 +102,7 @@ def _import_result_modules() -> None:
 
 
 # ---- rebuilding typed dataclasses from JSON ----------------------------------------------------
+
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """A dataclass instance (nested dataclasses and lists of them included) from its asdict(),
@@ -150,5 +151,3 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if not ok:
         raise InvalidArgument(f"{where} should be {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
     return value
-
-

@@ -15,12 +15,25 @@ def tiny_config(family: str, layers: int = 2, hidden: int = 32):
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     if family == "llama":
-        return LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                           tie_word_embeddings=False)
+        return LlamaConfig(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     if family == "bert":
-        return BertConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, max_position_embeddings=64)
+        return BertConfig(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
     if family == "gpt2":
         return GPT2Config(vocab_size=128, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")

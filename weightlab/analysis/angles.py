@@ -13,8 +13,8 @@ With a base checkpoint the subspaces are those of the task vectors ΔW_A = W_A �
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -26,9 +26,8 @@ from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.results import Result, Table
 from weightlab.options import AnglesOptions
-
+from weightlab.results import Result, Table
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,11 +69,20 @@ class MatrixAngles:
         return self.k >= self.shape[0 if self.side == "left" else 1]
 
     def row(self) -> dict:
-        return {"name": self.name, "layer": self.layer, "role": self.role, "rows": self.shape[0],
-                "cols": self.shape[1], "side": self.side, "k": self.k, "mean_angle_deg": self.mean_angle,
-                "min_angle_deg": self.angles_deg[0] if self.angles_deg else None,
-                "max_angle_deg": self.angles_deg[-1] if self.angles_deg else None, "overlap": self.overlap,
-                "spans_whole_space": self.spans_whole_space}
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "role": self.role,
+            "rows": self.shape[0],
+            "cols": self.shape[1],
+            "side": self.side,
+            "k": self.k,
+            "mean_angle_deg": self.mean_angle,
+            "min_angle_deg": self.angles_deg[0] if self.angles_deg else None,
+            "max_angle_deg": self.angles_deg[-1] if self.angles_deg else None,
+            "overlap": self.overlap,
+            "spans_whole_space": self.spans_whole_space,
+        }
 
 
 @dataclass
@@ -95,35 +103,78 @@ class AnglesResult(Result):
         return f"Principal angles between the {'task vectors' if self.base else 'weights'} of A and B"
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, "a": self.a, "b": self.b, "base": self.base, "options": asdict(self.options),
-                "num_layers": self.num_layers, "problems": self.problems,
-                "summary_by_layer": summarise_angles(self.matrices, "layer"),
-                "summary_by_role": summarise_angles(self.matrices, "role"),
-                "matrices": [{**asdict(m), "mean_angle_deg": m.mean_angle, "overlap": m.overlap,
-                              "spans_whole_space": m.spans_whole_space} for m in self.matrices]}
+        return {
+            "schema": self.SCHEMA,
+            "a": self.a,
+            "b": self.b,
+            "base": self.base,
+            "options": asdict(self.options),
+            "num_layers": self.num_layers,
+            "problems": self.problems,
+            "summary_by_layer": summarise_angles(self.matrices, "layer"),
+            "summary_by_role": summarise_angles(self.matrices, "role"),
+            "matrices": [
+                {
+                    **asdict(m),
+                    "mean_angle_deg": m.mean_angle,
+                    "overlap": m.overlap,
+                    "spans_whole_space": m.spans_whole_space,
+                }
+                for m in self.matrices
+            ],
+        }
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.matrices]
 
     def tables(self) -> list[Table]:
-        main = Table(f"principal angles of {'task vectors' if self.base else 'weights'}, top-{self.options.k} subspaces "
-                     "(most aligned first)", ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²",
-                                              "note"],
-                     [[m.name, m.layer, m.role, m.side, m.k, m.mean_angle, m.angles_deg[0] if m.angles_deg else None,
-                       m.angles_deg[-1] if m.angles_deg else None, m.overlap,
-                       "k spans the whole space: 0° by construction" if m.spans_whole_space else None]
-                      for m in sorted(self.matrices, key=lambda m: (m.spans_whole_space, m.mean_angle))], names=True)
-        by = [Table(f"by {key}", ["side", key, "matrices", "mean °", "mean cos²"],
-                    [[s["side"], s[key], s["matrices"], s["mean_angle_deg"], s["overlap"]]
-                     for s in summarise_angles(self.matrices, key)], numeric_from=2) for key in ("layer", "role")]
+        main = Table(
+            f"principal angles of {'task vectors' if self.base else 'weights'}, top-{self.options.k} subspaces "
+            "(most aligned first)",
+            ["matrix", "layer", "role", "side", "k", "mean °", "min °", "max °", "mean cos²", "note"],
+            [
+                [
+                    m.name,
+                    m.layer,
+                    m.role,
+                    m.side,
+                    m.k,
+                    m.mean_angle,
+                    m.angles_deg[0] if m.angles_deg else None,
+                    m.angles_deg[-1] if m.angles_deg else None,
+                    m.overlap,
+                    "k spans the whole space: 0° by construction" if m.spans_whole_space else None,
+                ]
+                for m in sorted(self.matrices, key=lambda m: (m.spans_whole_space, m.mean_angle))
+            ],
+            names=True,
+        )
+        by = [
+            Table(
+                f"by {key}",
+                ["side", key, "matrices", "mean °", "mean cos²"],
+                [
+                    [s["side"], s[key], s["matrices"], s["mean_angle_deg"], s["overlap"]]
+                    for s in summarise_angles(self.matrices, key)
+                ],
+                numeric_from=2,
+            )
+            for key in ("layer", "role")
+        ]
         return [main, *by]
 
     def headline(self) -> list[tuple[str, str, object]]:
         ms = self.findings()
         closest = min(ms, key=lambda m: m.mean_angle) if ms else None
-        return [("angles.mean_angle_deg", "mean principal angle (°)", sum(m.mean_angle for m in ms) / len(ms) if ms else None),
-                ("angles.most_aligned", "most aligned matrix", closest.name if closest else None),
-                ("angles.matrices", "matrices compared", len(self.matrices))]
+        return [
+            (
+                "angles.mean_angle_deg",
+                "mean principal angle (°)",
+                sum(m.mean_angle for m in ms) / len(ms) if ms else None,
+            ),
+            ("angles.most_aligned", "most aligned matrix", closest.name if closest else None),
+            ("angles.matrices", "matrices compared", len(self.matrices)),
+        ]
 
     def findings(self) -> list[MatrixAngles]:
         """The matrices whose angles say something: not those whose k spans the whole space."""
@@ -134,9 +185,11 @@ class AnglesResult(Result):
 
 
 def summarise_angles(matrices: Sequence[MatrixAngles], by: str) -> list[dict]:
-    return group_summary([m for m in matrices if m.angles_deg and not m.spans_whole_space],
-                         {"side": lambda m: m.side, by: lambda m: getattr(m, by)},
-                         {"matrices": len, "mean_angle_deg": mean(lambda m: m.mean_angle), "overlap": mean(lambda m: m.overlap)})
+    return group_summary(
+        [m for m in matrices if m.angles_deg and not m.spans_whole_space],
+        {"side": lambda m: m.side, by: lambda m: getattr(m, by)},
+        {"matrices": len, "mean_angle_deg": mean(lambda m: m.mean_angle), "overlap": mean(lambda m: m.overlap)},
+    )
 
 
 def _bases(svd: SVD, side: str) -> dict[str, torch.Tensor]:
@@ -144,9 +197,15 @@ def _bases(svd: SVD, side: str) -> dict[str, torch.Tensor]:
     return {s: svd.U if s == "left" else svd.Vh.mT for s in sides}
 
 
-def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options: AnglesOptions = AnglesOptions(),
-           compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-           on_start: Callable[[int], None] | None = None) -> AnglesResult:
+def angles(
+    a: Checkpoint,
+    b: Checkpoint,
+    base: Checkpoint | None = None,
+    options: AnglesOptions = AnglesOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> AnglesResult:
     """Principal angles between top-k singular subspaces of matching matrices of `a` and `b`
     (of their task vectors when `base` is given)."""
     compute = compute or Compute.create()
@@ -154,8 +213,12 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
         if isinstance(ckpt, AdaptedCheckpoint) and base is None:
             raise InvalidArgument("an adapter input needs --base (its update is relative to a base)", ckpt.path)
     # with a base, an adapter's task vector is zero outside its modules: keep what both change
-    walk = TensorWalk([a, b] if base is None else [base, a, b], Selection.of(options),
-                      changed_by=[a, b] if base is not None else [], every=True)
+    walk = TensorWalk(
+        [a, b] if base is None else [base, a, b],
+        Selection.of(options),
+        changed_by=[a, b] if base is not None else [],
+        every=True,
+    )
 
     def work(batch: Batch, compute: Compute) -> list[MatrixAngles | str]:
         """The angles of each matrix, or its name when it is unchanged in A or B."""
@@ -179,8 +242,18 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
                 qb = _bases(svd_b, side)[side]
                 theta = principal_angles(qa[:, :k], qb[:, :k])
                 degrees = [math.degrees(t) for t in theta.tolist()]
-                out.append(MatrixAngles(name, item.layer, item.role, list(batch.tensors[0].shape[-2:]), side, k,
-                                        degrees, [math.cos(t) for t in theta.tolist()]))
+                out.append(
+                    MatrixAngles(
+                        name,
+                        item.layer,
+                        item.role,
+                        list(batch.tensors[0].shape[-2:]),
+                        side,
+                        k,
+                        degrees,
+                        [math.cos(t) for t in theta.tolist()],
+                    )
+                )
         return out
 
     pieces = walk.map(work, compute, factors=base is not None, on_start=on_start, on_progress=on_progress)
@@ -190,8 +263,16 @@ def angles(a: Checkpoint, b: Checkpoint, base: Checkpoint | None = None, options
     problems = walk.problems
     if unchanged:
         unchanged = walk.in_order(unchanged, str)
-        problems.append(f"{len(unchanged)} matrices left out: unchanged from the base in A or B ({', '.join(unchanged[:3])}"
-                        + (", …)" if len(unchanged) > 3 else ")"))
-    return AnglesResult(str(a.path), str(b.path), None if base is None else str(base.path), options,
-                        walk.in_order(results, lambda m: m.name),
-                        num_layers, problems)
+        problems.append(
+            f"{len(unchanged)} matrices left out: unchanged from the base in A or B ({', '.join(unchanged[:3])}"
+            + (", …)" if len(unchanged) > 3 else ")")
+        )
+    return AnglesResult(
+        str(a.path),
+        str(b.path),
+        None if base is None else str(base.path),
+        options,
+        walk.in_order(results, lambda m: m.name),
+        num_layers,
+        problems,
+    )

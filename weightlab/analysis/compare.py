@@ -24,8 +24,8 @@ linkage clustering of 1 − cos (scipy), so that groups that agree sit together 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +37,12 @@ from weightlab.compute.device import Compute
 from weightlab.compute.gram import top_singular
 from weightlab.compute.svd import lowrank_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk
+from weightlab.display import model_names
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.display import model_names
 from weightlab.merge.methods import trim_block, trim_state
-from weightlab.results import Result, Table
 from weightlab.options import CompareOptions
+from weightlab.results import Result, Table
 
 BLOCK = 1 << 20  # entries per Gram block: float32 sign counts stay exact (< 2²⁴)
 Square = list[list[float | None]]
@@ -88,12 +88,22 @@ class CompareResult(Result):
     def pairs(self) -> list[dict]:
         n, o = len(self.finetuned), self.overall
         names = self.names()
-        return [{"a": i, "b": j, "model_a": self.finetuned[i], "model_b": self.finetuned[j],
-                 "name_a": names[i], "name_b": names[j],
-                 "cosine": o.cosine[i][j], "subspace_overlap": o.subspace_overlap[i][j],
-                 "sign_conflict": o.sign_conflict[i][j],
-                 "norm_ratio": self.norms[i] / self.norms[j] if self.norms[j] > 0 else None}
-                for i in range(n) for j in range(i + 1, n)]
+        return [
+            {
+                "a": i,
+                "b": j,
+                "model_a": self.finetuned[i],
+                "model_b": self.finetuned[j],
+                "name_a": names[i],
+                "name_b": names[j],
+                "cosine": o.cosine[i][j],
+                "subspace_overlap": o.subspace_overlap[i][j],
+                "sign_conflict": o.sign_conflict[i][j],
+                "norm_ratio": self.norms[i] / self.norms[j] if self.norms[j] > 0 else None,
+            }
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "pairs": self.pairs()}
@@ -103,17 +113,32 @@ class CompareResult(Result):
 
     def tables(self) -> list[Table]:
         ranked = sorted(self.pairs(), key=lambda p: -(p["cosine"] if p["cosine"] is not None else -2))
-        over = f"over {self.tensors} tensors" + (f" ({self.parameters:,} parameters)" if self.parameters is not None else "")
-        pairs = Table(f"pairs, most compatible first (highest task-vector cosine), {over}",
-                      ["pair", "cos(τ_a, τ_b)", f"top-{self.options.k} overlap", "sign conflict", "‖τ_a‖/‖τ_b‖"],
-                      [[f"{p['name_a']} × {p['name_b']}", p["cosine"], p["subspace_overlap"], p["sign_conflict"],
-                        p["norm_ratio"]] for p in ranked],
-                      f"sign conflict: share of entries TIES keeps in both (density {self.options.density}) whose signs "
-                      "differ; overlap: mean cos² of the principal angles")
+        over = f"over {self.tensors} tensors" + (
+            f" ({self.parameters:,} parameters)" if self.parameters is not None else ""
+        )
+        pairs = Table(
+            f"pairs, most compatible first (highest task-vector cosine), {over}",
+            ["pair", "cos(τ_a, τ_b)", f"top-{self.options.k} overlap", "sign conflict", "‖τ_a‖/‖τ_b‖"],
+            [
+                [
+                    f"{p['name_a']} × {p['name_b']}",
+                    p["cosine"],
+                    p["subspace_overlap"],
+                    p["sign_conflict"],
+                    p["norm_ratio"],
+                ]
+                for p in ranked
+            ],
+            f"sign conflict: share of entries TIES keeps in both (density {self.options.density}) whose signs "
+            "differ; overlap: mean cos² of the principal angles",
+        )
         names = self.names()
-        models = Table("models (clustering order)", ["model", "‖τ‖", "mean cos with the others", "path"],
-                       [[names[i], self.norms[i], self._mean_cosine(i), self.finetuned[i]] for i in self.order],
-                       numeric_from=1)
+        models = Table(
+            "models (clustering order)",
+            ["model", "‖τ‖", "mean cos with the others", "path"],
+            [[names[i], self.norms[i], self._mean_cosine(i), self.finetuned[i]] for i in self.order],
+            numeric_from=1,
+        )
         return [pairs, models]
 
     def _mean_cosine(self, i: int) -> float | None:
@@ -124,23 +149,40 @@ class CompareResult(Result):
         ranked = [p for p in self.pairs() if p["cosine"] is not None]
         ranked.sort(key=lambda p: -p["cosine"])
         conflicts = [p["sign_conflict"] for p in ranked if p["sign_conflict"] is not None]
-        return [("compare.models", "fine-tunes compared", len(self.finetuned)),
-                ("compare.most_compatible", "most compatible pair",
-                 f"{ranked[0]['name_a']} × {ranked[0]['name_b']}" if ranked else None),
-                ("compare.least_compatible", "least compatible pair",
-                 f"{ranked[-1]['name_a']} × {ranked[-1]['name_b']}" if ranked else None),
-                ("compare.mean_cosine", "mean pairwise cosine",
-                 sum(p["cosine"] for p in ranked) / len(ranked) if ranked else None),
-                ("compare.mean_sign_conflict", "mean sign conflict", sum(conflicts) / len(conflicts) if conflicts else None)]
+        return [
+            ("compare.models", "fine-tunes compared", len(self.finetuned)),
+            (
+                "compare.most_compatible",
+                "most compatible pair",
+                f"{ranked[0]['name_a']} × {ranked[0]['name_b']}" if ranked else None,
+            ),
+            (
+                "compare.least_compatible",
+                "least compatible pair",
+                f"{ranked[-1]['name_a']} × {ranked[-1]['name_b']}" if ranked else None,
+            ),
+            (
+                "compare.mean_cosine",
+                "mean pairwise cosine",
+                sum(p["cosine"] for p in ranked) / len(ranked) if ranked else None,
+            ),
+            (
+                "compare.mean_sign_conflict",
+                "mean sign conflict",
+                sum(conflicts) / len(conflicts) if conflicts else None,
+            ),
+        ]
 
     def lines(self) -> list[str]:
         ranked = sorted((p for p in self.pairs() if p["cosine"] is not None), key=lambda p: -p["cosine"])
         if len(ranked) < 2:
             return []
         best, worst = ranked[0], ranked[-1]
-        return [f"Most compatible: {best['name_a']} × {best['name_b']} (cos {best['cosine']:.3f}); least: "
-                f"{worst['name_a']} × {worst['name_b']} (cos {worst['cosine']:.3f}, sign conflict "
-                f"{fmt(worst['sign_conflict'])})."]
+        return [
+            f"Most compatible: {best['name_a']} × {best['name_b']} (cos {best['cosine']:.3f}); least: "
+            f"{worst['name_a']} × {worst['name_b']} (cos {worst['cosine']:.3f}, sign conflict "
+            f"{fmt(worst['sign_conflict'])})."
+        ]
 
     def note(self) -> str:
         return "Fine-tunes: " + ", ".join(f"{name} ({p})" for name, p in zip(self.names(), self.finetuned))
@@ -160,24 +202,43 @@ class _Sums:
         self.overlap = np.zeros((n, n))
         self.overlap_count = np.zeros((n, n), dtype=np.int64)
 
-    def add(self, other: "_Sums") -> None:
+    def add(self, other: _Sums) -> None:
         for name, total in vars(self).items():
             total += getattr(other, name)  # numpy arrays: in place
 
     def pairwise(self) -> Pairwise:
         n = self.dots.shape[0]
         norm = np.sqrt(np.diag(self.dots))
-        cosine = [[float(self.dots[i, j] / (norm[i] * norm[j])) if norm[i] > 0 and norm[j] > 0 else None
-                   for j in range(n)] for i in range(n)]
-        conflict = [[float((self.both_kept[i, j] - self.agree_minus_differ[i, j]) / 2 / self.both_kept[i, j])
-                     if self.both_kept[i, j] > 0 else None for j in range(n)] for i in range(n)]
-        overlap = [[float(self.overlap[i, j] / self.overlap_count[i, j]) if self.overlap_count[i, j] else None
-                    for j in range(n)] for i in range(n)]
+        cosine = [
+            [float(self.dots[i, j] / (norm[i] * norm[j])) if norm[i] > 0 and norm[j] > 0 else None for j in range(n)]
+            for i in range(n)
+        ]
+        conflict = [
+            [
+                float((self.both_kept[i, j] - self.agree_minus_differ[i, j]) / 2 / self.both_kept[i, j])
+                if self.both_kept[i, j] > 0
+                else None
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
+        overlap = [
+            [
+                float(self.overlap[i, j] / self.overlap_count[i, j]) if self.overlap_count[i, j] else None
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
         return Pairwise(cosine, overlap, conflict)
 
 
-def task_vectors(finetuned: Sequence[Checkpoint], name: str, w: torch.Tensor, tensors: Sequence[torch.Tensor | None],
-                 compute: Compute) -> tuple[list[torch.Tensor], list[tuple | None]]:
+def task_vectors(
+    finetuned: Sequence[Checkpoint],
+    name: str,
+    w: torch.Tensor,
+    tensors: Sequence[torch.Tensor | None],
+    compute: Compute,
+) -> tuple[list[torch.Tensor], list[tuple | None]]:
     """τ_i for one tensor (matrix layout) — W_i − W, or an adapter's s·L·R (zero where the adapter
     leaves the tensor alone) — and each adapter's factors (L, R, s), read once, else None."""
     taus, factors = [], []
@@ -196,7 +257,7 @@ def sign_and_dot_sums(taus: list[torch.Tensor], density: float, sums: _Sums) -> 
     flats = [t.reshape(-1) for t in taus]
     trims = [trim_state(f, density) for f in flats]
     for start in range(0, flats[0].numel(), BLOCK):
-        block = torch.stack([f[start:start + BLOCK] for f in flats])
+        block = torch.stack([f[start : start + BLOCK] for f in flats])
         sums.dots += (block.double() @ block.double().T).numpy()
         signs = torch.stack([torch.sign(trim_block(row, trim)) for row, trim in zip(block, trims)])
         sums.agree_minus_differ += (signs @ signs.T).round().long().numpy()
@@ -228,15 +289,24 @@ def clustering_order(cosine: Square) -> list[int]:
     n = len(cosine)
     if n < 3:
         return list(range(n))
-    distance = np.array([[0.0 if i == j else 1.0 - (cosine[i][j] if cosine[i][j] is not None else 0.0)
-                          for j in range(n)] for i in range(n)])
+    distance = np.array(
+        [
+            [0.0 if i == j else 1.0 - (cosine[i][j] if cosine[i][j] is not None else 0.0) for j in range(n)]
+            for i in range(n)
+        ]
+    )
     distance = np.clip((distance + distance.T) / 2, 0, 2)
     return [int(i) for i in leaves_list(linkage(squareform(distance, checks=False), "average", optimal_ordering=True))]
 
 
-def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareOptions = CompareOptions(),
-            compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-            on_start: Callable[[int], None] | None = None) -> CompareResult:
+def compare(
+    base: Checkpoint,
+    finetuned: Sequence[Checkpoint],
+    options: CompareOptions = CompareOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> CompareResult:
     """Pairwise compatibility of fine-tunes (checkpoints or adapters) of one base, overall and per layer."""
     if len(finetuned) < 2:
         raise InvalidArgument("compare: give at least two fine-tunes of the base")
@@ -248,16 +318,18 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
         out = []
         for b, item in enumerate(batch.items):
             name = item.names[0]
-            taus, factors = task_vectors(finetuned, name, batch.tensors[0][b],
-                                         [None if t is None else t[b] for t in batch.tensors[1:]], compute)
+            taus, factors = task_vectors(
+                finetuned, name, batch.tensors[0][b], [None if t is None else t[b] for t in batch.tensors[1:]], compute
+            )
             sums = _Sums(n)
             sign_and_dot_sums(taus, options.density, sums)
             out.append((name, item.layer, sums, subspace_sums(taus, factors, options.k, sums)))
         return out
 
     by_layer: dict[int | None, _Sums] = {}
-    pieces = walk.in_order(walk.map(work, compute, factors=True, on_start=on_start, on_progress=on_progress),
-                           lambda piece: piece[0])
+    pieces = walk.in_order(
+        walk.map(work, compute, factors=True, on_start=on_start, on_progress=on_progress), lambda piece: piece[0]
+    )
     for _, layer, sums, _ in pieces:  # summed in tensor order, however the work was split: the same bytes
         by_layer.setdefault(layer, _Sums(n)).add(sums)
     tensors, matrices = len(pieces), sum(is_matrix for *_, is_matrix in pieces)
@@ -267,9 +339,20 @@ def compare(base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareO
         total.add(sums)
     overall = total.pairwise()
     order = clustering_order(overall.cosine)
-    layers = [LayerComparison(**asdict(by_layer[key].pairwise()), layer=key)
-              for key in sorted(by_layer, key=lambda k: (k is None, k or 0))]
-    return CompareResult(str(base.path), [str(f.path) for f in finetuned], options,
-                         [math.sqrt(max(total.dots[i, i], 0.0)) for i in range(n)], overall, layers, order, tensors,
-                         matrices, walk.problems, parameters)
-
+    layers = [
+        LayerComparison(**asdict(by_layer[key].pairwise()), layer=key)
+        for key in sorted(by_layer, key=lambda k: (k is None, k or 0))
+    ]
+    return CompareResult(
+        str(base.path),
+        [str(f.path) for f in finetuned],
+        options,
+        [math.sqrt(max(total.dots[i, i], 0.0)) for i in range(n)],
+        overall,
+        layers,
+        order,
+        tensors,
+        matrices,
+        walk.problems,
+        parameters,
+    )

@@ -6,7 +6,7 @@ For an adapter, ΔW = s·L·R has rank r and its SVD comes exactly from QR of th
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,9 @@ def adapter_factors(ft: Checkpoint, name: str, compute: Compute) -> tuple[torch.
     return None
 
 
-def delta_singular_values(ft: Checkpoint, items: Sequence[MatchedTensor], w: torch.Tensor, w_ft: torch.Tensor,
-                          compute: Compute) -> torch.Tensor:
+def delta_singular_values(
+    ft: Checkpoint, items: Sequence[MatchedTensor], w: torch.Tensor, w_ft: torch.Tensor, compute: Compute
+) -> torch.Tensor:
     """All min(m, n) singular values of ΔW for each batch item [b, min(m, n)] in float64, zero-padded."""
     factors = [adapter_factors(ft, item.names[0], compute) for item in items]
     if any(f is None for f in factors):
@@ -44,8 +45,16 @@ def delta_singular_values(ft: Checkpoint, items: Sequence[MatchedTensor], w: tor
     return out
 
 
-def delta_top_svd(ft: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor, k: int, compute: Compute,
-                  method: str = "exact", seed: int = 0) -> SVD:
+def delta_top_svd(
+    ft: Checkpoint,
+    name: str,
+    w: torch.Tensor,
+    w_ft: torch.Tensor,
+    k: int,
+    compute: Compute,
+    method: str = "exact",
+    seed: int = 0,
+) -> SVD:
     """Top-k SVD of one item's ΔW (2-D inputs); fewer than k triplets when ΔW has lower rank."""
     factors = adapter_factors(ft, name, compute)
     if factors is not None:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ from weightlab.compute.device import Compute
 from weightlab.compute.gram import eigenvalues, gram
 from weightlab.compute.walk import Batch, Selection, TensorWalk, select
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.results import Result, Table
 from weightlab.options import ESDOptions
+from weightlab.results import Result, Table
 
 TRACY_WIDOM_99 = 2.02  # 99th percentile of the Tracy–Widom (β = 1) law
 ZERO = 1e-10  # eigenvalues below ZERO·λ_max are rounding, not spectrum (WeightWatcher: an absolute 1e-5)
@@ -137,18 +137,19 @@ def fit_power_law(evals: np.ndarray) -> PowerLaw:
     distances = np.ones(total - 1)
     j = np.arange(total)
     for lo in range(0, total - 1, 256):  # 256 candidates at a time: O(256·M) memory
-        i = start[lo:lo + 256]
+        i = start[lo : lo + 256]
         a = alphas[i][:, None]
         with np.errstate(over="ignore", invalid="ignore"):
             model = 1 - np.exp((1 - a) * (logs[None, :] - logs[i][:, None]))
             gap = np.abs(model - (j[None, :] - i[:, None]) / n[i][:, None])
         gap = np.where(j[None, :] >= i[:, None], gap, 0.0)
         fits = np.isfinite(alphas[i]) & (alphas[i] > 1)
-        distances[lo:lo + 256] = np.where(fits, np.nan_to_num(gap.max(axis=1), nan=1.0), 1.0)
+        distances[lo : lo + 256] = np.where(fits, np.nan_to_num(gap.max(axis=1), nan=1.0), 1.0)
     best = int(np.argmin(distances))
     alpha = float(alphas[best])
-    return PowerLaw(alpha, float(x[best]), float(x[-1]), float(distances[best]),
-                    (alpha - 1) / math.sqrt(n[best]), int(total - best))
+    return PowerLaw(
+        alpha, float(x[best]), float(x[-1]), float(distances[best]), (alpha - 1) / math.sqrt(n[best]), int(total - best)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -156,8 +157,8 @@ def mp_median(ratio: float) -> float:
     """The median of the Marchenko–Pastur law with aspect ratio y = M/N ≤ 1 and unit variance
     (eigenvalues of WᵀW/N), by integrating its density (Gavish & Donoho 2014, eq. 9's μ_β)."""
     a, b = (1 - math.sqrt(ratio)) ** 2, (1 + math.sqrt(ratio)) ** 2
-    pdf = lambda x: math.sqrt(max((b - x) * (x - a), 0.0)) / (2 * math.pi * ratio * x)  # noqa: E731
-    cdf = lambda x: integrate.quad(pdf, a, x, limit=200)[0]  # noqa: E731
+    pdf = lambda x: math.sqrt(max((b - x) * (x - a), 0.0)) / (2 * math.pi * ratio * x)
+    cdf = lambda x: integrate.quad(pdf, a, x, limit=200)[0]
     return float(optimize.brentq(lambda x: cdf(x) - 0.5, a, b, xtol=1e-12))
 
 
@@ -173,8 +174,14 @@ def marchenko_pastur(evals: np.ndarray, rows: int, cols: int, variance: float | 
     edge = v * root**2
     above = max(edge + TRACY_WIDOM_99 * v * scale, ZERO * float(lam[0]))  # rounding is never a spike
     spikes = int(np.count_nonzero(lam > above)) if v > 0 or variance is None else 0
-    return MarchenkoPastur(v, v * (math.sqrt(big) - math.sqrt(small)) ** 2, edge, v * scale, spikes,
-                           edge / float(lam[0]) if lam[0] > 0 else float("nan"))
+    return MarchenkoPastur(
+        v,
+        v * (math.sqrt(big) - math.sqrt(small)) ** 2,
+        edge,
+        v * scale,
+        spikes,
+        edge / float(lam[0]) if lam[0] > 0 else float("nan"),
+    )
 
 
 def shuffled(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -201,13 +208,30 @@ def density(w: torch.Tensor, options: ESDOptions, seed: int) -> SpectralDensity:
     total = float(lam.sum())
     entropy = energy_entropy(torch.from_numpy(nonzero)) / math.log(len(nonzero)) if len(nonzero) > 1 else 0.0
     fit = fit_power_law(nonzero) if len(nonzero) >= options.min_evals else None
-    warning = (f"no fit: {len(nonzero)} non-zero eigenvalues (--min-evals {options.min_evals})" if fit is None
-               else "over-trained" if fit.alpha < OVER_TRAINED else "under-trained" if fit.alpha > UNDER_TRAINED else "")
+    warning = (
+        f"no fit: {len(nonzero)} non-zero eigenvalues (--min-evals {options.min_evals})"
+        if fit is None
+        else "over-trained"
+        if fit.alpha < OVER_TRAINED
+        else "under-trained"
+        if fit.alpha > UNDER_TRAINED
+        else ""
+    )
     record = SpectralDensity(
-        len(lam), len(nonzero), top, _log10(total), _log10(top), total / top if top > 0 else 0.0, entropy, fit,
+        len(lam),
+        len(nonzero),
+        top,
+        _log10(total),
+        _log10(top),
+        total / top if top > 0 else 0.0,
+        entropy,
+        fit,
         None if fit is None else fit.alpha * _log10(top),
-        None if fit is None else _log10(float(np.sum(nonzero ** fit.alpha))), warning,
-        marchenko_pastur(lam, rows, cols), eigenvalues=[float(v) for v in lam])
+        None if fit is None else _log10(float(np.sum(nonzero**fit.alpha))),
+        warning,
+        marchenko_pastur(lam, rows, cols),
+        eigenvalues=[float(v) for v in lam],
+    )
     if options.traps and top > 0:  # W − mean(W), shuffled: the mean is no trap
         centred = w - w.mean()
         variance = float(torch.linalg.vector_norm(centred, dtype=torch.float64)) ** 2 / centred.numel()
@@ -232,11 +256,18 @@ class ESDResult(Result):
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
-                "problems": self.problems, "skipped": [asdict(s) for s in self.skipped],
-                "summary": self.summary(), "summary_by_layer": summarise_esd(self.matrices, "layer"),
-                "summary_by_role": summarise_esd(self.matrices, "role"),
-                "matrices": [asdict(m) for m in self.matrices]}
+        return {
+            "schema": self.SCHEMA,
+            "checkpoint": self.checkpoint,
+            "base": self.base,
+            "options": asdict(self.options),
+            "problems": self.problems,
+            "skipped": [asdict(s) for s in self.skipped],
+            "summary": self.summary(),
+            "summary_by_layer": summarise_esd(self.matrices, "layer"),
+            "summary_by_role": summarise_esd(self.matrices, "role"),
+            "matrices": [asdict(m) for m in self.matrices],
+        }
 
     def summary(self) -> dict:
         out = {"matrices": len(self.matrices)}
@@ -253,7 +284,9 @@ class ESDResult(Result):
                     "traps": total(lambda d: d.traps)(dens),
                     "over_trained": sum(d.warning == "over-trained" for d in dens),
                     "under_trained": sum(d.warning == "under-trained" for d in dens),
-                    "not_fitted": len(dens) - len(fitted), "matrices": len(dens)}
+                    "not_fitted": len(dens) - len(fitted),
+                    "matrices": len(dens),
+                }
         return out
 
     def rows(self) -> list[dict]:
@@ -267,8 +300,15 @@ class ESDResult(Result):
         if self.base is not None:
             out.append(self._table("delta", "ΔW"))
         if self.skipped:
-            out.append(Table(f"Not analysed: {len(self.skipped)} tensors", ["tensor", "why"],
-                             [[s.name, s.reason] for s in self.skipped], names=True, numeric_from=2))
+            out.append(
+                Table(
+                    f"Not analysed: {len(self.skipped)} tensors",
+                    ["tensor", "why"],
+                    [[s.name, s.reason] for s in self.skipped],
+                    names=True,
+                    numeric_from=2,
+                )
+            )
         return out
 
     def _table(self, part: str, what: str) -> Table:
@@ -277,24 +317,58 @@ class ESDResult(Result):
         for m in ranked:
             d: SpectralDensity = getattr(m, part)
             fit = d.power_law
-            body.append([m.name, m.layer, m.role, None if fit is None else fit.alpha,
-                         None if fit is None else fit.ks_distance, None if fit is None else fit.tail, d.alpha_weighted,
-                         d.log_spectral_norm, d.log_norm, d.stable_rank, d.mp.spikes, d.mp.soft_rank, d.traps, d.warning])
-        return Table(f"ESD of {what}: {len(body)} matrices, smallest α first",
-                     ["tensor", "layer", "role", "α", "KS D", "tail", "α̂", "log λmax", "log ‖·‖²F", "stable rank",
-                      "spikes", "MP soft rank", "traps", "warning"], body,
-                     "α: power-law exponent of the tail (2–6 is well trained); α̂ = α·log10 λmax; "
-                     "spikes: eigenvalues beyond the Marchenko–Pastur edge; traps: spikes left after shuffling",
-                     names=True)
+            body.append(
+                [
+                    m.name,
+                    m.layer,
+                    m.role,
+                    None if fit is None else fit.alpha,
+                    None if fit is None else fit.ks_distance,
+                    None if fit is None else fit.tail,
+                    d.alpha_weighted,
+                    d.log_spectral_norm,
+                    d.log_norm,
+                    d.stable_rank,
+                    d.mp.spikes,
+                    d.mp.soft_rank,
+                    d.traps,
+                    d.warning,
+                ]
+            )
+        return Table(
+            f"ESD of {what}: {len(body)} matrices, smallest α first",
+            [
+                "tensor",
+                "layer",
+                "role",
+                "α",
+                "KS D",
+                "tail",
+                "α̂",
+                "log λmax",
+                "log ‖·‖²F",
+                "stable rank",
+                "spikes",
+                "MP soft rank",
+                "traps",
+                "warning",
+            ],
+            body,
+            "α: power-law exponent of the tail (2–6 is well trained); α̂ = α·log10 λmax; "
+            "spikes: eigenvalues beyond the Marchenko–Pastur edge; traps: spikes left after shuffling",
+            names=True,
+        )
 
     def lines(self) -> list[str]:
         out = []
         for part, what in (("weights", "W "), ("delta", "ΔW")):
             s = self.summary().get(part)
             if s:
-                out.append(f"{what}: mean α {_fmt(s['mean_alpha'])}, mean α̂ {_fmt(s['mean_alpha_weighted'])}, "
-                           f"{s['spikes']} spikes, {_traps(s['traps'])}; α < 2 in {s['over_trained']}, "
-                           f"α > 6 in {s['under_trained']}, no fit in {s['not_fitted']} of {s['matrices']} matrices")
+                out.append(
+                    f"{what}: mean α {_fmt(s['mean_alpha'])}, mean α̂ {_fmt(s['mean_alpha_weighted'])}, "
+                    f"{s['spikes']} spikes, {_traps(s['traps'])}; α < 2 in {s['over_trained']}, "
+                    f"α > 6 in {s['under_trained']}, no fit in {s['not_fitted']} of {s['matrices']} matrices"
+                )
         if self.skipped:
             out.append(f"{len(self.skipped)} tensors not analysed (listed with the reason)")
         return out
@@ -302,9 +376,12 @@ class ESDResult(Result):
     def headline(self) -> list[tuple[str, str, object]]:
         s = self.summary()
         w = s.get("weights", {})
-        return [("esd.matrices", "matrices", s["matrices"]), ("esd.mean_alpha", "mean α", w.get("mean_alpha")),
-                ("esd.mean_alpha_weighted", "mean α̂", w.get("mean_alpha_weighted")),
-                ("esd.traps", "correlation traps", w.get("traps"))]
+        return [
+            ("esd.matrices", "matrices", s["matrices"]),
+            ("esd.mean_alpha", "mean α", w.get("mean_alpha")),
+            ("esd.mean_alpha_weighted", "mean α̂", w.get("mean_alpha_weighted")),
+            ("esd.traps", "correlation traps", w.get("traps")),
+        ]
 
     def note(self) -> str:
         return "; ".join(self.lines()[:2])
@@ -328,23 +405,43 @@ def _fmt(value: float | None) -> str:
 
 def _flat(d: SpectralDensity) -> dict:
     fit = d.power_law
-    return {"alpha": d.alpha, "xmin": None if fit is None else fit.xmin, "ks_distance": None if fit is None else fit.ks_distance,
-            "alpha_sigma": None if fit is None else fit.sigma, "tail": None if fit is None else fit.tail,
-            "alpha_weighted": d.alpha_weighted, "log_alpha_norm": d.log_alpha_norm, "lambda_max": d.lambda_max,
-            "log_norm": d.log_norm, "log_spectral_norm": d.log_spectral_norm, "stable_rank": d.stable_rank,
-            "entropy": d.entropy, "num_evals": d.num_evals, "nonzero": d.nonzero, "mp_variance": d.mp.variance,
-            "mp_bulk_max": d.mp.bulk_max, "spikes": d.mp.spikes, "mp_soft_rank": d.mp.soft_rank, "traps": d.traps,
-            "rand_lambda_max": d.rand_lambda_max, "warning": d.warning}
+    return {
+        "alpha": d.alpha,
+        "xmin": None if fit is None else fit.xmin,
+        "ks_distance": None if fit is None else fit.ks_distance,
+        "alpha_sigma": None if fit is None else fit.sigma,
+        "tail": None if fit is None else fit.tail,
+        "alpha_weighted": d.alpha_weighted,
+        "log_alpha_norm": d.log_alpha_norm,
+        "lambda_max": d.lambda_max,
+        "log_norm": d.log_norm,
+        "log_spectral_norm": d.log_spectral_norm,
+        "stable_rank": d.stable_rank,
+        "entropy": d.entropy,
+        "num_evals": d.num_evals,
+        "nonzero": d.nonzero,
+        "mp_variance": d.mp.variance,
+        "mp_bulk_max": d.mp.bulk_max,
+        "spikes": d.mp.spikes,
+        "mp_soft_rank": d.mp.soft_rank,
+        "traps": d.traps,
+        "rand_lambda_max": d.rand_lambda_max,
+        "warning": d.warning,
+    }
 
 
 def summarise_esd(matrices: list[MatrixESD], by: str) -> list[dict]:
-    return group_summary(matrices, {by: lambda m: getattr(m, by)}, {
-        "matrices": len,
-        "mean_alpha": mean(lambda m: m.weights.alpha),
-        "mean_alpha_weighted": mean(lambda m: m.weights.alpha_weighted),
-        "spikes": lambda ms: sum(m.weights.mp.spikes for m in ms),
-        "traps": total(lambda m: m.weights.traps),
-    })
+    return group_summary(
+        matrices,
+        {by: lambda m: getattr(m, by)},
+        {
+            "matrices": len,
+            "mean_alpha": mean(lambda m: m.weights.alpha),
+            "mean_alpha_weighted": mean(lambda m: m.weights.alpha_weighted),
+            "spikes": lambda ms: sum(m.weights.mp.spikes for m in ms),
+            "traps": total(lambda m: m.weights.traps),
+        },
+    )
 
 
 def _not_analysed(walk: TensorWalk, options: ESDOptions) -> list[Skipped]:
@@ -360,14 +457,20 @@ def _not_analysed(walk: TensorWalk, options: ESDOptions) -> list[Skipped]:
     return out
 
 
-def esd(ckpt: Checkpoint, base: Checkpoint | None = None, options: ESDOptions = ESDOptions(),
-        compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-        on_start: Callable[[int], None] | None = None) -> ESDResult:
+def esd(
+    ckpt: Checkpoint,
+    base: Checkpoint | None = None,
+    options: ESDOptions = ESDOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ESDResult:
     """The spectral density of every weight matrix of `ckpt` (and of ΔW = ckpt − base), each
     matrix whole whatever its size: embeddings and heads too."""
     compute = compute or Compute.create()
-    walk = TensorWalk([ckpt] if base is None else [ckpt, base], Selection.of(options),
-                      changed_by=[ckpt] if base is not None else [])
+    walk = TensorWalk(
+        [ckpt] if base is None else [ckpt, base], Selection.of(options), changed_by=[ckpt] if base is not None else []
+    )
 
     def work(batch: Batch, compute: Compute) -> list[MatrixESD]:
         out = []
@@ -383,5 +486,11 @@ def esd(ckpt: Checkpoint, base: Checkpoint | None = None, options: ESDOptions = 
     results = walk.map(work, compute, on_start=on_start, on_progress=on_progress)
     results = walk.in_order(results, lambda m: m.name)
     skipped = _not_analysed(walk, options)
-    return ESDResult(str(ckpt.path), None if base is None else str(base.path), options, results, skipped,
-                     walk.problems if base is not None else [])
+    return ESDResult(
+        str(ckpt.path),
+        None if base is None else str(base.path),
+        options,
+        results,
+        skipped,
+        walk.problems if base is not None else [],
+    )

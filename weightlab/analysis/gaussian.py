@@ -14,8 +14,8 @@ seeded uniform sample (with replacement) of `sample_size` entries (all, when few
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.results import Result, Table
 from weightlab.options import GaussianOptions
+from weightlab.results import Result, Table
 
 # Shape-label thresholds, chosen between the values of synthetic references (docs/gaussian.md
 # lists them: `reference_table()` recomputes them). Excess kurtosis: Gaussian 0, Laplace 3,
@@ -97,7 +97,9 @@ def anderson_darling(sample: np.ndarray) -> float:
         return float(stats.anderson(sample, "norm").statistic)
 
 
-CHUNK = 1 << 16  # entries per pass of the streamed moments: 512 KB of float64, under the mmap threshold (compute/memory.py)
+CHUNK = (
+    1 << 16
+)  # entries per pass of the streamed moments: 512 KB of float64, under the mmap threshold (compute/memory.py)
 
 
 def _moments(x: torch.Tensor) -> tuple[float, float, float, float, float, float, float]:
@@ -105,17 +107,17 @@ def _moments(x: torch.Tensor) -> tuple[float, float, float, float, float, float,
     accumulated in float64 over chunks (two passes: the mean first, then the rest)."""
     x = x.reshape(-1)
     n = x.numel()
-    mean = sum(float(x[i:i + CHUNK].double().sum()) for i in range(0, n, CHUNK)) / n
+    mean = sum(float(x[i : i + CHUNK].double().sum()) for i in range(0, n, CHUNK)) / n
     s2 = s3 = s4 = 0.0
     for i in range(0, n, CHUNK):
-        d = x[i:i + CHUNK].double() - mean
+        d = x[i : i + CHUNK].double() - mean
         d2 = d * d
         s2, s3, s4 = s2 + float(d2.sum()), s3 + float((d2 * d).sum()), s4 + float((d2 * d2).sum())
     m2 = s2 / n
     std = m2**0.5
     beyond3 = beyond6 = near = 0
     for i in range(0, n, CHUNK):
-        chunk = x[i:i + CHUNK].double()
+        chunk = x[i : i + CHUNK].double()
         deviation = (chunk - mean).abs()
         beyond3 += int(torch.count_nonzero(deviation > 3 * std))
         beyond6 += int(torch.count_nonzero(deviation > 6 * std))
@@ -141,8 +143,9 @@ def describe(x: torch.Tensor, sample_size: int = 100_000, seed: int = 0) -> Dist
     else:  # a constant tensor: nothing Gaussian about it
         ks_stat, ks_p, ad, k2, qq = 1.0, 0.0, float("inf"), 0.0, 0.0
     label = label_shape(kurt, skew, near_zero) if s > 0 else "other"
-    return Distribution(n, mean, s, skew, kurt, beyond3, beyond6, near_zero, ks_stat, ks_p, ad, k2, qq,
-                        int(sample.size), label)
+    return Distribution(
+        n, mean, s, skew, kurt, beyond3, beyond6, near_zero, ks_stat, ks_p, ad, k2, qq, int(sample.size), label
+    )
 
 
 @dataclass
@@ -156,8 +159,12 @@ class TensorGaussianity:
     delta_weight_correlation: float | None = None  # Pearson corr(ΔW, W_base) over entries
 
     def row(self) -> dict:
-        out = {"name": self.name, "layer": self.layer, "role": self.role,
-               **{f"w_{k}": v for k, v in asdict(self.weights).items()}}
+        out = {
+            "name": self.name,
+            "layer": self.layer,
+            "role": self.role,
+            **{f"w_{k}": v for k, v in asdict(self.weights).items()},
+        }
         if self.delta is not None:
             out.update({f"dw_{k}": v for k, v in asdict(self.delta).items()})
             out.update(std_ratio=self.std_ratio, delta_weight_correlation=self.delta_weight_correlation)
@@ -212,12 +219,19 @@ class GaussianResult(Result):
         trend = None
         if self.depth_trend is not None:
             trend = {**asdict(self.depth_trend), "grows_with_depth": self.depth_trend.grows_with_depth}
-        return {"schema": self.SCHEMA, "checkpoint": self.checkpoint, "base": self.base, "options": asdict(self.options),
-                "problems": self.problems, "label_counts": self.label_counts("weights"),
-                "delta_label_counts": self.label_counts("delta") if self.base else None,
-                "depth_trend": trend, "summary_by_layer": summarise_gaussian(self.tensors, "layer"),
-                "summary_by_role": summarise_gaussian(self.tensors, "role"),
-                "tensors": [asdict(t) for t in self.tensors]}
+        return {
+            "schema": self.SCHEMA,
+            "checkpoint": self.checkpoint,
+            "base": self.base,
+            "options": asdict(self.options),
+            "problems": self.problems,
+            "label_counts": self.label_counts("weights"),
+            "delta_label_counts": self.label_counts("delta") if self.base else None,
+            "depth_trend": trend,
+            "summary_by_layer": summarise_gaussian(self.tensors, "layer"),
+            "summary_by_role": summarise_gaussian(self.tensors, "role"),
+            "tensors": [asdict(t) for t in self.tensors],
+        }
 
     def rows(self) -> list[dict]:
         return [t.row() for t in self.tensors]
@@ -230,14 +244,47 @@ class GaussianResult(Result):
         body = []
         for t in sorted(self.tensors, key=lambda t: getattr(t, self.part).qq_r2):
             d = getattr(t, self.part)
-            body.append([t.name, t.layer, t.role, d.label, d.std, d.skewness, d.excess_kurtosis, d.beyond_3sigma,
-                         d.near_zero, d.ks_statistic, d.anderson_darling, d.qq_r2,
-                         *([t.std_ratio, t.delta_weight_correlation] if delta else [])])
+            body.append(
+                [
+                    t.name,
+                    t.layer,
+                    t.role,
+                    d.label,
+                    d.std,
+                    d.skewness,
+                    d.excess_kurtosis,
+                    d.beyond_3sigma,
+                    d.near_zero,
+                    d.ks_statistic,
+                    d.anderson_darling,
+                    d.qq_r2,
+                    *([t.std_ratio, t.delta_weight_correlation] if delta else []),
+                ]
+            )
         what = "ΔW" if delta else "weights"
-        return [Table(f"Gaussianity of {what}: {len(self.tensors)} tensors, least Gaussian first",
-                      ["tensor", "layer", "role", "label", "std", "skew", "ex.kurt", ">3σ", "≈0", "KS", "AD", "Q-Q R²",
-                       *(["std W'/W", "corr(ΔW,W)"] if delta else [])], body,
-                      "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027", names=True)]
+        return [
+            Table(
+                f"Gaussianity of {what}: {len(self.tensors)} tensors, least Gaussian first",
+                [
+                    "tensor",
+                    "layer",
+                    "role",
+                    "label",
+                    "std",
+                    "skew",
+                    "ex.kurt",
+                    ">3σ",
+                    "≈0",
+                    "KS",
+                    "AD",
+                    "Q-Q R²",
+                    *(["std W'/W", "corr(ΔW,W)"] if delta else []),
+                ],
+                body,
+                "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027",
+                names=True,
+            )
+        ]
 
     def lines(self) -> list[str]:
         out = ["weights: " + ", ".join(f"{k} {v}" for k, v in self.label_counts("weights").items())]
@@ -245,35 +292,50 @@ class GaussianResult(Result):
             out.append("ΔW:      " + ", ".join(f"{k} {v}" for k, v in self.label_counts("delta").items()))
         if self.depth_trend is not None:
             t = self.depth_trend
-            verdict = "grows" if t.grows_with_depth else ("shrinks" if t.slope < 0 and t.pvalue < 0.05 else "no clear trend")
+            verdict = (
+                "grows" if t.grows_with_depth else ("shrinks" if t.slope < 0 and t.pvalue < 0.05 else "no clear trend")
+            )
             out.append(f"std(ΔW) vs depth: slope {t.slope:+.3e} per layer (R² {t.r2:.2f}, p {t.pvalue:.2g}): {verdict}")
         return out
 
     def headline(self) -> list[tuple[str, str, object]]:
         n = len(self.tensors)
         what = "ΔW" if self.base else "weights"
-        out = [("gaussian.tensors", "tensors tested", n),
-               ("gaussian.gaussian_share", f"share of {what} labelled gaussian",
-                self.label_counts()["gaussian"] / n if n else None)]
+        out = [
+            ("gaussian.tensors", "tensors tested", n),
+            (
+                "gaussian.gaussian_share",
+                f"share of {what} labelled gaussian",
+                self.label_counts()["gaussian"] / n if n else None,
+            ),
+        ]
         if self.depth_trend is not None:
             out.append(("gaussian.delta_std_slope", "std(ΔW) slope per layer", self.depth_trend.slope))
         return out
 
     def note(self) -> str:
-        return f"Labels of {'ΔW' if self.base else 'the weights'}: " + \
-            ", ".join(f"{k} {v}" for k, v in self.label_counts().items())
+        return f"Labels of {'ΔW' if self.base else 'the weights'}: " + ", ".join(
+            f"{k} {v}" for k, v in self.label_counts().items()
+        )
 
 
 def summarise_gaussian(tensors: Sequence[TensorGaussianity], by: str) -> list[dict]:
-    rows = group_summary(tensors, {by: lambda t: getattr(t, by)}, {
-        "tensors": len,
-        "mean_excess_kurtosis": mean(lambda t: t.weights.excess_kurtosis),
-        "mean_qq_r2": mean(lambda t: t.weights.qq_r2),
-        "gaussian_share": mean(lambda t: float(t.weights.label == "gaussian")),
-    })
+    rows = group_summary(
+        tensors,
+        {by: lambda t: getattr(t, by)},
+        {
+            "tensors": len,
+            "mean_excess_kurtosis": mean(lambda t: t.weights.excess_kurtosis),
+            "mean_qq_r2": mean(lambda t: t.weights.qq_r2),
+            "gaussian_share": mean(lambda t: float(t.weights.label == "gaussian")),
+        },
+    )
     if any(t.delta is not None for t in tensors):
-        deltas = group_summary([t for t in tensors if t.delta is not None], {by: lambda t: getattr(t, by)}, {
-            "mean_delta_std": mean(lambda t: t.delta.std), "mean_delta_qq_r2": mean(lambda t: t.delta.qq_r2)})
+        deltas = group_summary(
+            [t for t in tensors if t.delta is not None],
+            {by: lambda t: getattr(t, by)},
+            {"mean_delta_std": mean(lambda t: t.delta.std), "mean_delta_qq_r2": mean(lambda t: t.delta.qq_r2)},
+        )
         by_key = {row[by]: row for row in deltas}
         for row in rows:
             row.update({k: v for k, v in by_key.get(row[by], {}).items() if k != by})
@@ -294,19 +356,28 @@ def depth_trend(tensors: Sequence[TensorGaussianity]) -> DepthTrend | None:
     return DepthTrend(layers, std, float(fit.slope), float(fit.intercept), float(fit.rvalue**2), float(fit.pvalue))
 
 
-def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: GaussianOptions = GaussianOptions(),
-             compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-             on_start: Callable[[int], None] | None = None) -> GaussianResult:
+def gaussian(
+    ckpt: Checkpoint,
+    base: Checkpoint | None = None,
+    options: GaussianOptions = GaussianOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> GaussianResult:
     """Distribution statistics of every floating tensor of `ckpt` (and of ΔW = ckpt − base)."""
     compute = compute or Compute.create()
     selection = Selection.of(options, matrices=False, min_elements=options.min_elements)
-    walk = TensorWalk([ckpt] if base is None else [ckpt, base], selection, changed_by=[ckpt] if base is not None else [])
+    walk = TensorWalk(
+        [ckpt] if base is None else [ckpt, base], selection, changed_by=[ckpt] if base is not None else []
+    )
 
     def work(batch: Batch, compute: Compute) -> list[TensorGaussianity]:
         out = []
         for b, item in enumerate(batch.items):
             w = batch.tensors[0][b]
-            entry = TensorGaussianity(item.names[0], item.layer, item.role, describe(w, options.sample_size, options.seed))
+            entry = TensorGaussianity(
+                item.names[0], item.layer, item.role, describe(w, options.sample_size, options.seed)
+            )
             if base is not None:
                 w0 = batch.tensors[1][b]
                 delta = w - w0
@@ -320,8 +391,14 @@ def gaussian(ckpt: Checkpoint, base: Checkpoint | None = None, options: Gaussian
     results = walk.map(work, compute, stored_layout=True, on_start=on_start, on_progress=on_progress)
     results = walk.in_order(results, lambda t: t.name)
     trend = depth_trend(results) if base is not None else None
-    return GaussianResult(str(ckpt.path), None if base is None else str(base.path), options, results, trend,
-                          walk.problems if base is not None else [])
+    return GaussianResult(
+        str(ckpt.path),
+        None if base is None else str(base.path),
+        options,
+        results,
+        trend,
+        walk.problems if base is not None else [],
+    )
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -330,7 +407,7 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     n = a.numel()
     sa = sb = sab = saa = sbb = 0.0
     for i in range(0, n, CHUNK):
-        x, y = a[i:i + CHUNK].double(), b[i:i + CHUNK].double()
+        x, y = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
         sa, sb = sa + float(x.sum()), sb + float(y.sum())
         sab, saa, sbb = sab + float(x @ y), saa + float(x @ x), sbb + float(y @ y)
     cov = sab - sa * sb / n
@@ -357,6 +434,11 @@ def reference_table(n: int = 200_000, seed: int = 0) -> dict[str, dict[str, floa
     table = {}
     for name, x in references.items():
         d = describe(x, 20_000, seed)
-        table[name] = {"excess_kurtosis": d.excess_kurtosis, "skewness": d.skewness, "near_zero": d.near_zero,
-                       "qq_r2": d.qq_r2, "label": d.label}
+        table[name] = {
+            "excess_kurtosis": d.excess_kurtosis,
+            "skewness": d.skewness,
+            "near_zero": d.near_zero,
+            "qq_r2": d.qq_r2,
+            "label": d.label,
+        }
     return table

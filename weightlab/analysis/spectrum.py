@@ -23,26 +23,27 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
 from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
-from weightlab.compute.device import Compute
 from weightlab.compute.cache import DecompositionCache, content_key
-from weightlab.compute.svd import SVD
+from weightlab.compute.device import Compute
 from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, singular_values, top_singular
+from weightlab.compute.svd import SVD
 from weightlab.compute.walk import Batch, Selection, TensorWalk, may_change
-from weightlab.errors import InvalidArgument
 from weightlab.display import model_names
+from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
-from weightlab.results import Result, Table
 from weightlab.options import SpectrumOptions
+from weightlab.results import Result, Table
 
 NULL = 1e-4  # σ_j ≤ NULL·σ₁: u_j = Wv_j/σ_j would carry float32 rounding of v_j times σ₁/σ_j
+
 
 @dataclass
 class Norms:
@@ -88,19 +89,30 @@ def vector_angle(a: float, b: float, d: float) -> float:
 def _row_norms(*matrices: torch.Tensor) -> list[torch.Tensor]:
     """The float64 norm of every row of each matrix, a block of rows at a time (no float64 copy
     of a whole embedding)."""
-    return [torch.cat([torch.linalg.vector_norm(x[i:i + ROW_BLOCK].double(), dim=1) for i in range(0, x.shape[0], ROW_BLOCK)])
-            for x in matrices]
+    return [
+        torch.cat(
+            [torch.linalg.vector_norm(x[i : i + ROW_BLOCK].double(), dim=1) for i in range(0, x.shape[0], ROW_BLOCK)]
+        )
+        for x in matrices
+    ]
 
 
-def magnitude_direction(w: torch.Tensor, w_ft: torch.Tensor, base: Norms, ft: Norms, delta: Norms) -> MagnitudeDirection:
+def magnitude_direction(
+    w: torch.Tensor, w_ft: torch.Tensor, base: Norms, ft: Norms, delta: Norms
+) -> MagnitudeDirection:
     """`MagnitudeDirection` of one matrix (out×in) from the norms of its rows, of the fine-tune's
     and of the update's (1 − cos per row by `half_versine`), and the three Frobenius norms."""
     m, m_ft, d = _row_norms(w, w_ft, w_ft - w)
     relative = (m_ft - m).abs() / m.clamp_min(torch.finfo(torch.float64).tiny)
     ratio = ft.frobenius / base.frobenius if base.frobenius > 0 else float("inf")
-    return MagnitudeDirection(ratio, vector_angle(base.frobenius, ft.frobenius, delta.frobenius), float(relative.mean()),
-                              float(relative.max()), float((m_ft - m).abs().mean()),
-                              float((2 * half_versine(m, m_ft, d)).mean()))
+    return MagnitudeDirection(
+        ratio,
+        vector_angle(base.frobenius, ft.frobenius, delta.frobenius),
+        float(relative.mean()),
+        float(relative.max()),
+        float((m_ft - m).abs().mean()),
+        float((2 * half_versine(m, m_ft, d)).mean()),
+    )
 
 
 @dataclass
@@ -142,16 +154,28 @@ class MatrixSpectrum:
     def row(self) -> dict:
         """Flat scalar columns for CSV and tables."""
         return {
-            "name": self.name, "finetuned": self.finetuned, "layer": self.layer, "role": self.role,
-            "rows": self.shape[0], "cols": self.shape[1], "relative_change": self.relative_change,
-            "amplification_1": first(self.amplification), "mean_amplification_k": self.mean_amplification,
-            "topk_change_share": self.topk_change_share, "delta_rank90": self.delta_rank90,
-            "delta_rank99": self.delta_rank99, "u1_alignment": first(self.u_alignment),
-            "mean_u_alignment_k": self.mean_u_alignment, "subspace_similarity": self.subspace_similarity,
+            "name": self.name,
+            "finetuned": self.finetuned,
+            "layer": self.layer,
+            "role": self.role,
+            "rows": self.shape[0],
+            "cols": self.shape[1],
+            "relative_change": self.relative_change,
+            "amplification_1": first(self.amplification),
+            "mean_amplification_k": self.mean_amplification,
+            "topk_change_share": self.topk_change_share,
+            "delta_rank90": self.delta_rank90,
+            "delta_rank99": self.delta_rank99,
+            "u1_alignment": first(self.u_alignment),
+            "mean_u_alignment_k": self.mean_u_alignment,
+            "subspace_similarity": self.subspace_similarity,
             "intruders": len(self.intruders) if self.best_match_cos else None,
             **({f"direction_{k}": v for k, v in asdict(self.direction).items()} if self.direction else {}),
-            **{f"{part}_{k}": v for part in ("base", "ft", "delta")
-               for k, v in asdict(getattr(self, part) or Norms(*[None] * 4)).items()},
+            **{
+                f"{part}_{k}": v
+                for part in ("base", "ft", "delta")
+                for k, v in asdict(getattr(self, part) or Norms(*[None] * 4)).items()
+            },
         }
 
 
@@ -170,11 +194,17 @@ class SpectrumResult(Result):
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, "base": self.base, "finetuned": self.finetuned,
-                "options": asdict(self.options), "num_layers": self.num_layers, "problems": self.problems,
-                "summary_by_layer": summarise(self.matrices, "layer"),
-                "summary_by_role": summarise(self.matrices, "role"),
-                "matrices": [asdict(m) for m in self.matrices]}
+        return {
+            "schema": self.SCHEMA,
+            "base": self.base,
+            "finetuned": self.finetuned,
+            "options": asdict(self.options),
+            "num_layers": self.num_layers,
+            "problems": self.problems,
+            "summary_by_layer": summarise(self.matrices, "layer"),
+            "summary_by_role": summarise(self.matrices, "role"),
+            "matrices": [asdict(m) for m in self.matrices],
+        }
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.matrices]
@@ -186,55 +216,137 @@ class SpectrumResult(Result):
         ft = ["fine-tune"] if several else []
         names = model_names(self.finetuned)
         k = self.options.k
-        main = Table(f"spectrum: {len(self.matrices)} matrices, most changed first",
-                     ["matrix", *ft, "layer", "role", "‖ΔW‖/‖W‖", "σ'₁/σ₁", "intr.", "φ", "|u'₁·u₁|", "∠(W,W')°",
-                      "‖W'‖/‖W‖", f"top{k} share", "rank90 ΔW", "eff.rank", "shape"],
-                     [[m.name, *([names[m.finetuned]] if several else []), m.layer, m.role, m.relative_change,
-                       m.amplification[0], m.row()["intruders"], m.subspace_similarity, first(m.u_alignment),
-                       m.direction.angle_deg, m.direction.norm_ratio, m.topk_change_share, m.delta_rank90,
-                       f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}", f"{m.shape[0]}×{m.shape[1]}"]
-                      for m in sorted(self.matrices, key=lambda m: -m.relative_change)],
-                     f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions; "
-                     "∠ between vec W and vec W'",
-                     numeric_from=2 if several else 1, names=True)
-        by = [Table(f"by {key}", [*ft, key, "matrices", "‖ΔW‖/‖W‖", "σ'/σ (top k)", "|u'·u| (top k)", "φ", "intruders"],
-                    [[*([names[s["finetuned"]]] if several else []), s[key], s["matrices"], s["relative_change"],
-                      s["mean_amplification_k"], s["mean_u_alignment_k"], s["subspace_similarity"], s["intruders"]]
-                     for s in summarise(self.matrices, key)], numeric_from=2 if several else 1)
-              for key in ("layer", "role")]
+        main = Table(
+            f"spectrum: {len(self.matrices)} matrices, most changed first",
+            [
+                "matrix",
+                *ft,
+                "layer",
+                "role",
+                "‖ΔW‖/‖W‖",
+                "σ'₁/σ₁",
+                "intr.",
+                "φ",
+                "|u'₁·u₁|",
+                "∠(W,W')°",
+                "‖W'‖/‖W‖",
+                f"top{k} share",
+                "rank90 ΔW",
+                "eff.rank",
+                "shape",
+            ],
+            [
+                [
+                    m.name,
+                    *([names[m.finetuned]] if several else []),
+                    m.layer,
+                    m.role,
+                    m.relative_change,
+                    m.amplification[0],
+                    m.row()["intruders"],
+                    m.subspace_similarity,
+                    first(m.u_alignment),
+                    m.direction.angle_deg,
+                    m.direction.norm_ratio,
+                    m.topk_change_share,
+                    m.delta_rank90,
+                    f"{m.base.effective_rank:.0f}→{m.ft.effective_rank:.0f}",
+                    f"{m.shape[0]}×{m.shape[1]}",
+                ]
+                for m in sorted(self.matrices, key=lambda m: -m.relative_change)
+            ],
+            f"φ = ‖U_kᵀU'_k‖²/k, k = {k}; eff.rank = exp(entropy of σ) for W→W'; intr. = intruder dimensions; "
+            "∠ between vec W and vec W'",
+            numeric_from=2 if several else 1,
+            names=True,
+        )
+        by = [
+            Table(
+                f"by {key}",
+                [*ft, key, "matrices", "‖ΔW‖/‖W‖", "σ'/σ (top k)", "|u'·u| (top k)", "φ", "intruders"],
+                [
+                    [
+                        *([names[s["finetuned"]]] if several else []),
+                        s[key],
+                        s["matrices"],
+                        s["relative_change"],
+                        s["mean_amplification_k"],
+                        s["mean_u_alignment_k"],
+                        s["subspace_similarity"],
+                        s["intruders"],
+                    ]
+                    for s in summarise(self.matrices, key)
+                ],
+                numeric_from=2 if several else 1,
+            )
+            for key in ("layer", "role")
+        ]
         return [main, *by]
 
     def base_tables(self) -> list[Table]:
         """One checkpoint's own spectra (`--values-only` without a fine-tune)."""
-        main = Table(f"spectra: {len(self.matrices)} matrices",
-                     ["matrix", "layer", "role", "shape", "σ₁", "‖W‖_F", "stable rank", "eff.rank", "σ_min"],
-                     [[m.name, m.layer, m.role, f"{m.shape[0]}×{m.shape[1]}", m.base.spectral, m.base.frobenius,
-                       m.base.stable_rank, m.base.effective_rank, first(m.sv_base[-1:])] for m in self.matrices],
-                     "stable rank = ‖W‖_F²/σ₁²; eff.rank = exp(entropy of σ/Σσ)", numeric_from=1, names=True)
-        by = [Table(f"by {key}", [key, "matrices", "stable rank", "eff.rank"],
-                    [[s[key], s["matrices"], s["stable_rank"], s["effective_rank"]] for s in summarise(self.matrices, key)])
-              for key in ("layer", "role")]
+        main = Table(
+            f"spectra: {len(self.matrices)} matrices",
+            ["matrix", "layer", "role", "shape", "σ₁", "‖W‖_F", "stable rank", "eff.rank", "σ_min"],
+            [
+                [
+                    m.name,
+                    m.layer,
+                    m.role,
+                    f"{m.shape[0]}×{m.shape[1]}",
+                    m.base.spectral,
+                    m.base.frobenius,
+                    m.base.stable_rank,
+                    m.base.effective_rank,
+                    first(m.sv_base[-1:]),
+                ]
+                for m in self.matrices
+            ],
+            "stable rank = ‖W‖_F²/σ₁²; eff.rank = exp(entropy of σ/Σσ)",
+            numeric_from=1,
+            names=True,
+        )
+        by = [
+            Table(
+                f"by {key}",
+                [key, "matrices", "stable rank", "eff.rank"],
+                [[s[key], s["matrices"], s["stable_rank"], s["effective_rank"]] for s in summarise(self.matrices, key)],
+            )
+            for key in ("layer", "role")
+        ]
         return [main, *by]
 
     def headline(self) -> list[tuple[str, str, object]]:
         ms = self.matrices
         if not self.finetuned:
-            return [("spectrum.matrices", "matrices analysed", len(ms)),
-                    ("spectrum.mean_stable_rank", "mean stable rank", mean(lambda m: m.base.stable_rank)(ms))]
+            return [
+                ("spectrum.matrices", "matrices analysed", len(ms)),
+                ("spectrum.mean_stable_rank", "mean stable rank", mean(lambda m: m.base.stable_rank)(ms)),
+            ]
         top = max(ms, key=lambda m: m.relative_change) if ms else None
         by_role = max(summarise(ms, "role"), key=lambda s: s["relative_change"]) if ms else {}
-        return [("spectrum.matrices", "matrices analysed", len(ms)),
-                ("spectrum.mean_relative_change", "mean ‖ΔW‖/‖W‖",
-                 sum(m.relative_change for m in ms) / len(ms) if ms else None),
-                ("spectrum.most_changed", "most changed matrix", top.name if top else "-"),
-                ("spectrum.most_changed_role", "most changed role", by_role.get("role", "-")),
-                ("spectrum.intruders", "intruder dimensions",
-                 None if self.options.values_only else sum(len(m.intruders) for m in ms))]
+        return [
+            ("spectrum.matrices", "matrices analysed", len(ms)),
+            (
+                "spectrum.mean_relative_change",
+                "mean ‖ΔW‖/‖W‖",
+                sum(m.relative_change for m in ms) / len(ms) if ms else None,
+            ),
+            ("spectrum.most_changed", "most changed matrix", top.name if top else "-"),
+            ("spectrum.most_changed_role", "most changed role", by_role.get("role", "-")),
+            (
+                "spectrum.intruders",
+                "intruder dimensions",
+                None if self.options.values_only else sum(len(m.intruders) for m in ms),
+            ),
+        ]
 
     def note(self) -> str:
         if not self.finetuned:
             return f"Spectra of {self.base} alone (values only)."
-        return "Fine-tunes: " + ", ".join(f"{name} ({p})" for name, p in zip(model_names(self.finetuned), self.finetuned))
+        return "Fine-tunes: " + ", ".join(
+            f"{name} ({p})" for name, p in zip(model_names(self.finetuned), self.finetuned)
+        )
 
 
 def first(values: list) -> object:
@@ -243,18 +355,22 @@ def first(values: list) -> object:
 
 def summarise(matrices: Sequence[MatrixSpectrum], by: str) -> list[dict]:
     """Means per layer (or role), per fine-tune: where the change concentrates."""
-    return group_summary(matrices, {"finetuned": lambda m: m.finetuned, by: lambda m: getattr(m, by)}, {
-        "matrices": len,
-        "relative_change": mean(lambda m: m.relative_change),
-        "mean_amplification_k": mean(lambda m: m.mean_amplification),
-        "mean_u_alignment_k": mean(lambda m: m.mean_u_alignment),
-        "subspace_similarity": mean(lambda m: m.subspace_similarity),
-        "intruders": lambda ms: sum(len(m.intruders) for m in ms) if any(m.best_match_cos for m in ms) else None,
-        "angle_deg": mean(lambda m: m.direction.angle_deg if m.direction else None),
-        "norm_ratio": mean(lambda m: m.direction.norm_ratio if m.direction else None),
-        "stable_rank": mean(lambda m: m.base.stable_rank),
-        "effective_rank": mean(lambda m: m.base.effective_rank),
-    })
+    return group_summary(
+        matrices,
+        {"finetuned": lambda m: m.finetuned, by: lambda m: getattr(m, by)},
+        {
+            "matrices": len,
+            "relative_change": mean(lambda m: m.relative_change),
+            "mean_amplification_k": mean(lambda m: m.mean_amplification),
+            "mean_u_alignment_k": mean(lambda m: m.mean_u_alignment),
+            "subspace_similarity": mean(lambda m: m.subspace_similarity),
+            "intruders": lambda ms: sum(len(m.intruders) for m in ms) if any(m.best_match_cos for m in ms) else None,
+            "angle_deg": mean(lambda m: m.direction.angle_deg if m.direction else None),
+            "norm_ratio": mean(lambda m: m.direction.norm_ratio if m.direction else None),
+            "stable_rank": mean(lambda m: m.base.stable_rank),
+            "effective_rank": mean(lambda m: m.base.effective_rank),
+        },
+    )
 
 
 def norms_from_singular_values(s: torch.Tensor) -> list[Norms]:
@@ -322,8 +438,9 @@ def left_cosines(w64: torch.Tensor, base: GramSpectrum, u_ft: torch.Tensor, colu
     return ((w64.mT @ u_ft).mT @ e).abs() / s
 
 
-def base_vectors(w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor,
-                 whole: Callable[[], GramSpectrum]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def base_vectors(
+    w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor, whole: Callable[[], GramSpectrum]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base's top-k U and Vh, and |⟨u'_i, u_j⟩| [kk, ·] over the base left singular vectors
     that can be u'_i's best match. From the top-K Gram eigenvectors: since Σ_j cos²_ij ≤ 1, no
     u_j beyond the top K can beat the best of them once best² > 1 − Σ_{j<K} cos²_ij; only when
@@ -334,7 +451,7 @@ def base_vectors(w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor,
     cos = left_cosines(w64, top, u_ft, slice(0, width)) if float(s[k - 1]) > NULL * float(s[0]) else None
     if cos is not None and width < r:
         best = cos.max(-1).values
-        if bool((best ** 2 <= 1 - (cos ** 2).sum(-1)).any()):
+        if bool((best**2 <= 1 - (cos**2).sum(-1)).any()):
             rest = left_cosines(w64, whole(), u_ft, slice(width, r))
             cos = None if rest is None else torch.cat([cos, rest], -1)
     if cos is None:
@@ -346,8 +463,9 @@ def base_vectors(w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor,
     return e, (w64.mT @ e / s[:k]).mT, cos
 
 
-def intruder_dimensions(w: torch.Tensor, w_ft: torch.Tensor, k: int, epsilon: float,
-                        cache: DecompositionCache | None = None) -> tuple[list[int], list[float], SVD]:
+def intruder_dimensions(
+    w: torch.Tensor, w_ft: torch.Tensor, k: int, epsilon: float, cache: DecompositionCache | None = None
+) -> tuple[list[int], list[float], SVD]:
     """Shuttleworth et al. 2024, §3: the i < k among W''s top singular vectors with
     max_j |cos(u'_i, u_j)| < ε over every base left singular vector u_j. Returns those i, every
     top-k best-match cosine, and W''s top-k triplets (float64)."""
@@ -359,55 +477,96 @@ def intruder_dimensions(w: torch.Tensor, w_ft: torch.Tensor, k: int, epsilon: fl
     return [i for i, c in enumerate(best) if c < epsilon], best, top
 
 
-def compare(item: MatchedTensor, ft_index: int | None, w: torch.Tensor, base: GramSpectrum,
-            w_ft: torch.Tensor | None, delta_sv: torch.Tensor | None, options: SpectrumOptions,
-            whole: Callable[[], GramSpectrum] | None = None) -> MatrixSpectrum:
+def compare(
+    item: MatchedTensor,
+    ft_index: int | None,
+    w: torch.Tensor,
+    base: GramSpectrum,
+    w_ft: torch.Tensor | None,
+    delta_sv: torch.Tensor | None,
+    options: SpectrumOptions,
+    whole: Callable[[], GramSpectrum] | None = None,
+) -> MatrixSpectrum:
     """All spectrum metrics of one matrix against one fine-tune (or none). `base` holds the top
     Gram eigenvectors; `whole()` gives them all when an intruder candidate needs them."""
     s = base.S.to(w.device)
     keep = options.keep
-    common = dict(name=item.names[0], finetuned=ft_index, layer=item.layer, role=item.role, shape=list(w.shape),
-                  base=norms_from_singular_values(s[None])[0], sv_base=s[:keep].tolist())
-    vectors = dict(u_alignment=[], v_alignment=[], best_match_index=[], best_match_cos=[], intruders=[],
-                   subspace_similarity=None)  # values only: none
+    common = dict(
+        name=item.names[0],
+        finetuned=ft_index,
+        layer=item.layer,
+        role=item.role,
+        shape=list(w.shape),
+        base=norms_from_singular_values(s[None])[0],
+        sv_base=s[:keep].tolist(),
+    )
+    vectors = dict(
+        u_alignment=[], v_alignment=[], best_match_index=[], best_match_cos=[], intruders=[], subspace_similarity=None
+    )  # values only: none
     if w_ft is None:
-        return MatrixSpectrum(**common, **vectors, ft=None, delta=None, relative_change=None, delta_rank90=None,
-                              delta_rank99=None, amplification=[], topk_change_share=None, sv_ft=[])
+        return MatrixSpectrum(
+            **common,
+            **vectors,
+            ft=None,
+            delta=None,
+            relative_change=None,
+            delta_rank90=None,
+            delta_rank99=None,
+            amplification=[],
+            topk_change_share=None,
+            sv_ft=[],
+        )
     r = s.shape[-1]
     k, kk = min(options.k, r), min(max(options.k, options.intruder_k), r)
     if options.values_only:
         s_ft = singular_values(w_ft)
     else:
         s_ft, top = top_singular(w_ft, kk)
-        u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
+        _u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
         best_cos, best_j = cos.max(-1)
-        best = best_cos[:min(options.intruder_k, r)].tolist()
-        vectors = dict(u_alignment=torch.diagonal(cos[:k, :k]).tolist(),
-                       v_alignment=(top.Vh[:k] * vh_k).sum(-1).abs().tolist(),
-                       best_match_index=best_j[:len(best)].tolist(), best_match_cos=best,
-                       intruders=[i for i, c in enumerate(best) if c < options.epsilon],
-                       subspace_similarity=float((cos[:k, :k] ** 2).sum() / k))
+        best = best_cos[: min(options.intruder_k, r)].tolist()
+        vectors = dict(
+            u_alignment=torch.diagonal(cos[:k, :k]).tolist(),
+            v_alignment=(top.Vh[:k] * vh_k).sum(-1).abs().tolist(),
+            best_match_index=best_j[: len(best)].tolist(),
+            best_match_cos=best,
+            intruders=[i for i, c in enumerate(best) if c < options.epsilon],
+            subspace_similarity=float((cos[:k, :k] ** 2).sum() / k),
+        )
     tiny = torch.finfo(torch.float64).tiny
     moved = (s_ft - s).abs()
     norms_w, norms_ft, norms_d = common["base"], *(norms_from_singular_values(x[None])[0] for x in (s_ft, delta_sv))
     return MatrixSpectrum(
-        **common, **vectors, ft=norms_ft, delta=norms_d,
+        **common,
+        **vectors,
+        ft=norms_ft,
+        delta=norms_d,
         relative_change=norms_d.frobenius / norms_w.frobenius if norms_w.frobenius > 0 else float("inf"),
-        delta_rank90=int(energy_rank(delta_sv[None], 0.9)), delta_rank99=int(energy_rank(delta_sv[None], 0.99)),
+        delta_rank90=int(energy_rank(delta_sv[None], 0.9)),
+        delta_rank99=int(energy_rank(delta_sv[None], 0.99)),
         amplification=(s_ft[:k] / s[:k].clamp_min(tiny)).tolist(),
         topk_change_share=float(moved[:k].sum() / moved.sum().clamp_min(tiny)),
-        sv_ft=s_ft[:keep].tolist(), direction=magnitude_direction(w, w_ft, norms_w, norms_ft, norms_d),
+        sv_ft=s_ft[:keep].tolist(),
+        direction=magnitude_direction(w, w_ft, norms_w, norms_ft, norms_d),
     )
 
 
-def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: SpectrumOptions = SpectrumOptions(),
-             compute: Compute | None = None, on_progress: Callable[[int], None] | None = None,
-             on_start: Callable[[int], None] | None = None, cache: DecompositionCache | None = None) -> SpectrumResult:
+def spectrum(
+    base: Checkpoint,
+    finetuned: Sequence[Checkpoint],
+    options: SpectrumOptions = SpectrumOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    cache: DecompositionCache | None = None,
+) -> SpectrumResult:
     """Compare every matched weight matrix of `base` with each fine-tune (checkpoints or adapters
     applied to `base`); with `options.values_only` and no fine-tune, the base's own spectra. The
     base is decomposed once per matrix (or read from `cache`) and shared by all fine-tunes."""
     if not finetuned and not options.values_only:
-        raise InvalidArgument("spectrum: give at least one fine-tune of the base, or --values-only for the base's own spectra")
+        raise InvalidArgument(
+            "spectrum: give at least one fine-tune of the base, or --values-only for the base's own spectra"
+        )
     compute = compute or Compute.create()
     walk = TensorWalk([base, *finetuned], Selection.of(options), changed_by=finetuned)
 
@@ -418,18 +577,25 @@ def spectrum(base: Checkpoint, finetuned: Sequence[Checkpoint], options: Spectru
             if options.values_only or not finetuned:  # values alone: one eigvalsh, not worth a cache entry
                 base_spec = GramSpectrum(singular_values(w[b]), None, is_tall(w[b]))
             else:
-                base_spec = base_decomposition(w[b], cache, top_columns(max(options.k, options.intruder_k), min(item.shape)))
+                base_spec = base_decomposition(
+                    w[b], cache, top_columns(max(options.k, options.intruder_k), min(item.shape))
+                )
             whole = functools.cache(lambda b=b: base_decomposition(w[b], cache, None))
             if not finetuned:
                 out.append(compare(item, None, w[b], base_spec, None, None, options))
             for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
                 if not may_change(ft, item.names[index + 1]):
                     continue  # an adapter's figures cover the matrices it changes, whatever else is given
-                delta_sv = delta_singular_values(ft, [item], w[b:b + 1], w_ft[b:b + 1], compute)[0]
+                delta_sv = delta_singular_values(ft, [item], w[b : b + 1], w_ft[b : b + 1], compute)[0]
                 out.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
         return out
 
     matrices = walk.map(work, compute, on_start=on_start, on_progress=on_progress)
-    return SpectrumResult(str(base.path), [str(f.path) for f in finetuned], options,
-                          walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned or 0),
-                          base.config.num_layers if base.config else None, walk.problems)
+    return SpectrumResult(
+        str(base.path),
+        [str(f.path) for f in finetuned],
+        options,
+        walk.in_order(matrices, lambda m: m.name, lambda m: m.finetuned or 0),
+        base.config.num_layers if base.config else None,
+        walk.problems,
+    )

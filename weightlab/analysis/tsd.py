@@ -12,9 +12,9 @@ starts LoRA from them. For an adapter, ΔW v_i = s·B·(A v_i) is computed from 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from weightlab.errors import CorruptCheckpoint
 from weightlab.io.atomic import atomic_path
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
-from weightlab.results import Result, Table
 from weightlab.options import TSDOptions
+from weightlab.results import Result, Table
 
 
 @dataclass
@@ -70,30 +70,65 @@ class TSDResult(Result):
         return float(np.median([p for m in self.matrices for p in m.percentile])) if self.matrices else None
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, "base": self.base, "finetuned": self.finetuned, "options": asdict(self.options),
-                "problems": self.problems, "percentile_histogram": self.percentile_histogram(),
-                "median_percentile": self.median_percentile(), "matrices": [asdict(m) for m in self.matrices]}
+        return {
+            "schema": self.SCHEMA,
+            "base": self.base,
+            "finetuned": self.finetuned,
+            "options": asdict(self.options),
+            "problems": self.problems,
+            "percentile_histogram": self.percentile_histogram(),
+            "median_percentile": self.median_percentile(),
+            "matrices": [asdict(m) for m in self.matrices],
+        }
 
     def rows(self) -> list[dict]:
-        return [{"name": m.name, "layer": m.layer, "role": m.role, "indices": m.indices, "rates": m.rate,
-                 "core_energy_share": m.core_energy_share, "tsd_energy_share": m.tsd_energy_share,
-                 "delta_norm": m.delta_norm} for m in self.matrices]
+        return [
+            {
+                "name": m.name,
+                "layer": m.layer,
+                "role": m.role,
+                "indices": m.indices,
+                "rates": m.rate,
+                "core_energy_share": m.core_energy_share,
+                "tsd_energy_share": m.tsd_energy_share,
+                "delta_norm": m.delta_norm,
+            }
+            for m in self.matrices
+        ]
 
     def tables(self) -> list[Table]:
-        return [Table(f"task-specific directions (top {self.options.top}), largest updates first",
-                      ["matrix", "layer", "role", "TSD indices", "top δ", "mean pct", "TSD share", "core share"],
-                      [[m.name, m.layer, m.role, ", ".join(map(str, m.indices[:8])), ", ".join(f"{r:.2g}" for r in m.rate[:3]),
-                        sum(m.percentile) / len(m.percentile) if m.percentile else None, m.tsd_energy_share,
-                        m.core_energy_share] for m in sorted(self.matrices, key=lambda m: -m.delta_norm)],
-                      "pct: position in the spectrum (0 = largest σ); shares of ‖ΔW‖²_F on the TSDs / all core directions",
-                      names=True)]
+        return [
+            Table(
+                f"task-specific directions (top {self.options.top}), largest updates first",
+                ["matrix", "layer", "role", "TSD indices", "top δ", "mean pct", "TSD share", "core share"],
+                [
+                    [
+                        m.name,
+                        m.layer,
+                        m.role,
+                        ", ".join(map(str, m.indices[:8])),
+                        ", ".join(f"{r:.2g}" for r in m.rate[:3]),
+                        sum(m.percentile) / len(m.percentile) if m.percentile else None,
+                        m.tsd_energy_share,
+                        m.core_energy_share,
+                    ]
+                    for m in sorted(self.matrices, key=lambda m: -m.delta_norm)
+                ],
+                "pct: position in the spectrum (0 = largest σ); shares of ‖ΔW‖²_F on the TSDs / all core directions",
+                names=True,
+            )
+        ]
 
     def lines(self) -> list[str]:
-        return ["TSD positions by spectrum decile (top σ first): " + " ".join(str(c) for c in self.percentile_histogram())]
+        return [
+            "TSD positions by spectrum decile (top σ first): " + " ".join(str(c) for c in self.percentile_histogram())
+        ]
 
     def headline(self) -> list[tuple[str, str, object]]:
-        return [("tsd.matrices", "matrices", len(self.matrices)),
-                ("tsd.median_percentile", "median TSD position (percentile, 0 = top σ)", self.median_percentile())]
+        return [
+            ("tsd.matrices", "matrices", len(self.matrices)),
+            ("tsd.median_percentile", "median TSD position (percentile, 0 = top σ)", self.median_percentile()),
+        ]
 
 
 def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, delta_norm2: float, top: int):
@@ -108,8 +143,9 @@ def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, del
     return rates, order, core, chosen
 
 
-def delta_times_v(finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor | None, vh: torch.Tensor,
-                  compute: Compute) -> tuple[torch.Tensor, float]:
+def delta_times_v(
+    finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor | None, vh: torch.Tensor, compute: Compute
+) -> tuple[torch.Tensor, float]:
     """ΔW·V and ‖ΔW‖²_F for one matrix: from LoRA factors (ΔW V = s·L·(R V), no dense ΔW) when
     the fine-tune is an adapter, else from the dense difference W' − W (`w_ft` None: an adapter
     that leaves this weight unchanged, ΔW = 0)."""
@@ -123,9 +159,15 @@ def delta_times_v(finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch
     return delta @ vh.T, float((delta * delta).sum())
 
 
-def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOptions(), compute: Compute | None = None,
-        on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None,
-        keep_vectors: bool = False) -> tuple[TSDResult, dict[str, dict[str, torch.Tensor]]]:
+def tsd(
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    options: TSDOptions = TSDOptions(),
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    keep_vectors: bool = False,
+) -> tuple[TSDResult, dict[str, dict[str, torch.Tensor]]]:
     """Top-`options.top` task-specific directions of every matched matrix.
 
     Returns the result and, with `keep_vectors`, per matrix the tensors `--save` stores
@@ -145,11 +187,31 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
             rates, order, core, chosen = core_directions(u, s, delta_v, delta_norm2, min(options.top, s.numel()))
             r = s.numel()
             idx = order.tolist()
-            matrix = MatrixTSD(name, item.layer, item.role, [u.shape[0], vh.shape[1]], idx, s[order].tolist(),
-                               rates[order].tolist(), [100.0 * i / max(r - 1, 1) for i in idx], core, chosen,
-                               delta_norm2**0.5, rates[: options.keep].tolist())
-            kept = {"indices": order.cpu(), "u": u[:, order].cpu().contiguous(), "v": vh[order].T.cpu().contiguous(),
-                    "sigma": s[order].cpu(), "rate": rates[order].cpu()} if keep_vectors else None
+            matrix = MatrixTSD(
+                name,
+                item.layer,
+                item.role,
+                [u.shape[0], vh.shape[1]],
+                idx,
+                s[order].tolist(),
+                rates[order].tolist(),
+                [100.0 * i / max(r - 1, 1) for i in idx],
+                core,
+                chosen,
+                delta_norm2**0.5,
+                rates[: options.keep].tolist(),
+            )
+            kept = (
+                {
+                    "indices": order.cpu(),
+                    "u": u[:, order].cpu().contiguous(),
+                    "v": vh[order].T.cpu().contiguous(),
+                    "sigma": s[order].cpu(),
+                    "rate": rates[order].cpu(),
+                }
+                if keep_vectors
+                else None
+            )
             out.append((matrix, kept))
         return out
 
@@ -162,8 +224,9 @@ def tsd(base: Checkpoint, finetuned: Checkpoint, options: TSDOptions = TSDOption
     return result, vectors
 
 
-def save_directions(path: str | Path, vectors: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
-                    force: bool = False) -> None:
+def save_directions(
+    path: str | Path, vectors: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], force: bool = False
+) -> None:
     """Store per matrix `NAME::indices|u|v|sigma|rate` in one safetensors file (atomically)."""
     flat = {f"{name}::{key}": t for name, parts in vectors.items() for key, t in parts.items()}
     with atomic_path(path, force) as tmp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,7 +14,7 @@ from weightlab.options import AnglesOptions
 def angles(
     a: Path = typer.Argument(..., help="First checkpoint (or adapter, with --base)."),
     b: Path = typer.Argument(..., help="Second checkpoint (or adapter, with --base)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Compare task vectors A−BASE and B−BASE instead of weights."),
+    base: Path | None = typer.Option(None, "--base", help="Compare task vectors A−BASE and B−BASE instead of weights."),
     options: AnglesOptions = None,
     common: Common = None,
 ) -> None:

@@ -14,9 +14,11 @@ import logging
 import os
 import sys
 import typing
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +26,8 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from weightlab.cli.progress import Callbacks, progress as report_progress
+from weightlab.cli.progress import Callbacks
+from weightlab.cli.progress import progress as report_progress
 from weightlab.domains import Int
 from weightlab.errors import InvalidArgument
 from weightlab.io.hub import require_input
@@ -65,20 +68,31 @@ PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.
 ReportOpt = typer.Option(None, "--report", help="Also write a self-contained HTML report.", metavar="FILE.html")
 
 
-def progress(description: str, unit: str = "matrices") -> ContextManager[Callbacks]:
+def progress(description: str, unit: str = "matrices") -> AbstractContextManager[Callbacks]:
     """Progress of long work on stderr: (on_start(total), on_progress(advance)) callbacks."""
     return report_progress(err_console, description, unit)
 
 
-def outputs(force: bool, inputs: Sequence[object], **named: Optional[Path | str]) -> OutputPlan:
+def outputs(force: bool, inputs: Sequence[object], **named: Path | str | None) -> OutputPlan:
     """The command's output plan, checked against the inputs before any work. Each keyword names
     an option (`residual_out_dir` is `--residual-out`, `out_dir`/`out_file` are `-o`); `plots` and
     names ending in `_dir` are folders, the others files; `cache_dir` is written in place."""
-    flags = {"out_dir": "-o", "out_file": "-o", "markdown_assets_dir": "--markdown (its _assets folder)",
-             "cache_dir": "--cache-dir"}
-    planned = [Output(flags.get(name, "--" + name.removesuffix("_dir").replace("_", "-")), path,
-                      directory=name == "plots" or name.endswith("_dir"), in_place=name == "cache_dir")
-               for name, path in named.items() if path not in (None, "")]
+    flags = {
+        "out_dir": "-o",
+        "out_file": "-o",
+        "markdown_assets_dir": "--markdown (its _assets folder)",
+        "cache_dir": "--cache-dir",
+    }
+    planned = [
+        Output(
+            flags.get(name, "--" + name.removesuffix("_dir").replace("_", "-")),
+            path,
+            directory=name == "plots" or name.endswith("_dir"),
+            in_place=name == "cache_dir",
+        )
+        for name, path in named.items()
+        if path not in (None, "")
+    ]
     return OutputPlan([i for i in inputs if i is not None], planned, force)
 
 
@@ -107,10 +121,24 @@ def fitted(t: Table, body: list[list[Any]], width: int) -> RichTable:
     kept = len(t.columns)
     while True:
         dropped = t.columns[kept:]
-        caption = "; ".join(filter(None, [t.caption, f"{len(dropped)} more columns in a wider terminal and in the "
-                                                     f"JSON: {', '.join(dropped)}" if dropped else ""]))
-        shown = table(t.title, t.columns[:kept], [r[:kept] for r in body], numeric_from=min(t.numeric_from, kept),
-                      caption=caption or None)
+        caption = "; ".join(
+            filter(
+                None,
+                [
+                    t.caption,
+                    f"{len(dropped)} more columns in a wider terminal and in the JSON: {', '.join(dropped)}"
+                    if dropped
+                    else "",
+                ],
+            )
+        )
+        shown = table(
+            t.title,
+            t.columns[:kept],
+            [r[:kept] for r in body],
+            numeric_from=min(t.numeric_from, kept),
+            caption=caption or None,
+        )
         if kept == 1 or console.measure(shown, options=console.options.update_width(10**4)).maximum <= width:
             return shown
         kept -= 1
@@ -135,14 +163,14 @@ class Common:
 
     rows: int
     device: str
-    json_out: Optional[str]
-    csv_out: Optional[str]
-    plots: Optional[Path]
-    report: Optional[Path]
+    json_out: str | None
+    csv_out: str | None
+    plots: Path | None
+    report: Path | None
     force: bool
-    ray: Optional[str] = None
-    ray_timeout: Optional[float] = None
-    threads: Optional[int] = None
+    ray: str | None = None
+    ray_timeout: float | None = None
+    threads: int | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -151,65 +179,84 @@ class Common:
     def compute(self) -> Compute:
         from weightlab.compute.device import Compute
 
-        return Compute.create(self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout,
-                              threads=self.threads)
+        return Compute.create(
+            self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout, threads=self.threads
+        )
 
-    def outputs(self, inputs: Sequence[object], **more: Optional[Path | str]) -> OutputPlan:
+    def outputs(self, inputs: Sequence[object], **more: Path | str | None) -> OutputPlan:
         """The plan of this analysis's outputs; inputs that do not exist are refused first."""
         for given in inputs:
             if given is not None:
                 require_input(given)
-        return outputs(self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report,
-                       **more)
+        return outputs(
+            self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report, **more
+        )
 
     def show(self, result: Result) -> None:
         if not quiet_when_stdout(self.json_out, self.csv_out):
             show(result, self.rows)
 
 
-RayOpt = typer.Option(None, "--ray", metavar="ADDRESS",
-                      help="Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
-                           "every node must see the input paths. Needs weightlab[ray].")
-RayTimeoutOpt = typer.Option(None, "--ray-timeout", metavar="SECONDS",
-                             help="With --ray: give up connecting after this long [default: 15].")
-ThreadsOpt = typer.Option(None, "--threads", metavar="N",
-                          help="Threads of the maths [default: the CPUs this process may use].")
+RayOpt = typer.Option(
+    None,
+    "--ray",
+    metavar="ADDRESS",
+    help="Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
+    "every node must see the input paths. Needs weightlab[ray].",
+)
+RayTimeoutOpt = typer.Option(
+    None, "--ray-timeout", metavar="SECONDS", help="With --ray: give up connecting after this long [default: 15]."
+)
+ThreadsOpt = typer.Option(
+    None, "--threads", metavar="N", help="Threads of the maths [default: the CPUs this process may use]."
+)
 
 
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
     options: list[tuple[str, Any, Any]] = [
         ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
         ("device", str, DeviceOpt),
-        ("threads", Optional[int], ThreadsOpt),
+        ("threads", int | None, ThreadsOpt),
         *([("dtype", str, DtypeOpt)] if precision else []),
-        ("json_out", Optional[str], JsonOpt),
-        ("csv_out", Optional[str], CsvOpt),
-        ("plots", Optional[Path], PlotsOpt),
-        ("report", Optional[Path], ReportOpt),
+        ("json_out", str | None, JsonOpt),
+        ("csv_out", str | None, CsvOpt),
+        ("plots", Path | None, PlotsOpt),
+        ("report", Path | None, ReportOpt),
         ("force", bool, ForceOpt),
-        ("ray", Optional[str], RayOpt),
-        ("ray_timeout", Optional[float], RayTimeoutOpt),
+        ("ray", str | None, RayOpt),
+        ("ray_timeout", float | None, RayTimeoutOpt),
     ]
-    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for name, annotation, default in options]
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in options
+    ]
 
 
 def options_parameters(cls: type) -> list[inspect.Parameter]:
     """The command-line options of an options dataclass: one per field declared with
     `domains.option`, with its default, flags and help from the declaration."""
     hints = typing.get_type_hints(cls)
-    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                              default=typer.Option(f.default, *f.metadata["flags"], help=f.metadata["help"]))
-            for f in dataclasses.fields(cls) if "flags" in f.metadata]
+    return [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[f.name],
+            default=typer.Option(f.default, *f.metadata["flags"], help=f.metadata["help"]),
+        )
+        for f in dataclasses.fields(cls)
+        if "flags" in f.metadata
+    ]
 
 
 def _options_classes(parameters: Sequence[inspect.Parameter]) -> dict[str, type]:
-    return {p.name: p.annotation for p in parameters
-            if isinstance(p.annotation, type) and issubclass(p.annotation, Checked)}
+    return {
+        p.name: p.annotation for p in parameters if isinstance(p.annotation, type) and issubclass(p.annotation, Checked)
+    }
 
 
-def command(*, name: str | None = None, common: Callable[[], list[inspect.Parameter]] | None = None,
-            **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def command(
+    *, name: str | None = None, common: Callable[[], list[inspect.Parameter]] | None = None, **settings: Any
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a command. A parameter annotated with an options dataclass (`SpectrumOptions`)
     becomes that dataclass's options on the command line, and the function receives the built,
     checked dataclass; with `common`, the shared options it lists become `common: Common`."""
@@ -291,7 +338,7 @@ _library_log.addHandler(_Notes())
 _library_log.propagate = False
 
 
-def quiet_when_stdout(*paths: Optional[Path | str]) -> bool:
+def quiet_when_stdout(*paths: Path | str | None) -> bool:
     """Tables go to the terminal unless a machine output is streamed to stdout."""
     return any(str(p) == "-" for p in paths if p is not None)
 
@@ -305,9 +352,12 @@ def _version(asked: bool) -> None:
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="Print weightlab's version and exit.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print weightlab's version and exit."
+    ),
+) -> None:
     """weightlab: spectra, subspace angles, Gaussianity, task-specific directions, merging and LoRA surgery.
 
     Example: weightlab inspect model.safetensors

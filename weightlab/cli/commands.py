@@ -13,8 +13,9 @@ import weightlab.cli
 from weightlab.cli.app import app, err_console, one_line, state
 from weightlab.errors import WeightlabError
 
-COMMAND_MODULES = sorted(m.name for m in pkgutil.iter_modules(weightlab.cli.__path__)
-                         if m.name not in ("app", "commands", "progress"))
+COMMAND_MODULES = sorted(
+    m.name for m in pkgutil.iter_modules(weightlab.cli.__path__) if m.name not in ("app", "commands", "progress")
+)
 for _name in COMMAND_MODULES:  # each registers its command on `app`
     importlib.import_module(f"weightlab.cli.{_name}")
 

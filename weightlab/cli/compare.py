@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import typer
 
@@ -13,7 +12,7 @@ from weightlab.options import CompareOptions
 
 @analysis_command()
 def compare(
-    finetuned: List[Path] = typer.Argument(..., help="Two or more fine-tuned checkpoints or PEFT adapters of BASE."),
+    finetuned: list[Path] = typer.Argument(..., help="Two or more fine-tuned checkpoints or PEFT adapters of BASE."),
     base: Path = typer.Option(..., "--base", help="The base checkpoint every fine-tune started from."),
     options: CompareOptions = None,
     common: Common = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,8 +12,10 @@ from weightlab.options import ESDOptions
 
 @analysis_command()
 def esd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (file, folder or Hub ID; with --base: a fine-tune or adapter of BASE)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Also the spectral density of ΔW = CHECKPOINT − BASE."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint (file, folder or Hub ID; with --base: a fine-tune or adapter of BASE)."
+    ),
+    base: Path | None = typer.Option(None, "--base", help="Also the spectral density of ΔW = CHECKPOINT − BASE."),
     options: ESDOptions = None,
     common: Common = None,
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,7 @@ from weightlab.options import GaussianOptions
 @analysis_command(precision=False)  # storage precision; moments accumulate in float64
 def gaussian(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to test (with --base: a fine-tune or adapter of BASE)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Also test ΔW = CHECKPOINT − BASE and its trend with depth."),
+    base: Path | None = typer.Option(None, "--base", help="Also test ΔW = CHECKPOINT − BASE and its trend with depth."),
     options: GaussianOptions = None,
     common: Common = None,
 ) -> None:

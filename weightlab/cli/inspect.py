@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,10 +11,12 @@ from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, emit, outputs, qui
 
 @app.command()
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="A .safetensors/.bin file, a (sharded) model folder or a PEFT adapter."),
-    name_filter: Optional[str] = typer.Option(None, "--filter", help="Only tensors whose name matches this regex."),
-    json_out: Optional[str] = JsonOpt,
-    csv_out: Optional[str] = CsvOpt,
+    checkpoint: Path = typer.Argument(
+        ..., help="A .safetensors/.bin file, a (sharded) model folder or a PEFT adapter."
+    ),
+    name_filter: str | None = typer.Option(None, "--filter", help="Only tensors whose name matches this regex."),
+    json_out: str | None = JsonOpt,
+    csv_out: str | None = CsvOpt,
     force: bool = ForceOpt,
 ) -> None:
     """List tensors (name, shape, dtype, parameters, bytes, layer, role) and totals per dtype.

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, JsonOpt, PlotsOpt, ReportOpt, ThreadsOpt, command, emit, outputs, \
-    progress, show
+from weightlab.cli.app import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    PlotsOpt,
+    ReportOpt,
+    ThreadsOpt,
+    command,
+    emit,
+    outputs,
+    progress,
+    show,
+)
 from weightlab.options import IntruderOptions
 
 
@@ -19,11 +29,11 @@ def mitigate(
     finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint, or a PEFT adapter of BASE."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the mitigated checkpoint (or adapter)."),
     options: IntruderOptions = None,
-    json_out: Optional[str] = JsonOpt,
-    plots: Optional[Path] = PlotsOpt,
-    report: Optional[Path] = ReportOpt,
+    json_out: str | None = JsonOpt,
+    plots: Path | None = PlotsOpt,
+    report: Path | None = ReportOpt,
     device: str = DeviceOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Scale the intruder dimensions of a fine-tune by λ (Shuttleworth et al. 2024), to undo forgetting.
@@ -45,14 +55,30 @@ def mitigate(
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         adapter = isinstance(ft, AdaptedCheckpoint)
-        writer = None if adapter else CheckpointWriter(plan.path("-o"), donor=ft.path, plan=stored_plan(ft),
-                                                       metadata={"weightlab": f"intruders scaled by {options.scale:g}"})
-        with progress("mitigate-intruders") as (on_start, on_progress), (writer or nullcontext()):
-            result, mitigated = mitigate_intruders(base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start)
+        writer = (
+            None
+            if adapter
+            else CheckpointWriter(
+                plan.path("-o"),
+                donor=ft.path,
+                plan=stored_plan(ft),
+                metadata={"weightlab": f"intruders scaled by {options.scale:g}"},
+            )
+        )
+        with progress("mitigate-intruders") as (on_start, on_progress), writer or nullcontext():
+            result, mitigated = mitigate_intruders(
+                base_ckpt, ft, str(out), options, writer, compute, on_progress, on_start
+            )
         if mitigated is not None:
-            write_adapter(plan.path("-o"), mitigated.factors, scale=1.0, base_model=ft.adapter.base_model_name_or_path,
-                          fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")), sidecar=result.to_dict(),
-                          saved=mitigated.saved)
+            write_adapter(
+                plan.path("-o"),
+                mitigated.factors,
+                scale=1.0,
+                base_model=ft.adapter.base_model_name_or_path,
+                fan_in_fan_out=bool(ft.adapter.adapter_config.get("fan_in_fan_out")),
+                sidecar=result.to_dict(),
+                saved=mitigated.saved,
+            )
         emit(plan, result)
     if json_out != "-":
         show(result)

@@ -5,12 +5,22 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ThreadsOpt, app, command, console, outputs,
-                               progress, refuse_unless)
+from weightlab.cli.app import (
+    DeviceOpt,
+    ForceOpt,
+    RayOpt,
+    RayTimeoutOpt,
+    ThreadsOpt,
+    app,
+    command,
+    console,
+    outputs,
+    progress,
+    refuse_unless,
+)
 from weightlab.errors import InvalidArgument
 from weightlab.options import LoraInitOptions, RankBudget
 from weightlab.report.tables import short_name, table
@@ -26,48 +36,91 @@ def _fan_in_fan_out(base, targets: list[str]) -> bool:
 
 
 def _show(report, title: str) -> None:
-    rows = [(short_name(m.name, 50), f"{m.shape[0]}×{m.shape[1]}", m.rank, ", ".join(map(str, m.indices[:6])) +
-             (" …" if len(m.indices) > 6 else ""), m.energy, m.relative_error) for m in report.modules]
+    rows = [
+        (
+            short_name(m.name, 50),
+            f"{m.shape[0]}×{m.shape[1]}",
+            m.rank,
+            ", ".join(map(str, m.indices[:6])) + (" …" if len(m.indices) > 6 else ""),
+            m.energy,
+            m.relative_error,
+        )
+        for m in report.modules
+    ]
     console.print(table(title, ["module", "shape", "rank", "directions", "energy share", "rel. error"], rows))
 
 
 @command(name="init-lora")
 def init_lora(
-    base: Optional[Path] = typer.Argument(None, help="Base checkpoint to initialise the LoRA from."),
+    base: Path | None = typer.Argument(None, help="Base checkpoint to initialise the LoRA from."),
     out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
     options: LoraInitOptions = None,
     tsd: bool = typer.Option(False, "--tsd", help="Short for --method tsd."),
-    source: Optional[Path] = typer.Option(None, "--from", help="tsd: fine-tuned checkpoint or warm-up adapter giving ΔW."),
-    targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
-    rank_budget: Optional[int] = typer.Option(None, "--rank-budget", help="Total rank over all targets instead of --rank, "
-                                              "shared by their spectra (scale 1)."),
-    allocation: str = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."),
-    residual_out: Optional[Path] = typer.Option(None, "--residual-out", help="Write the residual base model here."),
-    no_residual: bool = typer.Option(False, "--no-residual", help="Write only the adapter (it then needs a residual you make)."),
-    as_plain_lora: Optional[Path] = typer.Option(None, "--as-plain-lora", help="Convert this TRAINED adapter (with --initial) "
-                                                 "into a plain LoRA for the unmodified base.", metavar="TRAINED"),
-    initial: Optional[Path] = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
+    source: Path | None = typer.Option(None, "--from", help="tsd: fine-tuned checkpoint or warm-up adapter giving ΔW."),
+    targets: str = typer.Option(
+        "all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."
+    ),
+    rank_budget: int | None = typer.Option(
+        None, "--rank-budget", help="Total rank over all targets instead of --rank, shared by their spectra (scale 1)."
+    ),
+    allocation: str = typer.Option(
+        "energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."
+    ),
+    residual_out: Path | None = typer.Option(None, "--residual-out", help="Write the residual base model here."),
+    no_residual: bool = typer.Option(
+        False, "--no-residual", help="Write only the adapter (it then needs a residual you make)."
+    ),
+    as_plain_lora: Path | None = typer.Option(
+        None,
+        "--as-plain-lora",
+        help="Convert this TRAINED adapter (with --initial) into a plain LoRA for the unmodified base.",
+        metavar="TRAINED",
+    ),
+    initial: Path | None = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
     device: str = DeviceOpt,
-    ray: Optional[str] = RayOpt,
-    ray_timeout: Optional[float] = RayTimeoutOpt,
-    threads: Optional[int] = ThreadsOpt,
+    ray: str | None = RayOpt,
+    ray_timeout: float | None = RayTimeoutOpt,
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
 
-    Example: weightlab init-lora base/ --tsd --from warmup-adapter/ --rank 16 --targets q_proj,v_proj -o lora/ --residual-out base-res/
+    Example: weightlab init-lora base/ --tsd --from warmup/ -r 16 --targets q_proj,v_proj -o lora/ --residual-out res/
     """
-    refuse_unless(as_plain_lora is None, "does not apply to --as-plain-lora (it converts a trained adapter as it is)",
-                  "base", "rank", "method", "tsd", "source", "targets", "alpha", "svd", "seed", "rank_budget", "allocation",
-                  "residual_out", "no_residual", "device", "ray", "ray_timeout")
-    refuse_unless(as_plain_lora is not None, "is the adapter --as-plain-lora converts: it needs --as-plain-lora", "initial")
+    refuse_unless(
+        as_plain_lora is None,
+        "does not apply to --as-plain-lora (it converts a trained adapter as it is)",
+        "base",
+        "rank",
+        "method",
+        "tsd",
+        "source",
+        "targets",
+        "alpha",
+        "svd",
+        "seed",
+        "rank_budget",
+        "allocation",
+        "residual_out",
+        "no_residual",
+        "device",
+        "ray",
+        "ray_timeout",
+    )
+    refuse_unless(
+        as_plain_lora is not None, "is the adapter --as-plain-lora converts: it needs --as-plain-lora", "initial"
+    )
     refuse_unless(not no_residual, "and --no-residual contradict each other", "residual_out")
     refuse_unless(not tsd, "and --tsd both choose the method; use one", "method")
-    refuse_unless(tsd or options.method == "tsd", "gives the warm-up update of --method tsd; the other methods use the base alone",
-                  "source")
+    refuse_unless(
+        tsd or options.method == "tsd",
+        "gives the warm-up update of --method tsd; the other methods use the base alone",
+        "source",
+    )
     refuse_unless(options.svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
-    refuse_unless(rank_budget is None, "does not apply with --rank-budget (each module's rank comes from the budget)",
-                  "rank")
+    refuse_unless(
+        rank_budget is None, "does not apply with --rank-budget (each module's rank comes from the budget)", "rank"
+    )
     refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
     if as_plain_lora is not None:
         if initial is None:
@@ -81,18 +134,28 @@ def init_lora(
             if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
                 raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
             factors, scale, saved = to_plain_lora(trained, start)
-            write_adapter(plan.path("-o"), factors, scale=scale, base_model=trained.base_model_name_or_path,
-                          fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
-                          sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)}, saved=saved)
-        console.print(f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/")
+            write_adapter(
+                plan.path("-o"),
+                factors,
+                scale=scale,
+                base_model=trained.base_model_name_or_path,
+                fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
+                sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)},
+                saved=saved,
+            )
+        console.print(
+            f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/"
+        )
         return
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
     options = replace(options, method="tsd") if tsd else options
     budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
     if residual_out is None and not no_residual:
-        raise InvalidArgument("this adapter only reproduces the model on the residual base: give --residual-out DIR, "
-                              "or --no-residual if you will build the residual yourself")
+        raise InvalidArgument(
+            "this adapter only reproduces the model on the residual base: give --residual-out DIR, "
+            "or --no-residual if you will build the residual yourself"
+        )
     with outputs(force, [base, source], out_dir=out, residual_out_dir=residual_out) as plan:
         from weightlab.compute.device import Compute
         from weightlab.io import CheckpointWriter, open_finetuned, open_weights
@@ -106,15 +169,28 @@ def init_lora(
         names = resolve_targets(base_ckpt, targets)
         fan = _fan_in_fan_out(base_ckpt, names)
         ft = open_finetuned(source, base_ckpt) if source else None
-        writer = CheckpointWriter(plan.path("--residual-out"), donor=base_ckpt.path, plan=stored_plan(base_ckpt),
-                                  metadata={"weightlab": f"residual of init-lora {options.method} r={options.rank}"}) \
-            if residual_out else None
-        with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), (writer or nullcontext()):
+        writer = (
+            CheckpointWriter(
+                plan.path("--residual-out"),
+                donor=base_ckpt.path,
+                plan=stored_plan(base_ckpt),
+                metadata={"weightlab": f"residual of init-lora {options.method} r={options.rank}"},
+            )
+            if residual_out
+            else None
+        )
+        with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), writer or nullcontext():
             on_start(len(names))
             report, factors = run_init(base_ckpt, names, options, ft, writer, compute, on_progress, budget)
             scale = 1.0 if budget else options.scale
-            write_adapter(plan.path("-o"), factors, scale=scale, base_model=str(residual_out or base),
-                          fan_in_fan_out=fan, sidecar=report.to_dict())
+            write_adapter(
+                plan.path("-o"),
+                factors,
+                scale=scale,
+                base_model=str(residual_out or base),
+                fan_in_fan_out=fan,
+                sidecar=report.to_dict(),
+            )
     ranks = f"ranks from a budget of {rank_budget} ({allocation})" if budget else f"r = {options.rank}"
     _show(report, f"init-lora {options.method}: {len(report.modules)} modules, {ranks}, scale {scale:g}")
     console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
@@ -125,16 +201,23 @@ def extract_lora(
     base: Path = typer.Argument(..., help="Base checkpoint."),
     finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint (or adapter) of BASE."),
     out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="One rank for every module."),
-    energy: Optional[float] = typer.Option(None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."),
-    rank_budget: Optional[int] = typer.Option(None, "--rank-budget", help="Total rank over all targets, shared by the "
-                                              "spectra of their ΔW."),
-    allocation: str = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."),
-    targets: str = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="One rank for every module."),
+    energy: float | None = typer.Option(
+        None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."
+    ),
+    rank_budget: int | None = typer.Option(
+        None, "--rank-budget", help="Total rank over all targets, shared by the spectra of their ΔW."
+    ),
+    allocation: str = typer.Option(
+        "energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."
+    ),
+    targets: str = typer.Option(
+        "all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."
+    ),
     device: str = DeviceOpt,
-    ray: Optional[str] = RayOpt,
-    ray_timeout: Optional[float] = RayTimeoutOpt,
-    threads: Optional[int] = ThreadsOpt,
+    ray: str | None = RayOpt,
+    ray_timeout: float | None = RayTimeoutOpt,
+    threads: int | None = ThreadsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
@@ -158,8 +241,9 @@ def extract_lora(
             on_start(len(names))
             budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
             report, factors = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress, budget)
-        write_adapter(plan.path("-o"), factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan,
-                      sidecar=report.to_dict())
+        write_adapter(
+            plan.path("-o"), factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan, sidecar=report.to_dict()
+        )
     _show(report, f"extract-lora: {len(report.modules)} modules")
     if report.skipped:
         console.print(f"[yellow]note:[/] {len(report.skipped)} targeted weights are unchanged and were skipped")

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from typer.core import TyperCommand
 
-from weightlab.cli.app import (DeviceOpt, ForceOpt, RayOpt, RayTimeoutOpt, ReportOpt, ThreadsOpt, app, emit, outputs,
-                               progress, refuse_unless, show)
+from weightlab.cli.app import (
+    DeviceOpt,
+    ForceOpt,
+    RayOpt,
+    RayTimeoutOpt,
+    ReportOpt,
+    ThreadsOpt,
+    app,
+    emit,
+    outputs,
+    progress,
+    refuse_unless,
+    show,
+)
 from weightlab.errors import InvalidArgument
 from weightlab.options import NanOptions
 
@@ -30,7 +40,7 @@ def _methods_help() -> str:
     return "\n\n".join(lines)
 
 
-def _params(texts: Optional[list[str]]) -> dict[str, float]:
+def _params(texts: list[str] | None) -> dict[str, float]:
     """{name: value} from `--param NAME=VALUE` options."""
     out: dict[str, float] = {}
     for text in texts or []:
@@ -40,11 +50,13 @@ def _params(texts: Optional[list[str]]) -> dict[str, float]:
                 raise ValueError
             out[name.strip()] = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
         except ValueError:
-            raise InvalidArgument(f"--param {text!r}: write NAME=VALUE with a number, e.g. --param gamma=0.05") from None
+            raise InvalidArgument(
+                f"--param {text!r}: write NAME=VALUE with a number, e.g. --param gamma=0.05"
+            ) from None
     return out
 
 
-def _floats(text: Optional[str]) -> Optional[list[float]]:
+def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -67,38 +79,49 @@ class _MergeCommand(TyperCommand):
 
 @app.command(cls=_MergeCommand)
 def merge(
-    models: List[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
+    models: list[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output checkpoint folder."),
-    method: Optional[str] = typer.Option(None, "--method", help="One of the methods listed below."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
-    coeff: Optional[str] = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
-    nan_norm_of: Optional[str] = typer.Option(None, "--nan-norm-of", help="NAN norms: weights (default) or task-vectors."),
-    nan_granularity: Optional[str] = typer.Option(None, "--nan-granularity", help="NAN per tensor (default) or model."),
-    nan_power: Optional[float] = typer.Option(None, "--nan-power", help="NAN c_i ∝ ‖·‖^(−power) (default 1)."),
-    nan_normalize: Optional[str] = typer.Option(None, "--nan-normalize", help="NAN Σc_i = 1 (sum, default) or N (count)."),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
-    density: Optional[float] = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
-    param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
-                                              help="Any other parameter of the method (repeatable); listed below."),
-    svc: bool = typer.Option(False, "--svc", help="Then recalibrate each matrix's singular values (SVC; --param svc_alpha)."),
-    lines: bool = typer.Option(False, "--lines", help="Then scale each layer's update by depth (LiNeS; --param lines_beta)."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", hidden=True),  # = --param gamma=…, kept for old scripts
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", hidden=True),
-    t: Optional[float] = typer.Option(None, "--t", hidden=True),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE's random drops (default 0; DARE methods only)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
-    donor: Optional[Path] = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
+    method: str | None = typer.Option(None, "--method", help="One of the methods listed below."),
+    base: str | None = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
+    weights: str | None = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
+    coeff: str | None = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
+    nan_norm_of: str | None = typer.Option(None, "--nan-norm-of", help="NAN norms: weights (default) or task-vectors."),
+    nan_granularity: str | None = typer.Option(None, "--nan-granularity", help="NAN per tensor (default) or model."),
+    nan_power: float | None = typer.Option(None, "--nan-power", help="NAN c_i ∝ ‖·‖^(−power) (default 1)."),
+    nan_normalize: str | None = typer.Option(None, "--nan-normalize", help="NAN Σc_i = 1 (sum, default) or N (count)."),
+    lam: float | None = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
+    density: float | None = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
+    param: list[str] | None = typer.Option(
+        None, "--param", metavar="NAME=VALUE", help="Any other parameter of the method (repeatable); listed below."
+    ),
+    svc: bool = typer.Option(
+        False, "--svc", help="Then recalibrate each matrix's singular values (SVC; --param svc_alpha)."
+    ),
+    lines: bool = typer.Option(
+        False, "--lines", help="Then scale each layer's update by depth (LiNeS; --param lines_beta)."
+    ),
+    gamma: float | None = typer.Option(None, "--gamma", hidden=True),  # = --param gamma=…, kept for old scripts
+    epsilon: float | None = typer.Option(None, "--epsilon", hidden=True),
+    t: float | None = typer.Option(None, "--t", hidden=True),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of DARE's random drops (default 0; DARE methods only)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
+    donor: Path | None = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
-    as_adapter: bool = typer.Option(False, "--as-adapter", help="The models are LoRA adapters: write a LoRA adapter "
-                                    "(task-arithmetic, average: exact; ties, tsv: in their joint low-rank space)."),
-    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."),
+    as_adapter: bool = typer.Option(
+        False,
+        "--as-adapter",
+        help="The models are LoRA adapters: write a LoRA adapter "
+        "(task-arithmetic, average: exact; ties, tsv: in their joint low-rank space).",
+    ),
+    max_rank: int | None = typer.Option(
+        None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."
+    ),
     device: str = DeviceOpt,
-    ray: Optional[str] = RayOpt,
-    ray_timeout: Optional[float] = RayTimeoutOpt,
-    threads: Optional[int] = ThreadsOpt,
-    report_out: Optional[Path] = ReportOpt,
+    ray: str | None = RayOpt,
+    ray_timeout: float | None = RayTimeoutOpt,
+    threads: int | None = ThreadsOpt,
+    report_out: Path | None = ReportOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Merge fine-tunes of one base, streaming tensor by tensor, with manual or NAN coefficients.
@@ -111,14 +134,32 @@ def merge(
     flags = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
     given = {**{k: v for k, v in flags.items() if v is not None}, **_params(param)}
     options["param_values"] = {**options.get("param_values", {}), **given}
-    overrides = {"method": method, "base": base, "weights": _floats(weights), "coeff": coeff, "seed": seed, "dtype": dtype}
+    overrides = {
+        "method": method,
+        "base": base,
+        "weights": _floats(weights),
+        "coeff": coeff,
+        "seed": seed,
+        "dtype": dtype,
+    }
     options.update({k: v for k, v in overrides.items() if v is not None})
     if models:
         options["models"] = list(models)
     flagged = [name for name, on in (("svc", svc), ("lines", lines)) if on]
-    options["modifiers"] = [*options.get("modifiers", []), *(m for m in flagged if m not in options.get("modifiers", []))]
-    nan_given = {k: v for k, v in {"norm_of": nan_norm_of, "granularity": nan_granularity, "power": nan_power,
-                                   "normalize": nan_normalize}.items() if v is not None}
+    options["modifiers"] = [
+        *options.get("modifiers", []),
+        *(m for m in flagged if m not in options.get("modifiers", [])),
+    ]
+    nan_given = {
+        k: v
+        for k, v in {
+            "norm_of": nan_norm_of,
+            "granularity": nan_granularity,
+            "power": nan_power,
+            "normalize": nan_normalize,
+        }.items()
+        if v is not None
+    }
     if nan_given:
         options["nan"] = replace(options.get("nan", NanOptions()), **nan_given)
     if "method" not in options or not options.get("models"):
@@ -127,9 +168,17 @@ def merge(
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
     refuse_unless(cfg.spec.random, f"seeds random drops; {cfg.method} draws nothing at random", "seed")
-    refuse_unless(not as_adapter, "does not apply to --as-adapter (the adapters' small factors are merged on this "
-                  "machine's CPU in float64 into one adapter file, with no config to copy)",
-                  "device", "donor", "shard_size", "ray", "ray_timeout", "threads")
+    refuse_unless(
+        not as_adapter,
+        "does not apply to --as-adapter (the adapters' small factors are merged on this "
+        "machine's CPU in float64 into one adapter file, with no config to copy)",
+        "device",
+        "donor",
+        "shard_size",
+        "ray",
+        "ray_timeout",
+        "threads",
+    )
     if as_adapter:
         return _merge_adapters(cfg, out, max_rank, [config], report_out, force)
     if max_rank is not None:
@@ -142,16 +191,23 @@ def merge(
     with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
         compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
         with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
-            report = run_merge(cfg, plan.path("-o"), shard_size=shard_bytes, donor=donor, compute=compute,
-                               on_progress=on_progress, on_start=on_start)
+            report = run_merge(
+                cfg,
+                plan.path("-o"),
+                shard_size=shard_bytes,
+                donor=donor,
+                compute=compute,
+                on_progress=on_progress,
+                on_start=on_start,
+            )
         report.out = str(out)  # it was written to a staging path; this is where it lands
         emit(plan, report)
     show(report)
 
 
-
-def _merge_adapters(cfg, out: Path, max_rank: Optional[int], extra_inputs: list, report_out: Optional[Path],
-                    force: bool) -> None:
+def _merge_adapters(
+    cfg, out: Path, max_rank: int | None, extra_inputs: list, report_out: Path | None, force: bool
+) -> None:
     """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
     from weightlab.merge.adapters import merge_as_adapter
 

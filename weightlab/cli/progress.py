@@ -5,12 +5,20 @@ and a short one prints nothing."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from weightlab.display import fmt
@@ -33,8 +41,14 @@ class PlainProgress:
     """Counts written as lines, one every `every` seconds at most: `spectrum: 12/74 matrices (16%),
     3.1 matrices/s, about 20 s left`, and a last line when any was written."""
 
-    def __init__(self, description: str, unit: str, write: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic, every: float = PLAIN_EVERY):
+    def __init__(
+        self,
+        description: str,
+        unit: str,
+        write: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+        every: float = PLAIN_EVERY,
+    ):
         self.description, self.unit, self.write, self.clock, self.every = description, unit, write, clock, every
         self.total: int | None = None
         self.done = 0
@@ -51,8 +65,10 @@ class PlainProgress:
 
     def finish(self) -> None:
         if self.lines:
-            self.write(f"{self.description}: {self.done}{'' if self.total is None else f'/{self.total}'} {self.unit} "
-                       f"in {duration(self.clock() - self.started)}")
+            self.write(
+                f"{self.description}: {self.done}{'' if self.total is None else f'/{self.total}'} {self.unit} "
+                f"in {duration(self.clock() - self.started)}"
+            )
 
     def _line(self) -> None:
         now = self.clock()
@@ -84,13 +100,24 @@ class _Rate(ProgressColumn):
 def progress(console: Console, description: str, unit: str = "matrices") -> Iterator[Callbacks]:
     """Progress of `description` on `console` (stderr): yields (on_start(total), on_progress(advance))."""
     if not console.is_terminal:
-        plain = PlainProgress(description, unit, lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+        plain = PlainProgress(
+            description, unit, lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)
+        )
         yield plain.start, plain.advance
         plain.finish()
         return
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  _Rate(unit), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task(description, total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 

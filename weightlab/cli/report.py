@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,9 +12,11 @@ from weightlab.report.document import assets_folder, load_results, result_files,
 
 @app.command()
 def report(
-    results: List[Path] = typer.Argument(..., help="JSON results of weightlab commands, or folders holding them."),
+    results: list[Path] = typer.Argument(..., help="JSON results of weightlab commands, or folders holding them."),
     out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
-    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write Markdown (PNGs beside it in NAME_assets/)."),
+    markdown: Path | None = typer.Option(
+        None, "--markdown", help="Also write Markdown (PNGs beside it in NAME_assets/)."
+    ),
     title: str = typer.Option("weightlab report", "--title", help="Title of the page."),
     force: bool = ForceOpt,
 ) -> None:
@@ -26,7 +27,11 @@ def report(
     files = result_files(results)
     assets = assets_folder(markdown) if markdown else None
     with outputs(force, files, out_file=out, markdown=markdown, markdown_assets_dir=assets) as plan:
-        sections = write_report(load_results(results), plan.path("-o"), title=title,
-                                markdown=plan.path("--markdown") if markdown else None,
-                                assets=plan.path("--markdown (its _assets folder)") if markdown else None)
+        sections = write_report(
+            load_results(results),
+            plan.path("-o"),
+            title=title,
+            markdown=plan.path("--markdown") if markdown else None,
+            assets=plan.path("--markdown (its _assets folder)") if markdown else None,
+        )
     console.print(f"report with {len(sections)} sections → {out}" + (f" and {markdown}" if markdown else ""))

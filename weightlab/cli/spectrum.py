@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -14,8 +13,9 @@ from weightlab.options import CacheOptions, SpectrumOptions
 @analysis_command()
 def spectrum(
     base: Path = typer.Argument(..., help="Base checkpoint (file or folder)."),
-    finetuned: Optional[List[Path]] = typer.Argument(
-        None, help="Fine-tuned checkpoints or PEFT adapters of BASE (none with --values-only: BASE's own spectra)."),
+    finetuned: list[Path] | None = typer.Argument(
+        None, help="Fine-tuned checkpoints or PEFT adapters of BASE (none with --values-only: BASE's own spectra)."
+    ),
     options: SpectrumOptions = None,
     cache: CacheOptions = None,
     common: Common = None,
@@ -28,10 +28,18 @@ def spectrum(
     re-run) skip them. --values-only BASE alone gives the base's own spectra.
     """
     finetuned = finetuned or []
-    refuse_unless(not cache.no_cache and not options.values_only,
-                  "does not apply: nothing is cached with --no-cache or --values-only", "cache_dir", "cache_size")
-    refuse_unless(not options.values_only, "does not apply to --values-only (no singular vectors, so no intruders)",
-                  "intruder_k", "epsilon")
+    refuse_unless(
+        not cache.no_cache and not options.values_only,
+        "does not apply: nothing is cached with --no-cache or --values-only",
+        "cache_dir",
+        "cache_size",
+    )
+    refuse_unless(
+        not options.values_only,
+        "does not apply to --values-only (no singular vectors, so no intruders)",
+        "intruder_k",
+        "epsilon",
+    )
     refuse_unless(bool(finetuned), "does not apply to one checkpoint's own spectra (nothing to amplify)", "k")
     with common.outputs([base, *finetuned], cache_dir=cache.folder) as plan:
         from weightlab.analysis.spectrum import spectrum as compute_spectrum
@@ -42,7 +50,8 @@ def spectrum(
         base_ckpt = open_weights(base)
         fts = [open_finetuned(p, base_ckpt) for p in finetuned]
         with progress("spectrum") as (on_start, on_progress):
-            result = compute_spectrum(base_ckpt, fts, options, compute, on_progress, on_start,
-                                      DecompositionCache.of(cache))
+            result = compute_spectrum(
+                base_ckpt, fts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
+            )
         emit(plan, result)
     common.show(result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,8 +14,9 @@ from weightlab.options import TSDOptions
 def tsd(
     base: Path = typer.Argument(..., help="Base checkpoint."),
     finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint or PEFT adapter (e.g. a short warm-up run)."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Store indices, u, v, σ, δ per matrix (.safetensors) for init-lora.",
-                                        metavar="FILE"),
+    save: Path | None = typer.Option(
+        None, "--save", help="Store indices, u, v, σ, δ per matrix (.safetensors) for init-lora.", metavar="FILE"
+    ),
     options: TSDOptions = None,
     common: Common = None,
 ) -> None:
@@ -25,17 +25,20 @@ def tsd(
     Example: weightlab tsd base/ warmup-adapter/ --top 8 --save tsd.safetensors
     """
     with common.outputs([base, finetuned], save=save) as plan:
-        from weightlab.analysis.tsd import save_directions, tsd as compute_tsd
+        from weightlab.analysis.tsd import save_directions
+        from weightlab.analysis.tsd import tsd as compute_tsd
         from weightlab.io import open_finetuned, open_weights
 
         compute = common.compute()
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         with progress("tsd") as (on_start, on_progress):
-            result, vectors = compute_tsd(base_ckpt, ft, options, compute, on_progress, on_start,
-                                          keep_vectors=save is not None)
+            result, vectors = compute_tsd(
+                base_ckpt, ft, options, compute, on_progress, on_start, keep_vectors=save is not None
+            )
         if save:
-            save_directions(plan.path("--save"), vectors,
-                            {"base": str(base), "finetuned": str(finetuned), "top": str(options.top)})
+            save_directions(
+                plan.path("--save"), vectors, {"base": str(base), "finetuned": str(finetuned), "top": str(options.top)}
+            )
         emit(plan, result)
     common.show(result)

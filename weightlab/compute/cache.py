@@ -46,7 +46,9 @@ class DamagedEntry(Exception):
 
 def default_folder() -> Path:
     """$WEIGHTLAB_CACHE, else $XDG_CACHE_HOME/weightlab/decompositions, else ~/.cache/…"""
-    return CacheOptions().folder
+    folder = CacheOptions().folder
+    assert folder is not None  # the cache is on unless --no-cache
+    return folder
 
 
 def content_key(w: torch.Tensor, kind: str = "") -> str:
@@ -63,7 +65,7 @@ class DecompositionCache:
     max_bytes: int = DEFAULT_BYTES
 
     @classmethod
-    def of(cls, options: CacheOptions) -> "DecompositionCache | None":
+    def of(cls, options: CacheOptions) -> DecompositionCache | None:
         """The cache `options` describe (None with --no-cache). The command's output plan checks
         its folder against the inputs and outputs (`Output.in_place`)."""
         folder = options.folder
@@ -92,6 +94,8 @@ class DecompositionCache:
         """Store an entry; a full disk or an unwritable folder costs speed, never the run."""
         path = self.path(key)
         temp = path.with_name(f".{key[:16]}.{os.getpid()}.{secrets.token_hex(6)}.partial")
+        if spectrum.E is None:
+            return  # values alone are not worth an entry
         tensors = {"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(), "tall": torch.tensor(spectrum.tall)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...], columns: int | None
     if len(data) < 8 or struct.unpack("<Q", data[:8])[0] > min(MAX_HEADER, len(data) - 8):
         raise DamagedEntry("truncated")
     try:
-        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+        header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
         metadata = header["__metadata__"]
         stored = metadata["sha256"]
         tensors = load(data)
@@ -158,8 +162,14 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...], columns: int | None
     m, n = shape
     r = min(m, n)
     S, E, tall = tensors["S"], tensors["E"], tensors["tall"]
-    if (S.dtype, tuple(S.shape), E.dtype, tuple(E.shape), tall.dtype, tuple(tall.shape)) != \
-            (torch.float64, (r,), torch.float32, (r, min(columns or r, r)), torch.bool, ()) or bool(tall) != (m > n):
+    if (S.dtype, tuple(S.shape), E.dtype, tuple(E.shape), tall.dtype, tuple(tall.shape)) != (
+        torch.float64,
+        (r,),
+        torch.float32,
+        (r, min(columns or r, r)),
+        torch.bool,
+        (),
+    ) or bool(tall) != (m > n):
         raise DamagedEntry("wrong shape or dtype")
     if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(E).all())) or bool((S < 0).any()):
         raise DamagedEntry("non-finite or negative values")

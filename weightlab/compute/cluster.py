@@ -10,7 +10,8 @@ task whose worker died (`max_retries`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from weightlab.compute.device import Compute, use_threads
 from weightlab.compute.ray_connect import connect
@@ -22,8 +23,13 @@ R = TypeVar("R")
 TASKS_PER_WORKER = 4  # tasks per CPU of the cluster: enough to balance, few enough to keep overheads small
 
 
-def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable, compute: Compute,
-              options: dict) -> list:
+def _run_here(
+    sources: Sequence[Checkpoint],
+    items: Sequence[MatchedTensor],
+    work: Callable[[Any, Compute], list[R]],
+    compute: Compute,
+    options: dict[str, bool],
+) -> list[R]:
     """A task's body, on a worker: the same walk over these items, on this node's device."""
     from weightlab.compute.walk import TensorWalk
 
@@ -31,28 +37,38 @@ def _run_here(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], wor
     use_threads(compute.threads)  # the driver's count (Ray starts workers with one): BLAS sums in an order
     # that depends on it, and the bytes are to equal a local run's
     try:
-        return TensorWalk.of_items(sources, items).map(work, here, **options)
+        return TensorWalk.of_items(sources, items).map(
+            work, here, factors=options["factors"], stored_layout=options["stored_layout"]
+        )
     except OSError as e:
         import socket
 
-        raise CheckpointNotFound(f"cannot be read on Ray node {socket.gethostname()} ({e.strerror or e})",
-                                 e.filename or "a checkpoint path") from None
+        raise CheckpointNotFound(
+            f"cannot be read on Ray node {socket.gethostname()} ({e.strerror or e})", e.filename or "a checkpoint path"
+        ) from None
 
 
-def map_on_cluster(sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], work: Callable[[Any, Compute], list[R]],
-                   compute: Compute, options: dict, on_start: Callable[[int], None] | None = None,
-                   on_progress: Callable[[int], None] | None = None) -> list[R]:
+def map_on_cluster(
+    sources: Sequence[Checkpoint],
+    items: Sequence[MatchedTensor],
+    work: Callable[[Any, Compute], list[R]],
+    compute: Compute,
+    options: dict[str, bool],
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[R]:
     """`work` over `items` in Ray tasks of consecutive items; results in item order."""
+    assert compute.cluster is not None
     ray = connect(compute.cluster, compute.cluster_timeout)
     if on_start:
         on_start(len(items))
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = max(1, -(-len(items) // (TASKS_PER_WORKER * workers)))
-    runs = [list(items[i:i + size]) for i in range(0, len(items), size)]
+    runs = [list(items[i : i + size]) for i in range(0, len(items), size)]
     task = ray.remote(max_retries=3)(_run_here)
     shared = [ray.put(x) for x in (list(sources), work, compute, options)]
     pending = {task.remote(shared[0], run, shared[1], shared[2], shared[3]): i for i, run in enumerate(runs)}
-    done: dict[int, list] = {}
+    done: dict[int, list[R]] = {}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

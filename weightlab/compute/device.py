@@ -76,9 +76,15 @@ class Compute:
     threads: int = field(default_factory=torch.get_num_threads)  # math threads (Ray workers match it)
 
     @classmethod
-    def create(cls, device: str = "auto", dtype: str = "float32", batch_size: int | None = None,
-               cluster: str | None = None, cluster_timeout: float | None = None,
-               threads: int | None = None) -> "Compute":
+    def create(
+        cls,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int | None = None,
+        cluster: str | None = None,
+        cluster_timeout: float | None = None,
+        threads: int | None = None,
+    ) -> Compute:
         """Validated options; with `cluster`, connected to it now (a dead address fails before any
         work); the maths on `threads` threads (default: the CPUs this process may use)."""
         Int(1, 4096, optional=True).check("batch size", batch_size)
@@ -91,10 +97,16 @@ class Compute:
         if cluster is not None:
             connect(cluster, timeout)
         use_threads(threads or available_cpus())
-        return cls(dev, resolve_dtype(dtype), batch_size or (8 if dev.type == "cuda" else 1), cluster=cluster,
-                   cluster_timeout=timeout, requested=device)
+        return cls(
+            dev,
+            resolve_dtype(dtype),
+            batch_size or (8 if dev.type == "cuda" else 1),
+            cluster=cluster,
+            cluster_timeout=timeout,
+            requested=device,
+        )
 
-    def on_this_node(self) -> "Compute":
+    def on_this_node(self) -> Compute:
         """This compute as a Ray worker runs it: its own device (its GPU when it has one and
         `--device auto`), batched as that device likes, nothing further distributed."""
         device = resolve_device(self.requested)

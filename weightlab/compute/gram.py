@@ -56,14 +56,14 @@ def gram(w: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         g = torch.zeros(side, side, dtype=torch.float64, device=x.device)
         for start in range(0, x.shape[0], ROW_BLOCK):
-            chunk = x[start:start + ROW_BLOCK].double()
+            chunk = x[start : start + ROW_BLOCK].double()
             g += chunk.mT @ chunk
         return g
     lower = np.zeros((side, side), dtype=np.float64, order="F")
     for start in range(0, x.shape[0], ROW_BLOCK):
-        chunk = x[start:start + ROW_BLOCK].detach().numpy().astype(np.float64)  # keeps the memory order
-        # syrk wants column-major: a C-ordered chunk is its transpose in column-major, no copy
-        a, trans = (chunk.T, 0) if chunk.flags.c_contiguous else (np.asfortranarray(chunk), 1)
+        rows = x[start : start + ROW_BLOCK].detach().numpy().astype(np.float64)  # keeps the memory order
+        # syrk wants column-major: a C-ordered block is its transpose in column-major, no copy
+        a, trans = (rows.T, 0) if rows.flags.c_contiguous else (np.asfortranarray(rows), 1)
         lower = scipy.linalg.blas.dsyrk(1.0, a, beta=1.0, c=lower, trans=trans, lower=1, overwrite_c=1)
     return torch.from_numpy(lower)  # column-major, as LAPACK wants it
 
@@ -80,7 +80,9 @@ def eigenvalues(g: torch.Tensor) -> torch.Tensor:
 def eigen(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns in the same order) of a symmetric float64 matrix."""
     if g.device.type == "cpu":
-        lam, vec = (torch.from_numpy(a) for a in scipy.linalg.eigh(g.numpy(), lower=True, driver="evd", check_finite=False))
+        lam, vec = (
+            torch.from_numpy(a) for a in scipy.linalg.eigh(g.numpy(), lower=True, driver="evd", check_finite=False)
+        )
     else:
         lam, vec = torch.linalg.eigh(g)
     return lam.flip(-1), vec.flip(-1)
@@ -133,10 +135,10 @@ def top_singular(w: torch.Tensor, k: int) -> tuple[torch.Tensor, SVD]:
     top-k pairs: the thin SVD decides."""
     lam, vectors = top_eigen(gram(w), k)
     every = to_singular(lam)
-    s = every[:vectors.shape[-1]]
+    s = every[: vectors.shape[-1]]
     if s.numel() == 0 or float(s[-1]) <= float(s[0]) * 1e-6:
         u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        return every, SVD(u[:, :s.numel()], sv[:s.numel()], vh[:s.numel()])
+        return every, SVD(u[:, : s.numel()], sv[: s.numel()], vh[: s.numel()])
     e = vectors.to(w.device)
     if is_tall(w):
         return every, SVD(w.double() @ e / s, s, e.mT)

@@ -17,9 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from weightlab.errors import InvalidArgument
 
@@ -42,8 +43,13 @@ def host_and_port(target: str, where: str) -> tuple[str, int]:
         port = tail.removeprefix(":") or port
     elif ":" in rest:
         host, _, port = rest.partition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ []") or \
-            (":" in host and not rest.startswith("[")):
+    if (
+        not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or any(c in host for c in "/ []")
+        or (":" in host and not rest.startswith("["))
+    ):
         raise InvalidArgument(f"{where}: not a Ray address (write HOST:PORT, e.g. 10.0.0.5:6379, or auto)")
     return host, int(port)
 
@@ -95,7 +101,7 @@ def stderr_to(log: Path) -> Iterator[None]:
 
 def _writes_to_fd2(stream: Any) -> bool:
     try:
-        return stream.fileno() == 2
+        return bool(stream.fileno() == 2)
     except (AttributeError, OSError, ValueError):
         return False
 
@@ -110,7 +116,9 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     if ray.is_initialized():
         return ray
     target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
-    options = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, configure_logging=False)
+    options: dict[str, Any] = dict(
+        ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, configure_logging=False
+    )
     if not target:  # a cluster on this machine: Ray starts one (or joins the one running here)
         ray.init(**options)
         return ray
@@ -120,8 +128,10 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     try:
         within(deadline, lambda: socket.create_connection((host, port), timeout=timeout).close(), "probe")
     except TimeoutError:
-        raise InvalidArgument(f"{where}: no answer from {host}:{port} within {timeout:g} s (is the cluster up, "
-                              "and the address right? see --ray-timeout)") from None
+        raise InvalidArgument(
+            f"{where}: no answer from {host}:{port} within {timeout:g} s (is the cluster up, "
+            "and the address right? see --ray-timeout)"
+        ) from None
     except OSError as e:
         reason = "unknown host" if isinstance(e, socket.gaierror) else (e.strerror or str(e)).lower()
         raise InvalidArgument(f"{where}: cannot reach a Ray cluster at {host}:{port} ({reason})") from None
@@ -130,8 +140,9 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT) -> Any:
         try:
             within(deadline, lambda: ray.init(address=target, **options), "ray-init")
         except TimeoutError:
-            raise InvalidArgument(f"{where}: {host}:{port} answers but no Ray cluster connected within {timeout:g} s "
-                                  f"(Ray's log: {log})") from None
+            raise InvalidArgument(
+                f"{where}: {host}:{port} answers but no Ray cluster connected within {timeout:g} s (Ray's log: {log})"
+            ) from None
         except (ConnectionError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise InvalidArgument(f"{where}: cannot connect to a Ray cluster ({first}; Ray's log: {log})") from None

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class SVD:
     """W ≈ U diag(S) Vh, singular values descending."""
@@ -22,7 +21,7 @@ class SVD:
     S: torch.Tensor  # [..., k]
     Vh: torch.Tensor  # [..., k, n]
 
-    def truncate(self, k: int) -> "SVD":
+    def truncate(self, k: int) -> SVD:
         return SVD(self.U[..., :, :k], self.S[..., :k], self.Vh[..., :k, :])
 
 

@@ -11,8 +11,9 @@ batches of `compute.batch_size` and reports progress. Analyses keep only their m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -40,7 +41,7 @@ class Selection:
     names: frozenset[str] | None = None  # only these (first-source) names, e.g. LoRA targets
 
     @classmethod
-    def of(cls, filters: Filters, **more: Any) -> "Selection":
+    def of(cls, filters: Filters, **more: Any) -> Selection:
         return cls(filters.include, filters.exclude, **more)
 
 
@@ -78,39 +79,63 @@ class TensorWalk:
     `changed_by` names the fine-tunes whose change the analysis is about: a tensor is kept when
     any of them (with `every=True`: each of them) may change it (see `may_change`)."""
 
-    def __init__(self, sources: Sequence[Checkpoint], selection: Selection = Selection(), *,
-                 changed_by: Sequence[Checkpoint] = (), every: bool = False):
+    def __init__(
+        self,
+        sources: Sequence[Checkpoint],
+        selection: Selection = Selection(),
+        *,
+        changed_by: Sequence[Checkpoint] = (),
+        every: bool = False,
+    ):
         self.sources = list(sources)
         self.matching = match_checkpoints(self.sources)
         rule = all if every else any
-        self.items = [item for item in select(self.matching.matched, selection)
-                      if not changed_by or rule(may_change(c, item.names[0]) for c in changed_by)]
+        self.items = [
+            item
+            for item in select(self.matching.matched, selection)
+            if not changed_by or rule(may_change(c, item.names[0]) for c in changed_by)
+        ]
         self._position = {item.names[0]: i for i, item in enumerate(self.items)}
 
     @classmethod
-    def of_items(cls, sources: Sequence[Checkpoint], items: Sequence[MatchedTensor]) -> "TensorWalk":
+    def of_items(cls, sources: Sequence[Checkpoint], items: Sequence[MatchedTensor]) -> TensorWalk:
         """A walk over items already matched and selected (a Ray task's share of a walk)."""
         walk = cls.__new__(cls)
-        walk.sources, walk.items, walk.matching = list(sources), list(items), None
+        walk.sources, walk.items = list(sources), list(items)  # no matching: the driver matched them
         walk._position = {item.names[0]: i for i, item in enumerate(walk.items)}
         return walk
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def map(self, work: Callable[[Batch, Compute], list[T]], compute: Compute, *, factors: bool = False,
-            stored_layout: bool = False, on_start: Progress | None = None,
-            on_progress: Progress | None = None) -> list[T]:
+    def map(
+        self,
+        work: Callable[[Batch, Compute], list[T]],
+        compute: Compute,
+        *,
+        factors: bool = False,
+        stored_layout: bool = False,
+        on_start: Progress | None = None,
+        on_progress: Progress | None = None,
+    ) -> list[T]:
         """`work(batch, compute)` over every batch, results concatenated in batch order: here, or
         on the Ray cluster `compute.cluster` names (split by tensor, the same results)."""
         if compute.cluster is not None:
             from weightlab.compute.cluster import map_on_cluster
 
-            return map_on_cluster(self.sources, self.items, work, compute,
-                                  {"factors": factors, "stored_layout": stored_layout}, on_start, on_progress)
+            return map_on_cluster(
+                self.sources,
+                self.items,
+                work,
+                compute,
+                {"factors": factors, "stored_layout": stored_layout},
+                on_start,
+                on_progress,
+            )
         out: list[T] = []
-        for batch in self.batches(compute, factors=factors, stored_layout=stored_layout, on_start=on_start,
-                                  on_progress=on_progress):
+        for batch in self.batches(
+            compute, factors=factors, stored_layout=stored_layout, on_start=on_start, on_progress=on_progress
+        ):
             out.extend(work(batch, compute))
             del batch  # before the next batch arrives: one batch in memory
         return out
@@ -127,13 +152,22 @@ class TensorWalk:
         """Tensors only some sources have, and shape mismatches, as lines for the user."""
         return self.matching.describe_problems()
 
-    def in_order(self, results: list[T], name_of: Callable[[T], str], group: Callable[[T], Any] = lambda r: 0) -> list[T]:
+    def in_order(
+        self, results: list[T], name_of: Callable[[T], str], group: Callable[[T], Any] = lambda r: 0
+    ) -> list[T]:
         """`results` in the walk's tensor order (within each `group`): the same order whatever the
         batch size, so a GPU run writes the same JSON as a CPU run."""
         return sorted(results, key=lambda r: (group(r), self._position[name_of(r)]))
 
-    def batches(self, compute: Compute, *, factors: bool = False, stored_layout: bool = False,
-                on_start: Progress | None = None, on_progress: Progress | None = None) -> Iterator[Batch]:
+    def batches(
+        self,
+        compute: Compute,
+        *,
+        factors: bool = False,
+        stored_layout: bool = False,
+        on_start: Progress | None = None,
+        on_progress: Progress | None = None,
+    ) -> Iterator[Batch]:
         """Read ahead, check finite, stack same-shape tensors. Tensors are out×in matrices
         (`naming.as_matrix`) unless `stored_layout`. With `factors`, an adapter is not applied
         densely where its change is a LoRA product (or nothing): its slot is None and the analysis
@@ -145,8 +179,16 @@ class TensorWalk:
             ckpt = self.sources[source]
             return factors and isinstance(ckpt, AdaptedCheckpoint) and not ckpt.changes_densely(item.names[source])
 
-        stream = stream_matrices(self.sources, self.items, compute.device, compute.dtype, compute.batch_size,
-                                 compute.prefetch, matrix=not stored_layout, skip=skip)
+        stream = stream_matrices(
+            self.sources,
+            self.items,
+            compute.device,
+            compute.dtype,
+            compute.batch_size,
+            compute.prefetch,
+            matrix=not stored_layout,
+            skip=skip,
+        )
         for items, tensors in stream:
             yield Batch(items, tensors)
             del tensors  # before the next batch is prepared: one batch in memory

@@ -10,9 +10,15 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "AdaptedCheckpoint": "adapter", "LoraAdapter": "adapter", "LoraModule": "adapter", "Checkpoint": "checkpoint",
-    "CheckpointWriter": "writer", "TensorInfo": "safetensors_file", "open_checkpoint": "open",
-    "open_finetuned": "open", "open_weights": "open",
+    "AdaptedCheckpoint": "adapter",
+    "LoraAdapter": "adapter",
+    "LoraModule": "adapter",
+    "Checkpoint": "checkpoint",
+    "CheckpointWriter": "writer",
+    "TensorInfo": "safetensors_file",
+    "open_checkpoint": "open",
+    "open_finetuned": "open",
+    "open_weights": "open",
 }
 __all__ = [*_HOMES, "ModelConfig"]
 

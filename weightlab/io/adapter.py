@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,11 @@ from weightlab.io.finite import require_finite_input
 from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
 from weightlab.naming import canonical_name
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
+Device = torch.device | str | None
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$"
+)
 _BIAS = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_B\.bias$")
 _PREFIX = "base_model.model."
 _BASE_LAYER = ".base_layer."  # PEFT's save_embedding_layers: a targeted module's own weights, saved whole
@@ -59,7 +64,7 @@ class LoraModule:
         return f"{self.module}.bias"
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -74,7 +79,7 @@ def _is_rank(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def validate_adapter_config(cfg: object, path: Path) -> dict:
+def validate_adapter_config(cfg: object, path: Path) -> dict[str, Any]:
     """The adapter_config.json fields weightlab reads, with PEFT's types: r a positive integer,
     lora_alpha a finite number, rank_pattern/alpha_pattern objects of such values keyed by valid
     regular expressions, flags booleans."""
@@ -84,7 +89,10 @@ def validate_adapter_config(cfg: object, path: Path) -> dict:
         raise CorruptCheckpoint(f"r = {cfg.get('r')!r} is not a positive integer", path)
     if not _is_number(cfg.get("lora_alpha", 8)):
         raise CorruptCheckpoint(f"lora_alpha = {cfg.get('lora_alpha')!r} is not a finite number", path)
-    for key, valid, what in (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", _is_number, "finite numbers")):
+    for key, valid, what in (
+        ("rank_pattern", _is_rank, "positive integers"),
+        ("alpha_pattern", _is_number, "finite numbers"),
+    ):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
             raise CorruptCheckpoint(f"{key} is not an object", path)
@@ -116,7 +124,7 @@ class LoraAdapter:
             raw = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CorruptCheckpoint("adapter_config.json is not valid JSON", config_path) from None
-        self.adapter_config: dict = validate_adapter_config(raw, config_path)
+        self.adapter_config: dict[str, Any] = validate_adapter_config(raw, config_path)
         peft_type = str(self.adapter_config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise NotACheckpoint(f"peft_type {peft_type} is not LoRA; only LoRA adapters are supported", config_path)
@@ -150,15 +158,21 @@ class LoraAdapter:
                 parts.setdefault(found["module"], {})[found["kind"]] = info
             elif found := _BIAS.match(name):
                 if not cfg.get("lora_bias"):
-                    raise CorruptCheckpoint("a LoRA bias, but adapter_config does not say lora_bias: true", self.file.path,
-                                            name)
+                    raise CorruptCheckpoint(
+                        "a LoRA bias, but adapter_config does not say lora_bias: true", self.file.path, name
+                    )
                 biases[found["module"]] = info
-            elif "lora_" not in name and (self._saves(name.removeprefix(_PREFIX).rpartition(".")[0])
-                                          or _BASE_LAYER in name):
+            elif "lora_" not in name and (
+                self._saves(name.removeprefix(_PREFIX).rpartition(".")[0]) or _BASE_LAYER in name
+            ):
                 saved[name.removeprefix(_PREFIX)] = info
             else:
-                raise CorruptCheckpoint("neither a LoRA factor nor a tensor of a module in modules_to_save: weightlab "
-                                        "cannot tell what it changes", self.file.path, name)
+                raise CorruptCheckpoint(
+                    "neither a LoRA factor nor a tensor of a module in modules_to_save: weightlab "
+                    "cannot tell what it changes",
+                    self.file.path,
+                    name,
+                )
         modules = {}
         for module, kinds in sorted(parts.items()):
             embedding = "lora_embedding_A" in kinds
@@ -172,21 +186,30 @@ class LoraAdapter:
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             bias = biases.pop(module, None)
             if bias is not None and (embedding or bias.shape != (b.shape[0],) or not bias.is_float):
-                raise CorruptCheckpoint(f"LoRA bias is {bias.dtype} {list(bias.shape)}, not the {b.shape[0]} outputs of "
-                                        "its B factor", self.file.path, bias.name)
-            modules[module] = LoraModule(module, a, b, rank, alpha, scale, bool(cfg.get("fan_in_fan_out")), embedding,
-                                         bias)
+                raise CorruptCheckpoint(
+                    f"LoRA bias is {bias.dtype} {list(bias.shape)}, not the {b.shape[0]} outputs of its B factor",
+                    self.file.path,
+                    bias.name,
+                )
+            modules[module] = LoraModule(
+                module, a, b, rank, alpha, scale, bool(cfg.get("fan_in_fan_out")), embedding, bias
+            )
         if biases:
-            raise CorruptCheckpoint("a LoRA bias of a module without LoRA factors", self.file.path,
-                                    next(iter(biases.values())).name)
+            raise CorruptCheckpoint(
+                "a LoRA bias of a module without LoRA factors", self.file.path, next(iter(biases.values())).name
+            )
         for name, info in saved.items():
             if _BASE_LAYER in name and name.partition(_BASE_LAYER)[0] not in modules:
-                raise CorruptCheckpoint("a base_layer tensor of a module without LoRA factors", self.file.path, info.name)
+                raise CorruptCheckpoint(
+                    "a base_layer tensor of a module without LoRA factors", self.file.path, info.name
+                )
         if not modules and not saved:
             raise NotACheckpoint("adapter holds no lora_A/lora_B tensors", self.file.path)
         return modules, saved
 
-    def factors(self, module: str, device=None, dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def factors(
+        self, module: str, device: Device = None, dtype: torch.dtype | None = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) of one module, so ΔW = s·B·A in out×in orientation (embeddings: ΔWᵀ)."""
         m = self.modules[module]
         a, b = (self.file.read(info) for info in (m.a, m.b))
@@ -195,18 +218,21 @@ class LoraAdapter:
             require_finite_input(factor, self.path, info.name)
         return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), m.scale
 
-    def matrix_factors(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def matrix_factors(
+        self, module: str, device: Device = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(L, R, s) with ΔW = s·L·R in the out×in orientation `naming.as_matrix` gives the base weight."""
         a, b, scale = self.factors(module, device, dtype)
         return (a.T, b.T, scale) if self.modules[module].embedding else (b, a, scale)
 
-    def bias_delta(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def bias_delta(self, module: str, device: Device = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s·b: what a module's LoRA bias adds to the base bias (PEFT's merge with lora_bias)."""
-        m = self.modules[module]
-        b = self.file.read(m.bias)
-        self.bytes_read += m.bias.nbytes
-        require_finite_input(b, self.path, m.bias.name)
-        return b.to(device=device, dtype=dtype) * m.scale
+        bias = self.modules[module].bias
+        assert bias is not None, module
+        b = self.file.read(bias)
+        self.bytes_read += bias.nbytes
+        require_finite_input(b, self.path, bias.name)
+        return b.to(device=device, dtype=dtype) * self.modules[module].scale
 
     def read_saved(self, name: str) -> torch.Tensor:
         """A tensor saved whole (`modules_to_save`, a `base_layer`), by its name in the file
@@ -223,7 +249,7 @@ class LoraAdapter:
         bias = None if m.bias is None else self.bias_delta(module, dtype=torch.float64).to(dtype)
         return LoraFactors(a=right.to(dtype), b=(left * scale).to(dtype), embedding=m.embedding, bias=bias)
 
-    def delta(self, module: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def delta(self, module: str, device: Device = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update in the base weight's storage layout: what `merge_and_unload` adds."""
         m = self.modules[module]
         a, b, scale = self.factors(module, device, dtype)
@@ -239,10 +265,16 @@ def _check_factor_shapes(a: TensorInfo, b: TensorInfo, rank: int, path: Path, mo
     """A is r×in and B out×r, both 2-D and floating, with the r that adapter_config gives."""
     for info, role in ((a, "A"), (b, "B")):
         if len(info.shape) != 2 or not info.is_float:
-            raise CorruptCheckpoint(f"LoRA factor {role} ({info.name}) is {info.dtype} {list(info.shape)}, "
-                                    "not a floating-point matrix", path, module)
-    wrong = [f"{role} ({info.name}) has rank {r}" for info, role, r in ((a, "A", a.shape[0]), (b, "B", b.shape[1]))
-             if r != rank]
+            raise CorruptCheckpoint(
+                f"LoRA factor {role} ({info.name}) is {info.dtype} {list(info.shape)}, not a floating-point matrix",
+                path,
+                module,
+            )
+    wrong = [
+        f"{role} ({info.name}) has rank {r}"
+        for info, role, r in ((a, "A", a.shape[0]), (b, "B", b.shape[1]))
+        if r != rank
+    ]
     if wrong:
         raise CorruptCheckpoint(f"{'; '.join(wrong)} but adapter_config gives r={rank}", path, module)
 
@@ -274,14 +306,22 @@ class AdaptedCheckpoint(Checkpoint):
             if m.fan_in_fan_out and not m.embedding:
                 got = got[::-1]
             if tuple(expected) != got:
-                raise ShapeMismatch(f"adapter update is {list(got)} but the base weight is {list(expected)}; "
-                                    "is this adapter for another base?", adapter.path, name)
+                raise ShapeMismatch(
+                    f"adapter update is {list(got)} but the base weight is {list(expected)}; "
+                    "is this adapter for another base?",
+                    adapter.path,
+                    name,
+                )
             self.module_of[name] = module
             if m.bias is not None:
                 bias = base_name(m.bias_name, "has a LoRA bias for")
                 if tuple(base.info(bias).shape) != m.bias.shape:
-                    raise ShapeMismatch(f"adapter's LoRA bias is {list(m.bias.shape)} but the base bias is "
-                                        f"{list(base.info(bias).shape)}", adapter.path, bias)
+                    raise ShapeMismatch(
+                        f"adapter's LoRA bias is {list(m.bias.shape)} but the base bias is "
+                        f"{list(base.info(bias).shape)}",
+                        adapter.path,
+                        bias,
+                    )
                 self.bias_of[bias] = module
         self.__infos = dict(base._infos)
         for saved, info in adapter.saved.items():  # what the base lacks, or has in another shape, matching reports
@@ -314,7 +354,7 @@ class AdaptedCheckpoint(Checkpoint):
             return weight + self.adapter.bias_delta(self.bias_of[name], weight.device, weight.dtype)
         return weight
 
-    def get(self, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(self, name: str, device: Device = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self.changes(name):
             return self.base.get(name, device, dtype)
         raw = self.stored(name).to(device)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import torch
 
@@ -39,9 +40,18 @@ def peft_tensors(module: str, f: LoraFactors) -> dict[str, torch.Tensor]:
     return {f"{prefix}.lora_A.weight": f.a.contiguous(), f"{prefix}.lora_B.weight": f.b.contiguous(), **bias}
 
 
-def write_adapter(out_dir: str | Path, factors: dict[str, LoraFactors], *, scale: float, base_model: str | None,
-                  fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32, sidecar: dict | None = None,
-                  force: bool = False, saved: Mapping[str, torch.Tensor] | None = None) -> None:
+def write_adapter(
+    out_dir: str | Path,
+    factors: dict[str, LoraFactors],
+    *,
+    scale: float,
+    base_model: str | None,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+    sidecar: dict[str, Any] | None = None,
+    force: bool = False,
+    saved: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` (atomically).
 
     Every module gets the LoRA scale `scale` = alpha/r: the most common rank becomes `r` with
@@ -60,12 +70,22 @@ def write_adapter(out_dir: str | Path, factors: dict[str, LoraFactors], *, scale
     lora_bias = any(f.bias is not None for f in factors.values())
     alpha = scale * r
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(factors), "rank_pattern": rank_pattern,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(factors),
+        "rank_pattern": rank_pattern,
         "alpha_pattern": {m: scale * rank for m, rank in rank_pattern.items()},
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
         # the factors are already in the file: PEFT must not re-run an initialisation on load
-        "init_lora_weights": True, "inference_mode": True,
+        "init_lora_weights": True,
+        "inference_mode": True,
         "modules_to_save": sorted({n.rpartition(".")[0] for n in saved if ".base_layer." not in n}) or None,
         **({"lora_bias": True} if lora_bias else {}),
     }

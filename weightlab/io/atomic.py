@@ -11,9 +11,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from weightlab.errors import OutputConflict, OutputExists
 
@@ -34,8 +34,11 @@ def ensure_writable(dest: str | Path, force: bool, directory: bool = False) -> N
     if directory and not path.is_dir():
         raise OutputConflict("exists and is not a folder; --force will not replace it with one", dest)
     if directory and not (path / MARKER).is_file():
-        raise OutputConflict(f"is a folder weightlab did not write (no {MARKER} in it); --force replaces only "
-                             "weightlab's own folders: remove it yourself or choose another path", dest)
+        raise OutputConflict(
+            f"is a folder weightlab did not write (no {MARKER} in it); --force replaces only "
+            "weightlab's own folders: remove it yourself or choose another path",
+            dest,
+        )
     if not directory and not path.is_file():
         raise OutputConflict("exists and is not a regular file; --force replaces only files here", dest)
 

@@ -7,8 +7,8 @@ One safetensors file, a sharded folder with an index, a Hugging Face folder, a l
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -23,6 +23,8 @@ from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE, SafetensorsFile, 
 from weightlab.model_config import ModelConfig, read_model_config
 
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
+
+
 class Checkpoint:
     """Dense weights addressed by name. Subclasses implement `_infos` and `_read`."""
 
@@ -47,7 +49,9 @@ class Checkpoint:
         except KeyError:
             raise MissingTensor("no such tensor", self.path, name) from None
 
-    def get(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """One tensor; floating tensors are cast to `dtype` (e.g. bf16/fp8 upcast for maths)."""
         info = self.info(name)
         tensor = self._read(info)
@@ -58,8 +62,14 @@ class Checkpoint:
             tensor = tensor.to(dtype)
         return tensor
 
-    def get_rows(self, name: str, start: int, stop: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Rows [start, stop) of a tensor's first dimension, read without the rest where the format
         allows (safetensors); floating rows cast to `dtype`."""
         info = self.info(name)
@@ -90,15 +100,18 @@ class Checkpoint:
 class SafetensorsCheckpoint(Checkpoint):
     """One or several safetensors files (shards), read lazily."""
 
-    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None,
-                 config: ModelConfig | None = None):
+    def __init__(
+        self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None, config: ModelConfig | None = None
+    ):
         super().__init__(path, config)
         self.files = [SafetensorsFile(f) for f in files]
         infos: dict[str, TensorInfo] = {}
         for f in self.files:
             for name, info in f.infos.items():
                 if name in infos:
-                    raise CorruptCheckpoint(f"tensor is in two shards ({infos[name].file.name}, {f.path.name})", path, name)
+                    raise CorruptCheckpoint(
+                        f"tensor is in two shards ({infos[name].file.name}, {f.path.name})", path, name
+                    )
                 infos[name] = info
         if weight_map is not None:
             for name, shard in weight_map.items():
@@ -133,8 +146,9 @@ class TorchCheckpoint(Checkpoint):
             for name, tensor in _safe_torch_load(file).items():
                 self._tensors[name] = tensor
                 code = _code_of(tensor.dtype)
-                self.__infos[name] = TensorInfo(name, tuple(tensor.shape), code, file, -1,
-                                                tensor.numel() * tensor.element_size())
+                self.__infos[name] = TensorInfo(
+                    name, tuple(tensor.shape), code, file, -1, tensor.numel() * tensor.element_size()
+                )
 
     @property
     def _infos(self) -> dict[str, TensorInfo]:
@@ -198,7 +212,9 @@ def open_dense(path: Path) -> Checkpoint:
     legacy = [folder / n for n in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / n).is_file()]
     if legacy:
         return TorchCheckpoint(folder, legacy[:1], config=config)
-    raise NotACheckpoint("no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder)
+    raise NotACheckpoint(
+        "no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder
+    )
 
 
 def _open_index(folder: Path, index: Path, config: ModelConfig | None) -> Checkpoint:

@@ -19,7 +19,7 @@ def all_finite(x: torch.Tensor) -> bool:
         return True
     if x.element_size() == 1:  # float8 kinds have no sum: check float32 chunks of the flat tensor
         flat = x.reshape(-1)
-        return all(bool(torch.isfinite(flat[i:i + CHUNK].float()).all()) for i in range(0, flat.numel(), CHUNK))
+        return all(bool(torch.isfinite(flat[i : i + CHUNK].float()).all()) for i in range(0, flat.numel(), CHUNK))
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 

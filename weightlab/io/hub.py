@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 
 from weightlab.errors import CheckpointNotFound, CorruptCheckpoint
-from weightlab.io.index import read_weight_map
 from weightlab.io.files import NotARegularFile, read_regular
+from weightlab.io.index import read_weight_map
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 METADATA = ["config.json", "adapter_config.json", "generation_config.json", "*.safetensors.index.json"]
@@ -88,16 +88,22 @@ def confine_snapshot(repo: str, folder: Path, source: str) -> Path:
     root, real = _real(cache_folder(repo)), _real(folder)
     if not COMMIT.fullmatch(folder.name) or real != root / "snapshots" / folder.name:
         really = f" (links followed: {real})" if real != Path(os.path.abspath(folder)) else ""
-        raise CorruptCheckpoint(f"the Hub cache of {repo} resolves this revision to {folder}{really}, which is not a "
-                                "commit snapshot inside that repository's cache folder", source)
+        raise CorruptCheckpoint(
+            f"the Hub cache of {repo} resolves this revision to {folder}{really}, which is not a "
+            "commit snapshot inside that repository's cache folder",
+            source,
+        )
     allowed = (root / "blobs", root / "snapshots" / folder.name)
     for parent, folders, files in os.walk(folder):  # links to folders are listed, not followed
         for name in folders + files:
             entry = Path(parent) / name
             real = _real(entry)
             if not any(real == home or home in real.parents for home in allowed):
-                raise CorruptCheckpoint(f"this file of the Hub cache of {repo} leads outside the repository "
-                                        f"(to {real}); the cache may have been tampered with", entry)
+                raise CorruptCheckpoint(
+                    f"this file of the Hub cache of {repo} leads outside the repository "
+                    f"(to {real}); the cache may have been tampered with",
+                    entry,
+                )
     return folder
 
 
@@ -119,8 +125,9 @@ def _ref(storage: Path, name: str, repo: str, source: str) -> str | None:
     except (NotARegularFile, UnicodeDecodeError):
         raise CorruptCheckpoint(tampered + "is not a file holding a commit hash", source) from None
     if not COMMIT.fullmatch(text):
-        raise CorruptCheckpoint(tampered + f"holds {text[:80]!r}, not a commit hash; the cache may have been tampered "
-                                "with", source)
+        raise CorruptCheckpoint(
+            tampered + f"holds {text[:80]!r}, not a commit hash; the cache may have been tampered with", source
+        )
     return text
 
 
@@ -134,38 +141,63 @@ def cached_snapshot(repo: str, revision: str | None, source: str) -> Path | None
         return None
     listing = storage / "trees" / f"{commit}.json"  # huggingface_hub reads it when it fetches
     if os.path.lexists(listing) and not _inside(listing, _real(storage)):
-        raise CorruptCheckpoint(f"this file of the Hub cache of {repo} leads outside the repository (to "
-                                f"{_real(listing)}); the cache may have been tampered with", listing)
+        raise CorruptCheckpoint(
+            f"this file of the Hub cache of {repo} leads outside the repository (to "
+            f"{_real(listing)}); the cache may have been tampered with",
+            listing,
+        )
     folder = storage / "snapshots" / commit
     return confine_snapshot(repo, folder, source) if os.path.lexists(folder) else None
 
 
 def _snapshot(source: str, repo: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, IncompleteSnapshotError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cached = cached_snapshot(repo, revision, source)
     if cached is not None and all((cached / w).is_file() for w in _weight_files(cached)):
         return cached
     try:
-        folder = confine_snapshot(repo, Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA)), source)
+        folder = confine_snapshot(
+            repo, Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA)), source
+        )
         weights = _weight_files(folder)
-        folder = confine_snapshot(repo, Path(snapshot_download(repo, revision=revision, allow_patterns=weights)), source)
+        folder = confine_snapshot(
+            repo, Path(snapshot_download(repo, revision=revision, allow_patterns=weights)), source
+        )
     except RevisionNotFoundError:
-        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} has no revision {revision}",
-                                 source) from None
+        raise CheckpointNotFound(
+            f"no such file or folder, and the Hub model {repo} has no revision {revision}", source
+        ) from None
     except (RepositoryNotFoundError, GatedRepoError):
-        raise CheckpointNotFound(f"no such file or folder, and no Hub model {repo} this account can read", source) from None
+        raise CheckpointNotFound(
+            f"no such file or folder, and no Hub model {repo} this account can read", source
+        ) from None
     except IncompleteSnapshotError:
-        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} is only partly in the cache "
-                                 "(offline: HF_HUB_OFFLINE or no network)", source) from None
+        raise CheckpointNotFound(
+            f"no such file or folder, and the Hub model {repo} is only partly in the cache "
+            "(offline: HF_HUB_OFFLINE or no network)",
+            source,
+        ) from None
     except LocalEntryNotFoundError:
-        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} is not in the cache "
-                                 "(offline: HF_HUB_OFFLINE or no network)", source) from None
+        raise CheckpointNotFound(
+            f"no such file or folder, and the Hub model {repo} is not in the cache "
+            "(offline: HF_HUB_OFFLINE or no network)",
+            source,
+        ) from None
     except (HfHubHTTPError, HFValidationError, OSError) as error:
-        raise CheckpointNotFound(f"no such file or folder, and the Hub model {repo} could not be fetched: "
-                                 f"{str(error).splitlines()[0]}", source) from None
+        raise CheckpointNotFound(
+            f"no such file or folder, and the Hub model {repo} could not be fetched: {str(error).splitlines()[0]}",
+            source,
+        ) from None
     missing = [w for w in weights if not (folder / w).is_file()]
     if missing:
         raise CheckpointNotFound(f"the Hub model {repo} has no {missing[0]} (weightlab reads safetensors)", source)

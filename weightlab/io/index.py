@@ -27,8 +27,17 @@ def read_weight_map(index: Path) -> dict[str, str]:
 
 def shard_name(shard: object, index: Path, tensor: str) -> str:
     """`shard` when it is a plain file name (a non-empty string, no folder part, no traversal)."""
-    if not isinstance(shard, str) or not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
-        raise CorruptCheckpoint(f"index names shard {shard!r}, which is not a plain file name in its folder", index, tensor)
+    if (
+        not isinstance(shard, str)
+        or not shard
+        or shard in (".", "..")
+        or "/" in shard
+        or "\\" in shard
+        or "\0" in shard
+    ):
+        raise CorruptCheckpoint(
+            f"index names shard {shard!r}, which is not a plain file name in its folder", index, tensor
+        )
     return shard
 
 
@@ -44,5 +53,7 @@ def shard_path(folder: Path, shard: str, index: Path, tensor: str) -> Path:
     if home.parent.name == "snapshots":
         allowed.append(home.parent.parent / "blobs")
     if not any(real.parent == root or root in real.parents for root in allowed):
-        raise CorruptCheckpoint(f"shard {shard} is a link that leads out of the index's folder (to {real})", index, tensor)
+        raise CorruptCheckpoint(
+            f"shard {shard} is a link that leads out of the index's folder (to {real})", index, tensor
+        )
     return path

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from types import TracebackType
+from typing import Literal
 
 from weightlab.errors import OutputConflict
-from weightlab.io.hub import cache_folder, is_hub_id, parse_hub_id
 from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_dir
+from weightlab.io.hub import cache_folder, parse_hub_id
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ def input_footprints(path: str | Path) -> list[Path]:
     folder), the real place of every file of a folder input (a weight file may be a link to
     elsewhere), and for a Hub model ID its repository's cache folder (everything read through an
     ID lies inside it: `hub.confine_snapshot`)."""
-    if is_hub_id(path):
-        return [_real(cache_folder(parse_hub_id(str(path))[0]))]
+    hub = None if Path(path).exists() else parse_hub_id(str(path))
+    if hub is not None:
+        return [_real(cache_folder(hub[0]))]
     real = _real(path)
     folder = real.parent if real.name.endswith(".index.json") else real
     linked = sorted({_real(p) for p in folder.iterdir() if p.is_symlink() and p.is_file()}) if folder.is_dir() else []
@@ -126,10 +129,12 @@ class OutputPlan:
         else:
             self.path(option).write_text(text)
 
-    def __enter__(self) -> "OutputPlan":
+    def __enter__(self) -> OutputPlan:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         try:
             if exc_type is None:
                 self._commit()

@@ -69,7 +69,8 @@ class TensorInfo:
 def torch_dtype(code: str, path: Path | str, tensor: str) -> torch.dtype:
     if code not in DTYPES or not hasattr(torch, DTYPES[code][0]):
         raise UnsupportedDtype(f"dtype {code} is not supported", path, tensor)
-    return getattr(torch, DTYPES[code][0])
+    dtype: torch.dtype = getattr(torch, DTYPES[code][0])
+    return dtype
 
 
 class SafetensorsFile:
@@ -91,7 +92,7 @@ class SafetensorsFile:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         raw = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
-        view = memoryview(raw.numpy())
+        view = memoryview(raw.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
@@ -120,13 +121,16 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     entries, metadata = parse_header(raw, path)
     validate_layout(entries, size - 8 - length, path)
     data_start = 8 + length
-    infos = {name: TensorInfo(name, shape, code, path, data_start + begin, end - begin)
-             for name, (code, shape, begin, end) in entries.items()}
+    infos = {
+        name: TensorInfo(name, shape, code, path, data_start + begin, end - begin)
+        for name, (code, shape, begin, end) in entries.items()
+    }
     return infos, metadata
 
 
-def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None,
-                       path: str | Path = "") -> tuple[bytes, dict[str, int]]:
+def safetensors_header(
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None, path: str | Path = ""
+) -> tuple[bytes, dict[str, int]]:
     """The 8-byte length and JSON header for tensors `(name, shape, dtype)`, names sorted, data
     8-byte aligned; and each tensor's absolute byte offset in the file."""
     header: dict[str, object] = {}
@@ -137,7 +141,11 @@ def safetensors_header(specs: list[tuple[str, tuple[int, ...], torch.dtype]], me
         if dtype not in CODE_OF_TORCH_DTYPE:
             raise UnsupportedDtype(f"dtype {dtype} cannot be written to safetensors", path, name)
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": CODE_OF_TORCH_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": CODE_OF_TORCH_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offsets[name] = offset
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -150,10 +158,12 @@ def tensor_bytes(t: torch.Tensor, path: str | Path | None, name: str) -> memoryv
     """A tensor's little-endian bytes without a copy (after moving it to the CPU, contiguous).
     Every writer goes through here, so a NaN or Inf never reaches a file (`require_finite`)."""
     flat = require_finite(t.detach(), path, name).to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file with sorted names and sorted metadata: same tensors, same bytes.
 
     (The reference writer keeps metadata in a hash map, whose order varies from run to run.)

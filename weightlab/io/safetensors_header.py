@@ -27,14 +27,33 @@ U64 = 2**64
 
 # safetensors dtype code -> bits per element (the reference's list, in its order)
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 
 
-class _Pairs(list):
+class _Pairs(list[tuple[str, Any]]):
     """A JSON object as its (key, value) pairs, so repeated keys stay visible."""
 
 
@@ -51,8 +70,7 @@ def parse_header(raw: bytes, path: Any) -> tuple[dict[str, tuple[str, tuple[int,
     """{name: (dtype, shape, begin, end)} and the metadata, from the header's JSON bytes."""
     try:
         text = raw.decode("utf-8")
-        tree = json.loads(text, object_pairs_hook=_Pairs, parse_int=_neg_zero_is_float,
-                          parse_constant=_reject_constant)
+        tree = json.loads(text, object_pairs_hook=_Pairs, parse_int=_neg_zero_is_float, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise CorruptCheckpoint("header is not valid UTF-8", path) from None
     except (ValueError, RecursionError) as e:
@@ -129,7 +147,12 @@ def _entry(entry: object, path: Any, name: str) -> tuple[str, tuple[int, ...], i
         raise CorruptCheckpoint(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)})", path, name)
     if not isinstance(shape, list) or isinstance(shape, _Pairs) or not all(_u64(d) for d in shape):
         raise CorruptCheckpoint(f"shape {shape!r} is not a list of non-negative integers", path, name)
-    if not isinstance(offsets, list) or isinstance(offsets, _Pairs) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+    if (
+        not isinstance(offsets, list)
+        or isinstance(offsets, _Pairs)
+        or len(offsets) != 2
+        or not all(_u64(o) for o in offsets)
+    ):
         raise CorruptCheckpoint(f"data_offsets {offsets!r} is not two non-negative integers", path, name)
     return dtype, tuple(shape), offsets[0], offsets[1]
 
@@ -139,7 +162,13 @@ def validate_layout(entries: dict[str, tuple[str, tuple[int, ...], int, int]], d
     end = 0
     for name, (dtype, shape, begin, stop) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != end or stop < begin:
-            what = "overlaps the previous tensor" if begin < end else "leaves a gap" if begin > end else "ends before it begins"
+            what = (
+                "overlaps the previous tensor"
+                if begin < end
+                else "leaves a gap"
+                if begin > end
+                else "ends before it begins"
+            )
             raise CorruptCheckpoint(f"data offsets [{begin}, {stop}] invalid: {what}", path, name)
         bits = math.prod(shape) * DTYPE_BITS[dtype]
         if math.prod(shape) >= U64 or bits >= U64:
@@ -147,9 +176,13 @@ def validate_layout(entries: dict[str, tuple[str, tuple[int, ...], int, int]], d
         if bits % 8:
             raise CorruptCheckpoint(f"shape {list(shape)} of {dtype} does not fill whole bytes", path, name)
         if stop - begin != bits // 8:
-            raise CorruptCheckpoint(f"data offsets [{begin}, {stop}] do not fit shape {list(shape)} of {dtype}",
-                                    path, name)
+            raise CorruptCheckpoint(
+                f"data offsets [{begin}, {stop}] do not fit shape {list(shape)} of {dtype}", path, name
+            )
         end = stop
     if end != data_bytes:
-        raise CorruptCheckpoint(f"tensors cover {end} data bytes but the file has {data_bytes} "
-                                f"({'truncated' if end > data_bytes else 'trailing bytes'})", path)
+        raise CorruptCheckpoint(
+            f"tensors cover {end} data bytes but the file has {data_bytes} "
+            f"({'truncated' if end > data_bytes else 'trailing bytes'})",
+            path,
+        )

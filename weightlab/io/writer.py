@@ -6,10 +6,12 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,15 +20,27 @@ from weightlab.io.atomic import atomic_path
 from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, torch_dtype, write_safetensors
 
+if TYPE_CHECKING:
+    from weightlab.io.checkpoint import Checkpoint
+
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_SHARD_SIZE = 1000**5
 # Files a model folder needs beside its weights (config, tokenizer, generation settings).
 DONOR_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
-    "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
 )
 _UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
@@ -53,11 +67,13 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def stored_plan(ckpt, names: list[str] | None = None) -> list[TensorSpec]:
+def stored_plan(ckpt: Checkpoint, names: list[str] | None = None) -> list[TensorSpec]:
     """(name, shape, stored dtype) of `names` (default: every tensor) of a checkpoint, from its
     headers: the `plan` of a writer that receives tensors in any order."""
-    return [(n, tuple(ckpt.info(n).shape), torch_dtype(ckpt.info(n).dtype, ckpt.path, n))
-            for n in (ckpt.names() if names is None else names)]
+    return [
+        (n, tuple(ckpt.info(n).shape), torch_dtype(ckpt.info(n).dtype, ckpt.path, n))
+        for n in (ckpt.names() if names is None else names)
+    ]
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,9 @@ class PlacedSink:
         self.placements[name].write(name, tensor)
 
 
-def _planned_bytes(tensor: torch.Tensor, planned: tuple[tuple[int, ...], torch.dtype], out_dir: str | Path,
-                   name: str) -> memoryview:
+def _planned_bytes(
+    tensor: torch.Tensor, planned: tuple[tuple[int, ...], torch.dtype], out_dir: str | Path, name: str
+) -> memoryview:
     if (tuple(tensor.shape), tensor.dtype) != planned:
         raise InvalidArgument(f"planned as {planned}, got {(tuple(tensor.shape), tensor.dtype)}", out_dir, name)
     return tensor_bytes(tensor, out_dir, name)
@@ -113,9 +130,17 @@ class CheckpointWriter:
     memory holds no shard buffer at all.
     """
 
-    def __init__(self, out_dir: str | Path, *, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 prefix: str = "model", metadata: dict[str, str] | None = None,
-                 donor: str | Path | None = None, force: bool = False, plan: list[TensorSpec] | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        shard_size: int | str = DEFAULT_SHARD_SIZE,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+        donor: str | Path | None = None,
+        force: bool = False,
+        plan: list[TensorSpec] | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.shard_size = parse_size(shard_size)
         self.prefix = prefix
@@ -135,7 +160,13 @@ class CheckpointWriter:
         self._rows: dict[str, int] = {}  # rows written so far of tensors written in parts
         self._files: dict[str, Path] = {}  # planned name -> its shard file (in the staging folder)
 
-    def __enter__(self) -> "CheckpointWriter":
+    @property
+    def _planned(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The plan, for the code paths that only run with one."""
+        assert self.plan is not None
+        return self.plan
+
+    def __enter__(self) -> CheckpointWriter:
         self._tmp = self._stack.enter_context(atomic_path(self.out_dir, self.force, directory=True))
         if self.plan is not None:
             self._lay_out()
@@ -146,7 +177,7 @@ class CheckpointWriter:
         current: list[TensorSpec] = []
         size = 0
         groups = []
-        for name, (shape, dtype) in self.plan.items():
+        for name, (shape, dtype) in self._planned.items():
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if current and size + nbytes > self.shard_size:
                 groups.append(current)
@@ -161,15 +192,21 @@ class CheckpointWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._stack.callback(os.close, fd)
             os.pwrite(fd, header, 0)
-            end = max((offsets[n] + math.prod(s) * torch.empty((), dtype=d).element_size() for n, s, d in specs),
-                      default=len(header))
+            end = max(
+                (offsets[n] + math.prod(s) * torch.empty((), dtype=d).element_size() for n, s, d in specs),
+                default=len(header),
+            )
             os.ftruncate(fd, end)
             self._placed.update({name: (fd, offsets[name]) for name, _, _ in specs})
             self._files.update({name: path for name, _, _ in specs})
             self._shards.append([name for name, _, _ in specs])
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or name in self._written or (self.plan is None and any(name in s for s in self._shards)):
+        if (
+            name in self._buffer
+            or name in self._written
+            or (self.plan is None and any(name in s for s in self._shards))
+        ):
             raise InvalidArgument("tensor written twice", self.out_dir, name)
         if self.plan is not None:
             self._write_planned(name, tensor)
@@ -183,10 +220,10 @@ class CheckpointWriter:
         self.total_size += size
 
     def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.plan:
+        if name not in self._planned:
             raise InvalidArgument("tensor not in the output plan", self.out_dir, name)
         fd, offset = self._placed[name]
-        _pwrite_all(fd, _planned_bytes(tensor, self.plan[name], self.out_dir, name), offset)
+        _pwrite_all(fd, _planned_bytes(tensor, self._planned[name], self.out_dir, name), offset)
         self._written.add(name)
 
     def sink(self, names: list[str], elsewhere: bool) -> Callable[[str, torch.Tensor], None]:
@@ -194,8 +231,12 @@ class CheckpointWriter:
         picklable writer into their places in the staging folder; then call `written_elsewhere`."""
         if not elsewhere:
             return self.add
-        return PlacedSink({name: Placement(str(self._files[name]), self._placed[name][1], *self.plan[name],
-                                           str(self.out_dir)) for name in names})
+        return PlacedSink(
+            {
+                name: Placement(str(self._files[name]), self._placed[name][1], *self._planned[name], str(self.out_dir))
+                for name in names
+            }
+        )
 
     def written_elsewhere(self, names: list[str]) -> None:
         """Count tensors another process wrote through `sink(..., elsewhere=True)` as written."""
@@ -207,9 +248,15 @@ class CheckpointWriter:
         if self.plan is None or name not in self.plan:
             raise InvalidArgument("rows of a tensor not in the output plan", self.out_dir, name)
         shape, dtype = self.plan[name]
-        if name in self._written or tuple(rows.shape[1:]) != shape[1:] or rows.dtype != dtype \
-                or not 0 <= start <= start + rows.shape[0] <= shape[0]:
-            raise InvalidArgument(f"rows {start}+{tuple(rows.shape)} do not fit the planned {shape}", self.out_dir, name)
+        if (
+            name in self._written
+            or tuple(rows.shape[1:]) != shape[1:]
+            or rows.dtype != dtype
+            or not 0 <= start <= start + rows.shape[0] <= shape[0]
+        ):
+            raise InvalidArgument(
+                f"rows {start}+{tuple(rows.shape)} do not fit the planned {shape}", self.out_dir, name
+            )
         fd, offset = self._placed[name]
         row_bytes = math.prod(shape[1:]) * rows.element_size()
         _pwrite_all(fd, tensor_bytes(rows, self.out_dir, name), offset + start * row_bytes)
@@ -227,9 +274,11 @@ class CheckpointWriter:
         """A side file (e.g. a JSON record of how the checkpoint was made)."""
         (self._tmp / name).write_text(text)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         if exc_type is not None:  # the caller failed: the temporary folder is removed
-            return self._stack.__exit__(exc_type, exc, tb)
+            return bool(self._stack.__exit__(exc_type, exc, tb))
         with self._stack:  # renamed into place only if finishing succeeds too
             self._finish()
         return False

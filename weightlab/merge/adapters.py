@@ -34,19 +34,19 @@ from pathlib import Path
 import torch
 
 from weightlab.analysis.deltas import numerical_rank
-from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.safetensors_file import torch_dtype
 from weightlab.compute.svd import lowrank_svd
 from weightlab.domains import Int
 from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors, write_adapter
+from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.open import open_checkpoint, open_weights
+from weightlab.io.safetensors_file import torch_dtype
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS, MergeMethod, ties
 from weightlab.merge.params import Params
-from weightlab.merge.subspace import tsv_factors
 from weightlab.merge.run import MergeReport, tensor_seed
+from weightlab.merge.subspace import tsv_factors
 
 ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")
 
@@ -75,36 +75,43 @@ def check_adapters(adapters: list[LoraAdapter]) -> None:
     """Adapters of one base: the same fan_in_fan_out, and each module of one shape in all of them."""
     for flag in ("fan_in_fan_out", "lora_bias"):
         if len({bool(a.adapter_config.get(flag)) for a in adapters}) > 1:
-            raise InvalidArgument(f"the adapters disagree on {flag}; merge adapters of one base model alike "
-                                  "(or merge them densely, without --as-adapter)", adapters[0].path)
+            raise InvalidArgument(
+                f"the adapters disagree on {flag}; merge adapters of one base model alike "
+                "(or merge them densely, without --as-adapter)",
+                adapters[0].path,
+            )
     seen: dict[str, tuple[int, int, bool]] = {}
     for a in adapters:
         for module in a.modules:
             shape = seen.setdefault(module, _update_shape(a, module))
             if _update_shape(a, module) != shape:
-                raise InvalidArgument("this module has another shape than in the other adapters; are they of one base?",
-                                      a.path, module)
+                raise InvalidArgument(
+                    "this module has another shape than in the other adapters; are they of one base?", a.path, module
+                )
 
 
-def knots_ties(lefts: list[torch.Tensor], rights: list[torch.Tensor], params: Params,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def knots_ties(
+    lefts: list[torch.Tensor], rights: list[torch.Tensor], params: Params, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES on the KnOTS-aligned V_iᵀ of the updates L_i·R_i (coefficients already in L_i): the
     merged update as (UΣ, V_mergedᵀ)."""
     q, k = torch.linalg.qr(torch.cat(lefts, 1))
     blocks, start = [], 0
     for left, right in zip(lefts, rights):
-        blocks.append(k[:, start:start + left.shape[1]] @ right)  # Q·(that block) = L_i R_i
+        blocks.append(k[:, start : start + left.shape[1]] @ right)  # Q·(that block) = L_i R_i
         start += left.shape[1]
     u, s, vh = torch.linalg.svd(torch.cat(blocks, 1), full_matrices=False)
     n = rights[0].shape[1]
     rank = numerical_rank(s, (q.shape[0], vh.shape[1]))  # of [c_1τ_1, …, c_Nτ_N], m × N·n
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    v_blocks = [vh[:, i * n:(i + 1) * n] for i in range(len(rights))]
+    v_blocks = [vh[:, i * n : (i + 1) * n] for i in range(len(rights))]
     merged = ties(torch.zeros_like(v_blocks[0]), v_blocks, torch.ones(len(v_blocks), dtype=s.dtype), params, generator)
     return (q @ u) * s, merged
 
 
-def tsv_of_factors(lefts: list[torch.Tensor], rights: list[torch.Tensor], tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tsv_of_factors(
+    lefts: list[torch.Tensor], rights: list[torch.Tensor], tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TSV-M from the factors: each update's exact SVD (`lowrank_svd`), its top min(r_i, ⌊min(m, n)/N⌋)
     non-zero triplets kept, then `tsv_factors`. Dense TSV keeps ⌊min(m, n)/N⌋ per task, padding a
     rank-r_i update with arbitrary null directions when r_i is smaller; here only real ones."""
@@ -120,13 +127,22 @@ def _is_zero(left: torch.Tensor, right: torch.Tensor) -> bool:
     return not bool(left.any()) or not bool(right.any())
 
 
-def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[float], params: Params,
-                   max_rank: int | None = None, seed: int = 0, base: Checkpoint | None = None) -> MergedAdapter:
+def merge_adapters(
+    adapters: list[LoraAdapter],
+    method: str,
+    coefficients: list[float],
+    params: Params,
+    max_rank: int | None = None,
+    seed: int = 0,
+    base: Checkpoint | None = None,
+) -> MergedAdapter:
     """Every module any adapter changes, merged by `method` into LoRA factors at scale 1, and the
     tensors of saved modules merged against `base` (needed when an adapter saves any)."""
     if method not in ADAPTER_METHODS:
-        raise InvalidArgument(f"--as-adapter merges with {', '.join(ADAPTER_METHODS)}; {method} needs dense task vectors "
-                              "(merge without --as-adapter, or extract-lora afterwards)")
+        raise InvalidArgument(
+            f"--as-adapter merges with {', '.join(ADAPTER_METHODS)}; {method} needs dense task vectors "
+            "(merge without --as-adapter, or extract-lora afterwards)"
+        )
     check_adapters(adapters)
     c = torch.tensor(coefficients, dtype=torch.float64)
     if method == "average":
@@ -166,18 +182,33 @@ def merge_adapters(adapters: list[LoraAdapter], method: str, coefficients: list[
                 continue  # the method cancelled every direction
             left, right = left.new_zeros(left.shape[0], 1), right.new_zeros(1, right.shape[1])
         embedding = adapters[sources[0]].modules[module].embedding
-        out.append(MergedModule(module, LoraFactors(a=right.float().contiguous(), b=left.float().contiguous(),
-                                                    embedding=embedding, bias=bias), sources))
+        out.append(
+            MergedModule(
+                module,
+                LoraFactors(a=right.float().contiguous(), b=left.float().contiguous(), embedding=embedding, bias=bias),
+                sources,
+            )
+        )
     saved, left_out = _merged_saved(adapters, base, dense, c, params, seed)
     if not out and not saved:
-        raise InvalidArgument("the merged adapter would change nothing: every adapter's update is zero (B = 0, PEFT's "
-                              "default initialisation, or a zero weight) or the method cancelled them all; nothing "
-                              "was written", adapters[0].path)
+        raise InvalidArgument(
+            "the merged adapter would change nothing: every adapter's update is zero (B = 0, PEFT's "
+            "default initialisation, or a zero weight) or the method cancelled them all; nothing "
+            "was written",
+            adapters[0].path,
+        )
     return MergedAdapter(out, saved, left_out)
 
 
-def _merged_bias(adapters: list[LoraAdapter], sources: list[int], module: str, method: MergeMethod, c: torch.Tensor,
-                 params: Params, generator: torch.Generator) -> torch.Tensor | None:
+def _merged_bias(
+    adapters: list[LoraAdapter],
+    sources: list[int],
+    module: str,
+    method: MergeMethod,
+    c: torch.Tensor,
+    params: Params,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
     """The merged LoRA bias of a module (lora_bias), at scale 1: the dense method on the bias task
     vectors s_i·b_i (zero for the adapters that do not adapt the module); None without lora_bias."""
     if adapters[sources[0]].modules[module].bias is None:
@@ -187,8 +218,14 @@ def _merged_bias(adapters: list[LoraAdapter], sources: list[int], module: str, m
     return method.fn(zero, [deltas.get(i, zero) for i in range(len(adapters))], c, params, lambda i: generator).float()
 
 
-def _merged_saved(adapters: list[LoraAdapter], base: Checkpoint | None, method: MergeMethod, c: torch.Tensor,
-                  params: Params, seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _merged_saved(
+    adapters: list[LoraAdapter],
+    base: Checkpoint | None,
+    method: MergeMethod,
+    c: torch.Tensor,
+    params: Params,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors of saved modules merged by the dense method against the base's tensor (in the saved
     dtype), by their name in the adapters; an adapter that does not save one leaves the base's
     there. A saved tensor the base lacks (a new head) is left out, as the dense merge leaves out
@@ -196,8 +233,10 @@ def _merged_saved(adapters: list[LoraAdapter], base: Checkpoint | None, method: 
     if not any(a.saved for a in adapters):
         return {}, []
     if base is None:
-        raise InvalidArgument("the adapters save whole modules (modules_to_save): give --base to merge those tensors",
-                              next(a.path for a in adapters if a.saved))
+        raise InvalidArgument(
+            "the adapters save whole modules (modules_to_save): give --base to merge those tensors",
+            next(a.path for a in adapters if a.saved),
+        )
     adapted = [AdaptedCheckpoint(base, a) for a in adapters]
     out, left_out = {}, []
     for target in sorted({n for ft in adapted for n in ft.saved_of}):
@@ -208,11 +247,20 @@ def _merged_saved(adapters: list[LoraAdapter], base: Checkpoint | None, method: 
             continue
         for ft in adapted:
             if tuple(ft.info(target).shape) != tuple(base.info(target).shape):
-                raise ShapeMismatch(f"saved as {list(ft.info(target).shape)} but the base has "
-                                    f"{list(base.info(target).shape)}; resize or drop it before merging", ft.path, target)
-        generators = lambda i: torch.Generator().manual_seed(tensor_seed(seed, name, i))  # noqa: E731
-        merged = method.fn(base.get(target, dtype=torch.float64), [ft.get(target, dtype=torch.float64) for ft in adapted],
-                           c, params, generators)
+                raise ShapeMismatch(
+                    f"saved as {list(ft.info(target).shape)} but the base has "
+                    f"{list(base.info(target).shape)}; resize or drop it before merging",
+                    ft.path,
+                    target,
+                )
+        generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(seed, name, i))
+        merged = method.fn(
+            base.get(target, dtype=torch.float64),
+            [ft.get(target, dtype=torch.float64) for ft in adapted],
+            c,
+            params,
+            generators,
+        )
         out[name] = merged.to(torch_dtype(owner.adapter.saved[name].dtype, owner.path, name))
     return out, left_out
 
@@ -220,8 +268,11 @@ def _merged_saved(adapters: list[LoraAdapter], base: Checkpoint | None, method: 
 def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | None = None) -> MergeReport:
     """Merge `config.models` (PEFT LoRA adapters of `config.base`) into one adapter folder `out_dir`."""
     started = time.perf_counter()
-    for flag, given in (("--coeff nan", config.coeff == "nan"), ("--svc/--lines", bool(config.modifiers)),
-                        ("--dtype", config.dtype)):
+    for flag, given in (
+        ("--coeff nan", config.coeff == "nan"),
+        ("--svc/--lines", bool(config.modifiers)),
+        ("--dtype", config.dtype),
+    ):
         if given:
             raise InvalidArgument(f"{flag} does not apply to --as-adapter")
     Int(1, optional=True).check("--max-rank", max_rank)
@@ -235,8 +286,20 @@ def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | N
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
     merged = merge_adapters(adapters, config.method, weights, config.resolved, max_rank, config.seed, base)
-    write_adapter(out_dir, {m.name: m.factors for m in merged.modules}, scale=1.0,
-                  base_model=config.base or adapters[0].base_model_name_or_path,
-                  fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")), saved=merged.saved)
-    return MergeReport(config, str(out_dir), len(merged.modules) + len(merged.saved), [], merged.left_out, weights,
-                       seconds=time.perf_counter() - started)
+    write_adapter(
+        out_dir,
+        {m.name: m.factors for m in merged.modules},
+        scale=1.0,
+        base_model=config.base or adapters[0].base_model_name_or_path,
+        fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")),
+        saved=merged.saved,
+    )
+    return MergeReport(
+        config,
+        str(out_dir),
+        len(merged.modules) + len(merged.saved),
+        [],
+        merged.left_out,
+        weights,
+        seconds=time.perf_counter() - started,
+    )

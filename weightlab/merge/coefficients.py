@@ -18,9 +18,7 @@ The public text leaves choices open; ours are options with these defaults:
 
 from __future__ import annotations
 
-from typing import Sequence
-
-
+from collections.abc import Sequence
 
 
 def nan_coefficients(norms: Sequence[float], power: float = 1.0, normalize: str = "sum") -> list[float]:

@@ -13,10 +13,10 @@ import yaml
 
 from weightlab.domains import SEED, Choice, Real
 from weightlab.errors import InvalidArgument
-from weightlab.options import NanOptions
 from weightlab.merge.methods import METHODS, MergeMethod, Params, mergekit_names, parameter_names
 from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.params import MAX_COEFFICIENT, resolve
+from weightlab.options import NanOptions
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype", "modifiers"}  # and every parameter
@@ -76,7 +76,7 @@ class MergeConfig:
             raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
-        self.resolved  # every given parameter declared by the method or a modifier, and within its domain
+        _ = self.resolved  # every given parameter declared by the method or a modifier, and within its domain
         if self.weights is not None:
             if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")
@@ -97,14 +97,24 @@ class MergeConfig:
             for w in self.weights:
                 Real(-MAX_COEFFICIENT, MAX_COEFFICIENT).check("--weights", w)
             if spec.normalises and (min(self.weights) < 0 or sum(self.weights) <= 0):
-                raise InvalidArgument(f"--weights {','.join(f'{w:g}' for w in self.weights)}: {self.method} divides by "
-                                      "the sum of the weights, so they must be non-negative with a positive sum")
+                raise InvalidArgument(
+                    f"--weights {','.join(f'{w:g}' for w in self.weights)}: {self.method} divides by "
+                    "the sum of the weights, so they must be non-negative with a positive sum"
+                )
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "base": self.base, "models": self.models, "weights": self.weights,
-                "coeff": self.coeff, "nan": asdict(self.nan) if self.coeff == "nan" else None,
-                "params": self.resolved.as_dict(),
-                "seed": self.seed, "dtype": self.dtype, **({"modifiers": self.modifiers} if self.modifiers else {})}
+        return {
+            "method": self.method,
+            "base": self.base,
+            "models": self.models,
+            "weights": self.weights,
+            "coeff": self.coeff,
+            "nan": asdict(self.nan) if self.coeff == "nan" else None,
+            "params": self.resolved.as_dict(),
+            "seed": self.seed,
+            "dtype": self.dtype,
+            **({"modifiers": self.modifiers} if self.modifiers else {}),
+        }
 
 
 def build_config(options: dict) -> MergeConfig:
@@ -151,8 +161,12 @@ def _models(entries: Any, key: str, path) -> list[tuple[str, dict]]:
         if isinstance(entry, dict):
             if "model" not in entry:
                 raise InvalidArgument(f"{key}[{i}] has no 'model' key", path)
-            out.append((_typed(entry["model"], "str", f"{key}[{i}].model", path),
-                        {k: v for k, v in entry.items() if k != "model"}))
+            out.append(
+                (
+                    _typed(entry["model"], "str", f"{key}[{i}].model", path),
+                    {k: v for k, v in entry.items() if k != "model"},
+                )
+            )
         else:
             out.append((_typed(entry, "str", f"{key}[{i}]", path), {}))
     return out
@@ -162,7 +176,9 @@ def _from_ours(data: dict, path) -> dict:
     known = OUR_KEYS | set(parameter_names())
     unknown = set(data) - known
     if unknown:
-        raise InvalidArgument(f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(known))})", path)
+        raise InvalidArgument(
+            f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(known))})", path
+        )
     kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str", "modifiers": "list"}
     out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
     models = _models(data.get("models") or [], "models", path)
@@ -171,12 +187,17 @@ def _from_ours(data: dict, path) -> dict:
             raise InvalidArgument(f"models[{i}] has unknown keys {', '.join(sorted(set(extra) - {'weight'}))}", path)
     out["models"] = [m for m, _ in models]
     if any("weight" in extra for _, extra in models):
-        out["weights"] = [_typed(extra.get("weight", 1.0), "number", f"models[{i}].weight", path)
-                          for i, (_, extra) in enumerate(models)]
+        out["weights"] = [
+            _typed(extra.get("weight", 1.0), "number", f"models[{i}].weight", path)
+            for i, (_, extra) in enumerate(models)
+        ]
     if data.get("weights") is not None:
         if "weights" in out:
             raise InvalidArgument("weights are given twice (per model and as 'weights')", path)
-        out["weights"] = [_typed(w, "number", f"weights[{i}]", path) for i, w in enumerate(_typed(data["weights"], "list", "weights", path))]
+        out["weights"] = [
+            _typed(w, "number", f"weights[{i}]", path)
+            for i, w in enumerate(_typed(data["weights"], "list", "weights", path))
+        ]
     if "nan" in data:
         nan = _typed(data["nan"] or {}, "mapping", "nan", path)
         bad = set(nan) - {f.name for f in fields(NanOptions)}
@@ -184,7 +205,9 @@ def _from_ours(data: dict, path) -> dict:
             raise InvalidArgument(f"unknown nan options {', '.join(sorted(map(str, bad)))}", path)
         out["nan"] = NanOptions(**nan)
         if out.get("coeff") != "nan" and out.get("method") != "nan":
-            raise InvalidArgument("a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path)
+            raise InvalidArgument(
+                "a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path
+            )
     out["param_values"] = {k: _typed(data[k], "number", k, path) for k in parameter_names() if data.get(k) is not None}
     return out
 
@@ -196,8 +219,9 @@ def _from_mergekit(data: dict, path) -> dict:
     method_name = _typed(data["merge_method"], "str", "merge_method", path)
     method = mergekit_names().get(method_name)
     if method is None:
-        raise InvalidArgument(f"mergekit merge_method {method_name!r} is not supported; supported: "
-                              f"{', '.join(mergekit_names())}", path)
+        raise InvalidArgument(
+            f"mergekit merge_method {method_name!r} is not supported; supported: {', '.join(mergekit_names())}", path
+        )
     base = data.get("base_model")
     if base is not None:
         base = _typed(base, "str", "base_model", path)
@@ -221,11 +245,18 @@ def _from_mergekit(data: dict, path) -> dict:
     unknown_params = set(global_params) - set(parameter_names()) - MERGEKIT_NOOP_PARAMETERS
     if unknown_params:
         raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(map(str, unknown_params)))}", path)
-    values = {k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in parameter_names() if k in global_params}
+    values = {
+        k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in parameter_names() if k in global_params
+    }
     if method == "slerp" and base:  # mergekit interpolates from base_model (t = 0) to the other model
         models, base = [base, *models], None
-    out = {"method": method, "base": base, "models": models,
-           "weights": weights if METHODS[method].coefficients and any(w != 1.0 for w in weights) else None, "param_values": values}
+    out = {
+        "method": method,
+        "base": base,
+        "models": models,
+        "weights": weights if METHODS[method].coefficients and any(w != 1.0 for w in weights) else None,
+        "param_values": values,
+    }
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         out["dtype"] = _typed(dtype, "str", "out_dtype" if data.get("out_dtype") else "dtype", path)

@@ -9,15 +9,33 @@ compute.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from weightlab.merge.params import (COMMON, DENSITY, GAMMA, LAMBDA, LR, RANK, RATIO, SLERP_EPSILON, SLERP_T, STEPS,
-                                    Generator, Param, Params, resolve)
 from weightlab.merge.modifiers import MODIFIERS
+from weightlab.merge.params import (
+    COMMON,
+    DENSITY,
+    GAMMA,
+    LAMBDA,
+    LR,
+    RANK,
+    RATIO,
+    SLERP_EPSILON,
+    SLERP_T,
+    STEPS,
+    Generator,
+    Param,
+    Params,
+    Tensor,
+    resolve,
+)
 from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
+
+TrimState = list[float] | None  # [threshold, ties left] while a task vector is trimmed by blocks; None: nothing trimmed
 
 
 @dataclass(frozen=True)
@@ -25,7 +43,7 @@ class MergeMethod:
     """A registry entry: everything the CLI, config validation, mergekit mapping and docs need."""
 
     name: str
-    fn: Callable  # (base, models, coefficients, params, generator) -> merged tensor
+    fn: Callable[..., Tensor]  # (base, models, coefficients, params, generator) -> merged tensor
     formula: str  # in one line, for --help and docs/merge.md
     reference: str  # paper, and equation or algorithm
     params: tuple[Param, ...] = ()
@@ -41,8 +59,8 @@ class MergeMethod:
     # Merging a large tensor a block of rows at a time (bit for bit the same as whole):
     # `blockwise(base, models, coeffs, params, states)` on blocks, after `statistics(base, model,
     # params)` of each model's whole tensor (one model at a time) gave `states`.
-    blockwise: Callable | None = None
-    statistics: Callable | None = None
+    blockwise: Callable[..., Tensor] | None = None
+    statistics: Callable[..., TrimState] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -52,7 +70,7 @@ class MergeMethod:
         return resolve(self.params, given, self.name)
 
 
-def average(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def average(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal)."""
     total = float(coeffs.sum())
     out = torch.zeros_like(models[0])
@@ -61,7 +79,7 @@ def average(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return out
 
 
-def _add_task_vectors(base: torch.Tensor, taus, coeffs: torch.Tensor, lam: float) -> torch.Tensor:
+def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
     """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count."""
     out = base.clone()
     for c, tau in zip(coeffs.tolist(), taus):
@@ -69,14 +87,14 @@ def _add_task_vectors(base: torch.Tensor, taus, coeffs: torch.Tensor, lam: float
     return out
 
 
-def _task_vectors(base: torch.Tensor, models):
+def _task_vectors(base: Tensor, models: Iterable[Tensor]) -> Iterator[Tensor]:
     """τ_i = θ_i − θ_b one at a time, in one reused buffer."""
     buffer = torch.empty_like(base)
     for m in models:
         yield torch.sub(m, base, out=buffer)
 
 
-def task_arithmetic(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
     return _add_task_vectors(base, _task_vectors(base, models), coeffs, p.lam)
 
@@ -154,7 +172,7 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tens
 TIES_CHUNK = 1 << 17  # entries per elementwise pass: the trimmed task vectors never exist whole
 
 
-def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
     trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ.
 
@@ -171,29 +189,30 @@ def ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return out.reshape(base.shape)
 
 
-def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> list | None:
+def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> TrimState:
     """[threshold, ties left] of one model's whole task vector (None at density 1)."""
     return trim_state(model - base, p.density)
 
 
-def trim_state(tau: torch.Tensor, density: float) -> list | None:
+def trim_state(tau: torch.Tensor, density: float) -> TrimState:
     """[threshold, ties left] for trimming τ to its top-density entries by blocks (`trim_block`);
     None at density 1 (nothing trimmed)."""
     return list(trim_threshold(tau.reshape(-1), density)) if density < 1 else None
 
 
-def trim_block(tau: torch.Tensor, trim: list | None) -> torch.Tensor:
+def trim_block(tau: torch.Tensor, trim: TrimState) -> torch.Tensor:
     """Consecutive entries of τ (in index order across calls) trimmed with `trim_state`: ties at
     the threshold go to the lowest indices, the earliest blocks, so `trim` counts them down."""
     if trim is None:
         return tau
-    tau, kept = keep_top(tau, *trim)
+    tau, kept = keep_top(tau, trim[0], int(trim[1]))
     trim[1] -= kept
     return tau
 
 
-def ties_block(base: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, p: Params,
-               trims: list[list | None]) -> torch.Tensor:
+def ties_block(
+    base: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, p: Params, trims: list[TrimState]
+) -> torch.Tensor:
     """TIES on consecutive entries (in index order across calls): trim with each model's
     threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
     taus = [trim_block(m - base, trim) for m, trim in zip(models, trims)]
@@ -210,13 +229,13 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
     return torch.where(keep, tau / density, torch.zeros_like(tau))
 
 
-def dare_linear(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def dare_linear(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i) (Yu et al. 2024, eq. 2 then Ilharco et al. 2023, eq. 1)."""
     taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(_task_vectors(base, models)))
     return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
-def dare_ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def dare_ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then TIES' sign election and disjoint mean (Yu et al. 2024, eq. 2; Yadav et al. 2023, Alg. 1)."""
     taus = [dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)]
     return base + p.lam * elect_and_mean(taus, coeffs)
@@ -233,24 +252,26 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.T
     n_bottom = max(n - n_keep - n_top, 0)
     order = torch.argsort(flat.abs(), stable=True)
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[n_bottom:n - n_top]] = True
+    mask[order[n_bottom : n - n_top]] = True
     return (flat * mask).reshape(tau.shape)
 
 
-def breadcrumbs(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def breadcrumbs(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Breadcrumbs masks, then task arithmetic (Davari & Belilovsky 2024, §3)."""
     taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in _task_vectors(base, models))
     return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
-def breadcrumbs_ties(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def breadcrumbs_ties(
+    base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None
+) -> Tensor:
     """Breadcrumbs masks, then TIES' sign election and disjoint mean (Davari & Belilovsky 2024, §3;
     Yadav et al. 2023, Alg. 1)."""
     taus = [breadcrumbs_mask(m - base, p.density, p.gamma) for m in models]
     return base + p.lam * elect_and_mean(taus, coeffs)
 
 
-def slerp(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def slerp(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Spherical interpolation of two models' flattened weights (Shoemake 1985):
     sin((1−t)Ω)/sin Ω·θ_1 + sin(tΩ)/sin Ω·θ_2, with cos Ω the cosine of the two; linear when
     the two are within ε of colinear."""
@@ -262,16 +283,19 @@ def slerp(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return (math.sin((1 - p.t) * omega) * a + math.sin(p.t * omega) * b) / math.sin(omega)
 
 
-def model_stock(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def model_stock(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): with cos θ the mean pairwise cosine of the task
     vectors, t = N cos θ / (1 + (N − 1) cos θ) and θ = t·mean_i θ_i + (1 − t)·θ_b."""
     taus = [(m - base).reshape(-1) for m in models]
     n = len(taus)
-    cosines = [float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()).clamp_min(1e-12))
-               for i in range(n) for j in range(i + 1, n)]
+    cosines = [
+        float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()).clamp_min(1e-12))
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     cos = sum(cosines) / len(cosines)
     t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
-    return t * torch.stack(models).mean(0) + (1 - t) * base
+    return t * torch.stack(list(models)).mean(0) + (1 - t) * base
 
 
 def _order_statistic(x: torch.Tensor, index: int) -> torch.Tensor:
@@ -284,7 +308,7 @@ def _minmax(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Ten
     return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
 
 
-def pcb(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def pcb(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model Merging", §3, eq. 2-5),
     per tensor. With d entries and N tasks:
     |τ_i| clipped to its order statistics at positions ⌊0.0001d⌋ and ⌊0.9999d⌋ − 1 (τ̃_i keeps the sign);
@@ -299,7 +323,10 @@ def pcb(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     merged, weight_sum = torch.zeros_like(total), torch.zeros_like(total)
     for tau in taus:
         magnitude = tau.abs()
-        low, high = _order_statistic(magnitude, int(d * 0.0001)), _order_statistic(magnitude, max(int(d * 0.9999) - 1, 0))
+        low, high = (
+            _order_statistic(magnitude, int(d * 0.0001)),
+            _order_statistic(magnitude, max(int(d * 0.9999) - 1, 0)),
+        )
         magnitude = magnitude.clamp(low, high)
         intra = torch.exp(n * _minmax(magnitude, magnitude.min(), magnitude.max()) ** 2)
         score = intra * torch.tanh(tau * total)
@@ -313,64 +340,174 @@ def pcb(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
 
 
 TV = (LAMBDA,)
-METHODS: dict[str, MergeMethod] = {m.name: m for m in [
-    MergeMethod("average", average, "Σ c_i θ_i / Σ c_i", "Wortsman et al. 2022, *Model soups* (uniform soup)",
-                needs_base=False, task_vectors=False, normalises=True, mergekit="linear",
-                blockwise=lambda base, models, coeffs, p, states: average(base, models, coeffs, p, None)),
-    MergeMethod("task-arithmetic", task_arithmetic, "θ_b + λ Σ c_i τ_i",
-                "Ilharco et al. 2023, *Editing Models with Task Arithmetic*, eq. 1", TV, mergekit="task_arithmetic",
-                blockwise=lambda base, models, coeffs, p, states: task_arithmetic(base, models, coeffs, p, None)),
-    MergeMethod("ties", ties, "trim each τ_i to its top-density entries by magnitude; elect the sign of Σ c_i τ̂_i per "
-                "entry; coefficient-weighted mean of the entries that agree; θ_b + λ·that",
-                "Yadav et al. 2023, *TIES-Merging*, Alg. 1", (LAMBDA, DENSITY), normalises=True, mergekit="ties",
-                blockwise=ties_block, statistics=ties_trim),
-    MergeMethod("dare-linear", dare_linear, "keep each entry with probability density (seeded Bernoulli), rescale by "
-                "1/density, then task arithmetic", "Yu et al. 2024, *DARE*, eq. 2", (LAMBDA, DENSITY),
-                mergekit="dare_linear", random=True),
-    MergeMethod("dare-ties", dare_ties, "DARE, then TIES' election and disjoint mean",
-                "Yu et al. 2024, *DARE*, eq. 2; Yadav et al. 2023", (LAMBDA, DENSITY), normalises=True,
-                mergekit="dare_ties", random=True),
-    MergeMethod("breadcrumbs", breadcrumbs, "drop the largest γ·n and the smallest entries, keeping density·n; task "
-                "arithmetic", "Davari & Belilovsky 2024, *Model Breadcrumbs*, §3", (LAMBDA, DENSITY, GAMMA),
-                mergekit="breadcrumbs"),
-    MergeMethod("breadcrumbs-ties", breadcrumbs_ties, "breadcrumbs masks, then TIES' election and mean",
-                "Davari & Belilovsky 2024, §3; Yadav et al. 2023", (LAMBDA, DENSITY, GAMMA), normalises=True,
-                mergekit="breadcrumbs_ties"),
-    MergeMethod("slerp", slerp, "two models: sin((1−t)Ω)/sinΩ·θ_1 + sin(tΩ)/sinΩ·θ_2, linear within epsilon of colinear",
-                "Shoemake 1985, *Animating rotation with quaternion curves*", (SLERP_EPSILON, SLERP_T), needs_base=False,
-                coefficients=False, task_vectors=False, min_models=2, max_models=2, mergekit="slerp"),
-    MergeMethod("model-stock", model_stock, "t = N cosθ/(1+(N−1)cosθ) with cosθ the mean pairwise cosine of the τ_i; "
-                "t·mean θ_i + (1−t)θ_b", "Jang et al. 2024, *Model Stock*, eq. 6", coefficients=False, min_models=2,
-                mergekit="model_stock"),
-    MergeMethod("nan", task_arithmetic, "task arithmetic with NAN coefficients",
-                "Si et al. 2025, *NAN*, arXiv 2505.16148", TV, nan=True),
-    MergeMethod("tsv", tsv, "per matrix: top 1/N singular triplets of each c_i τ_i, stacked; U and V replaced by their "
-                "nearest orthogonal matrices; θ_b + λ U⊥ΣV⊥ᵀ (vectors: λ·mean)",
-                "Gargiulo et al. 2025, *Task Singular Vectors*, Alg. 1", TV),
-    MergeMethod("iso-c", iso_c, "per matrix: Σ c_i τ_i = UΣVᵀ with every σ replaced by their mean σ̄; θ_b + λσ̄UVᵀ",
-                "Marczak et al. 2025, *No Task Left Behind: Isotropic Model Merging*, §4.1, eq. 6", TV),
-    MergeMethod("iso-cts", iso_cts, "per matrix: top common·r directions of Σ c_i τ_i, plus each task's top (r−k)/N "
-                "outside them; U, V orthogonalised; flat spectrum at the mean σ; θ_b + λ·that",
-                "Marczak et al. 2025, *No Task Left Behind*, §4.2, Alg. 1", (LAMBDA, COMMON)),
-    MergeMethod("wudi", wudi, "per matrix: τ_m = argmin Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²/‖τ_i‖², solved exactly "
-                "(τ_m = B·G⁺); θ_b + λτ_m", "Cheng et al. 2025, *Whoever Started the Interference Should End It* "
-                "(WUDI-Merging), eq. 8; closed form ours", TV, coefficients=False),
-    MergeMethod("wudi-adam", wudi_adam, "the WUDI loss minimised by Adam from Σ τ_i, as the paper does",
-                "Cheng et al. 2025, *WUDI-Merging*, §4.2", (LAMBDA, STEPS, LR), coefficients=False),
-    MergeMethod("cart", cart, "θ̄ = Σ c_iθ_i/Σ c_i; per matrix θ̄ + λ Σ_i SVD_k(θ_i − θ̄), k = rank·min(m, n)",
-                "Choi et al. 2024, *Revisiting Weight Averaging for Model Merging* (CART), §3, eq. 4", (LAMBDA, RANK),
-                needs_base=False, task_vectors=False, normalises=True),
-    MergeMethod("pcb", pcb, "intra- × inter-balancing scores exp(N·minmax|τ_i|²)·tanh(τ_i ⊙ Σ_j τ_j); each task keeps "
-                "its top ratio, weighted mean of the clipped τ_i; θ_b + λ·that",
-                "Du et al. 2024, *Parameter Competition Balancing for Model Merging* (PCB), §3, eq. 2-5",
-                (LAMBDA, RATIO), coefficients=False),
-]}
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        MergeMethod(
+            "average",
+            average,
+            "Σ c_i θ_i / Σ c_i",
+            "Wortsman et al. 2022, *Model soups* (uniform soup)",
+            needs_base=False,
+            task_vectors=False,
+            normalises=True,
+            mergekit="linear",
+            blockwise=lambda base, models, coeffs, p, states: average(base, models, coeffs, p, None),
+        ),
+        MergeMethod(
+            "task-arithmetic",
+            task_arithmetic,
+            "θ_b + λ Σ c_i τ_i",
+            "Ilharco et al. 2023, *Editing Models with Task Arithmetic*, eq. 1",
+            TV,
+            mergekit="task_arithmetic",
+            blockwise=lambda base, models, coeffs, p, states: task_arithmetic(base, models, coeffs, p, None),
+        ),
+        MergeMethod(
+            "ties",
+            ties,
+            "trim each τ_i to its top-density entries by magnitude; elect the sign of Σ c_i τ̂_i per "
+            "entry; coefficient-weighted mean of the entries that agree; θ_b + λ·that",
+            "Yadav et al. 2023, *TIES-Merging*, Alg. 1",
+            (LAMBDA, DENSITY),
+            normalises=True,
+            mergekit="ties",
+            blockwise=ties_block,
+            statistics=ties_trim,
+        ),
+        MergeMethod(
+            "dare-linear",
+            dare_linear,
+            "keep each entry with probability density (seeded Bernoulli), rescale by 1/density, then task arithmetic",
+            "Yu et al. 2024, *DARE*, eq. 2",
+            (LAMBDA, DENSITY),
+            mergekit="dare_linear",
+            random=True,
+        ),
+        MergeMethod(
+            "dare-ties",
+            dare_ties,
+            "DARE, then TIES' election and disjoint mean",
+            "Yu et al. 2024, *DARE*, eq. 2; Yadav et al. 2023",
+            (LAMBDA, DENSITY),
+            normalises=True,
+            mergekit="dare_ties",
+            random=True,
+        ),
+        MergeMethod(
+            "breadcrumbs",
+            breadcrumbs,
+            "drop the largest γ·n and the smallest entries, keeping density·n; task arithmetic",
+            "Davari & Belilovsky 2024, *Model Breadcrumbs*, §3",
+            (LAMBDA, DENSITY, GAMMA),
+            mergekit="breadcrumbs",
+        ),
+        MergeMethod(
+            "breadcrumbs-ties",
+            breadcrumbs_ties,
+            "breadcrumbs masks, then TIES' election and mean",
+            "Davari & Belilovsky 2024, §3; Yadav et al. 2023",
+            (LAMBDA, DENSITY, GAMMA),
+            normalises=True,
+            mergekit="breadcrumbs_ties",
+        ),
+        MergeMethod(
+            "slerp",
+            slerp,
+            "two models: sin((1−t)Ω)/sinΩ·θ_1 + sin(tΩ)/sinΩ·θ_2, linear within epsilon of colinear",
+            "Shoemake 1985, *Animating rotation with quaternion curves*",
+            (SLERP_EPSILON, SLERP_T),
+            needs_base=False,
+            coefficients=False,
+            task_vectors=False,
+            min_models=2,
+            max_models=2,
+            mergekit="slerp",
+        ),
+        MergeMethod(
+            "model-stock",
+            model_stock,
+            "t = N cosθ/(1+(N−1)cosθ) with cosθ the mean pairwise cosine of the τ_i; t·mean θ_i + (1−t)θ_b",
+            "Jang et al. 2024, *Model Stock*, eq. 6",
+            coefficients=False,
+            min_models=2,
+            mergekit="model_stock",
+        ),
+        MergeMethod(
+            "nan",
+            task_arithmetic,
+            "task arithmetic with NAN coefficients",
+            "Si et al. 2025, *NAN*, arXiv 2505.16148",
+            TV,
+            nan=True,
+        ),
+        MergeMethod(
+            "tsv",
+            tsv,
+            "per matrix: top 1/N singular triplets of each c_i τ_i, stacked; U and V replaced by their "
+            "nearest orthogonal matrices; θ_b + λ U⊥ΣV⊥ᵀ (vectors: λ·mean)",
+            "Gargiulo et al. 2025, *Task Singular Vectors*, Alg. 1",
+            TV,
+        ),
+        MergeMethod(
+            "iso-c",
+            iso_c,
+            "per matrix: Σ c_i τ_i = UΣVᵀ with every σ replaced by their mean σ̄; θ_b + λσ̄UVᵀ",
+            "Marczak et al. 2025, *No Task Left Behind: Isotropic Model Merging*, §4.1, eq. 6",
+            TV,
+        ),
+        MergeMethod(
+            "iso-cts",
+            iso_cts,
+            "per matrix: top common·r directions of Σ c_i τ_i, plus each task's top (r−k)/N "
+            "outside them; U, V orthogonalised; flat spectrum at the mean σ; θ_b + λ·that",
+            "Marczak et al. 2025, *No Task Left Behind*, §4.2, Alg. 1",
+            (LAMBDA, COMMON),
+        ),
+        MergeMethod(
+            "wudi",
+            wudi,
+            "per matrix: τ_m = argmin Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²/‖τ_i‖², solved exactly (τ_m = B·G⁺); θ_b + λτ_m",
+            "Cheng et al. 2025, *Whoever Started the Interference Should End It* "
+            "(WUDI-Merging), eq. 8; closed form ours",
+            TV,
+            coefficients=False,
+        ),
+        MergeMethod(
+            "wudi-adam",
+            wudi_adam,
+            "the WUDI loss minimised by Adam from Σ τ_i, as the paper does",
+            "Cheng et al. 2025, *WUDI-Merging*, §4.2",
+            (LAMBDA, STEPS, LR),
+            coefficients=False,
+        ),
+        MergeMethod(
+            "cart",
+            cart,
+            "θ̄ = Σ c_iθ_i/Σ c_i; per matrix θ̄ + λ Σ_i SVD_k(θ_i − θ̄), k = rank·min(m, n)",
+            "Choi et al. 2024, *Revisiting Weight Averaging for Model Merging* (CART), §3, eq. 4",
+            (LAMBDA, RANK),
+            needs_base=False,
+            task_vectors=False,
+            normalises=True,
+        ),
+        MergeMethod(
+            "pcb",
+            pcb,
+            "intra- × inter-balancing scores exp(N·minmax|τ_i|²)·tanh(τ_i ⊙ Σ_j τ_j); each task keeps "
+            "its top ratio, weighted mean of the clipped τ_i; θ_b + λ·that",
+            "Du et al. 2024, *Parameter Competition Balancing for Model Merging* (PCB), §3, eq. 2-5",
+            (LAMBDA, RATIO),
+            coefficients=False,
+        ),
+    ]
+}
 
 
 def parameter_names() -> tuple[str, ...]:
     """Every parameter name some method or modifier declares, once each (config files take them as keys)."""
-    owners = [*METHODS.values(), *MODIFIERS.values()]
-    return tuple(dict.fromkeys(p.name for m in owners for p in m.params))
+    declared = [m.params for m in METHODS.values()] + [m.params for m in MODIFIERS.values()]
+    return tuple(dict.fromkeys(p.name for params in declared for p in params))
 
 
 def mergekit_names() -> dict[str, str]:
@@ -381,18 +518,35 @@ def mergekit_names() -> dict[str, str]:
 def methods_table() -> str:
     """The methods as a Markdown table, from the registry (docs/merge.md holds a copy; a test
     keeps the two equal)."""
-    lines = ["| method | formula | parameters (default) | base | coefficients | mergekit | reference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | formula | parameters (default) | base | coefficients | mergekit | reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in METHODS.values():
         params = ", ".join(f"`{p.name}` ({p.default:g})" for p in m.params) or "—"
-        coefficients = ("NAN (always)" if m.nan else f"on {'τ_i' if m.task_vectors else 'θ_i'}; manual or NAN") \
-            if m.coefficients else "—"
-        count = "" if m.min_models == 1 and m.max_models is None else \
-            f" ({m.min_models} models)" if m.min_models == m.max_models else f" (≥ {m.min_models} models)"
-        lines.append(f"| `{m.name}`{count} | {m.formula} | {params} | {'needed' if m.needs_base else '—'} | "
-                     f"{coefficients} | {m.mergekit or '—'} | {m.reference} |")
-    lines += ["", "Modifiers, after any method with a base (`--svc`, `--lines`, or `modifiers: [svc, lines]`):", "",
-              "| modifier | formula | parameters (default) | reference |", "|---|---|---|---|"]
+        coefficients = (
+            ("NAN (always)" if m.nan else f"on {'τ_i' if m.task_vectors else 'θ_i'}; manual or NAN")
+            if m.coefficients
+            else "—"
+        )
+        count = (
+            ""
+            if m.min_models == 1 and m.max_models is None
+            else f" ({m.min_models} models)"
+            if m.min_models == m.max_models
+            else f" (≥ {m.min_models} models)"
+        )
+        lines.append(
+            f"| `{m.name}`{count} | {m.formula} | {params} | {'needed' if m.needs_base else '—'} | "
+            f"{coefficients} | {m.mergekit or '—'} | {m.reference} |"
+        )
+    lines += [
+        "",
+        "Modifiers, after any method with a base (`--svc`, `--lines`, or `modifiers: [svc, lines]`):",
+        "",
+        "| modifier | formula | parameters (default) | reference |",
+        "|---|---|---|---|",
+    ]
     for mod in MODIFIERS.values():
         params = ", ".join(f"`{p.name}` ({p.default:g})" for p in mod.params)
         lines.append(f"| `{mod.name}` | {mod.formula} | {params} | {mod.reference} |")

@@ -12,10 +12,15 @@ from weightlab.domains import Real
 from weightlab.merge.params import MAX_COEFFICIENT, Param
 from weightlab.merge.subspace import is_matrix
 
-SVC_ALPHA = Param("svc_alpha", Real(0, MAX_COEFFICIENT, low_open=True), 1.0,
-                  "SVC: floor α of each task's projection coefficient (γ_r ≤ 1/α)")
-LINES_BETA = Param("lines_beta", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 0.5,
-                   "LiNeS: scale added at the deepest layer (β)")
+SVC_ALPHA = Param(
+    "svc_alpha",
+    Real(0, MAX_COEFFICIENT, low_open=True),
+    1.0,
+    "SVC: floor α of each task's projection coefficient (γ_r ≤ 1/α)",
+)
+LINES_BETA = Param(
+    "lines_beta", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 0.5, "LiNeS: scale added at the deepest layer (β)"
+)
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,23 @@ class Modifier:
     params: tuple[Param, ...]
 
 
-MODIFIERS: dict[str, Modifier] = {m.name: m for m in [
-    Modifier("svc", "per matrix: τ_m = UΣVᵀ, s_r^i = ⟨σ_r v_r, u_rᵀτ_i⟩/‖u_rᵀτ_i‖², σ_r ← σ_r·N/Σ_i max(α, s_r^i)",
-             "Li et al. 2026, *When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging* (SVC), §4",
-             (SVC_ALPHA,)),
-    Modifier("lines", "τ_m of layer ℓ scaled by α + β·ℓ/(L−1), α = ‖Σ_i τ_i‖₁ / (N‖τ_m‖₁) over the model; other "
-             "tensors by α", "Wang et al. 2025, *LiNeS: Post-training Layer Scaling*, ICLR, §4 (multi-task merging)",
-             (LINES_BETA,)),
-]}
+MODIFIERS: dict[str, Modifier] = {
+    m.name: m
+    for m in [
+        Modifier(
+            "svc",
+            "per matrix: τ_m = UΣVᵀ, s_r^i = ⟨σ_r v_r, u_rᵀτ_i⟩/‖u_rᵀτ_i‖², σ_r ← σ_r·N/Σ_i max(α, s_r^i)",
+            "Li et al. 2026, *When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging* (SVC), §4",
+            (SVC_ALPHA,),
+        ),
+        Modifier(
+            "lines",
+            "τ_m of layer ℓ scaled by α + β·ℓ/(L−1), α = ‖Σ_i τ_i‖₁ / (N‖τ_m‖₁) over the model; other tensors by α",
+            "Wang et al. 2025, *LiNeS: Post-training Layer Scaling*, ICLR, §4 (multi-task merging)",
+            (LINES_BETA,),
+        ),
+    ]
+}
 
 
 def calibrate(merged: torch.Tensor, taus: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -51,7 +65,9 @@ def calibrate(merged: torch.Tensor, taus: list[torch.Tensor], alpha: float) -> t
     for tau in taus:
         own = svd.U.T @ tau.reshape(rows, -1)
         norm2 = (own * own).sum(1)
-        s = torch.where(norm2 > 0, (response * own).sum(1) / torch.where(norm2 > 0, norm2, 1.0), torch.zeros_like(norm2))
+        s = torch.where(
+            norm2 > 0, (response * own).sum(1) / torch.where(norm2 > 0, norm2, 1.0), torch.zeros_like(norm2)
+        )
         floor += s.clamp_min(alpha)
     gamma = len(taus) / floor
     return ((svd.U * (gamma * svd.S)) @ svd.Vh).reshape(merged.shape)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -30,8 +31,9 @@ class Param:
         return self.attribute or self.name
 
 
-LAMBDA = Param("lambda", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 1.0, "scale λ of the merged task vector",
-               "lam", "--lambda")
+LAMBDA = Param(
+    "lambda", Real(-MAX_COEFFICIENT, MAX_COEFFICIENT), 1.0, "scale λ of the merged task vector", "lam", "--lambda"
+)
 DENSITY = Param("density", Real(0, 1, low_open=True), 1.0, "fraction of entries kept", flag="--density")
 GAMMA = Param("gamma", Real(0, 1, high_open=True), 0.01, "fraction of largest-magnitude entries dropped")
 SLERP_EPSILON = Param("epsilon", Real(0, 1, high_open=True), 5e-4, "1 − |cos Ω| below which SLERP is linear")
@@ -50,7 +52,7 @@ class Params:
         self._values = dict(values)
 
     def __getattr__(self, name: str) -> float:
-        values = self.__dict__.get("_values", {})  # absent while unpickling (e.g. in a Ray worker)
+        values: dict[str, float] = self.__dict__.get("_values", {})  # absent while unpickling (a Ray worker)
         try:
             return values[name]
         except KeyError:
@@ -73,4 +75,5 @@ def resolve(declared: tuple[Param, ...], given: dict[str, Any], owner: str) -> P
     return Params({p.field: given.get(p.name, p.default) for p in declared})
 
 
+Tensor = torch.Tensor
 Generator = Callable[[int], torch.Generator]  # model index -> seeded generator for this tensor

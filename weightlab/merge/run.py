@@ -17,10 +17,10 @@ import json
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
+from weightlab.display import fmt, model_names
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
@@ -35,14 +36,13 @@ from weightlab.io.finite import require_finite_input
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
-from weightlab.matching import Matching, MatchedTensor
-from weightlab.display import fmt, model_names
+from weightlab.matching import MatchedTensor, Matching
 from weightlab.merge.coefficients import nan_coefficients
-from weightlab.options import NanOptions
 from weightlab.merge.config import MergeConfig
 from weightlab.merge.methods import METHODS, MergeMethod
 from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.naming import layer_index
+from weightlab.options import NanOptions
 from weightlab.results import Result, Table
 
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
@@ -72,27 +72,53 @@ class MergeReport(Result):
             layer = layer_index(name)
             groups.setdefault("-" if layer is None else str(layer), []).append(cs)
         ordered = sorted(groups, key=lambda k: (k == "-", int(k) if k != "-" else 0))
-        return {k: [sum(c[i] for c in groups[k]) / len(groups[k]) for i in range(len(self.coefficients))]
-                for k in ordered}
+        return {
+            k: [sum(c[i] for c in groups[k]) / len(groups[k]) for i in range(len(self.coefficients))] for k in ordered
+        }
 
     def to_dict(self) -> dict:
-        return {"schema": self.SCHEMA, "out": self.out, "config": self.config.to_dict(), "merged_tensors": self.merged,
-                "copied_from_base": self.copied, "left_out": self.left_out, "coefficients": self.coefficients,
-                "coefficients_per_layer": self.per_layer() if self.per_tensor else None,
-                "coefficients_per_tensor": self.per_tensor or None, "seconds": round(self.seconds, 3),
-                **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {})}
+        return {
+            "schema": self.SCHEMA,
+            "out": self.out,
+            "config": self.config.to_dict(),
+            "merged_tensors": self.merged,
+            "copied_from_base": self.copied,
+            "left_out": self.left_out,
+            "coefficients": self.coefficients,
+            "coefficients_per_layer": self.per_layer() if self.per_tensor else None,
+            "coefficients_per_tensor": self.per_tensor or None,
+            "seconds": round(self.seconds, 3),
+            **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {}),
+        }
 
     @classmethod
-    def from_dict(cls, payload: dict) -> "MergeReport":
+    def from_dict(cls, payload: dict) -> MergeReport:
         cfg = payload["config"]
         spec = METHODS[cfg["method"]]
         params = {p.name: cfg["params"][p.field] for p in spec.params if p.field in (cfg.get("params") or {})}
-        config = MergeConfig(cfg["method"], cfg["models"], cfg.get("base"), cfg.get("weights"), cfg.get("coeff", "manual"),
-                             NanOptions(**cfg["nan"]) if cfg.get("nan") else NanOptions(), params, cfg.get("seed", 0),
-                             cfg.get("dtype"), cfg.get("modifiers") or [])
-        return cls(config, payload.get("out", ""), payload["merged_tensors"], payload["copied_from_base"],
-                   payload["left_out"], payload["coefficients"], payload.get("coefficients_per_tensor") or {},
-                   payload.get("seconds", 0.0), payload.get("lines_alpha"))
+        config = MergeConfig(
+            cfg["method"],
+            cfg["models"],
+            cfg.get("base"),
+            cfg.get("weights"),
+            cfg.get("coeff", "manual"),
+            NanOptions(**cfg["nan"]) if cfg.get("nan") else NanOptions(),
+            params,
+            cfg.get("seed", 0),
+            cfg.get("dtype"),
+            cfg.get("modifiers") or [],
+        )
+        return cls(
+            config,
+            payload.get("out", ""),
+            payload["merged_tensors"],
+            payload["copied_from_base"],
+            payload["left_out"],
+            payload["coefficients"],
+            payload.get("coefficients_per_tensor") or {},
+            payload.get("seconds", 0.0),
+            payload.get("lines_alpha"),
+        )
 
     def title(self) -> str:
         detail = [self.config.method]
@@ -104,27 +130,45 @@ class MergeReport(Result):
     def tables(self) -> list[Table]:
         names = model_names(self.config.models)
         kind = "NAN" if self.config.coeff == "nan" else "manual"
-        out = [Table(f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""), ["model", "coefficient"],
-                     [[name, c] for name, c in zip(names, self.coefficients)])]
+        out = [
+            Table(
+                f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""),
+                ["model", "coefficient"],
+                [[name, c] for name, c in zip(names, self.coefficients)],
+            )
+        ]
         if self.per_tensor:
-            out.append(Table("NAN coefficients per layer (mean over its tensors)", ["layer", *names],
-                             [[layer, *cs] for layer, cs in self.per_layer().items()]))
+            out.append(
+                Table(
+                    "NAN coefficients per layer (mean over its tensors)",
+                    ["layer", *names],
+                    [[layer, *cs] for layer, cs in self.per_layer().items()],
+                )
+            )
         return out
 
     def lines(self) -> list[str]:
         out = []
         if self.left_out:
-            out.append(f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}")
-        return out + [f"merged {self.merged} tensors, copied {len(self.copied)} from the base, in {self.seconds:.1f}s → {self.out}/"]
+            out.append(
+                f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}"
+            )
+        done = f"merged {self.merged} tensors, copied {len(self.copied)} from the base"
+        done += f", in {self.seconds:.1f}s → {self.out}/"
+        return [*out, done]
 
     def headline(self) -> list[tuple[str, str, object]]:
-        return [("merge.method", "method", self.config.method), ("merge.models", "models merged", len(self.config.models)),
-                ("merge.coefficients", "coefficients", ", ".join(fmt(c) for c in self.coefficients))]
+        return [
+            ("merge.method", "method", self.config.method),
+            ("merge.models", "models merged", len(self.config.models)),
+            ("merge.coefficients", "coefficients", ", ".join(fmt(c) for c in self.coefficients)),
+        ]
 
     def note(self) -> str:
         if self.per_tensor:
-            return "Coefficients per layer: " + "; ".join(f"{k}: " + ", ".join(f"{c:.3f}" for c in v)
-                                                       for k, v in self.per_layer().items())
+            return "Coefficients per layer: " + "; ".join(
+                f"{k}: " + ", ".join(f"{c:.3f}" for c in v) for k, v in self.per_layer().items()
+            )
         return f"parameters: {json.dumps(self.config.resolved.as_dict())}"
 
 
@@ -139,20 +183,25 @@ def _check_alignment(matching: Matching, ckpts: list[Checkpoint], has_base: bool
     if matching.shape_mismatches:
         key, shapes = matching.shape_mismatches[0]
         where = ", ".join(f"{c.path} {list(s)}" for c, s in zip(ckpts, shapes))
-        raise ShapeMismatch(f"shapes differ between inputs ({where}); resize or exclude it before merging", ckpts[0].path, key)
+        raise ShapeMismatch(
+            f"shapes differ between inputs ({where}); resize or exclude it before merging", ckpts[0].path, key
+        )
     anchor = ckpts[0]
     only_anchor = matching.unmatched[str(anchor.path)]
     buffers = [n for n in only_anchor if not anchor.info(n).is_float]
     for name in only_anchor:
         if name not in buffers:
             lacking = next(c for c in ckpts[1:] if name not in c)
-            raise MissingTensor(f"{'the base' if has_base else 'the first model'} has it but this model does not",
-                                lacking.path, name)
+            raise MissingTensor(
+                f"{'the base' if has_base else 'the first model'} has it but this model does not", lacking.path, name
+            )
     left_out = sorted({n for c in ckpts[1:] for n in matching.unmatched[str(c.path)]})
     return buffers, left_out
 
 
-def _model_norms(models: list[Checkpoint], base: Checkpoint | None, task_vectors: bool, compute: Compute) -> list[float]:
+def _model_norms(
+    models: list[Checkpoint], base: Checkpoint | None, task_vectors: bool, compute: Compute
+) -> list[float]:
     """‖θ_i‖ (or ‖τ_i‖) over every merged tensor: one streaming pass for model-level NAN."""
     walk = TensorWalk([base, *models] if base is not None else models, MERGED)
     squares = [0.0] * len(models)
@@ -169,8 +218,17 @@ def _nbytes(ckpt: Checkpoint, name: str) -> int:
     return ckpt.info(name).nbytes
 
 
-def _merge_in_rows(item: MatchedTensor, ckpts: list[Checkpoint], has_base: bool, spec: MergeMethod, coeffs: list[float],
-                   params, compute: Compute, writer: CheckpointWriter, out_dtype: torch.dtype) -> None:
+def _merge_in_rows(
+    item: MatchedTensor,
+    ckpts: list[Checkpoint],
+    has_base: bool,
+    spec: MergeMethod,
+    coeffs: list[float],
+    params,
+    compute: Compute,
+    writer: CheckpointWriter,
+    out_dtype: torch.dtype,
+) -> None:
     """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`): memory holds
     (models + 2) blocks, not (models + 2) tensors; the bytes are those of the whole-tensor merge.
     A method with `statistics` first gets them from each model's whole tensor, one at a time."""
@@ -219,8 +277,9 @@ class _LinesSpill:
     def alpha(self, models: int) -> float:
         return lines_alpha(self.summed_l1, self.merged_l1, models)
 
-    def scaled(self, base: Checkpoint, compute: Compute, alpha: float, beta: float,
-               layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def scaled(
+        self, base: Checkpoint, compute: Compute, alpha: float, beta: float, layers: int
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """θ_b + (α + β·ℓ/(L−1))·τ_m for every spilled tensor (Wang et al. 2025, eq. 1)."""
         for i, name in enumerate(self.names):
             delta = load_file(self.folder / f"{i}.safetensors")["delta"].to(compute.device)
@@ -228,9 +287,17 @@ class _LinesSpill:
             yield name, w0 + lines_scale(layer_index(name), layers, alpha, beta) * delta
 
 
-def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
-          donor: str | Path | None = None, compute: Compute | None = None,
-          on_progress: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> MergeReport:
+def merge(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    donor: str | Path | None = None,
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`."""
     started = time.perf_counter()
     check_outputs([config.base, *config.models, donor], [Output("-o", out_dir, directory=True)], force)
@@ -246,8 +313,9 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     task_vectors = config.nan.norm_of == "task-vectors"
     n = len(models)
     if nan and config.nan.granularity == "model":
-        fixed = nan_coefficients(_model_norms(models, base, task_vectors, compute), config.nan.power,
-                                 config.nan.normalize)
+        fixed = nan_coefficients(
+            _model_norms(models, base, task_vectors, compute), config.nan.power, config.nan.normalize
+        )
     else:
         fixed = list(config.weights) if config.weights is not None else [1.0] * n
     per_tensor: dict[str, list[float]] = {}
@@ -256,22 +324,40 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
-    plan = [(n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
-            for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)]
+    plan = [
+        (n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
+        for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)
+    ]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
     if compute.cluster is not None and "lines" in config.modifiers:
-        raise InvalidArgument("--lines scales each layer after a pass over all of them, on this machine: "
-                              "run it without --ray")
-    in_rows = walk.take(lambda item: spec.blockwise is not None and item.is_float and not config.modifiers
-                        and not (nan and config.nan.granularity == "tensor") and len(item.shape) > 0
-                        and item.shape[0] > 1 and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES)
+        raise InvalidArgument(
+            "--lines scales each layer after a pass over all of them, on this machine: run it without --ray"
+        )
+    in_rows = walk.take(
+        lambda item: (
+            spec.blockwise is not None
+            and item.is_float
+            and not config.modifiers
+            and not (nan and config.nan.granularity == "tensor")
+            and len(item.shape) > 0
+            and item.shape[0] > 1
+            and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES
+        )
+    )
     with ExitStack() as stack:
-        writer = stack.enter_context(CheckpointWriter(out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan,
-                                                      donor=donor or ckpts[0].path))
+        writer = stack.enter_context(
+            CheckpointWriter(
+                out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan, donor=donor or ckpts[0].path
+            )
+        )
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
-        lines = _LinesSpill(stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent,
-                                                                            prefix=".weightlab-lines-"))) \
-            if "lines" in config.modifiers else None
+        lines = (
+            _LinesSpill(
+                stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent, prefix=".weightlab-lines-"))
+            )
+            if "lines" in config.modifiers
+            else None
+        )
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
         # on a Ray cluster the workers write their tensors into the staged shards themselves
         sink = writer.sink([i.names[0] for i in walk.items], elsewhere=compute.cluster is not None)
@@ -290,9 +376,10 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
             if nan and config.nan.granularity == "tensor":
                 norms = [float((t - w0).norm()) if task_vectors else float(t.norm()) for t in thetas]
                 coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
-            generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))  # noqa: E731
-            merged = spec.fn(w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params,
-                             generators)
+            generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))
+            merged = spec.fn(
+                w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params, generators
+            )
             if "svc" in config.modifiers:
                 merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
             if lines is not None:
@@ -312,8 +399,9 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
                 per_tensor[name] = own
         report.merged += sum(merged for _, merged, _ in done)
         for item in in_rows:
-            _merge_in_rows(item, ckpts, base is not None, spec, fixed, params, compute, writer,
-                           out_dtype_of[item.names[0]])
+            _merge_in_rows(
+                item, ckpts, base is not None, spec, fixed, params, compute, writer, out_dtype_of[item.names[0]]
+            )
             report.merged += 1
             if on_progress:
                 on_progress(1)
@@ -331,4 +419,3 @@ def merge(config: MergeConfig, out_dir: str | Path, *, force: bool = False, shar
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
     return report
-

@@ -7,10 +7,12 @@ norms) get θ_b + λ·mean_i c_i τ_i, as the papers do for non-matrix parameter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from weightlab.compute.svd import SVD, full_svd
-from weightlab.merge.params import Generator, Params
+from weightlab.merge.params import Generator, Params, Tensor
 
 
 def is_matrix(t: torch.Tensor) -> bool:
@@ -23,7 +25,7 @@ def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
     return q.U @ q.Vh
 
 
-def _scaled_task_vectors(base: torch.Tensor, models, coeffs: torch.Tensor) -> list[torch.Tensor]:
+def _scaled_task_vectors(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> list[Tensor]:
     return [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
 
 
@@ -31,7 +33,7 @@ def _mean_update(base: torch.Tensor, taus: list[torch.Tensor], lam: float) -> to
     return base + lam * torch.stack(taus).sum(0) / len(taus)
 
 
-def tsv(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def tsv(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): keep the top 1/N of
     each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
     nearest orthogonal matrices, and add λ·U⊥ΣV⊥ᵀ."""
@@ -53,7 +55,7 @@ def tsv_factors(parts: list[SVD]) -> tuple[torch.Tensor, torch.Tensor]:
     return nearest_orthogonal(u) * sigma, nearest_orthogonal(v).mT
 
 
-def iso_c(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Iso-C (Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", §4.1, eq. 6): Δ = Σ_i c_i τ_i = UΣVᵀ; every singular value is
     replaced by their mean σ̄ = (1/r)Σ_j σ_j over all r = min(m, n) of them; θ_b + λ·σ̄·UVᵀ."""
@@ -65,7 +67,7 @@ def iso_c(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return base + p.lam * flat.reshape(base.shape)
 
 
-def iso_cts(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Iso-CTS (Marczak et al. 2025, §4.2, Alg. 1): each task keeps s = round((r − ⌊common·r⌋)/N)
     directions and the common subspace the remaining k = r − N·s, so that the total is r (as the
     authors' code does); the top k singular vectors of Σ_i c_i τ_i span the common subspace; each
@@ -94,12 +96,12 @@ def iso_cts(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     return base + p.lam * flat.reshape(base.shape)
 
 
-def cart(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def cart(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """CART (Choi et al. 2024, "Revisiting Weight Averaging for Model Merging", §3, eq. 4):
     centred arithmetic with rank reduction. θ̄ = Σ_i c_iθ_i / Σ_i c_i; each θ_i − θ̄ is cut to its
     top k = max(1, round(rank·min(m, n))) singular triplets; θ̄ + λ Σ_i SVD_k(θ_i − θ̄)."""
     weights = coeffs / coeffs.sum()
-    centre = sum(w * m for w, m in zip(weights.tolist(), models))
+    centre: Tensor = sum((w * m for w, m in zip(weights.tolist(), models)), torch.zeros_like(models[0]))
     if not is_matrix(centre):
         return centre
     shape = centre.shape
@@ -137,7 +139,7 @@ def wudi_objective(x: torch.Tensor, mats: list[torch.Tensor]) -> float:
     return total
 
 
-def wudi(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def wudi(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """WUDI-Merging (Cheng et al. 2025, "Whoever Started the Interference Should End It", eq. 8),
     solved exactly: the loss Σ_i ‖(τ_m − τ_i)τ_iᵀ‖²_F/‖τ_i‖²_F is quadratic in τ_m, with normal
     equations τ_m·G = B (G = Σ_i τ_iᵀτ_i/‖τ_i‖², B = Σ_i τ_iτ_iᵀτ_i/‖τ_i‖²). The minimum-norm
@@ -151,11 +153,11 @@ def wudi(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(gram)
     cutoff = float(values.max()) * gram.shape[0] * torch.finfo(torch.float64).eps if values.numel() else 0.0
     inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
-    merged = ((target @ vectors) * inverse) @ vectors.T
+    merged: Tensor = ((target @ vectors) * inverse) @ vectors.T
     return base + p.lam * merged.to(base.dtype).reshape(base.shape)
 
 
-def wudi_adam(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
+def wudi_adam(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """WUDI-Merging as the paper runs it (Cheng et al. 2025, §4.2): Adam (β = 0.9, 0.999) on the
     same loss from τ_m = Σ_i τ_i, `steps` iterations at learning rate `lr`; θ_b + λτ_m."""
     taus = [m - base for m in models]
@@ -172,4 +174,3 @@ def wudi_adam(base, models, coeffs, p: Params, gen: Generator) -> torch.Tensor:
         second.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         x -= p.lr * (first / (1 - b1**step)) / ((second / (1 - b2**step)).sqrt() + eps)
     return base + p.lam * x.to(base.dtype).reshape(base.shape)
-

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from weightlab.display import fmt
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
-from weightlab.results import Result, known_schemas, result_type
-from weightlab.display import fmt
 from weightlab.report.tables import one_line, short_name
+from weightlab.results import Result, known_schemas, result_type
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Section:
 
 # ---- one section per result, whatever its type --------------------------------------------
 
+
 def section(result: Result, plots: Path, images: list[Path] | None = None) -> Section:
     """The report section of any result: its headline, plots (drawn into `plots` unless `images`
     already holds them) and main table."""
@@ -40,8 +41,15 @@ def section(result: Result, plots: Path, images: list[Path] | None = None) -> Se
 
     tables = result.tables()
     main = tables[0] if tables else None
-    return Section(result.title(), result.REFERENCE, result.headline(), images if images is not None else draw(result, plots),
-                   main.columns if main else [], main.rows if main else [], result.note())
+    return Section(
+        result.title(),
+        result.REFERENCE,
+        result.headline(),
+        images if images is not None else draw(result, plots),
+        main.columns if main else [],
+        main.rows if main else [],
+        result.note(),
+    )
 
 
 def sections_for(results: list[Result], plots: Path, drawn: dict[str, list[Path]] | None = None) -> list[Section]:
@@ -74,8 +82,11 @@ def parse_result(data: object, where: Path | str = "result") -> Result:
     try:
         return cls.from_dict(data)
     except (InvalidArgument, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # hand-edited JSON
-        detail = f"missing field {e}" if isinstance(e, KeyError) else (e.message if isinstance(e, InvalidArgument)
-                                                                       else str(e)).splitlines()[0][:120]
+        detail = (
+            f"missing field {e}"
+            if isinstance(e, KeyError)
+            else (e.message if isinstance(e, InvalidArgument) else str(e)).splitlines()[0][:120]
+        )
         raise InvalidArgument(f"result does not match {cls.SCHEMA} ({detail})", where) from e
 
 
@@ -107,12 +118,18 @@ header{background:#1d2330;color:#fff;padding:22px 36px}header h1{margin:0;font-s
 header p{margin:4px 0 0;color:#b8c0cc}main{max-width:1200px;margin:0 auto;padding:18px 36px 48px}
 section{background:#fff;border:1px solid #e3e6eb;border-radius:10px;padding:18px 22px;margin:18px 0}
 h2{margin:0 0 4px;font-size:19px}.ref{color:#6b7380;font-size:13px;margin-bottom:12px}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0 14px}.card{background:#f1f4f9;border-radius:8px;padding:8px 14px;min-width:150px}
-.card .v{font-size:20px;font-weight:600;word-break:break-all}.card .v.none{font-size:15px;font-weight:400;color:#8a93a0;font-style:italic}.card .k{font-size:12px;color:#5b6472}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0 14px}
+.card{background:#f1f4f9;border-radius:8px;padding:8px 14px;min-width:150px}
+.card .v{font-size:20px;font-weight:600;word-break:break-all}
+.card .v.none{font-size:15px;font-weight:400;color:#8a93a0;font-style:italic}
+.card .k{font-size:12px;color:#5b6472}
 img{max-width:100%;border:1px solid #eef0f3;border-radius:6px;margin:8px 0}
-table{border-collapse:collapse;width:100%;font-size:13px;margin-top:10px}th,td{padding:4px 8px;border-bottom:1px solid #edf0f3;text-align:right}
-th:first-child,td:first-child{text-align:left}th{cursor:pointer;background:#fafbfc;position:sticky;top:0;user-select:none}
-th:hover{background:#eef2f8}.note{color:#5b6472;font-size:13px}h3{font-size:15px;margin:14px 0 0}h3 a{color:#1d2330;text-decoration:none}
+table{border-collapse:collapse;width:100%;font-size:13px;margin-top:10px}
+th,td{padding:4px 8px;border-bottom:1px solid #edf0f3;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{cursor:pointer;background:#fafbfc;position:sticky;top:0;user-select:none}
+th:hover{background:#eef2f8}.note{color:#5b6472;font-size:13px}
+h3{font-size:15px;margin:14px 0 0}h3 a{color:#1d2330;text-decoration:none}
 .scroll{max-height:460px;overflow:auto;border:1px solid #edf0f3;border-radius:6px}
 """
 
@@ -152,16 +169,20 @@ def _data_uri(path: Path) -> str:
 
 def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
-             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-             f"<style>{CSS}</style></head><body><header><h1>{e(title)}</h1>",
-             "<p>weightlab report: what changed, and where</p></header><main>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<style>{CSS}</style></head><body><header><h1>{e(title)}</h1>",
+        "<p>weightlab report: what changed, and where</p></header><main>",
+    ]
     parts.append("<section class='summary'><h2>Summary</h2>")
     for i, s in enumerate(sections):
         parts.append(f"<h3><a href='#s{i}'>{e(s.title)}</a></h3><div class='cards'>")
         for key, label, value in s.headline:
-            parts.append(f"<div class='card'><div class='v{' none' if value is None else ''}' data-key='{e(key)}' "
-                         f"data-v='{e(str(value))}'>{e(_headline_value(value))}</div><div class='k'>{e(label)}</div></div>")
+            parts.append(
+                f"<div class='card'><div class='v{' none' if value is None else ''}' data-key='{e(key)}' "
+                f"data-v='{e(str(value))}'>{e(_headline_value(value))}</div><div class='k'>{e(label)}</div></div>"
+            )
         parts.append("</div>")
     parts.append("</section>")
     for i, s in enumerate(sections):
@@ -172,8 +193,11 @@ def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str
             parts.append(f"<p class='note'>{e(s.note)}</p>")
         if s.rows:
             shown = s.rows[:max_rows]
-            parts.append("<div class='scroll'><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in s.columns)
-                         + "</tr></thead><tbody>")
+            parts.append(
+                "<div class='scroll'><table><thead><tr>"
+                + "".join(f"<th>{e(c)}</th>" for c in s.columns)
+                + "</tr></thead><tbody>"
+            )
             for row in shown:
                 parts.append("<tr>" + "".join(f"<td data-v='{e(str(v))}'>{e(_value(v))}</td>" for v in row) + "</tr>")
             parts.append("</tbody></table></div>")
@@ -205,8 +229,10 @@ def render_markdown(title: str, sections: list[Section], assets: str, max_rows: 
             lines += ["", md(s.note)]
         if s.rows:
             lines += ["", "| " + " | ".join(md(c) for c in s.columns) + " |", "|" + "---|" * len(s.columns)]
-            lines += ["| " + " | ".join(md(_value(short_name(v, 60) if isinstance(v, str) else v)) for v in row) + " |"
-                      for row in s.rows[:max_rows]]
+            lines += [
+                "| " + " | ".join(md(_value(short_name(v, 60) if isinstance(v, str) else v)) for v in row) + " |"
+                for row in s.rows[:max_rows]
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -216,9 +242,16 @@ def assets_folder(markdown: str | Path) -> Path:
     return md.with_name(md.stem + "_assets")
 
 
-def write_report(results: list[Result], out: str | Path, *, title: str = "weightlab report",
-                 markdown: str | Path | None = None, assets: str | Path | None = None,
-                 force: bool = False, drawn: dict[str, list[Path]] | None = None) -> list[Section]:
+def write_report(
+    results: list[Result],
+    out: str | Path,
+    *,
+    title: str = "weightlab report",
+    markdown: str | Path | None = None,
+    assets: str | Path | None = None,
+    force: bool = False,
+    drawn: dict[str, list[Path]] | None = None,
+) -> list[Section]:
     """Build the sections (drawing the plots from the results, except those in `drawn`) and write
     the HTML file, and with `markdown` a Markdown file plus its PNGs in `assets` (default
     `<name>_assets/` beside it)."""

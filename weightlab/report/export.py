@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from weightlab.io.atomic import write_text
 
@@ -39,8 +40,9 @@ def to_csv(rows: Iterable[dict]) -> str:
     return out.getvalue()
 
 
-def write_outputs(payload: dict, rows: Iterable[dict], json_path: str | Path | None,
-                  csv_path: str | Path | None, force: bool) -> None:
+def write_outputs(
+    payload: dict, rows: Iterable[dict], json_path: str | Path | None, csv_path: str | Path | None, force: bool
+) -> None:
     if json_path:
         write_text(json_path, to_json(payload), force)
     if csv_path:

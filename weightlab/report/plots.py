@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from scipy import stats
 
-from weightlab.analysis.angles import AnglesResult  # noqa: E402
-from weightlab.analysis.compare import CompareResult  # noqa: E402
-from weightlab.analysis.esd import ESDResult, SpectralDensity  # noqa: E402
-from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries  # noqa: E402
-from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult  # noqa: E402
-from weightlab.analysis.tsd import TSDResult, representative  # noqa: E402
-from weightlab.surgery.intruders import IntruderReport  # noqa: E402
-from weightlab.display import fmt, model_names  # noqa: E402
-from weightlab.report.tables import short_name  # noqa: E402
+from weightlab.analysis.angles import AnglesResult
+from weightlab.analysis.compare import CompareResult
+from weightlab.analysis.esd import ESDResult, SpectralDensity
+from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries
+from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult
+from weightlab.analysis.tsd import TSDResult, representative
+from weightlab.display import fmt, model_names
+from weightlab.report.tables import short_name
+from weightlab.surgery.intruders import IntruderReport
 
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down", "embed", "pos_embed", "head", "other"]
-STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "font.size": 9,
-         "axes.titlesize": 10, "axes.titleweight": "bold"}
+STYLE = {
+    "figure.dpi": 110,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+}
 
 
 def _roles(items) -> list[str]:
@@ -50,8 +56,18 @@ def _grid(items: Sequence, value: Callable) -> tuple[np.ndarray, list[int], list
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), layers, roles
 
 
-def _heatmap(ax, grid: np.ndarray, layers: list[int], roles: list[str], title: str, cmap: str, label: str,
-             vmin: float | None = None, vmax: float | None = None, fmt: str = "{:.2f}") -> None:
+def _heatmap(
+    ax,
+    grid: np.ndarray,
+    layers: list[int],
+    roles: list[str],
+    title: str,
+    cmap: str,
+    label: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    fmt: str = "{:.2f}",
+) -> None:
     shown = np.ma.masked_invalid(grid)
     image = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(roles)), roles)
@@ -70,7 +86,9 @@ def _annotate(ax, image, grid: np.ndarray, fmt: str, fontsize: float) -> None:
         if not math.isnan(v):
             r, g, b, _ = image.cmap(image.norm(v))
             light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize, color="black" if light else "white")
+            ax.text(
+                j, i, fmt.format(v), ha="center", va="center", fontsize=fontsize, color="black" if light else "white"
+            )
 
 
 OUTSIDE = "outside\nlayers"  # embeddings, head, pooler: tensors without a layer index
@@ -88,8 +106,17 @@ def _depth_labels(depths: list[int | None]) -> list[str]:
 
 def _say_empty(ax, text: str) -> None:
     """A plot with nothing to draw says why, in the figure itself."""
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#555555",
-            bbox=dict(boxstyle="round", fc="#f7f7f7", ec="#dddddd"))
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=9,
+        color="#555555",
+        bbox=dict(boxstyle="round", fc="#f7f7f7", ec="#dddddd"),
+    )
 
 
 def _save(fig, path: Path) -> Path:
@@ -128,7 +155,9 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 n = len(m.sv_ft)
                 ax.semilogy(idx, m.sv_base, color="#888888", lw=2.2, label="base σ_i")
                 several = len(result.finetuned) > 1
-                ax.set_title(short_name(m.name) + (f"\n{_ft_label(result, m.finetuned)}" if several else ""), fontsize=8)
+                ax.set_title(
+                    short_name(m.name) + (f"\n{_ft_label(result, m.finetuned)}" if several else ""), fontsize=8
+                )
                 ax.set_xlabel("index i")
                 ax.set_ylabel("singular value")
                 if not n:
@@ -146,35 +175,65 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                 ratio.set_ylabel("σ'/σ − 1 (%)", color="#1f77b4")
                 ratio.tick_params(axis="y", colors="#1f77b4")
                 ratio.spines["right"].set_visible(True)
-                ax.text(0.97, 0.95, f"‖ΔW‖/‖W‖ = {fmt(m.relative_change)}\nσ'₁/σ₁ = {fmt(m.amplification[0])}",
-                        transform=ax.transAxes, ha="right", va="top", fontsize=7,
-                        bbox=dict(boxstyle="round", fc="white", ec="#dddddd", alpha=0.9))
-            for ax in axes.flat[len(top):]:
+                ax.text(
+                    0.97,
+                    0.95,
+                    f"‖ΔW‖/‖W‖ = {fmt(m.relative_change)}\nσ'₁/σ₁ = {fmt(m.amplification[0])}",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=7,
+                    bbox=dict(boxstyle="round", fc="white", ec="#dddddd", alpha=0.9),
+                )
+            for ax in axes.flat[len(top) :]:
                 ax.axis("off")
             handles = axes.flat[0].get_legend_handles_labels()
             if result.finetuned:
-                fig.legend(handles[0] + [plt.Line2D([], [], color="#1f77b4", lw=0.8)], handles[1] + ["σ'_i/σ_i − 1 (right axis)"],
-                           loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
-                fig.suptitle(f"Singular values of the {len(top)} most-changed matrices (dotted: top-{k})", fontweight="bold")
+                fig.legend(
+                    handles[0] + [plt.Line2D([], [], color="#1f77b4", lw=0.8)],
+                    handles[1] + ["σ'_i/σ_i − 1 (right axis)"],
+                    loc="lower center",
+                    ncol=3,
+                    frameon=False,
+                    bbox_to_anchor=(0.5, -0.02),
+                )
+                fig.suptitle(
+                    f"Singular values of the {len(top)} most-changed matrices (dotted: top-{k})", fontweight="bold"
+                )
             else:
                 fig.suptitle(f"Singular values of the {len(top)} matrices with the largest σ₁", fontweight="bold")
             paths.append(_save(fig, out_dir / "spectrum_curves.png"))
 
         for filename, value, title, cmap, label, diverging, cell_format in [
-            ("amplification_heatmap.png", lambda m: 100 * (m.mean_amplification - 1),
-             f"top-{k} amplification: mean σ'_i/σ_i − 1 (%)", "RdBu_r", "change of σ (%)", True, "{:+.2f}"),
-            ("reorientation_heatmap.png", lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
-             f"rotation of the top-{k} left singular vectors: mean ∠(u'_i, u_i)", "magma_r", "degrees", False, "{:.1f}"),
-        ][:1 if result.options.values_only else 2]:
+            (
+                "amplification_heatmap.png",
+                lambda m: 100 * (m.mean_amplification - 1),
+                f"top-{k} amplification: mean σ'_i/σ_i − 1 (%)",
+                "RdBu_r",
+                "change of σ (%)",
+                True,
+                "{:+.2f}",
+            ),
+            (
+                "reorientation_heatmap.png",
+                lambda m: float(np.degrees(np.arccos(np.clip(m.u_alignment, 0, 1))).mean()),
+                f"rotation of the top-{k} left singular vectors: mean ∠(u'_i, u_i)",
+                "magma_r",
+                "degrees",
+                False,
+                "{:.1f}",
+            ),
+        ][: 1 if result.options.values_only else 2]:
             grids = [_grid(g, value) for g in groups]
             if not grids or not any(np.isfinite(g[0]).any() for g in grids):
                 continue
             n_roles, n_layers = max(len(g[2]) for g in grids), max(len(g[1]) for g in grids)
             cols = min(2, len(grids))  # side by side at most two: a wide strip would shrink every label
             rows_ = math.ceil(len(grids) / cols)
-            fig, axes = plt.subplots(rows_, cols, figsize=((2.4 + 0.75 * n_roles) * cols, (1.5 + 0.34 * n_layers) * rows_),
-                                     squeeze=False)
-            for ax in axes.flat[len(grids):]:
+            fig, axes = plt.subplots(
+                rows_, cols, figsize=((2.4 + 0.75 * n_roles) * cols, (1.5 + 0.34 * n_layers) * rows_), squeeze=False
+            )
+            for ax in axes.flat[len(grids) :]:
                 ax.axis("off")
             for i, (ax, (grid, layers, roles)) in enumerate(zip(axes.flat, grids)):
                 finite = grid[np.isfinite(grid)]
@@ -183,7 +242,9 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
                     vmin, vmax = -max(top_value, 1e-3), max(top_value, 1e-3)
                 else:
                     vmin, vmax = 0.0, max(top_value, 1e-3)
-                _heatmap(ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, cell_format)
+                _heatmap(
+                    ax, grid, layers, roles, f"{title}\n{_ft_label(result, i)}", cmap, label, vmin, vmax, cell_format
+                )
             paths.append(_save(fig, out_dir / filename))
 
         depths = _depths(result.matrices)
@@ -194,18 +255,25 @@ def spectrum_plots(result: SpectrumResult, out_dir: Path, most_changed: int = 6)
             for i, g in enumerate(groups):
                 counts = [sum(len(m.intruders) for m in g if m.layer == depth) for depth in depths]
                 total += sum(counts)
-                bars = ax.bar(np.arange(len(depths)) + i * width - 0.4 + width / 2, counts, width, label=_ft_label(result, i))
+                bars = ax.bar(
+                    np.arange(len(depths)) + i * width - 0.4 + width / 2, counts, width, label=_ft_label(result, i)
+                )
                 ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], fontsize=6.5)
             ax.set_xticks(range(len(depths)), _depth_labels(depths))
             ax.set_xlabel("layer")
             ax.set_ylabel("intruder dimensions")
             ax.yaxis.get_major_locator().set_params(integer=True)
-            ax.set_title(f"Intruder dimensions per layer (top {result.options.intruder_k}, ε = {result.options.epsilon:g}): "
-                         f"{total} in all")
+            ax.set_title(
+                f"Intruder dimensions per layer (top {result.options.intruder_k}, ε = {result.options.epsilon:g}): "
+                f"{total} in all"
+            )
             if total == 0:
                 ax.set_ylim(0, 1)
-                _say_empty(ax, f"no intruder dimension in any matrix\n(best |cos| ≥ ε = {result.options.epsilon:g} "
-                               f"for each of the top {result.options.intruder_k} directions)")
+                _say_empty(
+                    ax,
+                    f"no intruder dimension in any matrix\n(best |cos| ≥ ε = {result.options.epsilon:g} "
+                    f"for each of the top {result.options.intruder_k} directions)",
+                )
             elif len(groups) > 1:
                 ax.legend(fontsize=7, frameon=False)
             paths.append(_save(fig, out_dir / "intruders_per_layer.png"))
@@ -236,13 +304,18 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
                 ax.legend(fontsize=7, frameon=False, ncol=2)
             paths.append(_save(fig, out_dir / "angles_vs_depth.png"))
             grids = [(side, *_grid([m for m in layered if m.side == side], lambda m: m.mean_angle)) for side in sides]
-            fig, axes = plt.subplots(1, len(grids), figsize=(2 + 0.8 * len(grids[0][3]) * len(grids) + 1.5,
-                                                               0.9 + 0.32 * len(grids[0][2])), squeeze=False)
+            fig, axes = plt.subplots(
+                1,
+                len(grids),
+                figsize=(2 + 0.8 * len(grids[0][3]) * len(grids) + 1.5, 0.9 + 0.32 * len(grids[0][2])),
+                squeeze=False,
+            )
             for ax, (side, grid, layers, roles) in zip(axes.flat, grids):
-                _heatmap(ax, grid, layers, roles, f"mean angle (°), {side}, {what}", "magma_r", "degrees", 0, 90, "{:.0f}")
+                _heatmap(
+                    ax, grid, layers, roles, f"mean angle (°), {side}, {what}", "magma_r", "degrees", 0, 90, "{:.0f}"
+                )
             paths.append(_save(fig, out_dir / "angles_heatmap.png"))
     return paths
-
 
 
 def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
@@ -270,8 +343,14 @@ def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_siz
                 ax.set_title(f"{title} {what}: {short_name(t.name, 40)}", fontsize=8)
                 ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
                 ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-                ax.text(0.02, 0.95, f"label: {d.label}\nkurtosis {d.excess_kurtosis:+.2f}\nskew {d.skewness:+.2f}",
-                        transform=ax.transAxes, va="top", fontsize=7)
+                ax.text(
+                    0.02,
+                    0.95,
+                    f"label: {d.label}\nkurtosis {d.excess_kurtosis:+.2f}\nskew {d.skewness:+.2f}",
+                    transform=ax.transAxes,
+                    va="top",
+                    fontsize=7,
+                )
                 ax.legend(fontsize=7, frameon=False, loc="upper right")
                 (osm, osr), (slope, intercept, r) = stats.probplot(sample, dist="norm", fit=True)
                 ax = axes[row, 1]
@@ -287,8 +366,9 @@ def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_siz
         width = 0.8 / len(parts)
         for i, (p, label) in enumerate(parts):
             counts = result.label_counts(p)
-            bars = ax.bar(np.arange(len(LABELS)) + i * width - 0.4 + width / 2, [counts[k] for k in LABELS], width,
-                          label=label)
+            bars = ax.bar(
+                np.arange(len(LABELS)) + i * width - 0.4 + width / 2, [counts[k] for k in LABELS], width, label=label
+            )
             ax.bar_label(bars, fontsize=7)
         ax.set_xticks(range(len(LABELS)), LABELS)
         ax.set_ylabel("tensors")
@@ -305,8 +385,13 @@ def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_siz
                 ax.scatter([t.layer for t in pts], [t.delta.std for t in pts], s=12, alpha=0.7, label=role)
             xs = np.array([min(trend.layers), max(trend.layers)])
             ax.plot(trend.layers, trend.std, "k-", lw=1, alpha=0.5, label="layer mean")
-            ax.plot(xs, trend.intercept + trend.slope * xs, "r--", lw=1.2,
-                    label=f"fit: slope {trend.slope:+.2e}/layer (R² {trend.r2:.2f}, p {trend.pvalue:.2g})")
+            ax.plot(
+                xs,
+                trend.intercept + trend.slope * xs,
+                "r--",
+                lw=1.2,
+                label=f"fit: slope {trend.slope:+.2e}/layer (R² {trend.r2:.2f}, p {trend.pvalue:.2g})",
+            )
             ax.set_xlabel("layer")
             ax.set_ylabel("std(ΔW)")
             ax.set_title("Does the update's spread grow with depth?")
@@ -327,8 +412,14 @@ def tsd_plots(result: TSDResult, out_dir: Path) -> list[Path]:
             for ax, m in zip(axes.flat, picks):
                 ax.semilogy(np.arange(len(m.rates)), np.maximum(m.rates, 1e-30), lw=0.8, color="#3182bd")
                 shown = [(i, r) for i, r in zip(m.indices, m.rate) if i < len(m.rates)]
-                ax.scatter([i for i, _ in shown], [r for _, r in shown], color="#d62728", s=14, zorder=3,
-                           label=f"top {len(m.indices)} TSDs")
+                ax.scatter(
+                    [i for i, _ in shown],
+                    [r for _, r in shown],
+                    color="#d62728",
+                    s=14,
+                    zorder=3,
+                    label=f"top {len(m.indices)} TSDs",
+                )
                 ax.set_xlabel("core direction i (by σ_i, descending)")
                 ax.set_ylabel("change rate δ_i")
                 ax.set_title(f"layer {m.layer}: {short_name(m.name, 30, drop_layer=True)}", fontsize=8)
@@ -354,9 +445,11 @@ def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
     labels = [short_name(names[i], 22) for i in order]
     paths = []
     with plt.rc_context(STYLE):
-        panels = [("cosine", "cos(τ_a, τ_b)", "RdBu_r", -1.0, 1.0),
-                  ("subspace_overlap", f"top-{result.options.k} subspace overlap (mean cos²)", "viridis", 0.0, 1.0),
-                  ("sign_conflict", f"TIES sign conflict (density {result.options.density:g})", "magma_r", 0.0, 0.5)]
+        panels = [
+            ("cosine", "cos(τ_a, τ_b)", "RdBu_r", -1.0, 1.0),
+            ("subspace_overlap", f"top-{result.options.k} subspace overlap (mean cos²)", "viridis", 0.0, 1.0),
+            ("sign_conflict", f"TIES sign conflict (density {result.options.density:g})", "magma_r", 0.0, 0.5),
+        ]
         size = 1.2 + 0.42 * n
         fig, axes = plt.subplots(1, 3, figsize=(3 * size + 2.4, size + 0.6), squeeze=False)
         for ax, (key, title, cmap, vmin, vmax) in zip(axes.flat, panels):
@@ -383,8 +476,9 @@ def compare_plots(result: CompareResult, out_dir: Path) -> list[Path]:
             return float(np.mean(values)) if values else np.nan
 
         ax.plot(x, [off_diagonal_mean(layer.cosine) for layer in layers], marker="o", label="mean pairwise cosine")
-        ax.plot(x, [off_diagonal_mean(layer.sign_conflict) for layer in layers], marker="s",
-                label="mean TIES sign conflict")
+        ax.plot(
+            x, [off_diagonal_mean(layer.sign_conflict) for layer in layers], marker="s", label="mean TIES sign conflict"
+        )
         ax.axhline(0, color="#888888", lw=0.6)
         ax.set_xlabel("layer")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -407,8 +501,13 @@ def _esd_panel(ax, d: SpectralDensity, title: str) -> None:
     if fit is not None:
         share = fit.tail / len(lam)  # the fit's density is a share of the whole ESD
         x = np.logspace(np.log10(fit.xmin), np.log10(fit.xmax), 50)
-        ax.loglog(x, share * (fit.alpha - 1) / fit.xmin * (x / fit.xmin) ** -fit.alpha, color="#d62728", lw=1.4,
-                  label=f"power law α = {fit.alpha:.2f}")
+        ax.loglog(
+            x,
+            share * (fit.alpha - 1) / fit.xmin * (x / fit.xmin) ** -fit.alpha,
+            color="#d62728",
+            lw=1.4,
+            label=f"power law α = {fit.alpha:.2f}",
+        )
         ax.axvline(fit.xmin, color="#d62728", ls=":", lw=0.9, label="x_min")
     ax.axvline(d.mp.bulk_max, color="#31a354", ls="--", lw=0.9, label=f"MP edge ({d.mp.spikes} spikes)")
     ax.set_xlabel("eigenvalue λ of WᵀW")
@@ -427,14 +526,24 @@ def esd_plots(result: ESDResult, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(parts), figsize=(6.0 * len(parts), 3.4), squeeze=False)
         for ax, (part, what) in zip(axes.flat, parts):
             for role in _roles(result.matrices):
-                shown = [(m.layer, getattr(m, part).alpha) for m in result.matrices
-                         if m.role == role and m.layer is not None and getattr(m, part).alpha is not None]
+                shown = [
+                    (m.layer, getattr(m, part).alpha)
+                    for m in result.matrices
+                    if m.role == role and m.layer is not None and getattr(m, part).alpha is not None
+                ]
                 if shown:
                     ax.plot(*zip(*shown), marker="o", ms=3, lw=1, label=role)
             for level, text in ((2.0, "α < 2: over-trained"), (6.0, "α > 6: under-trained")):
                 ax.axhline(level, color="#888888", ls="--", lw=0.7)
-                ax.annotate(text, (0, level), textcoords="offset points", xytext=(2, 2), fontsize=6.5, color="#666666",
-                            xycoords=("axes fraction", "data"))
+                ax.annotate(
+                    text,
+                    (0, level),
+                    textcoords="offset points",
+                    xytext=(2, 2),
+                    fontsize=6.5,
+                    color="#666666",
+                    xycoords=("axes fraction", "data"),
+                )
             ax.set_xlabel("layer")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel("power-law exponent α")
@@ -444,8 +553,10 @@ def esd_plots(result: ESDResult, out_dir: Path) -> list[Path]:
 
         picks = []
         for part, what in parts:
-            fitted = sorted((m for m in result.matrices if getattr(m, part).alpha is not None and getattr(m, part).eigenvalues),
-                            key=lambda m: getattr(m, part).alpha)
+            fitted = sorted(
+                (m for m in result.matrices if getattr(m, part).alpha is not None and getattr(m, part).eigenvalues),
+                key=lambda m: getattr(m, part).alpha,
+            )
             if fitted:
                 ends = [("smallest", fitted[0]), ("largest", fitted[-1])] if len(fitted) > 1 else [("only", fitted[0])]
                 picks += [(getattr(m, part), f"{what}, {which} α: {short_name(m.name, 34)}") for which, m in ends]
@@ -467,8 +578,13 @@ def intruder_plots(result: IntruderReport, out_dir: Path) -> list[Path]:
         depths = _depths(result.matrices)
         bottom = np.zeros(len(depths))
         for role in _roles(result.matrices):
-            counts = np.array([sum(len(m.intruders) for m in result.matrices if m.layer == depth and m.role == role)
-                               for depth in depths], dtype=float)
+            counts = np.array(
+                [
+                    sum(len(m.intruders) for m in result.matrices if m.layer == depth and m.role == role)
+                    for depth in depths
+                ],
+                dtype=float,
+            )
             if counts.any():
                 left.bar(range(len(depths)), counts, bottom=bottom, label=role)
                 bottom += counts
@@ -481,8 +597,11 @@ def intruder_plots(result: IntruderReport, out_dir: Path) -> list[Path]:
             left.legend(fontsize=7, frameon=False)
         else:
             left.set_ylim(0, 1)
-            _say_empty(left, f"no intruder dimension: nothing was scaled\n(best |cos| ≥ ε = {result.options.epsilon:g} "
-                             f"for each of the top {result.options.top_k} directions)")
+            _say_empty(
+                left,
+                f"no intruder dimension: nothing was scaled\n(best |cos| ≥ ε = {result.options.epsilon:g} "
+                f"for each of the top {result.options.top_k} directions)",
+            )
         for m in result.matrices:
             x = np.arange(len(m.best_match_cos))
             right.plot(x, m.best_match_cos, color="#9ecae1", lw=0.6, alpha=0.6)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.table import Table
 from rich.text import Text
@@ -27,7 +27,7 @@ def short_name(name: str, width: int = 38, drop_layer: bool = False) -> str:
     name = name.removesuffix(".weight")
     if drop_layer:
         name = _LAYER_PREFIX.sub("", name)
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def human_bytes(n: int) -> str:
@@ -48,11 +48,21 @@ def human_count(n: int) -> str:
 NAME_WIDTH = 44  # characters of a tensor name in the terminal (the report shows them whole)
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], numeric_from: int = 1,
-          caption: str | None = None) -> Table:
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    numeric_from: int = 1,
+    caption: str | None = None,
+) -> Table:
     """A table whose columns from `numeric_from` on are right-aligned numbers."""
-    t = Table(title=Text(one_line(title)), caption=Text(one_line(caption)) if caption else None,
-              header_style="bold cyan", title_style="bold", show_lines=False)
+    t = Table(
+        title=Text(one_line(title)),
+        caption=Text(one_line(caption)) if caption else None,
+        header_style="bold cyan",
+        title_style="bold",
+        show_lines=False,
+    )
     for i, col in enumerate(columns):
         if i == 0:
             t.add_column(col, overflow="fold", min_width=16, ratio=1)

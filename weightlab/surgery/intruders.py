@@ -19,8 +19,8 @@ adapter holds comes along: modules outside the filters, LoRA biases (as s·b), a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,8 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import from_matrix
-from weightlab.results import Result, Table
 from weightlab.options import IntruderOptions
+from weightlab.results import Result, Table
 
 
 @dataclass
@@ -70,33 +70,65 @@ class IntruderReport(Result):
 
     def summary(self) -> dict:
         hit = [m for m in self.matrices if m.intruders]
-        return {"matrices": len(self.matrices), "with_intruders": len(hit),
-                "intruders": sum(len(m.intruders) for m in hit)}
+        return {
+            "matrices": len(self.matrices),
+            "with_intruders": len(hit),
+            "intruders": sum(len(m.intruders) for m in hit),
+        }
 
     def rows(self) -> list[dict]:
-        return [{"name": m.name, "layer": m.layer, "role": m.role, "intruders": len(m.intruders),
-                 "positions": " ".join(map(str, m.intruders)), "delta_norm": m.delta_norm,
-                 "removed_norm": m.removed_norm} for m in self.matrices]
+        return [
+            {
+                "name": m.name,
+                "layer": m.layer,
+                "role": m.role,
+                "intruders": len(m.intruders),
+                "positions": " ".join(map(str, m.intruders)),
+                "delta_norm": m.delta_norm,
+                "removed_norm": m.removed_norm,
+            }
+            for m in self.matrices
+        ]
 
     def tables(self) -> list[Table]:
         hit = sorted((m for m in self.matrices if m.intruders), key=lambda m: -len(m.intruders))
-        return [Table(f"Intruders scaled by λ = {self.options.scale:g}: {len(hit)} of {len(self.matrices)} matrices",
-                      ["tensor", "layer", "role", "intruders", "positions", "best |cos|", "σ'", "removed / ‖ΔW‖"],
-                      [[m.name, m.layer, m.role, len(m.intruders), " ".join(map(str, m.intruders)),
-                        min(m.best_match_cos[i] for i in m.intruders), max(m.sigma),
-                        m.removed_norm / m.delta_norm if m.delta_norm else None] for m in hit],
-                      f"an intruder: one of the top {self.options.top_k} singular vectors of W' with best |cos| "
-                      f"< {self.options.epsilon:g} against every base singular vector", names=True, numeric_from=3)]
+        return [
+            Table(
+                f"Intruders scaled by λ = {self.options.scale:g}: {len(hit)} of {len(self.matrices)} matrices",
+                ["tensor", "layer", "role", "intruders", "positions", "best |cos|", "σ'", "removed / ‖ΔW‖"],
+                [
+                    [
+                        m.name,
+                        m.layer,
+                        m.role,
+                        len(m.intruders),
+                        " ".join(map(str, m.intruders)),
+                        min(m.best_match_cos[i] for i in m.intruders),
+                        max(m.sigma),
+                        m.removed_norm / m.delta_norm if m.delta_norm else None,
+                    ]
+                    for m in hit
+                ],
+                f"an intruder: one of the top {self.options.top_k} singular vectors of W' with best |cos| "
+                f"< {self.options.epsilon:g} against every base singular vector",
+                names=True,
+                numeric_from=3,
+            )
+        ]
 
     def lines(self) -> list[str]:
         s = self.summary()
-        return [f"{s['intruders']} intruder dimensions in {s['with_intruders']} of {s['matrices']} matrices scaled by "
-                f"λ = {self.options.scale:g}; every other weight is the fine-tune's own → {self.out} ({self.kind})"]
+        return [
+            f"{s['intruders']} intruder dimensions in {s['with_intruders']} of {s['matrices']} matrices scaled by "
+            f"λ = {self.options.scale:g}; every other weight is the fine-tune's own → {self.out} ({self.kind})"
+        ]
 
     def headline(self) -> list[tuple[str, str, object]]:
         s = self.summary()
-        return [("intruders.count", "intruder dimensions scaled", s["intruders"]),
-                ("intruders.matrices", "matrices changed", s["with_intruders"])]
+        return [
+            ("intruders.count", "intruder dimensions scaled", s["intruders"]),
+            ("intruders.matrices", "matrices changed", s["with_intruders"]),
+        ]
 
 
 @dataclass
@@ -107,10 +139,16 @@ class MitigatedAdapter:
     saved: dict[str, torch.Tensor]
 
 
-def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, options: IntruderOptions = IntruderOptions(),
-                       writer: CheckpointWriter | None = None, compute: Compute | None = None,
-                       on_progress: Callable[[int], None] | None = None,
-                       on_start: Callable[[int], None] | None = None) -> tuple[IntruderReport, MitigatedAdapter | None]:
+def mitigate_intruders(
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    out: str,
+    options: IntruderOptions = IntruderOptions(),
+    writer: CheckpointWriter | None = None,
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> tuple[IntruderReport, MitigatedAdapter | None]:
     """Scale every intruder direction of `finetuned` (a checkpoint, or an adapter applied to
     `base`) by λ. A dense fine-tune is written whole into `writer` (planned with its stored
     layout); an adapter comes back whole as a `MitigatedAdapter`, for `write_adapter` at scale 1."""
@@ -118,8 +156,9 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
     adapter = isinstance(finetuned, AdaptedCheckpoint)
     walk = TensorWalk([base, finetuned], Selection.of(options), changed_by=[finetuned])
     if not walk.items:
-        raise InvalidArgument("the fine-tune shares no weight matrix with the base; is it of another model?",
-                              finetuned.path)
+        raise InvalidArgument(
+            "the fine-tune shares no weight matrix with the base; is it of another model?", finetuned.path
+        )
     report = IntruderReport(str(base.path), str(finetuned.path), out, "adapter" if adapter else "checkpoint", options)
     chosen = {item.names[0] for item in walk.items}
     if writer is not None:
@@ -130,7 +169,9 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
     def stored(name: str, new: torch.Tensor) -> torch.Tensor:
         """A matrix back in the fine-tune's storage layout and dtype."""
         info = finetuned.adapter.saved[finetuned.saved_of[name]] if adapter else finetuned.info(name)
-        return from_matrix(name, new, info.shape, finetuned.config).to(torch_dtype(info.dtype, finetuned.path, name)).cpu()
+        return (
+            from_matrix(name, new, info.shape, finetuned.config).to(torch_dtype(info.dtype, finetuned.path, name)).cpu()
+        )
 
     def work(batch: Batch, compute: Compute) -> list[tuple[MitigatedMatrix, LoraFactors | torch.Tensor | None]]:
         out = []
@@ -138,11 +179,21 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
             name = item.names[0]
             w, w_ft = batch.tensors[0][b], batch.tensors[1][b]
             delta_norm = float((w_ft.double() - w.double()).norm())
-            found, best, top = intruder_dimensions(w, w_ft, options.top_k, options.epsilon) if delta_norm > 0 \
-                else ([], [], None)
+            found, best, top = (
+                intruder_dimensions(w, w_ft, options.top_k, options.epsilon) if delta_norm > 0 else ([], [], None)
+            )
             sigma = [float(top.S[i]) for i in found]
-            entry = MitigatedMatrix(name, item.layer, item.role, list(w.shape), found, best, sigma, delta_norm,
-                                    (1 - options.scale) * math.sqrt(sum(x * x for x in sigma)))
+            entry = MitigatedMatrix(
+                name,
+                item.layer,
+                item.role,
+                list(w.shape),
+                found,
+                best,
+                sigma,
+                delta_norm,
+                (1 - options.scale) * math.sqrt(sum(x * x for x in sigma)),
+            )
             correction = None
             if found:
                 index = torch.tensor(found, device=top.U.device)
@@ -152,10 +203,15 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
             if adapter and name in finetuned.module_of:
                 product = finetuned.adapter.at_scale_one(finetuned.module_of[name], torch.float64)
                 if correction is not None:
-                    product = replace(product, b=torch.cat([product.b, correction[0]], 1),
-                                      a=torch.cat([product.a, correction[1]]))
-                product = replace(product, a=product.a.float(), b=product.b.float(),
-                                  bias=None if product.bias is None else product.bias.float())
+                    product = replace(
+                        product, b=torch.cat([product.b, correction[0]], 1), a=torch.cat([product.a, correction[1]])
+                    )
+                product = replace(
+                    product,
+                    a=product.a.float(),
+                    b=product.b.float(),
+                    bias=None if product.bias is None else product.bias.float(),
+                )
             elif adapter:  # a saved module's matrix: corrected densely
                 product = stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1])
             elif writer is not None:
@@ -163,7 +219,10 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
                 if correction is None and dtype.itemsize > w_ft.element_size():
                     writer.add(name, finetuned.get(name))  # read at a lower precision: the stored bytes again
                 else:  # untouched, back to the stored dtype exactly (it is no wider than the compute dtype)
-                    writer.add(name, stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]))
+                    writer.add(
+                        name,
+                        stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]),
+                    )
             out.append((entry, product))
         return out
 
@@ -173,8 +232,12 @@ def mitigate_intruders(base: Checkpoint, finetuned: Checkpoint, out: str, option
         return report, None
     done = {entry.name: product for entry, product in pieces}
     whole = finetuned.adapter
-    factors = {module: done[name] if name in done else whole.at_scale_one(module)
-               for name, module in finetuned.module_of.items()}
-    saved = {own: done[name] if name in done and name not in finetuned.module_of else whole.read_saved(own)
-             for name, own in finetuned.saved_of.items()}
+    factors = {
+        module: done[name] if name in done else whole.at_scale_one(module)
+        for name, module in finetuned.module_of.items()
+    }
+    saved = {
+        own: done[name] if name in done and name not in finetuned.module_of else whole.read_saved(own)
+        for name, own in finetuned.saved_of.items()
+    }
     return report, MitigatedAdapter(factors, saved)

@@ -19,8 +19,8 @@ lora_alpha = r (scale 1): the best rank-r approximation (Eckart & Young 1936).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -38,9 +38,8 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
 from weightlab.naming import from_matrix, matrix_shape, module_role
-from weightlab.surgery.rank_budget import allocate_ranks
 from weightlab.options import LoraInitOptions, RankBudget
-
+from weightlab.surgery.rank_budget import allocate_ranks
 
 
 @dataclass
@@ -68,7 +67,9 @@ class LoraReport:
 
 def _check_rank(name: str, rank: int, shape: tuple[int, ...], path) -> None:
     if rank > min(shape):
-        raise InvalidArgument(f"rank {rank} exceeds min(m, n) = {min(shape)} of this {shape[0]}×{shape[1]} weight", path, name)
+        raise InvalidArgument(
+            f"rank {rank} exceeds min(m, n) = {min(shape)} of this {shape[0]}×{shape[1]} weight", path, name
+        )
 
 
 def _split(w: torch.Tensor, svd: SVD, chosen: torch.Tensor, scale: float) -> tuple[LoraFactors, torch.Tensor]:
@@ -88,19 +89,31 @@ def _check_same_weights(base: Checkpoint, finetuned: Checkpoint, targets: list[s
     """Every target is in the fine-tune too, with the base's shape."""
     for name in targets:
         if name not in finetuned:
-            raise MissingTensor("the base has this weight but the fine-tune does not; is it of another model?",
-                                finetuned.path, name)
+            raise MissingTensor(
+                "the base has this weight but the fine-tune does not; is it of another model?", finetuned.path, name
+            )
         if tuple(finetuned.info(name).shape) != tuple(base.info(name).shape):
-            raise ShapeMismatch(f"{list(finetuned.info(name).shape)} in the fine-tune but {list(base.info(name).shape)} "
-                                "in the base; is it of another model?", finetuned.path, name)
+            raise ShapeMismatch(
+                f"{list(finetuned.info(name).shape)} in the fine-tune but {list(base.info(name).shape)} "
+                "in the base; is it of another model?",
+                finetuned.path,
+                name,
+            )
 
 
 def _targets_walk(base: Checkpoint, targets: list[str], finetuned: Checkpoint | None = None) -> TensorWalk:
-    return TensorWalk([base] if finetuned is None else [base, finetuned], Selection(matrices=False, names=frozenset(targets)))
+    return TensorWalk(
+        [base] if finetuned is None else [base, finetuned], Selection(matrices=False, names=frozenset(targets))
+    )
 
 
-def budget_ranks(base: Checkpoint, targets: list[str], budget: RankBudget, finetuned: Checkpoint | None = None,
-                 compute: Compute | None = None) -> dict[str, int]:
+def budget_ranks(
+    base: Checkpoint,
+    targets: list[str],
+    budget: RankBudget,
+    finetuned: Checkpoint | None = None,
+    compute: Compute | None = None,
+) -> dict[str, int]:
     """Each target's rank under `budget`, from the singular values of ΔW = finetuned − base (of W
     itself without a fine-tune), capped by the numerical rank."""
     compute = compute or Compute.create()
@@ -108,22 +121,36 @@ def budget_ranks(base: Checkpoint, targets: list[str], budget: RankBudget, finet
 
     def work(batch: Batch, compute: Compute) -> list[tuple[str, torch.Tensor]]:
         w = batch.tensors[0]
-        s = singular_values(w) if finetuned is None else \
-            delta_singular_values(finetuned, batch.items, w, batch.tensors[1], compute)  # from factors for adapters
+        s = (
+            singular_values(w)
+            if finetuned is None
+            else delta_singular_values(finetuned, batch.items, w, batch.tensors[1], compute)
+        )  # from factors for adapters
         return [(item.names[0], s[b].cpu()) for b, item in enumerate(batch.items)]
 
     # a weight the fine-tune leaves alone (ΔW = 0) gets no rank
     spectra = {name: s for name, s in walk.map(work, compute) if float(s[0]) > 0}
     if not spectra:
-        raise InvalidArgument("no targeted weight differs between the base and the fine-tune",
-                              finetuned.path if finetuned is not None else base.path)
-    caps = {name: numerical_rank(s, matrix_shape(name, base.info(name).shape, base.config)) or 1
-            for name, s in spectra.items()}
+        raise InvalidArgument(
+            "no targeted weight differs between the base and the fine-tune",
+            finetuned.path if finetuned is not None else base.path,
+        )
+    caps = {
+        name: numerical_rank(s, matrix_shape(name, base.info(name).shape, base.config)) or 1
+        for name, s in spectra.items()
+    }
     return allocate_ranks(spectra, budget.total, budget.rule, caps)
 
 
-def _chosen_directions(w: torch.Tensor, name: str, options: LoraInitOptions, rank: int, finetuned: Checkpoint | None,
-                       w_ft: torch.Tensor | None, compute: Compute) -> tuple[SVD, torch.Tensor]:
+def _chosen_directions(
+    w: torch.Tensor,
+    name: str,
+    options: LoraInitOptions,
+    rank: int,
+    finetuned: Checkpoint | None,
+    w_ft: torch.Tensor | None,
+    compute: Compute,
+) -> tuple[SVD, torch.Tensor]:
     """The SVD of W (top-r only when randomized) and the `rank` triplets the method uses."""
     if options.svd == "randomized":
         return randomized_svd(w, rank, seed=options.seed), torch.arange(rank, device=w.device)
@@ -137,10 +164,16 @@ def _chosen_directions(w: torch.Tensor, name: str, options: LoraInitOptions, ran
     return svd, core_directions(svd.U, svd.S, delta_v, delta_norm2, rank)[1]
 
 
-def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, finetuned: Checkpoint | None = None,
-              residual: CheckpointWriter | None = None, compute: Compute | None = None,
-              on_progress: Callable[[int], None] | None = None,
-              budget: RankBudget | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+def init_lora(
+    base: Checkpoint,
+    targets: list[str],
+    options: LoraInitOptions,
+    finetuned: Checkpoint | None = None,
+    residual: CheckpointWriter | None = None,
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    budget: RankBudget | None = None,
+) -> tuple[LoraReport, dict[str, LoraFactors]]:
     """Factors for every targeted weight; with `residual` (a writer planned with `stored_plan(base)`),
     the whole base is written into it with the targeted weights replaced by their residuals (in
     the base's dtype). With `budget`, ranks are shared by the spectra of W (of ΔW for tsd) and
@@ -153,12 +186,20 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
     warmup = finetuned if options.method == "tsd" else None
     if warmup is not None:
         _check_same_weights(base, warmup, targets)
-    ranks = budget_ranks(base, targets, budget, warmup, compute) if budget is not None else dict.fromkeys(targets, options.rank)
+    ranks = (
+        budget_ranks(base, targets, budget, warmup, compute)
+        if budget is not None
+        else dict.fromkeys(targets, options.rank)
+    )
     for name in targets:
         _check_rank(name, ranks[name], matrix_shape(name, base.info(name).shape, base.config), base.path)
     scale = 1.0 if budget is not None else options.scale
-    report = LoraReport("init", {**asdict(options), **({"rank_budget": asdict(budget), "rank": None} if budget else {})},
-                        str(base.path), None if finetuned is None else str(finetuned.path))
+    report = LoraReport(
+        "init",
+        {**asdict(options), **({"rank_budget": asdict(budget), "rank": None} if budget else {})},
+        str(base.path),
+        None if finetuned is None else str(finetuned.path),
+    )
     factors: dict[str, LoraFactors] = {}
     wanted = set(targets)
     if residual is not None:
@@ -167,7 +208,9 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
                 residual.add(name, base.get(name))
     walk = _targets_walk(base, targets, warmup)
     # on a Ray cluster the workers write the residuals into the staged shards themselves
-    sink = residual.sink([i.names[0] for i in walk.items], compute.cluster is not None) if residual is not None else None
+    sink = (
+        residual.sink([i.names[0] for i in walk.items], compute.cluster is not None) if residual is not None else None
+    )
 
     def work(batch: Batch, compute: Compute) -> list[tuple[str, LoraFactors, ModuleReport]]:
         out = []
@@ -180,8 +223,20 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
             f.embedding = _embedding(name)
             total = float((w * w).sum()) or 1.0
             kept = float((svd.S[chosen] ** 2).sum())
-            out.append((name, f, ModuleReport(name, list(w.shape), ranks[name], chosen.tolist(), kept / total,
-                                              math.sqrt(float((res * res).sum()) / total))))
+            out.append(
+                (
+                    name,
+                    f,
+                    ModuleReport(
+                        name,
+                        list(w.shape),
+                        ranks[name],
+                        chosen.tolist(),
+                        kept / total,
+                        math.sqrt(float((res * res).sum()) / total),
+                    ),
+                )
+            )
             if sink is not None:
                 stored = base.info(name)
                 stored_res = from_matrix(name, res, stored.shape, base.config)
@@ -198,10 +253,16 @@ def init_lora(base: Checkpoint, targets: list[str], options: LoraInitOptions, fi
     return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
 
-def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], rank: int | None = None,
-                 energy: float | None = None, compute: Compute | None = None,
-                 on_progress: Callable[[int], None] | None = None,
-                 budget: RankBudget | None = None) -> tuple[LoraReport, dict[str, LoraFactors]]:
+def extract_lora(
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    targets: list[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    compute: Compute | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    budget: RankBudget | None = None,
+) -> tuple[LoraReport, dict[str, LoraFactors]]:
     """LoRA factors of ΔW for every targeted weight (scale 1), of one rank, of the rank that keeps
     an `energy` share, or of the ranks a `budget` gives each module from the spectra of ΔW."""
     compute = compute or Compute.create()
@@ -214,8 +275,12 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
             _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
     _check_same_weights(base, finetuned, targets)
     ranks = budget_ranks(base, targets, budget, finetuned, compute) if budget is not None else None
-    report = LoraReport("extract", {"rank": rank, "energy": energy, "rank_budget": asdict(budget) if budget else None},
-                        str(base.path), str(finetuned.path))
+    report = LoraReport(
+        "extract",
+        {"rank": rank, "energy": energy, "rank_budget": asdict(budget) if budget else None},
+        str(base.path),
+        str(finetuned.path),
+    )
     factors: dict[str, LoraFactors] = {}
     walk = _targets_walk(base, targets, finetuned)
 
@@ -237,15 +302,32 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
             if total == 0:
                 out.append((name, None, None))
                 continue
-            r = ranks[name] if ranks is not None else rank if rank is not None else \
-                int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
+            r = (
+                ranks[name]
+                if ranks is not None
+                else rank
+                if rank is not None
+                else int((s2.cumsum(0) >= energy * total * (1 - 1e-12)).int().argmax()) + 1
+            )
             r = min(r, svd.S.numel())
             root = svd.S[:r].sqrt()
             kept = float(s2[:r].sum())
-            out.append((name, LoraFactors(a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :],
-                                          embedding=_embedding(name)),
-                        ModuleReport(name, [svd.U.shape[0], svd.Vh.shape[1]], r, list(range(r)), kept / total,
-                                     math.sqrt(max(total - kept, 0.0) / total))))
+            out.append(
+                (
+                    name,
+                    LoraFactors(
+                        a=root[:, None] * svd.Vh[:r], b=svd.U[:, :r] * root[None, :], embedding=_embedding(name)
+                    ),
+                    ModuleReport(
+                        name,
+                        [svd.U.shape[0], svd.Vh.shape[1]],
+                        r,
+                        list(range(r)),
+                        kept / total,
+                        math.sqrt(max(total - kept, 0.0) / total),
+                    ),
+                )
+            )
         return out
 
     for name, f, module in walk.map(work, compute, factors=True, on_progress=on_progress):
@@ -261,7 +343,9 @@ def extract_lora(base: Checkpoint, finetuned: Checkpoint, targets: list[str], ra
     return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
 
 
-def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str, LoraFactors], float, dict[str, torch.Tensor]]:
+def to_plain_lora(
+    trained: LoraAdapter, initial: LoraAdapter
+) -> tuple[dict[str, LoraFactors], float, dict[str, torch.Tensor]]:
     """A trained adapter that started from `initial` on a residual base, as a plain LoRA for the
     unmodified base: A' = [A; A₀], B' = [B, −B₀] (rank 2r, same scale), so that
     s·B'A' = s(BA − B₀A₀) — the conversion PEFT documents for PiSSA. A LoRA bias becomes b − b₀;
@@ -276,11 +360,17 @@ def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> tuple[dict[str,
             raise InvalidArgument("rank or scale differs from the initial adapter's", trained.path, module)
         left, right, _ = trained.matrix_factors(module)
         left0, right0, _ = initial.matrix_factors(module)
-        biases = [a.bias_delta(module) / m.scale if a.modules[module].bias is not None else None for a in (trained, initial)]
-        bias = None if biases == [None, None] else \
-            (biases[0] if biases[0] is not None else 0) - (biases[1] if biases[1] is not None else 0)
-        out[module] = LoraFactors(a=torch.cat([right, right0]), b=torch.cat([left, -left0], 1), embedding=m.embedding,
-                                  bias=bias)
+        biases = [
+            a.bias_delta(module) / m.scale if a.modules[module].bias is not None else None for a in (trained, initial)
+        ]
+        bias = (
+            None
+            if biases == [None, None]
+            else (biases[0] if biases[0] is not None else 0) - (biases[1] if biases[1] is not None else 0)
+        )
+        out[module] = LoraFactors(
+            a=torch.cat([right, right0]), b=torch.cat([left, -left0], 1), embedding=m.embedding, bias=bias
+        )
         scales.add(m.scale)
     if len(scales) != 1:
         raise InvalidArgument("modules have different scales; cannot write one plain adapter", trained.path)

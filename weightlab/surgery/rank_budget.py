@@ -16,14 +16,13 @@ every module getting at least 1 and at most its rank cap:
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from weightlab.analysis.spectrum import energy_entropy
 from weightlab.errors import InvalidArgument
 from weightlab.options import RANK_RULES
-
 
 
 def energy_shares(s: torch.Tensor) -> torch.Tensor:
@@ -38,8 +37,9 @@ def spectral_entropy(s: torch.Tensor) -> float:
     return energy_entropy(s.double() ** 2)
 
 
-def allocate_ranks(spectra: Mapping[str, torch.Tensor], budget: int, rule: str = "energy",
-                   caps: Mapping[str, int] | None = None) -> dict[str, int]:
+def allocate_ranks(
+    spectra: Mapping[str, torch.Tensor], budget: int, rule: str = "energy", caps: Mapping[str, int] | None = None
+) -> dict[str, int]:
     """Ranks r_m ≥ 1 with Σ r_m = `budget`, r_m ≤ caps[m] (default: the number of non-zero σ),
     from each module's singular values (descending) by `rule`."""
     if rule not in RANK_RULES:
@@ -47,10 +47,14 @@ def allocate_ranks(spectra: Mapping[str, torch.Tensor], budget: int, rule: str =
     names = list(spectra)
     cap = {m: min(int((spectra[m] > 0).sum()) or 1, (caps or {}).get(m, 10**9)) for m in names}
     if budget < len(names):
-        raise InvalidArgument(f"--rank-budget {budget} is less than the {len(names)} modules targeted (each needs rank ≥ 1)")
+        raise InvalidArgument(
+            f"--rank-budget {budget} is less than the {len(names)} modules targeted (each needs rank ≥ 1)"
+        )
     if budget > sum(cap.values()):
-        raise InvalidArgument(f"--rank-budget {budget} exceeds the {sum(cap.values())} directions the targeted "
-                              "modules have (the sum of their ranks)")
+        raise InvalidArgument(
+            f"--rank-budget {budget} exceeds the {sum(cap.values())} directions the targeted "
+            "modules have (the sum of their ranks)"
+        )
     if rule == "energy":
         return _greedy(spectra, budget, cap)
     return _proportional({m: math.exp(spectral_entropy(spectra[m])) for m in names}, budget, cap)
@@ -58,10 +62,11 @@ def allocate_ranks(spectra: Mapping[str, torch.Tensor], budget: int, rule: str =
 
 def _greedy(spectra: Mapping[str, torch.Tensor], budget: int, cap: Mapping[str, int]) -> dict[str, int]:
     ranks = dict.fromkeys(spectra, 1)
-    candidates = [(float(p), m, i) for m in spectra for i, p in enumerate(energy_shares(spectra[m]).tolist())
-                  if 1 <= i < cap[m]]
+    candidates = [
+        (float(p), m, i) for m in spectra for i, p in enumerate(energy_shares(spectra[m]).tolist()) if 1 <= i < cap[m]
+    ]
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))  # ties: by name, then position (deterministic)
-    for _, m, _ in candidates[:budget - len(ranks)]:
+    for _, m, _ in candidates[: budget - len(ranks)]:
         ranks[m] += 1
     return ranks
 

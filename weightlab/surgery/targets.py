@@ -32,8 +32,11 @@ def resolve_targets(ckpt: Checkpoint, targets: str) -> list[str]:
     if targets == "all-linear":
         chosen = linear_weights(ckpt)
     else:
-        modules = {n.removesuffix(".weight"): n for n in ckpt.names()
-                   if n.endswith(".weight") and len(ckpt.info(n).shape) == 2 and ckpt.info(n).is_float}
+        modules = {
+            n.removesuffix(".weight"): n
+            for n in ckpt.names()
+            if n.endswith(".weight") and len(ckpt.info(n).shape) == 2 and ckpt.info(n).is_float
+        }
         if _REGEX_CHARS & set(targets):
             try:
                 pattern = re.compile(targets)
