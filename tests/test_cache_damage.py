@@ -129,6 +129,7 @@ def test_a_warm_run_on_a_damaged_cache_gives_the_numbers_of_no_cache(zoo, refere
     assert "damaged" not in err or kind == "folder", err  # a folder in the way cannot be replaced; it stays a miss
 
 
+@pytest.mark.slow
 def test_a_named_pipe_in_the_cache_cannot_hang_a_run(zoo, reference, tmp_path):
     """A reader that opened the pipe would block forever: the entry is never opened that way."""
     cache = tmp_path / "cache"

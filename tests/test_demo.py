@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast lane, pytest -m "not slow", leaves these out
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast lane, pytest -m "not slow", leaves these out
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

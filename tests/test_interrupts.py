@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow  # the fast lane, pytest -m "not slow", leaves these out
+
 INTERRUPT_WHILE_IMPORTING = """
 import os, signal, sys
 from weightlab.cli import main

@@ -30,6 +30,8 @@ from weightlab.compute.device import Compute
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io import open_checkpoint, open_finetuned
 
+pytestmark = pytest.mark.slow  # the fast lane, pytest -m "not slow", leaves these out
+
 # a throwaway cluster on this machine: no usage stats, no token (Ray ≥ 2.5x asks every client for one)
 LOCAL_CLUSTER_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 LOCAL = Compute.create("cpu")

@@ -62,6 +62,7 @@ def chromium(*args: str) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_every_image_and_the_json_numbers(results, run_cli, tmp_path):
     assert CHROMIUM, "CI must install Debian's chromium (see .ci/run)"
     out = tmp_path / "report.html"

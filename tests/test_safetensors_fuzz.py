@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from weightlab.errors import WeightlabError
 from weightlab.io.safetensors_file import SafetensorsFile, write_safetensors
 
+pytestmark = pytest.mark.slow  # the fast lane, pytest -m "not slow", leaves these out
+
 SEEDS = range(3000)
 ODD_VALUES = [
     -1,

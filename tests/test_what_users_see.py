@@ -159,6 +159,7 @@ def test_models_are_named_not_numbered(zoo, adapters, tmp_path, run_cli):
     assert code == 0 and "llama_ft × llama_sharded" in out
 
 
+@pytest.mark.slow
 def test_tables_fit_a_terminal_of_100_columns(zoo):
     env = {**os.environ, "COLUMNS": "100"}
     for args in (
@@ -212,6 +213,7 @@ def _weightlab(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_cli_says_what_it_is_and_how_to_fix_a_typo(zoo, tmp_path):
     version = _weightlab("--version")
     assert version.returncode == 0 and version.stdout.startswith("weightlab ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperCommand
@@ -24,6 +25,9 @@ from weightlab.cli.app import (
 )
 from weightlab.errors import InvalidArgument
 from weightlab.options import NanOptions
+
+if TYPE_CHECKING:
+    from weightlab.merge.config import MergeConfig
 
 
 def _methods_help() -> str:
@@ -107,7 +111,7 @@ def merge(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the base's)."),
     config: Path | None = typer.Option(None, "--config", help="YAML with all of the above (ours or mergekit's)."),
     donor: Path | None = typer.Option(None, "--donor", help="Copy config/tokenizer from here (default: the base)."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    shard_size: str | None = typer.Option(None, "--shard-size", help="Largest output shard [default: 5GB]."),
     as_adapter: bool = typer.Option(
         False,
         "--as-adapter",
@@ -141,6 +145,10 @@ def merge(
         "coeff": coeff,
         "seed": seed,
         "dtype": dtype,
+        "shard_size": shard_size,
+        "donor": None if donor is None else str(donor),
+        "max_rank": max_rank,
+        "as_adapter": as_adapter or None,
     }
     options.update({k: v for k, v in overrides.items() if v is not None})
     if models:
@@ -169,50 +177,35 @@ def merge(
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
     refuse_unless(cfg.spec.random, f"seeds random drops; {cfg.method} draws nothing at random", "seed")
     refuse_unless(
-        not as_adapter,
-        "does not apply to --as-adapter (the adapters' small factors are merged on this "
-        "machine's CPU in float64 into one adapter file, with no config to copy)",
+        not cfg.as_adapter,
+        "does not apply to --as-adapter (the adapters' small factors are merged on this machine's CPU in float64)",
         "device",
-        "donor",
-        "shard_size",
         "ray",
         "ray_timeout",
         "threads",
     )
-    if as_adapter:
-        return _merge_adapters(cfg, out, max_rank, [config], report_out, force)
-    if max_rank is not None:
-        raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
+    if cfg.as_adapter:
+        return _merge_adapters(cfg, out, [config], report_out, force)
     from weightlab.compute.device import Compute
-    from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size
     from weightlab.merge import merge as run_merge
 
-    shard_bytes = parse_size(shard_size or DEFAULT_SHARD_SIZE)
-    with outputs(force, [cfg.base, *cfg.models, config, donor], out_dir=out, report=report_out) as plan:
+    with outputs(force, [cfg.base, *cfg.models, config, cfg.donor], out_dir=out, report=report_out) as plan:
         compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
         with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
-            report = run_merge(
-                cfg,
-                plan.path("-o"),
-                shard_size=shard_bytes,
-                donor=donor,
-                compute=compute,
-                on_progress=on_progress,
-                on_start=on_start,
-            )
+            report = run_merge(cfg, plan.path("-o"), compute=compute, on_progress=on_progress, on_start=on_start)
         report.out = str(out)  # it was written to a staging path; this is where it lands
         emit(plan, report)
     show(report)
 
 
 def _merge_adapters(
-    cfg, out: Path, max_rank: int | None, extra_inputs: list, report_out: Path | None, force: bool
+    cfg: MergeConfig, out: Path, extra_inputs: list[Path | None], report_out: Path | None, force: bool
 ) -> None:
     """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
     from weightlab.merge.adapters import merge_as_adapter
 
     with outputs(force, [cfg.base, *cfg.models, *extra_inputs], out_dir=out, report=report_out) as plan:
-        report = merge_as_adapter(cfg, plan.path("-o"), max_rank)
+        report = merge_as_adapter(cfg, plan.path("-o"))
         report.out = str(out)
         emit(plan, report)
     show(report)

@@ -72,6 +72,11 @@ class Batch(NamedTuple):
     items: list[MatchedTensor]
     tensors: list[torch.Tensor | None]  # per source a stack [b, ...]; None: an adapter read as factors
 
+    def dense(self) -> list[torch.Tensor]:
+        """Every source's stack, for a walk made without `factors` (no slot is None then)."""
+        assert all(t is not None for t in self.tensors), "an adapter read as factors"
+        return [t for t in self.tensors if t is not None]
+
 
 class TensorWalk:
     """What one pass visits; `batches()` makes the pass.

@@ -51,6 +51,7 @@ def write_adapter(
     sidecar: dict[str, Any] | None = None,
     force: bool = False,
     saved: Mapping[str, torch.Tensor] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` (atomically).
 
@@ -100,3 +101,5 @@ def write_adapter(
         write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         if sidecar is not None:
             (tmp / "weightlab_lora.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        for name, text in (files or {}).items():  # records beside the adapter (e.g. weightlab_merge.yml)
+            (tmp / name).write_text(text)

@@ -73,9 +73,9 @@ def refuse_input_overlap(option: str, path: str | Path, inputs: Iterable[str | P
                 raise OutputConflict(f"{option} lies inside the input {given}; write outside it", path)
 
 
-def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force: bool) -> None:
+def check_outputs(inputs: Iterable[str | Path | None], outputs: Sequence[Output], force: bool) -> None:
     """Refuse, before any work, outputs that would harm an input, collide, or replace what they may not."""
-    inputs = [i for i in inputs if i is not None]
+    present = [i for i in inputs if i is not None]
     seen: list[tuple[Output, Path]] = []
     stdout_taken: Output | None = None
     for out in outputs:
@@ -85,7 +85,7 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Sequence[Output], force
             stdout_taken = out
             continue
         real = _real(out.path)
-        refuse_input_overlap(out.option, out.path, inputs)
+        refuse_input_overlap(out.option, out.path, present)
         for other, other_real in seen:
             if real == other_real or _inside(real, other_real) or _inside(other_real, real):
                 raise OutputConflict(f"{other.option} and {out.option} collide ({other.path}, {out.path})", out.path)

@@ -28,21 +28,20 @@ leaves the base's), so `--base` is needed for those.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from weightlab.analysis.deltas import numerical_rank
 from weightlab.compute.svd import lowrank_svd
-from weightlab.domains import Int
 from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors, write_adapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.io.safetensors_file import torch_dtype
-from weightlab.merge.config import MergeConfig
+from weightlab.merge.config import RECORD, MergeConfig, record_yaml
 from weightlab.merge.methods import METHODS, MergeMethod, ties
 from weightlab.merge.params import Params
 from weightlab.merge.run import MergeReport, tensor_seed
@@ -105,7 +104,8 @@ def knots_ties(
     rank = numerical_rank(s, (q.shape[0], vh.shape[1]))  # of [c_1τ_1, …, c_Nτ_N], m × N·n
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     v_blocks = [vh[:, i * n : (i + 1) * n] for i in range(len(rights))]
-    merged = ties(torch.zeros_like(v_blocks[0]), v_blocks, torch.ones(len(v_blocks), dtype=s.dtype), params, generator)
+    ones = torch.ones(len(v_blocks), dtype=s.dtype)
+    merged = ties(torch.zeros_like(v_blocks[0]), v_blocks, ones, params, lambda i: generator)
     return (q @ u) * s, merged
 
 
@@ -265,27 +265,24 @@ def _merged_saved(
     return out, left_out
 
 
-def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | None = None) -> MergeReport:
-    """Merge `config.models` (PEFT LoRA adapters of `config.base`) into one adapter folder `out_dir`."""
+def merge_as_adapter(config: MergeConfig, out_dir: str | Path) -> MergeReport:
+    """Merge `config.models` (PEFT LoRA adapters of `config.base`) into one adapter folder `out_dir`,
+    with `weightlab_merge.yml` in it to make it again."""
     started = time.perf_counter()
-    for flag, given in (
-        ("--coeff nan", config.coeff == "nan"),
-        ("--svc/--lines", bool(config.modifiers)),
-        ("--dtype", config.dtype),
-    ):
-        if given:
-            raise InvalidArgument(f"{flag} does not apply to --as-adapter")
-    Int(1, optional=True).check("--max-rank", max_rank)
-    adapters = [open_checkpoint(m) for m in config.models]
-    for path, a in zip(config.models, adapters):
-        if not isinstance(a, LoraAdapter):
+    if not config.as_adapter:
+        config = replace(config, as_adapter=True)
+    adapters: list[LoraAdapter] = []
+    for path in config.models:
+        opened = open_checkpoint(path)
+        if not isinstance(opened, LoraAdapter):
             raise InvalidArgument("--as-adapter merges PEFT LoRA adapters; this is a checkpoint", path)
+        adapters.append(opened)
     base = open_weights(config.base) if config.base else None
     if base is not None:
         for a in adapters:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
-    merged = merge_adapters(adapters, config.method, weights, config.resolved, max_rank, config.seed, base)
+    merged = merge_adapters(adapters, config.method, weights, config.resolved, config.max_rank, config.seed, base)
     write_adapter(
         out_dir,
         {m.name: m.factors for m in merged.modules},
@@ -293,6 +290,7 @@ def merge_as_adapter(config: MergeConfig, out_dir: str | Path, max_rank: int | N
         base_model=config.base or adapters[0].base_model_name_or_path,
         fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")),
         saved=merged.saved,
+        files={RECORD: record_yaml(config)},
     )
     return MergeReport(
         config,

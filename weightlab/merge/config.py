@@ -1,6 +1,8 @@
 """What to merge and how: typed, validated once, from options or a YAML file (ours or mergekit's).
 
-Unknown keys and parameters a method does not use are errors, never silently ignored.
+Unknown keys and parameters a method does not use are errors, never silently ignored. Every
+merge output carries its config as `weightlab_merge.yml` in the same vocabulary (`record_yaml`),
+so `weightlab merge --config OUT/weightlab_merge.yml -o OUT2` makes OUT again, byte for byte.
 """
 
 from __future__ import annotations
@@ -11,15 +13,31 @@ from typing import Any
 
 import yaml
 
-from weightlab.domains import SEED, Choice, Real
+from weightlab.domains import SEED, Choice, Int, Real
 from weightlab.errors import InvalidArgument
-from weightlab.merge.methods import METHODS, MergeMethod, Params, mergekit_names, parameter_names
+from weightlab.io.writer import parse_size
+from weightlab.merge.methods import METHODS, MergeMethod, mergekit_names, parameter_names
 from weightlab.merge.modifiers import MODIFIERS
-from weightlab.merge.params import MAX_COEFFICIENT, resolve
+from weightlab.merge.params import MAX_COEFFICIENT, Param, Params, resolve
 from weightlab.options import NanOptions
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-OUR_KEYS = {"method", "base", "models", "weights", "coeff", "nan", "seed", "dtype", "modifiers"}  # and every parameter
+OUR_KEYS = {
+    "method",
+    "base",
+    "models",
+    "weights",
+    "coeff",
+    "nan",
+    "seed",
+    "dtype",
+    "modifiers",  # and every parameter
+    "shard_size",
+    "donor",
+    "as_adapter",
+    "max_rank",
+}
+RECORD = "weightlab_merge.yml"
 # mergekit parameters we accept as no-ops (they only tune mergekit's memory use)
 MERGEKIT_NOOP_PARAMETERS = {"int8_mask", "normalize"}
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
@@ -37,6 +55,11 @@ class MergeConfig:
     seed: int = 0
     dtype: str | None = None  # output dtype; default: each tensor's dtype in the base
     modifiers: list[str] = field(default_factory=list)  # steps on the merged task vector: svc, lines
+    shard_size: str | None = None  # largest output shard, as written (default 5GB)
+    donor: str | None = None  # config and tokenizer copied from here (default: the base)
+    as_adapter: bool = False  # LoRA adapters in, one adapter out (`merge.adapters`)
+    max_rank: int | None = None  # with as_adapter: each module's best rank-k update
+    resolved: Params = field(init=False, repr=False, compare=False)  # the parameters, resolved once
 
     def __post_init__(self) -> None:
         Choice(*METHODS).check("--method", self.method)
@@ -48,11 +71,9 @@ class MergeConfig:
     def spec(self) -> MergeMethod:
         return METHODS[self.method]
 
-    @property
-    def resolved(self) -> Params:
-        """Every parameter the method and its modifiers declare: the given values, else the defaults."""
-        declared = self.spec.params + tuple(p for m in self.modifiers for p in MODIFIERS[m].params)
-        return resolve(declared, self.params, " + ".join([self.method, *self.modifiers]))
+    def declared(self) -> tuple[Param, ...]:
+        """The parameters the method and its modifiers declare."""
+        return self.spec.params + tuple(p for m in self.modifiers for p in MODIFIERS[m].params)
 
     def validate(self) -> None:
         if not isinstance(self.models, list) or not all(isinstance(m, str) and m for m in self.models):
@@ -76,7 +97,8 @@ class MergeConfig:
             raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
-        _ = self.resolved  # every given parameter declared by the method or a modifier, and within its domain
+        # every given parameter declared by the method or a modifier, and within its domain: once
+        self.resolved = resolve(self.declared(), self.params, " + ".join([self.method, *self.modifiers]))
         if self.weights is not None:
             if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")
@@ -93,6 +115,27 @@ class MergeConfig:
                 raise InvalidArgument("NAN on task vectors needs --base")
         Choice(*OUTPUT_DTYPES, optional=True).check("--dtype", self.dtype)
         SEED.check("--seed", self.seed)
+        Int(1, optional=True).check("--max-rank", self.max_rank)
+        if self.max_rank is not None and not self.as_adapter:
+            raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
+        if self.as_adapter:
+            for flag, given in (
+                ("--coeff nan", self.coeff == "nan"),
+                ("--svc/--lines", bool(self.modifiers)),
+                ("--dtype", self.dtype),
+            ):
+                if given:
+                    raise InvalidArgument(f"{flag} does not apply to --as-adapter")
+        for name, value in (("shard_size", self.shard_size), ("donor", self.donor)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise InvalidArgument(f"{name} must be a string")
+            if value is not None and self.as_adapter:
+                raise InvalidArgument(
+                    f"--{name.replace('_', '-')} does not apply to --as-adapter (one adapter file, "
+                    "with no config to copy)"
+                )
+        if self.shard_size is not None:
+            parse_size(self.shard_size)
         if self.weights is not None:
             for w in self.weights:
                 Real(-MAX_COEFFICIENT, MAX_COEFFICIENT).check("--weights", w)
@@ -102,7 +145,26 @@ class MergeConfig:
                     "the sum of the weights, so they must be non-negative with a positive sum"
                 )
 
-    def to_dict(self) -> dict:
+    def record(self) -> dict[str, Any]:
+        """This config in the vocabulary `--config` reads (`load_config`), every parameter spelt out
+        at its resolved value: what `weightlab_merge.yml` holds, to make the output again."""
+        values = self.resolved.as_dict()
+        out: dict[str, Any] = {"method": self.method, "base": self.base, "models": list(self.models)}
+        out["weights"] = None if self.weights is None else list(self.weights)
+        if self.coeff == "nan" and not self.spec.nan:
+            out["coeff"] = "nan"
+        if self.coeff == "nan":
+            out["nan"] = asdict(self.nan)
+        out["modifiers"] = list(self.modifiers) or None
+        out.update({p.name: values[p.field] for p in self.declared()})
+        if self.spec.random:
+            out["seed"] = self.seed
+        for key in ("dtype", "shard_size", "donor", "max_rank"):
+            out[key] = getattr(self, key)
+        out["as_adapter"] = self.as_adapter or None
+        return {k: v for k, v in out.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "base": self.base,
@@ -114,10 +176,43 @@ class MergeConfig:
             "seed": self.seed,
             "dtype": self.dtype,
             **({"modifiers": self.modifiers} if self.modifiers else {}),
+            **{k: getattr(self, k) for k in ("shard_size", "donor", "max_rank") if getattr(self, k) is not None},
+            **({"as_adapter": True} if self.as_adapter else {}),
         }
 
 
-def build_config(options: dict) -> MergeConfig:
+def record_yaml(config: MergeConfig) -> str:
+    """The text of `weightlab_merge.yml` for `config` (keys in a fixed order: the same bytes each time)."""
+    header = "# weightlab merge --config THIS_FILE -o OUT makes this output again\n"
+    return header + str(yaml.safe_dump(config.record(), sort_keys=False, allow_unicode=True))
+
+
+def from_record(record: dict[str, Any]) -> MergeConfig:
+    """The config of a merge record (`MergeConfig.to_dict()` in a `weightlab_merge.json`): the
+    method's parameters and its modifiers' (svc_alpha, lines_beta) by their names."""
+    spec = METHODS[record["method"]]
+    modifiers = list(record.get("modifiers") or [])
+    declared = spec.params + tuple(p for m in modifiers for p in MODIFIERS[m].params)
+    stored = record.get("params") or {}
+    return MergeConfig(
+        record["method"],
+        list(record["models"]),
+        record.get("base"),
+        record.get("weights"),
+        record.get("coeff", "manual"),
+        NanOptions(**record["nan"]) if record.get("nan") else NanOptions(),
+        {p.name: stored[p.field] for p in declared if p.field in stored},
+        record.get("seed", 0),
+        record.get("dtype"),
+        modifiers,
+        record.get("shard_size"),
+        record.get("donor"),
+        bool(record.get("as_adapter")),
+        record.get("max_rank"),
+    )
+
+
+def build_config(options: dict[str, Any]) -> MergeConfig:
     """A validated `MergeConfig` from keyword options, with method parameters given as
     `param_values` by name (lambda, density, gamma, …)."""
     options = dict(options)
@@ -125,7 +220,7 @@ def build_config(options: dict) -> MergeConfig:
     return MergeConfig(**options)
 
 
-def load_config(path: str | Path) -> dict:
+def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML merge config as options for `build_config` (mergekit's format too). Every
     value's type is checked here; its domain when the config is built."""
     try:
@@ -139,7 +234,7 @@ def load_config(path: str | Path) -> dict:
     return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
 
 
-def _typed(value: Any, kind: str, where: str, path) -> Any:
+def _typed(value: Any, kind: str, where: str, path: str | Path) -> Any:
     """`value` if it is of `kind` (str, number, int, mapping, list), else a one-line error naming `where`."""
     ok = {
         "str": isinstance(value, str),
@@ -147,6 +242,7 @@ def _typed(value: Any, kind: str, where: str, path) -> Any:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "mapping": isinstance(value, dict),
         "list": isinstance(value, list),
+        "bool": isinstance(value, bool),
     }[kind]
     if not ok:
         article = "an" if kind[0] in "aeiou" else "a"
@@ -154,7 +250,7 @@ def _typed(value: Any, kind: str, where: str, path) -> Any:
     return value
 
 
-def _models(entries: Any, key: str, path) -> list[tuple[str, dict]]:
+def _models(entries: Any, key: str, path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """[(model path, its mapping's other keys)] from a list of paths or of {model: path, ...}."""
     out = []
     for i, entry in enumerate(_typed(entries, "list", key, path)):
@@ -172,14 +268,25 @@ def _models(entries: Any, key: str, path) -> list[tuple[str, dict]]:
     return out
 
 
-def _from_ours(data: dict, path) -> dict:
+def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
     known = OUR_KEYS | set(parameter_names())
     unknown = set(data) - known
     if unknown:
         raise InvalidArgument(
             f"unknown keys {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(known))})", path
         )
-    kinds = {"method": "str", "base": "str", "coeff": "str", "seed": "int", "dtype": "str", "modifiers": "list"}
+    kinds = {
+        "method": "str",
+        "base": "str",
+        "coeff": "str",
+        "seed": "int",
+        "dtype": "str",
+        "modifiers": "list",
+        "shard_size": "str",
+        "donor": "str",
+        "as_adapter": "bool",
+        "max_rank": "int",
+    }
     out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
     models = _models(data.get("models") or [], "models", path)
     for i, (_, extra) in enumerate(models):
@@ -212,7 +319,7 @@ def _from_ours(data: dict, path) -> dict:
     return out
 
 
-def _from_mergekit(data: dict, path) -> dict:
+def _from_mergekit(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
     unknown = set(data) - MERGEKIT_KEYS
     if unknown:
         raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
@@ -225,7 +332,9 @@ def _from_mergekit(data: dict, path) -> dict:
     base = data.get("base_model")
     if base is not None:
         base = _typed(base, "str", "base_model", path)
-    models, weights, per_model = [], [], {}
+    models: list[str] = []
+    weights: list[float] = []
+    per_model: dict[str, list[Any]] = {}
     for i, (name, extra) in enumerate(_models(data.get("models") or [], "models", path)):
         if name == base:  # mergekit lists the base among the models for some methods
             continue
@@ -245,7 +354,7 @@ def _from_mergekit(data: dict, path) -> dict:
     unknown_params = set(global_params) - set(parameter_names()) - MERGEKIT_NOOP_PARAMETERS
     if unknown_params:
         raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(map(str, unknown_params)))}", path)
-    values = {
+    param_values = {
         k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in parameter_names() if k in global_params
     }
     if method == "slerp" and base:  # mergekit interpolates from base_model (t = 0) to the other model
@@ -255,7 +364,7 @@ def _from_mergekit(data: dict, path) -> dict:
         "base": base,
         "models": models,
         "weights": weights if METHODS[method].coefficients and any(w != 1.0 for w in weights) else None,
-        "param_values": values,
+        "param_values": param_values,
     }
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -38,11 +39,11 @@ from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
 from weightlab.merge.coefficients import nan_coefficients
-from weightlab.merge.config import MergeConfig
-from weightlab.merge.methods import METHODS, MergeMethod
+from weightlab.merge.config import RECORD, MergeConfig, from_record, record_yaml
+from weightlab.merge.methods import MergeMethod
 from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale
+from weightlab.merge.params import Params
 from weightlab.naming import layer_index
-from weightlab.options import NanOptions
 from weightlab.results import Result, Table
 
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
@@ -76,7 +77,7 @@ class MergeReport(Result):
             k: [sum(c[i] for c in groups[k]) / len(groups[k]) for i in range(len(self.coefficients))] for k in ordered
         }
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.SCHEMA,
             "out": self.out,
@@ -92,24 +93,9 @@ class MergeReport(Result):
         }
 
     @classmethod
-    def from_dict(cls, payload: dict) -> MergeReport:
-        cfg = payload["config"]
-        spec = METHODS[cfg["method"]]
-        params = {p.name: cfg["params"][p.field] for p in spec.params if p.field in (cfg.get("params") or {})}
-        config = MergeConfig(
-            cfg["method"],
-            cfg["models"],
-            cfg.get("base"),
-            cfg.get("weights"),
-            cfg.get("coeff", "manual"),
-            NanOptions(**cfg["nan"]) if cfg.get("nan") else NanOptions(),
-            params,
-            cfg.get("seed", 0),
-            cfg.get("dtype"),
-            cfg.get("modifiers") or [],
-        )
+    def from_dict(cls, payload: dict[str, Any]) -> MergeReport:
         return cls(
-            config,
+            from_record(payload["config"]),
             payload.get("out", ""),
             payload["merged_tensors"],
             payload["copied_from_base"],
@@ -206,10 +192,10 @@ def _model_norms(
     walk = TensorWalk([base, *models] if base is not None else models, MERGED)
     squares = [0.0] * len(models)
     for batch in walk.batches(replace(compute, dtype=torch.float64, batch_size=1), stored_layout=True):
-        mats = [m[0] for m in batch.tensors]
+        mats = [m[0] for m in batch.dense()]
         w0 = mats[0] if base is not None else None
         for i, m in enumerate(mats[1:] if base is not None else mats):
-            x = m - w0 if task_vectors else m
+            x = m - w0 if task_vectors and w0 is not None else m  # norms of task vectors need the base
             squares[i] += float((x * x).sum())
     return [s**0.5 for s in squares]
 
@@ -224,7 +210,7 @@ def _merge_in_rows(
     has_base: bool,
     spec: MergeMethod,
     coeffs: list[float],
-    params,
+    params: Params,
     compute: Compute,
     writer: CheckpointWriter,
     out_dtype: torch.dtype,
@@ -248,6 +234,7 @@ def _merge_in_rows(
     for start in range(0, rows, step):
         blocks = [read(i, start, min(rows, start + step)) for i in range(len(ckpts))]
         w0, thetas = (blocks[0], blocks[1:]) if has_base else (None, blocks)
+        assert spec.blockwise is not None
         writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, states).to(out_dtype))
 
 
@@ -269,7 +256,8 @@ class _LinesSpill:
 
     def add(self, name: str, base: torch.Tensor, models: list[torch.Tensor], merged: torch.Tensor) -> None:
         delta = merged - base
-        self.summed_l1 += float(sum(m - base for m in models).abs().sum())
+        summed: torch.Tensor = sum((m - base for m in models), torch.zeros_like(base))
+        self.summed_l1 += float(summed.abs().sum())
         self.merged_l1 += float(delta.abs().sum())
         write_safetensors(self.folder / f"{len(self.names)}.safetensors", {"delta": delta.cpu().contiguous()})
         self.names.append(name)
@@ -292,14 +280,17 @@ def merge(
     out_dir: str | Path,
     *,
     force: bool = False,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    shard_size: int | str | None = None,
     donor: str | Path | None = None,
     compute: Compute | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> MergeReport:
-    """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`."""
+    """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`, with
+    `weightlab_merge.yml` in it to make it again. `shard_size` and `donor` default to the config's."""
     started = time.perf_counter()
+    shard_size = shard_size if shard_size is not None else config.shard_size or DEFAULT_SHARD_SIZE
+    donor = donor if donor is not None else config.donor
     check_outputs([config.base, *config.models, donor], [Output("-o", out_dir, directory=True)], force)
     compute = compute or Compute.create()
     spec, params = config.spec, config.resolved
@@ -366,7 +357,7 @@ def merge(
             """Merge (or copy) one tensor into its place: (name, merged, its NAN coefficients or None)."""
             item = batch.items[0]
             name = item.names[0]
-            tensors = [m[0] for m in batch.tensors]
+            tensors = [m[0] for m in batch.dense()]
             if not item.is_float:
                 sink(name, tensors[0].cpu())
                 return [(name, False, None)]
@@ -374,15 +365,17 @@ def merge(
             thetas = tensors[1:] if base is not None else tensors
             coeffs, own = fixed, None
             if nan and config.nan.granularity == "tensor":
-                norms = [float((t - w0).norm()) if task_vectors else float(t.norm()) for t in thetas]
+                norms = [float((t - w0).norm()) if task_vectors and w0 is not None else float(t.norm()) for t in thetas]
                 coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
             generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))
             merged = spec.fn(
                 w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params, generators
             )
             if "svc" in config.modifiers:
+                assert w0 is not None  # modifiers need a base (MergeConfig)
                 merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
             if lines is not None:
+                assert w0 is not None
                 lines.add(name, w0, thetas, merged)
             else:
                 sink(name, merged.to(out_dtype_of[name]))
@@ -407,8 +400,9 @@ def merge(
                 on_progress(1)
         if lines is not None:
             report.lines_alpha = lines.alpha(n)
-            for name, merged in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, num_layers(anchor)):
-                writer.add(name, merged.to(out_dtype_of[name]))
+            assert base is not None
+            for name, scaled in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, num_layers(anchor)):
+                writer.add(name, scaled.to(out_dtype_of[name]))
         for name in buffers:  # e.g. position_ids a fine-tune was saved without
             writer.add(name, ckpts[0].get(name))
             report.copied.append(name)
@@ -418,4 +412,5 @@ def merge(
         report.seconds = time.perf_counter() - started
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
+        writer.add_file(RECORD, record_yaml(config))
     return report
