@@ -22,6 +22,7 @@ eigensolver with vectors costs three times that.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -59,9 +60,9 @@ def gram(w: torch.Tensor) -> torch.Tensor:
             chunk = x[start : start + ROW_BLOCK].double()
             g += chunk.mT @ chunk
         return g
-    lower = np.zeros((side, side), dtype=np.float64, order="F")
+    lower: Any = np.zeros((side, side), dtype=np.float64, order="F")
     for start in range(0, x.shape[0], ROW_BLOCK):
-        rows = x[start : start + ROW_BLOCK].detach().numpy().astype(np.float64)  # keeps the memory order
+        rows: Any = x[start : start + ROW_BLOCK].detach().numpy().astype(np.float64)  # keeps the memory order
         # syrk wants column-major: a C-ordered block is its transpose in column-major, no copy
         a, trans = (rows.T, 0) if rows.flags.c_contiguous else (np.asfortranarray(rows), 1)
         lower = scipy.linalg.blas.dsyrk(1.0, a, beta=1.0, c=lower, trans=trans, lower=1, overwrite_c=1)
