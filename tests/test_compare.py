@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from weightlab.analysis.compare import CompareOptions, compare
+from weightlab.compute.trim import trim_top_magnitude
 from weightlab.io import open_checkpoint, open_finetuned
-from weightlab.merge.methods import trim_top_magnitude
 
 NAMES = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
 SHAPES = [(48, 32), (64, 32), (32,)]

@@ -343,7 +343,7 @@ def test_existing_output_is_not_touched_without_force(three, tmp_path):
 
 
 def test_kth_largest_is_exact_on_large_tensors_with_ties():
-    from weightlab.merge.methods import kth_largest
+    from weightlab.compute.trim import kth_largest
 
     x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)).abs()
     x[::7] = 0.5  # many exact ties near the middle
@@ -352,7 +352,7 @@ def test_kth_largest_is_exact_on_large_tensors_with_ties():
 
 
 def test_ties_trim_keeps_exactly_k_on_large_tensors():
-    from weightlab.merge.methods import trim_top_magnitude
+    from weightlab.compute.trim import trim_top_magnitude
 
     tau = torch.randn(700, 900, generator=torch.Generator().manual_seed(1))
     tau[::3, ::5] = 0.25
@@ -362,7 +362,8 @@ def test_ties_trim_keeps_exactly_k_on_large_tensors():
 
 
 def test_chunked_ties_is_bit_identical_to_trimming_whole_task_vectors():
-    from weightlab.merge.methods import TIES_CHUNK, elect_and_mean, trim_top_magnitude
+    from weightlab.compute.trim import trim_top_magnitude
+    from weightlab.merge.methods import TIES_CHUNK, elect_and_mean
 
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(3 * TIES_CHUNK + 17, generator=gen)

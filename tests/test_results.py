@@ -19,9 +19,10 @@ from weightlab.inventory import inventory
 from weightlab.io import open_checkpoint
 from weightlab.merge import merge
 from weightlab.merge.config import build_config
+from weightlab.report.catalog import known_schemas
 from weightlab.report.document import load_results, parse_result, write_report
 from weightlab.report.export import to_json
-from weightlab.results import Result, Table, known_schemas
+from weightlab.results import Result, Table
 
 ROOT = Path(__file__).resolve().parents[1] / "weightlab"
 CPU = Compute(torch.device("cpu"), torch.float32, 1)

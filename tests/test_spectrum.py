@@ -95,7 +95,7 @@ def test_norms_and_ranks_by_hand():
 
 
 def test_several_finetunes_share_one_base_decomposition(planted, monkeypatch):
-    import weightlab.analysis.spectrum as mod
+    import weightlab.compute.spectra as mod
 
     root, _, _ = planted
     calls = []

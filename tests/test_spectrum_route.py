@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import weightlab.analysis.spectrum as spectrum_mod
+import weightlab.compute.spectra as spectrum_mod
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.gram import decompose

@@ -278,7 +278,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.merge.config import build_config
     from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
-    from weightlab.report.plots import draw, gaussian_plots
+    from weightlab.report.plots import draw
     from weightlab.surgery.intruders import IntruderOptions, mitigate_intruders
     from weightlab.surgery.lora import LoraInitOptions, extract_lora, init_lora
     from weightlab.surgery.targets import resolve_targets
@@ -308,9 +308,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     step("gaussian: the full fine-tune's update ΔW")
     gauss = gaussian(fts["ft_animal"], base, GaussianOptions(sample_size=20_000), compute)
     (tmp / "gaussian.json").write_text(to_json(gauss.to_dict()))
-    drawn["gaussian"] = gaussian_plots(
-        gauss, fts["ft_animal"], base, tmp / "plots" / "gaussian", gauss.options.sample_size
-    )
+    drawn["gaussian"] = draw(gauss, tmp / "plots" / "gaussian")
 
     step("esd: heavy-tailed spectra of the full fine-tune and of its update")
     spectral = esd(fts["ft_animal"], base, ESDOptions(traps=False), compute)

@@ -79,26 +79,14 @@ class Result:
         return from_dict(cls, payload)
 
 
-def result_type(schema: object) -> type[Result] | None:
-    """The result class of a schema string, importing the modules that define results."""
-    _import_result_modules()
+def registered(schema: object) -> type[Result] | None:
+    """The result class registered for a schema string (a class registers when its module is
+    imported: `report.catalog` imports them all when a report needs every kind)."""
     return _TYPES.get(schema) if isinstance(schema, str) else None
 
 
-def known_schemas() -> list[str]:
-    _import_result_modules()
+def registered_schemas() -> list[str]:
     return sorted(_TYPES)
-
-
-def _import_result_modules() -> None:
-    import importlib
-    import pkgutil
-
-    import weightlab.analysis
-
-    names = [f"weightlab.analysis.{m.name}" for m in pkgutil.iter_modules(weightlab.analysis.__path__)]
-    for name in [*names, "weightlab.inventory", "weightlab.merge.run", "weightlab.demo"]:
-        importlib.import_module(name)
 
 
 # ---- rebuilding typed dataclasses from JSON ----------------------------------------------------

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from weightlab.analysis.deltas import delta_top_svd, numerical_rank
 from weightlab.analysis.summary import group_summary, mean
+from weightlab.compute.deltas import delta_top_svd, numerical_rank
 from weightlab.compute.device import Compute
 from weightlab.compute.svd import SVD, top_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk

@@ -32,15 +32,15 @@ import torch
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
-from weightlab.analysis.deltas import adapter_factors, numerical_rank
+from weightlab.compute.deltas import adapter_factors, numerical_rank
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import top_singular
 from weightlab.compute.svd import lowrank_svd
+from weightlab.compute.trim import trim_block, trim_state
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import model_names
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.merge.methods import trim_block, trim_state
 from weightlab.options import CompareOptions
 from weightlab.results import Result, Table
 

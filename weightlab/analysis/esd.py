@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
-from weightlab.analysis.spectrum import energy_entropy
 from weightlab.analysis.summary import group_summary, mean, total
 from weightlab.compute.device import Compute
 from weightlab.compute.gram import eigenvalues, gram
+from weightlab.compute.spectra import energy_entropy
 from weightlab.compute.walk import Batch, Selection, TensorWalk, select
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.options import ESDOptions

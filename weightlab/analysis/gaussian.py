@@ -199,11 +199,19 @@ class GaussianResult(Result):
     tensors: list[TensorGaussianity]
     depth_trend: DepthTrend | None = None
     problems: list[str] = field(default_factory=list)
+    # sampled entries of the most and least Gaussian tensors, for the histograms (not in the JSON:
+    # a result read back from a file has none, and its report shows no histogram)
+    samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def part(self) -> str:
         """What the tables rank: the update ΔW with a base, else the weights."""
         return "delta" if self.base else "weights"
+
+    def extremes(self) -> list[TensorGaussianity]:
+        """The most and the least Gaussian tensor (by Q-Q R² of what this result is about)."""
+        ranked = sorted(self.tensors, key=lambda t: getattr(t, self.part).qq_r2)
+        return [ranked[-1], ranked[0]] if len(ranked) > 1 else ranked
 
     def label_counts(self, part: str | None = None) -> dict[str, int]:
         """Shape labels of `part` ("weights" or "delta"; default: what this result is about, `part`)."""
@@ -391,7 +399,7 @@ def gaussian(
     results = walk.map(work, compute, stored_layout=True, on_start=on_start, on_progress=on_progress)
     results = walk.in_order(results, lambda t: t.name)
     trend = depth_trend(results) if base is not None else None
-    return GaussianResult(
+    result = GaussianResult(
         str(ckpt.path),
         None if base is None else str(base.path),
         options,
@@ -399,6 +407,12 @@ def gaussian(
         trend,
         walk.problems if base is not None else [],
     )
+    for tensor in result.extremes():
+        x = ckpt.get(tensor.name, dtype=torch.float64)
+        result.samples[tensor.name] = sample_entries(
+            x - base.get(tensor.name, dtype=torch.float64) if base else x, options.sample_size, options.seed
+        )
+    return result
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from weightlab.analysis.deltas import delta_singular_values
 from weightlab.analysis.summary import group_summary, mean
-from weightlab.compute.cache import DecompositionCache, content_key
+from weightlab.compute.cache import DecompositionCache
+from weightlab.compute.deltas import delta_singular_values
 from weightlab.compute.device import Compute
-from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, decompose, is_tall, singular_values, top_singular
-from weightlab.compute.svd import SVD
+from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, is_tall, singular_values, top_singular
+from weightlab.compute.spectra import base_decomposition, base_vectors, top_columns
 from weightlab.compute.walk import Batch, Selection, TensorWalk, may_change
 from weightlab.display import model_names
 from weightlab.errors import InvalidArgument
@@ -41,8 +41,6 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 from weightlab.options import SpectrumOptions
 from weightlab.results import Result, Table
-
-NULL = 1e-4  # σ_j ≤ NULL·σ₁: u_j = Wv_j/σ_j would carry float32 rounding of v_j times σ₁/σ_j
 
 
 @dataclass
@@ -386,14 +384,6 @@ def norms_from_singular_values(s: torch.Tensor) -> list[Norms]:
     return [Norms(*vals) for vals in zip(spectral.tolist(), frob2.sqrt().tolist(), stable.tolist(), effective.tolist())]
 
 
-def energy_entropy(energy: torch.Tensor) -> float:
-    """H = −Σ p ln p over the shares p = e/Σe of non-negative energies (σ², or eigenvalues of WᵀW);
-    0 for a zero or rank-one spectrum."""
-    total = float(energy.sum())
-    p = energy[energy > 0].double() / total if total > 0 else energy[:0].double()
-    return float(-(p * p.log()).sum())
-
-
 def energy_rank(s: torch.Tensor, fraction: float) -> torch.Tensor:
     """Smallest r with Σ_{i≤r} s_i² ≥ fraction·Σ s_i², per row of a batch [b, r] (0 for a zero matrix)."""
     energy = (s.double() ** 2).cumsum(-1)
@@ -401,80 +391,6 @@ def energy_rank(s: torch.Tensor, fraction: float) -> torch.Tensor:
     reached = energy >= fraction * total * (1 - 1e-12)
     rank = reached.int().argmax(-1) + 1
     return torch.where(total[:, 0] > 0, rank, torch.zeros_like(rank))
-
-
-def base_decomposition(w: torch.Tensor, cache: DecompositionCache | None, columns: int | None) -> GramSpectrum:
-    """The base matrix's singular values and top `columns` Gram eigenvectors (all when None): from
-    the cache when it has them, else computed and stored. Each kind is one deterministic
-    computation, so a warm run gives the bytes of a cold one."""
-    key = content_key(w, f"top{columns}" if columns else "all") if cache else ""
-    found = cache.get(key, tuple(w.shape), columns) if cache else None
-    if found is not None:
-        return found
-    decomposed = decompose(w, columns)
-    if cache:
-        cache.put(key, decomposed)
-    return decomposed
-
-
-def top_columns(k: int, r: int) -> int | None:
-    """How many base Gram eigenvectors to compute up front for metrics that read the top k: twice
-    that, at least 32 (the best match of an aligned u'_i is then certified among them); all for
-    small matrices."""
-    columns = max(32, 2 * k)
-    return None if columns >= r // 2 else columns
-
-
-def left_cosines(w64: torch.Tensor, base: GramSpectrum, u_ft: torch.Tensor, columns: slice) -> torch.Tensor | None:
-    """|⟨u'_i, u_j⟩| for the base left singular vectors j in `columns`, from its Gram eigenvectors:
-    wide W has U = E; tall W has V = E and U = WVΣ⁻¹, used as (WᵀU')ᵀVΣ⁻¹ without forming U.
-    None when some σ_j there is ≤ NULL·σ₁ (u_j is not determined well enough by W)."""
-    e = base.E[:, columns].to(w64.device, torch.float64)
-    if not base.tall:
-        return (u_ft.mT @ e).abs()
-    s = base.S[columns].to(w64.device)
-    if float(s[-1]) <= NULL * float(base.S[0]):
-        return None
-    return ((w64.mT @ u_ft).mT @ e).abs() / s
-
-
-def base_vectors(
-    w: torch.Tensor, top: GramSpectrum, k: int, u_ft: torch.Tensor, whole: Callable[[], GramSpectrum]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The base's top-k U and Vh, and |⟨u'_i, u_j⟩| [kk, ·] over the base left singular vectors
-    that can be u'_i's best match. From the top-K Gram eigenvectors: since Σ_j cos²_ij ≤ 1, no
-    u_j beyond the top K can beat the best of them once best² > 1 − Σ_{j<K} cos²_ij; only when
-    that fails for some i (an intruder candidate) is `whole()` decomposed for the rest. Where u_j
-    is not determined by W (σ_j ≤ NULL·σ₁), the thin SVD decides."""
-    w64, s = w.double(), top.S.to(w.device)
-    r, width = s.shape[-1], top.E.shape[-1]
-    cos = left_cosines(w64, top, u_ft, slice(0, width)) if float(s[k - 1]) > NULL * float(s[0]) else None
-    if cos is not None and width < r:
-        best = cos.max(-1).values
-        if bool((best**2 <= 1 - (cos**2).sum(-1)).any()):
-            rest = left_cosines(w64, whole(), u_ft, slice(width, r))
-            cos = None if rest is None else torch.cat([cos, rest], -1)
-    if cos is None:
-        u, _, vh = torch.linalg.svd(w64, full_matrices=False)  # rare: float64, as exact as the rest
-        return u[:, :k], vh[:k], (u_ft.mT @ u).abs()
-    e = top.E[:, :k].to(w.device, torch.float64)
-    if top.tall:
-        return w64 @ e / s[:k], e.mT, cos
-    return e, (w64.mT @ e / s[:k]).mT, cos
-
-
-def intruder_dimensions(
-    w: torch.Tensor, w_ft: torch.Tensor, k: int, epsilon: float, cache: DecompositionCache | None = None
-) -> tuple[list[int], list[float], SVD]:
-    """Shuttleworth et al. 2024, §3: the i < k among W''s top singular vectors with
-    max_j |cos(u'_i, u_j)| < ε over every base left singular vector u_j. Returns those i, every
-    top-k best-match cosine, and W''s top-k triplets (float64)."""
-    k = min(k, min(w.shape))
-    top_base = base_decomposition(w, cache, top_columns(k, min(w.shape)))
-    _, top = top_singular(w_ft, k)
-    _, _, cos = base_vectors(w, top_base, 1, top.U, functools.cache(lambda: base_decomposition(w, cache, None)))
-    best = cos.max(-1).values[:k].tolist()
-    return [i for i, c in enumerate(best) if c < epsilon], best, top
 
 
 def compare(

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weightlab.analysis.deltas import adapter_factors
 from weightlab.compute.device import Compute
+from weightlab.compute.directions import core_directions, delta_times_v
 from weightlab.compute.svd import full_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import CorruptCheckpoint
@@ -129,34 +129,6 @@ class TSDResult(Result):
             ("tsd.matrices", "matrices", len(self.matrices)),
             ("tsd.median_percentile", "median TSD position (percentile, 0 = top σ)", self.median_percentile()),
         ]
-
-
-def core_directions(u: torch.Tensor, s: torch.Tensor, delta_v: torch.Tensor, delta_norm2: float, top: int):
-    """Change rates δ_i = |u_iᵀ(ΔW V)_i|/σ_i of every core direction, the `top` largest (stable
-    order), and the shares of ‖ΔW‖²_F on all core directions and on the chosen ones."""
-    projection = (u * delta_v).sum(0)  # u_iᵀ ΔW v_i
-    rates = projection.abs() / s.clamp_min(torch.finfo(s.dtype).tiny)
-    order = torch.argsort(rates, descending=True, stable=True)[:top]
-    energy = projection**2
-    core = float(energy.sum()) / delta_norm2 if delta_norm2 > 0 else 0.0
-    chosen = float(energy[order].sum()) / delta_norm2 if delta_norm2 > 0 else 0.0
-    return rates, order, core, chosen
-
-
-def delta_times_v(
-    finetuned: Checkpoint, name: str, w: torch.Tensor, w_ft: torch.Tensor | None, vh: torch.Tensor, compute: Compute
-) -> tuple[torch.Tensor, float]:
-    """ΔW·V and ‖ΔW‖²_F for one matrix: from LoRA factors (ΔW V = s·L·(R V), no dense ΔW) when
-    the fine-tune is an adapter, else from the dense difference W' − W (`w_ft` None: an adapter
-    that leaves this weight unchanged, ΔW = 0)."""
-    factors = adapter_factors(finetuned, name, compute)
-    if factors is not None:
-        left, right, scale = factors
-        return scale * left @ (right @ vh.T), float(scale**2 * ((left.T @ left) * (right @ right.T)).sum())
-    if w_ft is None:
-        return w.new_zeros(w.shape[0], vh.shape[0]), 0.0
-    delta = w_ft - w
-    return delta @ vh.T, float((delta * delta).sum())
 
 
 def tsd(

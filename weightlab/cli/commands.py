@@ -5,16 +5,16 @@ from __future__ import annotations
 import errno
 import importlib
 import pkgutil
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-import weightlab.cli
 from weightlab.cli.app import app, err_console, one_line, state
 from weightlab.errors import WeightlabError
 
 COMMAND_MODULES = sorted(
-    m.name for m in pkgutil.iter_modules(weightlab.cli.__path__) if m.name not in ("app", "commands", "progress")
+    m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in ("app", "commands", "progress")
 )
 for _name in COMMAND_MODULES:  # each registers its command on `app`
     importlib.import_module(f"weightlab.cli.{_name}")

@@ -24,12 +24,11 @@ def gaussian(
     with common.outputs([checkpoint, base]) as plan:
         from weightlab.analysis.gaussian import gaussian as compute_gaussian
         from weightlab.io import open_finetuned, open_weights
-        from weightlab.report.plots import gaussian_plots
 
         compute = common.compute()
         base_ckpt = open_weights(base) if base else None
         ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
         with progress("gaussian", "tensors") as (on_start, on_progress):
             result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
-        emit(plan, result, lambda folder: gaussian_plots(result, ckpt, base_ckpt, folder, options.sample_size))
+        emit(plan, result)
     common.show(result)

@@ -11,7 +11,7 @@ task whose worker died (`max_retries`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from weightlab.compute.device import Compute, use_threads
 from weightlab.compute.ray_connect import connect
@@ -23,23 +23,17 @@ R = TypeVar("R")
 TASKS_PER_WORKER = 4  # tasks per CPU of the cluster: enough to balance, few enough to keep overheads small
 
 
-def _run_here(
-    sources: Sequence[Checkpoint],
-    items: Sequence[MatchedTensor],
-    work: Callable[[Any, Compute], list[R]],
-    compute: Compute,
-    options: dict[str, bool],
-) -> list[R]:
-    """A task's body, on a worker: the same walk over these items, on this node's device."""
-    from weightlab.compute.walk import TensorWalk
+Body = Callable[[Sequence[Checkpoint], Sequence[MatchedTensor], Compute], list[R]]  # the walk over some items
 
-    here = compute.on_this_node()
+
+def _run_here(
+    body: Body[R], sources: Sequence[Checkpoint], items: Sequence[MatchedTensor], compute: Compute
+) -> list[R]:
+    """A task, on a worker: `body` over these items, on this node's device."""
     use_threads(compute.threads)  # the driver's count (Ray starts workers with one): BLAS sums in an order
     # that depends on it, and the bytes are to equal a local run's
     try:
-        return TensorWalk.of_items(sources, items).map(
-            work, here, factors=options["factors"], stored_layout=options["stored_layout"]
-        )
+        return body(sources, items, compute.on_this_node())
     except OSError as e:
         import socket
 
@@ -51,13 +45,12 @@ def _run_here(
 def map_on_cluster(
     sources: Sequence[Checkpoint],
     items: Sequence[MatchedTensor],
-    work: Callable[[Any, Compute], list[R]],
+    body: Body[R],
     compute: Compute,
-    options: dict[str, bool],
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[R]:
-    """`work` over `items` in Ray tasks of consecutive items; results in item order."""
+    """`body` over `items` in Ray tasks of consecutive items; results in item order."""
     assert compute.cluster is not None
     ray = connect(compute.cluster, compute.cluster_timeout)
     if on_start:
@@ -66,8 +59,8 @@ def map_on_cluster(
     size = max(1, -(-len(items) // (TASKS_PER_WORKER * workers)))
     runs = [list(items[i : i + size]) for i in range(0, len(items), size)]
     task = ray.remote(max_retries=3)(_run_here)
-    shared = [ray.put(x) for x in (list(sources), work, compute, options)]
-    pending = {task.remote(shared[0], run, shared[1], shared[2], shared[3]): i for i, run in enumerate(runs)}
+    shared_body, shared_sources, shared_compute = (ray.put(x) for x in (body, list(sources), compute))
+    pending = {task.remote(shared_body, shared_sources, run, shared_compute): i for i, run in enumerate(runs)}
     done: dict[int, list[R]] = {}
     try:
         while pending:

@@ -41,6 +41,12 @@ class GramSpectrum:
     E: torch.Tensor | None  # [r, c] float32, column i for S[i]: right singular vectors (tall) or left (wide)
     tall: bool
 
+    @property
+    def vectors(self) -> torch.Tensor:
+        """E, for a decomposition made with vectors."""
+        assert self.E is not None, "a decomposition of values alone"
+        return self.E
+
 
 def is_tall(w: torch.Tensor) -> bool:
     """More rows than columns: the Gram matrix is WᵀW (right vectors); else WWᵀ (left vectors)."""

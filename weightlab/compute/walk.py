@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 
+from weightlab.compute.cluster import map_on_cluster
 from weightlab.compute.device import Compute
 from weightlab.compute.stream import stream_matrices
 from weightlab.domains import compile_filter
@@ -66,6 +68,19 @@ def select(matched: Sequence[MatchedTensor], selection: Selection) -> list[Match
 def may_change(ckpt: Checkpoint, name: str) -> bool:
     """False only when `ckpt` is an adapter that leaves `name` as the base has it."""
     return not isinstance(ckpt, AdaptedCheckpoint) or ckpt.changes(name)
+
+
+def _walk_items(
+    sources: Sequence[Checkpoint],
+    items: Sequence[MatchedTensor],
+    compute: Compute,
+    *,
+    work: Callable[[Batch, Compute], list[T]],
+    factors: bool,
+    stored_layout: bool,
+) -> list[T]:
+    """A walk over items already matched and selected, here: what a Ray task runs on its share."""
+    return TensorWalk.of_items(sources, items).map(work, compute, factors=factors, stored_layout=stored_layout)
 
 
 class Batch(NamedTuple):
@@ -126,17 +141,8 @@ class TensorWalk:
         """`work(batch, compute)` over every batch, results concatenated in batch order: here, or
         on the Ray cluster `compute.cluster` names (split by tensor, the same results)."""
         if compute.cluster is not None:
-            from weightlab.compute.cluster import map_on_cluster
-
-            return map_on_cluster(
-                self.sources,
-                self.items,
-                work,
-                compute,
-                {"factors": factors, "stored_layout": stored_layout},
-                on_start,
-                on_progress,
-            )
+            body = partial(_walk_items, work=work, factors=factors, stored_layout=stored_layout)
+            return map_on_cluster(self.sources, self.items, body, compute, on_start, on_progress)
         out: list[T] = []
         for batch in self.batches(
             compute, factors=factors, stored_layout=stored_layout, on_start=on_start, on_progress=on_progress
@@ -176,7 +182,7 @@ class TensorWalk:
         """Read ahead, check finite, stack same-shape tensors. Tensors are out×in matrices
         (`naming.as_matrix`) unless `stored_layout`. With `factors`, an adapter is not applied
         densely where its change is a LoRA product (or nothing): its slot is None and the analysis
-        reads the factors (`analysis.deltas`); a LoRA bias or a saved tensor is read as W'."""
+        reads the factors (`compute.deltas`); a LoRA bias or a saved tensor is read as W'."""
         if on_start:
             on_start(len(self.items))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from weightlab.analysis.deltas import numerical_rank
+from weightlab.compute.deltas import numerical_rank
 from weightlab.compute.svd import lowrank_svd
 from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter

@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+from weightlab.compute.trim import (
+    TrimState,
+    kth_largest,
+    trim_block,
+    trim_state,
+)
 from weightlab.merge.modifiers import MODIFIERS
 from weightlab.merge.params import (
     COMMON,
@@ -34,8 +40,6 @@ from weightlab.merge.params import (
     resolve,
 )
 from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
-
-TrimState = list[float] | None  # [threshold, ties left] while a task vector is trimmed by blocks; None: nothing trimmed
 
 
 @dataclass(frozen=True)
@@ -99,59 +103,6 @@ def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: P
     return _add_task_vectors(base, _task_vectors(base, models), coeffs, p.lam)
 
 
-def kth_largest(values: torch.Tensor, k: int, sample: int = 65_536) -> torch.Tensor:
-    """The k-th largest of a flat tensor, exactly, without a full selection when it is large: a
-    strided sample brackets the answer, one pass counts what lies above the bracket, and the
-    selection runs only on the few values inside it (falling back to a full one if the bracket
-    missed)."""
-    n = values.numel()
-    if n <= 4 * sample:
-        return torch.kthvalue(values, n - k + 1).values
-    probe = values[:: n // sample].sort().values
-    q = 1 - k / n
-    lo = probe[max(int((q - 0.01) * probe.numel()), 0)]
-    hi = probe[min(int((q + 0.01) * probe.numel()), probe.numel() - 1)]
-    above = int(torch.count_nonzero(values > hi))
-    inside = values[(values >= lo) & (values <= hi)]
-    need = k - above
-    if 0 < need <= inside.numel():
-        return torch.kthvalue(inside, inside.numel() - need + 1).values
-    return torch.kthvalue(values, n - k + 1).values
-
-
-def trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
-    """(t, ties) for keeping the k = int(density·n) largest-magnitude entries of τ: the entries
-    with |τ| > t and the first `ties` entries with |τ| = t in index order (so exactly k survive);
-    t = inf keeps nothing."""
-    k = int(density * tau.numel())
-    if k == 0:
-        return float("inf"), 0
-    magnitude = tau.abs()
-    del tau  # callers pass a temporary: let it go before the selection allocates
-    threshold = kth_largest(magnitude.reshape(-1), k)
-    return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
-
-
-def keep_top(tau: torch.Tensor, threshold: float, ties: int) -> tuple[torch.Tensor, int]:
-    """τ with every entry zeroed but |τ| > threshold and the first `ties` with |τ| = threshold,
-    and how many ties it kept (a chunked caller passes the rest on)."""
-    magnitude = tau.abs()
-    keep = magnitude > threshold
-    tied = keep.new_empty(0, dtype=torch.long)
-    if ties > 0:
-        tied = torch.nonzero(magnitude.reshape(-1) == threshold).flatten()[:ties]
-        keep.reshape(-1)[tied] = True
-    return torch.where(keep, tau, 0.0), tied.numel()
-
-
-def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1); ties at
-    the threshold go to the lowest indices, so exactly k survive."""
-    if density >= 1:
-        return tau
-    return keep_top(tau, *trim_threshold(tau, density))[0]
-
-
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
     """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
     the entries that agree with it (a disjoint mean: zero entries do not count). Accumulated one
@@ -192,22 +143,6 @@ def ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen:
 def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> TrimState:
     """[threshold, ties left] of one model's whole task vector (None at density 1)."""
     return trim_state(model - base, p.density)
-
-
-def trim_state(tau: torch.Tensor, density: float) -> TrimState:
-    """[threshold, ties left] for trimming τ to its top-density entries by blocks (`trim_block`);
-    None at density 1 (nothing trimmed)."""
-    return list(trim_threshold(tau.reshape(-1), density)) if density < 1 else None
-
-
-def trim_block(tau: torch.Tensor, trim: TrimState) -> torch.Tensor:
-    """Consecutive entries of τ (in index order across calls) trimmed with `trim_state`: ties at
-    the threshold go to the lowest indices, the earliest blocks, so `trim` counts them down."""
-    if trim is None:
-        return tau
-    tau, kept = keep_top(tau, trim[0], int(trim[1]))
-    trim[1] -= kept
-    return tau
 
 
 def ties_block(

@@ -16,8 +16,9 @@ from urllib.parse import quote
 from weightlab.display import fmt
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.atomic import atomic_path
+from weightlab.report.catalog import known_schemas, result_type
 from weightlab.report.tables import one_line, short_name
-from weightlab.results import Result, known_schemas, result_type
+from weightlab.results import Result
 
 
 @dataclass

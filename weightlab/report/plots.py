@@ -11,13 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from scipy import stats
 
 from weightlab.analysis.angles import AnglesResult
 from weightlab.analysis.compare import CompareResult
 from weightlab.analysis.esd import ESDResult, SpectralDensity
-from weightlab.analysis.gaussian import LABELS, GaussianResult, sample_entries
+from weightlab.analysis.gaussian import LABELS, GaussianResult
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult
 from weightlab.analysis.tsd import TSDResult, representative
 from weightlab.display import fmt, model_names
@@ -318,23 +317,21 @@ def angles_plots(result: AnglesResult, out_dir: Path) -> list[Path]:
     return paths
 
 
-def gaussian_plots(result: GaussianResult, ckpt, base, out_dir: Path, sample_size: int = 100_000) -> list[Path]:
+def gaussian_plots(result: GaussianResult, out_dir: Path) -> list[Path]:
     """Histogram with the fitted normal and Q-Q plot for the most and least Gaussian tensors
-    (when the checkpoint is at hand), shape-label counts, and std(ΔW) against depth with its
-    fitted line."""
+    (from the sampled entries the analysis kept: a result read back from JSON has none),
+    shape-label counts, and std(ΔW) against depth with its fitted line."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    part = "delta" if result.base else "weights"
+    part = result.part
     what = "ΔW = W_ft − W_base" if result.base else "W"
     with plt.rc_context(STYLE):
-        ranked = sorted(result.tensors, key=lambda t: getattr(t, part).qq_r2)
-        if ranked and ckpt is not None:  # histograms need the entries; a report from JSON has none
-            picks = [("most Gaussian", ranked[-1]), ("least Gaussian", ranked[0])]
+        extremes = result.extremes()
+        if len(extremes) == 2 and all(t.name in result.samples for t in extremes):
+            picks = [("most Gaussian", extremes[0]), ("least Gaussian", extremes[1])]
             fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
             for row, (title, t) in enumerate(picks):
-                w = ckpt.get(t.name, dtype=torch.float64)
-                x = w - base.get(t.name, dtype=torch.float64) if result.base else w
-                sample = sample_entries(x, sample_size, result.options.seed)
+                sample = result.samples[t.name]
                 d = getattr(t, part)
                 ax = axes[row, 0]
                 ax.hist(sample, bins=120, density=True, color="#9ecae1", edgecolor="none")
@@ -625,7 +622,7 @@ def draw(result: object, out_dir: Path) -> list[Path]:
 PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     SpectrumResult: spectrum_plots,
     AnglesResult: angles_plots,
-    GaussianResult: lambda result, out_dir: gaussian_plots(result, None, None, out_dir),  # no checkpoint at hand
+    GaussianResult: gaussian_plots,
     TSDResult: tsd_plots,
     CompareResult: compare_plots,
     ESDResult: esd_plots,

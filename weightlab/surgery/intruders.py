@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from weightlab.analysis.spectrum import intruder_dimensions
 from weightlab.compute.device import Compute
+from weightlab.compute.spectra import intruder_dimensions
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint

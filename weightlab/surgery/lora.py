@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from weightlab.analysis.deltas import adapter_factors, delta_singular_values, numerical_rank
-from weightlab.analysis.tsd import core_directions, delta_times_v
+from weightlab.compute.deltas import adapter_factors, delta_singular_values, numerical_rank
 from weightlab.compute.device import Compute
+from weightlab.compute.directions import core_directions, delta_times_v
 from weightlab.compute.gram import singular_values
 from weightlab.compute.svd import SVD, full_svd, lowrank_svd, randomized_svd
 from weightlab.compute.walk import Batch, Selection, TensorWalk

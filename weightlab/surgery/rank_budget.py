@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from weightlab.analysis.spectrum import energy_entropy
+from weightlab.compute.spectra import energy_entropy
 from weightlab.errors import InvalidArgument
 from weightlab.options import RANK_RULES
 

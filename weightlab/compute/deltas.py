@@ -18,14 +18,9 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
 
 
-def is_adapted(ft: Checkpoint | None, name: str) -> bool:
-    """True when `ft` is an adapter whose update touches `name` (no tensor is read)."""
-    return isinstance(ft, AdaptedCheckpoint) and name in ft.module_of
-
-
 def adapter_factors(ft: Checkpoint, name: str, compute: Compute) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(L, R, s) with ΔW = s·L·R when `ft` is an adapter that changes `name`, else None."""
-    if is_adapted(ft, name):
+    if isinstance(ft, AdaptedCheckpoint) and name in ft.module_of:
         return ft.adapter.matrix_factors(ft.module_of[name], compute.device, compute.dtype)
     return None
 
@@ -35,11 +30,12 @@ def delta_singular_values(
 ) -> torch.Tensor:
     """All min(m, n) singular values of ΔW for each batch item [b, min(m, n)] in float64, zero-padded."""
     factors = [adapter_factors(ft, item.names[0], compute) for item in items]
-    if any(f is None for f in factors):
+    lowrank = [f for f in factors if f is not None]
+    if len(lowrank) < len(factors):
         return singular_values(w_ft - w)
     r = min(w.shape[-2:])
     out = torch.zeros(len(items), r, dtype=torch.float64, device=w.device)
-    for b, (left, right, scale) in enumerate(factors):
+    for b, (left, right, scale) in enumerate(lowrank):
         s = lowrank_svd(left, right, scale).S[:r]
         out[b, : s.shape[-1]] = s
     return out
