@@ -164,7 +164,8 @@ def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
 
 
 def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo, tmp_path):
-    """init-lora (its residual model written by the workers) and extract-lora: the same files."""
+    """init-lora (its residual model written by the workers), extract-lora and mitigate-intruders
+    (its checkpoint written by the workers): the same files."""
 
     def cli(*args: str) -> None:
         done = subprocess.run(
@@ -198,6 +199,14 @@ def test_lora_surgery_on_a_started_cluster_writes_the_local_bytes(head_node, zoo
             "4",
             "-o",
             str(tmp_path / "out" / "extract"),
+            *extra,
+        )
+        cli(
+            "mitigate-intruders",
+            str(zoo["llama"]),
+            str(zoo["llama_ft"]),
+            "-o",
+            str(tmp_path / "out" / "mitigated"),
             *extra,
         )
         (tmp_path / "out").rename(tmp_path / where)

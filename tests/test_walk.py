@@ -190,10 +190,10 @@ def test_gaussian_moments_of_each_update_equal_numpy(planted, batch):
 def test_extract_lora_recovers_each_rank_one_update(planted, batch):
     root, _facts = planted
     base, a, _ = open_all(root)
-    report, factors = extract_lora(base, a, ORDER, rank=1, compute=cpu(batch))
+    report, adapter = extract_lora(base, a, ORDER, rank=1, compute=cpu(batch))
     assert [m.name for m in report.modules] == SAME_SHAPE and report.skipped == [ODD]
     for m in report.modules:
-        f = factors[m.name.removesuffix(".weight")]
+        f = adapter.factors[m.name.removesuffix(".weight")]
         delta = a.get(m.name) - base.get(m.name)
         assert m.relative_error < 1e-6 and torch.allclose(f.b @ f.a, delta.to(f.a.dtype), atol=1e-5)
 

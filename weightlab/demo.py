@@ -272,7 +272,6 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.compute.cache import DecompositionCache, default_folder
     from weightlab.inventory import inventory
     from weightlab.io import open_finetuned, open_weights
-    from weightlab.io.adapter_writer import write_adapter
     from weightlab.io.writer import CheckpointWriter, stored_plan
     from weightlab.merge import NanOptions, merge
     from weightlab.merge.config import build_config
@@ -363,21 +362,16 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
 
     step("init-lora --tsd from the warm-up, and extract-lora of a full fine-tune")
     targets = resolve_targets(base, "query,value")
-    with CheckpointWriter(tmp / "lora-init" / "residual", donor=base.path, plan=stored_plan(base)) as writer:
-        init_report, factors = init_lora(base, targets, LoraInitOptions("tsd", 8), fts["lora_animal"], writer, compute)
-    write_adapter(
-        tmp / "lora-init" / "adapter",
-        factors,
-        scale=1.0,
-        base_model=str(tmp / "lora-init" / "residual"),
-        sidecar=init_report.to_dict(),
-    )
+    residual = tmp / "lora-init" / "residual"
+    with CheckpointWriter(residual, donor=base.path, plan=stored_plan(base)) as writer:
+        init_report, initial = init_lora(
+            base, targets, LoraInitOptions("tsd", 8), fts["lora_animal"], writer, compute, base_model=str(residual)
+        )
+    initial.write(tmp / "lora-init" / "adapter", sidecar=init_report.to_dict())
     extract_report, extracted = extract_lora(
         base, fts["ft_animal"], resolve_targets(base, "all-linear"), energy=0.9, compute=compute
     )
-    write_adapter(
-        tmp / "lora-extract", extracted, scale=1.0, base_model=str(base.path), sidecar=extract_report.to_dict()
-    )
+    extracted.write(tmp / "lora-extract", sidecar=extract_report.to_dict())
     extract_accuracy = accuracy_with_encoder(
         adapted_state(tmp / "lora-extract"), paths["ft_animal"] / "classifier_head.pt", tasks["animal"]
     )

@@ -38,6 +38,7 @@ from weightlab.results import Result, Table
 
 if TYPE_CHECKING:
     from weightlab.compute.device import Compute
+    from weightlab.io.adapter_writer import NewAdapter
 
 try:  # typer ≥ 0.24 vendors its own click
     from typer._click.core import ParameterSource
@@ -212,6 +213,67 @@ ThreadsOpt = typer.Option(
 )
 
 
+@dataclass
+class Operation:
+    """The options every command that writes a model shares (added to it by `operation_command`):
+    where the model goes, where the maths runs, and the record of what was done (`--json`,
+    `--report`). A command's own `--dtype`, where it has one, is the dtype of what it writes."""
+
+    out: Path
+    device: str
+    threads: int | None
+    json_out: str | None
+    report: Path | None
+    force: bool
+    ray: str | None = None
+    ray_timeout: float | None = None
+
+    def compute(self) -> Compute:
+        from weightlab.compute.device import Compute
+
+        return Compute.create(self.device, cluster=self.ray, cluster_timeout=self.ray_timeout, threads=self.threads)
+
+    def outputs(self, inputs: Sequence[object], **more: Path | str | None) -> OutputPlan:
+        """The plan of the model (`-o`), its record and any `more` outputs, checked against the inputs."""
+        return outputs(self.force, inputs, out_dir=self.out, json=self.json_out, report=self.report, **more)
+
+    def finish(self, plan: OutputPlan, result: Result, product: NewAdapter | None = None) -> None:
+        """Write the product (an adapter; a checkpoint was streamed into `plan.path("-o")` as it was
+        made) with the result as its sidecar, then the result's JSON and report."""
+        if product is not None:
+            product.write(plan.path("-o"), sidecar=result.to_dict())
+        emit(plan, result)
+
+    def show(self, result: Result, *written: str) -> None:
+        """The result's tables and lines, then where the outputs went (unless JSON goes to stdout)."""
+        if quiet_when_stdout(self.json_out):
+            return
+        show(result)
+        for line in written:
+            console.print(Text(one_line(line)), highlight=False)
+
+
+def _operation_parameters() -> list[inspect.Parameter]:
+    options: list[tuple[str, Any, Any]] = [
+        ("out", Path, typer.Option(..., "-o", "--out", help="Folder to write the model (or adapter) into.")),
+        ("device", str, DeviceOpt),
+        ("threads", int | None, ThreadsOpt),
+        (
+            "json_out",
+            str | None,
+            typer.Option(None, "--json", help="Write what was done as JSON ('-' for stdout).", metavar="FILE"),
+        ),
+        ("report", Path | None, ReportOpt),
+        ("force", bool, ForceOpt),
+        ("ray", str | None, RayOpt),
+        ("ray_timeout", float | None, RayTimeoutOpt),
+    ]
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in options
+    ]
+
+
 def _common_parameters(precision: bool) -> list[inspect.Parameter]:
     options: list[tuple[str, Any, Any]] = [
         ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
@@ -255,18 +317,22 @@ def _options_classes(parameters: Sequence[inspect.Parameter]) -> dict[str, type]
 
 
 def command(
-    *, name: str | None = None, common: Callable[[], list[inspect.Parameter]] | None = None, **settings: Any
+    *,
+    name: str | None = None,
+    common: tuple[type, Callable[[], list[inspect.Parameter]]] | None = None,
+    **settings: Any,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a command. A parameter annotated with an options dataclass (`SpectrumOptions`)
     becomes that dataclass's options on the command line, and the function receives the built,
-    checked dataclass; with `common`, the shared options it lists become `common: Common`."""
+    checked dataclass; with `common` = (a dataclass, its parameters), the shared options become
+    `common:` that dataclass (`Common` for analyses, `Operation` for commands that write models)."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "common"]
         classes = _options_classes(own)
         declared = [p for p in own if p.name not in classes]
         expanded = {name: options_parameters(cls) for name, cls in classes.items()}
-        shared = common() if common else []
+        shared = common[1]() if common else []
         parameters = declared + [p for ps in expanded.values() for p in ps] + shared
         names = [p.name for p in parameters]
         assert len(names) == len(set(names)), f"{fn.__name__}: an option is declared twice"
@@ -276,7 +342,7 @@ def command(
             for name, cls in classes.items():
                 kwargs[name] = cls(**{p.name: kwargs.pop(p.name) for p in expanded[name]})
             if common:
-                kwargs["common"] = Common(**{p.name: kwargs.pop(p.name) for p in shared})
+                kwargs["common"] = common[0](**{p.name: kwargs.pop(p.name) for p in shared})
             fn(**kwargs)
 
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
@@ -290,7 +356,14 @@ def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]
     """Register an analysis command: its own arguments, its options dataclass, and the shared
     options (rows, device, threads, dtype unless `precision=False`, outputs, force, Ray) as
     `common: Common`, added here once for every command."""
-    return command(common=lambda: _common_parameters(precision))
+    return command(common=(Common, lambda: _common_parameters(precision)))
+
+
+def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command that writes a model: its own arguments and options dataclass, and the
+    shared `-o`, `--device`, `--threads`, `--json`, `--report`, `--force` and `--ray` as
+    `common: Operation`, added here once for every such command."""
+    return command(name=name, common=(Operation, _operation_parameters), **settings)
 
 
 def given(name: str) -> bool:

@@ -8,64 +8,25 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import (
-    DeviceOpt,
-    ForceOpt,
-    RayOpt,
-    RayTimeoutOpt,
-    ThreadsOpt,
-    app,
-    command,
-    console,
-    outputs,
-    progress,
-    refuse_unless,
-)
+from weightlab.cli.app import Operation, console, operation_command, progress, refuse_unless
 from weightlab.errors import InvalidArgument
 from weightlab.options import LoraInitOptions, RankBudget
-from weightlab.report.tables import short_name, table
+
+TargetsOpt = typer.Option("all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear.")
+AllocationOpt = typer.Option("energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy.")
 
 
-def _fan_in_fan_out(base, targets: list[str]) -> bool:
-    from weightlab.naming import is_conv1d
-
-    conv = {is_conv1d(n, base.config) for n in targets}
-    if len(conv) > 1:
-        raise InvalidArgument("targets mix Conv1D (in×out) and Linear weights; target them in separate adapters")
-    return conv.pop()
-
-
-def _show(report, title: str) -> None:
-    rows = [
-        (
-            short_name(m.name, 50),
-            f"{m.shape[0]}×{m.shape[1]}",
-            m.rank,
-            ", ".join(map(str, m.indices[:6])) + (" …" if len(m.indices) > 6 else ""),
-            m.energy,
-            m.relative_error,
-        )
-        for m in report.modules
-    ]
-    console.print(table(title, ["module", "shape", "rank", "directions", "energy share", "rel. error"], rows))
-
-
-@command(name="init-lora")
+@operation_command("init-lora")
 def init_lora(
     base: Path | None = typer.Argument(None, help="Base checkpoint to initialise the LoRA from."),
-    out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
     options: LoraInitOptions = None,
     tsd: bool = typer.Option(False, "--tsd", help="Short for --method tsd."),
     source: Path | None = typer.Option(None, "--from", help="tsd: fine-tuned checkpoint or warm-up adapter giving ΔW."),
-    targets: str = typer.Option(
-        "all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."
-    ),
+    targets: str = TargetsOpt,
     rank_budget: int | None = typer.Option(
         None, "--rank-budget", help="Total rank over all targets instead of --rank, shared by their spectra (scale 1)."
     ),
-    allocation: str = typer.Option(
-        "energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."
-    ),
+    allocation: str = AllocationOpt,
     residual_out: Path | None = typer.Option(None, "--residual-out", help="Write the residual base model here."),
     no_residual: bool = typer.Option(
         False, "--no-residual", help="Write only the adapter (it then needs a residual you make)."
@@ -77,11 +38,7 @@ def init_lora(
         metavar="TRAINED",
     ),
     initial: Path | None = typer.Option(None, "--initial", help="The adapter init-lora wrote before training."),
-    device: str = DeviceOpt,
-    ray: str | None = RayOpt,
-    ray_timeout: float | None = RayTimeoutOpt,
-    threads: int | None = ThreadsOpt,
-    force: bool = ForceOpt,
+    common: Operation = None,
 ) -> None:
     """Initialise a LoRA from the base's singular directions (LoRA-Init from TSDs, PiSSA, MiLoRA).
 
@@ -89,7 +46,7 @@ def init_lora(
     """
     refuse_unless(
         as_plain_lora is None,
-        "does not apply to --as-plain-lora (it converts a trained adapter as it is)",
+        "does not apply to --as-plain-lora (it converts a trained adapter as it is, computing nothing to report)",
         "base",
         "rank",
         "method",
@@ -104,8 +61,11 @@ def init_lora(
         "residual_out",
         "no_residual",
         "device",
+        "threads",
         "ray",
         "ray_timeout",
+        "json_out",
+        "report",
     )
     refuse_unless(
         as_plain_lora is not None, "is the adapter --as-plain-lora converts: it needs --as-plain-lora", "initial"
@@ -125,27 +85,17 @@ def init_lora(
     if as_plain_lora is not None:
         if initial is None:
             raise InvalidArgument("--as-plain-lora needs --initial (the adapter as init-lora wrote it)")
-        with outputs(force, [as_plain_lora, initial, base], out_dir=out) as plan:
+        with common.outputs([as_plain_lora, initial, base]) as plan:
             from weightlab.io import LoraAdapter, open_checkpoint
-            from weightlab.io.adapter_writer import write_adapter
             from weightlab.surgery.lora import to_plain_lora
 
             trained, start = open_checkpoint(as_plain_lora), open_checkpoint(initial)
             if not isinstance(trained, LoraAdapter) or not isinstance(start, LoraAdapter):
                 raise InvalidArgument("--as-plain-lora and --initial take PEFT adapter folders", as_plain_lora)
-            factors, scale, saved = to_plain_lora(trained, start)
-            write_adapter(
-                plan.path("-o"),
-                factors,
-                scale=scale,
-                base_model=trained.base_model_name_or_path,
-                fan_in_fan_out=bool(trained.adapter_config.get("fan_in_fan_out")),
-                sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)},
-                saved=saved,
-            )
-        console.print(
-            f"plain LoRA of rank {2 * next(iter(trained.modules.values())).rank} for the unmodified base → {out}/"
-        )
+            plain = to_plain_lora(trained, start)
+            plain.write(plan.path("-o"), sidecar={"converted_from": str(as_plain_lora), "initial": str(initial)})
+        rank = next(iter(plain.factors.values())).rank
+        console.print(f"plain LoRA of rank {rank} for the unmodified base → {common.out}/")
         return
     if base is None:
         raise InvalidArgument("give the BASE checkpoint")
@@ -156,18 +106,15 @@ def init_lora(
             "this adapter only reproduces the model on the residual base: give --residual-out DIR, "
             "or --no-residual if you will build the residual yourself"
         )
-    with outputs(force, [base, source], out_dir=out, residual_out_dir=residual_out) as plan:
-        from weightlab.compute.device import Compute
+    with common.outputs([base, source], residual_out_dir=residual_out) as plan:
         from weightlab.io import CheckpointWriter, open_finetuned, open_weights
-        from weightlab.io.adapter_writer import write_adapter
         from weightlab.io.writer import stored_plan
         from weightlab.surgery.lora import init_lora as run_init
         from weightlab.surgery.targets import resolve_targets
 
-        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
+        compute = common.compute()
         base_ckpt = open_weights(base)
         names = resolve_targets(base_ckpt, targets)
-        fan = _fan_in_fan_out(base_ckpt, names)
         ft = open_finetuned(source, base_ckpt) if source else None
         writer = (
             CheckpointWriter(
@@ -181,26 +128,17 @@ def init_lora(
         )
         with progress(f"init-lora ({options.method})", "modules") as (on_start, on_progress), writer or nullcontext():
             on_start(len(names))
-            report, factors = run_init(base_ckpt, names, options, ft, writer, compute, on_progress, budget)
-            scale = 1.0 if budget else options.scale
-            write_adapter(
-                plan.path("-o"),
-                factors,
-                scale=scale,
-                base_model=str(residual_out or base),
-                fan_in_fan_out=fan,
-                sidecar=report.to_dict(),
+            result, adapter = run_init(
+                base_ckpt, names, options, ft, writer, compute, on_progress, budget, str(residual_out or base)
             )
-    ranks = f"ranks from a budget of {rank_budget} ({allocation})" if budget else f"r = {options.rank}"
-    _show(report, f"init-lora {options.method}: {len(report.modules)} modules, {ranks}, scale {scale:g}")
-    console.print(f"adapter → {out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
+        common.finish(plan, result, adapter)
+    common.show(result, f"adapter → {common.out}/" + (f"; residual base → {residual_out}/" if residual_out else ""))
 
 
-@app.command("extract-lora")
+@operation_command("extract-lora")
 def extract_lora(
     base: Path = typer.Argument(..., help="Base checkpoint."),
     finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint (or adapter) of BASE."),
-    out: Path = typer.Option(..., "-o", "--out", help="Adapter folder to write."),
     rank: int | None = typer.Option(None, "--rank", "-r", help="One rank for every module."),
     energy: float | None = typer.Option(
         None, "--energy", help="Per-module rank keeping this share of ‖ΔW‖² (e.g. 0.9)."
@@ -208,43 +146,27 @@ def extract_lora(
     rank_budget: int | None = typer.Option(
         None, "--rank-budget", help="Total rank over all targets, shared by the spectra of their ΔW."
     ),
-    allocation: str = typer.Option(
-        "energy", "--rank-allocation", help="How --rank-budget is shared: energy or entropy."
-    ),
-    targets: str = typer.Option(
-        "all-linear", "--targets", help="Module suffixes (q_proj,v_proj), a regex, or all-linear."
-    ),
-    device: str = DeviceOpt,
-    ray: str | None = RayOpt,
-    ray_timeout: float | None = RayTimeoutOpt,
-    threads: int | None = ThreadsOpt,
-    force: bool = ForceOpt,
+    allocation: str = AllocationOpt,
+    targets: str = TargetsOpt,
+    common: Operation = None,
 ) -> None:
     """Approximate each ΔW = W_ft − W_base by its truncated SVD and write it as a PEFT LoRA adapter.
 
     Example: weightlab extract-lora base/ ft/ --energy 0.9 -o extracted/
     """
     refuse_unless(rank_budget is not None, "says how --rank-budget is shared: it needs --rank-budget", "allocation")
-    with outputs(force, [base, finetuned], out_dir=out) as plan:
-        from weightlab.compute.device import Compute
+    with common.outputs([base, finetuned]) as plan:
         from weightlab.io import open_finetuned, open_weights
-        from weightlab.io.adapter_writer import write_adapter
         from weightlab.surgery.lora import extract_lora as run_extract
         from weightlab.surgery.targets import resolve_targets
 
-        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
+        compute = common.compute()
         base_ckpt = open_weights(base)
         ft = open_finetuned(finetuned, base_ckpt)
         names = resolve_targets(base_ckpt, targets)
-        fan = _fan_in_fan_out(base_ckpt, names)
+        budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
         with progress("extract-lora", "modules") as (on_start, on_progress):
             on_start(len(names))
-            budget = RankBudget(rank_budget, allocation) if rank_budget is not None else None
-            report, factors = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress, budget)
-        write_adapter(
-            plan.path("-o"), factors, scale=1.0, base_model=str(base), fan_in_fan_out=fan, sidecar=report.to_dict()
-        )
-    _show(report, f"extract-lora: {len(report.modules)} modules")
-    if report.skipped:
-        console.print(f"[yellow]note:[/] {len(report.skipped)} targeted weights are unchanged and were skipped")
-    console.print(f"adapter → {out}/")
+            result, adapter = run_extract(base_ckpt, ft, names, rank, energy, compute, on_progress, budget, str(base))
+        common.finish(plan, result, adapter)
+    common.show(result, f"adapter → {common.out}/")

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperCommand
 
-from weightlab.cli.app import (
-    DeviceOpt,
-    ForceOpt,
-    RayOpt,
-    RayTimeoutOpt,
-    ReportOpt,
-    ThreadsOpt,
-    app,
-    emit,
-    outputs,
-    progress,
-    refuse_unless,
-    show,
-)
+from weightlab.cli.app import Operation, operation_command, progress, refuse_unless
 from weightlab.errors import InvalidArgument
 from weightlab.options import NanOptions
-
-if TYPE_CHECKING:
-    from weightlab.merge.config import MergeConfig
 
 
 def _methods_help() -> str:
@@ -81,10 +64,9 @@ class _MergeCommand(TyperCommand):
         pass
 
 
-@app.command(cls=_MergeCommand)
+@operation_command("merge", cls=_MergeCommand)
 def merge(
     models: list[str] = typer.Argument(None, help="Fine-tuned checkpoints to merge (or give them in --config)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output checkpoint folder."),
     method: str | None = typer.Option(None, "--method", help="One of the methods listed below."),
     base: str | None = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
     weights: str | None = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
@@ -121,12 +103,7 @@ def merge(
     max_rank: int | None = typer.Option(
         None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."
     ),
-    device: str = DeviceOpt,
-    ray: str | None = RayOpt,
-    ray_timeout: float | None = RayTimeoutOpt,
-    threads: int | None = ThreadsOpt,
-    report_out: Path | None = ReportOpt,
-    force: bool = ForceOpt,
+    common: Operation = None,
 ) -> None:
     """Merge fine-tunes of one base, streaming tensor by tensor, with manual or NAN coefficients.
 
@@ -184,28 +161,16 @@ def merge(
         "ray_timeout",
         "threads",
     )
-    if cfg.as_adapter:
-        return _merge_adapters(cfg, out, [config], report_out, force)
-    from weightlab.compute.device import Compute
-    from weightlab.merge import merge as run_merge
+    with common.outputs([cfg.base, *cfg.models, config, cfg.donor]) as plan:
+        from weightlab.merge import merge as run_merge
+        from weightlab.merge.adapters import merge_as_adapter
 
-    with outputs(force, [cfg.base, *cfg.models, config, cfg.donor], out_dir=out, report=report_out) as plan:
-        compute = Compute.create(device, cluster=ray, cluster_timeout=ray_timeout, threads=threads)
-        with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
-            report = run_merge(cfg, plan.path("-o"), compute=compute, on_progress=on_progress, on_start=on_start)
-        report.out = str(out)  # it was written to a staging path; this is where it lands
-        emit(plan, report)
-    show(report)
-
-
-def _merge_adapters(
-    cfg: MergeConfig, out: Path, extra_inputs: list[Path | None], report_out: Path | None, force: bool
-) -> None:
-    """`merge --as-adapter`: LoRA adapters of one base in, one LoRA adapter out."""
-    from weightlab.merge.adapters import merge_as_adapter
-
-    with outputs(force, [cfg.base, *cfg.models, *extra_inputs], out_dir=out, report=report_out) as plan:
-        report = merge_as_adapter(cfg, plan.path("-o"))
-        report.out = str(out)
-        emit(plan, report)
-    show(report)
+        if cfg.as_adapter:  # LoRA adapters of one base in, one LoRA adapter out
+            report = merge_as_adapter(cfg, plan.path("-o"))
+        else:
+            compute = common.compute()
+            with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
+                report = run_merge(cfg, plan.path("-o"), compute=compute, on_progress=on_progress, on_start=on_start)
+        report.out = str(common.out)  # it was written to a staging path; this is where it lands
+        common.finish(plan, report)
+    common.show(report)

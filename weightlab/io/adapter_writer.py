@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,32 @@ class LoraFactors:
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+
+@dataclass
+class NewAdapter:
+    """An adapter an operation made, not yet written: its modules' factors at one LoRA scale, the
+    whole tensors of its saved modules, and what PEFT needs to apply it. `write` makes the folder."""
+
+    factors: dict[str, LoraFactors]
+    scale: float
+    base_model: str | None
+    fan_in_fan_out: bool = False
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def write(
+        self, out_dir: str | Path, sidecar: dict[str, Any] | None = None, files: Mapping[str, str] | None = None
+    ) -> None:
+        write_adapter(
+            out_dir,
+            self.factors,
+            scale=self.scale,
+            base_model=self.base_model,
+            fan_in_fan_out=self.fan_in_fan_out,
+            sidecar=sidecar,
+            saved=self.saved,
+            files=files,
+        )
 
 
 def peft_tensors(module: str, f: LoraFactors) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from weightlab.compute.deltas import numerical_rank
 from weightlab.compute.svd import lowrank_svd
 from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
-from weightlab.io.adapter_writer import LoraFactors, write_adapter
+from weightlab.io.adapter_writer import LoraFactors, NewAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.io.safetensors_file import torch_dtype
@@ -283,15 +283,13 @@ def merge_as_adapter(config: MergeConfig, out_dir: str | Path) -> MergeReport:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
     merged = merge_adapters(adapters, config.method, weights, config.resolved, config.max_rank, config.seed, base)
-    write_adapter(
-        out_dir,
+    NewAdapter(
         {m.name: m.factors for m in merged.modules},
-        scale=1.0,
-        base_model=config.base or adapters[0].base_model_name_or_path,
-        fan_in_fan_out=bool(adapters[0].adapter_config.get("fan_in_fan_out")),
-        saved=merged.saved,
-        files={RECORD: record_yaml(config)},
-    )
+        1.0,
+        config.base or adapters[0].base_model_name_or_path,
+        bool(adapters[0].adapter_config.get("fan_in_fan_out")),
+        merged.saved,
+    ).write(out_dir, files={RECORD: record_yaml(config)})
     return MergeReport(
         config,
         str(out_dir),

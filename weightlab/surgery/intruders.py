@@ -29,7 +29,7 @@ from weightlab.compute.spectra import intruder_dimensions
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint
-from weightlab.io.adapter_writer import LoraFactors
+from weightlab.io.adapter_writer import LoraFactors, NewAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
@@ -131,14 +131,6 @@ class IntruderReport(Result):
         ]
 
 
-@dataclass
-class MitigatedAdapter:
-    """An adapter fine-tune after mitigation, at scale 1: every module's factors, and its saved tensors."""
-
-    factors: dict[str, LoraFactors]
-    saved: dict[str, torch.Tensor]
-
-
 def mitigate_intruders(
     base: Checkpoint,
     finetuned: Checkpoint,
@@ -148,10 +140,11 @@ def mitigate_intruders(
     compute: Compute | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
-) -> tuple[IntruderReport, MitigatedAdapter | None]:
+) -> tuple[IntruderReport, NewAdapter | None]:
     """Scale every intruder direction of `finetuned` (a checkpoint, or an adapter applied to
     `base`) by λ. A dense fine-tune is written whole into `writer` (planned with its stored
-    layout); an adapter comes back whole as a `MitigatedAdapter`, for `write_adapter` at scale 1."""
+    layout; on a Ray cluster the workers write their matrices into it); an adapter comes back
+    whole as a `NewAdapter` at scale 1."""
     compute = compute or Compute.create()
     adapter = isinstance(finetuned, AdaptedCheckpoint)
     walk = TensorWalk([base, finetuned], Selection.of(options), changed_by=[finetuned])
@@ -161,10 +154,12 @@ def mitigate_intruders(
         )
     report = IntruderReport(str(base.path), str(finetuned.path), out, "adapter" if adapter else "checkpoint", options)
     chosen = {item.names[0] for item in walk.items}
-    if writer is not None:
+    sink = None
+    if writer is not None and not adapter:
         for name in finetuned.names():
             if name not in chosen:
                 writer.add(name, finetuned.get(name))
+        sink = writer.sink([item.names[0] for item in walk.items], compute.cluster is not None)
 
     def stored(name: str, new: torch.Tensor) -> torch.Tensor:
         """A matrix back in the fine-tune's storage layout and dtype."""
@@ -214,12 +209,12 @@ def mitigate_intruders(
                 )
             elif adapter:  # a saved module's matrix: corrected densely
                 product = stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1])
-            elif writer is not None:
+            elif sink is not None:
                 dtype = torch_dtype(finetuned.info(name).dtype, finetuned.path, name)
                 if correction is None and dtype.itemsize > w_ft.element_size():
-                    writer.add(name, finetuned.get(name))  # read at a lower precision: the stored bytes again
+                    sink(name, finetuned.get(name))  # read at a lower precision: the stored bytes again
                 else:  # untouched, back to the stored dtype exactly (it is no wider than the compute dtype)
-                    writer.add(
+                    sink(
                         name,
                         stored(name, w_ft if correction is None else w_ft.double() + correction[0] @ correction[1]),
                     )
@@ -228,6 +223,8 @@ def mitigate_intruders(
 
     pieces = walk.in_order(walk.map(work, compute, on_start=on_start, on_progress=on_progress), lambda p: p[0].name)
     report.matrices = [entry for entry, _ in pieces]
+    if writer is not None and not adapter and compute.cluster is not None:
+        writer.written_elsewhere([entry.name for entry, _ in pieces])
     if not adapter:
         return report, None
     done = {entry.name: product for entry, product in pieces}
@@ -240,4 +237,10 @@ def mitigate_intruders(
         own: done[name] if name in done and name not in finetuned.module_of else whole.read_saved(own)
         for name, own in finetuned.saved_of.items()
     }
-    return report, MitigatedAdapter(factors, saved)
+    return report, NewAdapter(
+        factors,
+        1.0,
+        whole.base_model_name_or_path,
+        bool(whole.adapter_config.get("fan_in_fan_out")),
+        saved,
+    )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,13 +34,15 @@ from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.domains import Int, Real
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import LoraAdapter
-from weightlab.io.adapter_writer import LoraFactors
+from weightlab.io.adapter_writer import LoraFactors, NewAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter
-from weightlab.naming import from_matrix, matrix_shape, module_role
+from weightlab.naming import from_matrix, layer_index, matrix_shape, module_role
 from weightlab.options import LoraInitOptions, RankBudget
+from weightlab.results import Result, Table
 from weightlab.surgery.rank_budget import allocate_ranks
+from weightlab.surgery.targets import fan_in_fan_out
 
 
 @dataclass
@@ -53,8 +56,13 @@ class ModuleReport:
 
 
 @dataclass
-class LoraReport:
-    kind: str  # "init" or "extract"
+class LoraReport(Result):
+    """What init-lora or extract-lora made: per module its rank, the directions used, the energy
+    share they hold and the relative error left; also the adapter's sidecar `weightlab_lora.json`."""
+
+    ORDER = 70
+    KIND: ClassVar[str]  # "init" or "extract"
+
     options: dict
     base: str
     source: str | None
@@ -62,7 +70,65 @@ class LoraReport:
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"schema": f"weightlab.lora-{self.kind}/1", **asdict(self)}
+        return {"schema": self.SCHEMA, "kind": self.KIND, **asdict(self)}
+
+    def rows(self) -> list[dict]:
+        return [
+            {**asdict(m), "shape": "×".join(map(str, m.shape)), "indices": " ".join(map(str, m.indices))}
+            for m in self.modules
+        ]
+
+    def tables(self) -> list[Table]:
+        share = "‖W‖²" if self.KIND == "init" else "‖ΔW‖²"
+        return [
+            Table(
+                f"{len(self.modules)} modules",
+                ["module", "layer", "shape", "rank", "directions", f"share of {share}", "relative error"],
+                [
+                    [
+                        m.name,
+                        layer_index(m.name),
+                        f"{m.shape[0]}×{m.shape[1]}",
+                        m.rank,
+                        ", ".join(map(str, m.indices[:6])) + (" …" if len(m.indices) > 6 else ""),
+                        m.energy,
+                        m.relative_error,
+                    ]
+                    for m in self.modules
+                ],
+                numeric_from=3,
+                names=True,
+            )
+        ]
+
+    def headline(self) -> list[tuple[str, str, Any]]:
+        errors = [m.relative_error for m in self.modules]
+        return [
+            ("modules", "modules adapted", len(self.modules)),
+            ("rank", "total rank", sum(m.rank for m in self.modules)),
+            ("max_error", "largest relative error", max(errors) if errors else None),
+        ]
+
+    def lines(self) -> list[str]:
+        if not self.skipped:
+            return []
+        return [f"{len(self.skipped)} targeted weights are unchanged in the fine-tune and were skipped"]
+
+
+@dataclass
+class LoraInitReport(LoraReport):
+    SCHEMA = "weightlab.lora-init/1"
+    TITLE = "LoRA initialised from the base's singular directions"
+    REFERENCE = "Meng et al. 2024 (PiSSA); Wang et al. 2024 (MiLoRA); Si et al. 2024 (LoRA-Init from TSDs)"
+    KIND = "init"
+
+
+@dataclass
+class LoraExtractReport(LoraReport):
+    SCHEMA = "weightlab.lora-extract/1"
+    TITLE = "LoRA extracted from a fine-tune"
+    REFERENCE = "Eckart & Young 1936 (best rank-r approximation of ΔW)"
+    KIND = "extract"
 
 
 def _check_rank(name: str, rank: int, shape: tuple[int, ...], path) -> None:
@@ -173,12 +239,15 @@ def init_lora(
     compute: Compute | None = None,
     on_progress: Callable[[int], None] | None = None,
     budget: RankBudget | None = None,
-) -> tuple[LoraReport, dict[str, LoraFactors]]:
-    """Factors for every targeted weight; with `residual` (a writer planned with `stored_plan(base)`),
-    the whole base is written into it with the targeted weights replaced by their residuals (in
-    the base's dtype). With `budget`, ranks are shared by the spectra of W (of ΔW for tsd) and
-    the scale is 1 (lora_alpha = each module's rank)."""
+    base_model: str | None = None,
+) -> tuple[LoraInitReport, NewAdapter]:
+    """The adapter of every targeted weight's factors; with `residual` (a writer planned with
+    `stored_plan(base)`), the whole base is written into it with the targeted weights replaced by
+    their residuals (in the base's dtype). With `budget`, ranks are shared by the spectra of W (of
+    ΔW for tsd) and the scale is 1 (lora_alpha = each module's rank). `base_model` is what the
+    adapter names as its base (default: the base's path; give the residual's when there is one)."""
     compute = compute or Compute.create()
+    fan = fan_in_fan_out(base, targets)
     if options.method == "tsd" and finetuned is None:
         raise InvalidArgument("--method tsd needs --from FT (a fine-tuned checkpoint or a warm-up adapter)")
     if budget is not None and options.alpha is not None:
@@ -194,8 +263,7 @@ def init_lora(
     for name in targets:
         _check_rank(name, ranks[name], matrix_shape(name, base.info(name).shape, base.config), base.path)
     scale = 1.0 if budget is not None else options.scale
-    report = LoraReport(
-        "init",
+    report = LoraInitReport(
         {**asdict(options), **({"rank_budget": asdict(budget), "rank": None} if budget else {})},
         str(base.path),
         None if finetuned is None else str(finetuned.path),
@@ -250,7 +318,15 @@ def init_lora(
         factors[name.removesuffix(".weight")] = f
         report.modules.append(module)
     report.modules = walk.in_order(report.modules, lambda m: m.name)
-    return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
+    return report, _adapter(report, factors, scale, base_model or str(base.path), fan)
+
+
+def _adapter(
+    report: LoraReport, factors: dict[str, LoraFactors], scale: float, base_model: str, fan: bool
+) -> NewAdapter:
+    """The adapter of `factors`, its modules in the report's order."""
+    ordered = {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
+    return NewAdapter(ordered, scale, base_model, fan)
 
 
 def extract_lora(
@@ -262,10 +338,13 @@ def extract_lora(
     compute: Compute | None = None,
     on_progress: Callable[[int], None] | None = None,
     budget: RankBudget | None = None,
-) -> tuple[LoraReport, dict[str, LoraFactors]]:
-    """LoRA factors of ΔW for every targeted weight (scale 1), of one rank, of the rank that keeps
-    an `energy` share, or of the ranks a `budget` gives each module from the spectra of ΔW."""
+    base_model: str | None = None,
+) -> tuple[LoraExtractReport, NewAdapter]:
+    """The adapter (scale 1) of ΔW's truncated SVD for every targeted weight, of one rank, of the
+    rank that keeps an `energy` share, or of the ranks a `budget` gives each module from the
+    spectra of ΔW. `base_model` is what the adapter names as its base (default: the base's path)."""
     compute = compute or Compute.create()
+    fan = fan_in_fan_out(base, targets)
     if sum(x is not None for x in (rank, energy, budget)) != 1:
         raise InvalidArgument("give exactly one of --rank, --energy and --rank-budget")
     Int(1, optional=True).check("--rank", rank)
@@ -275,8 +354,7 @@ def extract_lora(
             _check_rank(name, rank, matrix_shape(name, base.info(name).shape, base.config), base.path)
     _check_same_weights(base, finetuned, targets)
     ranks = budget_ranks(base, targets, budget, finetuned, compute) if budget is not None else None
-    report = LoraReport(
-        "extract",
+    report = LoraExtractReport(
         {"rank": rank, "energy": energy, "rank_budget": asdict(budget) if budget else None},
         str(base.path),
         str(finetuned.path),
@@ -340,17 +418,15 @@ def extract_lora(
         raise InvalidArgument("no targeted weight differs between the base and the fine-tune", finetuned.path)
     report.modules = walk.in_order(report.modules, lambda m: m.name)
     report.skipped = walk.in_order(report.skipped, str)
-    return report, {m.name.removesuffix(".weight"): factors[m.name.removesuffix(".weight")] for m in report.modules}
+    return report, _adapter(report, factors, 1.0, base_model or str(base.path), fan)
 
 
-def to_plain_lora(
-    trained: LoraAdapter, initial: LoraAdapter
-) -> tuple[dict[str, LoraFactors], float, dict[str, torch.Tensor]]:
+def to_plain_lora(trained: LoraAdapter, initial: LoraAdapter) -> NewAdapter:
     """A trained adapter that started from `initial` on a residual base, as a plain LoRA for the
     unmodified base: A' = [A; A₀], B' = [B, −B₀] (rank 2r, same scale), so that
     s·B'A' = s(BA − B₀A₀) — the conversion PEFT documents for PiSSA. A LoRA bias becomes b − b₀;
     the trained adapter's saved modules come along as they are (the residual base leaves every
-    untargeted tensor as the base has it). Returns the factors, the scale and the saved tensors."""
+    untargeted tensor as the base has it)."""
     if set(trained.modules) != set(initial.modules):
         raise InvalidArgument("the trained adapter and the initial one adapt different modules", trained.path)
     out, scales = {}, set()
@@ -374,4 +450,10 @@ def to_plain_lora(
         scales.add(m.scale)
     if len(scales) != 1:
         raise InvalidArgument("modules have different scales; cannot write one plain adapter", trained.path)
-    return out, scales.pop(), {name: trained.read_saved(name) for name in trained.saved}
+    return NewAdapter(
+        out,
+        scales.pop(),
+        trained.base_model_name_or_path,
+        bool(trained.adapter_config.get("fan_in_fan_out")),
+        {name: trained.read_saved(name) for name in trained.saved},
+    )

@@ -6,7 +6,7 @@ import re
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.naming import module_role
+from weightlab.naming import is_conv1d, module_role
 
 _REGEX_CHARS = set("*+?[](){}|\\^$")
 _NOT_LINEAR = {"embed", "pos_embed", "head", "norm", "bias"}
@@ -53,3 +53,11 @@ def resolve_targets(ckpt: Checkpoint, targets: str) -> list[str]:
     if not chosen:
         raise InvalidArgument(f"--targets {targets!r} matches no 2-D weight", ckpt.path)
     return sorted(set(chosen), key=ckpt.names().index)
+
+
+def fan_in_fan_out(base: Checkpoint, targets: list[str]) -> bool:
+    """PEFT's `fan_in_fan_out` for an adapter of `targets`: true for GPT-2's Conv1D (in×out) weights."""
+    conv = {is_conv1d(n, base.config) for n in targets}
+    if len(conv) > 1:
+        raise InvalidArgument("targets mix Conv1D (in×out) and Linear weights; target them in separate adapters")
+    return conv.pop() if conv else False
