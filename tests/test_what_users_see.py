@@ -242,3 +242,23 @@ def test_cache_entries_take_the_users_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert cache.path(content_key(w)).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_every_options_help_is_shown_as_written(run_cli, monkeypatch):
+    """Brackets in help are text: `[default: all]` and `weightlab[ray]` are not eaten as markup."""
+    import re
+
+    import typer.main
+
+    import weightlab.cli.commands  # noqa: F401 - registers every command
+    from weightlab.cli.app import app
+
+    monkeypatch.setenv("COLUMNS", "400")
+    commands = typer.main.get_command(app).commands
+    assert len(commands) >= 13
+    for name, command in commands.items():
+        code, out, _ = run_cli(name, "--help")
+        shown = re.sub(r"[│\s]+", " ", out)
+        for param in command.params:
+            text = (param.help or "").replace("\\[", "[")
+            assert code == 0 and re.sub(r"\s+", " ", text) in shown, (name, text)

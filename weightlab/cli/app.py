@@ -60,7 +60,12 @@ console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
 err_console = Console(stderr=True)
 state = {"debug": False}
 
-JsonOpt = typer.Option(None, "--json", help="Write the result as JSON ('-' for stdout).", metavar="FILE")
+JsonOpt = typer.Option(
+    None,
+    "--json",
+    help="Write the result (for a model: the record of what was done) as JSON ('-' for stdout).",
+    metavar="FILE",
+)
 CsvOpt = typer.Option(None, "--csv", help="Write one row per tensor as CSV ('-' for stdout).", metavar="FILE")
 ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (GPU when present), cpu, or cuda[:N].")
@@ -164,15 +169,15 @@ class Common:
 
     rows: int
     device: str
+    threads: int | None
     json_out: str | None
     csv_out: str | None
     plots: Path | None
     report: Path | None
     force: bool
-    ray: str | None = None
-    ray_timeout: float | None = None
-    threads: int | None = None
-    dtype: str = "float32"
+    ray: str | None
+    ray_timeout: float | None
+    dtype: str = "float32"  # gaussian has no --dtype
 
     def __post_init__(self) -> None:
         check_rows(self.rows)
@@ -225,8 +230,8 @@ class Operation:
     json_out: str | None
     report: Path | None
     force: bool
-    ray: str | None = None
-    ray_timeout: float | None = None
+    ray: str | None
+    ray_timeout: float | None
 
     def compute(self) -> Compute:
         from weightlab.compute.device import Compute
@@ -253,44 +258,33 @@ class Operation:
             console.print(Text(one_line(line)), highlight=False)
 
 
-def _operation_parameters() -> list[inspect.Parameter]:
-    options: list[tuple[str, Any, Any]] = [
-        ("out", Path, typer.Option(..., "-o", "--out", help="Folder to write the model (or adapter) into.")),
-        ("device", str, DeviceOpt),
-        ("threads", int | None, ThreadsOpt),
-        (
-            "json_out",
-            str | None,
-            typer.Option(None, "--json", help="Write what was done as JSON ('-' for stdout).", metavar="FILE"),
-        ),
-        ("report", Path | None, ReportOpt),
-        ("force", bool, ForceOpt),
-        ("ray", str | None, RayOpt),
-        ("ray_timeout", float | None, RayTimeoutOpt),
-    ]
-    return [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-        for name, annotation, default in options
-    ]
+# Each shared option once: the fields of `Common` and `Operation` take their flags and help from here.
+SHARED_OPTIONS = {
+    "rows": typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv)."),
+    "out": typer.Option(..., "-o", "--out", help="Folder to write the model (or adapter) into."),
+    "device": DeviceOpt,
+    "threads": ThreadsOpt,
+    "dtype": DtypeOpt,
+    "json_out": JsonOpt,
+    "csv_out": CsvOpt,
+    "plots": PlotsOpt,
+    "report": ReportOpt,
+    "force": ForceOpt,
+    "ray": RayOpt,
+    "ray_timeout": RayTimeoutOpt,
+}
 
 
-def _common_parameters(precision: bool) -> list[inspect.Parameter]:
-    options: list[tuple[str, Any, Any]] = [
-        ("rows", int, typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv).")),
-        ("device", str, DeviceOpt),
-        ("threads", int | None, ThreadsOpt),
-        *([("dtype", str, DtypeOpt)] if precision else []),
-        ("json_out", str | None, JsonOpt),
-        ("csv_out", str | None, CsvOpt),
-        ("plots", Path | None, PlotsOpt),
-        ("report", Path | None, ReportOpt),
-        ("force", bool, ForceOpt),
-        ("ray", str | None, RayOpt),
-        ("ray_timeout", float | None, RayTimeoutOpt),
-    ]
+def shared_parameters(cls: type, leave_out: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """The command-line options of a shared-options dataclass (`Common`, `Operation`): one per
+    field, in field order, flags and help from `SHARED_OPTIONS`. A field left out takes its default."""
+    hints = typing.get_type_hints(cls)
     return [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-        for name, annotation, default in options
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=SHARED_OPTIONS[f.name], annotation=hints[f.name]
+        )
+        for f in dataclasses.fields(cls)
+        if f.name not in leave_out
     ]
 
 
@@ -356,14 +350,14 @@ def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]
     """Register an analysis command: its own arguments, its options dataclass, and the shared
     options (rows, device, threads, dtype unless `precision=False`, outputs, force, Ray) as
     `common: Common`, added here once for every command."""
-    return command(common=(Common, lambda: _common_parameters(precision)))
+    return command(common=(Common, lambda: shared_parameters(Common, () if precision else ("dtype",))))
 
 
 def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a command that writes a model: its own arguments and options dataclass, and the
     shared `-o`, `--device`, `--threads`, `--json`, `--report`, `--force` and `--ray` as
     `common: Operation`, added here once for every such command."""
-    return command(name=name, common=(Operation, _operation_parameters), **settings)
+    return command(name=name, common=(Operation, lambda: shared_parameters(Operation)), **settings)
 
 
 def given(name: str) -> bool:

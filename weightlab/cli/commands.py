@@ -26,14 +26,17 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import ClickException, Context
 
 
-def _quiet_flags(command) -> None:
-    """A flag takes no value, so --help shows no type for it (typer would print `<bool>`)."""
+def _plain_help(command) -> None:
+    """Help as written: a flag shows no type (typer would print `<bool>`), and brackets are text, not
+    rich markup (which would swallow `[default: all]` and `weightlab[ray]`)."""
     help_option = command.get_help_option(Context(command))
     for param in [*command.params, *([help_option] if help_option else [])]:
         if getattr(param, "is_flag", False):
             param.metavar = ""
+        if getattr(param, "help", None) and "\\[" not in param.help:
+            param.help = param.help.replace("[", "\\[")
     for sub in getattr(command, "commands", {}).values():
-        _quiet_flags(sub)
+        _plain_help(sub)
 
 
 def run(args: list[str]) -> int:
@@ -41,7 +44,7 @@ def run(args: list[str]) -> int:
     state["debug"] = "--debug" in args
     try:
         command = typer.main.get_command(app)
-        _quiet_flags(command)
+        _plain_help(command)
         result = command.main(args=args, prog_name="weightlab", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except typer.Exit as e:
