@@ -79,11 +79,12 @@ class LoraReport(Result):
         ]
 
     def tables(self) -> list[Table]:
-        share = "‖W‖²" if self.KIND == "init" else "‖ΔW‖²"
+        init = self.KIND == "init"
+        share, error = ("‖W‖²", "‖W − sBA‖/‖W‖ (residual)") if init else ("‖ΔW‖²", "relative error")
         return [
             Table(
                 f"{len(self.modules)} modules",
-                ["module", "layer", "shape", "rank", "directions", f"share of {share}", "relative error"],
+                ["module", "layer", "shape", "rank", "directions", f"share of {share}", error],
                 [
                     [
                         m.name,
@@ -102,11 +103,18 @@ class LoraReport(Result):
         ]
 
     def headline(self) -> list[tuple[str, str, Any]]:
-        errors = [m.relative_error for m in self.modules]
+        """For extraction, how far the adapter is from ΔW at worst; for initialisation (where adapter
+        plus residual is W exactly), how much of ‖W‖² the adapter took on average."""
+        shares, errors = [m.energy for m in self.modules], [m.relative_error for m in self.modules]
+        last = (
+            ("max_error", "largest relative error", max(errors) if errors else None)
+            if self.KIND == "extract"
+            else ("mean_share", "mean share of ‖W‖² in the adapter", sum(shares) / len(shares) if shares else None)
+        )
         return [
             ("modules", "modules adapted", len(self.modules)),
             ("rank", "total rank", sum(m.rank for m in self.modules)),
-            ("max_error", "largest relative error", max(errors) if errors else None),
+            last,
         ]
 
     def lines(self) -> list[str]:
