@@ -35,9 +35,9 @@ from generate import ROOT
 from weightlab.demo import Task, finetune
 from weightlab.examples import minilm_path
 from weightlab.io import open_weights
-from weightlab.merge import merge
-from weightlab.merge.config import build_config
-from weightlab.merge.methods import METHODS
+from weightlab.merging import merge
+from weightlab.merging.config import build_config
+from weightlab.merging.methods import METHODS
 
 ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow", "lion", "mouse"]
 THINGS = ["car", "house", "chair", "table", "book", "phone", "lamp", "boat"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from weightlab.merge.methods import METHODS
+from weightlab.merging.methods import METHODS
 
 
 def ours(method: str, taus: list[torch.Tensor], **params: float) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 from _models import workspace
 
-from weightlab.merge import merge
-from weightlab.merge.config import build_config
+from weightlab.merging import merge
+from weightlab.merging.config import build_config
 
 m = workspace()
 models = [str(m[k]) for k in ("ft_a", "ft_b", "ft_c")]

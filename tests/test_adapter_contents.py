@@ -15,9 +15,9 @@ from weightlab import synthetic
 from weightlab.analysis.compare import compare
 from weightlab.analysis.spectrum import spectrum
 from weightlab.io import open_checkpoint, open_finetuned
-from weightlab.merge.adapters import merge_as_adapter
-from weightlab.merge.config import MergeConfig
-from weightlab.merge.run import merge
+from weightlab.merging.adapters import merge_as_adapter
+from weightlab.merging.config import MergeConfig
+from weightlab.merging.run import merge
 
 
 def _trained_adapter(folder, seed: int, **config):

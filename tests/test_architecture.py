@@ -11,7 +11,7 @@ from pathlib import Path
 import weightlab
 
 PACKAGE = Path(weightlab.__file__).parent
-FEATURES = {"analysis", "merge", "surgery"}
+FEATURES = {"analysis", "merging", "surgery"}
 # the floors, bottom up, and what each may import besides itself and the bottom floor; the top
 # (cli, demo, synthetic, inventory, examples) may import anything
 BOTTOM = {"errors", "domains", "options", "display", "model_config", "naming", "results"}
@@ -20,9 +20,9 @@ ALLOWED = {
     "matching": {"io"},
     "compute": {"io", "matching"},
     "analysis": {"io", "matching", "compute"},
-    "merge": {"io", "matching", "compute"},
+    "merging": {"io", "matching", "compute"},
     "surgery": {"io", "matching", "compute"},
-    "report": {"io", "matching", "compute", "analysis", "merge", "surgery", "inventory", "demo"},
+    "report": {"io", "matching", "compute", "analysis", "merging", "surgery", "inventory", "demo"},
 }
 
 

@@ -32,7 +32,9 @@ for path in library + [path for path in blocks if path not in library]:
     if path.startswith("weightlab/cli/"):
         import weightlab.cli.commands as commands  # the real app, with every built-in command
     load(path.removesuffix(".py").replace("/", "."), blocks[path])
-print(json.dumps([commands.run(args) for args in json.loads(sys.argv[2])]))
+codes = [commands.run(args) for args in json.loads(sys.argv[2])]
+exec(sys.argv[3])  # the API function, in this process
+print(json.dumps(codes))
 """
 
 
@@ -45,10 +47,10 @@ def _blocks(stem: str) -> dict[str, str]:
     return blocks
 
 
-def _run(blocks: dict[str, str], runs: list[list[str]], tmp_path: Path) -> list[int]:
+def _run(blocks: dict[str, str], runs: list[list[str]], tmp_path: Path, api: str = "") -> list[int]:
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     done = subprocess.run(
-        [sys.executable, "-c", RUN, tmp_path / "blocks.json", json.dumps([[str(a) for a in r] for r in runs])],
+        [sys.executable, "-c", RUN, tmp_path / "blocks.json", json.dumps([[str(a) for a in r] for r in runs]), api],
         capture_output=True,
         text=True,
         timeout=300,
@@ -60,7 +62,12 @@ def _run(blocks: dict[str, str], runs: list[list[str]], tmp_path: Path) -> list[
 
 def test_the_worked_analysis_runs_as_printed(zoo, tmp_path):
     blocks = _blocks("norms")
-    assert set(blocks) == {"weightlab/options.py", "weightlab/analysis/norms.py", "weightlab/cli/norms.py"}
+    assert set(blocks) == {
+        "weightlab/options.py",
+        "weightlab/analysis/norms.py",
+        "weightlab/api/norms.py",
+        "weightlab/cli/norms.py",
+    }
     codes = _run(
         blocks,
         [
@@ -68,8 +75,14 @@ def test_the_worked_analysis_runs_as_printed(zoo, tmp_path):
             ["report", "n.json", "-o", "again.html"],
         ],
         tmp_path,
+        api=f"from transformers import AutoModel\nfrom weightlab.api.norms import norms\n"
+        f"norms(AutoModel.from_pretrained({str(zoo['llama'])!r}), top=2, json='api.json')",
     )
     assert codes == [0, 0]
+    in_memory = json.loads((tmp_path / "api.json").read_text())
+    assert in_memory.pop("base") == "LlamaModel in memory"
+    on_disk = json.loads((tmp_path / "n.json").read_text())
+    assert on_disk.pop("base") == str(zoo["llama"]) and in_memory == on_disk  # the same numbers, to the byte
     result = json.loads((tmp_path / "n.json").read_text())
     assert result["schema"] == "weightlab.norms/1" and result["matrices"]
     ckpt = open_checkpoint(zoo["llama"])
@@ -84,7 +97,12 @@ def test_the_worked_operation_runs_as_printed(zoo, tmp_path):
     """clip-delta writes a checkpoint transformers loads, each matrix's update capped by the formula,
     every other tensor the fine-tune's; its options change the output or are refused."""
     blocks = _blocks("clip")
-    assert set(blocks) == {"weightlab/options.py", "weightlab/surgery/clip.py", "weightlab/cli/clip.py"}
+    assert set(blocks) == {
+        "weightlab/options.py",
+        "weightlab/surgery/clip.py",
+        "weightlab/api/clip.py",
+        "weightlab/cli/clip.py",
+    }
     base, ft = zoo["llama"], zoo["llama_ft"]
     cap = 0.01
     codes = _run(
@@ -98,6 +116,12 @@ def test_the_worked_operation_runs_as_printed(zoo, tmp_path):
             ["report", "c.json", "-o", "again.html"],
         ],
         tmp_path,
+        api="import torch\nfrom safetensors.torch import save_file\nfrom weightlab.api.clip import clip_delta\n"
+        "from weightlab.io import open_checkpoint as o\n"
+        f"b, f = o({str(base)!r}), o({str(ft)!r})\n"
+        "mem = clip_delta({n: b.get(n) for n in b.names()}, {n: f.get(n) for n in f.names()}, max_norm=0.01)\n"
+        "assert mem.report.matrices\n"
+        "save_file(dict(mem), 'memory.safetensors')",
     )
     assert codes == [0, 0, 0, 2, 2, 0]
     assert not (tmp_path / "refused").exists()
@@ -122,3 +146,6 @@ def test_the_worked_operation_runs_as_printed(zoo, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert "Updates clipped" in (tmp_path / "again.html").read_text()
+    in_memory = open_checkpoint(tmp_path / "memory.safetensors")  # the API, on models in memory: the same tensors
+    assert set(in_memory.names()) == set(out.names())
+    assert all(torch.equal(in_memory.get(n), out.get(n)) for n in out.names())

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from weightlab.errors import InvalidArgument, MissingTensor, OutputExists, ShapeMismatch
 from weightlab.io import open_checkpoint
-from weightlab.merge import METHODS, NanOptions, merge, nan_coefficients
-from weightlab.merge.config import build_config, load_config
-from weightlab.merge.run import tensor_seed
+from weightlab.merging import METHODS, NanOptions, merge, nan_coefficients
+from weightlab.merging.config import build_config, load_config
+from weightlab.merging.run import tensor_seed
 
 
 def rand(*shape, seed=0):
@@ -363,7 +363,7 @@ def test_ties_trim_keeps_exactly_k_on_large_tensors():
 
 def test_chunked_ties_is_bit_identical_to_trimming_whole_task_vectors():
     from weightlab.compute.trim import trim_top_magnitude
-    from weightlab.merge.methods import TIES_CHUNK, elect_and_mean
+    from weightlab.merging.methods import TIES_CHUNK, elect_and_mean
 
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(3 * TIES_CHUNK + 17, generator=gen)

@@ -8,8 +8,8 @@ import torch
 from test_lora import peft_merged
 
 from weightlab.io import open_checkpoint, open_finetuned, open_weights
-from weightlab.merge.methods import METHODS, ties
-from weightlab.merge.params import resolve
+from weightlab.merging.methods import METHODS, ties
+from weightlab.merging.params import resolve
 
 
 def _dense_knots_ties(taus: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:

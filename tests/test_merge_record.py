@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from weightlab import synthetic
-from weightlab.merge.config import MergeConfig
-from weightlab.merge.methods import METHODS
-from weightlab.merge.run import MergeReport
+from weightlab.merging.config import MergeConfig
+from weightlab.merging.methods import METHODS
+from weightlab.merging.run import MergeReport
 
 EXTRA = {  # what each method needs beyond the defaults to run quickly on two tiny fine-tunes
     "slerp": ["--param", "t=0.3"],

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from weightlab.domains import Real
 from weightlab.errors import InvalidArgument
-from weightlab.merge import merge
-from weightlab.merge.config import build_config, load_config
-from weightlab.merge.methods import LAMBDA, METHODS, MergeMethod, Param, mergekit_names, methods_table
+from weightlab.merging import merge
+from weightlab.merging.config import build_config, load_config
+from weightlab.merging.methods import LAMBDA, METHODS, MergeMethod, Param, mergekit_names, methods_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
 

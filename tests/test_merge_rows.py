@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import weightlab.merge.run as run
+import weightlab.merging.run as run
 from weightlab.errors import CorruptCheckpoint
 from weightlab.io import CheckpointWriter, open_checkpoint
-from weightlab.merge.config import MergeConfig
+from weightlab.merging.config import MergeConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from weightlab.merge.methods import METHODS
-from weightlab.merge.subspace import wudi_objective
+from weightlab.merging.methods import METHODS
+from weightlab.merging.subspace import wudi_objective
 
 
 def rand(*shape, seed=0):
@@ -184,7 +184,7 @@ def test_vectors_get_the_mean_update(method):
 
 # ---- modifiers: SVC per matrix, LiNeS per layer ------------------------------------------------
 
-from weightlab.merge.modifiers import calibrate
+from weightlab.merging.modifiers import calibrate
 
 
 def ref_svc(merged, taus, alpha):
@@ -216,8 +216,8 @@ def test_svc_shrinks_a_shared_direction_to_one_copy_and_keeps_owned_ones():
 def test_lines_scales_each_layer_of_the_merged_task_vector_by_depth(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from weightlab.merge import merge
-    from weightlab.merge.config import build_config
+    from weightlab.merging import merge
+    from weightlab.merging.config import build_config
 
     names = [f"layers.{i}.mlp.up_proj.weight" for i in range(3)] + ["embed_tokens.weight"]
     base = {n: rand(6, 4, seed=40 + i).float() for i, n in enumerate(names)}

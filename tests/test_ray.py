@@ -141,8 +141,8 @@ def test_cli_against_a_started_cluster_writes_the_local_bytes(head_node, zoo, tm
 
 def test_merges_on_ray_write_the_local_bytes(in_process, zoo, tmp_path):
     """Workers write their tensors into the staged shards; the driver writes the rest and commits."""
-    from weightlab.merge.config import MergeConfig
-    from weightlab.merge.run import merge
+    from weightlab.merging.config import MergeConfig
+    from weightlab.merging.run import merge
 
     models = [str(zoo["llama_ft"]), str(zoo["llama_sharded"])]
     for label, extra in (
@@ -223,8 +223,8 @@ def test_a_merge_that_fails_on_a_worker_leaves_nothing_under_its_name(in_process
     from safetensors.torch import load_file, save_file
 
     from weightlab.errors import CorruptCheckpoint
-    from weightlab.merge.config import MergeConfig
-    from weightlab.merge.run import merge
+    from weightlab.merging.config import MergeConfig
+    from weightlab.merging.run import merge
 
     shutil.copytree(zoo["llama_ft"], tmp_path / "ft")
     tensors = load_file(tmp_path / "ft" / "model.safetensors")

@@ -20,8 +20,8 @@ from weightlab.analysis.tsd import tsd
 from weightlab.compute.device import Compute
 from weightlab.inventory import inventory
 from weightlab.io import open_checkpoint
-from weightlab.merge import merge
-from weightlab.merge.config import build_config
+from weightlab.merging import merge
+from weightlab.merging.config import build_config
 from weightlab.report.catalog import known_schemas
 from weightlab.report.document import load_results, parse_result, write_report
 from weightlab.report.export import to_json
@@ -94,7 +94,7 @@ def test_a_result_round_trips_through_its_json(made, kind):
 def test_report_and_cli_name_no_schema():
     """Schema strings live only with their result class: bumping a version cannot break `report`."""
     for path in [*(ROOT / "report").glob("*.py"), *(ROOT / "cli").glob("*.py")]:
-        assert "weightlab.spectrum/" not in path.read_text() and "weightlab.merge/" not in path.read_text(), path
+        assert "weightlab.spectrum/" not in path.read_text() and "weightlab.merging/" not in path.read_text(), path
 
 
 def test_a_report_from_every_kind_of_result(made, tmp_path):

@@ -273,8 +273,8 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.inventory import inventory
     from weightlab.io import open_finetuned, open_weights
     from weightlab.io.writer import CheckpointWriter, stored_plan
-    from weightlab.merge import NanOptions, merge
-    from weightlab.merge.config import build_config
+    from weightlab.merging import NanOptions, merge
+    from weightlab.merging.config import build_config
     from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
     from weightlab.report.plots import draw

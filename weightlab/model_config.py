@@ -30,6 +30,13 @@ def read_model_config(folder: Path) -> ModelConfig | None:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptCheckpoint("config.json is not valid JSON", path) from None
+    if not isinstance(raw, dict):
+        raise CorruptCheckpoint("config.json is not a JSON object", path)
+    return model_config_from_dict(raw)
+
+
+def model_config_from_dict(raw: dict) -> ModelConfig:
+    """The facts of a config's dictionary (`config.json`, or an in-memory model's `config.to_dict()`)."""
     num_layers = next((raw[k] for k in LAYER_COUNT_KEYS if isinstance(raw.get(k), int)), None)
     if num_layers is None and "model_type" in raw:
         try:  # rarer families: transformers knows their alias for the layer count

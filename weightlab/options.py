@@ -189,3 +189,25 @@ class NanOptions(Checked):
         help="NAN c_i ∝ ‖·‖^(−power).",
     )
     normalize: str = option("sum", Choice(*NORMALIZE), "--nan-normalize", help="NAN Σc_i = 1 (sum) or N (count).")
+
+
+# The options of how any command runs and what it writes besides its result, declared once:
+# (flags, help). The Python API takes them as keywords (`api.frame.Run`), the command line as
+# the shared options of every analysis and operation (`cli.app.SHARED_OPTIONS`).
+RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "device": (("--device",), DEVICES_HELP),
+    "dtype": (("--dtype",), "Precision of the maths: float32 or float64."),
+    "threads": (("--threads",), "Threads of the maths [default: the CPUs this process may use]."),
+    "ray": (
+        ("--ray",),
+        "Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
+        "every node must see the input paths. Needs weightlab[ray].",
+    ),
+    "ray_timeout": (("--ray-timeout",), "With --ray: give up connecting after this long [default: 15]."),
+    "json": (("--json",), "Write the result (for a model: the record of what was done) as JSON ('-' for stdout)."),
+    "csv": (("--csv",), "Write one row per tensor as CSV ('-' for stdout)."),
+    "plots": (("--plots",), "Write PNG plots into this folder."),
+    "report": (("--report",), "Also write a self-contained HTML report."),
+    "force": (("--force",), "Overwrite existing outputs."),
+    "out": (("-o", "--out"), "Folder to write the model (or adapter) into."),
+}

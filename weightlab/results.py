@@ -9,6 +9,7 @@ by `report.plots.draw`, which dispatches on the result's type.
 
 from __future__ import annotations
 
+import importlib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
@@ -73,10 +74,34 @@ class Result:
     def problems_found(self) -> list[str]:
         return list(getattr(self, "problems", []))
 
+    # ---- in a notebook ----------------------------------------------------------------------
+
+    def to_pandas(self) -> Any:
+        """One row per matrix (pair, tensor) with the CSV's columns (`rows()`), as a pandas DataFrame."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise InvalidArgument('to_pandas() needs pandas: pip install pandas (or "weightlab[notebook]")') from None
+        return pd.DataFrame(self.rows())
+
+    def plot(self) -> list[Any]:
+        """The matplotlib figures `--plots` saves for this result (none for a kind without plots)."""
+        return _presentation().figures(self)
+
+    def _repr_html_(self) -> str:
+        """The result's section of the HTML report (headline, plots, main table), for Jupyter."""
+        return str(_presentation().result_html(self))
+
     @classmethod
     def from_dict(cls, payload: dict) -> Result:
         """The result again from its `to_dict()`, every field checked against its declared type."""
         return from_dict(cls, payload)
+
+
+def _presentation() -> Any:
+    """`report.notebook`, loaded when a notebook shows a result: presentation lives above this
+    floor, and this is the one place the bottom floor reaches up to it (by name, on demand)."""
+    return importlib.import_module("weightlab.report.notebook")
 
 
 def registered(schema: object) -> type[Result] | None:

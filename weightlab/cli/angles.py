@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import AnglesOptions
 
 
@@ -22,15 +22,6 @@ def angles(
 
     Example: weightlab angles ft_math/ ft_code/ --base base/ -k 16 --plots plots/
     """
-    refuse_unless(options.svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed")
-    with common.outputs([a, b, base]) as plan:
-        from weightlab.analysis.angles import angles as compute_angles
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import angles as run_angles
 
-        compute = common.compute()
-        base_ckpt = open_weights(base) if base else None
-        ckpt_a, ckpt_b = (open_finetuned(p, base_ckpt) if base_ckpt else open_weights(p) for p in (a, b))
-        with progress("angles") as (on_start, on_progress):
-            result = compute_angles(ckpt_a, ckpt_b, base_ckpt, options, compute, on_progress, on_start)
-        emit(plan, result)
-    common.show(result)
+    common.show(run_angles.core(a, b, base, options=options, run=common.run()))

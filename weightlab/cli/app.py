@@ -30,13 +30,13 @@ from weightlab.cli.progress import Callbacks
 from weightlab.cli.progress import progress as report_progress
 from weightlab.domains import Int
 from weightlab.errors import InvalidArgument
-from weightlab.io.hub import require_input
-from weightlab.io.outputs import Output, OutputPlan
-from weightlab.options import Checked
+from weightlab.io.outputs import OutputPlan, plan_outputs
+from weightlab.options import RUN_OPTIONS, Checked
 from weightlab.report.tables import NAME_WIDTH, one_line, short_name, table
 from weightlab.results import Result, Table
 
 if TYPE_CHECKING:
+    from weightlab.api.frame import Run
     from weightlab.compute.device import Compute
     from weightlab.io.adapter_writer import NewAdapter
 
@@ -60,19 +60,6 @@ console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
 err_console = Console(stderr=True)
 state = {"debug": False}
 
-JsonOpt = typer.Option(
-    None,
-    "--json",
-    help="Write the result (for a model: the record of what was done) as JSON ('-' for stdout).",
-    metavar="FILE",
-)
-CsvOpt = typer.Option(None, "--csv", help="Write one row per tensor as CSV ('-' for stdout).", metavar="FILE")
-ForceOpt = typer.Option(False, "--force", help="Overwrite existing outputs.")
-DeviceOpt = typer.Option("auto", "--device", help="auto (GPU when present), cpu, or cuda[:N].")
-DtypeOpt = typer.Option("float32", "--dtype", help="Precision of the maths: float32 or float64.")
-PlotsOpt = typer.Option(None, "--plots", help="Write PNG plots into this folder.", metavar="DIR")
-ReportOpt = typer.Option(None, "--report", help="Also write a self-contained HTML report.", metavar="FILE.html")
-
 
 def progress(description: str, unit: str = "matrices") -> AbstractContextManager[Callbacks]:
     """Progress of long work on stderr: (on_start(total), on_progress(advance)) callbacks."""
@@ -80,45 +67,8 @@ def progress(description: str, unit: str = "matrices") -> AbstractContextManager
 
 
 def outputs(force: bool, inputs: Sequence[object], **named: Path | str | None) -> OutputPlan:
-    """The command's output plan, checked against the inputs before any work. Each keyword names
-    an option (`residual_out_dir` is `--residual-out`, `out_dir`/`out_file` are `-o`); `plots` and
-    names ending in `_dir` are folders, the others files; `cache_dir` is written in place."""
-    flags = {
-        "out_dir": "-o",
-        "out_file": "-o",
-        "markdown_assets_dir": "--markdown (its _assets folder)",
-        "cache_dir": "--cache-dir",
-    }
-    planned = [
-        Output(
-            flags.get(name, "--" + name.removesuffix("_dir").replace("_", "-")),
-            path,
-            directory=name == "plots" or name.endswith("_dir"),
-            in_place=name == "cache_dir",
-        )
-        for name, path in named.items()
-        if path not in (None, "")
-    ]
-    return OutputPlan([i for i in inputs if i is not None], planned, force)
-
-
-def emit(plan: OutputPlan, result: Result, draw: Callable[[Path], list[Path]] | None = None) -> None:
-    """Write any result's JSON, CSV, plots and report to the plan's outputs (committed together);
-    `draw` replaces the plots `report.plots.draw` makes for the result's type."""
-    from weightlab.report.document import write_report
-    from weightlab.report.export import to_csv, to_json
-    from weightlab.report.plots import draw as draw_plots
-
-    if "--json" in plan:
-        plan.write_text("--json", to_json(result.to_dict()))
-    if "--csv" in plan:
-        plan.write_text("--csv", to_csv(result.rows()))
-    if "--plots" in plan:
-        folder = plan.path("--plots")
-        folder.mkdir()
-        (draw or (lambda d: draw_plots(result, d)))(folder)
-    if "--report" in plan:
-        write_report([result], plan.path("--report"))
+    """The command's output plan, checked against the inputs before any work (`io.outputs.plan_outputs`)."""
+    return plan_outputs(force, inputs, **named)
 
 
 def fitted(t: Table, body: list[list[Any]], width: int) -> RichTable:
@@ -182,40 +132,28 @@ class Common:
     def __post_init__(self) -> None:
         check_rows(self.rows)
 
-    def compute(self) -> Compute:
-        from weightlab.compute.device import Compute
+    def run(self) -> Run:
+        """How the API function runs: these options, those typed on the command line, progress on stderr."""
+        from weightlab.api.frame import Run
 
-        return Compute.create(
-            self.device, self.dtype, cluster=self.ray, cluster_timeout=self.ray_timeout, threads=self.threads
-        )
-
-    def outputs(self, inputs: Sequence[object], **more: Path | str | None) -> OutputPlan:
-        """The plan of this analysis's outputs; inputs that do not exist are refused first."""
-        for given in inputs:
-            if given is not None:
-                require_input(given)
-        return outputs(
-            self.force, inputs, json=self.json_out, csv=self.csv_out, plots=self.plots, report=self.report, **more
+        return Run(
+            self.device,
+            self.dtype,
+            self.threads,
+            self.ray,
+            self.ray_timeout,
+            self.json_out,
+            self.csv_out,
+            self.plots,
+            self.report,
+            self.force,
+            given_names(),
+            progress,
         )
 
     def show(self, result: Result) -> None:
         if not quiet_when_stdout(self.json_out, self.csv_out):
             show(result, self.rows)
-
-
-RayOpt = typer.Option(
-    None,
-    "--ray",
-    metavar="ADDRESS",
-    help="Run on a Ray cluster: its address, or auto ($RAY_ADDRESS, else a local cluster); "
-    "every node must see the input paths. Needs weightlab[ray].",
-)
-RayTimeoutOpt = typer.Option(
-    None, "--ray-timeout", metavar="SECONDS", help="With --ray: give up connecting after this long [default: 15]."
-)
-ThreadsOpt = typer.Option(
-    None, "--threads", metavar="N", help="Threads of the maths [default: the CPUs this process may use]."
-)
 
 
 @dataclass
@@ -245,9 +183,29 @@ class Operation:
     def finish(self, plan: OutputPlan, result: Result, product: NewAdapter | None = None) -> None:
         """Write the product (an adapter; a checkpoint was streamed into `plan.path("-o")` as it was
         made) with the result as its sidecar, then the result's JSON and report."""
+        from weightlab.api.frame import emit
+
         if product is not None:
             product.write(plan.path("-o"), sidecar=result.to_dict())
         emit(plan, result)
+
+    def run(self, plots: Path | None = None) -> Run:
+        """How the API function runs: these options (the model's folder is its own `out`), those
+        typed on the command line, progress on stderr."""
+        from weightlab.api.frame import Run
+
+        return Run(
+            self.device,
+            threads=self.threads,
+            ray=self.ray,
+            ray_timeout=self.ray_timeout,
+            json=self.json_out,
+            plots=plots,
+            report=self.report,
+            force=self.force,
+            given=given_names(),
+            progress=progress,
+        )
 
     def show(self, result: Result, *written: str) -> None:
         """The result's tables and lines, then where the outputs went (unless JSON goes to stdout)."""
@@ -258,21 +216,38 @@ class Operation:
             console.print(Text(one_line(line)), highlight=False)
 
 
-# Each shared option once: the fields of `Common` and `Operation` take their flags and help from here.
+# Each shared option once: its flags and help are `options.RUN_OPTIONS` (what the Python API takes
+# as keywords); here the command line's defaults and metavars. The fields of `Common` and
+# `Operation` are these options (`json_out`/`csv_out` are `json`/`csv`).
+RUN_NAME = {"json_out": "json", "csv_out": "csv"}
+_CLI_DEFAULTS: dict[str, tuple[Any, str | None]] = {
+    "out": (..., None),
+    "device": ("auto", None),
+    "threads": (None, "N"),
+    "dtype": ("float32", None),
+    "json_out": (None, "FILE"),
+    "csv_out": (None, "FILE"),
+    "plots": (None, "DIR"),
+    "report": (None, "FILE.html"),
+    "force": (False, None),
+    "ray": (None, "ADDRESS"),
+    "ray_timeout": (None, "SECONDS"),
+}
 SHARED_OPTIONS = {
     "rows": typer.Option(25, "--rows", help="Rows shown in the terminal table (all go to --json/--csv)."),
-    "out": typer.Option(..., "-o", "--out", help="Folder to write the model (or adapter) into."),
-    "device": DeviceOpt,
-    "threads": ThreadsOpt,
-    "dtype": DtypeOpt,
-    "json_out": JsonOpt,
-    "csv_out": CsvOpt,
-    "plots": PlotsOpt,
-    "report": ReportOpt,
-    "force": ForceOpt,
-    "ray": RayOpt,
-    "ray_timeout": RayTimeoutOpt,
+    **{
+        name: typer.Option(
+            default,
+            *RUN_OPTIONS[RUN_NAME.get(name, name)][0],
+            help=RUN_OPTIONS[RUN_NAME.get(name, name)][1],
+            metavar=metavar,
+        )
+        for name, (default, metavar) in _CLI_DEFAULTS.items()
+    },
 }
+JsonOpt, CsvOpt, ForceOpt, PlotsOpt, DeviceOpt = (
+    SHARED_OPTIONS[n] for n in ("json_out", "csv_out", "force", "plots", "device")
+)
 
 
 def shared_parameters(cls: type, leave_out: Sequence[str] = ()) -> list[inspect.Parameter]:
@@ -358,6 +333,16 @@ def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., Non
     shared `-o`, `--device`, `--threads`, `--json`, `--report`, `--force` and `--ray` as
     `common: Operation`, added here once for every such command."""
     return command(name=name, common=(Operation, lambda: shared_parameters(Operation)), **settings)
+
+
+def given_names() -> frozenset[str]:
+    """The options typed on the command line, by their name in the Python API."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return frozenset()
+    return frozenset(
+        RUN_NAME.get(n, n) for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE
+    )
 
 
 def given(name: str) -> bool:

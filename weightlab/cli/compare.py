@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import CompareOptions
 
 
@@ -21,14 +21,6 @@ def compare(
 
     Example: weightlab compare --base base/ ft_a/ ft_b/ adapter/ --plots plots/ --json compare.json
     """
-    with common.outputs([base, *finetuned]) as plan:
-        from weightlab.analysis.compare import compare as compute_compare
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import compare as run_compare
 
-        compute = common.compute()
-        base_ckpt = open_weights(base)
-        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
-        with progress("compare", "tensors") as (on_start, on_progress):
-            result = compute_compare(base_ckpt, fts, options, compute, on_progress, on_start)
-        emit(plan, result)
-    common.show(result)
+    common.show(run_compare.core(finetuned, base, options=options, run=common.run()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import ESDOptions
 
 
@@ -26,15 +26,6 @@ def esd(
     Every matrix is analysed whole, embeddings and heads included; what cannot be is listed with
     the reason. Eigenvalues come from float64 Gram matrices; --dtype sets the precision of ΔW.
     """
-    refuse_unless(options.traps, "does not apply with --no-traps (it seeds the shuffles that look for traps)", "seed")
-    with common.outputs([checkpoint, base]) as plan:
-        from weightlab.analysis.esd import esd as compute_esd
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import esd as run_esd
 
-        compute = common.compute()
-        base_ckpt = open_weights(base) if base else None
-        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
-        with progress("esd") as (on_start, on_progress):
-            result = compute_esd(ckpt, base_ckpt, options, compute, on_progress, on_start)
-        emit(plan, result)
-    common.show(result)
+    common.show(run_esd.core(checkpoint, base, options=options, run=common.run()))

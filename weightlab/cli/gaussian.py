@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import GaussianOptions
 
 
@@ -21,14 +21,6 @@ def gaussian(
 
     Example: weightlab gaussian ft/ --base base/ --plots plots/
     """
-    with common.outputs([checkpoint, base]) as plan:
-        from weightlab.analysis.gaussian import gaussian as compute_gaussian
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import gaussian as run_gaussian
 
-        compute = common.compute()
-        base_ckpt = open_weights(base) if base else None
-        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
-        with progress("gaussian", "tensors") as (on_start, on_progress):
-            result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
-        emit(plan, result)
-    common.show(result)
+    common.show(run_gaussian.core(checkpoint, base, options=options, run=common.run()))

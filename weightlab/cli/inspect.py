@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, emit, outputs, quiet_when_stdout, show
+from weightlab.cli.app import CsvOpt, ForceOpt, JsonOpt, app, given_names, quiet_when_stdout, show
 
 
 @app.command()
@@ -23,11 +23,11 @@ def inspect(
 
     Example: weightlab inspect ./llama-3-8b --filter 'layers\\.0\\.' --json -
     """
-    with outputs(force, [checkpoint], json=json_out, csv=csv_out) as plan:
-        from weightlab.inventory import inventory
-        from weightlab.io import open_checkpoint
+    from weightlab.api.analyses import inspect as run_inspect
+    from weightlab.api.frame import Run
 
-        inv = inventory(open_checkpoint(checkpoint), name_filter)
-        emit(plan, inv)
+    inv = run_inspect.core(
+        checkpoint, name_filter, run=Run(json=json_out, csv=csv_out, force=force, given=given_names())
+    )
     if not quiet_when_stdout(json_out, csv_out):
         show(inv)

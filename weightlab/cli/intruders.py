@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Operation, PlotsOpt, operation_command, progress
+from weightlab.cli.app import Operation, PlotsOpt, operation_command
 from weightlab.options import IntruderOptions
 
 
@@ -26,28 +25,7 @@ def mitigate(
     A checkpoint gives a checkpoint in which only matrices with intruders differ; an adapter gives
     an adapter (exact: its rank grows by the number of intruders of each module).
     """
-    with common.outputs([base, finetuned], plots=plots) as plan:
-        from weightlab.io import open_finetuned, open_weights
-        from weightlab.io.adapter import AdaptedCheckpoint
-        from weightlab.io.writer import CheckpointWriter, stored_plan
-        from weightlab.surgery.intruders import mitigate_intruders
+    from weightlab.api.operations import mitigate_intruders
 
-        compute = common.compute()
-        base_ckpt = open_weights(base)
-        ft = open_finetuned(finetuned, base_ckpt)
-        writer = (
-            None
-            if isinstance(ft, AdaptedCheckpoint)
-            else CheckpointWriter(
-                plan.path("-o"),
-                donor=ft.path,
-                plan=stored_plan(ft),
-                metadata={"weightlab": f"intruders scaled by {options.scale:g}"},
-            )
-        )
-        with progress("mitigate-intruders") as (on_start, on_progress), writer or nullcontext():
-            result, adapter = mitigate_intruders(
-                base_ckpt, ft, str(common.out), options, writer, compute, on_progress, on_start
-            )
-        common.finish(plan, result, adapter)
+    result = mitigate_intruders.core(base, finetuned, out=common.out, options=options, run=common.run(plots))
     common.show(result)

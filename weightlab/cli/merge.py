@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 from typer.core import TyperCommand
 
-from weightlab.cli.app import Operation, operation_command, progress, refuse_unless
+from weightlab.cli.app import Operation, operation_command
 from weightlab.errors import InvalidArgument
 from weightlab.options import NanOptions
 
 
 def _methods_help() -> str:
     """The registry, one line per method, for the bottom of `merge --help`."""
-    from weightlab.merge import METHODS
-    from weightlab.merge.modifiers import MODIFIERS
+    from weightlab.merging import METHODS
+    from weightlab.merging.modifiers import MODIFIERS
 
     lines = ["Methods (parameters: --lambda, --density, or --param NAME=VALUE):"]
     for m in [*METHODS.values(), *MODIFIERS.values()]:
@@ -71,10 +70,7 @@ def merge(
     base: str | None = typer.Option(None, "--base", help="Base checkpoint (task vectors τ_i = θ_i − θ_base)."),
     weights: str | None = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
     coeff: str | None = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
-    nan_norm_of: str | None = typer.Option(None, "--nan-norm-of", help="NAN norms: weights (default) or task-vectors."),
-    nan_granularity: str | None = typer.Option(None, "--nan-granularity", help="NAN per tensor (default) or model."),
-    nan_power: float | None = typer.Option(None, "--nan-power", help="NAN c_i ∝ ‖·‖^(−power) (default 1)."),
-    nan_normalize: str | None = typer.Option(None, "--nan-normalize", help="NAN Σc_i = 1 (sum, default) or N (count)."),
+    nan: NanOptions = None,
     lam: float | None = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
     density: float | None = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
     param: list[str] | None = typer.Option(
@@ -109,68 +105,31 @@ def merge(
 
     Example: weightlab merge --method ties --coeff nan --base base/ ft_a/ ft_b/ ft_c/ --density 0.3 -o merged/
     """
-    from weightlab.merge.config import build_config, load_config
+    from weightlab.api.operations import merge as run_merge
 
-    options = load_config(config) if config else {}
-    flags = {"lambda": lam, "density": density, "gamma": gamma, "epsilon": epsilon, "t": t}
-    given = {**{k: v for k, v in flags.items() if v is not None}, **_params(param)}
-    options["param_values"] = {**options.get("param_values", {}), **given}
-    overrides = {
-        "method": method,
-        "base": base,
-        "weights": _floats(weights),
-        "coeff": coeff,
-        "seed": seed,
-        "dtype": dtype,
-        "shard_size": shard_size,
-        "donor": None if donor is None else str(donor),
-        "max_rank": max_rank,
-        "as_adapter": as_adapter or None,
-    }
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    if models:
-        options["models"] = list(models)
-    flagged = [name for name, on in (("svc", svc), ("lines", lines)) if on]
-    options["modifiers"] = [
-        *options.get("modifiers", []),
-        *(m for m in flagged if m not in options.get("modifiers", [])),
-    ]
-    nan_given = {
-        k: v
-        for k, v in {
-            "norm_of": nan_norm_of,
-            "granularity": nan_granularity,
-            "power": nan_power,
-            "normalize": nan_normalize,
-        }.items()
-        if v is not None
-    }
-    if nan_given:
-        options["nan"] = replace(options.get("nan", NanOptions()), **nan_given)
-    if "method" not in options or not options.get("models"):
-        raise InvalidArgument("give --method and the models to merge (on the command line or in --config)")
-    cfg = build_config(options)
-    if nan_given and cfg.coeff != "nan":
-        raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")
-    refuse_unless(cfg.spec.random, f"seeds random drops; {cfg.method} draws nothing at random", "seed")
-    refuse_unless(
-        not cfg.as_adapter,
-        "does not apply to --as-adapter (the adapters' small factors are merged on this machine's CPU in float64)",
-        "device",
-        "ray",
-        "ray_timeout",
-        "threads",
+    hidden = {k: v for k, v in {"gamma": gamma, "epsilon": epsilon, "t": t}.items() if v is not None}
+    params = {**hidden, **_params(param)}  # --param wins over the flag of the same parameter
+    lam, density = params.pop("lambda", lam), params.pop("density", density)
+    report = run_merge.core(
+        base,
+        models or None,
+        method=method,
+        weights=_floats(weights),
+        coeff=coeff,
+        lam=lam,
+        density=density,
+        svc=svc,
+        lines=lines,
+        seed=seed,
+        dtype=dtype,
+        config=config,
+        donor=donor,
+        shard_size=shard_size,
+        as_adapter=as_adapter,
+        max_rank=max_rank,
+        out=common.out,
+        nan=nan,
+        run=common.run(),
+        **params,
     )
-    with common.outputs([cfg.base, *cfg.models, config, cfg.donor]) as plan:
-        from weightlab.merge import merge as run_merge
-        from weightlab.merge.adapters import merge_as_adapter
-
-        if cfg.as_adapter:  # LoRA adapters of one base in, one LoRA adapter out
-            report = merge_as_adapter(cfg, plan.path("-o"))
-        else:
-            compute = common.compute()
-            with progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
-                report = run_merge(cfg, plan.path("-o"), compute=compute, on_progress=on_progress, on_start=on_start)
-        report.out = str(common.out)  # it was written to a staging path; this is where it lands
-        common.finish(plan, report)
     common.show(report)

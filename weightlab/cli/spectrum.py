@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress, refuse_unless
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import CacheOptions, SpectrumOptions
 
 
@@ -27,31 +27,6 @@ def spectrum(
     The base's decompositions are cached by content, so more fine-tunes of the same base (or a
     re-run) skip them. --values-only BASE alone gives the base's own spectra.
     """
-    finetuned = finetuned or []
-    refuse_unless(
-        not cache.no_cache and not options.values_only,
-        "does not apply: nothing is cached with --no-cache or --values-only",
-        "cache_dir",
-        "cache_size",
-    )
-    refuse_unless(
-        not options.values_only,
-        "does not apply to --values-only (no singular vectors, so no intruders)",
-        "intruder_k",
-        "epsilon",
-    )
-    refuse_unless(bool(finetuned), "does not apply to one checkpoint's own spectra (nothing to amplify)", "k")
-    with common.outputs([base, *finetuned], cache_dir=cache.folder) as plan:
-        from weightlab.analysis.spectrum import spectrum as compute_spectrum
-        from weightlab.compute.cache import DecompositionCache
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import spectrum as run_spectrum
 
-        compute = common.compute()
-        base_ckpt = open_weights(base)
-        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
-        with progress("spectrum") as (on_start, on_progress):
-            result = compute_spectrum(
-                base_ckpt, fts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
-            )
-        emit(plan, result)
-    common.show(result)
+    common.show(run_spectrum.core(base, finetuned or [], options=options, cache=cache, run=common.run()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import Common, analysis_command, emit, progress
+from weightlab.cli.app import Common, analysis_command
 from weightlab.options import TSDOptions
 
 
@@ -24,21 +24,6 @@ def tsd(
 
     Example: weightlab tsd base/ warmup-adapter/ --top 8 --save tsd.safetensors
     """
-    with common.outputs([base, finetuned], save=save) as plan:
-        from weightlab.analysis.tsd import save_directions
-        from weightlab.analysis.tsd import tsd as compute_tsd
-        from weightlab.io import open_finetuned, open_weights
+    from weightlab.api.analyses import tsd as run_tsd
 
-        compute = common.compute()
-        base_ckpt = open_weights(base)
-        ft = open_finetuned(finetuned, base_ckpt)
-        with progress("tsd") as (on_start, on_progress):
-            result, vectors = compute_tsd(
-                base_ckpt, ft, options, compute, on_progress, on_start, keep_vectors=save is not None
-            )
-        if save:
-            save_directions(
-                plan.path("--save"), vectors, {"base": str(base), "finetuned": str(finetuned), "top": str(options.top)}
-            )
-        emit(plan, result)
-    common.show(result)
+    common.show(run_tsd.core(base, finetuned, save, options=options, run=common.run()))

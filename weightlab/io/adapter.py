@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from weightlab.io.adapter_writer import LoraFactors
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
 from weightlab.io.safetensors_file import SafetensorsFile, TensorInfo
+from weightlab.io.tensor_store import TensorStore
 from weightlab.naming import canonical_name
 
 Device = torch.device | str | None
@@ -118,24 +120,33 @@ class LoraAdapter:
     """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
 
     def __init__(self, folder: str | Path):
-        self.path = Path(folder)
-        config_path = self.path / "adapter_config.json"
+        path = Path(folder)
+        config_path = path / "adapter_config.json"
         try:
             raw = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CorruptCheckpoint("adapter_config.json is not valid JSON", config_path) from None
+        self._load(path, raw, config_path, lambda: _weights_file(path))
+
+    @classmethod
+    def in_memory(cls, label: str, config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> LoraAdapter:
+        """An adapter held in memory (a PEFT model's config and `get_peft_model_state_dict`),
+        read exactly as its saved folder would be."""
+        adapter = cls.__new__(cls)
+        adapter._load(Path(label), config, Path(label), lambda: TensorStore(label, tensors))
+        return adapter
+
+    def _load(
+        self, path: Path, raw: object, config_path: Path, weights: Callable[[], SafetensorsFile | TensorStore]
+    ) -> None:
+        self.path = path
         self.adapter_config: dict[str, Any] = validate_adapter_config(raw, config_path)
         peft_type = str(self.adapter_config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise NotACheckpoint(f"peft_type {peft_type} is not LoRA; only LoRA adapters are supported", config_path)
         if self.adapter_config.get("use_dora"):
             raise InvalidArgument("DoRA adapters are not supported: their update is not s·B·A", config_path)
-        weights = self.path / "adapter_model.safetensors"
-        if not weights.is_file():
-            if (self.path / "adapter_model.bin").is_file():
-                raise NotACheckpoint("adapter_model.bin is not supported; save the adapter with safetensors", self.path)
-            raise NotACheckpoint("adapter_model.safetensors is missing", self.path)
-        self.file = SafetensorsFile(weights)
+        self.file: SafetensorsFile | TensorStore = weights()  # a file, or tensors in memory alike
         self.modules, self.saved = self._collect()
         self.bytes_read = 0
 
@@ -259,6 +270,15 @@ class LoraAdapter:
     def __repr__(self) -> str:
         saved = f", {len(self.saved)} saved tensors" if self.saved else ""
         return f"LoraAdapter({str(self.path)!r}, {len(self.modules)} modules{saved})"
+
+
+def _weights_file(folder: Path) -> SafetensorsFile:
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise NotACheckpoint("adapter_model.bin is not supported; save the adapter with safetensors", folder)
+        raise NotACheckpoint("adapter_model.safetensors is missing", folder)
+    return SafetensorsFile(weights)
 
 
 def _check_factor_shapes(a: TensorInfo, b: TensorInfo, rank: int, path: Path, module: str) -> None:

@@ -40,6 +40,9 @@ class NewAdapter:
     fan_in_fan_out: bool = False
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    report: Any = field(default=None, repr=False, compare=False)  # the result of the operation that made it
+    residual: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)  # init-lora's base
+
     def write(
         self, out_dir: str | Path, sidecar: dict[str, Any] | None = None, files: Mapping[str, str] | None = None
     ) -> None:
@@ -54,6 +57,33 @@ class NewAdapter:
             files=files,
         )
 
+    def __repr__(self) -> str:
+        ranks = sorted({f.rank for f in self.factors.values()})
+        saved = f", {len(self.saved)} saved tensors" if self.saved else ""
+        return (
+            f"NewAdapter({len(self.factors)} modules, rank {', '.join(map(str, ranks))}, scale {self.scale:g}"
+            f"{saved}, base {self.base_model!r})"
+        )
+
+    def config(self) -> dict[str, Any]:
+        """What `adapter_config.json` holds (`peft.LoraConfig(**config)` takes it)."""
+        return adapter_contents(self.factors, self.scale, self.base_model, self.fan_in_fan_out, self.saved)[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What `adapter_model.safetensors` holds, by PEFT's names."""
+        return adapter_contents(self.factors, self.scale, self.base_model, self.fan_in_fan_out, self.saved)[1]
+
+    def to_peft(self, model: Any, adapter_name: str = "default") -> Any:
+        """`model` (a transformers model of the base) wrapped by PEFT with this adapter loaded, as
+        `PeftModel.from_pretrained` would load it from the folder `write` makes. PEFT injects the
+        adapter into `model` itself."""
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        config = {k: v for k, v in self.config().items() if k not in ("peft_type", "lora_bias") or v}
+        peft_model = get_peft_model(model, LoraConfig(**config), adapter_name=adapter_name)
+        set_peft_model_state_dict(peft_model, self.state_dict(), adapter_name=adapter_name)
+        return peft_model
+
 
 def peft_tensors(module: str, f: LoraFactors) -> dict[str, torch.Tensor]:
     """PEFT's key names and layouts. For an embedding (vocab×dim matrix M = s·B·A in our
@@ -66,28 +96,15 @@ def peft_tensors(module: str, f: LoraFactors) -> dict[str, torch.Tensor]:
     return {f"{prefix}.lora_A.weight": f.a.contiguous(), f"{prefix}.lora_B.weight": f.b.contiguous(), **bias}
 
 
-def write_adapter(
-    out_dir: str | Path,
+def adapter_contents(
     factors: dict[str, LoraFactors],
-    *,
     scale: float,
     base_model: str | None,
     fan_in_fan_out: bool = False,
-    dtype: torch.dtype = torch.float32,
-    sidecar: dict[str, Any] | None = None,
-    force: bool = False,
     saved: Mapping[str, torch.Tensor] | None = None,
-    files: Mapping[str, str] | None = None,
-) -> None:
-    """Write `adapter_config.json` and `adapter_model.safetensors` (atomically).
-
-    Every module gets the LoRA scale `scale` = alpha/r: the most common rank becomes `r` with
-    lora_alpha = scale·r, and modules of other ranks go to `rank_pattern` with their own
-    alpha (scale·r_m) in `alpha_pattern`. With a bias on any module, `lora_bias` is on (the
-    others get zero biases); `saved` tensors (by their name in an adapter file, without PEFT's
-    prefix; kept in their dtype) are written whole, their modules listed in `modules_to_save`
-    (except a targeted module's `base_layer` tensors, which PEFT loads as they are).
-    """
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter's config and tensors by PEFT's names (see `write_adapter`)."""
     saved = dict(saved or {})
     if not factors or any(f.rank < 1 for f in factors.values()):
         raise InvalidArgument("an adapter needs at least one module of rank ≥ 1; nothing to write")
@@ -122,6 +139,32 @@ def write_adapter(
             f = replace(f, bias=f.b.new_zeros(f.b.shape[0]))
         tensors.update({k: v.to(dtype).cpu() for k, v in peft_tensors(module, f).items()})
     tensors.update({f"base_model.model.{name}": t.cpu().contiguous() for name, t in saved.items()})
+    return config, tensors
+
+
+def write_adapter(
+    out_dir: str | Path,
+    factors: dict[str, LoraFactors],
+    *,
+    scale: float,
+    base_model: str | None,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+    sidecar: dict[str, Any] | None = None,
+    force: bool = False,
+    saved: Mapping[str, torch.Tensor] | None = None,
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (atomically).
+
+    Every module gets the LoRA scale `scale` = alpha/r: the most common rank becomes `r` with
+    lora_alpha = scale·r, and modules of other ranks go to `rank_pattern` with their own
+    alpha (scale·r_m) in `alpha_pattern`. With a bias on any module, `lora_bias` is on (the
+    others get zero biases); `saved` tensors (by their name in an adapter file, without PEFT's
+    prefix; kept in their dtype) are written whole, their modules listed in `modules_to_save`
+    (except a targeted module's `base_layer` tensors, which PEFT loads as they are).
+    """
+    config, tensors = adapter_contents(factors, scale, base_model, fan_in_fan_out, saved, dtype)
     with atomic_path(out_dir, force, directory=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})

@@ -1,34 +1,53 @@
-"""Open any checkpoint by path: dense weights, or a PEFT adapter (alone or applied to a base)."""
+"""Open any model: dense weights or a PEFT adapter (alone or applied to a base), by path, Hub ID,
+or held in memory (a torch module, a PEFT model, a mapping of names to tensors; `io.memory`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint, open_dense
 from weightlab.io.hub import locate
+from weightlab.io.memory import open_in_memory
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import numpy as np
+    import torch
+
+# Where a model is accepted: a path, a Hub ID (`org/name[@revision]`), or a model in memory.
+Source = Union[str, Path, "torch.nn.Module", "Mapping[str, torch.Tensor | np.ndarray]"]
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint | LoraAdapter:
+def open_checkpoint(path: Source) -> Checkpoint | LoraAdapter:
     """A `Checkpoint` for dense weights (one safetensors file, a sharded folder with an index, a
-    Hugging Face folder, a legacy `.bin`/`.pt`) or a `LoraAdapter` for a PEFT adapter folder.
-    `path` may also be a Hub model ID, `org/name[@revision]` (a local path wins). Reads headers only."""
+    Hugging Face folder, a legacy `.bin`/`.pt`, a module or a mapping in memory) or a
+    `LoraAdapter` for a PEFT adapter folder or a PEFT model. `path` may also be a Hub model ID,
+    `org/name[@revision]` (a local path wins). Reads headers only."""
+    if not isinstance(path, (str, Path)):
+        opened: Checkpoint | LoraAdapter = open_in_memory(path)
+        return opened
     path = locate(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return LoraAdapter(path)
     return open_dense(path)
 
 
-def open_finetuned(path: str | Path, base: Checkpoint) -> Checkpoint:
+def open_finetuned(path: Source, base: Checkpoint) -> Checkpoint:
     """A fine-tuned checkpoint, or an adapter applied to `base`: either way, weights W'."""
     opened = open_checkpoint(path)
     return AdaptedCheckpoint(base, opened) if isinstance(opened, LoraAdapter) else opened
 
 
-def open_weights(path: str | Path) -> Checkpoint:
+def open_weights(path: Source) -> Checkpoint:
     """A checkpoint of full weights (a base model): an adapter alone is refused."""
     opened = open_checkpoint(path)
     if isinstance(opened, LoraAdapter):
-        raise InvalidArgument("this is a LoRA adapter; full weights are needed here (give it as a fine-tune)", path)
+        raise InvalidArgument(
+            "this is a LoRA adapter; full weights are needed here (give it as a fine-tune)",
+            path if isinstance(path, (str, Path)) else opened.path,
+        )
     return opened

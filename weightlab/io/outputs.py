@@ -163,3 +163,28 @@ class OutputPlan:
             raise
         for text in self._stdout:
             sys.stdout.write(text)
+
+
+FLAG_OF_OUTPUT = {
+    "out_dir": "-o",
+    "out_file": "-o",
+    "markdown_assets_dir": "--markdown (its _assets folder)",
+    "cache_dir": "--cache-dir",
+}
+
+
+def plan_outputs(force: bool, inputs: Sequence[object], **named: Path | str | None) -> OutputPlan:
+    """A command's output plan, checked against the inputs before any work. Each keyword names
+    an option (`residual_out_dir` is `--residual-out`, `out_dir`/`out_file` are `-o`); `plots` and
+    names ending in `_dir` are folders, the others files; `cache_dir` is written in place."""
+    planned = [
+        Output(
+            FLAG_OF_OUTPUT.get(name, "--" + name.removesuffix("_dir").replace("_", "-")),
+            path,
+            directory=name == "plots" or name.endswith("_dir"),
+            in_place=name == "cache_dir",
+        )
+        for name, path in named.items()
+        if path not in (None, "")
+    ]
+    return OutputPlan([i for i in inputs if isinstance(i, (str, Path))], planned, force)

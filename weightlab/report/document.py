@@ -168,6 +168,46 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def cards_html(s: Section) -> str:
+    """A section's headline figures as cards (a figure not computed says so)."""
+    e = html.escape
+    return (
+        "<div class='cards'>"
+        + "".join(
+            f"<div class='card'><div class='v{' none' if value is None else ''}' data-key='{e(key)}' "
+            f"data-v='{e(str(value))}'>{e(_headline_value(value))}</div><div class='k'>{e(label)}</div></div>"
+            for key, label, value in s.headline
+        )
+        + "</div>"
+    )
+
+
+def section_html(s: Section, anchor: str, max_rows: int, heading: str = "h2", cards: bool = False) -> str:
+    """One section: title, reference, (its headline cards,) plots (embedded), note and main table
+    (its first `max_rows` rows)."""
+    e = html.escape
+    parts = [f"<section id='{anchor}'><{heading}>{e(s.title)}</{heading}><div class='ref'>{e(s.reference)}</div>"]
+    if cards:
+        parts.append(cards_html(s))
+    for image in s.images:
+        parts.append(f"<img alt='{e(image.stem.replace('_', ' '))}' src='{_data_uri(image)}'>")
+    if s.note:
+        parts.append(f"<p class='note'>{e(s.note)}</p>")
+    if s.rows:
+        parts.append(
+            "<div class='scroll'><table><thead><tr>"
+            + "".join(f"<th>{e(c)}</th>" for c in s.columns)
+            + "</tr></thead><tbody>"
+        )
+        for row in s.rows[:max_rows]:
+            parts.append("<tr>" + "".join(f"<td data-v='{e(str(v))}'>{e(_value(v))}</td>" for v in row) + "</tr>")
+        parts.append("</tbody></table></div>")
+        if len(s.rows) > max_rows:
+            parts.append(f"<p class='note'>{len(s.rows) - max_rows} more rows in the JSON result.</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str:
     e = html.escape
     parts = [
@@ -178,33 +218,9 @@ def render_html(title: str, sections: list[Section], max_rows: int = 500) -> str
     ]
     parts.append("<section class='summary'><h2>Summary</h2>")
     for i, s in enumerate(sections):
-        parts.append(f"<h3><a href='#s{i}'>{e(s.title)}</a></h3><div class='cards'>")
-        for key, label, value in s.headline:
-            parts.append(
-                f"<div class='card'><div class='v{' none' if value is None else ''}' data-key='{e(key)}' "
-                f"data-v='{e(str(value))}'>{e(_headline_value(value))}</div><div class='k'>{e(label)}</div></div>"
-            )
-        parts.append("</div>")
+        parts.append(f"<h3><a href='#s{i}'>{e(s.title)}</a></h3>{cards_html(s)}")
     parts.append("</section>")
-    for i, s in enumerate(sections):
-        parts.append(f"<section id='s{i}'><h2>{e(s.title)}</h2><div class='ref'>{e(s.reference)}</div>")
-        for image in s.images:
-            parts.append(f"<img alt='{e(image.stem.replace('_', ' '))}' src='{_data_uri(image)}'>")
-        if s.note:
-            parts.append(f"<p class='note'>{e(s.note)}</p>")
-        if s.rows:
-            shown = s.rows[:max_rows]
-            parts.append(
-                "<div class='scroll'><table><thead><tr>"
-                + "".join(f"<th>{e(c)}</th>" for c in s.columns)
-                + "</tr></thead><tbody>"
-            )
-            for row in shown:
-                parts.append("<tr>" + "".join(f"<td data-v='{e(str(v))}'>{e(_value(v))}</td>" for v in row) + "</tr>")
-            parts.append("</tbody></table></div>")
-            if len(s.rows) > max_rows:
-                parts.append(f"<p class='note'>{len(s.rows) - max_rows} more rows in the JSON result.</p>")
-        parts.append("</section>")
+    parts.extend(section_html(s, f"s{i}", max_rows) for i, s in enumerate(sections))
     parts.append(f"</main><script>{SCRIPT}</script></body></html>")
     return "".join(parts)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")  # no display needed; a notebook's own backend (MPLBACKEND) is left as it is
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
@@ -118,11 +123,31 @@ def _say_empty(ax, text: str) -> None:
     )
 
 
+_KEPT: ContextVar[list | None] = ContextVar("kept_figures", default=None)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
+    kept = _KEPT.get()
+    if kept is not None:  # `figures`: the figure itself, for a notebook
+        kept.append(fig)
+        plt.close(fig)  # closed in pyplot's registry (no double display), still drawable
+        return path
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def figures(result: object) -> list:
+    """The figures `draw` would save for `result`, as matplotlib figures (nothing written)."""
+    kept: list = []
+    token = _KEPT.set(kept)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            draw(result, Path(folder))
+    finally:
+        _KEPT.reset(token)
+    return kept
 
 
 def _by_finetune(result: SpectrumResult) -> list[list[MatrixSpectrum]]:

@@ -28,8 +28,10 @@ leaves the base's), so `--base` is needed for those.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,11 +43,11 @@ from weightlab.io.adapter_writer import LoraFactors, NewAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.io.safetensors_file import torch_dtype
-from weightlab.merge.config import RECORD, MergeConfig, record_yaml
-from weightlab.merge.methods import METHODS, MergeMethod, ties
-from weightlab.merge.params import Params
-from weightlab.merge.run import MergeReport, tensor_seed
-from weightlab.merge.subspace import tsv_factors
+from weightlab.merging.config import RECORD, MergeConfig, record_yaml
+from weightlab.merging.methods import METHODS, MergeMethod, ties
+from weightlab.merging.params import Params
+from weightlab.merging.run import MergeReport, tensor_seed
+from weightlab.merging.subspace import tsv_factors
 
 ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")
 
@@ -265,37 +267,44 @@ def _merged_saved(
     return out, left_out
 
 
-def merge_as_adapter(config: MergeConfig, out_dir: str | Path) -> MergeReport:
-    """Merge `config.models` (PEFT LoRA adapters of `config.base`) into one adapter folder `out_dir`,
-    with `weightlab_merge.yml` in it to make it again."""
+def merge_as_adapter(
+    config: MergeConfig, out_dir: str | Path | None, *, opened: Mapping[str, Any] | None = None
+) -> tuple[MergeReport, NewAdapter]:
+    """Merge `config.models` (PEFT LoRA adapters of `config.base`) into one adapter, written to the
+    folder `out_dir` with `weightlab_merge.yml` in it to make it again (None: not written).
+    `opened` holds models already open (in memory) by the names the config gives them."""
     started = time.perf_counter()
+    opened = opened or {}
     if not config.as_adapter:
         config = replace(config, as_adapter=True)
     adapters: list[LoraAdapter] = []
     for path in config.models:
-        opened = open_checkpoint(path)
-        if not isinstance(opened, LoraAdapter):
+        model = opened[path] if path in opened else open_checkpoint(path)
+        if not isinstance(model, LoraAdapter):
             raise InvalidArgument("--as-adapter merges PEFT LoRA adapters; this is a checkpoint", path)
-        adapters.append(opened)
-    base = open_weights(config.base) if config.base else None
+        adapters.append(model)
+    base = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
     if base is not None:
         for a in adapters:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
     merged = merge_adapters(adapters, config.method, weights, config.resolved, config.max_rank, config.seed, base)
-    NewAdapter(
+    adapter = NewAdapter(
         {m.name: m.factors for m in merged.modules},
         1.0,
         config.base or adapters[0].base_model_name_or_path,
         bool(adapters[0].adapter_config.get("fan_in_fan_out")),
         merged.saved,
-    ).write(out_dir, files={RECORD: record_yaml(config)})
-    return MergeReport(
+    )
+    if out_dir is not None:
+        adapter.write(out_dir, files={RECORD: record_yaml(config)})
+    report = MergeReport(
         config,
-        str(out_dir),
+        "in memory" if out_dir is None else str(out_dir),
         len(merged.modules) + len(merged.saved),
         [],
         merged.left_out,
         weights,
         seconds=time.perf_counter() - started,
     )
+    return report, adapter

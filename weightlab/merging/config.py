@@ -16,9 +16,9 @@ import yaml
 from weightlab.domains import SEED, Choice, Int, Real
 from weightlab.errors import InvalidArgument
 from weightlab.io.writer import parse_size
-from weightlab.merge.methods import METHODS, MergeMethod, mergekit_names, parameter_names
-from weightlab.merge.modifiers import MODIFIERS
-from weightlab.merge.params import MAX_COEFFICIENT, Param, Params, resolve
+from weightlab.merging.methods import METHODS, MergeMethod, mergekit_names, parameter_names
+from weightlab.merging.modifiers import MODIFIERS
+from weightlab.merging.params import MAX_COEFFICIENT, Param, Params, resolve
 from weightlab.options import NanOptions
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -21,8 +21,8 @@ from weightlab.compute.trim import (
     trim_block,
     trim_state,
 )
-from weightlab.merge.modifiers import MODIFIERS
-from weightlab.merge.params import (
+from weightlab.merging.modifiers import MODIFIERS
+from weightlab.merging.params import (
     COMMON,
     DENSITY,
     GAMMA,
@@ -39,7 +39,7 @@ from weightlab.merge.params import (
     Tensor,
     resolve,
 )
-from weightlab.merge.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
+from weightlab.merging.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
 
 
 @dataclass(frozen=True)

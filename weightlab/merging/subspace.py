@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from weightlab.compute.svd import SVD, full_svd
-from weightlab.merge.params import Generator, Params, Tensor
+from weightlab.merging.params import Generator, Params, Tensor
 
 
 def is_matrix(t: torch.Tensor) -> bool:

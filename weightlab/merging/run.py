@@ -17,7 +17,7 @@ import json
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,15 +34,16 @@ from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
+from weightlab.io.memory import MemoryCheckpoint, StateDictWriter
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
-from weightlab.merge.coefficients import nan_coefficients
-from weightlab.merge.config import RECORD, MergeConfig, from_record, record_yaml
-from weightlab.merge.methods import MergeMethod
-from weightlab.merge.modifiers import calibrate, lines_alpha, lines_scale
-from weightlab.merge.params import Params
+from weightlab.merging.coefficients import nan_coefficients
+from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
+from weightlab.merging.methods import MergeMethod
+from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
+from weightlab.merging.params import Params
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
@@ -52,7 +53,7 @@ ROW_BLOCK_BYTES = 16 << 20  # elementwise methods merge tensors larger than twic
 
 @dataclass
 class MergeReport(Result):
-    SCHEMA = "weightlab.merge/1"
+    SCHEMA = "weightlab.merging/1"
     REFERENCE = "see docs/merge.md for each method's paper"
     ORDER = 60
 
@@ -212,7 +213,7 @@ def _merge_in_rows(
     coeffs: list[float],
     params: Params,
     compute: Compute,
-    writer: CheckpointWriter,
+    writer: CheckpointWriter | StateDictWriter,
     out_dtype: torch.dtype,
 ) -> None:
     """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`): memory holds
@@ -277,8 +278,9 @@ class _LinesSpill:
 
 def merge(
     config: MergeConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | StateDictWriter,
     *,
+    opened: Mapping[str, Checkpoint] | None = None,
     force: bool = False,
     shard_size: int | str | None = None,
     donor: str | Path | None = None,
@@ -287,15 +289,25 @@ def merge(
     on_start: Callable[[int], None] | None = None,
 ) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`, with
-    `weightlab_merge.yml` in it to make it again. `shard_size` and `donor` default to the config's."""
+    `weightlab_merge.yml` in it to make it again, or into memory (a `StateDictWriter`: its
+    `state`). `opened` holds models already open (in memory) by the names the config gives them.
+    `shard_size` and `donor` default to the config's."""
     started = time.perf_counter()
     shard_size = shard_size if shard_size is not None else config.shard_size or DEFAULT_SHARD_SIZE
     donor = donor if donor is not None else config.donor
-    check_outputs([config.base, *config.models, donor], [Output("-o", out_dir, directory=True)], force)
+    opened = opened or {}
+    in_memory = isinstance(out_dir, StateDictWriter)
+    if not isinstance(out_dir, StateDictWriter):
+        on_disk = [s for s in (config.base, *config.models, donor) if s not in opened]
+        check_outputs(on_disk, [Output("-o", out_dir, directory=True)], force)
     compute = compute or Compute.create()
     spec, params = config.spec, config.resolved
-    base = open_weights(config.base) if config.base else None
-    models = [open_weights(m) for m in config.models]
+
+    def open_model(source: str) -> Checkpoint:
+        return opened[source] if source in opened else open_weights(source)
+
+    base = open_model(config.base) if config.base else None
+    models = [open_model(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
     buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
@@ -311,7 +323,7 @@ def merge(
         fixed = list(config.weights) if config.weights is not None else [1.0] * n
     per_tensor: dict[str, list[float]] = {}
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
-    report = MergeReport(config, str(out_dir), 0, [], left_out, fixed)
+    report = MergeReport(config, "in memory" if in_memory else str(out_dir), 0, [], left_out, fixed)
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
@@ -336,15 +348,28 @@ def merge(
         )
     )
     with ExitStack() as stack:
-        writer = stack.enter_context(
-            CheckpointWriter(
-                out_dir, shard_size=shard_size, metadata=meta, force=force, plan=plan, donor=donor or ckpts[0].path
+        writer: CheckpointWriter | StateDictWriter
+        if isinstance(out_dir, StateDictWriter):
+            writer = stack.enter_context(out_dir.planned(plan))
+        else:
+            writer = stack.enter_context(
+                CheckpointWriter(
+                    out_dir,
+                    shard_size=shard_size,
+                    metadata=meta,
+                    force=force,
+                    plan=plan,
+                    donor=donor or (None if config.models[0] in opened or config.base in opened else ckpts[0].path),
+                )
             )
-        )
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
         lines = (
             _LinesSpill(
-                stack.enter_context(tempfile.TemporaryDirectory(dir=Path(out_dir).parent, prefix=".weightlab-lines-"))
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(
+                        dir=None if in_memory else Path(str(out_dir)).parent, prefix=".weightlab-lines-"
+                    )
+                )
             )
             if "lines" in config.modifiers
             else None
@@ -413,4 +438,6 @@ def merge(
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
         writer.add_file(RECORD, record_yaml(config))
+        if not in_memory and donor is None and anchor.config is not None and isinstance(anchor, MemoryCheckpoint):
+            writer.add_file("config.json", json.dumps(anchor.config.raw, indent=2) + "\n")  # the module's own config
     return report

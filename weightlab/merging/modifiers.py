@@ -9,8 +9,8 @@ import torch
 
 from weightlab.compute.svd import full_svd
 from weightlab.domains import Real
-from weightlab.merge.params import MAX_COEFFICIENT, Param
-from weightlab.merge.subspace import is_matrix
+from weightlab.merging.params import MAX_COEFFICIENT, Param
+from weightlab.merging.subspace import is_matrix
 
 SVC_ALPHA = Param(
     "svc_alpha",

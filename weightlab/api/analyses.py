@@ -1,0 +1,308 @@
+"""The analyses as Python functions: `inspect`, `spectrum`, `esd`, `compare`, `angles`,
+`gaussian`, `tsd`. Each takes models from anywhere (a path, a Hub ID, a module, a PEFT model, a
+mapping of names to tensors or arrays), the command's options as keywords, and returns its typed
+result; the command of the same name is this function with its options parsed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from weightlab.api.frame import Run, api_function, emit
+from weightlab.io.memory import describe
+from weightlab.io.open import Source, open_checkpoint, open_finetuned, open_weights
+from weightlab.options import (
+    AnglesOptions,
+    CacheOptions,
+    CompareOptions,
+    ESDOptions,
+    GaussianOptions,
+    SpectrumOptions,
+    TSDOptions,
+)
+
+if TYPE_CHECKING:
+    from weightlab.analysis.angles import AnglesResult
+    from weightlab.analysis.compare import CompareResult
+    from weightlab.analysis.esd import ESDResult
+    from weightlab.analysis.gaussian import GaussianResult
+    from weightlab.analysis.spectrum import SpectrumResult
+    from weightlab.analysis.tsd import TSDResult
+    from weightlab.inventory import Inventory
+
+ANALYSIS = ("device", "dtype", "threads", "ray", "ray_timeout", "json", "csv", "plots", "report", "force")
+FILES = ("json", "csv", "force")
+
+
+def _many(sources: Source | Sequence[Source] | None) -> list[Source]:
+    """One model or several: a list or tuple is several, anything else (a path, a module, a
+    mapping of tensors) one."""
+    if sources is None:
+        return []
+    if isinstance(sources, (list, tuple)):
+        return list(sources)
+    return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping
+
+
+@api_function(FILES, flags={"name_filter": "--filter"})
+def inspect(checkpoint: Source, name_filter: str | None = None, *, run: Run) -> Inventory:
+    """What a checkpoint holds: every tensor's name, shape, dtype, size, layer and role, and totals per dtype.
+
+    Parameters
+    ----------
+    checkpoint : path, Hub ID, torch.nn.Module, PeftModel or mapping of names to tensors/arrays
+        The model (headers alone are read from files).
+    name_filter : str, optional
+        Only tensors whose name matches this regex (command line: --filter).
+    {options}
+
+    Returns
+    -------
+    Inventory
+        `.tensors` (one row each), `.totals` per dtype; `.to_pandas()` for a DataFrame.
+    """
+    from weightlab.inventory import inventory
+
+    with run.outputs([checkpoint]) as plan:
+        result = inventory(open_checkpoint(checkpoint), name_filter)
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def spectrum(
+    base: Source,
+    finetuned: Source | Sequence[Source] | None = None,
+    *,
+    options: SpectrumOptions,
+    cache: CacheOptions,
+    run: Run,
+) -> SpectrumResult:
+    """Per-matrix SVD of base vs fine-tuned: amplification, norms and ranks, reorientation, intruders.
+
+    Parameters
+    ----------
+    base : path, Hub ID, torch.nn.Module or mapping of names to tensors/arrays
+        The base model.
+    finetuned : a model, a PeftModel or adapter folder of `base`, or a list of them
+        The fine-tunes (none with ``values_only=True``: the base's own spectra).
+    {options}
+
+    Returns
+    -------
+    SpectrumResult
+        One row per matrix and fine-tune in ``.to_pandas()``; ``.plot()`` draws what ``--plots`` draws.
+
+    References
+    ----------
+    Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (intruder dimensions);
+    Hu et al. 2021, "LoRA" (amplification, Sec. 7).
+    """
+    finetuned = _many(finetuned)
+    run.refuse_unless(
+        not cache.no_cache and not options.values_only,
+        "does not apply: nothing is cached with --no-cache or --values-only",
+        "cache_dir",
+        "cache_size",
+    )
+    run.refuse_unless(
+        not options.values_only,
+        "does not apply to --values-only (no singular vectors, so no intruders)",
+        "intruder_k",
+        "epsilon",
+    )
+    run.refuse_unless(bool(finetuned), "does not apply to one checkpoint's own spectra (nothing to amplify)", "k")
+    with run.outputs([base, *finetuned], cache_dir=cache.folder) as plan:
+        from weightlab.analysis.spectrum import spectrum as compute_spectrum
+        from weightlab.compute.cache import DecompositionCache
+
+        compute = run.compute()
+        base_ckpt = open_weights(base)
+        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
+        with run.progress("spectrum", "matrices") as (on_start, on_progress):
+            result = compute_spectrum(
+                base_ckpt, fts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
+            )
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def esd(checkpoint: Source, base: Source | None = None, *, options: ESDOptions, run: Run) -> ESDResult:
+    """Heavy-tailed spectral densities, WeightWatcher's way: power-law α (x_min by KS distance), α̂,
+    norms, stable rank, Marchenko–Pastur spikes and correlation traps, per matrix.
+
+    Parameters
+    ----------
+    checkpoint : a model (path, Hub ID, module, mapping; with `base`: a fine-tune, PeftModel or adapter)
+        The weights analysed.
+    base : a model, optional
+        Also the spectral density of ΔW = checkpoint − base (command line: --base).
+    {options}
+
+    Returns
+    -------
+    ESDResult
+
+    References
+    ----------
+    Martin & Mahoney 2021, "Implicit self-regularization in deep neural networks", JMLR 22(165);
+    Martin, Peng & Mahoney 2021, Nature Communications 12:4122 (α̂, eq. 4).
+    """
+    run.refuse_unless(
+        options.traps, "does not apply with --no-traps (it seeds the shuffles that look for traps)", "seed"
+    )
+    with run.outputs([checkpoint, base]) as plan:
+        from weightlab.analysis.esd import esd as compute_esd
+
+        compute = run.compute()
+        base_ckpt = open_weights(base) if base is not None else None
+        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
+        with run.progress("esd", "matrices") as (on_start, on_progress):
+            result = compute_esd(ckpt, base_ckpt, options, compute, on_progress, on_start)
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOptions, run: Run) -> CompareResult:
+    """A bank of fine-tunes of one base: pairwise task-vector cosine, subspace overlap, TIES sign
+    conflict and norm ratios, and a clustering.
+
+    Parameters
+    ----------
+    finetuned : list of models (paths, Hub IDs, modules, PeftModels, mappings)
+        Two or more fine-tunes or adapters of `base`.
+    base : a model
+        The base every fine-tune started from (command line: --base).
+    {options}
+
+    Returns
+    -------
+    CompareResult
+
+    References
+    ----------
+    Yadav et al. 2023, "TIES-Merging", NeurIPS (sign conflict, Sec. 3);
+    Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR (task-vector cosine).
+    """
+    finetuned = _many(finetuned)
+    with run.outputs([base, *finetuned]) as plan:
+        from weightlab.analysis.compare import compare as compute_compare
+
+        compute = run.compute()
+        base_ckpt = open_weights(base)
+        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
+        with run.progress("compare", "tensors") as (on_start, on_progress):
+            result = compute_compare(base_ckpt, fts, options, compute, on_progress, on_start)
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def angles(a: Source, b: Source, base: Source | None = None, *, options: AnglesOptions, run: Run) -> AnglesResult:
+    """Principal angles between the top-k singular subspaces of matching matrices of `a` and `b`.
+
+    Parameters
+    ----------
+    a, b : models (paths, Hub IDs, modules, mappings; with `base`: fine-tunes, PeftModels or adapters)
+    base : a model, optional
+        Compare task vectors a − base and b − base instead of weights (command line: --base).
+    {options}
+
+    Returns
+    -------
+    AnglesResult
+
+    References
+    ----------
+    Björck & Golub 1973, "Numerical methods for computing angles between linear subspaces",
+    Math. Comp. 27(123) (cosines are the singular values of U_aᵀU_b).
+    """
+    run.refuse_unless(
+        options.svd == "randomized", "seeds only --svd randomized (the exact SVD has no randomness)", "seed"
+    )
+    with run.outputs([a, b, base]) as plan:
+        from weightlab.analysis.angles import angles as compute_angles
+
+        compute = run.compute()
+        base_ckpt = open_weights(base) if base is not None else None
+        ckpt_a, ckpt_b = (open_finetuned(p, base_ckpt) if base_ckpt else open_weights(p) for p in (a, b))
+        with run.progress("angles", "matrices") as (on_start, on_progress):
+            result = compute_angles(ckpt_a, ckpt_b, base_ckpt, options, compute, on_progress, on_start)
+        emit(plan, result)
+    return result
+
+
+@api_function(tuple(n for n in ANALYSIS if n != "dtype"))  # storage precision; moments in float64
+def gaussian(checkpoint: Source, base: Source | None = None, *, options: GaussianOptions, run: Run) -> GaussianResult:
+    """Moments, normality tests and a shape label per tensor; with `base`, the same for ΔW and its spread vs depth.
+
+    Parameters
+    ----------
+    checkpoint : a model (with `base`: a fine-tune, PeftModel or adapter of it)
+    base : a model, optional
+        Also test ΔW = checkpoint − base and its trend with depth (command line: --base).
+    {options}
+
+    Returns
+    -------
+    GaussianResult
+
+    References
+    ----------
+    D'Agostino & Pearson 1973, Biometrika 60(3) (K²); Anderson & Darling 1954, JASA 49(268).
+    """
+    with run.outputs([checkpoint, base]) as plan:
+        from weightlab.analysis.gaussian import gaussian as compute_gaussian
+
+        compute = run.compute()
+        base_ckpt = open_weights(base) if base is not None else None
+        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
+        with run.progress("gaussian", "tensors") as (on_start, on_progress):
+            result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def tsd(base: Source, finetuned: Source, save: str | Path | None = None, *, options: TSDOptions, run: Run) -> TSDResult:
+    """Task-specific directions: the base's singular directions with the largest change rate |u_iᵀΔWv_i|/σ_i.
+
+    Parameters
+    ----------
+    base : a model
+    finetuned : a fine-tune, PeftModel or adapter of `base` (e.g. a short warm-up run)
+    save : path, optional
+        Store indices, u, v, σ, δ per matrix (.safetensors) for ``init_lora(method="tsd")``.
+    {options}
+
+    Returns
+    -------
+    TSDResult
+
+    References
+    ----------
+    Si et al. 2025, "Unleashing the Power of Task-Specific Directions in Parameter Efficient
+    Fine-tuning", ICLR (change rate δ_i, eq. 3).
+    """
+    with run.outputs([base, finetuned], save=save) as plan:
+        from weightlab.analysis.tsd import save_directions
+        from weightlab.analysis.tsd import tsd as compute_tsd
+
+        compute = run.compute()
+        base_ckpt = open_weights(base)
+        ft = open_finetuned(finetuned, base_ckpt)
+        with run.progress("tsd", "matrices") as (on_start, on_progress):
+            result, vectors = compute_tsd(
+                base_ckpt, ft, options, compute, on_progress, on_start, keep_vectors=save is not None
+            )
+        if save:
+            save_directions(
+                plan.path("--save"),
+                vectors,
+                {"base": describe(base), "finetuned": describe(finetuned), "top": str(options.top)},
+            )
+        emit(plan, result)
+    return result
