@@ -80,7 +80,7 @@ def test_the_worked_analysis_runs_as_printed(zoo, tmp_path):
     )
     assert codes == [0, 0]
     in_memory = json.loads((tmp_path / "api.json").read_text())
-    assert in_memory.pop("base") == "LlamaModel in memory"
+    assert in_memory.pop("base") == f"{zoo['llama']} (in memory)"
     on_disk = json.loads((tmp_path / "n.json").read_text())
     assert on_disk.pop("base") == str(zoo["llama"]) and in_memory == on_disk  # the same numbers, to the byte
     result = json.loads((tmp_path / "n.json").read_text())

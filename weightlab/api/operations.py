@@ -324,7 +324,7 @@ def init_lora(
         )
     with run.outputs([base, source], out_dir=out, residual_out_dir=residual_out) as plan:
         from weightlab.io import CheckpointWriter, open_finetuned, open_weights
-        from weightlab.io.memory import StateDictWriter
+        from weightlab.io.memory import StateDictWriter, config_files, donor_of
         from weightlab.io.writer import stored_plan
         from weightlab.surgery.lora import init_lora as run_init
         from weightlab.surgery.targets import resolve_targets
@@ -337,9 +337,10 @@ def init_lora(
         if residual_out is not None:
             writer = CheckpointWriter(
                 plan.path("--residual-out"),
-                donor=base_ckpt.path,
+                donor=donor_of(base_ckpt),
                 plan=stored_plan(base_ckpt),
                 metadata={"weightlab": f"residual of init-lora {options.method} r={options.rank}"},
+                files=config_files(base_ckpt),
             )
         elif out is None and not no_residual:
             writer = StateDictWriter("residual").planned(stored_plan(base_ckpt))
@@ -465,7 +466,7 @@ def mitigate_intruders(
     with run.outputs([base, finetuned], out_dir=out) as plan:
         from weightlab.io import open_finetuned, open_weights
         from weightlab.io.adapter import AdaptedCheckpoint
-        from weightlab.io.memory import StateDictWriter
+        from weightlab.io.memory import StateDictWriter, config_files, donor_of
         from weightlab.io.writer import CheckpointWriter, stored_plan
         from weightlab.surgery.intruders import mitigate_intruders as run_mitigate
 
@@ -477,9 +478,10 @@ def mitigate_intruders(
             writer = (
                 CheckpointWriter(
                     plan.path("-o"),
-                    donor=None if is_in_memory(finetuned) else ft.path,
+                    donor=donor_of(ft),
                     plan=stored_plan(ft),
                     metadata={"weightlab": f"intruders scaled by {options.scale:g}"},
+                    files=config_files(ft),
                 )
                 if out is not None
                 else StateDictWriter("mitigated").planned(stored_plan(ft))

@@ -11,6 +11,7 @@ keeps). A PEFT model is read as its adapter, as its saved folder would be.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from enum import Enum
@@ -49,8 +50,15 @@ def is_peft_model(source: object) -> bool:
 
 
 def label_of(source: object) -> str:
-    """How an in-memory model is named in results and messages: its class, 'in memory'."""
-    return "state dict in memory" if isinstance(source, Mapping) else f"{type(source).__name__} in memory"
+    """How an in-memory model is named in results and messages: where transformers loaded it from
+    (`config.name_or_path`), else its class, then '(in memory)'."""
+    if isinstance(source, Mapping):
+        return "state dict (in memory)"
+    if is_peft_model(source):
+        base = source.get_base_model()  # type: ignore[attr-defined]
+        return f"{getattr(base.config, 'name_or_path', '') or type(base).__name__}+lora (in memory)"
+    name = getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
+    return f"{name} (in memory)"
 
 
 def describe(source: object) -> str:
@@ -252,3 +260,17 @@ class StateDictWriter:
 
     def add_file(self, name: str, text: str) -> None:
         self.state.files[name] = text
+
+
+def donor_of(ckpt: Checkpoint) -> Path | None:
+    """The folder an output copies config and tokenizer files from: the model's own, none in memory."""
+    return None if isinstance(ckpt, MemoryCheckpoint) else ckpt.path
+
+
+def config_files(ckpt: Checkpoint) -> dict[str, str]:
+    """What a checkpoint made from a model in memory writes beside its weights: the module's
+    `config.json` (transformers needs it to load the folder); nothing for a model on disk (its
+    donor folder is copied)."""
+    if isinstance(ckpt, MemoryCheckpoint) and ckpt.config is not None and ckpt.config.raw:
+        return {"config.json": json.dumps(ckpt.config.raw, indent=2, sort_keys=True) + "\n"}
+    return {}

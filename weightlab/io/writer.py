@@ -6,7 +6,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +140,10 @@ class CheckpointWriter:
         donor: str | Path | None = None,
         force: bool = False,
         plan: list[TensorSpec] | None = None,
+        files: Mapping[str, str] | None = None,
     ):
         self.out_dir = Path(out_dir)
+        self.files = dict(files or {})  # side files written with the weights (a module's config.json)
         self.shard_size = parse_size(shard_size)
         self.prefix = prefix
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -301,6 +303,8 @@ class CheckpointWriter:
                 weight_map.update({name: shard for name in names})
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self._tmp / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name, text in self.files.items():
+            (self._tmp / name).write_text(text)
         if self.donor is not None:
             copy_donor_files(self.donor, self._tmp)
 

@@ -34,7 +34,7 @@ from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
-from weightlab.io.memory import MemoryCheckpoint, StateDictWriter
+from weightlab.io.memory import StateDictWriter, config_files, donor_of
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
@@ -359,7 +359,8 @@ def merge(
                     metadata=meta,
                     force=force,
                     plan=plan,
-                    donor=donor or (None if config.models[0] in opened or config.base in opened else ckpts[0].path),
+                    donor=donor or donor_of(ckpts[0]),
+                    files={} if donor else config_files(ckpts[0]),
                 )
             )
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
@@ -438,6 +439,4 @@ def merge(
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
         writer.add_file(RECORD, record_yaml(config))
-        if not in_memory and donor is None and anchor.config is not None and isinstance(anchor, MemoryCheckpoint):
-            writer.add_file("config.json", json.dumps(anchor.config.raw, indent=2) + "\n")  # the module's own config
     return report
