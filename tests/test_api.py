@@ -314,5 +314,5 @@ def test_the_docstrings_say_what_each_option_does():
         doc = function.__doc__
         assert "Parameters\n" in doc and "Returns\n" in doc and "References\n" in doc and "{options}" not in doc
         for keyword in inspect.signature(function).parameters:
-            if keyword not in ("run", "progress", "params"):
+            if keyword not in ("run", "progress", "method_params"):
                 assert f"{keyword} :" in doc or f", {keyword}" in doc or f"{keyword}, " in doc, (function, keyword)

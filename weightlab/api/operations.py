@@ -83,9 +83,10 @@ def merge(
     max_rank: int | None = None,
     out: str | Path | None = None,
     into: torch.nn.Module | None = None,
+    params: Mapping[str, float] | None = None,
     nan: NanOptions,
     run: Run,
-    **params: float,
+    **method_params: float,
 ) -> Any:
     """Merge fine-tunes of one base, streaming tensor by tensor, with manual or NAN coefficients.
 
@@ -103,6 +104,8 @@ def merge(
         NAN sets the coefficients from inverse parameter norms (the ``nan_*`` options).
     lam, density : float, optional
         The method's λ and density; any other parameter of the method by its name (``gamma=0.05``).
+    params : mapping, optional
+        The method's parameters by name, as ``--param NAME=VALUE`` gives them (``{"lambda": 0.5}``).
     svc, lines : bool
         Then recalibrate singular values (SVC) / scale each layer's update by depth (LiNeS).
     seed : int, optional
@@ -140,7 +143,8 @@ def merge(
     options["param_values"] = {
         **options.get("param_values", {}),
         **{k: v for k, v in {"lambda": lam, "density": density}.items() if v is not None},
-        **params,
+        **method_params,
+        **(params or {}),
     }
     overrides = {
         "method": method,

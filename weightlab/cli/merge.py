@@ -130,6 +130,6 @@ def merge(
         out=common.out,
         nan=nan,
         run=common.run(),
-        **params,
+        params=params,
     )
     common.show(report)
