@@ -316,3 +316,10 @@ def test_the_docstrings_say_what_each_option_does():
         for keyword in inspect.signature(function).parameters:
             if keyword not in ("run", "progress", "method_params"):
                 assert f"{keyword} :" in doc or f", {keyword}" in doc or f"{keyword}, " in doc, (function, keyword)
+
+
+def test_models_in_memory_are_named_as_given(loaded):
+    result = wl.compare({"math": loaded["a"], "code": loaded["b"]}, loaded["base"])
+    assert result.to_dict()["finetuned"] == ["math (in memory)", "code (in memory)"]
+    merged = wl.merge(loaded["base"], {"math": loaded["a"], "code": loaded["b"]}, method="task-arithmetic", lam=0.5)
+    assert merged.report.config.models == ["math (in memory)", "code (in memory)"]

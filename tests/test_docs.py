@@ -71,3 +71,16 @@ def test_docs_examples_run(page, workspace, run_cli, monkeypatch):
             run_cli("spectrum", "base/", "ft/", "--json", "results/spectrum.json", "--force")
         code, _, err = run_cli(*args, "--force")
         assert code == 0, f"{page.name}: {shlex.join(command)}\n{err}"
+
+
+def test_python_api_page_runs(workspace, monkeypatch):
+    """docs/python-api.md's Python blocks, in order, in one namespace, on the same checkpoints; every
+    one uses the flat API (`import weightlab as wl`)."""
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "python-api.md").read_text(), flags=re.S)
+    assert blocks and "import weightlab as wl" in blocks[0]
+    assert all("wl." in block for block in blocks)
+    monkeypatch.chdir(workspace)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "python-api.md", "exec"), namespace)
+    assert (workspace / "merged" / "weightlab_merge.yml").is_file() and (workspace / "spectrum.html").is_file()

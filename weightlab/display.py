@@ -12,12 +12,14 @@ from pathlib import PurePath
 DIGITS = 3  # significant digits of every number shown to a person
 
 
+IN_MEMORY = " (in memory)"  # how io.memory labels a model held in memory
 HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{7})[0-9a-f]*/?$")
 
 
 def _parts(path: str) -> list[str]:
     """Components of a path or Hub ID, last first, without a weights file's name; a Hub cache
-    snapshot reads as its ID, `org/name@commit`."""
+    snapshot reads as its ID, `org/name@commit`; a model in memory by its label without "(in memory)"."""
+    path = path.removesuffix(IN_MEMORY)
     hub = HUB_SNAPSHOT.search(path)
     if hub:
         return [f"{hub['org']}/{hub['name']}@{hub['commit']}"]
@@ -50,6 +52,12 @@ def model_names(paths: Sequence[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
     return out
+
+
+def described(paths: Sequence[str]) -> list[str]:
+    """Each model's short name with where it is, "name (path)", once where the two say the same
+    ("animal (in memory)")."""
+    return [p if p in (name, name + IN_MEMORY) else f"{name} ({p})" for name, p in zip(model_names(paths), paths)]
 
 
 def fmt(value: object, digits: int = DIGITS) -> str:

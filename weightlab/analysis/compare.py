@@ -38,7 +38,7 @@ from weightlab.compute.gram import top_singular
 from weightlab.compute.svd import lowrank_svd
 from weightlab.compute.trim import trim_block, trim_state
 from weightlab.compute.walk import Batch, Selection, TensorWalk
-from weightlab.display import model_names
+from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.options import CompareOptions
@@ -185,7 +185,7 @@ class CompareResult(Result):
         ]
 
     def note(self) -> str:
-        return "Fine-tunes: " + ", ".join(f"{name} ({p})" for name, p in zip(self.names(), self.finetuned))
+        return "Fine-tunes: " + ", ".join(described(self.finetuned))
 
 
 def fmt(value: float | None) -> str:

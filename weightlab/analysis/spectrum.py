@@ -35,7 +35,7 @@ from weightlab.compute.device import Compute
 from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, is_tall, singular_values, top_singular
 from weightlab.compute.spectra import base_decomposition, base_vectors, top_columns
 from weightlab.compute.walk import Batch, Selection, TensorWalk, may_change
-from weightlab.display import model_names
+from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor
@@ -205,7 +205,11 @@ class SpectrumResult(Result):
         }
 
     def rows(self) -> list[dict]:
-        return [m.row() for m in self.matrices]
+        """One row per matrix and fine-tune; the fine-tune by its name (the JSON keeps its index)."""
+        names = model_names(self.finetuned)
+        return [
+            {**m.row(), "finetuned": names[m.finetuned]} if m.finetuned is not None else m.row() for m in self.matrices
+        ]
 
     def tables(self) -> list[Table]:
         if not self.finetuned:
@@ -342,9 +346,7 @@ class SpectrumResult(Result):
     def note(self) -> str:
         if not self.finetuned:
             return f"Spectra of {self.base} alone (values only)."
-        return "Fine-tunes: " + ", ".join(
-            f"{name} ({p})" for name, p in zip(model_names(self.finetuned), self.finetuned)
-        )
+        return "Fine-tunes: " + ", ".join(described(self.finetuned))
 
 
 def first(values: list) -> object:

@@ -5,12 +5,12 @@ result; the command of the same name is this function with its options parsed.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightlab.api.frame import Run, api_function, emit
-from weightlab.io.memory import describe
+from weightlab.io.memory import Named, describe, is_in_memory
 from weightlab.io.open import Source, open_checkpoint, open_finetuned, open_weights
 from weightlab.options import (
     AnglesOptions,
@@ -35,14 +35,22 @@ ANALYSIS = ("device", "dtype", "threads", "ray", "ray_timeout", "json", "csv", "
 FILES = ("json", "csv", "force")
 
 
-def _many(sources: Source | Sequence[Source] | None) -> list[Source]:
-    """One model or several: a list or tuple is several, anything else (a path, a module, a
-    mapping of tensors) one."""
+def many(sources: Source | Sequence[Source] | Mapping[str, Source] | None) -> list[Source]:
+    """One model or several: a list or tuple is several, and so is a mapping of names to models
+    (`{"math": model, "code": "code-ft/"}`: the names label models in memory); anything else (a
+    path, a module, a mapping of names to tensors) is one."""
     if sources is None:
         return []
     if isinstance(sources, (list, tuple)):
         return list(sources)
-    return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping
+    if isinstance(sources, Mapping) and sources and all(_is_model(v) for v in sources.values()):
+        named = [Named(name, model) if is_in_memory(model) else model for name, model in sources.items()]
+        return named  # type: ignore[return-value]  # each value is a model (_is_model)
+    return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping of tensors
+
+
+def _is_model(value: object) -> bool:
+    return isinstance(value, (str, Path, Mapping)) or hasattr(value, "state_dict")
 
 
 @api_function(FILES, flags={"name_filter": "--filter"})
@@ -73,7 +81,7 @@ def inspect(checkpoint: Source, name_filter: str | None = None, *, run: Run) -> 
 @api_function(ANALYSIS)
 def spectrum(
     base: Source,
-    finetuned: Source | Sequence[Source] | None = None,
+    finetuned: Source | Sequence[Source] | Mapping[str, Source] | None = None,
     *,
     options: SpectrumOptions,
     cache: CacheOptions,
@@ -85,7 +93,7 @@ def spectrum(
     ----------
     base : path, Hub ID, torch.nn.Module or mapping of names to tensors/arrays
         The base model.
-    finetuned : a model, a PeftModel or adapter folder of `base`, or a list of them
+    finetuned : a model, a PeftModel or adapter folder of `base`, or a list of them (or a dict: name -> model)
         The fine-tunes (none with ``values_only=True``: the base's own spectra).
     {options}
 
@@ -99,7 +107,7 @@ def spectrum(
     Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (intruder dimensions);
     Hu et al. 2021, "LoRA" (amplification, Sec. 7).
     """
-    finetuned = _many(finetuned)
+    finetuned = many(finetuned)
     run.refuse_unless(
         not cache.no_cache and not options.values_only,
         "does not apply: nothing is cached with --no-cache or --values-only",
@@ -172,7 +180,7 @@ def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOption
 
     Parameters
     ----------
-    finetuned : list of models (paths, Hub IDs, modules, PeftModels, mappings)
+    finetuned : list of models (paths, Hub IDs, modules, PeftModels, mappings), or a dict: name -> model
         Two or more fine-tunes or adapters of `base`.
     base : a model
         The base every fine-tune started from (command line: --base).
@@ -187,7 +195,7 @@ def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOption
     Yadav et al. 2023, "TIES-Merging", NeurIPS (sign conflict, Sec. 3);
     Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR (task-vector cosine).
     """
-    finetuned = _many(finetuned)
+    finetuned = many(finetuned)
     with run.outputs([base, *finetuned]) as plan:
         from weightlab.analysis.compare import compare as compute_compare
 

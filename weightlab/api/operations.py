@@ -6,12 +6,13 @@ record as `.report`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from weightlab.api.analyses import many
 from weightlab.api.frame import Run, api_function, emit, with_record
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.memory import describe, is_in_memory
@@ -65,7 +66,7 @@ def _names(sources: Sequence[Source]) -> tuple[list[str], dict[str, Any]]:
 @api_function(OPERATION, flags={**_OUT, "lam": "--lambda", "weights": "--weights", "max_rank": "--max-rank"})
 def merge(
     base: Source | None = None,
-    models: Sequence[Source] | None = None,
+    models: Sequence[Source] | Mapping[str, Source] | None = None,
     *,
     method: str | None = None,
     weights: Sequence[float] | None = None,
@@ -94,7 +95,7 @@ def merge(
     ----------
     base : a model (path, Hub ID, module, mapping), optional
         The base: task vectors are τ_i = θ_i − θ_base (methods without a base take None).
-    models : list of models
+    models : list of models, or a dict: name -> model
         The fine-tunes (with ``as_adapter=True``: LoRA adapters or PeftModels of `base`).
     method : str
         One of ``weightlab.merging.METHODS`` (task-arithmetic, ties, dare-ties, iso-cts, …).
@@ -158,7 +159,7 @@ def merge(
         "as_adapter": as_adapter or None,
     }
     options.update({k: v for k, v in overrides.items() if v is not None})
-    sources = list(models) if models else None
+    sources = many(models) or None
     names, opened = _names(([base] if base is not None else []) + (sources or []))
     if base is not None:
         options["base"] = names[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,19 @@ def is_peft_model(source: object) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Named:
+    """A model in memory with the name results give it (`wl.spectrum(base, {"math": m1, "code": m2})`)."""
+
+    name: str
+    model: object
+
+
 def label_of(source: object) -> str:
-    """How an in-memory model is named in results and messages: where transformers loaded it from
-    (`config.name_or_path`), else its class, then '(in memory)'."""
+    """How an in-memory model is named in results and messages: its given name (`Named`), else
+    where transformers loaded it from (`config.name_or_path`), else its class; then '(in memory)'."""
+    if isinstance(source, Named):
+        return f"{source.name} (in memory)"
     if isinstance(source, Mapping):
         return "state dict (in memory)"
     if is_peft_model(source):
@@ -157,9 +168,11 @@ def _module_config(module: torch.nn.Module) -> ModelConfig | None:
 def open_in_memory(source: object) -> Any:
     """A `MemoryCheckpoint` for a module or a mapping of names to tensors/arrays, or a
     `LoraAdapter` for a PEFT model (its active adapter's factors, as its saved folder holds them)."""
-    if is_peft_model(source):
-        return _peft_adapter(source)
     label = label_of(source)
+    if isinstance(source, Named):
+        source = source.model
+    if is_peft_model(source):
+        return _peft_adapter(source, label)
     if isinstance(source, torch.nn.Module):
         tensors, tied = _saved_names(source.state_dict())
         if not tensors:
@@ -179,7 +192,7 @@ def open_in_memory(source: object) -> Any:
     )
 
 
-def _peft_adapter(model: Any) -> Any:
+def _peft_adapter(model: Any, label: str) -> Any:
     from peft import get_peft_model_state_dict
 
     from weightlab.io.adapter import LoraAdapter  # it imports torch-free pieces of this floor only
@@ -190,7 +203,7 @@ def _peft_adapter(model: Any) -> Any:
         for k, v in model.peft_config[name].to_dict().items()
     }
     tensors = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    return LoraAdapter.in_memory(label_of(model), config, tensors)
+    return LoraAdapter.in_memory(label, config, tensors)
 
 
 class StateDict(dict[str, torch.Tensor]):

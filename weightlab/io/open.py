@@ -10,7 +10,7 @@ from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint, open_dense
 from weightlab.io.hub import locate
-from weightlab.io.memory import open_in_memory
+from weightlab.io.memory import Named, open_in_memory
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 # Where a model is accepted: a path, a Hub ID (`org/name[@revision]`), or a model in memory.
-Source = Union[str, Path, "torch.nn.Module", "Mapping[str, torch.Tensor | np.ndarray]"]
+Source = Union[str, Path, "torch.nn.Module", "Mapping[str, torch.Tensor | np.ndarray]", "Named"]
 
 
 def open_checkpoint(path: Source) -> Checkpoint | LoraAdapter:
