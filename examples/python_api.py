@@ -1,21 +1,19 @@
-"""The Python API, as in a notebook: typed results, JSON-ready dictionaries."""
+"""The Python API, as in a notebook: one function per command, models from disk or memory, DataFrames."""
 
 from _models import workspace
+from transformers import AutoModel
 
-from weightlab.analysis.spectrum import SpectrumOptions, spectrum
-from weightlab.analysis.tsd import TSDOptions, tsd
-from weightlab.io import open_finetuned, open_weights
+import weightlab as wl
 
 m = workspace()
-base = open_weights(m["base"])
-adapter = open_finetuned(m["warmup"], base)  # a PEFT adapter is a fine-tune too: W' = W + s·B·A
-result = spectrum(base, [open_weights(m["ft_a"]), adapter], SpectrumOptions(k=4))
-for ft, label in enumerate(("full fine-tune", "LoRA warm-up")):
-    ms = [x for x in result.matrices if x.finetuned == ft]
-    top = max(ms, key=lambda x: x.relative_change)
-    print(
-        f"{label}: {len(ms)} matrices, most changed {top.name} ({top.relative_change:.4f}),"
-        f" intruders {sum(len(x.intruders) for x in ms)}"
-    )
-directions, _ = tsd(base, adapter, TSDOptions(top=4))
+spectrum = wl.spectrum(m["base"], [m["ft_a"], m["warmup"]], top_k=4)  # a full fine-tune and a LoRA warm-up
+frame = spectrum.to_pandas()
+for name, rows in frame.groupby("finetuned"):
+    top = rows.loc[rows["relative_change"].idxmax()]
+    print(f"{name}: {len(rows)} matrices, most changed {top['name']} ({top['relative_change']:.4f})")
+
+base = AutoModel.from_pretrained(m["base"])  # the same base, in memory
+directions = wl.tsd(base, m["warmup"], top=4)
 print("TSD indices of the first matrix:", directions.matrices[0].indices)
+merged = wl.merge(base, [m["ft_a"], m["ft_b"]], method="ties", density=0.3)  # in memory: a state dict
+print(merged, "| first merged tensor:", next(iter(merged)))

@@ -23,6 +23,7 @@ ALLOWED = {
     "merging": {"io", "matching", "compute"},
     "surgery": {"io", "matching", "compute"},
     "report": {"io", "matching", "compute", "analysis", "merging", "surgery", "inventory", "demo"},
+    "api": {"io", "matching", "compute", "analysis", "merging", "surgery", "report", "inventory"},
 }
 
 
