@@ -92,19 +92,21 @@ class Run:
 def emit(plan: OutputPlan, result: Result, draw: Callable[[Path], list[Path]] | None = None) -> None:
     """Write any result's JSON, CSV, plots and report to the plan's outputs (committed together);
     `draw` replaces the plots `report.plots.draw` makes for the result's type."""
-    from weightlab.report.document import write_report
     from weightlab.report.export import to_csv, to_json
-    from weightlab.report.plots import draw as draw_plots
 
     if "--json" in plan:
         plan.write_text("--json", to_json(result.to_dict()))
     if "--csv" in plan:
         plan.write_text("--csv", to_csv(result.rows()))
-    if "--plots" in plan:
+    if "--plots" in plan:  # matplotlib loads only when something is drawn
+        from weightlab.report.plots import draw as draw_plots
+
         folder = plan.path("--plots")
         folder.mkdir()
         (draw or (lambda d: draw_plots(result, d)))(folder)
     if "--report" in plan:
+        from weightlab.report.document import write_report
+
         write_report([result], plan.path("--report"))
 
 

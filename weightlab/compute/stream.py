@@ -30,9 +30,9 @@ _DONE = object()
 READ_AHEAD_BYTES = 256 << 20
 
 
-def _room_for(size: int, stop: threading.Event, in_flight: list[int]) -> bool:
+def _room_for(size: int, stop: threading.Event, in_flight: list[int], bound: int = READ_AHEAD_BYTES) -> bool:
     """Read ahead `size` more bytes now? Yes when stopping, when nothing is in flight, or under the bound."""
-    return stop.is_set() or not in_flight[0] or in_flight[0] + size <= READ_AHEAD_BYTES
+    return stop.is_set() or not in_flight[0] or in_flight[0] + size <= bound
 
 
 def batches(
@@ -88,6 +88,8 @@ def stream_matrices(
     stop = threading.Event()
     room = threading.Condition()
     in_flight = [0]  # bytes read and not yet released by the consumer
+    # reading ahead hides storage latency; models in memory have none, so their copies come one batch at a time
+    bound = READ_AHEAD_BYTES if any(c.read_ahead for c in sources) else 0
 
     def produce() -> None:
         try:
@@ -95,7 +97,7 @@ def stream_matrices(
                 read = [not s for s in unread(batch[0])]
                 size = sum(c.info(n).nbytes for item in batch for c, n, r in zip(sources, item.names, read) if r)
                 with room:
-                    room.wait_for(partial(_room_for, size, stop, in_flight))
+                    room.wait_for(partial(_room_for, size, stop, in_flight, bound))
                     in_flight[0] += size
                 if stop.is_set():
                     return

@@ -308,6 +308,7 @@ class AdaptedCheckpoint(Checkpoint):
         super().__init__(adapter.path, base.config)
         self.base = base
         self.adapter = adapter
+        self.read_ahead = base.read_ahead or not isinstance(adapter.file, TensorStore)
         by_key = {canonical_name(n): n for n in base.names()}
 
         def base_name(name: str, what: str) -> str:

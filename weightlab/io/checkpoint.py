@@ -28,6 +28,8 @@ LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 class Checkpoint:
     """Dense weights addressed by name. Subclasses implement `_infos` and `_read`."""
 
+    read_ahead = True  # reading ahead of use hides storage latency (models in memory have none)
+
     def __init__(self, path: Path, config: ModelConfig | None = None):
         self.path = Path(path)
         self.config = config

@@ -89,6 +89,8 @@ class MemoryCheckpoint(Checkpoint):
     """Dense weights held in memory, read one tensor at a time (`TensorStore`). `tied` names each
     tensor left out because it shares its storage with one listed (name -> the name kept)."""
 
+    read_ahead = False  # no storage to wait for: a copy is made when a tensor is used
+
     def __init__(
         self,
         label: str,
