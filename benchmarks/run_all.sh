@@ -9,3 +9,5 @@ for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_lora.py bench_g
   echo "== $bench"
   ../.bench/env/bin/python "$bench" "$@"
 done
+echo "== bench_memory_api.py"  # builds its own model in memory: takes --layers/--hidden only
+../.bench/env/bin/python bench_memory_api.py
