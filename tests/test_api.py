@@ -323,3 +323,19 @@ def test_models_in_memory_are_named_as_given(loaded):
     assert result.to_dict()["finetuned"] == ["math (in memory)", "code (in memory)"]
     merged = wl.merge(loaded["base"], {"math": loaded["a"], "code": loaded["b"]}, method="task-arithmetic", lam=0.5)
     assert merged.report.config.models == ["math (in memory)", "code (in memory)"]
+
+
+def test_peft_models_in_memory_merge_as_an_adapter(zoo, adapters, tmp_path):
+    """`as_adapter` on PeftModels in memory is the command on their saved folders; a module of another
+    model given as `into` is refused in one line."""
+    from peft import PeftModel
+
+    folders = [adapters["llama"], adapters["llama"]]
+    assert run(["merge", "--method", "task-arithmetic", "--as-adapter", "--base", str(zoo["llama"]),
+                *map(str, folders), "-o", str(tmp_path / "m")]) == 0  # fmt: skip
+    models = [PeftModel.from_pretrained(AutoModel.from_pretrained(zoo["llama"]), f) for f in folders]
+    merged = wl.merge(AutoModel.from_pretrained(zoo["llama"]), models, method="task-arithmetic", as_adapter=True)
+    assert merged.base_model is None  # an adapter of a model in memory names no folder as its base
+    _same(merged.state_dict(), tmp_path / "m", file="adapter_model.safetensors")
+    with pytest.raises(wl.WeightlabError, match="into= is not a model of the merged tensors"):
+        wl.merge(zoo["llama"], [zoo["llama_ft"]], method="task-arithmetic", into=synthetic.tiny_model("bert"))

@@ -292,7 +292,7 @@ def merge_as_adapter(
     adapter = NewAdapter(
         {m.name: m.factors for m in merged.modules},
         1.0,
-        config.base or adapters[0].base_model_name_or_path,
+        (config.base if config.base not in opened else None) or adapters[0].base_model_name_or_path,
         bool(adapters[0].adapter_config.get("fan_in_fan_out")),
         merged.saved,
     )
