@@ -49,6 +49,7 @@ def test_the_naming_module_that_used_to_cycle_imports_first():
 LIGHT = r"""
 import sys
 import weightlab.cli.commands, weightlab.options, weightlab.io.outputs  # what a refusal or --help needs
+import weightlab.api.analyses, weightlab.api.operations  # what checks the inputs, before any model loads
 heavy = sorted(m for m in ("torch", "numpy", "scipy", "matplotlib", "transformers", "safetensors", "huggingface_hub",
                            "ray", "peft") if m in sys.modules)
 print(" ".join(heavy))

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightlab.api.frame import Run, api_function, emit
-from weightlab.io.memory import Named, describe, is_in_memory
-from weightlab.io.open import Source, open_checkpoint, open_finetuned, open_weights
+from weightlab.io.sources import Named, Source, describe, is_in_memory
 from weightlab.options import (
     AnglesOptions,
     CacheOptions,
@@ -73,6 +72,8 @@ def inspect(checkpoint: Source, name_filter: str | None = None, *, run: Run) -> 
     from weightlab.inventory import inventory
 
     with run.outputs([checkpoint]) as plan:
+        from weightlab.io.open import open_checkpoint  # torch loads here
+
         result = inventory(open_checkpoint(checkpoint), name_filter)
         emit(plan, result)
     return result
@@ -124,6 +125,7 @@ def spectrum(
     with run.outputs([base, *finetuned], cache_dir=cache.folder) as plan:
         from weightlab.analysis.spectrum import spectrum as compute_spectrum
         from weightlab.compute.cache import DecompositionCache
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base)
@@ -163,6 +165,7 @@ def esd(checkpoint: Source, base: Source | None = None, *, options: ESDOptions, 
     )
     with run.outputs([checkpoint, base]) as plan:
         from weightlab.analysis.esd import esd as compute_esd
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base) if base is not None else None
@@ -198,6 +201,7 @@ def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOption
     finetuned = many(finetuned)
     with run.outputs([base, *finetuned]) as plan:
         from weightlab.analysis.compare import compare as compute_compare
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base)
@@ -233,6 +237,7 @@ def angles(a: Source, b: Source, base: Source | None = None, *, options: AnglesO
     )
     with run.outputs([a, b, base]) as plan:
         from weightlab.analysis.angles import angles as compute_angles
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base) if base is not None else None
@@ -264,6 +269,7 @@ def gaussian(checkpoint: Source, base: Source | None = None, *, options: Gaussia
     """
     with run.outputs([checkpoint, base]) as plan:
         from weightlab.analysis.gaussian import gaussian as compute_gaussian
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base) if base is not None else None
@@ -298,6 +304,7 @@ def tsd(base: Source, finetuned: Source, save: str | Path | None = None, *, opti
     with run.outputs([base, finetuned], save=save) as plan:
         from weightlab.analysis.tsd import save_directions
         from weightlab.analysis.tsd import tsd as compute_tsd
+        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
         base_ckpt = open_weights(base)

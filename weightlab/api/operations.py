@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 from weightlab.api.analyses import many
 from weightlab.api.frame import Run, api_function, emit, with_record
 from weightlab.errors import CheckpointNotFound, InvalidArgument
-from weightlab.io.memory import describe, is_in_memory
-from weightlab.io.open import Source
+from weightlab.io.sources import Source, describe, is_in_memory
 from weightlab.options import IntruderOptions, LoraInitOptions, NanOptions, RankBudget
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from weightlab.errors import InvalidArgument, NotACheckpoint, UnsupportedDtype
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import TensorInfo
+from weightlab.io.sources import Named, is_peft_model, label_of
 from weightlab.io.tensor_store import TensorStore
 from weightlab.model_config import ModelConfig, model_config_from_dict
 
@@ -34,47 +34,6 @@ Device = torch.device | str | None
 _PEFT_PARTS = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.")
 _WRAPPED = (".base_layer.", ".original_module.")  # PEFT keeps the base module's own tensors under these
 _RUNTIME_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel
-
-
-def is_in_memory(source: object) -> bool:
-    """True for a model held in memory (a module or a mapping), False for a path or Hub ID."""
-    return not isinstance(source, (str, Path))
-
-
-def is_peft_model(source: object) -> bool:
-    """A PEFT `PeftModel` (checked by its type's module, so peft need not be imported)."""
-    return (
-        isinstance(source, torch.nn.Module)
-        and type(source).__module__.startswith("peft.")
-        and hasattr(source, "peft_config")
-    )
-
-
-@dataclass(frozen=True)
-class Named:
-    """A model in memory with the name results give it (`wl.spectrum(base, {"math": m1, "code": m2})`)."""
-
-    name: str
-    model: object
-
-
-def label_of(source: object) -> str:
-    """How an in-memory model is named in results and messages: its given name (`Named`), else
-    where transformers loaded it from (`config.name_or_path`), else its class; then '(in memory)'."""
-    if isinstance(source, Named):
-        return f"{source.name} (in memory)"
-    if isinstance(source, Mapping):
-        return "state dict (in memory)"
-    if is_peft_model(source):
-        base = source.get_base_model()  # type: ignore[attr-defined]
-        return f"{getattr(base.config, 'name_or_path', '') or type(base).__name__}+lora (in memory)"
-    name = getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
-    return f"{name} (in memory)"
-
-
-def describe(source: object) -> str:
-    """A model as a record names it: its path or Hub ID as given, or its in-memory label."""
-    return label_of(source) if is_in_memory(source) else str(source)
 
 
 # The order in which safetensors writes a file's tensors: by dtype, in this order, then by name.

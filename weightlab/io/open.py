@@ -4,22 +4,13 @@ or held in memory (a torch module, a PEFT model, a mapping of names to tensors; 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint, open_dense
 from weightlab.io.hub import locate
-from weightlab.io.memory import Named, open_in_memory
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    import numpy as np
-    import torch
-
-# Where a model is accepted: a path, a Hub ID (`org/name[@revision]`), or a model in memory.
-Source = Union[str, Path, "torch.nn.Module", "Mapping[str, torch.Tensor | np.ndarray]", "Named"]
+from weightlab.io.memory import open_in_memory
+from weightlab.io.sources import Source
 
 
 def open_checkpoint(path: Source) -> Checkpoint | LoraAdapter:
