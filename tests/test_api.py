@@ -11,6 +11,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
@@ -339,3 +340,21 @@ def test_peft_models_in_memory_merge_as_an_adapter(zoo, adapters, tmp_path):
     _same(merged.state_dict(), tmp_path / "m", file="adapter_model.safetensors")
     with pytest.raises(wl.WeightlabError, match="into= is not a model of the merged tensors"):
         wl.merge(zoo["llama"], [zoo["llama_ft"]], method="task-arithmetic", into=synthetic.tiny_model("bert"))
+
+
+def test_models_that_cannot_be_read_are_refused_in_one_line(loaded):
+    with torch.device("meta"):
+        unloaded = torch.nn.Linear(8, 8)
+    sparse = {"w": torch.eye(8).to_sparse()}
+    for bad, message in (
+        (unloaded, "meta device"),
+        (sparse, "sparse_coo tensor"),
+        ({}, "holds no tensors"),
+        ({"w": np.array(["a", "b"])}, "not supported"),
+        ({1: torch.eye(2)}, "not a tensor name"),
+        (3, "got a int"),
+    ):
+        with pytest.raises(wl.WeightlabError, match=message):
+            wl.inspect(bad)
+    fts = (m for m in (loaded["a"], loaded["b"]))  # a generator of fine-tunes is several models
+    assert len(wl.compare(fts, loaded["base"]).to_dict()["finetuned"]) == 2

@@ -40,12 +40,17 @@ def many(sources: Source | Sequence[Source] | Mapping[str, Source] | None) -> li
     path, a module, a mapping of names to tensors) is one."""
     if sources is None:
         return []
-    if isinstance(sources, (list, tuple)):
-        return list(sources)
+    if isinstance(sources, (list, tuple)) or _is_iterator(sources):
+        return list(sources)  # type: ignore[arg-type]
     if isinstance(sources, Mapping) and sources and all(_is_model(v) for v in sources.values()):
         named = [Named(name, model) if is_in_memory(model) else model for name, model in sources.items()]
         return named  # type: ignore[return-value]  # each value is a model (_is_model)
     return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping of tensors
+
+
+def _is_iterator(value: object) -> bool:
+    """A generator or other one-pass iterable of models (never a path, a mapping or a module)."""
+    return hasattr(value, "__next__")
 
 
 def _is_model(value: object) -> bool:

@@ -108,7 +108,7 @@ def _saved_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             name = name.replace(wrapped, ".")
         key = (
             (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
-            if tensor.numel()
+            if tensor.numel() and tensor.layout == torch.strided and not tensor.is_meta  # others: refused when listed
             else None
         )
         if key is not None and key in seen:

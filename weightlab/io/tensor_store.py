@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from weightlab.errors import UnsupportedDtype
+from weightlab.errors import InvalidArgument, UnsupportedDtype
 from weightlab.io.safetensors_file import CODE_OF_TORCH_DTYPE, TensorInfo
 
 
@@ -22,6 +22,12 @@ class TensorStore:
         self.metadata: dict[str, str] = {}
         self.infos = {}
         for name, t in tensors.items():
+            if t.is_meta:
+                raise InvalidArgument("is on the meta device: its values were never loaded", label, name)
+            if t.layout != torch.strided:
+                raise InvalidArgument(
+                    f"is a {str(t.layout).removeprefix('torch.')} tensor; give dense tensors", label, name
+                )
             if t.dtype not in CODE_OF_TORCH_DTYPE:
                 raise UnsupportedDtype(f"dtype {str(t.dtype).removeprefix('torch.')} is not supported", label, name)
             self.infos[name] = TensorInfo(
