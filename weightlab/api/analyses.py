@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from weightlab.api.frame import Run, api_function, emit
 from weightlab.io.sources import Named, Source, describe, is_in_memory
@@ -46,6 +46,15 @@ def many(sources: Source | Sequence[Source] | Mapping[str, Source] | None) -> li
         named = [Named(name, model) if is_in_memory(model) else model for name, model in sources.items()]
         return named  # type: ignore[return-value]  # each value is a model (_is_model)
     return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping of tensors
+
+
+def _open(models: Sequence[Source], base: Source | None) -> tuple[Any, list[Any]]:
+    """The base (None without one) and each model: with a base, a fine-tune or adapter of it (its
+    weights W'); without, full weights. Torch loads here, after the inputs were checked."""
+    from weightlab.io.open import open_finetuned, open_weights
+
+    base_ckpt = open_weights(base) if base is not None else None
+    return base_ckpt, [open_finetuned(m, base_ckpt) if base_ckpt else open_weights(m) for m in models]
 
 
 def _is_iterator(value: object) -> bool:
@@ -130,11 +139,9 @@ def spectrum(
     with run.outputs([base, *finetuned], cache_dir=cache.folder) as plan:
         from weightlab.analysis.spectrum import spectrum as compute_spectrum
         from weightlab.compute.cache import DecompositionCache
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base)
-        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
+        base_ckpt, fts = _open(finetuned, base)
         with run.progress("spectrum", "matrices") as (on_start, on_progress):
             result = compute_spectrum(
                 base_ckpt, fts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
@@ -170,11 +177,9 @@ def esd(checkpoint: Source, base: Source | None = None, *, options: ESDOptions, 
     )
     with run.outputs([checkpoint, base]) as plan:
         from weightlab.analysis.esd import esd as compute_esd
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base) if base is not None else None
-        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
+        base_ckpt, (ckpt,) = _open([checkpoint], base)
         with run.progress("esd", "matrices") as (on_start, on_progress):
             result = compute_esd(ckpt, base_ckpt, options, compute, on_progress, on_start)
         emit(plan, result)
@@ -206,11 +211,9 @@ def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOption
     finetuned = many(finetuned)
     with run.outputs([base, *finetuned]) as plan:
         from weightlab.analysis.compare import compare as compute_compare
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base)
-        fts = [open_finetuned(p, base_ckpt) for p in finetuned]
+        base_ckpt, fts = _open(finetuned, base)
         with run.progress("compare", "tensors") as (on_start, on_progress):
             result = compute_compare(base_ckpt, fts, options, compute, on_progress, on_start)
         emit(plan, result)
@@ -242,11 +245,9 @@ def angles(a: Source, b: Source, base: Source | None = None, *, options: AnglesO
     )
     with run.outputs([a, b, base]) as plan:
         from weightlab.analysis.angles import angles as compute_angles
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base) if base is not None else None
-        ckpt_a, ckpt_b = (open_finetuned(p, base_ckpt) if base_ckpt else open_weights(p) for p in (a, b))
+        base_ckpt, (ckpt_a, ckpt_b) = _open([a, b], base)
         with run.progress("angles", "matrices") as (on_start, on_progress):
             result = compute_angles(ckpt_a, ckpt_b, base_ckpt, options, compute, on_progress, on_start)
         emit(plan, result)
@@ -274,11 +275,9 @@ def gaussian(checkpoint: Source, base: Source | None = None, *, options: Gaussia
     """
     with run.outputs([checkpoint, base]) as plan:
         from weightlab.analysis.gaussian import gaussian as compute_gaussian
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base) if base is not None else None
-        ckpt = open_finetuned(checkpoint, base_ckpt) if base_ckpt else open_weights(checkpoint)
+        base_ckpt, (ckpt,) = _open([checkpoint], base)
         with run.progress("gaussian", "tensors") as (on_start, on_progress):
             result = compute_gaussian(ckpt, base_ckpt, options, compute, on_progress, on_start)
         emit(plan, result)
@@ -309,11 +308,9 @@ def tsd(base: Source, finetuned: Source, save: str | Path | None = None, *, opti
     with run.outputs([base, finetuned], save=save) as plan:
         from weightlab.analysis.tsd import save_directions
         from weightlab.analysis.tsd import tsd as compute_tsd
-        from weightlab.io.open import open_finetuned, open_weights  # torch loads here
 
         compute = run.compute()
-        base_ckpt = open_weights(base)
-        ft = open_finetuned(finetuned, base_ckpt)
+        base_ckpt, (ft,) = _open([finetuned], base)
         with run.progress("tsd", "matrices") as (on_start, on_progress):
             result, vectors = compute_tsd(
                 base_ckpt, ft, options, compute, on_progress, on_start, keep_vectors=save is not None
