@@ -358,3 +358,17 @@ def test_models_that_cannot_be_read_are_refused_in_one_line(loaded):
             wl.inspect(bad)
     fts = (m for m in (loaded["a"], loaded["b"]))  # a generator of fine-tunes is several models
     assert len(wl.compare(fts, loaded["base"]).to_dict()["finetuned"]) == 2
+
+
+def test_progress_reaches_a_bar_or_the_callers_own(loaded):
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def mine(description, unit):
+        yield (lambda total: seen.append((description, unit, total))), seen.append
+
+    result = wl.esd(loaded["a"], traps=False, progress=mine)
+    assert seen[0] == ("esd", "matrices", len(result.matrices)) and sum(seen[1:]) == len(result.matrices)
+    assert wl.esd(loaded["a"], traps=False, progress=True).to_dict() == result.to_dict()

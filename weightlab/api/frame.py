@@ -38,6 +38,23 @@ def _silent(description: str, unit: str) -> Iterator[tuple[Callable[[int], None]
     yield (lambda total: None), (lambda done: None)
 
 
+@contextmanager
+def bar(description: str, unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """Progress as a tqdm bar (a widget in a notebook that has ipywidgets, else text): `progress=True`."""
+    from tqdm.auto import tqdm
+
+    shown = tqdm(desc=description, unit=f" {unit}", leave=False)
+
+    def start(total: int) -> None:
+        shown.total = total
+        shown.refresh()
+
+    try:
+        yield start, shown.update
+    finally:
+        shown.close()
+
+
 @dataclass(frozen=True)
 class Run:
     """How a function runs and what it writes besides its result (each field is the option of
@@ -195,8 +212,12 @@ def api_function(
                 )
             )
             docs.append(_documented(name, run_hints[name], run_fields[name].default, *RUN_OPTIONS[name]))
+        docs.append(
+            "progress : bool or callable, default None\n    True shows a tqdm bar; a callable (description, unit) -> "
+            "context manager of (on_start(total), on_progress(done)) gets the progress; None: none."
+        )
         progress = inspect.Parameter(
-            "progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Progress | None
+            "progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Progress | bool | None
         )
         var_keyword = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
         plain = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -216,9 +237,11 @@ def api_function(
                 name: cls(**{f.name: kwargs.pop(keyword_of(f)) for f in _option_fields(cls) if keyword_of(f) in kwargs})
                 for name, cls in classes.items()
             }
-            chosen = kwargs.pop("progress", None)
-            settings = {name: kwargs.pop(name) for name in run if name in kwargs}
-            runner = Run(**settings, given=given, **({"progress": chosen} if chosen else {}))
+            chosen: Any = kwargs.pop("progress", None)
+            settings: dict[str, Any] = {name: kwargs.pop(name) for name in run if name in kwargs}
+            if chosen:
+                settings["progress"] = bar if chosen is True else chosen
+            runner = Run(**settings, given=given)
             return core(*args, **kwargs, **built, run=runner)
 
         public.__signature__ = signature.replace(  # type: ignore[attr-defined]
