@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from weightlab.io.adapter_writer import NewAdapter
+    from weightlab.io.outputs import OutputPlan
     from weightlab.results import Result
 
 OPERATION = ("device", "threads", "ray", "ray_timeout", "json", "report", "force")
@@ -33,7 +34,7 @@ _OUT = {
 }
 
 
-def _finish(run: Run, plan: Any, result: Result, product: NewAdapter | None, out: str | Path | None) -> None:
+def _finish(plan: OutputPlan, result: Result, product: NewAdapter | None, out: str | Path | None) -> None:
     """The product (an adapter) written with the result as its sidecar, when there is a folder
     for it; then the result's JSON and report."""
     if product is not None and out is not None:
@@ -359,7 +360,7 @@ def init_lora(
         ):
             on_start(len(names))
             result, adapter = run_init(base_ckpt, names, options, ft, writer, compute, on_progress, budget, named_base)
-        _finish(run, plan, result, adapter, out)
+        _finish(plan, result, adapter, out)
     if out is not None:
         return result
     adapter.residual = writer.state if writer is not None else None
@@ -442,7 +443,7 @@ def extract_lora(
             result, adapter = run_extract(
                 base_ckpt, ft, names, rank, energy, compute, on_progress, budget, describe(base)
             )
-        _finish(run, plan, result, adapter, out)
+        _finish(plan, result, adapter, out)
     return result if out is not None else with_record(adapter, result)
 
 
@@ -505,7 +506,7 @@ def mitigate_intruders(
                 on_progress,
                 on_start,
             )
-        _finish(run, plan, result, adapter, out)
+        _finish(plan, result, adapter, out)
     if out is not None:
         return result
     return with_record(adapter if adapter is not None else writer.state, result)

@@ -29,16 +29,12 @@ from rich.text import Text
 from weightlab.cli.progress import Callbacks
 from weightlab.cli.progress import progress as report_progress
 from weightlab.domains import Int
-from weightlab.errors import InvalidArgument
-from weightlab.io.outputs import OutputPlan, plan_outputs
 from weightlab.options import RUN_OPTIONS, Checked
 from weightlab.report.tables import NAME_WIDTH, one_line, short_name, table
 from weightlab.results import Result, Table
 
 if TYPE_CHECKING:
     from weightlab.api.frame import Run
-    from weightlab.compute.device import Compute
-    from weightlab.io.adapter_writer import NewAdapter
 
 try:  # typer ≥ 0.24 vendors its own click
     from typer._click.core import ParameterSource
@@ -64,11 +60,6 @@ state = {"debug": False}
 def progress(description: str, unit: str = "matrices") -> AbstractContextManager[Callbacks]:
     """Progress of long work on stderr: (on_start(total), on_progress(advance)) callbacks."""
     return report_progress(err_console, description, unit)
-
-
-def outputs(force: bool, inputs: Sequence[object], **named: Path | str | None) -> OutputPlan:
-    """The command's output plan, checked against the inputs before any work (`io.outputs.plan_outputs`)."""
-    return plan_outputs(force, inputs, **named)
 
 
 def fitted(t: Table, body: list[list[Any]], width: int) -> RichTable:
@@ -170,24 +161,6 @@ class Operation:
     force: bool
     ray: str | None
     ray_timeout: float | None
-
-    def compute(self) -> Compute:
-        from weightlab.compute.device import Compute
-
-        return Compute.create(self.device, cluster=self.ray, cluster_timeout=self.ray_timeout, threads=self.threads)
-
-    def outputs(self, inputs: Sequence[object], **more: Path | str | None) -> OutputPlan:
-        """The plan of the model (`-o`), its record and any `more` outputs, checked against the inputs."""
-        return outputs(self.force, inputs, out_dir=self.out, json=self.json_out, report=self.report, **more)
-
-    def finish(self, plan: OutputPlan, result: Result, product: NewAdapter | None = None) -> None:
-        """Write the product (an adapter; a checkpoint was streamed into `plan.path("-o")` as it was
-        made) with the result as its sidecar, then the result's JSON and report."""
-        from weightlab.api.frame import emit
-
-        if product is not None:
-            product.write(plan.path("-o"), sidecar=result.to_dict())
-        emit(plan, result)
 
     def run(self, plots: Path | None = None) -> Run:
         """How the API function runs: these options (the model's folder is its own `out`), those
@@ -343,28 +316,6 @@ def given_names() -> frozenset[str]:
     return frozenset(
         RUN_NAME.get(n, n) for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE
     )
-
-
-def given(name: str) -> bool:
-    """True when option `name` (its parameter's name) was given on the command line."""
-    ctx = get_current_context(silent=True)
-    return ctx is not None and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-
-
-def flag_of(name: str) -> str:
-    """How the user writes option `name` (its long flag; an argument's name in capitals)."""
-    opts = next(p.opts for p in get_current_context().command.params if p.name == name)
-    flags = [o for o in opts if o.startswith("-")]
-    return max(flags, key=len) if flags else name.upper()
-
-
-def refuse_unless(applies: bool, reason: str, *names: str) -> None:
-    """The one rule for options that only matter with another one: each of `names` given on the
-    command line where it does not apply (`applies` false) is refused, `reason` saying why."""
-    if not applies:
-        for name in names:
-            if given(name):
-                raise InvalidArgument(f"{flag_of(name)} {reason}")
 
 
 def check_rows(rows: int) -> int:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console, outputs
+from weightlab.cli.app import DeviceOpt, ForceOpt, app, console, err_console
 from weightlab.cli.progress import stages
 from weightlab.examples import minilm_path
+from weightlab.io.outputs import plan_outputs
 from weightlab.report.tables import table
 
 
@@ -27,7 +28,7 @@ def demo(
 
     compute = Compute.create(device)
     with (
-        outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan,
+        plan_outputs(force, [minilm_path(), cache_dir()], out_dir=out) as plan,
         stages(err_console, "demo", DEMO_STAGES) as step,
     ):
         folder = plan.path("-o")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from weightlab.cli.app import ForceOpt, app, console, outputs
+from weightlab.cli.app import ForceOpt, app, console
+from weightlab.io.outputs import plan_outputs
 from weightlab.report.document import assets_folder, load_results, result_files, write_report
 
 
@@ -26,7 +27,7 @@ def report(
     """
     files = result_files(results)
     assets = assets_folder(markdown) if markdown else None
-    with outputs(force, files, out_file=out, markdown=markdown, markdown_assets_dir=assets) as plan:
+    with plan_outputs(force, files, out_file=out, markdown=markdown, markdown_assets_dir=assets) as plan:
         sections = write_report(
             load_results(results),
             plan.path("-o"),
