@@ -68,6 +68,33 @@ def finetune(model, steps: int = 10, seed: int = 1, lr: float = 1e-2, seq_len: i
     return model.eval()
 
 
+def tiny_tokenizer(folder: str | Path, vocab: int = 128) -> Path:
+    """A word-level tokenizer for tiny models: words w0, w1, … (ids 4 on), [PAD]=0, [UNK]=1,
+    [CLS]=2, [SEP]=3; saved as transformers saves a fast tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": 4 + i for i in range(vocab - 4)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    fast.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_texts(count: int, seed: int = 0, vocab: int = 128, words: tuple[int, int] = (3, 12)) -> list[str]:
+    """Seeded texts of the tiny tokenizer's words, of varied lengths (so batches are padded)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(words[0], words[1] + 1, (1,), generator=gen))
+        out.append(" ".join(f"w{int(i)}" for i in torch.randint(0, vocab - 4, (n,), generator=gen)))
+    return out
+
+
 def save(model, folder: str | Path, max_shard_size: str | None = None) -> Path:
     """`save_pretrained` with safetensors, optionally sharded."""
     folder = Path(folder)

@@ -63,7 +63,17 @@ def _names(sources: Sequence[Source]) -> tuple[list[str], dict[str, Any]]:
     return names, opened
 
 
-@api_function(OPERATION, flags={**_OUT, "lam": "--lambda", "weights": "--weights", "max_rank": "--max-rank"})
+@api_function(
+    OPERATION,
+    flags={
+        **_OUT,
+        "lam": "--lambda",
+        "weights": "--weights",
+        "max_rank": "--max-rank",
+        "calibration": "--calibration",
+        "tokenizer": "--tokenizer",
+    },
+)
 def merge(
     base: Source | None = None,
     models: Sequence[Source] | Mapping[str, Source] | None = None,
@@ -71,8 +81,10 @@ def merge(
     method: str | None = None,
     weights: Sequence[float] | None = None,
     coeff: str | None = None,
-    lam: float | None = None,
+    lam: float | str | None = None,
     density: float | None = None,
+    calibration: str | Path | Sequence[str | Path] | None = None,
+    tokenizer: str | Path | None = None,
     svc: bool = False,
     lines: bool = False,
     seed: int | None = None,
@@ -105,6 +117,12 @@ def merge(
         NAN sets the coefficients from inverse parameter norms (the ``nan_*`` options).
     lam, density : float, optional
         The method's λ and density; any other parameter of the method by its name (``gamma=0.05``).
+        ``lam="auto"`` chooses λ per tensor from the task vectors (docs/merge.md).
+    calibration : path or list of paths, optional
+        Unlabeled text for the data-aware methods (regmean, regmean++, fisher): one file for all
+        models or one per model; one text per line, or a .jsonl of ``{"text": ...}``.
+    tokenizer : path, optional
+        The tokenizer folder for the calibration text (default: the first input that has one).
     params : mapping, optional
         The method's parameters by name, as ``--param NAME=VALUE`` gives them (``{"lambda": 0.5}``).
     svc, lines : bool
@@ -157,6 +175,10 @@ def merge(
         "donor": None if donor is None else str(donor),
         "max_rank": max_rank,
         "as_adapter": as_adapter or None,
+        "calibration": None
+        if calibration is None
+        else [str(c) for c in ([calibration] if isinstance(calibration, (str, Path)) else calibration)],
+        "tokenizer": None if tokenizer is None else str(tokenizer),
     }
     options.update({k: v for k, v in overrides.items() if v is not None})
     sources = many(models) or None
@@ -190,7 +212,7 @@ def merge(
     )
     if cfg.donor is not None and not Path(cfg.donor).exists():
         raise CheckpointNotFound("--donor: no such file or folder", cfg.donor)
-    inputs = [s for s in (cfg.base, *cfg.models, config, cfg.donor) if s not in opened]
+    inputs = [s for s in (cfg.base, *cfg.models, config, cfg.donor, *(cfg.calibration or [])) if s not in opened]
     with run.outputs([*inputs, *opened.values()], out_dir=out) as plan:
         from weightlab.io.memory import StateDictWriter
         from weightlab.merging import merge as run_merge
@@ -203,7 +225,13 @@ def merge(
             target = plan.path("-o") if out is not None else StateDictWriter("merged")
             with run.progress(f"merge ({cfg.method})", "tensors") as (on_start, on_progress):
                 report = run_merge(
-                    cfg, target, opened=opened, compute=run.compute(), on_progress=on_progress, on_start=on_start
+                    cfg,
+                    target,
+                    opened=opened,
+                    compute=run.compute(),
+                    on_progress=on_progress,
+                    on_start=on_start,
+                    progress=run.progress,
                 )
             product = target.state if isinstance(target, StateDictWriter) else None
         if out is not None:

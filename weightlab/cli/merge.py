@@ -42,6 +42,16 @@ def _params(texts: list[str] | None) -> dict[str, float]:
     return out
 
 
+def _lambda(text: str | float | None) -> float | str | None:
+    """--lambda: a number, or auto."""
+    if text is None or text == "auto" or isinstance(text, float):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(f"--lambda {text!r}: give a number, or auto") from None
+
+
 def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -71,10 +81,22 @@ def merge(
     weights: str | None = typer.Option(None, "--weights", help="Comma-separated coefficient per model."),
     coeff: str | None = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
     nan: NanOptions = None,
-    lam: float | None = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
+    lam: str | None = typer.Option(
+        None, "--lambda", help="Scale of the merged task vector (default 1), or auto: chosen per tensor from the task vectors."
+    ),
     density: float | None = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
     param: list[str] | None = typer.Option(
         None, "--param", metavar="NAME=VALUE", help="Any other parameter of the method (repeatable); listed below."
+    ),
+    calibration: list[Path] | None = typer.Option(
+        None,
+        "--calibration",
+        metavar="FILE",
+        help="Unlabeled text for regmean, regmean++, fisher: one text per line or a .jsonl of {\"text\": ...}; "
+        "once for all models or once per model.",
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder for --calibration (default: the first input that has one)."
     ),
     svc: bool = typer.Option(
         False, "--svc", help="Then recalibrate each matrix's singular values (SVC; --param svc_alpha)."
@@ -116,8 +138,10 @@ def merge(
         method=method,
         weights=_floats(weights),
         coeff=coeff,
-        lam=lam,
+        lam=_lambda(lam),
         density=density,
+        calibration=calibration or None,
+        tokenizer=tokenizer,
         svc=svc,
         lines=lines,
         seed=seed,

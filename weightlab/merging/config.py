@@ -36,6 +36,9 @@ OUR_KEYS = {
     "donor",
     "as_adapter",
     "max_rank",
+    "calibration",
+    "calibration_sha256",
+    "tokenizer",
 }
 RECORD = "weightlab_merge.yml"
 # mergekit parameters we accept as no-ops (they only tune mergekit's memory use)
@@ -59,6 +62,10 @@ class MergeConfig:
     donor: str | None = None  # config and tokenizer copied from here (default: the base)
     as_adapter: bool = False  # LoRA adapters in, one adapter out (`merge.adapters`)
     max_rank: int | None = None  # with as_adapter: each module's best rank-k update
+    calibration: list[str] | None = None  # data-aware methods: one text file for all models, or one per model
+    calibration_sha256: list[str] | None = None  # their fingerprints, once read (a replayed record checks them)
+    tokenizer: str | None = None  # the tokenizer folder for the calibration text (default: found among the inputs)
+    auto_lambda: bool = False  # λ chosen per tensor from the task vectors (`lambda: auto`; `merging.run.auto_lambda`)
     resolved: Params = field(init=False, repr=False, compare=False)  # the parameters, resolved once
 
     def __post_init__(self) -> None:
@@ -97,6 +104,14 @@ class MergeConfig:
             raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
+        if self.params.get("lambda") == "auto":
+            self.params = {k: v for k, v in self.params.items() if k != "lambda"}
+            self.auto_lambda = True
+        if self.auto_lambda and not (spec.needs_base and spec.param("lambda")):
+            with_auto = ", ".join(m.name for m in METHODS.values() if m.needs_base and m.param("lambda"))
+            raise InvalidArgument(
+                f"--lambda auto scales an update of the base; {self.method} has none to scale (methods: {with_auto})"
+            )
         # every given parameter declared by the method or a modifier, and within its domain: once
         self.resolved = resolve(self.declared(), self.params, " + ".join([self.method, *self.modifiers]))
         if self.weights is not None:
@@ -116,6 +131,7 @@ class MergeConfig:
         Choice(*OUTPUT_DTYPES, optional=True).check("--dtype", self.dtype)
         SEED.check("--seed", self.seed)
         Int(1, optional=True).check("--max-rank", self.max_rank)
+        self._validate_calibration()
         if self.max_rank is not None and not self.as_adapter:
             raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
         if self.as_adapter:
@@ -145,6 +161,30 @@ class MergeConfig:
                     "the sum of the weights, so they must be non-negative with a positive sum"
                 )
 
+    def _validate_calibration(self) -> None:
+        kind = self.spec.calibration
+        if self.calibration is not None and (
+            not isinstance(self.calibration, list) or not all(isinstance(c, str) and c for c in self.calibration)
+        ):
+            raise InvalidArgument("calibration must be a list of text files")
+        if kind and not self.calibration:
+            raise InvalidArgument(
+                f"{self.method} runs the models on a little text: give --calibration FILE (one text per line, "
+                "or a .jsonl of {\"text\": ...})"
+            )
+        if not kind:
+            for flag, given in (("--calibration", self.calibration), ("--tokenizer", self.tokenizer)):
+                if given:
+                    data_aware = ", ".join(m.name for m in METHODS.values() if m.calibration)
+                    raise InvalidArgument(f"{flag} is for the data-aware methods ({data_aware}); {self.method} uses no data")
+        elif self.calibration is not None and len(self.calibration) not in (1, len(self.models)):
+            raise InvalidArgument(
+                f"--calibration was given {len(self.calibration)} times for {len(self.models)} models: "
+                "give one file for all, or one per model"
+            )
+        if self.as_adapter and kind:
+            raise InvalidArgument(f"{self.method} runs full models: merge without --as-adapter")
+
     def record(self) -> dict[str, Any]:
         """This config in the vocabulary `--config` reads (`load_config`), every parameter spelt out
         at its resolved value: what `weightlab_merge.yml` holds, to make the output again."""
@@ -157,9 +197,11 @@ class MergeConfig:
             out["nan"] = asdict(self.nan)
         out["modifiers"] = list(self.modifiers) or None
         out.update({p.name: values[p.field] for p in self.declared()})
+        if self.auto_lambda:
+            out["lambda"] = "auto"
         if self.spec.random:
             out["seed"] = self.seed
-        for key in ("dtype", "shard_size", "donor", "max_rank"):
+        for key in ("dtype", "shard_size", "donor", "max_rank", "calibration", "calibration_sha256", "tokenizer"):
             out[key] = getattr(self, key)
         out["as_adapter"] = self.as_adapter or None
         return {k: v for k, v in out.items() if v is not None}
@@ -172,11 +214,15 @@ class MergeConfig:
             "weights": self.weights,
             "coeff": self.coeff,
             "nan": asdict(self.nan) if self.coeff == "nan" else None,
-            "params": self.resolved.as_dict(),
+            "params": {**self.resolved.as_dict(), **({"lam": "auto"} if self.auto_lambda else {})},
             "seed": self.seed,
             "dtype": self.dtype,
             **({"modifiers": self.modifiers} if self.modifiers else {}),
-            **{k: getattr(self, k) for k in ("shard_size", "donor", "max_rank") if getattr(self, k) is not None},
+            **{
+                k: getattr(self, k)
+                for k in ("shard_size", "donor", "max_rank", "calibration", "calibration_sha256", "tokenizer")
+                if getattr(self, k) is not None
+            },
             **({"as_adapter": True} if self.as_adapter else {}),
         }
 
@@ -201,7 +247,7 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         record.get("weights"),
         record.get("coeff", "manual"),
         NanOptions(**record["nan"]) if record.get("nan") else NanOptions(),
-        {p.name: stored[p.field] for p in declared if p.field in stored},
+        {p.name: stored[p.field] for p in declared if p.field in stored},  # "lam": "auto" comes back as lambda: auto
         record.get("seed", 0),
         record.get("dtype"),
         modifiers,
@@ -209,6 +255,9 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         record.get("donor"),
         bool(record.get("as_adapter")),
         record.get("max_rank"),
+        record.get("calibration"),
+        record.get("calibration_sha256"),
+        record.get("tokenizer"),
     )
 
 
@@ -286,8 +335,13 @@ def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         "donor": "str",
         "as_adapter": "bool",
         "max_rank": "int",
+        "tokenizer": "str",
     }
     out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
+    for key in ("calibration", "calibration_sha256"):
+        if data.get(key) is not None:
+            value = [data[key]] if isinstance(data[key], str) else _typed(data[key], "list", key, path)
+            out[key] = [_typed(v, "str", f"{key}[{i}]", path) for i, v in enumerate(value)]
     models = _models(data.get("models") or [], "models", path)
     for i, (_, extra) in enumerate(models):
         if set(extra) - {"weight"}:
@@ -315,7 +369,11 @@ def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
             raise InvalidArgument(
                 "a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path
             )
-    out["param_values"] = {k: _typed(data[k], "number", k, path) for k in parameter_names() if data.get(k) is not None}
+    out["param_values"] = {
+        k: data[k] if (k, data[k]) == ("lambda", "auto") else _typed(data[k], "number", k, path)
+        for k in parameter_names()
+        if data.get(k) is not None
+    }
     return out
 
 

@@ -21,15 +21,22 @@ from weightlab.compute.trim import (
     trim_block,
     trim_state,
 )
+from weightlab.merging.covariance import ace
+from weightlab.merging.data_aware import fisher, regmean
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import (
+    ALPHA,
     COMMON,
     DENSITY,
+    FLOOR,
     GAMMA,
+    HETEROGENEITY,
     LAMBDA,
     LR,
     RANK,
     RATIO,
+    REFINE,
+    RIDGE,
     SLERP_EPSILON,
     SLERP_T,
     STEPS,
@@ -60,6 +67,7 @@ class MergeMethod:
     mergekit: str | None = None  # its merge_method name in mergekit's YAML
     nan: bool = False  # always takes NAN coefficients
     random: bool = False  # draws at random, seeded by --seed
+    calibration: str | None = None  # runs the models on --calibration text: "grams" | "grams-merged" | "fisher"
     # Merging a large tensor a block of rows at a time (bit for bit the same as whole):
     # `blockwise(base, models, coeffs, params, states)` on blocks, after `statistics(base, model,
     # params)` of each model's whole tensor (one model at a time) gave `states`.
@@ -434,6 +442,55 @@ METHODS: dict[str, MergeMethod] = {
             "Du et al. 2024, *Parameter Competition Balancing for Model Merging* (PCB), §3, eq. 2-5",
             (LAMBDA, RATIO),
             coefficients=False,
+        ),
+        MergeMethod(
+            "ace",
+            ace,
+            "per matrix: C_t = τ̃_tᵀτ̃_t from each task vector's centred rows (unit trace when the tasks' "
+            "energies differ); τ = Σ_t τ_t(C_t+ε_tI)·(Σ_t(C_t+ε_tI) + mean_t C_t)⁻¹, plus a flat top-k "
+            "spectral refinement for heterogeneous tasks; θ_b + λτ",
+            "Xu et al. 2026, *ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation*, "
+            "CVPR, §3",
+            (LAMBDA, RIDGE, REFINE, HETEROGENEITY),
+            coefficients=False,
+        ),
+        MergeMethod(
+            "regmean",
+            regmean,
+            "per linear layer: W = (Σ_i W_i G̃_i)(Σ_i G̃_i)⁻¹, G_i = X_iᵀX_i of model i's inputs on its "
+            "calibration text, off-diagonal entries scaled by α; other tensors: the mean",
+            "Jin et al. 2023, *Dataless Knowledge Fusion by Merging Weights of Language Models* (RegMean), "
+            "ICLR, §3, eq. 2",
+            (ALPHA,),
+            needs_base=False,
+            coefficients=False,
+            task_vectors=False,
+            calibration="grams",
+        ),
+        MergeMethod(
+            "regmean++",
+            regmean,
+            "RegMean with each layer's inputs taken from the merged model's earlier layers, merged layer by layer",
+            "Nguyen et al. 2025, *RegMean++: Enhancing Effectiveness and Generalization of Regression Mean "
+            "for Model Merging*, §3, eq. 5",
+            (ALPHA,),
+            needs_base=False,
+            coefficients=False,
+            task_vectors=False,
+            calibration="grams-merged",
+        ),
+        MergeMethod(
+            "fisher",
+            fisher,
+            "θ = Σ_i c_iF_iθ_i / Σ_i c_iF_i per entry, F_i model i's diagonal Fisher on its calibration text "
+            "(labels drawn from the model's own predictions)",
+            "Matena & Raffel 2022, *Merging Models with Fisher-Weighted Averaging*, NeurIPS, eq. 4",
+            (FLOOR,),
+            needs_base=False,
+            task_vectors=False,
+            normalises=True,
+            random=True,
+            calibration="fisher",
         ),
     ]
 }

@@ -40,7 +40,9 @@ from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
 from weightlab.merging.coefficients import nan_coefficients
+from weightlab.merging.calibration import calibration_sets
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
+from weightlab.merging.data_aware import Progress, collect
 from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
@@ -66,6 +68,7 @@ class MergeReport(Result):
     per_tensor: dict[str, list[float]] = field(default_factory=dict)  # NAN per tensor
     seconds: float = 0.0
     lines_alpha: float | None = None  # LiNeS's α, when it ran
+    auto_lambda: dict[str, float] = field(default_factory=dict)  # --lambda auto: λ chosen per tensor
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -91,6 +94,7 @@ class MergeReport(Result):
             "coefficients_per_tensor": self.per_tensor or None,
             "seconds": round(self.seconds, 3),
             **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {}),
+            **({"auto_lambda": self.auto_lambda} if self.auto_lambda else {}),
         }
 
     @classmethod
@@ -105,6 +109,7 @@ class MergeReport(Result):
             payload.get("coefficients_per_tensor") or {},
             payload.get("seconds", 0.0),
             payload.get("lines_alpha"),
+            payload.get("auto_lambda") or {},
         )
 
     def title(self) -> str:
@@ -136,6 +141,12 @@ class MergeReport(Result):
 
     def lines(self) -> list[str]:
         out = []
+        if self.auto_lambda:
+            values = list(self.auto_lambda.values())
+            out.append(
+                f"λ auto: mean {fmt(sum(values) / len(values))} over {len(values)} tensors "
+                f"(from {fmt(min(values))} to {fmt(max(values))})"
+            )
         if self.left_out:
             out.append(
                 f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}"
@@ -157,6 +168,17 @@ class MergeReport(Result):
                 f"{k}: " + ", ".join(f"{c:.3f}" for c in v) for k, v in self.per_layer().items()
             )
         return f"parameters: {json.dumps(self.config.resolved.as_dict())}"
+
+
+def auto_lambda(update: torch.Tensor, taus: list[torch.Tensor], coeffs: list[float]) -> float:
+    """`--lambda auto`: the λ at which each task keeps, in sum, the energy of its own update along it,
+    Σ_i c_i⟨λΔ, τ_i⟩ = Σ_i c_i‖τ_i‖², so λ = Σ_i c_i‖τ_i‖² / ⟨Δ, Σ_i c_iτ_i⟩ (Δ the method's update
+    at λ = 1). For task arithmetic with pairwise cosine ρ between equal-norm task vectors this is
+    1/(1 + (N − 1)ρ): 1 for orthogonal tasks, 1/N for identical ones. 1 when Δ does not point
+    along the tasks (⟨Δ, Σ c_iτ_i⟩ ≤ 0) or nothing moved."""
+    energy = sum(c * float((t.double() ** 2).sum()) for c, t in zip(coeffs, taus))
+    along = sum(c * float((update.double() * t.double()).sum()) for c, t in zip(coeffs, taus))
+    return energy / along if along > 0 and energy > 0 else 1.0
 
 
 def tensor_seed(seed: int, name: str, model: int) -> int:
@@ -287,11 +309,13 @@ def merge(
     compute: Compute | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`, with
     `weightlab_merge.yml` in it to make it again, or into memory (a `StateDictWriter`: its
     `state`). `opened` holds models already open (in memory) by the names the config gives them.
-    `shard_size` and `donor` default to the config's."""
+    `shard_size` and `donor` default to the config's. `progress` reports the calibration runs of
+    data-aware methods."""
     started = time.perf_counter()
     shard_size = shard_size if shard_size is not None else config.shard_size or DEFAULT_SHARD_SIZE
     donor = donor if donor is not None else config.donor
@@ -332,6 +356,8 @@ def merge(
         for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)
     ]
     out_dtype_of = {n: dtype for n, _, dtype in plan}
+    if compute.cluster is not None and spec.calibration:
+        raise InvalidArgument(f"{config.method} runs the models on this machine: run it without --ray")
     if compute.cluster is not None and "lines" in config.modifiers:
         raise InvalidArgument(
             "--lines scales each layer after a pass over all of them, on this machine: run it without --ray"
@@ -341,6 +367,7 @@ def merge(
             spec.blockwise is not None
             and item.is_float
             and not config.modifiers
+            and not config.auto_lambda
             and not (nan and config.nan.granularity == "tensor")
             and len(item.shape) > 0
             and item.shape[0] > 1
@@ -375,18 +402,33 @@ def merge(
             if "lines" in config.modifiers
             else None
         )
+        statistics = None
+        if spec.calibration:
+            assert config.calibration is not None
+            sets = calibration_sets(config.calibration, n, config.calibration_sha256)
+            folder = stack.enter_context(
+                tempfile.TemporaryDirectory(
+                    dir=None if in_memory else Path(str(out_dir)).parent, prefix=".weightlab-calibration-"
+                )
+            )
+            donors = [c for c in (base, *models) if c is not None]
+            statistics, config.tokenizer = collect(
+                config.method, spec.calibration, models, donors, sets, config.tokenizer, params, config.seed,
+                compute, folder, progress,
+            )
+            config.calibration_sha256 = [s.sha256 for s in sets[: len(config.calibration)]]
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
         # on a Ray cluster the workers write their tensors into the staged shards themselves
         sink = writer.sink([i.names[0] for i in walk.items], elsewhere=compute.cluster is not None)
 
-        def work(batch: Batch, compute: Compute) -> list[tuple[str, bool, list[float] | None]]:
+        def work(batch: Batch, compute: Compute) -> list[tuple[str, bool, list[float] | None, float | None]]:
             """Merge (or copy) one tensor into its place: (name, merged, its NAN coefficients or None)."""
             item = batch.items[0]
             name = item.names[0]
             tensors = [m[0] for m in batch.dense()]
             if not item.is_float:
                 sink(name, tensors[0].cpu())
-                return [(name, False, None)]
+                return [(name, False, None, None)]
             w0 = tensors[0] if base is not None else None
             thetas = tensors[1:] if base is not None else tensors
             coeffs, own = fixed, None
@@ -394,9 +436,18 @@ def merge(
                 norms = [float((t - w0).norm()) if task_vectors and w0 is not None else float(t.norm()) for t in thetas]
                 coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
             generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))
+            extra = {}
+            if statistics is not None:
+                found = statistics.of(name, n)
+                extra["statistics"] = None if found is None else (statistics.transposed.get(name, False), found)
             merged = spec.fn(
-                w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params, generators
+                w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params, generators, **extra
             )
+            lam = None
+            if config.auto_lambda:
+                assert w0 is not None  # auto λ needs a base (MergeConfig)
+                lam = auto_lambda(merged - w0, [t - w0 for t in thetas], coeffs)
+                merged = w0 + lam * (merged - w0)
             if "svc" in config.modifiers:
                 assert w0 is not None  # modifiers need a base (MergeConfig)
                 merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
@@ -405,18 +456,20 @@ def merge(
                 lines.add(name, w0, thetas, merged)
             else:
                 sink(name, merged.to(out_dtype_of[name]))
-            return [(name, True, own)]
+            return [(name, True, own, lam)]
 
         done = walk.map(work, one_at_a_time, stored_layout=True, on_start=counted, on_progress=on_progress)
         if compute.cluster is not None:
-            writer.written_elsewhere([name for name, _, _ in done])
+            writer.written_elsewhere([name for name, *_ in done])
         position = {i.names[0]: k for k, i in enumerate(i for b in stream_batches(walk.items, 1) for i in b)}
-        for name, merged, own in sorted(done, key=lambda piece: position[piece[0]]):  # a local run's order, wherever
+        for name, merged, own, lam in sorted(done, key=lambda piece: position[piece[0]]):  # a local run's order
             if not merged:
                 report.copied.append(name)
             elif own is not None:
                 per_tensor[name] = own
-        report.merged += sum(merged for _, merged, _ in done)
+            if lam is not None:
+                report.auto_lambda[name] = lam
+        report.merged += sum(merged for _, merged, *_ in done)
         for item in in_rows:
             _merge_in_rows(
                 item, ckpts, base is not None, spec, fixed, params, compute, writer, out_dtype_of[item.names[0]]

@@ -1,0 +1,213 @@
+"""RegMean, RegMean++ and Fisher merging on real (tiny) transformers models run on calibration
+text, against plain references written here: one text at a time, our own hooks, numpy solves."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertModel, GPT2LMHeadModel
+
+from weightlab.api import merge
+from weightlab.errors import WeightlabError
+from weightlab.io import open_weights
+from weightlab.naming import layer_index
+from weightlab.synthetic import finetune, save, tiny_model, tiny_texts, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    """A tiny BERT base with its tokenizer, two brief fine-tunes, a calibration file per model."""
+    root = tmp_path_factory.mktemp("data-aware")
+    base = save(tiny_model("bert", seed=0), root / "base")
+    tiny_tokenizer(base)
+    models, texts = [], []
+    for i in (1, 2):
+        models.append(save(finetune(tiny_model("bert", seed=0), steps=8, seed=i, lr=3e-2), root / f"ft{i}"))
+        texts.append(root / f"calib{i}.txt")
+        texts[-1].write_text("\n".join(tiny_texts(20, seed=10 + i)) + "\n")
+    return root, base, models, texts
+
+
+def linear_inputs(model, tokenizer, texts, names):
+    """Plain reference: Σ_text XᵀX of each named linear layer's input, one text at a time (no padding)."""
+    grams = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+
+        return record
+
+    handles = [modules[n.removesuffix(".weight")].register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def state(folder):
+    ckpt = open_weights(folder)
+    return {n: ckpt.get(n) for n in ckpt.names()}
+
+
+def ref_regmean(weights, grams, alpha):
+    shrunk = [alpha * g.numpy() + (1 - alpha) * np.diag(np.diag(g.numpy())) for g in grams]
+    return sum(w.double().numpy() @ g for w, g in zip(weights, shrunk)) @ np.linalg.inv(sum(shrunk))
+
+
+def linear_names(model):
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_regmean_equals_the_plain_reference(bank, tmp_path):
+    root, base, models, texts = bank
+    merge(base, models, method="regmean", calibration=texts, alpha=0.7, out=tmp_path / "m")
+    got = state(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    runs = [BertModel.from_pretrained(m).eval() for m in models]
+    names = linear_names(runs[0])
+    grams = [
+        linear_inputs(run, tokenizer, [line for line in t.read_text().splitlines()], names) for run, t in zip(runs, texts)
+    ]
+    fts = [state(m) for m in models]
+    for name in names:
+        want = ref_regmean([ft[name] for ft in fts], [g[name] for g in grams], 0.7)
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=1e-4, atol=1e-6, err_msg=name)
+    for name in got:  # everything else: the mean of the models
+        if name not in names:
+            torch.testing.assert_close(got[name], (fts[0][name] + fts[1][name]) / 2)
+    record = (tmp_path / "m" / "weightlab_merge.yml").read_text()
+    assert "calibration_sha256" in record and "tokenizer" in record
+
+
+def test_regmean_of_one_models_own_inputs_gives_back_that_model(bank, tmp_path):
+    """With the same calibration for two copies of one model, every layer is that model's (α = 1)."""
+    root, base, models, texts = bank
+    merge(None, [models[0], models[0]], method="regmean", calibration=texts[0], alpha=1.0, tokenizer=base,
+          out=tmp_path / "m")
+    got, want = state(tmp_path / "m"), state(models[0])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_plus_plus_equals_the_layer_by_layer_reference(bank, tmp_path):
+    root, base, models, texts = bank
+    merge(base, models, method="regmean++", calibration=texts, out=tmp_path / "m")
+    got = state(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    fts = [state(m) for m in models]
+    run = BertModel.from_pretrained(models[0]).eval()
+    names = linear_names(run)
+    merged = {n: (fts[0][n] + fts[1][n]) / 2 for n in fts[0]}
+    layers = sorted({layer_index(n) for n in names}, key=lambda i: (i is None, i or 0))
+    for layer in layers:
+        group = [n for n in names if layer_index(n) == layer]
+        grams = []
+        for ft, t in zip(fts, texts):
+            def early(n):
+                i = layer_index(n)
+                return (i is not None and layer is not None and i < layer) or (layer is None and i is not None) or (
+                    i is None and "embeddings" in n)
+
+            run.load_state_dict({n: merged[n] if early(n) else ft[n] for n in ft})
+            grams.append(linear_inputs(run, tokenizer, t.read_text().splitlines(), group))
+        for n in group:
+            merged[n] = torch.from_numpy(ref_regmean([ft[n] for ft in fts], [g[n] for g in grams], 0.9)).float()
+    for name in names:
+        torch.testing.assert_close(got[name], merged[name], rtol=1e-4, atol=1e-5, msg=name)
+    plain = tmp_path / "plain"
+    merge(base, models, method="regmean", calibration=texts, out=plain)
+    deep = [n for n in names if layer_index(n) == 1]
+    assert any(not torch.allclose(got[n], state(plain)[n]) for n in deep)  # later layers see the merged inputs
+
+
+def test_fisher_equals_the_plain_reference(bank, tmp_path):
+    root, base, models, texts = bank
+    merge(base, models, method="fisher", calibration=texts, seed=3, out=tmp_path / "m")
+    got = state(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    fishers, fts = [], [state(m) for m in models]
+    for m, t in zip(models, texts):
+        run = BertModel.from_pretrained(m).eval()
+        generator = torch.Generator().manual_seed(3)
+        lines = t.read_text().splitlines()
+        total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in run.named_parameters()}
+        for line in lines:
+            run.zero_grad()
+            hidden = run(**tokenizer(line, return_tensors="pt"))[0]
+            (hidden * torch.randn(hidden.shape, generator=generator)).sum().backward()
+            for n, p in run.named_parameters():
+                if p.grad is not None:  # the pooler does not feed the last hidden states
+                    total[n] += p.grad.double() ** 2
+        fishers.append({n: f / len(lines) for n, f in total.items()})
+    for name in fishers[0]:
+        f = [fi[name] for fi in fishers]
+        floor = 1e-6 * float((f[0] + f[1]).mean())
+        want = ((f[0] + floor) * fts[0][name] + (f[1] + floor) * fts[1][name]) / (f[0] + f[1] + 2 * floor)
+        if not floor:  # no text moves it: the mean
+            want = (fts[0][name] + fts[1][name]).double() / 2
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fisher_runs_a_language_model_on_its_own_predictions(tmp_path):
+    base = tiny_model("gpt2", seed=0, causal_lm=True)
+    tiny_tokenizer(save(base, tmp_path / "base"))
+    models = [save(finetune(tiny_model("gpt2", seed=0, causal_lm=True), steps=4, seed=i), tmp_path / f"ft{i}") for i in (1, 2)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in tiny_texts(6)) + "\n")
+    for method in ("fisher", "regmean"):
+        merged = merge(tmp_path / "base", models, method=method, calibration=tmp_path / "c.jsonl")
+        model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        model.load_state_dict(merged, strict=False)
+        assert all(torch.isfinite(t).all() for t in merged.values())
+        # GPT-2's Conv1D holds its weight as in × out: RegMean solves in that orientation
+        w = merged["transformer.h.0.attn.c_attn.weight"]
+        assert w.shape == state(models[0])["transformer.h.0.attn.c_attn.weight"].shape
+
+
+def test_calibration_is_refused_by_name(bank, tmp_path):
+    root, base, models, texts = bank
+    bad = {
+        "empty.txt": b"\n\n  \n",
+        "binary.txt": b"w1 w2\x00\x01",
+        "latin1.txt": "caf\xe9\n".encode("latin-1"),
+        "notext.jsonl": b'{"content": "w1"}\n',
+        "broken.jsonl": b"{w1\n",
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightlabError, match=name.replace(".", r"\.")):
+            merge(base, models, method="regmean", calibration=tmp_path / name, out=tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
+    with pytest.raises(WeightlabError, match="give --calibration"):
+        merge(base, models, method="regmean")
+    with pytest.raises(WeightlabError, match="uses no data"):
+        merge(base, models, method="ties", calibration=texts[0])
+    with pytest.raises(WeightlabError, match="2 times for 3 models"):
+        merge(base, [*models, models[0]], method="fisher", calibration=texts)
+    bare = []
+    for i, m in enumerate(models):
+        (tmp_path / f"bare{i}").mkdir()
+        bare.append(tmp_path / f"bare{i}" / "model.safetensors")
+        bare[-1].write_bytes((m / "model.safetensors").read_bytes())
+    with pytest.raises(WeightlabError, match="no config.json"):
+        merge(None, bare, method="regmean", calibration=texts, tokenizer=base)
+    with pytest.raises(WeightlabError, match="no tokenizer among the inputs"):
+        merge(None, models, method="regmean", calibration=texts)
+
+
+def test_the_record_makes_the_same_bytes_and_refuses_a_changed_calibration(bank, tmp_path):
+    root, base, models, texts = bank
+    calib = tmp_path / "c.txt"
+    calib.write_text(texts[0].read_text())
+    merge(base, models, method="regmean", calibration=calib, out=tmp_path / "a")
+    merge(config=tmp_path / "a" / "weightlab_merge.yml", out=tmp_path / "b")
+    for f in ("model.safetensors", "weightlab_merge.yml"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    calib.write_text("w1 w2\n")
+    with pytest.raises(WeightlabError, match="changed since the merge record"):
+        merge(config=tmp_path / "a" / "weightlab_merge.yml", out=tmp_path / "c")

@@ -1,0 +1,272 @@
+"""Running the real model on calibration text: input Gram matrices of its linear layers (RegMean)
+and diagonal Fisher information (Fisher merging).
+
+The model is built by transformers from the checkpoint's config.json (its own class, no remote
+code) and given the checkpoint's weights through weightlab's safe reader, never transformers'
+loader. Gram matrices X_ᵀX are accumulated in float64 over the non-padding tokens, in groups
+whose matrices fit `GRAM_BUDGET` bytes (a group per pass over the texts), and each group is
+written to disk before the next begins, so memory holds one group whatever the model's depth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from weightlab.errors import InvalidArgument
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import write_safetensors
+from weightlab.naming import layer_index
+
+GRAM_BUDGET = 1 << 30  # bytes of float64 Gram matrices held at once
+MAX_TOKENS = 128  # tokens per calibration text
+BATCH = 16  # texts per forward pass
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+Step = Callable[[int], None]
+
+
+def folder_of(ckpt: Checkpoint) -> Path | None:
+    path = Path(str(ckpt.path))
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def find_tokenizer(candidates: list[Checkpoint], given: str | None) -> str:
+    """The tokenizer folder: `given`, else the first input folder that holds tokenizer files."""
+    if given is not None:
+        if not any((Path(given) / f).is_file() for f in TOKENIZER_FILES):
+            raise InvalidArgument("--tokenizer: no tokenizer files in this folder", given)
+        return given
+    for ckpt in candidates:
+        folder = folder_of(ckpt)
+        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return str(folder)
+    raise InvalidArgument(
+        "no tokenizer among the inputs (no tokenizer.json or vocab file beside the config): give --tokenizer FOLDER",
+        str(candidates[0].path),
+    )
+
+
+@dataclass
+class Runner:
+    """One model of the inputs' architecture, built once; each input's weights loaded in turn."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    names: dict[str, str]  # the module's state-dict key -> the checkpoint's tensor name
+    order: list[str]  # checkpoint names in the module's order
+    targets: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # weight name -> (module, transposed)
+
+    @classmethod
+    def build(cls, ckpt: Checkpoint, tokenizer: str, device: torch.device) -> Runner:
+        """The architecture config.json names (a transformers class), with `ckpt`'s tensor names."""
+        import transformers
+
+        folder = folder_of(ckpt)
+        if folder is None:
+            raise InvalidArgument(
+                "data-aware merging runs the model, and this input has no config.json to build it from", ckpt.path
+            )
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise InvalidArgument(f"transformers cannot read its config.json ({str(e).splitlines()[0][:200]})", folder) from None
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls_ = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        try:
+            model = cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)
+        except (ValueError, KeyError, ImportError, TypeError) as e:
+            raise InvalidArgument(
+                f"transformers cannot build this architecture ({str(e).splitlines()[0][:200]})", folder
+            ) from None
+        model.eval().to(device, torch.float32)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
+        except (ValueError, KeyError, OSError) as e:
+            raise InvalidArgument(f"transformers cannot load this tokenizer ({str(e).splitlines()[0][:200]})", tokenizer) from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        names = _match_names(model, ckpt)
+        runner = cls(model, tok, device, names, [names[k] for k in model.state_dict() if k in names])
+        for module_name, module in model.named_modules():
+            key = f"{module_name}.weight"
+            if key in names and _is_linear(module):
+                runner.targets[names[key]] = (module, type(module).__name__ == "Conv1D")
+        if not runner.targets:
+            raise InvalidArgument("this model has no linear layer whose weights the checkpoint holds", ckpt.path)
+        return runner
+
+    def load(self, tensors: Callable[[str], torch.Tensor]) -> None:
+        """Every weight of the module from `tensors(checkpoint name)`."""
+        state = {key: tensors(name) for key, name in self.names.items()}
+        self.model.load_state_dict(state, strict=False)
+
+    def batches(self, texts: tuple[str, ...], size: int = BATCH) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(texts), size):
+            encoded = self.tokenizer(
+                list(texts[start : start + size]),
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            yield {k: v.to(self.device) for k, v in encoded.items()}
+
+    def grams(self, texts: tuple[str, ...], targets: list[str], step: Step | None = None) -> dict[str, torch.Tensor]:
+        """X_ᵀX (float64) of the inputs each target's layer sees over the texts' real tokens; the
+        forward pass stops once every target has run."""
+        out: dict[str, torch.Tensor] = {}
+        mask: list[torch.Tensor] = []
+        fired: set[str] = set()
+
+        class _Done(Exception):
+            pass
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(module: Any, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+                x = inputs[0].detach()
+                if x.ndim >= 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
+                    x = x[mask[0].bool()]
+                x = x.reshape(-1, x.shape[-1]).double()
+                gram = x.mT @ x
+                out[name] = out[name] + gram if name in out else gram
+                fired.add(name)
+                if len(fired) == len(targets):
+                    raise _Done
+
+            return record
+
+        handles = [self.targets[n][0].register_forward_hook(hook(n)) for n in targets]
+        try:
+            with torch.no_grad():
+                for batch in self.batches(texts):
+                    mask[:] = [batch["attention_mask"]]
+                    fired.clear()
+                    try:
+                        self.model(**batch)
+                    except _Done:
+                        pass
+                    if step:
+                        step(1)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in targets if n not in out]
+        if missing:
+            raise InvalidArgument(f"the forward pass never reached {missing[0]}: cannot compute its inputs' Gram matrix")
+        return out
+
+    def fisher(self, texts: tuple[str, ...], seed: int, step: Step | None = None) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher information of the model's own predictive distribution, E_x E_y~p(·|x)
+        [(∇ log p(y|x))²], one text at a time (Matena & Raffel 2022, eq. 4): labels drawn from the
+        softmax of the logits (a language model), or, for an encoder without a head, the Gaussian
+        N(f(x), I) on its last hidden states (Fisher JᵀJ)."""
+        params = {key: p for key, p in self.model.named_parameters() if key in self.names}
+        total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in params.items()}
+        generator = torch.Generator().manual_seed(seed)
+        for p in self.model.parameters():
+            p.requires_grad_(p in set(params.values()))
+        for batch in self.batches(texts, size=1):
+            self.model.zero_grad(set_to_none=True)
+            output = self.model(**batch)
+            logits = getattr(output, "logits", None)
+            if logits is not None:
+                draws = torch.multinomial(torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), -1).cpu(), 1, generator=generator)
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), draws.reshape(-1).to(logits.device), reduction="sum"
+                )
+            else:
+                hidden = output[0]
+                noise = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype).to(hidden.device)
+                loss = (hidden * noise).sum()
+            loss.backward()
+            for key, p in params.items():
+                if p.grad is not None:
+                    total[key] += p.grad.detach().double() ** 2
+            if step:
+                step(1)
+        self.model.zero_grad(set_to_none=True)
+        return {self.names[key]: t / len(texts) for key, t in total.items()}
+
+
+def _is_linear(module: Any) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _match_names(model: Any, ckpt: Checkpoint) -> dict[str, str]:
+    """The module's state-dict keys -> the checkpoint's names (the same, or with the base-model
+    prefix added or dropped); a parameter the checkpoint lacks, unless tied to one it has, is an error."""
+    names = set(ckpt.names())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out: dict[str, str] = {}
+    for key in model.state_dict():
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in names:
+                out[key] = candidate
+                break
+    loaded = {p.data_ptr() for key, p in model.named_parameters() if key in out}
+    for key, p in model.named_parameters():
+        if key not in out and p.data_ptr() not in loaded:
+            raise InvalidArgument(
+                f"the model {type(model).__name__} (from config.json) has {key}, which this checkpoint lacks: "
+                "it cannot be run", ckpt.path, key
+            )
+    return out
+
+
+class StatisticsStore:
+    """Per-model statistics of tensors, on disk in `folder` (a file per model and group), read
+    back one tensor at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.where: dict[tuple[int, str], Path] = {}
+        self.transposed: dict[str, bool] = {}
+
+    def put(self, model: int, group: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        path = self.folder / f"m{model}-g{group}.safetensors"
+        write_safetensors(path, {n: t.cpu().contiguous() for n, t in tensors.items()})
+        for name in tensors:
+            self.where[(model, name)] = path
+
+    def of(self, name: str, models: int) -> list[torch.Tensor] | None:
+        if (0, name) not in self.where:
+            return None
+        out = []
+        for i in range(models):
+            with safe_open(str(self.where[(i, name)]), framework="pt") as f:
+                out.append(f.get_tensor(name))
+        return out
+
+
+def gram_groups(runner: Runner, by_layer: bool) -> list[list[str]]:
+    """The targets in the module's order, grouped so that each group's Gram matrices fit
+    GRAM_BUDGET (by_layer: a group per layer, then one for linears outside the layers)."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    last: object = object()
+    ordered = [n for n in runner.order if n in runner.targets]
+    if by_layer:
+        layers: dict[int | None, list[str]] = {}
+        for name in ordered:
+            layers.setdefault(layer_index(name), []).append(name)
+        return [v for k, v in sorted(layers.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+    for name in ordered:
+        module, transposed = runner.targets[name]
+        width = module.weight.shape[0] if transposed else module.weight.shape[1]
+        size = width * width * 8
+        if current and used + size > GRAM_BUDGET and last is not None:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return groups + ([current] if current else [])
