@@ -89,6 +89,8 @@ WHAT = {
     "--shard-size": "20KB",
     "--as-adapter": None,
     "--max-rank": "2",
+    "--calibration": "texts.txt",  # refused for the baseline's ties; test_merge_data_aware runs it
+    "--tokenizer": "{base}",
     "--base": "{base}",
     "--out": "elsewhere",
     "--force": None,

@@ -190,7 +190,7 @@ def test_max_rank_keeps_the_best_rank_k_update(zoo, pair, run_cli, tmp_path):
 
 def test_as_adapter_refusals(zoo, pair, run_cli, tmp_path):
     cases = [
-        (["--method", "dare-ties", "--base", zoo["llama"], *pair], "--as-adapter merges with"),
+        (["--method", "cart", "--base", zoo["llama"], *pair], "--as-adapter merges with"),
         (["--method", "task-arithmetic", "--base", zoo["llama"], zoo["llama_ft"], pair[0]], "this is a checkpoint"),
         (["--method", "task-arithmetic", "--base", zoo["gpt2"], *pair], ""),
         (["--method", "task-arithmetic", "--coeff", "nan", "--base", zoo["llama"], *pair], "--coeff nan"),
@@ -245,3 +245,67 @@ def test_a_zero_adapter_contributes_no_direction(zoo, adapters, zero_adapter, ru
         torch.testing.assert_close(b.get(name), a.get(name), atol=1e-6, rtol=1e-5, msg=name)
     if method == "task-arithmetic":
         assert {m.rank for m in open_checkpoint(with_zero).modules.values()} == {4}
+
+
+# ---- core space (Panariello et al. 2025): every other method, on the factors -------------------
+
+from weightlab.merging.adapters import core_space  # noqa: E402
+
+
+def _factors(m, n, ranks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        [torch.randn(m, r, generator=gen, dtype=torch.float64) for r in ranks],
+        [torch.randn(r, n, generator=gen, dtype=torch.float64) for r in ranks],
+    )
+
+
+@pytest.mark.parametrize("method", ["iso-c", "wudi", "model-stock", "task-arithmetic", "nan"])
+def test_core_space_equals_the_dense_merge_for_methods_that_commute_with_a_change_of_basis(method):
+    """Mixed ranks (2, 5, 3): the core-space merge, densified, is the dense merge of the densified
+    updates to float64 round-off; its rank is at most Σr_i."""
+    lefts, rights = _factors(40, 30, (2, 5, 3), seed=1)
+    spec = METHODS[method]
+    params = spec.resolve({"lambda": 0.7} if spec.param("lambda") else {})
+    gen = lambda i: torch.Generator().manual_seed(i)
+    left, right = core_space(lefts, rights, spec, params, gen)
+    assert left.shape == (40, 10) and right.shape == (10, 30)
+    zero = torch.zeros(40, 30, dtype=torch.float64)
+    dense = spec.fn(zero, [a @ b for a, b in zip(lefts, rights)], torch.ones(3, dtype=torch.float64), params, gen)
+    torch.testing.assert_close(left @ right, dense, atol=1e-10, rtol=1e-10)
+
+
+def test_iso_c_as_adapter_equals_dense_iso_c_of_the_densified_adapters(zoo, pair, run_cli, tmp_path):
+    out = tmp_path / "iso"
+    code, _, err = run_cli(
+        "merge", "--as-adapter", "--method", "iso-c", "--base", zoo["llama"], *pair, "--lambda", "0.6", "-o", out
+    )
+    assert code == 0, err
+    base = open_weights(zoo["llama"])
+    fts = [open_finetuned(p, base) for p in pair]
+    merged = peft_merged(zoo["llama"], out)  # PEFT loads it and merges it
+    spec = METHODS["iso-c"]
+    params = spec.resolve({"lambda": 0.6})
+    sources = [open_checkpoint(p) for p in pair]
+    adapter = open_checkpoint(out)
+    for name in sorted(set().union(*(set(ft.module_of) for ft in fts))):
+        w = base.get(name).double()
+        models = [ft.get(name).double() for ft in fts]
+        want = spec.fn(w, models, torch.ones(2, dtype=torch.float64), params, None)
+        torch.testing.assert_close(merged[name].double(), want, atol=2e-6, rtol=1e-5, msg=name)
+        module = name.removesuffix(".weight")
+        assert adapter.modules[module].rank == sum(s.modules[module].rank for s in sources if module in s.modules)
+    size = (out / "adapter_model.safetensors").stat().st_size
+    payload = sum(4 * m.rank * (m.a.shape[1] + m.b.shape[0]) for m in adapter.modules.values())
+    assert payload <= size < payload + 8192  # the factors and a header, nothing dense
+
+
+@pytest.mark.parametrize("method", ["iso-cts", "pcb", "dare-ties", "ace", "breadcrumbs"])
+def test_methods_that_do_not_commute_merge_in_core_space_and_peft_loads_them(zoo, pair, run_cli, tmp_path, method):
+    out = tmp_path / method
+    code, _, err = run_cli("merge", "--as-adapter", "--method", method, "--base", zoo["llama"], *pair, "-o", out)
+    assert code == 0, err
+    merged = peft_merged(zoo["llama"], out)
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    base = open_weights(zoo["llama"])
+    assert any(not torch.equal(merged[n], base.get(n)) for n in base.names())

@@ -30,6 +30,15 @@ def fts(zoo, tmp_path_factory):
     return [str(zoo["llama_ft"]), str(second)]
 
 
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    """What the data-aware methods need on the tiny Llamas: a tokenizer of their vocabulary, some text."""
+    root = tmp_path_factory.mktemp("calibration")
+    synthetic.tiny_tokenizer(root / "tokenizer")
+    (root / "texts.txt").write_text("\n".join(synthetic.tiny_texts(6)) + "\n")
+    return ["--calibration", root / "texts.txt", "--tokenizer", root / "tokenizer"]
+
+
 def _files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -40,10 +49,13 @@ def _files(folder) -> dict[str, bytes]:
     + [
         ("task-arithmetic", ["--svc", "--param", "svc_alpha=0.7"]),
         ("ties", ["--lines", "--param", "lines_beta=0.3", "--shard-size", "20KB"]),
+        ("iso-c", ["--lambda", "auto"]),
     ],
 )
-def test_the_record_makes_the_output_again_byte_for_byte(method, modifiers, zoo, fts, run_cli, tmp_path):
+def test_the_record_makes_the_output_again_byte_for_byte(method, modifiers, zoo, fts, calibration, run_cli, tmp_path):
     base = [] if method == "slerp" else ["--base", zoo["llama"]]
+    if METHODS[method].calibration:
+        modifiers = [*modifiers, *calibration]
     first, again = tmp_path / "first", tmp_path / "again"
     code, _, err = run_cli("merge", "--method", method, *base, *fts, *EXTRA.get(method, []), *modifiers, "-o", first)
     assert code == 0, err

@@ -139,7 +139,7 @@ def test_a_new_method_is_one_function_and_one_entry(tmp_path, monkeypatch):
     assert LAMBDA.flag == "--lambda"
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].calibration])  # those: test_merge_data_aware
 def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli):
     p = _two(tmp_path)
     spec = METHODS[method]
@@ -189,7 +189,9 @@ def test_modifiers_from_the_cli_and_yaml_with_their_parameters(tmp_path, run_cli
     assert cfg.modifiers == ["lines"] and cfg.resolved.lines_beta == 1.0
 
 
-@pytest.mark.parametrize("method", [m.name for m in METHODS.values() if m.coefficients and not m.nan])
+@pytest.mark.parametrize(
+    "method", [m.name for m in METHODS.values() if m.coefficients and not m.nan and not m.calibration]
+)  # fisher's: test_merge_data_aware
 def test_nan_coefficients_plug_into_every_method_that_takes_coefficients(method, tmp_path, run_cli):
     p = _two(tmp_path)
     base = ["--base", p["base"]] if METHODS[method].needs_base else []
@@ -198,3 +200,48 @@ def test_nan_coefficients_plug_into_every_method_that_takes_coefficients(method,
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
     assert record["config"]["coeff"] == "nan" and len(record["coefficients"]) == 2
     assert sum(record["coefficients"]) == pytest.approx(1.0)  # NAN's default normalisation
+
+
+# ---- --lambda auto: λ per tensor from the task vectors (merging.run.auto_lambda) -------------
+
+
+def _planted(tmp_path, taus):
+    base = torch.zeros(4, 6)
+    folders = []
+    for i, tau in enumerate([torch.zeros(4, 6), *taus]):
+        (tmp_path / f"m{i}").mkdir()
+        save_file({"layers.0.mlp.up_proj.weight": base + tau}, tmp_path / f"m{i}" / "model.safetensors")
+        folders.append(str(tmp_path / f"m{i}"))
+    return folders
+
+
+def test_auto_lambda_is_one_over_n_for_identical_tasks_and_one_for_orthogonal_ones(tmp_path, run_cli):
+    """Task arithmetic: λ = Σ‖τ_i‖²/⟨Στ, Στ⟩ = 1/(1 + (N − 1)ρ) for equal norms and pairwise cosine ρ."""
+    tau = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    orthogonal = [torch.zeros(4, 6).index_put_((torch.tensor(i), torch.tensor(i)), torch.tensor(2.0)) for i in range(3)]
+    (tmp_path / "same").mkdir()
+    (tmp_path / "apart").mkdir()
+    same, apart = _planted(tmp_path / "same", [tau, tau, tau]), _planted(tmp_path / "apart", orthogonal)
+    for folders, want_lambda, want in ((same, 1 / 3, tau), (apart, 1.0, sum(orthogonal))):
+        out = tmp_path / f"out-{len(str(want_lambda))}"
+        code, _, err = run_cli(
+            "merge", "--method", "task-arithmetic", "--base", folders[0], *folders[1:], "--lambda", "auto", "-o", out
+        )
+        assert code == 0, err
+        merged = load_file(out / "model.safetensors")["layers.0.mlp.up_proj.weight"]
+        torch.testing.assert_close(merged, want)
+        record = json.loads((out / "weightlab_merge.json").read_text())
+        assert record["auto_lambda"] == {"layers.0.mlp.up_proj.weight": pytest.approx(want_lambda)}
+        assert record["config"]["params"]["lam"] == "auto"
+        assert "lambda: auto" in (out / "weightlab_merge.yml").read_text()
+
+
+def test_auto_lambda_is_refused_where_lambda_scales_no_update_of_the_base(tmp_path, run_cli):
+    p = _two(tmp_path)
+    for method in ("cart", "average", "model-stock"):
+        base = ["--base", p["base"]] if METHODS[method].needs_base else []
+        code, _, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "--lambda", "auto", "-o", tmp_path / "x")
+        assert code == 2 and "has none to scale" in err, err
+    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--lambda", "half", "-o", tmp_path / "x")
+    assert code == 2 and "give a number, or auto" in err
+    assert not (tmp_path / "x").exists()

@@ -138,7 +138,8 @@ def merge(
     shard_size : str, optional
         Largest output shard, e.g. "2GB".
     as_adapter : bool
-        The models are LoRA adapters: the result is an adapter (task arithmetic exact; TIES/TSV in their joint space).
+        The models are LoRA adapters: the result is an adapter (task arithmetic exact; TIES/TSV in their
+        joint space; every other method of task vectors in the adapters' core space).
     max_rank : int, optional
         With ``as_adapter``: keep each module's best rank-k update.
     out : path, optional

@@ -116,7 +116,8 @@ def merge(
         False,
         "--as-adapter",
         help="The models are LoRA adapters: write a LoRA adapter "
-        "(task-arithmetic, average: exact; ties, tsv: in their joint low-rank space).",
+        "(task-arithmetic, average: exact; ties, tsv: in their joint low-rank space; every other method of "
+        "task vectors in the adapters' core space).",
     ),
     max_rank: int | None = typer.Option(
         None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."

@@ -14,6 +14,16 @@ With τ_i = s_i·L_i·R_i (L_i m×r_i, R_i r_i×n, in the out×in orientation) a
   factors, its top min(r_i, ⌊min(m, n)/N⌋) triplets stacked, U and V replaced by their nearest
   orthogonal matrices; λ·U⊥Σ and V⊥ᵀ are the factors (rank Σ of the kept).
 
+- every other method that merges task vectors against a base (iso-c, iso-cts, wudi, ace, pcb,
+  dare, breadcrumbs, model-stock, …) in the adapters' core space (Panariello et al. 2025, "Accurate
+  and Efficient Low-Rank Model Merging in Core Space", NeurIPS, §3): orthonormal bases U_ref of
+  span[L_1, …, L_N] and V_ref of span[R_1ᵀ, …, R_Nᵀ] (QR of the stacked factors) give each update's
+  core M_i = U_refᵀL_iR_iV_ref, a Σr_i × Σr_i matrix with τ_i = U_refM_iV_refᵀ exactly; the dense
+  method merges the M_i (base 0) and U_ref·M, V_refᵀ are the factors. Methods that commute with
+  orthogonal changes of basis (task arithmetic, iso-c, wudi, model-stock) give exactly the dense
+  merge of the densified adapters; elementwise ones (dare, breadcrumbs, pcb) and those whose split
+  depends on the matrix's full size (iso-cts) merge in the core space, as the paper does.
+
 `max_rank` then keeps the best rank-k approximation of each module's merged update (its exact SVD
 from the factors, Eckart & Young 1936). Modules only some adapters change are merged from those.
 
@@ -45,11 +55,18 @@ from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.merging.config import RECORD, MergeConfig, record_yaml
 from weightlab.merging.methods import METHODS, MergeMethod, ties
-from weightlab.merging.params import Params
+from weightlab.merging.params import Generator, Params
 from weightlab.merging.run import MergeReport, tensor_seed
 from weightlab.merging.subspace import tsv_factors
 
-ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")
+ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")  # in their own joint spaces; others in core space
+
+
+def adapter_methods() -> tuple[str, ...]:
+    """What `--as-adapter` merges: the four above, and in core space every method of task vectors
+    against a base that takes no data."""
+    core = (m.name for m in METHODS.values() if m.needs_base and m.task_vectors and not (m.calibration or m.nan))
+    return tuple(dict.fromkeys([*ADAPTER_METHODS, *core]))
 
 
 @dataclass
@@ -125,6 +142,19 @@ def tsv_of_factors(
     return tsv_factors([p for p in parts if p.S.numel()])
 
 
+def core_space(
+    lefts: list[torch.Tensor], rights: list[torch.Tensor], method: MergeMethod, params: Params, generator: Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`method` on the updates L_i·R_i in their core space (Panariello et al. 2025, §3, eq. 4-6):
+    the merged update as (U_ref·M, V_refᵀ), of rank at most Σr_i, never forming an m × n matrix."""
+    u_ref = torch.linalg.qr(torch.cat(lefts, 1))[0]
+    v_ref = torch.linalg.qr(torch.cat(rights).mT)[0]
+    cores = [(u_ref.mT @ left) @ (right @ v_ref) for left, right in zip(lefts, rights)]
+    zero = torch.zeros_like(cores[0])
+    merged = method.fn(zero, cores, torch.ones(len(cores), dtype=zero.dtype), params, generator)
+    return u_ref @ merged, v_ref.mT.contiguous()
+
+
 def _is_zero(left: torch.Tensor, right: torch.Tensor) -> bool:
     return not bool(left.any()) or not bool(right.any())
 
@@ -140,17 +170,17 @@ def merge_adapters(
 ) -> MergedAdapter:
     """Every module any adapter changes, merged by `method` into LoRA factors at scale 1, and the
     tensors of saved modules merged against `base` (needed when an adapter saves any)."""
-    if method not in ADAPTER_METHODS:
+    if method not in adapter_methods():
         raise InvalidArgument(
-            f"--as-adapter merges with {', '.join(ADAPTER_METHODS)}; {method} needs dense task vectors "
-            "(merge without --as-adapter, or extract-lora afterwards)"
+            f"--as-adapter merges with {', '.join(adapter_methods())}; {method} does not merge task vectors "
+            "against a base (merge without --as-adapter, or extract-lora afterwards)"
         )
     check_adapters(adapters)
     c = torch.tensor(coefficients, dtype=torch.float64)
     if method == "average":
         c, lam = c / c.sum(), 1.0
     else:
-        lam = params.lam
+        lam = params.as_dict().get("lam", 1.0)
     generator = torch.Generator().manual_seed(seed)
     dense = METHODS[method]
     out = []
@@ -174,8 +204,11 @@ def merge_adapters(
         elif method == "tsv":
             left, right = tsv_of_factors(lefts, rights, len(adapters))
             left = left * lam
-        else:
+        elif method in ("task-arithmetic", "average"):
             left, right = torch.cat(lefts, 1) * lam, torch.cat(rights)
+        else:
+            generators = lambda i, module=module: torch.Generator().manual_seed(tensor_seed(seed, module, i))
+            left, right = core_space(lefts, rights, dense, params, generators)
         if max_rank is not None and left.shape[1] > max_rank:
             svd = lowrank_svd(left, right).truncate(max_rank)
             left, right = svd.U * svd.S, svd.Vh

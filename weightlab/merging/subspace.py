@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from weightlab.compute.deltas import numerical_rank
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.merging.params import Generator, Params, Tensor
 
@@ -58,12 +59,16 @@ def tsv_factors(parts: list[SVD]) -> tuple[torch.Tensor, torch.Tensor]:
 def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Iso-C (Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", §4.1, eq. 6): Δ = Σ_i c_i τ_i = UΣVᵀ; every singular value is
-    replaced by their mean σ̄ = (1/r)Σ_j σ_j over all r = min(m, n) of them; θ_b + λ·σ̄·UVᵀ."""
+    replaced by their mean σ̄ = (1/r)Σ_j σ_j over the r non-zero ones (numerical rank; all min(m, n)
+    of them for a full fine-tune's sum); θ_b + λ·σ̄·U_rV_rᵀ. On a rank-deficient sum (densified LoRA
+    updates) the flat spectrum spans the sum's range: null directions, which any SVD picks
+    arbitrarily, are not invented."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
         return _mean_update(base, taus, p.lam)
     svd = full_svd(torch.stack(taus).sum(0).reshape(base.shape[0], -1))
-    flat = svd.S.mean() * (svd.U @ svd.Vh)
+    svd = svd.truncate(numerical_rank(svd.S, (base.shape[0], base[0].numel())))
+    flat = svd.S.mean() * (svd.U @ svd.Vh) if svd.S.numel() else torch.zeros_like(base.reshape(base.shape[0], -1))
     return base + p.lam * flat.reshape(base.shape)
 
 
