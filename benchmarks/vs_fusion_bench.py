@@ -1,5 +1,8 @@
 """Our Iso-C, Iso-CTS, TSV-M and WUDI (Adam) against fusion-bench's functions on the same random
-task vectors: the largest entry difference, beside the largest entry.
+task vectors, and our RegMean, RegMean++ and Fisher merges against fusion-bench's on the same
+weights and statistics (Gram matrices, diagonal Fisher): the largest entry difference, beside the
+largest entry. (The statistics themselves are checked against plain references in
+tests/test_merge_data_aware.py; fusion-bench collects them through its own CLIP/GPT-2 trainers.)
 
 Runs only where `fusion_bench` is importable (`pip install fusion-bench` in the benchmark
 environment; it is heavy and not a test dependency):
@@ -52,5 +55,49 @@ def main() -> None:
         )
 
 
+def data_aware() -> None:
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+    from fusion_bench.method.regmean_plusplus.regmean_plusplus import regmean_params_merge
+
+    gen = torch.Generator().manual_seed(1)
+    for (out_dim, in_dim), n in (((96, 384), 6), ((384, 96), 6), ((64, 64), 3)):
+        weights = [torch.randn(out_dim, in_dim, generator=gen, dtype=torch.float64) * 0.05 for _ in range(n)]
+        inputs = [torch.randn(512, in_dim, generator=gen, dtype=torch.float64) for _ in range(n)]
+        grams = [x.T @ x for x in inputs]
+        spec = METHODS["regmean"]
+        params = spec.resolve({"alpha": 0.9})
+        mine = spec.fn(None, weights, torch.ones(n), params, None, statistics=(False, grams))
+        theirs = merging_with_regmean_weights({"l.weight": weights}, [{"l": g} for g in grams], 0.9)["l.weight"]
+        theirs_pp = regmean_params_merge(weights, grams, 0.9)
+        fishers = [torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64) ** 4 for _ in range(n)]
+        coeffs = torch.tensor([1.0 + i for i in range(n)], dtype=torch.float64)
+        fspec = METHODS["fisher"]
+        mine_f = fspec.fn(None, weights, coeffs, fspec.resolve({}), None, statistics=(False, fishers))
+        floor = 1e-6 * float(sum(c * f for c, f in zip(coeffs, fishers)).mean())  # ours is relative to the tensor
+        theirs_f = merging_with_fisher_weights(
+            {"l.weight": weights}, [{"l.weight": f} for f in fishers], coeffs, False, floor
+        )["l.weight"]
+        exact = spec.fn(None, weights, torch.ones(n), spec.resolve({"alpha": 1.0}), None, statistics=(False, grams))
+        theirs_exact = merging_with_regmean_weights({"l.weight": weights}, [{"l": g} for g in grams], 1.0)["l.weight"]
+        pairs = {  # fusion-bench builds the α mask in float32: at α = 0.9 the two differ by its rounding
+            "regmean α=0.9": (mine, theirs),
+            "regmean α=1": (exact, theirs_exact),
+            "regmean++ (merge step)": (mine, theirs_pp),
+            "fisher": (mine_f, theirs_f),
+        }
+        print(
+            f"{(out_dim, in_dim)} × {n} models: "
+            + ", ".join(
+                f"{name} max |Δ| {float((a - b).abs().max()):.1e} (entries to {float(b.abs().max()):.1e})"
+                for name, (a, b) in pairs.items()
+            )
+        )
+
+
 if __name__ == "__main__":
     main()
+    try:
+        data_aware()
+    except ImportError as e:
+        print(f"fusion-bench's data-aware merges are not importable here ({e})")
