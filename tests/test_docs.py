@@ -34,7 +34,7 @@ def examples(page: Path) -> tuple[dict[str, str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def workspace(zoo, adapters, tmp_path_factory):
     """base/, ft/, ft_a/, ft_b/, ft_c/, model/, model.safetensors, adapter/, adapter_a/, adapter_b/,
-    warmup-adapter/ and results/: real tiny Llama checkpoints and PEFT adapters."""
+    warmup-adapter/, tokenizer/ and results/: real tiny Llama checkpoints, PEFT adapters, a tokenizer."""
     root = tmp_path_factory.mktemp("docs")
     links = {
         "base": zoo["llama"],
@@ -51,6 +51,7 @@ def workspace(zoo, adapters, tmp_path_factory):
     for name, target in links.items():
         (root / name).symlink_to(target)
     synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=5, seed=9), root / "ft_b")
+    synthetic.tiny_tokenizer(root / "tokenizer")  # for --calibration (unknown words read as [UNK])
     return root
 
 

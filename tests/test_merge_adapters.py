@@ -249,7 +249,7 @@ def test_a_zero_adapter_contributes_no_direction(zoo, adapters, zero_adapter, ru
 
 # ---- core space (Panariello et al. 2025): every other method, on the factors -------------------
 
-from weightlab.merging.adapters import core_space  # noqa: E402
+from weightlab.merging.adapters import core_space
 
 
 def _factors(m, n, ranks, seed):

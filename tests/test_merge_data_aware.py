@@ -65,14 +65,15 @@ def linear_names(model):
 
 
 def test_regmean_equals_the_plain_reference(bank, tmp_path):
-    root, base, models, texts = bank
+    _root, base, models, texts = bank
     merge(base, models, method="regmean", calibration=texts, alpha=0.7, out=tmp_path / "m")
     got = state(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(base)
     runs = [BertModel.from_pretrained(m).eval() for m in models]
     names = linear_names(runs[0])
     grams = [
-        linear_inputs(run, tokenizer, [line for line in t.read_text().splitlines()], names) for run, t in zip(runs, texts)
+        linear_inputs(run, tokenizer, [line for line in t.read_text().splitlines()], names)
+        for run, t in zip(runs, texts)
     ]
     fts = [state(m) for m in models]
     for name in names:
@@ -87,16 +88,23 @@ def test_regmean_equals_the_plain_reference(bank, tmp_path):
 
 def test_regmean_of_one_models_own_inputs_gives_back_that_model(bank, tmp_path):
     """With the same calibration for two copies of one model, every layer is that model's (α = 1)."""
-    root, base, models, texts = bank
-    merge(None, [models[0], models[0]], method="regmean", calibration=texts[0], alpha=1.0, tokenizer=base,
-          out=tmp_path / "m")
+    _root, base, models, texts = bank
+    merge(
+        None,
+        [models[0], models[0]],
+        method="regmean",
+        calibration=texts[0],
+        alpha=1.0,
+        tokenizer=base,
+        out=tmp_path / "m",
+    )
     got, want = state(tmp_path / "m"), state(models[0])
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
 
 
 def test_regmean_plus_plus_equals_the_layer_by_layer_reference(bank, tmp_path):
-    root, base, models, texts = bank
+    _root, base, models, texts = bank
     merge(base, models, method="regmean++", calibration=texts, out=tmp_path / "m")
     got = state(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -109,10 +117,14 @@ def test_regmean_plus_plus_equals_the_layer_by_layer_reference(bank, tmp_path):
         group = [n for n in names if layer_index(n) == layer]
         grams = []
         for ft, t in zip(fts, texts):
-            def early(n):
+
+            def early(n, layer=layer):
                 i = layer_index(n)
-                return (i is not None and layer is not None and i < layer) or (layer is None and i is not None) or (
-                    i is None and "embeddings" in n)
+                return (
+                    (i is not None and layer is not None and i < layer)
+                    or (layer is None and i is not None)
+                    or (i is None and "embeddings" in n)
+                )
 
             run.load_state_dict({n: merged[n] if early(n) else ft[n] for n in ft})
             grams.append(linear_inputs(run, tokenizer, t.read_text().splitlines(), group))
@@ -127,7 +139,7 @@ def test_regmean_plus_plus_equals_the_layer_by_layer_reference(bank, tmp_path):
 
 
 def test_fisher_equals_the_plain_reference(bank, tmp_path):
-    root, base, models, texts = bank
+    _root, base, models, texts = bank
     merge(base, models, method="fisher", calibration=texts, seed=3, out=tmp_path / "m")
     got = state(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -157,7 +169,9 @@ def test_fisher_equals_the_plain_reference(bank, tmp_path):
 def test_fisher_runs_a_language_model_on_its_own_predictions(tmp_path):
     base = tiny_model("gpt2", seed=0, causal_lm=True)
     tiny_tokenizer(save(base, tmp_path / "base"))
-    models = [save(finetune(tiny_model("gpt2", seed=0, causal_lm=True), steps=4, seed=i), tmp_path / f"ft{i}") for i in (1, 2)]
+    models = [
+        save(finetune(tiny_model("gpt2", seed=0, causal_lm=True), steps=4, seed=i), tmp_path / f"ft{i}") for i in (1, 2)
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in tiny_texts(6)) + "\n")
     for method in ("fisher", "regmean"):
         merged = merge(tmp_path / "base", models, method=method, calibration=tmp_path / "c.jsonl")
@@ -170,7 +184,7 @@ def test_fisher_runs_a_language_model_on_its_own_predictions(tmp_path):
 
 
 def test_calibration_is_refused_by_name(bank, tmp_path):
-    root, base, models, texts = bank
+    _root, base, models, texts = bank
     bad = {
         "empty.txt": b"\n\n  \n",
         "binary.txt": b"w1 w2\x00\x01",
@@ -194,14 +208,14 @@ def test_calibration_is_refused_by_name(bank, tmp_path):
         (tmp_path / f"bare{i}").mkdir()
         bare.append(tmp_path / f"bare{i}" / "model.safetensors")
         bare[-1].write_bytes((m / "model.safetensors").read_bytes())
-    with pytest.raises(WeightlabError, match="no config.json"):
+    with pytest.raises(WeightlabError, match=r"no config\.json"):
         merge(None, bare, method="regmean", calibration=texts, tokenizer=base)
     with pytest.raises(WeightlabError, match="no tokenizer among the inputs"):
         merge(None, models, method="regmean", calibration=texts)
 
 
 def test_the_record_makes_the_same_bytes_and_refuses_a_changed_calibration(bank, tmp_path):
-    root, base, models, texts = bank
+    _root, base, models, texts = bank
     calib = tmp_path / "c.txt"
     calib.write_text(texts[0].read_text())
     merge(base, models, method="regmean", calibration=calib, out=tmp_path / "a")

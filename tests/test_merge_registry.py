@@ -215,23 +215,29 @@ def _planted(tmp_path, taus):
     return folders
 
 
-def test_auto_lambda_is_one_over_n_for_identical_tasks_and_one_for_orthogonal_ones(tmp_path, run_cli):
-    """Task arithmetic: λ = Σ‖τ_i‖²/⟨Στ, Στ⟩ = 1/(1 + (N − 1)ρ) for equal norms and pairwise cosine ρ."""
-    tau = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-    orthogonal = [torch.zeros(4, 6).index_put_((torch.tensor(i), torch.tensor(i)), torch.tensor(2.0)) for i in range(3)]
-    (tmp_path / "same").mkdir()
-    (tmp_path / "apart").mkdir()
-    same, apart = _planted(tmp_path / "same", [tau, tau, tau]), _planted(tmp_path / "apart", orthogonal)
-    for folders, want_lambda, want in ((same, 1 / 3, tau), (apart, 1.0, sum(orthogonal))):
-        out = tmp_path / f"out-{len(str(want_lambda))}"
+def test_auto_lambda_gives_each_merge_the_length_of_the_mean_update(tmp_path, run_cli):
+    """λ = ‖Σ τ_i‖/(N‖Δ‖): task arithmetic becomes the mean (λ = 1/N); iso-c keeps its direction
+    at the mean update's length."""
+    gen = torch.Generator().manual_seed(1)
+    taus = [torch.randn(4, 6, generator=gen) for _ in range(3)]
+    folders = _planted(tmp_path, taus)
+    mean = sum(taus) / 3
+    for method in ("task-arithmetic", "iso-c"):
+        out = tmp_path / f"out-{method}"
         code, _, err = run_cli(
-            "merge", "--method", "task-arithmetic", "--base", folders[0], *folders[1:], "--lambda", "auto", "-o", out
+            "merge", "--method", method, "--base", folders[0], *folders[1:], "--lambda", "auto", "-o", out
         )
         assert code == 0, err
         merged = load_file(out / "model.safetensors")["layers.0.mlp.up_proj.weight"]
-        torch.testing.assert_close(merged, want)
+        assert float(merged.norm()) == pytest.approx(float(mean.norm()), rel=1e-5)
         record = json.loads((out / "weightlab_merge.json").read_text())
-        assert record["auto_lambda"] == {"layers.0.mlp.up_proj.weight": pytest.approx(want_lambda)}
+        chosen = record["auto_lambda"]["layers.0.mlp.up_proj.weight"]
+        if method == "task-arithmetic":
+            torch.testing.assert_close(merged, mean)
+            assert chosen == pytest.approx(1 / 3)
+        else:  # the direction is iso-c's own: its flat spectrum, scaled
+            u, s, vh = torch.linalg.svd(sum(taus).double(), full_matrices=False)
+            torch.testing.assert_close(merged.double(), chosen * s.mean() * u @ vh, rtol=1e-5, atol=1e-6)
         assert record["config"]["params"]["lam"] == "auto"
         assert "lambda: auto" in (out / "weightlab_merge.yml").read_text()
 
@@ -240,8 +246,12 @@ def test_auto_lambda_is_refused_where_lambda_scales_no_update_of_the_base(tmp_pa
     p = _two(tmp_path)
     for method in ("cart", "average", "model-stock"):
         base = ["--base", p["base"]] if METHODS[method].needs_base else []
-        code, _, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "--lambda", "auto", "-o", tmp_path / "x")
+        code, _, err = run_cli(
+            "merge", "--method", method, *base, p["a"], p["b"], "--lambda", "auto", "-o", tmp_path / "x"
+        )
         assert code == 2 and "has none to scale" in err, err
-    code, _, err = run_cli("merge", "--method", "ties", "--base", p["base"], p["a"], "--lambda", "half", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "merge", "--method", "ties", "--base", p["base"], p["a"], "--lambda", "half", "-o", tmp_path / "x"
+    )
     assert code == 2 and "give a number, or auto" in err
     assert not (tmp_path / "x").exists()

@@ -82,7 +82,9 @@ def merge(
     coeff: str | None = typer.Option(None, "--coeff", help="manual (--weights, default 1 each) or nan."),
     nan: NanOptions = None,
     lam: str | None = typer.Option(
-        None, "--lambda", help="Scale of the merged task vector (default 1), or auto: chosen per tensor from the task vectors."
+        None,
+        "--lambda",
+        help="Scale of the merged task vector (default 1), or auto: chosen per tensor from the task vectors.",
     ),
     density: float | None = typer.Option(None, "--density", help="Fraction of entries kept (TIES/DARE/breadcrumbs)."),
     param: list[str] | None = typer.Option(
@@ -92,7 +94,7 @@ def merge(
         None,
         "--calibration",
         metavar="FILE",
-        help="Unlabeled text for regmean, regmean++, fisher: one text per line or a .jsonl of {\"text\": ...}; "
+        help='Unlabeled text for regmean, regmean++, fisher: one text per line or a .jsonl of {"text": ...}; '
         "once for all models or once per model.",
     ),
     tokenizer: Path | None = typer.Option(

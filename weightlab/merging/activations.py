@@ -78,11 +78,13 @@ class Runner:
         try:
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-            raise InvalidArgument(f"transformers cannot read its config.json ({str(e).splitlines()[0][:200]})", folder) from None
+            raise InvalidArgument(
+                f"transformers cannot read its config.json ({str(e).splitlines()[0][:200]})", folder
+            ) from None
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls_ = getattr(transformers, arch, None) if isinstance(arch, str) else None
         try:
-            model = cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)
+            model = cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
         except (ValueError, KeyError, ImportError, TypeError) as e:
             raise InvalidArgument(
                 f"transformers cannot build this architecture ({str(e).splitlines()[0][:200]})", folder
@@ -91,7 +93,9 @@ class Runner:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as e:
-            raise InvalidArgument(f"transformers cannot load this tokenizer ({str(e).splitlines()[0][:200]})", tokenizer) from None
+            raise InvalidArgument(
+                f"transformers cannot load this tokenizer ({str(e).splitlines()[0][:200]})", tokenizer
+            ) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         names = _match_names(model, ckpt)
@@ -161,7 +165,9 @@ class Runner:
                 h.remove()
         missing = [n for n in targets if n not in out]
         if missing:
-            raise InvalidArgument(f"the forward pass never reached {missing[0]}: cannot compute its inputs' Gram matrix")
+            raise InvalidArgument(
+                f"the forward pass never reached {missing[0]}: cannot compute its inputs' Gram matrix"
+            )
         return out
 
     def fisher(self, texts: tuple[str, ...], seed: int, step: Step | None = None) -> dict[str, torch.Tensor]:
@@ -179,7 +185,11 @@ class Runner:
             output = self.model(**batch)
             logits = getattr(output, "logits", None)
             if logits is not None:
-                draws = torch.multinomial(torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), -1).cpu(), 1, generator=generator)
+                draws = torch.multinomial(
+                    torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), -1).cpu(),
+                    1,
+                    generator=generator,
+                )
                 loss = torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), draws.reshape(-1).to(logits.device), reduction="sum"
                 )
@@ -187,7 +197,7 @@ class Runner:
                 hidden = output[0]
                 noise = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype).to(hidden.device)
                 loss = (hidden * noise).sum()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             for key, p in params.items():
                 if p.grad is not None:
                     total[key] += p.grad.detach().double() ** 2
@@ -217,7 +227,9 @@ def _match_names(model: Any, ckpt: Checkpoint) -> dict[str, str]:
         if key not in out and p.data_ptr() not in loaded:
             raise InvalidArgument(
                 f"the model {type(model).__name__} (from config.json) has {key}, which this checkpoint lacks: "
-                "it cannot be run", ckpt.path, key
+                "it cannot be run",
+                ckpt.path,
+                key,
             )
     return out
 

@@ -70,9 +70,7 @@ def _jsonl_text(line: str, number: int, where: str) -> str:
     return text.strip()
 
 
-def calibration_sets(
-    paths: list[str], models: int, expected: list[str] | None = None
-) -> list[CalibrationSet]:
+def calibration_sets(paths: list[str], models: int, expected: list[str] | None = None) -> list[CalibrationSet]:
     """One set per model: one file for all, or one file per model, in the models' order."""
     if len(paths) not in (1, models):
         raise InvalidArgument(

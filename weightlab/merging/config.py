@@ -54,7 +54,7 @@ class MergeConfig:
     weights: list[float] | None = None
     coeff: str = "manual"  # manual | nan
     nan: NanOptions = field(default_factory=NanOptions)
-    params: dict[str, float] = field(default_factory=dict)  # the method parameters given, by name (`lambda`, …)
+    params: dict[str, Any] = field(default_factory=dict)  # the method parameters given, by name (`lambda`, …)
     seed: int = 0
     dtype: str | None = None  # output dtype; default: each tensor's dtype in the base
     modifiers: list[str] = field(default_factory=list)  # steps on the merged task vector: svc, lines
@@ -104,7 +104,7 @@ class MergeConfig:
             raise InvalidArgument(f"a modifier is given twice: {', '.join(self.modifiers)}")
         if not isinstance(self.params, dict):
             raise InvalidArgument("params must be a mapping of parameter names to values")
-        if self.params.get("lambda") == "auto":
+        if self.params.get("lambda") == "auto":  # a str, from YAML, the CLI or Python
             self.params = {k: v for k, v in self.params.items() if k != "lambda"}
             self.auto_lambda = True
         if self.auto_lambda and not (spec.needs_base and spec.param("lambda")):
@@ -170,13 +170,15 @@ class MergeConfig:
         if kind and not self.calibration:
             raise InvalidArgument(
                 f"{self.method} runs the models on a little text: give --calibration FILE (one text per line, "
-                "or a .jsonl of {\"text\": ...})"
+                'or a .jsonl of {"text": ...})'
             )
         if not kind:
             for flag, given in (("--calibration", self.calibration), ("--tokenizer", self.tokenizer)):
                 if given:
                     data_aware = ", ".join(m.name for m in METHODS.values() if m.calibration)
-                    raise InvalidArgument(f"{flag} is for the data-aware methods ({data_aware}); {self.method} uses no data")
+                    raise InvalidArgument(
+                        f"{flag} is for the data-aware methods ({data_aware}); {self.method} uses no data"
+                    )
         elif self.calibration is not None and len(self.calibration) not in (1, len(self.models)):
             raise InvalidArgument(
                 f"--calibration was given {len(self.calibration)} times for {len(self.models)} models: "

@@ -24,7 +24,8 @@ def solve_right(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     top = float(values.max()) if values.numel() else 0.0
     cutoff = max(top, 0.0) * gram.shape[0] * torch.finfo(torch.float64).eps
     inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
-    return ((rhs @ vectors) * inverse) @ vectors.mT
+    solution: torch.Tensor = ((rhs @ vectors) * inverse) @ vectors.mT
+    return solution
 
 
 def regression_merge(

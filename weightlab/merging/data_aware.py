@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+
 import torch
 
 from weightlab.compute.device import Compute
@@ -107,7 +108,7 @@ def collect(
         if kind == "fisher":
             on_start(sum(batches))
             for i, (ckpt, calibration) in enumerate(zip(models, sets)):
-                runner.load(lambda name, ckpt=ckpt: ckpt.get(name, dtype=torch.float32))
+                runner.load(_weights(ckpt))
                 store.put(i, 0, {n: f.float() for n, f in runner.fisher(calibration.texts, seed, step).items()})
             return store, tokenizer
         groups = gram_groups(runner, by_layer=kind == "grams-merged")
@@ -116,12 +117,16 @@ def collect(
             store.transposed[name] = transposed
         if kind == "grams":
             for i, (ckpt, calibration) in enumerate(zip(models, sets)):
-                runner.load(lambda name, ckpt=ckpt: ckpt.get(name, dtype=torch.float32))
+                runner.load(_weights(ckpt))
                 for g, group in enumerate(groups):
                     store.put(i, g, runner.grams(calibration.texts, group, step))
             return store, tokenizer
         _regmean_plus_plus(runner, models, sets, groups, params, store, step)
     return store, tokenizer
+
+
+def _weights(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
+    return lambda name: ckpt.get(name, dtype=torch.float32)
 
 
 def _regmean_plus_plus(
@@ -138,23 +143,29 @@ def _regmean_plus_plus(
     layers in model i come from the merged model's layers before ℓ (and its merged embeddings)
     feeding model i's own layer ℓ; layer ℓ is then merged by RegMean's formula before ℓ + 1 runs."""
     first = next((k for k, n in enumerate(runner.order) if layer_index(n) is not None), len(runner.order))
-    position = {
-        n: float(layer_index(n)) if layer_index(n) is not None else (-1.0 if k < first else float("inf"))  # type: ignore[arg-type]
-        for k, n in enumerate(runner.order)
-    }
+    position: dict[str, float] = {}
+    for k, n in enumerate(runner.order):
+        index = layer_index(n)
+        position[n] = float(index) if index is not None else (-1.0 if k < first else float("inf"))
     merged = {n: torch.stack([m.get(n, dtype=torch.float32) for m in models]).mean(0) for n in runner.order}
+
+    def hybrid(ckpt: Checkpoint, level: float) -> Callable[[str], torch.Tensor]:
+        """The merged model before `level`, model `ckpt` from it on."""
+        return lambda name: merged[name] if position[name] < level else ckpt.get(name, dtype=torch.float32)
+
     for g, group in enumerate(groups):
-        level = position[group[0]]
         for i, (ckpt, calibration) in enumerate(zip(models, sets)):
-            runner.load(
-                lambda name, ckpt=ckpt: merged[name] if position[name] < level else ckpt.get(name, dtype=torch.float32)
-            )
+            runner.load(hybrid(ckpt, position[group[0]]))
             store.put(i, g, runner.grams(calibration.texts, group, step))
         for name in group:
             grams = store.of(name, len(models))
             assert grams is not None
             merged[name] = regmean(
-                None, [m.get(name, dtype=torch.float64) for m in models], torch.ones(len(models)), params, None,
+                None,
+                [m.get(name, dtype=torch.float64) for m in models],
+                torch.ones(len(models)),
+                params,
+                None,
                 (store.transposed[name], grams),
             ).float()
 

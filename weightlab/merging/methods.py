@@ -449,8 +449,7 @@ METHODS: dict[str, MergeMethod] = {
             "per matrix: C_t = τ̃_tᵀτ̃_t from each task vector's centred rows (unit trace when the tasks' "
             "energies differ); τ = Σ_t τ_t(C_t+ε_tI)·(Σ_t(C_t+ε_tI) + mean_t C_t)⁻¹, plus a flat top-k "
             "spectral refinement for heterogeneous tasks; θ_b + λτ",
-            "Xu et al. 2026, *ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation*, "
-            "CVPR, §3",
+            "Xu et al. 2026, *ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation*, CVPR, §3",
             (LAMBDA, RIDGE, REFINE, HETEROGENEITY),
             coefficients=False,
         ),

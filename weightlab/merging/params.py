@@ -46,9 +46,17 @@ LR = Param("lr", Real(0, 1, low_open=True), 1e-5, "Adam learning rate")
 RIDGE = Param("ridge", Real(0, MAX_COEFFICIENT), 1e-2, "ε added to each estimated covariance's diagonal")
 REFINE = Param("refine", Real(0, 1), 0.3, "fraction of the spectrum the refinement flattens (heterogeneous tasks)")
 ALPHA = Param("alpha", Real(0, 1), 0.9, "RegMean's shrinkage: the Gram matrices' off-diagonal entries are scaled by α")
-FLOOR = Param("floor", Real(0, 1), 1e-6, "Fisher floor, a fraction of the tensor's mean Fisher (entries no text moves are averaged)")
+FLOOR = Param(
+    "floor",
+    Real(0, 1),
+    1e-6,
+    "Fisher floor, a fraction of the tensor's mean Fisher (entries no text moves are averaged)",
+)
 HETEROGENEITY = Param(
-    "heterogeneity", Real(0, MAX_COEFFICIENT), 0.3, "Var(log‖τ‖²)/mean(log‖τ‖²)² above which tasks count as heterogeneous"
+    "heterogeneity",
+    Real(0, MAX_COEFFICIENT),
+    0.3,
+    "Var(log‖τ‖²)/mean(log‖τ‖²)² above which tasks count as heterogeneous",
 )
 
 

@@ -39,8 +39,8 @@ from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
-from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.calibration import calibration_sets
+from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
 from weightlab.merging.data_aware import Progress, collect
 from weightlab.merging.methods import MergeMethod
@@ -171,14 +171,16 @@ class MergeReport(Result):
 
 
 def auto_lambda(update: torch.Tensor, taus: list[torch.Tensor], coeffs: list[float]) -> float:
-    """`--lambda auto`: the λ at which each task keeps, in sum, the energy of its own update along it,
-    Σ_i c_i⟨λΔ, τ_i⟩ = Σ_i c_i‖τ_i‖², so λ = Σ_i c_i‖τ_i‖² / ⟨Δ, Σ_i c_iτ_i⟩ (Δ the method's update
-    at λ = 1). For task arithmetic with pairwise cosine ρ between equal-norm task vectors this is
-    1/(1 + (N − 1)ρ): 1 for orthogonal tasks, 1/N for identical ones. 1 when Δ does not point
-    along the tasks (⟨Δ, Σ c_iτ_i⟩ ≤ 0) or nothing moved."""
-    energy = sum(c * float((t.double() ** 2).sum()) for c, t in zip(coeffs, taus))
-    along = sum(c * float((update.double() * t.double()).sum()) for c, t in zip(coeffs, taus))
-    return energy / along if along > 0 and energy > 0 else 1.0
+    """`--lambda auto`: the λ at which the merged update is as long as the tasks' mean update (the
+    uniform soup's step from the base), ‖λΔ‖ = ‖Σ_i c_iτ_i‖/Σ_i c_i, so λ = ‖Σ_i c_iτ_i‖/(Σ_i c_i·‖Δ‖),
+    Δ the method's update at λ = 1. The method chooses the direction; the soup, which stays in the
+    fine-tunes' basin (Wortsman et al. 2022), the length. Task arithmetic gets λ = 1/N (the mean);
+    a method that already averages (a disjoint mean, Iso-C's flat spectrum) gets the factor that
+    brings it back to the mean's length. 1 when Δ or the mean is zero."""
+    total = sum(coeffs)
+    summed = sum((c * t.double() for c, t in zip(coeffs, taus)), torch.zeros_like(update, dtype=torch.float64))
+    length, mean_length = float(update.double().norm()), float(summed.norm()) / total if total else 0.0
+    return mean_length / length if length > 0 and mean_length > 0 else 1.0
 
 
 def tensor_seed(seed: int, name: str, model: int) -> int:
@@ -413,8 +415,17 @@ def merge(
             )
             donors = [c for c in (base, *models) if c is not None]
             statistics, config.tokenizer = collect(
-                config.method, spec.calibration, models, donors, sets, config.tokenizer, params, config.seed,
-                compute, folder, progress,
+                config.method,
+                spec.calibration,
+                models,
+                donors,
+                sets,
+                config.tokenizer,
+                params,
+                config.seed,
+                compute,
+                folder,
+                progress,
             )
             config.calibration_sha256 = [s.sha256 for s in sets[: len(config.calibration)]]
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
@@ -441,7 +452,12 @@ def merge(
                 found = statistics.of(name, n)
                 extra["statistics"] = None if found is None else (statistics.transposed.get(name, False), found)
             merged = spec.fn(
-                w0, thetas, torch.tensor(coeffs, dtype=compute.dtype, device=compute.device), params, generators, **extra
+                w0,
+                thetas,
+                torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
+                params,
+                generators,
+                **extra,
             )
             lam = None
             if config.auto_lambda:
