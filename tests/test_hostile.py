@@ -242,7 +242,66 @@ CASES = [
 LONG = "x" * 245 + ".json"  # a legal 250-byte file name
 COMMIT = "c" * 40
 # The surfaces added since the first round (issue 21): each class of the issue, written fresh.
+RM = "merge --method regmean ft ft2 --tokenizer tok -o out --calibration"
 CASES += [
+    # data-aware merges and --lambda auto (issue 25)
+    Case(
+        "regmean-without-calibration", "merge --method regmean ft ft2 -o out", 2, "give --calibration", absent=("out",)
+    ),
+    Case("regmean-empty-calibration", f"{RM} empty.txt", 2, "empty.txt: --calibration holds no text", absent=("out",)),
+    Case("regmean-binary-calibration", f"{RM} binary.txt", 2, "binary, not text", absent=("out",)),
+    Case("regmean-linked-calibration", f"{RM} calib_link.txt", 2, "symbolic link", absent=("out",)),
+    Case("regmean-folder-calibration", f"{RM} calib_dir", 2, "regular text file", absent=("out",)),
+    Case("regmean-missing-calibration", f"{RM} nowhere.txt", 2, "no such file", absent=("out",)),
+    Case(
+        "regmean-three-files-two-models",
+        f"{RM} calib.txt --calibration calib.txt --calibration calib.txt",
+        2,
+        "3 times for 2 models",
+        absent=("out",),
+    ),
+    Case(
+        "regmean-nan-weight",
+        "merge --method regmean ft nan_ft --tokenizer tok -o out --calibration calib.txt",
+        2,
+        "nan_ft",
+        absent=("out",),
+    ),
+    Case(
+        "regmean-no-tokenizer",
+        "merge --method regmean ft ft2 --calibration calib.txt -o out",
+        2,
+        "no tokenizer among the inputs",
+        absent=("out",),
+    ),
+    Case("regmean-tokenizer-not-one", f"{RM} calib.txt --tokenizer base", 2, "no tokenizer files", absent=("out",)),
+    Case(
+        "regmean-not-runnable",
+        "merge --method fisher zbase zft --tokenizer tok -o out --calibration calib.txt",
+        2,
+        "no config.json",
+        absent=("out",),
+    ),
+    Case("calibration-for-ties", f"{TA} ft2 --calibration calib.txt -o out", 2, "uses no data", absent=("out",)),
+    Case(
+        "regmean-as-adapter",
+        "merge --as-adapter --method regmean --base base adapter adapter --calibration calib.txt -o out",
+        2,
+        "runs full models",
+        absent=("out",),
+    ),
+    Case("regmean-on-ray", f"{RM} calib.txt --ray 127.0.0.1:9", 2, "", absent=("out",)),
+    Case(
+        "lambda-auto-cart", "merge --method cart ft ft2 --lambda auto -o out", 2, "has none to scale", absent=("out",)
+    ),
+    Case("lambda-word", f"{TA} --lambda lots -o out", 2, "give a number, or auto", absent=("out",)),
+    Case(
+        "ace-negative-ridge",
+        f"{TA.replace('task-arithmetic', 'ace')} --param ridge=-1 -o out",
+        2,
+        "ridge",
+        absent=("out",),
+    ),
     # 1. a Hub ID never reads outside its repository's cache folder
     Case("hub-ref-climbs-out", "spectrum base org/refs-up", 2, "not a commit hash"),
     Case("hub-ref-absolute", "spectrum base org/refs-abs", 2, "not a commit hash"),
@@ -537,6 +596,13 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "evil_link" / "model-00001-of-00001.safetensors").unlink()
     (root / "evil_link" / "escape.safetensors").symlink_to(root / "base" / "model.safetensors")
 
+    synthetic.tiny_tokenizer(root / "tok")  # calibration text for the data-aware merges
+    (root / "calib.txt").write_text("\n".join(synthetic.tiny_texts(4)) + "\n")
+    (root / "empty.txt").write_text("\n \n")
+    (root / "binary.txt").write_bytes(b"w1 w2\x00\xff\n")
+    (root / "calib_link.txt").symlink_to("calib.txt")
+    (root / "calib_dir").mkdir()
+    (root / "calib_dir" / "a.txt").write_text("w1\n")
     _adapter_variant(root / "adapter", root / "adapter_r_string", r="four")
     _adapter_variant(root / "adapter", root / "adapter_r_null", r=None)
     _adapter_variant(root / "adapter", root / "adapter_r_zero", r=0)

@@ -15,6 +15,7 @@ import torch
 
 from weightlab.compute.device import Compute
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.finite import require_finite_input
 from weightlab.merging.activations import BATCH, Runner, StatisticsStore, find_tokenizer, gram_groups
 from weightlab.merging.calibration import CalibrationSet
 from weightlab.merging.covariance import regression_merge
@@ -126,7 +127,8 @@ def collect(
 
 
 def _weights(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
-    return lambda name: ckpt.get(name, dtype=torch.float32)
+    """A model's tensors by name, in float32; a NaN or Inf is refused naming the file and tensor."""
+    return lambda name: require_finite_input(ckpt.get(name, dtype=torch.float32), ckpt.path, name)
 
 
 def _regmean_plus_plus(
@@ -147,11 +149,12 @@ def _regmean_plus_plus(
     for k, n in enumerate(runner.order):
         index = layer_index(n)
         position[n] = float(index) if index is not None else (-1.0 if k < first else float("inf"))
-    merged = {n: torch.stack([m.get(n, dtype=torch.float32) for m in models]).mean(0) for n in runner.order}
+    merged = {n: torch.stack([_weights(m)(n) for m in models]).mean(0) for n in runner.order}
 
     def hybrid(ckpt: Checkpoint, level: float) -> Callable[[str], torch.Tensor]:
         """The merged model before `level`, model `ckpt` from it on."""
-        return lambda name: merged[name] if position[name] < level else ckpt.get(name, dtype=torch.float32)
+        own = _weights(ckpt)
+        return lambda name: merged[name] if position[name] < level else own(name)
 
     for g, group in enumerate(groups):
         for i, (ckpt, calibration) in enumerate(zip(models, sets)):
