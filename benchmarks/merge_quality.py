@@ -218,8 +218,11 @@ class Scorer:
         self.heads = {name: torch.load(path, weights_only=True) for name, path in heads.items()}
 
     def __call__(self, folder: Path) -> dict[str, float]:
-        ckpt = open_weights(folder)
-        self.model.bert.load_state_dict({n: ckpt.get(n) for n in ckpt.names()}, strict=False)
+        return self.state(load(folder))
+
+    def state(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The scores of an encoder given as its tensors."""
+        self.model.bert.load_state_dict(tensors, strict=False)
         with torch.no_grad():
             features = {key: self.model.bert(**enc).pooler_output for key, enc in self.inputs.items()}
             scores = {}
@@ -228,6 +231,11 @@ class Scorer:
                 logits = self.model.classifier(self.model.dropout(features[self.sentences[name]]))
                 scores[name] = float((logits.argmax(-1) == self.labels[name]).float().mean())
         return scores
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_weights(folder)
+    return {n: ckpt.get(n) for n in ckpt.names()}
 
 
 def config(
@@ -314,11 +322,24 @@ def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> d
             "rss_after_imports_mb": round(rss0),
         }
         if METHODS[method].param("lambda"):
+            # θ_b + λΔ with Δ independent of λ: the default merge (λ = 1) gives every λ of the grid
+            linear = METHODS[method].needs_base and not options.get("modifiers")
+            at_one, base_state = (load(scratch / "default"), load(base)) if linear else ({}, {})
             best = None
             for lam in GRID:
-                cfg = build_config(config(method, options, base, models, calibration, lam))
-                merge(cfg, scratch / "grid", force=True)
-                grid_mean = mean(score(scratch / "grid"))
+                if linear:
+                    scaled = {
+                        n: base_state[n] + lam * (t - base_state[n]) if n in base_state else t
+                        for n, t in at_one.items()
+                    }
+                    grid_mean = mean(score.state(scaled))
+                else:
+                    merge(
+                        build_config(config(method, options, base, models, calibration, lam)),
+                        scratch / "grid",
+                        force=True,
+                    )
+                    grid_mean = mean(score(scratch / "grid"))
                 if best is None or grid_mean > best[1]:
                     best = (lam, grid_mean)
             row["best_lambda"], row["best_lambda_mean"] = best

@@ -138,10 +138,10 @@ def test_regmean_plus_plus_equals_the_layer_by_layer_reference(bank, tmp_path):
     assert any(not torch.allclose(got[n], state(plain)[n]) for n in deep)  # later layers see the merged inputs
 
 
-def test_fisher_equals_the_plain_reference(bank, tmp_path):
+def test_fisher_equals_the_plain_reference_with_every_kind_of_coefficient(bank, tmp_path):
+    """Unweighted, with --weights and with NAN's per-tensor coefficients: Σ c_iF_iθ_i / Σ c_iF_i,
+    F_i from per-text gradients of the Gaussian output model, noise drawn as the method draws it."""
     _root, base, models, texts = bank
-    merge(base, models, method="fisher", calibration=texts, seed=3, out=tmp_path / "m")
-    got = state(tmp_path / "m")
     tokenizer = AutoTokenizer.from_pretrained(base)
     fishers, fts = [], [state(m) for m in models]
     for m, t in zip(models, texts):
@@ -157,13 +157,24 @@ def test_fisher_equals_the_plain_reference(bank, tmp_path):
                 if p.grad is not None:  # the pooler does not feed the last hidden states
                     total[n] += p.grad.double() ** 2
         fishers.append({n: f / len(lines) for n, f in total.items()})
-    for name in fishers[0]:
-        f = [fi[name] for fi in fishers]
+
+    def want(name, c):
+        f = [c[i] * fishers[i][name] for i in range(2)]
         floor = 1e-6 * float((f[0] + f[1]).mean())
-        want = ((f[0] + floor) * fts[0][name] + (f[1] + floor) * fts[1][name]) / (f[0] + f[1] + 2 * floor)
         if not floor:  # no text moves it: the mean
-            want = (fts[0][name] + fts[1][name]).double() / 2
-        torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=1e-6, msg=name)
+            return (fts[0][name] + fts[1][name]).double() / 2
+        g = [f[i] + floor * c[i] for i in range(2)]
+        return (g[0] * fts[0][name] + g[1] * fts[1][name]) / (g[0] + g[1])
+
+    for label, extra in (("plain", {}), ("weights", {"weights": [0.25, 0.75]}), ("nan", {"coeff": "nan"})):
+        out = tmp_path / label
+        merge(base, models, method="fisher", calibration=texts, seed=3, out=out, json=out.with_suffix(".json"), **extra)
+        got = state(out)
+        record = json.loads(out.with_suffix(".json").read_text())
+        for name in fishers[0]:
+            c = (record["coefficients_per_tensor"] or {}).get(name) or extra.get("weights", [1.0, 1.0])
+            torch.testing.assert_close(got[name].double(), want(name, c), rtol=1e-4, atol=1e-6, msg=f"{label} {name}")
+    assert record["coefficients_per_tensor"]  # NAN set them per tensor
 
 
 def test_fisher_runs_a_language_model_on_its_own_predictions(tmp_path):

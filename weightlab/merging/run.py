@@ -69,6 +69,7 @@ class MergeReport(Result):
     seconds: float = 0.0
     lines_alpha: float | None = None  # LiNeS's α, when it ran
     auto_lambda: dict[str, float] = field(default_factory=dict)  # --lambda auto: λ chosen per tensor
+    calibration_texts: list[int] = field(default_factory=list)  # data-aware methods: texts each model ran on
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -95,6 +96,7 @@ class MergeReport(Result):
             "seconds": round(self.seconds, 3),
             **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {}),
             **({"auto_lambda": self.auto_lambda} if self.auto_lambda else {}),
+            **({"calibration_texts": self.calibration_texts} if self.calibration_texts else {}),
         }
 
     @classmethod
@@ -110,6 +112,7 @@ class MergeReport(Result):
             payload.get("seconds", 0.0),
             payload.get("lines_alpha"),
             payload.get("auto_lambda") or {},
+            payload.get("calibration_texts") or [],
         )
 
     def title(self) -> str:
@@ -122,13 +125,25 @@ class MergeReport(Result):
     def tables(self) -> list[Table]:
         names = model_names(self.config.models)
         kind = "NAN" if self.config.coeff == "nan" else "manual"
-        out = [
-            Table(
-                f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""),
-                ["model", "coefficient"],
-                [[name, c] for name, c in zip(names, self.coefficients)],
+        out = []
+        if self.config.spec.coefficients:
+            out.append(
+                Table(
+                    f"{kind} coefficients" + (" (mean over tensors)" if self.per_tensor else ""),
+                    ["model", "coefficient"],
+                    [[name, c] for name, c in zip(names, self.coefficients)],
+                )
             )
-        ]
+        if self.calibration_texts:
+            files = self.config.calibration or []
+            files = files * len(names) if len(files) == 1 else files
+            out.append(
+                Table(
+                    f"calibration (tokenizer {self.config.tokenizer})",
+                    ["model", "calibration file", "texts"],
+                    [[name, f, count] for name, f, count in zip(names, files, self.calibration_texts)],
+                )
+            )
         if self.per_tensor:
             out.append(
                 Table(
@@ -428,6 +443,7 @@ def merge(
                 progress,
             )
             config.calibration_sha256 = [s.sha256 for s in sets[: len(config.calibration)]]
+            report.calibration_texts = [len(s.texts) for s in sets]
         counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
         # on a Ray cluster the workers write their tensors into the staged shards themselves
         sink = writer.sink([i.names[0] for i in walk.items], elsewhere=compute.cluster is not None)
