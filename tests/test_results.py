@@ -22,6 +22,7 @@ from weightlab.inventory import inventory
 from weightlab.io import open_checkpoint
 from weightlab.merging import merge
 from weightlab.merging.config import build_config
+from weightlab.merging.plan import plan_merge
 from weightlab.report.catalog import known_schemas
 from weightlab.report.document import load_results, parse_result, write_report
 from weightlab.report.export import to_json
@@ -62,6 +63,7 @@ def made(tmp_path_factory):
         "tsd": tsd(b, a, compute=CPU)[0],
         "inventory": inventory(a),
         "merge": merge(cfg, root / "merged", compute=CPU),
+        "merge-plan": plan_merge(cfg, str(root / "planned")),
         "compare": compare(b, [a, c], compute=CPU),
         "esd": esd(a, b, ESDOptions(min_evals=4), compute=CPU),
         "intruders": mitigate_intruders(b, a, "", IntruderOptions(), compute=CPU)[0],
@@ -71,7 +73,7 @@ def made(tmp_path_factory):
 
 
 KINDS = ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge", "compare", "esd", "intruders", "lora-init",
-         "lora-extract"]  # fmt: skip
+         "lora-extract", "merge-plan"]  # fmt: skip
 
 
 def test_every_kind_of_result_is_made_here(made):

@@ -60,6 +60,15 @@ def described(paths: Sequence[str]) -> list[str]:
     return [p if p in (name, name + IN_MEMORY) else f"{name} ({p})" for name, p in zip(model_names(paths), paths)]
 
 
+def human_bytes(n: float) -> str:
+    """A size for people: 512 B, 97.7 KB, 13.5 GB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
 def fmt(value: object, digits: int = DIGITS) -> str:
     """A value as a person reads it: floats to `digits` significant digits with their trailing
     zeros (0.500, 1.00, 0.688: a column reads alike), large integers with thousands separators,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from weightlab.display import human_bytes
 from weightlab.domains import compile_filter
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.naming import layer_index, module_role
-from weightlab.report.tables import human_bytes, human_count
+from weightlab.report.tables import human_count
 from weightlab.results import Result, Table
 
 

@@ -72,6 +72,7 @@ def _names(sources: Sequence[Source]) -> tuple[list[str], dict[str, Any]]:
         "max_rank": "--max-rank",
         "calibration": "--calibration",
         "tokenizer": "--tokenizer",
+        "dry_run": "--dry-run",
     },
 )
 def merge(
@@ -96,6 +97,7 @@ def merge(
     max_rank: int | None = None,
     out: str | Path | None = None,
     into: torch.nn.Module | None = None,
+    dry_run: bool = False,
     params: Mapping[str, float] | None = None,
     nan: NanOptions,
     run: Run,
@@ -146,12 +148,16 @@ def merge(
         Write the merged model into this folder, as ``weightlab merge -o`` does.
     into : torch.nn.Module, optional
         Without `out`: load the merged weights into this module (strictly) and return it.
+    dry_run : bool
+        Compute nothing and write no model: return the plan (`MergePlan`: bytes to read and
+        write, shards, estimated peak memory, free space where `out` would go).
     {options}
 
     Returns
     -------
-    MergeReport with `out`; else a `StateDict` (the merged tensors, ``.report`` the record), the
-    module `into` with the merged weights, or with ``as_adapter`` a `NewAdapter`.
+    MergePlan with `dry_run`; MergeReport with `out`; else a `StateDict` (the merged tensors,
+    ``.report`` the record), the module `into` with the merged weights, or with ``as_adapter`` a
+    `NewAdapter`.
 
     References
     ----------
@@ -214,6 +220,8 @@ def merge(
     if cfg.donor is not None and not Path(cfg.donor).exists():
         raise CheckpointNotFound("--donor: no such file or folder", cfg.donor)
     inputs = [s for s in (cfg.base, *cfg.models, config, cfg.donor, *(cfg.calibration or [])) if s not in opened]
+    if dry_run:
+        return _plan(cfg, inputs, opened, out, into, run)
     with run.outputs([*inputs, *opened.values()], out_dir=out) as plan:
         from weightlab.io.memory import StateDictWriter
         from weightlab.merging import merge as run_merge
@@ -249,6 +257,21 @@ def merge(
             raise InvalidArgument(f"into= is not a model of the merged tensors ({' '.join(first[:2])[:300]})") from None
         return into
     return product
+
+
+def _plan(cfg: Any, inputs: list[Any], opened: dict[str, Any], out: str | Path | None, into: object, run: Run) -> Any:
+    """`merge --dry-run`: the plan of a checkpoint merge, its outputs checked; no model written."""
+    from weightlab.io.outputs import Output, check_outputs
+    from weightlab.merging.plan import plan_merge
+
+    if cfg.as_adapter or into is not None:
+        raise InvalidArgument("--dry-run plans a checkpoint written with -o (adapters are merged small, in memory)")
+    if out is not None:
+        check_outputs(inputs, [Output("-o", out, directory=True)], run.force)
+    with run.outputs([*inputs, *opened.values()]) as plan:
+        result = plan_merge(cfg, str(out) if out is not None else ".", opened)
+        emit(plan, result)
+    return result
 
 
 @api_function(OPERATION, flags={**_OUT, "tsd": "--tsd", "source": "--from", "base": "BASE", "initial": "--initial"})

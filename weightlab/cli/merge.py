@@ -124,6 +124,12 @@ def merge(
     max_rank: int | None = typer.Option(
         None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Compute and write nothing: print the plan (tensors, GB to read and write, estimated peak memory, "
+        "free disk).",
+    ),
     common: Operation = None,
 ) -> None:
     """Merge fine-tunes of one base, streaming tensor by tensor, with manual or NAN coefficients.
@@ -154,6 +160,7 @@ def merge(
         shard_size=shard_size,
         as_adapter=as_adapter,
         max_rank=max_rank,
+        dry_run=dry_run,
         out=common.out,
         nan=nan,
         run=common.run(),

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from weightlab.errors import OutputConflict, OutputExists
+from weightlab.errors import InvalidArgument, OutputConflict, OutputExists
 
 STDOUT = "-"
 MARKER = ".weightlab-output"
@@ -71,6 +71,26 @@ def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) 
         replace(tmp, dest, stage)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem that holds `path`, or would hold it (its nearest existing parent)."""
+    here = Path(path).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return shutil.disk_usage(here).free
+
+
+def require_free_space(path: str | Path, needed: int, what: str) -> None:
+    """Refuse, before any work, an output that cannot fit: `needed` bytes at `path`, with 1% (at
+    least 64 MB) to spare for headers and side files."""
+    free = free_bytes(path)
+    if needed + max(needed // 100, 64 << 20) > free:
+        raise InvalidArgument(
+            f"{what} needs {needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free on its filesystem: "
+            "free some space or write it elsewhere",
+            path,
+        )
 
 
 def mark(folder: Path) -> None:

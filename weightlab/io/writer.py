@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from weightlab.errors import CheckpointNotFound, InvalidArgument
-from weightlab.io.atomic import atomic_path
+from weightlab.io.atomic import atomic_path, require_free_space
 from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import safetensors_header, tensor_bytes, torch_dtype, write_safetensors
 
@@ -188,6 +188,7 @@ class CheckpointWriter:
             size += nbytes
             self.total_size += nbytes
         groups.append(current)
+        require_free_space(self._tmp, self.total_size, f"the output {self.out_dir}")  # before a byte is written
         for index, specs in enumerate(groups):
             header, offsets = safetensors_header(specs, self.metadata, self.out_dir)
             path = self._tmp / f"shard-{index}.tmp"

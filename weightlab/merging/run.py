@@ -278,6 +278,38 @@ def _merge_in_rows(
         writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, states).to(out_dtype))
 
 
+def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) -> bool:
+    """Whether the executor merges this tensor a block of rows at a time (`_merge_in_rows`): a
+    large floating tensor, a method with a blockwise form, nothing that needs the whole tensor."""
+    return (
+        config.spec.blockwise is not None
+        and item.is_float
+        and not config.modifiers
+        and not config.auto_lambda
+        and not (config.coeff == "nan" and config.nan.granularity == "tensor")
+        and len(item.shape) > 0
+        and item.shape[0] > 1
+        and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES
+    )
+
+
+def open_inputs(
+    config: MergeConfig, opened: Mapping[str, Checkpoint]
+) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str]]:
+    """The base, the models, the walk over every tensor, the buffers copied from the base and the
+    tensors left out: the inputs of a merge, checked to line up (headers only)."""
+
+    def open_model(source: str) -> Checkpoint:
+        return opened[source] if source in opened else open_weights(source)
+
+    base = open_model(config.base) if config.base else None
+    models = [open_model(m) for m in config.models]
+    ckpts = [base, *models] if base is not None else models
+    walk = TensorWalk(ckpts, replace(MERGED, floating=False))
+    buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
+    return base, models, walk, buffers, left_out
+
+
 def num_layers(ckpt: Checkpoint) -> int:
     """L: the config's layer count, else one more than the largest layer index in the names."""
     if ckpt.config is not None and ckpt.config.num_layers:
@@ -344,14 +376,8 @@ def merge(
     compute = compute or Compute.create()
     spec, params = config.spec, config.resolved
 
-    def open_model(source: str) -> Checkpoint:
-        return opened[source] if source in opened else open_weights(source)
-
-    base = open_model(config.base) if config.base else None
-    models = [open_model(m) for m in config.models]
+    base, models, walk, buffers, left_out = open_inputs(config, opened)
     ckpts = [base, *models] if base is not None else models
-    walk = TensorWalk(ckpts, replace(MERGED, floating=False))
-    buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
     items = walk.items
     nan = config.coeff == "nan"
     task_vectors = config.nan.norm_of == "task-vectors"
@@ -379,18 +405,7 @@ def merge(
         raise InvalidArgument(
             "--lines scales each layer after a pass over all of them, on this machine: run it without --ray"
         )
-    in_rows = walk.take(
-        lambda item: (
-            spec.blockwise is not None
-            and item.is_float
-            and not config.modifiers
-            and not config.auto_lambda
-            and not (nan and config.nan.granularity == "tensor")
-            and len(item.shape) > 0
-            and item.shape[0] > 1
-            and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES
-        )
-    )
+    in_rows = walk.take(lambda item: in_row_blocks(config, item, anchor))
     with ExitStack() as stack:
         writer: CheckpointWriter | StateDictWriter
         if isinstance(out_dir, StateDictWriter):

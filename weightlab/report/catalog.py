@@ -11,7 +11,7 @@ import weightlab.analysis
 import weightlab.surgery
 from weightlab.results import Result, registered, registered_schemas
 
-OTHER_RESULTS = ("weightlab.inventory", "weightlab.merging.run", "weightlab.demo")
+OTHER_RESULTS = ("weightlab.inventory", "weightlab.merging.run", "weightlab.merging.plan", "weightlab.demo")
 
 
 def import_result_modules() -> None:
