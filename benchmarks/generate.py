@@ -26,10 +26,12 @@ class Shape:
     layers: int = 16
     hidden: int = 1024
     vocab: int = 32000
+    intermediate_size: int | None = None  # default 11·hidden/4 (2816 for hidden 1024); Llama-2-7B: 11008
+    dtype: str = "float32"  # what the files hold: float32 or bfloat16
 
     @property
     def intermediate(self) -> int:
-        return 11 * self.hidden // 4  # 2816 for hidden 1024, as in the issue's Llama shape
+        return self.intermediate_size or 11 * self.hidden // 4
 
     @property
     def heads(self) -> int:
@@ -46,7 +48,7 @@ class Shape:
             num_attention_heads=self.heads,
             num_key_value_heads=self.heads,
             tie_word_embeddings=False,
-            torch_dtype="float32",
+            torch_dtype=self.dtype,
         )
         return {**config.to_dict(), "architectures": ["LlamaForCausalLM"]}
 
@@ -71,8 +73,15 @@ class Shape:
         return sum(torch.Size(s).numel() for s in self.tensors().values())
 
     @property
+    def bytes(self) -> int:
+        return self.parameters * (2 if self.dtype == "bfloat16" else 4)
+
+    @property
     def folder(self) -> Path:
-        return ROOT / f"llama-{self.layers}x{self.hidden}-v{self.vocab}"
+        name = f"llama-{self.layers}x{self.hidden}-v{self.vocab}"
+        if self.intermediate_size:
+            name += f"-i{self.intermediate_size}"
+        return ROOT / (name if self.dtype == "float32" else f"{name}-{self.dtype}")
 
 
 def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -93,24 +102,45 @@ def _finetune(w: torch.Tensor, seed: int) -> torch.Tensor:
     return w
 
 
-def generate(shape: Shape = Shape(), finetunes: int = 1, shard_tensors: int = 40) -> dict[str, Path]:
-    """Base and `finetunes` fine-tuned checkpoints: sharded safetensors folders with an index and a config."""
+def generate(
+    shape: Shape = Shape(), finetunes: int = 1, shard_tensors: int = 40, shard_bytes: int = 2 << 30
+) -> dict[str, Path]:
+    """Base and `finetunes` fine-tuned checkpoints: sharded safetensors folders with an index and a
+    config. A shard holds at most `shard_tensors` tensors and `shard_bytes` bytes, and memory one
+    shard: generation stays bounded whatever the model's size. A folder is complete once its
+    index exists (written last)."""
     paths = {"base": shape.folder / "base", **{f"ft{i}": shape.folder / f"ft{i}" for i in range(finetunes)}}
     shapes = shape.tensors()
     names = list(shapes)
+    dtype = getattr(torch, shape.dtype)
+    size = 2 if shape.dtype == "bfloat16" else 4
+    groups: list[list[int]] = [[]]
+    for k, name in enumerate(names):
+        full = (
+            len(groups[-1]) >= shard_tensors
+            or sum(torch.Size(shapes[names[j]]).numel() * size for j in groups[-1])
+            + (torch.Size(shapes[name]).numel() * size)
+            > shard_bytes
+        )
+        if groups[-1] and full:
+            groups.append([])
+        groups[-1].append(k)
     for key, path in paths.items():
         if (path / "model.safetensors.index.json").exists():
             continue
         path.mkdir(parents=True, exist_ok=True)
         weight_map = {}
-        for s, start in enumerate(range(0, len(names), shard_tensors)):
-            shard = f"model-{s + 1:05d}.safetensors"
+        for s, group in enumerate(groups):
+            shard = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
             tensors = {}
-            for j, name in enumerate(names[start : start + shard_tensors]):
-                w = _weight(shapes[name], start + j)
-                tensors[name] = w if key == "base" else _finetune(w, 10_000 * (int(key[2:]) + 1) + start + j)
+            for k in group:
+                name = names[k]
+                w = _weight(shapes[name], k)
+                w = w if key == "base" else _finetune(w, 10_000 * (int(key[2:]) + 1) + k)
+                tensors[name] = w.to(dtype)
                 weight_map[name] = shard
             save_file(tensors, path / shard, metadata={"format": "pt"})
+            del tensors
         (path / "config.json").write_text(json.dumps(shape.config(), indent=2))
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return paths

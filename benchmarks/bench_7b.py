@@ -1,0 +1,186 @@
+"""Real LLM sizes on one ordinary box: a Llama-2-7B-shaped base and three fine-tunes in bfloat16,
+merged and analysed by weightlab and merged by mergekit, each run in a fresh process with its
+wall time and peak RSS, and every figure as a ratio to mergekit and to our raw I/O.
+
+    python benchmarks/bench_7b.py                       # 32 × 4096, intermediate 11008: ≈ 6.7B, 13.5 GB each
+    python benchmarks/bench_7b.py --layers 2 --hidden 512 --intermediate 1376 --vocab 4096   # the plumbing, quick
+    benchmarks/run_all.sh --large                       # the same, after every other benchmark
+
+The checkpoints are generated seeded, one shard at a time (generate.py: a decaying spectrum per
+matrix; a fine-tune adds dense noise and a low-rank update), and kept under .bench/ between runs.
+Free disk is checked first: four models, plus room for one output at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import METHODS as MERGEKIT_METHODS
+from bench_merge import mergekit_config
+from common import run_command, run_external, run_python, save_result
+from generate import ROOT, Shape, generate
+
+from weightlab.io.atomic import free_bytes
+
+OURS = {
+    "task-arithmetic": [],
+    "ties": ["--density", "0.2"],
+    "iso-c": [],
+    "iso-cts": [],
+}
+RAW_IO = """
+import time, sys
+from weightlab.io import CheckpointWriter, open_checkpoint
+from weightlab.io.safetensors_file import torch_dtype
+paths, out = {paths!r}, {out!r}
+ckpts = [open_checkpoint(p) for p in paths]
+plan = [(n, ckpts[0].info(n).shape, torch_dtype(ckpts[0].info(n).dtype, paths[0], n)) for n in ckpts[0].names()]
+start = time.perf_counter()
+with CheckpointWriter(out, force=True, plan=plan) as writer:
+    for name in ckpts[0].names():
+        tensors = [c.get(name) for c in ckpts]
+        writer.add(name, tensors[0])
+        del tensors
+SECONDS = time.perf_counter() - start
+"""
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument(
+        "--only", nargs="*", help="Run these rows only (raw, merge:METHOD, mergekit:METHOD, spectrum, …)."
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "7b.json")
+    return parser.parse_args()
+
+
+def require_disk(shape: Shape) -> None:
+    """Four models (unless already generated) and one output, or one clear line and exit 2."""
+    missing = sum(
+        not (shape.folder / k / "model.safetensors.index.json").exists() for k in ("base", "ft0", "ft1", "ft2")
+    )
+    needed = (missing + 1.1) * shape.bytes
+    free = free_bytes(ROOT)
+    if needed > free:
+        sys.exit(
+            f"error: this benchmark needs {needed / 1e9:.1f} GB free under {ROOT} "
+            f"({missing} models to generate at {shape.bytes / 1e9:.1f} GB each, and one output); "
+            f"{free / 1e9:.1f} GB are free"
+        )
+
+
+def main() -> None:
+    args = arguments()
+    shape = Shape(args.layers, args.hidden, args.vocab, args.intermediate, "bfloat16")
+    require_disk(shape)
+    started = time.perf_counter()
+    paths = generate(shape, finetunes=3)
+    inputs = [str(paths[k]) for k in ("base", "ft0", "ft1", "ft2")]
+    scratch = ROOT / "7b-out"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    wanted = lambda row: not args.only or row in args.only
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    result: dict = {
+        "parameters": shape.parameters,
+        "gb_per_model": round(shape.bytes / 1e9, 2),
+        "shape": {
+            "layers": shape.layers,
+            "hidden": shape.hidden,
+            "intermediate": shape.intermediate,
+            "vocab": shape.vocab,
+        },
+        "generation_s": round(time.perf_counter() - started, 1),
+        "rows": dict(previous.get("rows", {})),
+    }
+    rows = result["rows"]
+
+    def done(row: str, entry: dict) -> None:
+        rows[row] = entry
+        print(row, json.dumps(entry), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives an interruption
+
+    if wanted("raw"):
+        seconds, rss, _ = run_python(RAW_IO.format(paths=inputs, out=str(scratch / "raw")))
+        done("raw", {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss)})
+        shutil.rmtree(scratch / "raw", ignore_errors=True)
+    mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
+    for method, extra in OURS.items():
+        if wanted(f"merge:{method}"):
+            out = scratch / method
+            wall, rss, _ = run_command(
+                ["merge", "--method", method, "--base", inputs[0], *inputs[1:], *extra, "-o", str(out), "--force"]
+            )
+            done(f"merge:{method}", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
+            shutil.rmtree(out, ignore_errors=True)
+        if method in MERGEKIT_METHODS and wanted(f"mergekit:{method}") and mergekit_yaml.exists():
+            theirs, _, params = MERGEKIT_METHODS[method]
+            config = scratch / f"{method}.yml"
+            config.write_text(
+                mergekit_config(theirs, Path(inputs[0]), [Path(p) for p in inputs[1:]], params).replace(
+                    "dtype: float32", "dtype: bfloat16"
+                )
+            )
+            out = scratch / f"mk-{method}"
+            wall, rss = run_external(
+                [
+                    str(mergekit_yaml),
+                    str(config),
+                    str(out),
+                    "--no-copy-tokenizer",
+                    "--lazy-unpickle",
+                    "--low-cpu-memory",
+                ]
+            )
+            done(f"mergekit:{method}", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
+            shutil.rmtree(out, ignore_errors=True)
+    cache = scratch / "cache"
+    analyses = {
+        "spectrum (cold cache)": ["spectrum", inputs[0], inputs[1], "--cache-dir", str(cache)],
+        "spectrum (warm cache)": ["spectrum", inputs[0], inputs[1], "--cache-dir", str(cache)],
+        "esd": ["esd", inputs[1]],
+        "compare": ["compare", "--base", inputs[0], *inputs[1:]],
+    }
+    for row, command in analyses.items():
+        if wanted(row.split(" ")[0]):
+            wall, rss, _ = run_command([*command, "--json", str(scratch / "r.json"), "--force"])
+            done(row, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
+    shutil.rmtree(scratch, ignore_errors=True)
+    raw = rows.get("raw", {}).get("wall_s")
+    for row, entry in rows.items():
+        if raw and row != "raw":
+            entry["ratio_to_raw_io"] = round(entry["wall_s"] / raw, 2)
+        if row.startswith("merge:") and f"mergekit:{row[6:]}" in rows:
+            theirs = rows[f"mergekit:{row[6:]}"]
+            entry["wall_ratio_to_mergekit"] = round(entry["wall_s"] / theirs["wall_s"], 3)
+            entry["rss_ratio_to_mergekit"] = round(entry["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
+    save_result(result, args.out)
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| run | wall s | peak RSS MB | × raw I/O | wall × mergekit | RSS × mergekit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, e in result["rows"].items():
+        lines.append(
+            f"| {row} | {e['wall_s']} | {e['peak_rss_mb']} | {e.get('ratio_to_raw_io', '—')} | "
+            f"{e.get('wall_ratio_to_mergekit', '—')} | {e.get('rss_ratio_to_mergekit', '—')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
