@@ -26,6 +26,7 @@ import json
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -281,11 +282,16 @@ def main() -> None:
     args = parser.parse_args()
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     families = dict(previous.get("families", {}))
-    for family in FAMILIES if args.family == "both" else [args.family]:
-        families[family] = run_family(family, args, families.get(family, {}).get("methods", []))
     result = {"model": "all-MiniLM-L6-v2", "steps": args.steps, "lr": args.lr, "grid": GRID, "families": families}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save(family: str, data: dict) -> None:
+        """After every row: an interrupted run keeps what it measured."""
+        families[family] = data
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    for family in FAMILIES if args.family == "both" else [args.family]:
+        run_family(family, args, families.get(family, {}).get("methods", []), save)
     for family, data in families.items():
         print(f"\n{family}:\n{markdown_table(data)}")
 
@@ -294,7 +300,7 @@ def mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> dict:
+def run_family(family: str, args: argparse.Namespace, previous: list[dict], save: Callable[[str, dict], None]) -> None:
     make, described = FAMILIES[family]
     root = ROOT / f"merge-quality-{family}-s{args.steps}-lr{args.lr:g}"
     tasks = make()
@@ -304,8 +310,16 @@ def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> d
     score = Scorer(tasks, {name: path / "classifier_head.pt" for name, path in paths.items()})
     base = minilm_path()
     individual = {name: score(path)[name] for name, path in paths.items()}
-    rows = []
+    rows: list[dict] = []
     scratch = root / "merged"
+    data = {
+        "tasks": described,
+        "test_sentences": len(tasks[0].test),
+        "calibration_sentences_per_task": CALIBRATION_SENTENCES,
+        "individual_fine_tunes": individual,
+        "individual_mean": mean(individual),
+        "methods": rows,
+    }
     for label, method, options in DEFAULTS:
         if args.only and label not in args.only:
             rows += [row for row in previous if row["method"] == label]
@@ -350,6 +364,7 @@ def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> d
                 chosen = list(report.auto_lambda.values())
                 row["auto_lambda_chosen"] = {"mean": sum(chosen) / len(chosen), "min": min(chosen), "max": max(chosen)}
         rows.append(row)
+        save(family, data)
         print(
             f"{family} {label:32s} mean {row['mean']:.3f}"
             + (f"  (best λ={row['best_lambda']:g}: {row['best_lambda_mean']:.3f})" if "best_lambda" in row else "")
@@ -357,14 +372,7 @@ def run_family(family: str, args: argparse.Namespace, previous: list[dict]) -> d
             flush=True,
         )
     shutil.rmtree(scratch, ignore_errors=True)
-    return {
-        "tasks": described,
-        "test_sentences": len(tasks[0].test),
-        "calibration_sentences_per_task": CALIBRATION_SENTENCES,
-        "individual_fine_tunes": individual,
-        "individual_mean": mean(individual),
-        "methods": rows,
-    }
+    save(family, data)
 
 
 def markdown_table(result: dict) -> str:
