@@ -35,20 +35,12 @@ OURS = {
     "iso-cts": [],
 }
 RAW_IO = """
-import time, sys
-from weightlab.io import CheckpointWriter, open_checkpoint
-from weightlab.io.safetensors_file import torch_dtype
-paths, out = {paths!r}, {out!r}
-ckpts = [open_checkpoint(p) for p in paths]
-plan = [(n, ckpts[0].info(n).shape, torch_dtype(ckpts[0].info(n).dtype, paths[0], n)) for n in ckpts[0].names()]
-start = time.perf_counter()
-with CheckpointWriter(out, force=True, plan=plan) as writer:
-    for name in ckpts[0].names():
-        tensors = [c.get(name) for c in ckpts]
-        writer.add(name, tensors[0])
-        del tensors
-SECONDS = time.perf_counter() - start
-"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from bench_merge import raw_io
+SECONDS = raw_io([Path(p) for p in {paths!r}], Path({out!r}))
+"""  # bench_merge.raw_io in a fresh process: its peak RSS is the raw cost's own
 
 
 def arguments() -> argparse.Namespace:
@@ -112,7 +104,9 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives an interruption
 
     if wanted("raw"):
-        seconds, rss, _ = run_python(RAW_IO.format(paths=inputs, out=str(scratch / "raw")))
+        seconds, rss, _ = run_python(
+            RAW_IO.format(bench=str(Path(__file__).resolve().parent), paths=inputs, out=str(scratch / "raw"))
+        )
         done("raw", {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss)})
         shutil.rmtree(scratch / "raw", ignore_errors=True)
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
