@@ -178,8 +178,9 @@ class Runner:
         params = {key: p for key, p in self.model.named_parameters() if key in self.names}
         total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in params.items()}
         generator = torch.Generator().manual_seed(seed)
+        wanted = {id(p) for p in params.values()}
         for p in self.model.parameters():
-            p.requires_grad_(p in set(params.values()))
+            p.requires_grad_(id(p) in wanted)
         for batch in self.batches(texts, size=1):
             self.model.zero_grad(set_to_none=True)
             output = self.model(**batch)
@@ -265,7 +266,6 @@ def gram_groups(runner: Runner, by_layer: bool) -> list[list[str]]:
     groups: list[list[str]] = []
     current: list[str] = []
     used = 0
-    last: object = object()
     ordered = [n for n in runner.order if n in runner.targets]
     if by_layer:
         layers: dict[int | None, list[str]] = {}
@@ -276,7 +276,7 @@ def gram_groups(runner: Runner, by_layer: bool) -> list[list[str]]:
         module, transposed = runner.targets[name]
         width = module.weight.shape[0] if transposed else module.weight.shape[1]
         size = width * width * 8
-        if current and used + size > GRAM_BUDGET and last is not None:
+        if current and used + size > GRAM_BUDGET:
             groups.append(current)
             current, used = [], 0
         current.append(name)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from weightlab.merging.params import Generator, Params, Tensor
-from weightlab.merging.subspace import is_matrix
+from weightlab.merging.subspace import is_matrix, mean_update
 
 
 def solve_right(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def ace(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: 
     θ_b + λ·that. Other tensors: θ_b + λ·mean_t τ_t, as the paper does."""
     taus = [m - base for m in models]
     if not is_matrix(base):
-        return base + p.lam * torch.stack(taus).mean(0)
+        return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1).double() for t in taus]
     covariances, regularised, prior, heterogeneous = ace_terms(mats, p.ridge, p.heterogeneity)
     merged = regression_merge(mats, regularised, prior)

@@ -25,12 +25,12 @@ from weightlab.display import human_bytes, model_names
 from weightlab.io.atomic import free_bytes
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size, stored_plan
+from weightlab.merging.activations import GRAM_BUDGET
 from weightlab.merging.config import MergeConfig
 from weightlab.merging.run import ROW_BLOCK_BYTES, in_row_blocks, open_inputs
 from weightlab.results import Result, Table
 
 PROCESS_BYTES = 400 << 20  # Python, torch and weightlab, before any tensor
-GRAM_BUDGET = 1 << 30  # activations.GRAM_BUDGET, without importing transformers here
 WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matrix methods hold
 ELEMENTWISE_TEMPORARIES = 1
 

@@ -30,7 +30,7 @@ def _scaled_task_vectors(base: Tensor, models: Sequence[Tensor], coeffs: Tensor)
     return [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
 
 
-def _mean_update(base: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor:
+def mean_update(base: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor:
     return base + lam * torch.stack(taus).sum(0) / len(taus)
 
 
@@ -40,7 +40,7 @@ def tsv(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: 
     nearest orthogonal matrices, and add λ·U⊥ΣV⊥ᵀ."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
-        return _mean_update(base, taus, p.lam)
+        return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
     keep = max(1, min(mats[0].shape) // len(mats))
     left, right = tsv_factors([full_svd(m).truncate(keep) for m in mats])
@@ -65,7 +65,7 @@ def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
     arbitrarily, are not invented."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
-        return _mean_update(base, taus, p.lam)
+        return mean_update(base, taus, p.lam)
     svd = full_svd(torch.stack(taus).sum(0).reshape(base.shape[0], -1))
     svd = svd.truncate(numerical_rank(svd.S, (base.shape[0], base[0].numel())))
     flat = svd.S.mean() * (svd.U @ svd.Vh) if svd.S.numel() else torch.zeros_like(base.reshape(base.shape[0], -1))
@@ -81,7 +81,7 @@ def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
-        return _mean_update(base, taus, p.lam)
+        return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
     r, n = min(mats[0].shape), len(mats)
     s = round((r - int(r * p.common)) / n)
@@ -152,7 +152,7 @@ def wudi(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen:
     paper's Adam approaches; θ_b + λτ_m."""
     taus = [m - base for m in models]
     if not is_matrix(base):
-        return _mean_update(base, taus, p.lam)
+        return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
     gram, target = _wudi_terms(mats)
     values, vectors = torch.linalg.eigh(gram)
@@ -167,7 +167,7 @@ def wudi_adam(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params,
     same loss from τ_m = Σ_i τ_i, `steps` iterations at learning rate `lr`; θ_b + λτ_m."""
     taus = [m - base for m in models]
     if not is_matrix(base):
-        return _mean_update(base, taus, p.lam)
+        return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
     gram, target = _wudi_terms(mats)
     x = torch.stack(mats).sum(0).double()
