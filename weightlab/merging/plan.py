@@ -97,9 +97,9 @@ class MergePlan(Result):
 
     def headline(self) -> list[tuple[str, str, object]]:
         return [
-            ("plan.read", "GB to read", round(sum(self.read_bytes.values()) * self.passes / 1e9, 3)),
-            ("plan.write", "GB to write", round(self.write_bytes / 1e9, 3)),
-            ("plan.peak", "estimated peak GB", round(self.peak_memory_bytes / 1e9, 3)),
+            ("plan.read", "to read", human_bytes(sum(self.read_bytes.values()) * self.passes)),
+            ("plan.write", "to write", human_bytes(self.write_bytes)),
+            ("plan.peak", "estimated peak memory", human_bytes(self.peak_memory_bytes)),
         ]
 
 

@@ -174,7 +174,11 @@ class MergeReport(Result):
         return [
             ("merge.method", "method", self.config.method),
             ("merge.models", "models merged", len(self.config.models)),
-            ("merge.coefficients", "coefficients", ", ".join(fmt(c) for c in self.coefficients)),
+            *(
+                [("merge.coefficients", "coefficients", ", ".join(fmt(c) for c in self.coefficients))]
+                if self.config.spec.coefficients
+                else []
+            ),
         ]
 
     def note(self) -> str:
