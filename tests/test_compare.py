@@ -168,3 +168,40 @@ def test_a_bank_that_does_not_match_is_named_not_silently_narrowed(zoo, tmp_path
     assert json.loads((tmp_path / "c.json").read_text())["parameters"] == result.parameters
     with pytest.raises(InvalidArgument, match="shares no tensor name"):
         compare(base, [open_checkpoint(zoo["llama_ft"]), open_checkpoint(zoo["bert"])])
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_large_tall_matrices_are_read_in_row_blocks_with_the_same_answers(bank, monkeypatch, density):
+    """At 7B, whole embeddings of n + 1 models and their task vectors do not fit the memory goal:
+    tall matrices over twice the block size are read a block of rows at a time, in two passes, and
+    give what the whole-tensor path gives (sign counts exactly)."""
+    from weightlab.analysis import compare as module
+    from weightlab.io.checkpoint import Checkpoint
+
+    root = bank[0]
+    whole = run(root, density=density, k=2)
+    monkeypatch.setattr(module, "ROW_BLOCK_BYTES", 1000)  # q (48×32) and up (64×32) float32: blocks of 7 rows
+    reads: list[tuple[str, int]] = []
+    real_get, real_rows = Checkpoint.get, Checkpoint.get_rows
+    monkeypatch.setattr(
+        Checkpoint, "get", lambda self, name, *a, **k: reads.append((name, -1)) or real_get(self, name, *a, **k)
+    )
+
+    def get_rows(self, name, start, stop, *a, **k):
+        reads.append((name, stop - start))
+        return real_rows(self, name, start, stop, *a, **k)
+
+    monkeypatch.setattr(Checkpoint, "get_rows", get_rows)
+    blocks = run(root, density=density, k=2)
+    for name in NAMES[:2]:
+        rows = [n for tensor, n in reads if tensor == name]
+        assert rows and max(rows) == 7, name  # never the whole tensor
+    assert blocks.tensors == whole.tensors == 3 and blocks.matrices == whole.matrices == 2
+    assert blocks.parameters == whole.parameters
+    assert blocks.norms == pytest.approx(whole.norms, rel=1e-12)
+    for a, b in zip([blocks.overall, *blocks.layers], [whole.overall, *whole.layers]):
+        assert np.allclose(np.array(a.cosine, float), np.array(b.cosine, float), atol=1e-12, equal_nan=True)
+        assert np.allclose(
+            np.array(a.subspace_overlap, float), np.array(b.subspace_overlap, float), atol=1e-9, equal_nan=True
+        )
+        assert a.sign_conflict == b.sign_conflict

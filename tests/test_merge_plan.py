@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from weightlab.api import merge
+from weightlab.compute.rows import ROW_BLOCK_BYTES
 from weightlab.compute.stream import READ_AHEAD_BYTES
 from weightlab.errors import WeightlabError
 from weightlab.io import open_weights
 from weightlab.io.atomic import free_bytes, require_free_space
 from weightlab.io.writer import CheckpointWriter
 from weightlab.merging.plan import PROCESS_BYTES
-from weightlab.merging.run import ROW_BLOCK_BYTES
 
 
 @pytest.fixture(scope="module")

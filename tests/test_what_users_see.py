@@ -207,6 +207,23 @@ def test_piped_progress_is_plain_lines_at_a_modest_rate():
     assert quiet == [] and duration(200) == "3 min 20 s"
 
 
+def test_progress_that_counts_bytes_follows_the_bytes():
+    """At 7B the embedding weighs as much as thousands of norm vectors: the share, the rate and the
+    time left follow bytes where the work counts them, and the counts stay in the line."""
+    now, lines = [0.0], []
+    plain = PlainProgress("merge (ties)", "tensors", lines.append, clock=lambda: now[0], every=10)
+    plain.start(4, 4_000_000_000)
+    now[0] += 10
+    plain.advance(3, 1_000_000_000)  # three tensors, a quarter of the bytes
+    now[0] += 30
+    plain.advance(1, 3_000_000_000)
+    plain.finish()
+    assert lines == [
+        "merge (ties): 3/4 tensors, 1.0 GB of 4.0 GB (25%), 100.0 MB/s, about 30 s left",
+        "merge (ties): 4/4 tensors, 4.0 GB in 40 s",
+    ]
+
+
 def _weightlab(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "weightlab", *map(str, args)], capture_output=True, text=True, timeout=300

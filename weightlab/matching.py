@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import DTYPES
 from weightlab.naming import canonical_name, layer_index, module_role
 
 
@@ -24,6 +26,11 @@ class MatchedTensor:
     @property
     def is_float(self) -> bool:
         return self.dtype.startswith(("F", "BF"))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds in the first checkpoint (4 per entry for a dtype that is not read)."""
+        return math.prod(self.shape) * DTYPES.get(self.dtype, ("", 4))[1]
 
 
 @dataclass

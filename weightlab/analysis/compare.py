@@ -23,8 +23,9 @@ linkage clustering of 1 − cos (scipy), so that groups that agree sit together 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -34,13 +35,19 @@ from scipy.spatial.distance import squareform
 
 from weightlab.compute.deltas import adapter_factors, numerical_rank
 from weightlab.compute.device import Compute
-from weightlab.compute.gram import top_singular
+from weightlab.compute.gram import add_to_gram, to_singular, top_eigen, top_singular
+from weightlab.compute.progress import Progress, read_bytes
+from weightlab.compute.rows import ROW_BLOCK_BYTES, row_spans
 from weightlab.compute.svd import lowrank_svd
-from weightlab.compute.trim import trim_block, trim_state
+from weightlab.compute.trim import TrimState, magnitude_threshold, trim_block, trim_state
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
+from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.finite import require_finite_input
+from weightlab.matching import MatchedTensor
+from weightlab.naming import is_conv1d
 from weightlab.options import CompareOptions
 from weightlab.results import Result, Table
 
@@ -252,10 +259,10 @@ def task_vectors(
     return taus, factors
 
 
-def sign_and_dot_sums(taus: list[torch.Tensor], density: float, sums: _Sums) -> None:
-    """Add the dot products of the task vectors and the TIES sign agreements to `sums`."""
+def sign_and_dot_sums(taus: list[torch.Tensor], trims: list[TrimState], sums: _Sums) -> None:
+    """Add the dot products of the task vectors and the TIES sign agreements to `sums`; `trims`
+    (`trim_state` of each τ) count their ties down, so consecutive row blocks may follow."""
     flats = [t.reshape(-1) for t in taus]
-    trims = [trim_state(f, density) for f in flats]
     for start in range(0, flats[0].numel(), BLOCK):
         block = torch.stack([f[start : start + BLOCK] for f in flats])
         sums.dots += (block.double() @ block.double().T).numpy()
@@ -283,6 +290,76 @@ def subspace_sums(taus: list[torch.Tensor], factors: list[tuple | None], k: int,
     return True
 
 
+def in_row_blocks(item: MatchedTensor, base: Checkpoint, finetuned: Sequence[Checkpoint]) -> bool:
+    """Whether `compare` reads this tensor a block of rows at a time (`compare_in_rows`): a large
+    tall matrix, stored as the maths sees it, in full checkpoints (an adapter's τ is read as factors)."""
+    name = item.names[0]
+    return (
+        len(item.shape) == 2
+        and item.shape[0] > item.shape[1]
+        and item.is_float
+        and not is_conv1d(name, base.config)
+        and not any(isinstance(ft, AdaptedCheckpoint) for ft in finetuned)
+        and base.info(name).nbytes > 2 * ROW_BLOCK_BYTES
+    )
+
+
+def compare_in_rows(
+    item: MatchedTensor, base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareOptions, compute: Compute
+) -> tuple[str, int | None, _Sums, bool]:
+    """One large tall matrix's sums, as `work` computes them from whole tensors, with memory for
+    one |τ| and blocks of rows. Two passes: per model, |τ| (its exact TIES threshold) and the Gram
+    matrix τᵀτ summed over blocks, whose top-k eigenvectors V are τ's right singular vectors; then
+    over blocks of every model at once, the dots and sign counts, and the overlaps from
+    U_iᵀU_j = Σ_blocks (τ_iV_i/σ_i)ᵀ(τ_jV_j/σ_j)."""
+    name, (rows, cols) = item.names[0], item.shape
+    spans = row_spans(rows, base.info(name).nbytes, ROW_BLOCK_BYTES)
+    n = len(finetuned)
+
+    def tau(i: int, start: int, stop: int) -> torch.Tensor:
+        def read(ckpt: Checkpoint, tensor: str) -> torch.Tensor:
+            block = ckpt.get_rows(tensor, start, stop, compute.device, compute.dtype)
+            return require_finite_input(block, ckpt.path, tensor)
+
+        return read(finetuned[i], item.names[i + 1]) - read(base, name)
+
+    trims: list[TrimState] = [] if options.density < 1 else [None] * n
+    vectors, singular = [], []
+    for i in range(n):
+        k = int(options.density * rows * cols) if options.density < 1 else 0
+        magnitude = torch.empty(rows * cols if k else 0, dtype=compute.dtype, device=compute.device)
+        g = None
+        for start, stop in spans:
+            block = tau(i, start, stop)
+            if k:
+                magnitude[start * cols : stop * cols] = block.abs().reshape(-1)
+            g = add_to_gram(g, block)
+        if options.density < 1:
+            trims.append(list(magnitude_threshold(magnitude, k)) if k else [float("inf"), 0])
+        del magnitude
+        assert g is not None
+        lam, v = top_eigen(g.cpu(), options.k)
+        s = to_singular(lam)[: v.shape[-1]]
+        rank = min(options.k, numerical_rank(s, (rows, cols)))
+        vectors.append(v[:, :rank].to(compute.device))
+        singular.append(s[:rank].to(compute.device))
+    sums = _Sums(n)
+    cross = [[torch.zeros(a.shape[-1], b.shape[-1], dtype=torch.float64) for b in vectors] for a in vectors]
+    for start, stop in spans:
+        taus = [tau(i, start, stop) for i in range(n)]
+        sign_and_dot_sums(taus, trims, sums)
+        left = [t.double() @ v / s for t, v, s in zip(taus, vectors, singular)]
+        for i, a in enumerate(left):
+            for j, b in enumerate(left):
+                cross[i][j] += (a.mT @ b).cpu()
+    for i, j in itertools.product(range(n), repeat=2):
+        r = min(vectors[i].shape[-1], vectors[j].shape[-1])
+        if r:
+            sums.overlap[i, j] += float(cross[i][j][:r, :r].square().sum()) / r
+            sums.overlap_count[i, j] += 1
+    return name, item.layer, sums, True
+
+
 def clustering_order(cosine: Square) -> list[int]:
     """Leaves of average-linkage clustering of 1 − cos (optimal leaf order), so that models that
     agree sit next to each other."""
@@ -304,8 +381,8 @@ def compare(
     finetuned: Sequence[Checkpoint],
     options: CompareOptions = CompareOptions(),
     compute: Compute | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
+    on_start: Progress | None = None,
 ) -> CompareResult:
     """Pairwise compatibility of fine-tunes (checkpoints or adapters) of one base, overall and per layer."""
     if len(finetuned) < 2:
@@ -322,18 +399,28 @@ def compare(
                 finetuned, name, batch.tensors[0][b], [None if t is None else t[b] for t in batch.tensors[1:]], compute
             )
             sums = _Sums(n)
-            sign_and_dot_sums(taus, options.density, sums)
+            sign_and_dot_sums(taus, [trim_state(t, options.density) for t in taus], sums)
             out.append((name, item.layer, sums, subspace_sums(taus, factors, options.k, sums)))
         return out
 
     by_layer: dict[int | None, _Sums] = {}
-    pieces = walk.in_order(
-        walk.map(work, compute, factors=True, on_start=on_start, on_progress=on_progress), lambda piece: piece[0]
+    in_rows = walk.take(lambda item: in_row_blocks(item, base, finetuned))
+    sources = len(finetuned) + 1
+    counted = (
+        (lambda total, nbytes=0: on_start(total + len(in_rows), nbytes + read_bytes(in_rows, sources)))
+        if on_start
+        else None
     )
+    pieces = walk.map(work, compute, factors=True, on_start=counted, on_progress=on_progress)
+    for item in in_rows:
+        pieces.append(compare_in_rows(item, base, finetuned, options, compute))
+        if on_progress:
+            on_progress(1, read_bytes([item], sources))
+    pieces = walk.in_order(pieces, lambda piece: piece[0])
     for _, layer, sums, _ in pieces:  # summed in tensor order, however the work was split: the same bytes
         by_layer.setdefault(layer, _Sums(n)).add(sums)
     tensors, matrices = len(pieces), sum(is_matrix for *_, is_matrix in pieces)
-    parameters = sum(math.prod(item.shape) for item in walk.items)
+    parameters = sum(math.prod(item.shape) for item in [*walk.items, *in_rows])
     total = _Sums(n)
     for sums in by_layer.values():
         total.add(sums)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from weightlab.compute.progress import Callbacks, Reporter
 from weightlab.errors import InvalidArgument
 from weightlab.io.hub import require_input
 from weightlab.io.outputs import OutputPlan, plan_outputs
@@ -28,31 +29,42 @@ from weightlab.results import Result
 if TYPE_CHECKING:
     from weightlab.compute.device import Compute
 
-Progress = Callable[[str, str], AbstractContextManager[tuple[Callable[[int], None], Callable[[int], None]]]]
 R = TypeVar("R")
 P = TypeVar("P")
 
 
 @contextmanager
-def _silent(description: str, unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    yield (lambda total: None), (lambda done: None)
+def _silent(description: str, unit: str) -> Iterator[Callbacks]:
+    yield (lambda total, nbytes=0: None), (lambda done, nbytes=0: None)
 
 
 @contextmanager
-def bar(description: str, unit: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+def bar(description: str, unit: str) -> Iterator[Callbacks]:
     """Progress as a tqdm bar (a widget in a notebook that has ipywidgets, else text): `progress=True`."""
     from tqdm.auto import tqdm
 
     shown = tqdm(desc=description, unit=f" {unit}", leave=False)
 
-    def start(total: int) -> None:
+    def start(total: int, nbytes: int = 0) -> None:
         shown.total = total
         shown.refresh()
 
     try:
-        yield start, shown.update
+        yield start, lambda done, nbytes=0: shown.update(done)
     finally:
         shown.close()
+
+
+def counts_only(reporter: Callable[[str, str], AbstractContextManager[Any]]) -> Reporter:
+    """A caller's progress, whose callbacks take counts alone (`progress=` in the public API),
+    under the internal one, which passes bytes too."""
+
+    @contextmanager
+    def wrapped(description: str, unit: str) -> Iterator[Callbacks]:
+        with reporter(description, unit) as (start, step):
+            yield (lambda total, nbytes=0: start(total)), (lambda done, nbytes=0: step(done))
+
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Run:
     report: str | Path | None = None
     force: bool = False
     given: frozenset[str] = frozenset()
-    progress: Progress = field(default=_silent, repr=False)
+    progress: Reporter = field(default=_silent, repr=False)
 
     def compute(self) -> Compute:
         from weightlab.compute.device import Compute
@@ -217,7 +229,7 @@ def api_function(
             "context manager of (on_start(total), on_progress(done)) gets the progress; None: none."
         )
         progress = inspect.Parameter(
-            "progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Progress | bool | None
+            "progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Reporter | bool | None
         )
         var_keyword = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
         plain = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -240,7 +252,7 @@ def api_function(
             chosen: Any = kwargs.pop("progress", None)
             settings: dict[str, Any] = {name: kwargs.pop(name) for name in run if name in kwargs}
             if chosen:
-                settings["progress"] = bar if chosen is True else chosen
+                settings["progress"] = bar if chosen is True else counts_only(chosen)
             runner = Run(**settings, given=given)
             return core(*args, **kwargs, **built, run=runner)
 

@@ -26,8 +26,8 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from weightlab.cli.progress import Callbacks
 from weightlab.cli.progress import progress as report_progress
+from weightlab.compute.progress import Callbacks
 from weightlab.domains import Int
 from weightlab.options import RUN_OPTIONS, Checked
 from weightlab.report.tables import NAME_WIDTH, one_line, short_name, table

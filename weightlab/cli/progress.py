@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     SpinnerColumn,
@@ -21,10 +20,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from weightlab.display import fmt
+from weightlab.compute.progress import Callbacks
+from weightlab.display import fmt, human_bytes
 
 PLAIN_EVERY = 10.0  # seconds between two plain progress lines
-Callbacks = tuple[Callable[[int], None], Callable[[int], None]]  # on_start(total), on_progress(advance)
 
 
 def duration(seconds: float) -> str:
@@ -39,7 +38,10 @@ def duration(seconds: float) -> str:
 
 class PlainProgress:
     """Counts written as lines, one every `every` seconds at most: `spectrum: 12/74 matrices (16%),
-    3.1 matrices/s, about 20 s left`, and a last line when any was written."""
+    3.1 matrices/s, about 20 s left`, and a last line when any was written. Where the work counts
+    bytes too, the share, the rate and the time left follow the bytes (a 7B model's embedding
+    weighs as much as 3,000 of its norms): `merge: 12/291 tensors, 2.1 GB of 54.0 GB (4%),
+    150.0 MB/s, about 5 min 46 s left`."""
 
     def __init__(
         self,
@@ -51,40 +53,65 @@ class PlainProgress:
     ):
         self.description, self.unit, self.write, self.clock, self.every = description, unit, write, clock, every
         self.total: int | None = None
-        self.done = 0
+        self.total_bytes = 0
+        self.done = self.done_bytes = 0
         self.started = self.last = clock()
         self.lines = 0
 
-    def start(self, total: int) -> None:
-        self.total = total
+    def start(self, total: int, nbytes: int = 0) -> None:
+        self.total, self.total_bytes = total, nbytes
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, nbytes: int = 0) -> None:
         self.done += n
+        self.done_bytes += nbytes
         if self.clock() - self.last >= self.every and self.done != self.total:  # the last line says "done"
             self._line()
 
     def finish(self) -> None:
         if self.lines:
             self.write(
-                f"{self.description}: {self.done}{'' if self.total is None else f'/{self.total}'} {self.unit} "
-                f"in {duration(self.clock() - self.started)}"
+                f"{self.description}: {self.done}{'' if self.total is None else f'/{self.total}'} {self.unit}"
+                + (f", {human_bytes(self.done_bytes)}" if self.total_bytes else "")
+                + f" in {duration(self.clock() - self.started)}"
             )
 
     def _line(self) -> None:
         now = self.clock()
         elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
         text = f"{self.description}: {self.done}"
-        if self.total:
-            text += f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        if self.total_bytes:
+            share = self.done_bytes / self.total_bytes
+            rate = self.done_bytes / elapsed
+            left = (self.total_bytes - self.done_bytes) / rate if rate > 0 else None
+            text += f"/{self.total} {self.unit}, {human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)}"
+            text += f" ({100 * share:.0f}%), {human_bytes(rate)}/s"
         else:
-            text += f" {self.unit}"
-        text += f", {fmt(rate)} {self.unit}/s"
-        if self.total and rate > 0:
-            text += f", about {duration((self.total - self.done) / rate)} left"
+            rate = self.done / elapsed
+            left = (self.total - self.done) / rate if self.total and rate > 0 else None
+            text += (
+                f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)" if self.total else f" {self.unit}"
+            )
+            text += f", {fmt(rate)} {self.unit}/s"
+        if left is not None:
+            text += f", about {duration(left)} left"
         self.write(text)
         self.last = now
         self.lines += 1
+
+
+class _Done(ProgressColumn):
+    """`12/291 tensors`, and `2.1/54.0 GB` where bytes are counted (the bar then follows bytes)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        count, total = task.fields.get("count", 0), task.fields.get("count_total")
+        text = f"{count}/{total if total is not None else '?'} {self.unit}"
+        if task.fields.get("bytes") and task.total:
+            text += f", {human_bytes(task.completed)} of {human_bytes(task.total)}"
+        return Text(text, style="green")
 
 
 class _Rate(ProgressColumn):
@@ -93,12 +120,19 @@ class _Rate(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "", style="cyan")
+        if not task.speed:
+            return Text("")
+        return Text(
+            f"{human_bytes(task.speed)}/s" if task.fields.get("bytes") else f"{task.speed:.1f} {self.unit}/s",
+            style="cyan",
+        )
 
 
 @contextmanager
 def progress(console: Console, description: str, unit: str = "matrices") -> Iterator[Callbacks]:
-    """Progress of `description` on `console` (stderr): yields (on_start(total), on_progress(advance))."""
+    """Progress of `description` on `console` (stderr): yields (on_start(total, nbytes),
+    on_progress(advance, nbytes)); the bar, the rate and the time left follow bytes when the
+    work counts them, else the count."""
     if not console.is_terminal:
         plain = PlainProgress(
             description, unit, lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -110,7 +144,7 @@ def progress(console: Console, description: str, unit: str = "matrices") -> Iter
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        _Done(unit),
         _Rate(unit),
         TimeElapsedColumn(),
         TextColumn("left"),
@@ -118,8 +152,18 @@ def progress(console: Console, description: str, unit: str = "matrices") -> Iter
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task(description, total=None)
-        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+        task = bar.add_task(description, total=None, count=0, count_total=None, bytes=False)
+        counted, by_bytes = [0], [False]
+
+        def start(total: int, nbytes: int = 0) -> None:
+            by_bytes[0] = nbytes > 0
+            bar.update(task, total=nbytes or total, count_total=total, bytes=by_bytes[0])
+
+        def step(n: int, nbytes: int = 0) -> None:
+            counted[0] += n
+            bar.update(task, advance=nbytes if by_bytes[0] else n, count=counted[0])
+
+        yield start, step
 
 
 @contextmanager

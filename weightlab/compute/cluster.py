@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from weightlab.compute.device import Compute, use_threads
+from weightlab.compute.progress import Progress, read_bytes
 from weightlab.compute.ray_connect import connect
 from weightlab.errors import CheckpointNotFound, WeightlabError
 from weightlab.io.checkpoint import Checkpoint
@@ -47,14 +48,14 @@ def map_on_cluster(
     items: Sequence[MatchedTensor],
     body: Body[R],
     compute: Compute,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_start: Progress | None = None,
+    on_progress: Progress | None = None,
 ) -> list[R]:
     """`body` over `items` in Ray tasks of consecutive items; results in item order."""
     assert compute.cluster is not None
     ray = connect(compute.cluster, compute.cluster_timeout)
     if on_start:
-        on_start(len(items))
+        on_start(len(items), read_bytes(items, len(sources)))
     workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = max(1, -(-len(items) // (TASKS_PER_WORKER * workers)))
     runs = [list(items[i : i + size]) for i in range(0, len(items), size)]
@@ -68,7 +69,7 @@ def map_on_cluster(
             index = pending.pop(ready[0])
             done[index] = ray.get(ready[0])
             if on_progress:
-                on_progress(len(runs[index]))
+                on_progress(len(runs[index]), read_bytes(runs[index], len(sources)))
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         for ref in pending:

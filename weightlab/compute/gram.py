@@ -59,19 +59,25 @@ def gram(w: torch.Tensor) -> torch.Tensor:
     triangle is to be read (what every eigensolver here reads): mirroring it would cost more
     than the product."""
     x = w if is_tall(w) else w.mT
-    side = x.shape[-1]
-    if x.device.type != "cpu":
-        g = torch.zeros(side, side, dtype=torch.float64, device=x.device)
-        for start in range(0, x.shape[0], ROW_BLOCK):
-            chunk = x[start : start + ROW_BLOCK].double()
-            g += chunk.mT @ chunk
-        return g
-    lower: Any = np.zeros((side, side), dtype=np.float64, order="F")
+    g = None
     for start in range(0, x.shape[0], ROW_BLOCK):
-        rows: Any = x[start : start + ROW_BLOCK].detach().numpy().astype(np.float64)  # keeps the memory order
-        # syrk wants column-major: a C-ordered block is its transpose in column-major, no copy
-        a, trans = (rows.T, 0) if rows.flags.c_contiguous else (np.asfortranarray(rows), 1)
-        lower = scipy.linalg.blas.dsyrk(1.0, a, beta=1.0, c=lower, trans=trans, lower=1, overwrite_c=1)
+        g = add_to_gram(g, x[start : start + ROW_BLOCK])
+    return g if g is not None else torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+
+
+def add_to_gram(g: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """G + XᵀX for a block X of rows (G = 0 when None), in float64, lower triangle only (`gram`);
+    updated in place where it can be. A Gram matrix summed over the row blocks of a tall W is WᵀW."""
+    side = rows.shape[-1]
+    if rows.device.type != "cpu":
+        g = torch.zeros(side, side, dtype=torch.float64, device=rows.device) if g is None else g
+        chunk = rows.double()
+        return g.addmm_(chunk.mT, chunk)
+    lower: Any = np.zeros((side, side), dtype=np.float64, order="F") if g is None else g.numpy()
+    block: Any = rows.detach().numpy().astype(np.float64)  # keeps the memory order
+    # syrk wants column-major: a C-ordered block is its transpose in column-major, no copy
+    a, trans = (block.T, 0) if block.flags.c_contiguous else (np.asfortranarray(block), 1)
+    lower = scipy.linalg.blas.dsyrk(1.0, a, beta=1.0, c=lower, trans=trans, lower=1, overwrite_c=1)
     return torch.from_numpy(lower)  # column-major, as LAPACK wants it
 
 

@@ -39,6 +39,11 @@ def trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
         return float("inf"), 0
     magnitude = tau.abs()
     del tau  # callers pass a temporary: let it go before the selection allocates
+    return magnitude_threshold(magnitude, k)
+
+
+def magnitude_threshold(magnitude: torch.Tensor, k: int) -> tuple[float, int]:
+    """`trim_threshold` from |τ| itself (a caller that built it a block at a time), for k ≥ 1."""
     threshold = kth_largest(magnitude.reshape(-1), k)
     return float(threshold), k - int(torch.count_nonzero(magnitude > threshold))
 

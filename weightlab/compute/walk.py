@@ -20,6 +20,7 @@ import torch
 
 from weightlab.compute.cluster import map_on_cluster
 from weightlab.compute.device import Compute
+from weightlab.compute.progress import Progress, read_bytes
 from weightlab.compute.stream import stream_matrices
 from weightlab.domains import compile_filter
 from weightlab.io.adapter import AdaptedCheckpoint
@@ -28,7 +29,6 @@ from weightlab.matching import MatchedTensor, match_checkpoints
 from weightlab.options import Filters
 
 T = TypeVar("T")
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class TensorWalk:
         densely where its change is a LoRA product (or nothing): its slot is None and the analysis
         reads the factors (`compute.deltas`); a LoRA bias or a saved tensor is read as W'."""
         if on_start:
-            on_start(len(self.items))
+            on_start(len(self.items), read_bytes(self.items, len(self.sources)))
 
         def skip(source: int, item: MatchedTensor) -> bool:
             ckpt = self.sources[source]
@@ -204,4 +204,4 @@ class TensorWalk:
             yield Batch(items, tensors)
             del tensors  # before the next batch is prepared: one batch in memory
             if on_progress:
-                on_progress(len(items))
+                on_progress(len(items), read_bytes(items, len(self.sources)))

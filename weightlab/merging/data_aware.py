@@ -9,11 +9,11 @@ norms, embeddings) are averaged, as the papers do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 
 import torch
 
 from weightlab.compute.device import Compute
+from weightlab.compute.progress import Callbacks, Reporter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
 from weightlab.merging.activations import BATCH, Runner, StatisticsStore, find_tokenizer, gram_groups
@@ -21,8 +21,6 @@ from weightlab.merging.calibration import CalibrationSet
 from weightlab.merging.covariance import regression_merge
 from weightlab.merging.params import Generator, Params, Tensor
 from weightlab.naming import layer_index
-
-Progress = Callable[[str, str], AbstractContextManager[tuple[Callable[[int], None], Callable[[int], None]]]]
 
 
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -94,7 +92,7 @@ def collect(
     seed: int,
     compute: Compute,
     folder: str,
-    progress: Progress | None = None,
+    progress: Reporter | None = None,
 ) -> tuple[StatisticsStore, str]:
     """Run each model on its calibration set and keep what `method` needs on disk in `folder`:
     Gram matrices of every linear layer's inputs (regmean; regmean++ layer by layer through the
@@ -174,8 +172,8 @@ def _regmean_plus_plus(
 
 
 class _NoProgress:
-    def __enter__(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
-        return (lambda total: None), (lambda done: None)
+    def __enter__(self) -> Callbacks:
+        return (lambda total, nbytes=0: None), (lambda done, nbytes=0: None)
 
     def __exit__(self, *exc: object) -> None:
         return None

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightlab.compute.rows import ROW_BLOCK_BYTES
 from weightlab.compute.stream import READ_AHEAD_BYTES
 from weightlab.display import human_bytes, model_names
 from weightlab.io.atomic import free_bytes
@@ -27,7 +28,7 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size, stored_plan
 from weightlab.merging.activations import GRAM_BUDGET
 from weightlab.merging.config import MergeConfig
-from weightlab.merging.run import ROW_BLOCK_BYTES, in_row_blocks, open_inputs
+from weightlab.merging.run import in_row_blocks, open_inputs
 from weightlab.results import Result, Table
 
 PROCESS_BYTES = 400 << 20  # Python, torch and weightlab, before any tensor

@@ -17,7 +17,7 @@ import json
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from weightlab.compute.device import Compute
+from weightlab.compute.progress import Progress, Reporter, read_bytes
+from weightlab.compute.rows import ROW_BLOCK_BYTES, row_spans
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
@@ -42,7 +44,7 @@ from weightlab.matching import MatchedTensor, Matching
 from weightlab.merging.calibration import calibration_sets
 from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
-from weightlab.merging.data_aware import Progress, collect
+from weightlab.merging.data_aware import collect
 from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
@@ -50,7 +52,6 @@ from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
-ROW_BLOCK_BYTES = 16 << 20  # elementwise methods merge tensors larger than twice this a block of rows at a time
 
 
 @dataclass
@@ -273,10 +274,9 @@ def _merge_in_rows(
         base = read(0)
         states = [spec.statistics(base, read(i), params) for i in range(1, len(ckpts))]
         del base
-    step = max(1, ROW_BLOCK_BYTES * rows // max(_nbytes(ckpts[0], name), 1))
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
-    for start in range(0, rows, step):
-        blocks = [read(i, start, min(rows, start + step)) for i in range(len(ckpts))]
+    for start, stop in row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES):
+        blocks = [read(i, start, stop) for i in range(len(ckpts))]
         w0, thetas = (blocks[0], blocks[1:]) if has_base else (None, blocks)
         assert spec.blockwise is not None
         writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, states).to(out_dtype))
@@ -360,9 +360,9 @@ def merge(
     shard_size: int | str | None = None,
     donor: str | Path | None = None,
     compute: Compute | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    progress: Progress | None = None,
+    on_progress: Progress | None = None,
+    on_start: Progress | None = None,
+    progress: Reporter | None = None,
 ) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`, with
     `weightlab_merge.yml` in it to make it again, or into memory (a `StateDictWriter`: its
@@ -463,7 +463,11 @@ def merge(
             )
             config.calibration_sha256 = [s.sha256 for s in sets[: len(config.calibration)]]
             report.calibration_texts = [len(s.texts) for s in sets]
-        counted = (lambda total: on_start(total + len(in_rows))) if on_start else None
+        counted = (
+            (lambda total, nbytes=0: on_start(total + len(in_rows), nbytes + read_bytes(in_rows, len(ckpts))))
+            if on_start
+            else None
+        )
         # on a Ray cluster the workers write their tensors into the staged shards themselves
         sink = writer.sink([i.names[0] for i in walk.items], elsewhere=compute.cluster is not None)
 
@@ -527,7 +531,7 @@ def merge(
             )
             report.merged += 1
             if on_progress:
-                on_progress(1)
+                on_progress(1, read_bytes([item], len(ckpts)))
         if lines is not None:
             report.lines_alpha = lines.alpha(n)
             assert base is not None
