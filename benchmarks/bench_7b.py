@@ -41,6 +41,26 @@ sys.path.insert(0, {bench!r})
 from bench_merge import raw_io
 SECONDS = raw_io([Path(p) for p in {paths!r}], Path({out!r}))
 """  # bench_merge.raw_io in a fresh process: its peak RSS is the raw cost's own
+COSTS = """
+import time
+import torch
+from weightlab.compute.gram import decompose, singular_values
+from weightlab.compute.svd import full_svd
+torch.manual_seed(0)
+COSTS = {{}}
+for rows, cols in {shapes!r}:
+    w = torch.randn(rows, cols) * 0.02
+    for name, fn in [
+        ("singular values (Gram, syevd)", singular_values),
+        ("values and all vectors (Gram, syevd)", decompose),
+        ("float32 SVD with vectors (LAPACK gesdd)", full_svd),
+    ]:
+        fn(w[:64])  # libraries loaded
+        t = time.perf_counter()
+        fn(w)
+        COSTS[f"{{name}} {{rows}}x{{cols}}"] = round(1000 * (time.perf_counter() - t))
+SECONDS = 0
+"""  # milliseconds per matrix of each decomposition the analyses and the SVD merges run
 
 
 def arguments() -> argparse.Namespace:
@@ -94,6 +114,7 @@ def main() -> None:
         },
         "generation_s": round(time.perf_counter() - started, 1),
         "rows": dict(previous.get("rows", {})),
+        **{key: previous[key] for key in ("matrix_costs_ms",) if key in previous},
     }
     rows = result["rows"]
 
@@ -103,6 +124,12 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives an interruption
 
+    if wanted("costs"):
+        _, _, values = run_python(
+            COSTS.format(shapes=[(shape.hidden, shape.hidden), (shape.intermediate, shape.hidden)]), ["COSTS"]
+        )
+        result["matrix_costs_ms"] = values["COSTS"]
+        print("matrix costs (ms):", json.dumps(values["COSTS"]), flush=True)
     if wanted("raw"):
         seconds, rss, _ = run_python(
             RAW_IO.format(bench=str(Path(__file__).resolve().parent), paths=inputs, out=str(scratch / "raw"))

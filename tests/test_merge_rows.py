@@ -65,6 +65,55 @@ def test_merging_in_row_blocks_gives_the_same_bytes(models, tmp_path, monkeypatc
         assert torch.equal(whole[name].view(torch.int32), blocks[name].view(torch.int32)), name
 
 
+def _rows_read(monkeypatch) -> list[tuple[str, int]]:
+    """(tensor, rows) of every read from now on; a whole read counts as -1 rows."""
+    from weightlab.io.checkpoint import Checkpoint
+
+    reads: list[tuple[str, int]] = []
+    real_get, real_rows = Checkpoint.get, Checkpoint.get_rows
+
+    def get(self, name, *a, **k):
+        reads.append((name, -1))
+        return real_get(self, name, *a, **k)
+
+    def get_rows(self, name, start, stop, *a, **k):
+        reads.append((name, stop - start))
+        return real_rows(self, name, start, stop, *a, **k)
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+    monkeypatch.setattr(Checkpoint, "get_rows", get_rows)
+    return reads
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("iso-c", {})])
+def test_statistics_of_a_split_tensor_are_read_a_block_at_a_time(models, tmp_path, monkeypatch, method, params):
+    """At 7B, TIES's thresholds read the base and each model whole (2 GB at once for the
+    embedding), and Iso-C held n + 6 whole embeddings: both now read blocks of rows only."""
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    reads = _rows_read(monkeypatch)
+    merged_bytes(models, tmp_path / "blocks", method, params=params)
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        rows = [n for tensor, n in reads if tensor == name]
+        assert rows and max(rows) == 31 and -1 not in rows, name
+
+
+def test_iso_c_of_a_tall_matrix_in_row_blocks_equals_the_whole(models, tmp_path, monkeypatch):
+    """Iso-C's flat spectrum from the Gram matrix summed over blocks of rows: the whole-tensor
+    merge to float32 rounding (the Gram sums in another order), and an SVD written here."""
+    whole = merged_bytes(models, tmp_path / "whole", "iso-c", weights=[0.5, 1.0, 0.25])
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    blocks = merged_bytes(models, tmp_path / "blocks", "iso-c", weights=[0.5, 1.0, 0.25])
+    base = load_file(models / "base.safetensors")
+    fts = [load_file(models / f"ft{i}.safetensors") for i in range(3)]
+    for name in whole:
+        assert torch.allclose(whole[name], blocks[name], rtol=0, atol=1e-5), name
+    name = "model.embed_tokens.weight"  # 301 × 16, tall, split
+    delta = sum(c * (ft[name].double() - base[name].double()) for c, ft in zip([0.5, 1.0, 0.25], fts))
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    expected = base[name].double() + s.mean() * u @ vh
+    assert torch.allclose(blocks[name].double(), expected, rtol=0, atol=2e-5)
+
+
 def test_methods_that_need_the_whole_tensor_are_not_split(models, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 64)
     calls = []

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -39,7 +39,7 @@ from weightlab.compute.gram import add_to_gram, to_singular, top_eigen, top_sing
 from weightlab.compute.progress import Progress, read_bytes
 from weightlab.compute.rows import ROW_BLOCK_BYTES, row_spans
 from weightlab.compute.svd import lowrank_svd
-from weightlab.compute.trim import TrimState, magnitude_threshold, trim_block, trim_state
+from weightlab.compute.trim import TrimState, trim_block, trim_state, trim_state_of_blocks
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
@@ -304,6 +304,13 @@ def in_row_blocks(item: MatchedTensor, base: Checkpoint, finetuned: Sequence[Che
     )
 
 
+def _adding_to_gram(g: list[torch.Tensor | None], blocks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """`blocks` as they come, each added on the way to the Gram matrix g[0] (`add_to_gram`)."""
+    for block in blocks:
+        g[0] = add_to_gram(g[0], block)
+        yield block
+
+
 def compare_in_rows(
     item: MatchedTensor, base: Checkpoint, finetuned: Sequence[Checkpoint], options: CompareOptions, compute: Compute
 ) -> tuple[str, int | None, _Sums, bool]:
@@ -323,22 +330,14 @@ def compare_in_rows(
 
         return read(finetuned[i], item.names[i + 1]) - read(base, name)
 
-    trims: list[TrimState] = [] if options.density < 1 else [None] * n
+    trims: list[TrimState] = []
     vectors, singular = [], []
     for i in range(n):
-        k = int(options.density * rows * cols) if options.density < 1 else 0
-        magnitude = torch.empty(rows * cols if k else 0, dtype=compute.dtype, device=compute.device)
-        g = None
-        for start, stop in spans:
-            block = tau(i, start, stop)
-            if k:
-                magnitude[start * cols : stop * cols] = block.abs().reshape(-1)
-            g = add_to_gram(g, block)
-        if options.density < 1:
-            trims.append(list(magnitude_threshold(magnitude, k)) if k else [float("inf"), 0])
-        del magnitude
-        assert g is not None
-        lam, v = top_eigen(g.cpu(), options.k)
+        g: list[torch.Tensor | None] = [None]
+        blocks = (tau(i, start, stop) for start, stop in spans)
+        trims.append(trim_state_of_blocks(_adding_to_gram(g, blocks), rows * cols, options.density))
+        assert g[0] is not None
+        lam, v = top_eigen(g[0].cpu(), options.k)
         s = to_singular(lam)[: v.shape[-1]]
         rank = min(options.k, numerical_rank(s, (rows, cols)))
         vectors.append(v[:, :rank].to(compute.device))

@@ -5,6 +5,8 @@ Shared by the merge methods (TIES, DARE-TIES, breadcrumbs) and `compare` (its si
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 TrimState = list[float] | None  # [threshold, ties left] while a task vector is trimmed by blocks; None: nothing trimmed
@@ -72,6 +74,23 @@ def trim_state(tau: torch.Tensor, density: float) -> TrimState:
     """[threshold, ties left] for trimming τ to its top-density entries by blocks (`trim_block`);
     None at density 1 (nothing trimmed)."""
     return list(trim_threshold(tau.reshape(-1), density)) if density < 1 else None
+
+
+def trim_state_of_blocks(blocks: Iterable[torch.Tensor], numel: int, density: float) -> TrimState:
+    """`trim_state` of a τ of `numel` entries given as consecutive blocks (in index order),
+    holding |τ| and one block, never τ whole. Every block is consumed, at density 1 too."""
+    k = int(density * numel) if density < 1 else 0
+    magnitude = torch.empty(0)
+    offset = 0
+    for block in blocks:
+        if k:
+            if offset == 0:
+                magnitude = torch.empty(numel, dtype=block.dtype, device=block.device)
+            magnitude[offset : offset + block.numel()] = block.abs().reshape(-1)
+        offset += block.numel()
+    if density >= 1:
+        return None
+    return list(magnitude_threshold(magnitude, k)) if k else [float("inf"), 0]
 
 
 def trim_block(tau: torch.Tensor, trim: TrimState) -> torch.Tensor:

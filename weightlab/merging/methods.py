@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from weightlab.compute.rows import RowReader
 from weightlab.compute.trim import (
     TrimState,
     kth_largest,
     trim_block,
     trim_state,
+    trim_state_of_blocks,
 )
 from weightlab.merging.covariance import ace
 from weightlab.merging.data_aware import fisher, regmean
@@ -46,7 +48,17 @@ from weightlab.merging.params import (
     Tensor,
     resolve,
 )
-from weightlab.merging.subspace import cart, iso_c, iso_cts, tsv, wudi, wudi_adam
+from weightlab.merging.subspace import (
+    cart,
+    is_tall_matrix,
+    iso_c,
+    iso_c_block,
+    iso_c_map,
+    iso_cts,
+    tsv,
+    wudi,
+    wudi_adam,
+)
 
 
 @dataclass(frozen=True)
@@ -68,11 +80,14 @@ class MergeMethod:
     nan: bool = False  # always takes NAN coefficients
     random: bool = False  # draws at random, seeded by --seed
     calibration: str | None = None  # runs the models on --calibration text: "grams" | "grams-merged" | "fisher"
-    # Merging a large tensor a block of rows at a time (bit for bit the same as whole):
-    # `blockwise(base, models, coeffs, params, states)` on blocks, after `statistics(base, model,
-    # params)` of each model's whole tensor (one model at a time) gave `states`.
+    # Merging a large tensor a block of rows at a time: `blockwise(base, models, coeffs, params,
+    # state)` on blocks, after `statistics(rows, coeffs, params)` read the tensor's blocks (a
+    # `RowReader`) for what the method needs of the whole (TIES: thresholds; Iso-C: a Gram
+    # matrix). Bit for bit the whole-tensor result for elementwise methods; `splits` says which
+    # shapes may be split.
     blockwise: Callable[..., Tensor] | None = None
-    statistics: Callable[..., TrimState] | None = None
+    statistics: Callable[..., Any] | None = None
+    splits: Callable[[tuple[int, ...]], bool] = lambda shape: True
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -151,6 +166,16 @@ def ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen:
 def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> TrimState:
     """[threshold, ties left] of one model's whole task vector (None at density 1)."""
     return trim_state(model - base, p.density)
+
+
+def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> list[TrimState]:
+    """`ties_trim` of every model from blocks of rows (`trim_state_of_blocks`): the executor's
+    statistics pass for a tensor it never holds whole; the same thresholds, bit for bit."""
+    numel = math.prod(rows.shape)
+    return [
+        trim_state_of_blocks((m - b for b, m in zip(rows.blocks(0), rows.blocks(i))), numel, p.density)
+        for i in range(1, rows.inputs)
+    ]
 
 
 def ties_block(
@@ -316,7 +341,7 @@ METHODS: dict[str, MergeMethod] = {
             normalises=True,
             mergekit="ties",
             blockwise=ties_block,
-            statistics=ties_trim,
+            statistics=ties_trims,
         ),
         MergeMethod(
             "dare-linear",
@@ -398,6 +423,9 @@ METHODS: dict[str, MergeMethod] = {
             "per matrix: Σ c_i τ_i = UΣVᵀ with every σ replaced by their mean σ̄; θ_b + λσ̄UVᵀ",
             "Marczak et al. 2025, *No Task Left Behind: Isotropic Model Merging*, §4.1, eq. 6",
             TV,
+            blockwise=iso_c_block,
+            statistics=iso_c_map,
+            splits=is_tall_matrix,
         ),
         MergeMethod(
             "iso-cts",

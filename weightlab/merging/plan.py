@@ -36,6 +36,13 @@ WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matr
 ELEMENTWISE_TEMPORARIES = 1
 
 
+def statistics_bytes(shape: tuple[int, ...]) -> int:
+    """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
+    |τ| in float32 and two masks of the selection (TIES: 6 bytes an entry), or three float64
+    matrices of the Gram matrix's size (Iso-C: G, its eigenvectors, the map), whichever is larger."""
+    return max(6 * math.prod(shape), 3 * 8 * shape[-1] ** 2)
+
+
 def _workspace(config: MergeConfig) -> int:
     module = config.spec.fn.__module__.rsplit(".", 1)[-1]
     return WORKSPACE.get(module, ELEMENTWISE_TEMPORARIES)
@@ -119,7 +126,11 @@ def plan_merge(config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] |
     n = len(ckpts)
     peak = PROCESS_BYTES + READ_AHEAD_BYTES + (n + 2 + _workspace(config)) * t
     if in_rows:
-        peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + (n + 2) * ROW_BLOCK_BYTES)
+        split = [i for i in items if i.names[0] in in_rows]
+        kept = max((statistics_bytes(i.shape) for i in split if config.spec.statistics), default=0)
+        # a block of 16 MB as stored is read as float32 (32 MB from bfloat16): this one and the next
+        block = max(ROW_BLOCK_BYTES * 4 // (i.nbytes // max(math.prod(i.shape), 1) or 1) for i in split)
+        peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + (2 * n + 2) * block + kept)
     if config.spec.calibration:
         peak += sum(math.prod(i.shape) for i in items) * 4 + GRAM_BUDGET
     out_dtype = config.dtype

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from weightlab.compute.device import Compute
 from weightlab.compute.progress import Progress, Reporter, read_bytes
-from weightlab.compute.rows import ROW_BLOCK_BYTES, row_spans
+from weightlab.compute.rows import ROW_BLOCK_BYTES, RowReader, row_spans
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
@@ -260,26 +260,24 @@ def _merge_in_rows(
     writer: CheckpointWriter | StateDictWriter,
     out_dtype: torch.dtype,
 ) -> None:
-    """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`): memory holds
-    (models + 2) blocks, not (models + 2) tensors; the bytes are those of the whole-tensor merge.
-    A method with `statistics` first gets them from each model's whole tensor, one at a time."""
+    """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`), the next block
+    read while this one is merged: memory holds (2·models + 2) blocks, not (models + 2) tensors,
+    and what the method's `statistics` keep of the whole (TIES: one |τ| at a time; Iso-C: two
+    Gram-sized matrices), read a block at a time too."""
     name, rows = item.names[0], item.shape[0]
 
-    def read(i: int, start: int = 0, stop: int = rows) -> torch.Tensor:
+    def read(i: int, start: int, stop: int) -> torch.Tensor:
         c, n = ckpts[i], item.names[i]
         return require_finite_input(c.get_rows(n, start, stop, compute.device, compute.dtype), c.path, n)
 
-    states = None
-    if spec.statistics is not None:
-        base = read(0)
-        states = [spec.statistics(base, read(i), params) for i in range(1, len(ckpts))]
-        del base
+    spans = row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES)
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
-    for start, stop in row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES):
-        blocks = [read(i, start, stop) for i in range(len(ckpts))]
+    reader = RowReader(read, item.shape, spans, len(ckpts))
+    state = None if spec.statistics is None else spec.statistics(reader, weights, params)
+    for (start, _), blocks in zip(spans, reader.all_blocks()):
         w0, thetas = (blocks[0], blocks[1:]) if has_base else (None, blocks)
         assert spec.blockwise is not None
-        writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, states).to(out_dtype))
+        writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, state).to(out_dtype))
 
 
 def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) -> bool:
@@ -293,6 +291,7 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) 
         and not (config.coeff == "nan" and config.nan.granularity == "tensor")
         and len(item.shape) > 0
         and item.shape[0] > 1
+        and config.spec.splits(item.shape)
         and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES
     )
 

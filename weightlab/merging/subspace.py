@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from weightlab.compute.deltas import numerical_rank
+from weightlab.compute.gram import add_to_gram, eigen, gram, is_tall, to_singular
+from weightlab.compute.rows import RowReader
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.merging.params import Generator, Params, Tensor
 
@@ -62,14 +64,60 @@ def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
     replaced by their mean σ̄ = (1/r)Σ_j σ_j over the r non-zero ones (numerical rank; all min(m, n)
     of them for a full fine-tune's sum); θ_b + λ·σ̄·U_rV_rᵀ. On a rank-deficient sum (densified LoRA
     updates) the flat spectrum spans the sum's range: null directions, which any SVD picks
-    arbitrarily, are not invented."""
-    taus = _scaled_task_vectors(base, models, coeffs)
+    arbitrarily, are not invented.
+
+    σ̄·U_rV_rᵀ is computed without the SVD, from the smaller Gram matrix (`isotropic_map`):
+    for a tall Δ, Δ·σ̄V_rΣ_r⁻¹V_rᵀ (a wide one mirrored). That is half the time of an SVD with
+    vectors and holds no U, and a tall Δ's Gram matrix sums over blocks of rows: the executor
+    merges a large tall matrix a block at a time (`iso_c_map`, `iso_c_block`)."""
     if not is_matrix(base):
-        return mean_update(base, taus, p.lam)
-    svd = full_svd(torch.stack(taus).sum(0).reshape(base.shape[0], -1))
-    svd = svd.truncate(numerical_rank(svd.S, (base.shape[0], base[0].numel())))
-    flat = svd.S.mean() * (svd.U @ svd.Vh) if svd.S.numel() else torch.zeros_like(base.reshape(base.shape[0], -1))
+        return mean_update(base, _scaled_task_vectors(base, models, coeffs), p.lam)
+    delta = _weighted_sum(base, models, coeffs).reshape(base.shape[0], -1)
+    shape = (delta.shape[0], delta.shape[1])
+    iso = isotropic_map(gram(delta), shape).to(delta.dtype)
+    flat = delta @ iso if is_tall(delta) else iso @ delta
     return base + p.lam * flat.reshape(base.shape)
+
+
+def _weighted_sum(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> Tensor:
+    """Σ_i c_i τ_i, with one task vector at a time in memory."""
+    total = torch.zeros_like(base)
+    for c, m in zip(coeffs.tolist(), models):
+        total.add_(m - base, alpha=c)
+    return total
+
+
+def isotropic_map(g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """σ̄·E_rΣ_r⁻¹E_rᵀ from the Gram matrix G = EΣ²Eᵀ of an m×n Δ (`compute.gram`: E = V for a
+    tall Δ, U for a wide one), r its numerical rank: Δ·map (tall) or map·Δ (wide) is σ̄·U_rV_rᵀ,
+    since U_r = ΔV_rΣ_r⁻¹. float64, side × side."""
+    lam, e = eigen(g)
+    s = to_singular(lam)
+    r = numerical_rank(s, shape)
+    if r == 0:
+        return torch.zeros_like(g)
+    e = e[:, :r]
+    return s[:r].mean() * (e / s[:r]) @ e.mT
+
+
+def is_tall_matrix(shape: tuple[int, ...]) -> bool:
+    """A 2-D shape with more rows than columns: its Gram matrix sums over blocks of rows."""
+    return len(shape) == 2 and shape[0] > shape[1] > 1
+
+
+def iso_c_map(rows: RowReader, coeffs: Tensor, p: Params) -> torch.Tensor:
+    """`isotropic_map` of a tall Δ = Σ c_i τ_i read a block of rows at a time (its Gram matrix
+    ΔᵀΔ is the sum of the blocks')."""
+    g = None
+    for blocks in rows.all_blocks():
+        g = add_to_gram(g, _weighted_sum(blocks[0], blocks[1:], coeffs))
+    assert g is not None
+    return isotropic_map(g, (rows.shape[0], rows.shape[1]))
+
+
+def iso_c_block(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, iso: torch.Tensor) -> Tensor:
+    """Iso-C on a block of rows of a tall matrix, with the map `iso_c_map` made of the whole."""
+    return base + p.lam * (_weighted_sum(base, models, coeffs) @ iso.to(base.dtype))
 
 
 def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
