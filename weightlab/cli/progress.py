@@ -147,8 +147,9 @@ def progress(console: Console, description: str, unit: str = "matrices") -> Iter
         _Done(unit),
         _Rate(unit),
         TimeElapsedColumn(),
-        TextColumn("left"),
+        TextColumn("elapsed,"),
         TimeRemainingColumn(),
+        TextColumn("left"),
         console=console,
         transient=True,
     ) as bar:
