@@ -155,3 +155,26 @@ def test_row_writes_complete_a_planned_tensor_and_refuse_what_does_not_fit(tmp_p
         writer.add("b", torch.ones(2))
     out = load_file(next((tmp_path / "out").glob("*.safetensors")))
     assert torch.equal(out["a"], values)
+
+
+@pytest.mark.parametrize("method,params", [("task-arithmetic", {}), ("ties", {"density": 0.3}), ("iso-c", {})])
+def test_bfloat16_models_are_merged_in_blocks_without_converted_copies(models, tmp_path, monkeypatch, method, params):
+    """In row blocks the models stay bfloat16 (only the base is converted): τ = θ_i − θ_b promotes
+    exactly, so the bytes are those of the whole-tensor merge, which converts every input."""
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    for name in ("base", "ft0", "ft1", "ft2"):
+        tensors = load_file(models / f"{name}.safetensors")
+        save_file({k: v.bfloat16() for k, v in tensors.items()}, bf16 / f"{name}.safetensors")
+    whole = merged_bytes(bf16, tmp_path / "whole", method, weights=[0.5, 1.0, 0.25], params=params)
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 1000)
+    seen = []
+    real = run.require_finite_input
+    monkeypatch.setattr(run, "require_finite_input", lambda x, *a: seen.append(x.dtype) or real(x, *a))
+    blocks = merged_bytes(bf16, tmp_path / "blocks", method, weights=[0.5, 1.0, 0.25], params=params)
+    assert seen and set(seen) == {torch.bfloat16}  # checked as stored, before any conversion
+    for name in whole:
+        if method == "iso-c":
+            assert torch.allclose(whole[name].float(), blocks[name].float(), rtol=0, atol=1e-2), name
+        else:
+            assert torch.equal(whole[name].view(torch.int16), blocks[name].view(torch.int16)), name

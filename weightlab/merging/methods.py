@@ -88,6 +88,11 @@ class MergeMethod:
     blockwise: Callable[..., Tensor] | None = None
     statistics: Callable[..., Any] | None = None
     splits: Callable[[tuple[int, ...]], bool] = lambda shape: True
+    # blockwise and statistics take the models' blocks as stored (bfloat16, say): each use
+    # subtracts the base, read in the maths' dtype, first, and that promotes exactly, so the
+    # result is the same bits without a converted copy of every model (the largest cost of a
+    # 7B task-arithmetic merge after the disk)
+    stored_models: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -330,6 +335,7 @@ METHODS: dict[str, MergeMethod] = {
             TV,
             mergekit="task_arithmetic",
             blockwise=lambda base, models, coeffs, p, states: task_arithmetic(base, models, coeffs, p, None),
+            stored_models=True,
         ),
         MergeMethod(
             "ties",
@@ -342,6 +348,7 @@ METHODS: dict[str, MergeMethod] = {
             mergekit="ties",
             blockwise=ties_block,
             statistics=ties_trims,
+            stored_models=True,
         ),
         MergeMethod(
             "dare-linear",
@@ -426,6 +433,7 @@ METHODS: dict[str, MergeMethod] = {
             blockwise=iso_c_block,
             statistics=iso_c_map,
             splits=is_tall_matrix,
+            stored_models=True,
         ),
         MergeMethod(
             "iso-cts",

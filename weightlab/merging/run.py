@@ -268,7 +268,8 @@ def _merge_in_rows(
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
         c, n = ckpts[i], item.names[i]
-        return require_finite_input(c.get_rows(n, start, stop, compute.device, compute.dtype), c.path, n)
+        rows = require_finite_input(c.get_rows(n, start, stop, compute.device), c.path, n)
+        return rows if spec.stored_models and has_base and i > 0 else rows.to(compute.dtype)
 
     spans = row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES)
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
