@@ -293,7 +293,7 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) 
         and len(item.shape) > 0
         and item.shape[0] > 1
         and config.spec.splits(item.shape)
-        and _nbytes(anchor, item.names[0]) > 2 * ROW_BLOCK_BYTES
+        and _nbytes(anchor, item.names[0]) >= 2 * ROW_BLOCK_BYTES
     )
 
 
