@@ -93,3 +93,12 @@ def test_an_output_that_cannot_fit_is_refused_before_a_byte_is_written(tmp_path)
         with CheckpointWriter(tmp_path / "out", plan=huge):
             pass
     assert list(tmp_path.iterdir()) == []  # no output, no staging folder left behind
+
+
+def test_what_statistics_keep_is_bounded_by_the_smaller_side():
+    """TIES splits wide matrices too (a 7B down_proj, 4096 × 11008): the Gram-sized term is of
+    the smaller side, as Iso-C splits only tall matrices (the plan said 3.9 GB for a 1.2 GB TIES)."""
+    from weightlab.merging.plan import statistics_bytes
+
+    assert statistics_bytes((4096, 11008)) == 24 * 4096**2
+    assert statistics_bytes((32000, 4096)) == 6 * 32000 * 4096

@@ -40,7 +40,7 @@ def statistics_bytes(shape: tuple[int, ...]) -> int:
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
     |τ| in float32 and two masks of the selection (TIES: 6 bytes an entry), or three float64
     matrices of the Gram matrix's size (Iso-C: G, its eigenvectors, the map), whichever is larger."""
-    return max(6 * math.prod(shape), 3 * 8 * shape[-1] ** 2)
+    return max(6 * math.prod(shape), 3 * 8 * min(shape[0], math.prod(shape[1:])) ** 2)
 
 
 def _workspace(config: MergeConfig) -> int:
