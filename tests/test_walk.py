@@ -77,11 +77,15 @@ def test_same_shape_tensors_batch_together_and_progress_counts_every_tensor(plan
     base, a, _ = open_all(root)
     walk = TensorWalk([base, a])
     started, advanced, sizes = [], [], []
-    for batch in walk.batches(cpu(3), on_start=started.append, on_progress=advanced.append):
+    on_start = lambda count, nbytes=0: started.append((count, nbytes))
+    on_progress = lambda count, nbytes=0: advanced.append((count, nbytes))
+    for batch in walk.batches(cpu(3), on_start=on_start, on_progress=on_progress):
         assert len({item.shape for item in batch.items}) == 1
         assert all(t.shape[0] == len(batch.items) for t in batch.tensors)
         sizes.append(len(batch.items))
-    assert started == [6] and sum(advanced) == 6 and sorted(sizes) == [1, 2, 3]
+    total = sum(base.info(item.names[0]).nbytes + a.info(item.names[1]).nbytes for item in walk.items)
+    assert started == [(6, total)] and sorted(sizes) == [1, 2, 3]
+    assert sum(n for n, _ in advanced) == 6 and sum(b for _, b in advanced) == total  # bytes read, both sources
 
 
 def test_selection_filters_by_name_shape_and_size(planted):
