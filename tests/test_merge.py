@@ -3,6 +3,7 @@ determinism, loadable output, and the error rules."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -374,3 +375,38 @@ def test_chunked_ties_is_bit_identical_to_trimming_whole_task_vectors():
         spec = METHODS["ties"]
         chunked = spec.fn(base, models, coeffs, spec.resolve({"density": density, "lambda": 0.9}), None)
         assert torch.equal(chunked, whole), density
+
+
+def test_ties_in_place_arithmetic_is_bit_identical_to_the_plain_torch_formula():
+    """The blocks trim by hard shrinkage, vote with clamps and signs and divide 0/0 to NaN then 0,
+    all in reused buffers: the same bits as masks and `torch.where`, with ties at the threshold,
+    a model whose coefficient is 0 and entries where no model agrees."""
+    from weightlab.compute.scratch import reusing_buffers
+    from weightlab.compute.trim import trim_threshold
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(2100, 128, generator=gen)  # two chunks and a bit (TIES_CHUNK)
+    models = [base + (torch.randn(base.shape, generator=gen) * 8).round() / 64 for _ in range(3)]
+    models[2][:10] = base[:10]  # a block where one model does not move
+    coeffs = torch.tensor([0.5, 0.0, 1.5])
+    density, lam = 0.3, 0.7
+
+    def plain(tau):
+        t, ties = trim_threshold(tau, density)
+        keep = tau.abs() > t
+        keep.view(-1)[torch.nonzero(tau.abs().view(-1) == t).flatten()[:ties]] = True
+        return torch.where(keep, tau, 0.0)
+
+    taus = [plain(m - base) for m in models]
+    elected = torch.sign(sum(c * t for c, t in zip(coeffs.tolist(), taus)))
+    merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
+    for c, tau in zip(coeffs.tolist(), taus):
+        agree = tau * elected > 0
+        merged.add_(torch.where(agree, tau, 0.0), alpha=c)
+        divisor.add_(agree.to(divisor.dtype), alpha=c)
+    expected = base + lam * torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, 1.0), 0.0)
+    spec = METHODS["ties"]
+    for pooled in (False, True):
+        with reusing_buffers() if pooled else contextlib.nullcontext():
+            got = spec.fn(base, models, coeffs, spec.resolve({"density": density, "lambda": lam}), None)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), pooled

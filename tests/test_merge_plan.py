@@ -70,7 +70,8 @@ def test_the_estimate_follows_the_method(big, tmp_path):
     fixed = PROCESS_BYTES + READ_AHEAD_BYTES  # then (N + 2 + workspace) tensors: docs/merge.md's formula
     assert arithmetic.peak_memory_bytes == fixed + (2 * 3 + 2) * ROW_BLOCK_BYTES
     # what the statistics keep: |τ| and masks for ties (6 bytes an entry), three 1024² float64 matrices for iso-c
-    assert ties.peak_memory_bytes == fixed + (2 * 3 + 2) * ROW_BLOCK_BYTES + 6 * 9000 * 1024
+    # and TIES's reused buffers: τ̂ of each model and the vote's five blocks
+    assert ties.peak_memory_bytes == fixed + (2 * 3 + 2 + 2 + 5) * ROW_BLOCK_BYTES + 6 * 9000 * 1024
     assert iso.peak_memory_bytes == fixed + (2 * 3 + 2) * ROW_BLOCK_BYTES + max(6 * 9000 * 1024, 24 * 1024**2)
     assert lines.passes == 2 and lines.in_row_blocks == 0  # LiNeS needs the whole model's norms first
 

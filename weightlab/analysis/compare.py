@@ -39,7 +39,7 @@ from weightlab.compute.gram import add_to_gram, to_singular, top_eigen, top_sing
 from weightlab.compute.progress import Progress, read_bytes
 from weightlab.compute.rows import ROW_BLOCK_BYTES, row_spans
 from weightlab.compute.svd import lowrank_svd
-from weightlab.compute.trim import TrimState, trim_block, trim_state, trim_state_of_blocks
+from weightlab.compute.trim import TrimState, trim_block_, trim_state, trim_state_of_blocks
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
@@ -266,7 +266,7 @@ def sign_and_dot_sums(taus: list[torch.Tensor], trims: list[TrimState], sums: _S
     for start in range(0, flats[0].numel(), BLOCK):
         block = torch.stack([f[start : start + BLOCK] for f in flats])
         sums.dots += (block.double() @ block.double().T).numpy()
-        signs = torch.stack([torch.sign(trim_block(row, trim)) for row, trim in zip(block, trims)])
+        signs = torch.stack([torch.sign(trim_block_(row, trim)) for row, trim in zip(block, trims)])
         sums.agree_minus_differ += (signs @ signs.T).round().long().numpy()
         sums.both_kept += (signs.abs() @ signs.abs().T).round().long().numpy()
 

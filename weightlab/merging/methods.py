@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from weightlab.compute.rows import RowReader
+from weightlab.compute.scratch import buffer
 from weightlab.compute.trim import (
     TrimState,
     kth_largest,
-    trim_block,
+    trim_block_,
     trim_state,
     trim_state_of_blocks,
 )
@@ -84,7 +85,8 @@ class MergeMethod:
     # state)` on blocks, after `statistics(rows, coeffs, params)` read the tensor's blocks (a
     # `RowReader`) for what the method needs of the whole (TIES: thresholds; Iso-C: a Gram
     # matrix). Bit for bit the whole-tensor result for elementwise methods; `splits` says which
-    # shapes may be split.
+    # shapes may be split. Its result may be a buffer it reuses (`scratch`): the caller writes it
+    # before the next call.
     blockwise: Callable[..., Tensor] | None = None
     statistics: Callable[..., Any] | None = None
     splits: Callable[[tuple[int, ...]], bool] = lambda shape: True
@@ -123,9 +125,14 @@ def _task_vectors(base: Tensor, models: Iterable[Tensor]) -> Iterator[Tensor]:
     """τ_i = θ_i − θ_b one at a time, in one reused buffer. A model stored narrower than the
     maths (bfloat16 blocks) is first cast into the buffer: the same bits as the mixed-dtype
     subtraction, which takes torch's slow promoting path (5× the time of cast and subtract)."""
-    buffer = torch.empty_like(base)
+    out = torch.empty_like(base)
     for m in models:
-        yield torch.sub(m, base, out=buffer) if m.dtype == base.dtype else buffer.copy_(m).sub_(base)
+        yield task_vector_into(out, m, base)
+
+
+def task_vector_into(out: Tensor, model: Tensor, base: Tensor) -> Tensor:
+    """τ = θ − θ_b written into `out` (a model stored narrower is cast there first)."""
+    return torch.sub(model, base, out=out) if model.dtype == base.dtype else out.copy_(model).sub_(base)
 
 
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
@@ -136,18 +143,26 @@ def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: P
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
     """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
     the entries that agree with it (a disjoint mean: zero entries do not count). Accumulated one
-    model at a time, so memory is the trimmed τ̂_i plus three tensors."""
+    model at a time in place, in buffers kept from one block to the next (`scratch.buffer`): the
+    result is one of them, to be copied before the next call."""
     cs = coeffs.tolist()
-    elected = torch.zeros_like(taus[0])
+    elected, merged, divisor, part, agree = (
+        buffer(f"ties.{role}", taus[0].shape, taus[0].dtype, taus[0].device)
+        for role in ("elected", "merged", "divisor", "part", "agree")
+    )
+    elected.zero_()
     for c, tau in zip(cs, taus):
         elected.add_(tau, alpha=c)
-    elected = torch.sign(elected)
-    merged, divisor = torch.zeros_like(elected), torch.zeros_like(elected)
+    elected.sign_()
+    merged.zero_()
+    divisor.zero_()
     for c, tau in zip(cs, taus):
-        agree = tau * elected > 0  # sign(τ) = elected sign and τ ≠ 0, in two passes instead of four
-        merged.add_(torch.where(agree, tau, 0.0), alpha=c)
-        divisor.add_(agree.to(divisor.dtype), alpha=c)
-    return torch.where(divisor != 0, merged / torch.where(divisor != 0, divisor, 1.0), 0.0)
+        torch.mul(tau, elected, out=part).clamp_(min=0)  # |τ| where sign(τ) is the elected one, else 0
+        torch.sign(part, out=agree)  # 1 there, else 0
+        merged.add_(part.mul_(elected), alpha=c)  # τ there (times ±1, exactly), else 0
+        divisor.add_(agree, alpha=c)
+    # 0/0 where nothing agreed (the coefficients are non-negative, so merged is 0 there): 0
+    return merged.div_(divisor).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 TIES_CHUNK = 1 << 17  # entries per elementwise pass: the trimmed task vectors never exist whole
@@ -179,10 +194,12 @@ def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> list[TrimState]:
     """`ties_trim` of every model from blocks of rows (`trim_state_of_blocks`): the executor's
     statistics pass for a tensor it never holds whole; the same thresholds, bit for bit."""
     numel = math.prod(rows.shape)
-    return [
-        trim_state_of_blocks((m - b for b, m in zip(rows.blocks(0), rows.blocks(i))), numel, p.density)
-        for i in range(1, rows.inputs)
-    ]
+
+    def task_vector_blocks(i: int) -> Iterator[Tensor]:
+        for b, m in zip(rows.blocks(0), rows.blocks(i)):
+            yield task_vector_into(buffer("ties.tau0", b.shape, b.dtype, b.device), m, b)
+
+    return [trim_state_of_blocks(task_vector_blocks(i), numel, p.density) for i in range(1, rows.inputs)]
 
 
 def ties_block(
@@ -190,8 +207,11 @@ def ties_block(
 ) -> torch.Tensor:
     """TIES on consecutive entries (in index order across calls): trim with each model's
     threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
-    taus = [trim_block(m - base, trim) for m, trim in zip(models, trims)]
-    return base + p.lam * elect_and_mean(taus, coeffs)
+    taus = [
+        trim_block_(task_vector_into(buffer(f"ties.tau{i}", base.shape, base.dtype, base.device), m, base), trim)
+        for i, (m, trim) in enumerate(zip(models, trims))
+    ]
+    return elect_and_mean(taus, coeffs).mul_(p.lam).add_(base)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -9,8 +9,10 @@ dtype (float32, or float64 for the SVD and covariance methods):
 P is the process itself (Python, torch: about 0.4 GB), R the read-ahead cap (256 MB in flight),
 (N + 2)·T one tensor of each input plus the output and one work buffer, and W·T the method's own
 workspace (0 for elementwise methods, 4 for the per-matrix SVD and covariance methods: an SVD's
-factors and their products). Tensors merged a block of rows at a time cost (N + 2) blocks of
-16 MB instead. Data-aware methods add the model run in float32 and up to 1 GiB of Gram matrices.
+factors and their products). Tensors merged a block of rows at a time cost (2N + 2) blocks of
+16 MB as stored instead (this block and the next), what the method keeps in reused buffers
+(TIES: N + 4 blocks more) and what its statistics keep of the whole (`statistics_bytes`).
+Data-aware methods add the model run in float32 and up to 1 GiB of Gram matrices.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from weightlab.results import Result, Table
 PROCESS_BYTES = 400 << 20  # Python, torch and weightlab, before any tensor
 WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matrix methods hold
 ELEMENTWISE_TEMPORARIES = 1
+# blocks a method keeps in reused buffers (`compute.scratch`) while merging in row blocks, by the
+# number of models: TIES's trimmed τ̂_i, and the vote (sign, sum, divisor, two work blocks)
+ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5)}  # (blocks per model, more blocks)
 
 
 def statistics_bytes(shape: tuple[int, ...]) -> int:
@@ -130,7 +135,9 @@ def plan_merge(config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] |
         kept = max((statistics_bytes(i.shape) for i in split if config.spec.statistics), default=0)
         # a block of 16 MB as stored is read as float32 (32 MB from bfloat16): this one and the next
         block = max(ROW_BLOCK_BYTES * 4 // (i.nbytes // max(math.prod(i.shape), 1) or 1) for i in split)
-        peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + (2 * n + 2) * block + kept)
+        per_model, more = ROW_WORKSPACE.get(config.method, (0, 0))
+        blocks = 2 * n + 2 + per_model * len(models) + more
+        peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + blocks * block + kept)
     if config.spec.calibration:
         peak += sum(math.prod(i.shape) for i in items) * 4 + GRAM_BUDGET
     out_dtype = config.dtype

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from weightlab.compute.device import Compute
 from weightlab.compute.progress import Progress, Reporter, read_bytes
 from weightlab.compute.rows import ROW_BLOCK_BYTES, RowReader, row_spans
+from weightlab.compute.scratch import reusing_buffers
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
@@ -525,13 +526,14 @@ def merge(
             if lam is not None:
                 report.auto_lambda[name] = lam
         report.merged += sum(merged for _, merged, *_ in done)
-        for item in in_rows:
-            _merge_in_rows(
-                item, ckpts, base is not None, spec, fixed, params, compute, writer, out_dtype_of[item.names[0]]
-            )
-            report.merged += 1
-            if on_progress:
-                on_progress(1, read_bytes([item], len(ckpts)))
+        with reusing_buffers():  # the blocks' buffers, mapped once for every large tensor
+            for item in in_rows:
+                _merge_in_rows(
+                    item, ckpts, base is not None, spec, fixed, params, compute, writer, out_dtype_of[item.names[0]]
+                )
+                report.merged += 1
+                if on_progress:
+                    on_progress(1, read_bytes([item], len(ckpts)))
         if lines is not None:
             report.lines_alpha = lines.alpha(n)
             assert base is not None
