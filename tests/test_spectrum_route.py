@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import weightlab.compute.spectra as spectrum_mod
+from weightlab.display import human_bytes
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.gram import decompose
@@ -186,6 +187,37 @@ def test_cache_evicts_least_recently_used_entries_beyond_its_bound(tmp_path):
     cache.put(*spectra[0])
     kept = {p.name.split(".")[0] for _, _, p in cache.entries()}
     assert kept == {spectra[2][0], spectra[0][0]}
+
+
+def test_a_run_that_outgrows_the_cache_keeps_what_came_first_instead_of_evicting_its_own(tmp_path, caplog):
+    """A pass over more base matrices than the bound holds used to evict each entry before its
+    reuse (least recently used is the next one needed), so a second run hit nothing: now a run
+    never evicts its own entries, keeps the first ones, says once that the cache is full, and
+    the next run hits them."""
+    spectra = [(content_key(w), decompose(w)) for w in (decaying(40, 40, seed=s).float() for s in range(4))]
+    probe = DecompositionCache(tmp_path / "probe")
+    probe.put(*spectra[0])
+    size = probe.path(spectra[0][0]).stat().st_size
+    first = DecompositionCache(tmp_path / "cache", max_bytes=2 * size)
+    with caplog.at_level("WARNING", logger="weightlab"):
+        for key, spec in spectra:
+            first.put(key, spec)
+    kept = {p.name.split(".")[0] for _, _, p in first.entries()}
+    assert kept == {spectra[0][0], spectra[1][0]}
+    assert [r.getMessage() for r in caplog.records if "cache is full" in r.getMessage()] == [
+        f"{first.folder}: the decomposition cache is full ({human_bytes(2 * size)}, --cache-size) with this "
+        "run's entries: later decompositions are not kept; raise --cache-size to keep them all"
+    ]
+    for _, _, path in first.entries():
+        os.utime(path, (1e9, 1e9))  # written by an earlier run
+    second = DecompositionCache(tmp_path / "cache", max_bytes=2 * size)
+    hits = 0
+    for key, spec in spectra:
+        if second.get(key, (40, 40), None) is not None:
+            hits += 1
+        else:
+            second.put(key, spec)
+    assert hits == 2 and {p.name.split(".")[0] for _, _, p in second.entries()} == kept
 
 
 def test_concurrent_runs_share_one_cache_safely(tmp_path):

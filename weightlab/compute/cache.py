@@ -6,7 +6,10 @@ format version, so an edited tensor, another precision or another device never r
 entry. Entries are safetensors files written to a private temporary name and renamed into
 place (atomic on POSIX), so concurrent runs never see half an entry: two writers of one key
 write the same bytes, and the last rename wins. When the folder outgrows its bound, the least
-recently used entries go first (a hit refreshes an entry's time).
+recently used entries go first (a hit refreshes an entry's time), but never one this run wrote or
+used: a pass over more matrices than the bound holds would evict each entry before its reuse and
+keep nothing, so a run that fills the cache keeps its first entries, says so once, and the next
+run hits them.
 
 An entry is trusted only when it proves itself (`DecompositionCache.get`): it must be a regular
 file (opened without following links and without blocking, so a named pipe cannot hang a run),
@@ -23,13 +26,15 @@ import logging
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
 
 from weightlab.compute.gram import GramSpectrum
+from weightlab.display import human_bytes
 from weightlab.io.files import NotARegularFile, read_regular
 from weightlab.options import DEFAULT_CACHE_GIB, CacheOptions
 
@@ -63,6 +68,9 @@ def content_key(w: torch.Tensor, kind: str = "") -> str:
 class DecompositionCache:
     folder: Path
     max_bytes: int = DEFAULT_BYTES
+    # this run's entries are those touched since (a second early: file times come from a coarser clock)
+    since: float = field(default_factory=lambda: time.time() - 1.0)
+    _full: list[bool] = field(default_factory=list, compare=False, repr=False)  # said once
 
     @classmethod
     def of(cls, options: CacheOptions) -> DecompositionCache | None:
@@ -97,10 +105,13 @@ class DecompositionCache:
         if spectrum.E is None:
             return  # values alone are not worth an entry
         tensors = {"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(), "tall": torch.tensor(spectrum.tall)}
+        entry = save(tensors, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)})
+        if not self._room_for(len(entry)):
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(temp, "xb") as file:  # the user's file mode (safetensors' own writer makes 0600 files)
-                file.write(save(tensors, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)}))
+                file.write(entry)
             os.replace(temp, path)
         except OSError:
             temp.unlink(missing_ok=True)
@@ -116,6 +127,22 @@ class DecompositionCache:
                 continue
             found.append((stat.st_mtime, stat.st_size, path))
         return found
+
+    def _room_for(self, size: int) -> bool:
+        """Whether an entry of `size` bytes fits beside this run's own entries (older ones make
+        way); the first time it does not, a warning says so."""
+        own = sum(nbytes for mtime, nbytes, _ in self.entries() if mtime >= self.since)
+        if own + size <= self.max_bytes:
+            return True
+        if not self._full:
+            self._full.append(True)
+            log.warning(
+                "%s: the decomposition cache is full (%s, --cache-size) with this run's entries: later "
+                "decompositions are not kept; raise --cache-size to keep them all",
+                self.folder,
+                human_bytes(self.max_bytes),
+            )
+        return False
 
     def evict(self) -> None:
         """Remove least recently used entries until the folder is within its bound."""
