@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import resource
 
+import pytest
 import torch
 
 from weightlab.compute.memory import release_large_buffers
 from weightlab.compute.scratch import buffer, held_bytes, reusing_buffers
-from weightlab.merging.methods import METHODS, ties_block
+from weightlab.merging.methods import METHODS
 
 
 def test_a_role_keeps_its_storage_inside_the_context_and_grows_to_the_largest_size():
@@ -35,23 +36,26 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def test_ties_blocks_after_the_first_map_no_new_memory():
-    """Each fresh 8 MB tensor costs ~2000 page faults once glibc maps it anew; the TIES block
-    (trim, elect, disjoint mean, scale) allocates nothing that size after its first block."""
+@pytest.mark.parametrize("method,given", [("ties", {"density": 0.2}), ("task-arithmetic", {})])
+def test_row_blocks_after_the_first_map_no_new_memory(method, given):
+    """Each fresh 8 MB tensor costs ~2000 page faults once glibc maps it anew; a block of TIES
+    (trim, elect, disjoint mean, scale) or of task arithmetic allocates nothing that size after
+    the first block."""
     release_large_buffers()
     gen = torch.Generator().manual_seed(0)
     rows, cols = 512, 4096  # 8 MB blocks in float32
     base = torch.randn(rows, cols, generator=gen)
     models = [(base + torch.randn(rows, cols, generator=gen) * 0.1).to(torch.bfloat16) for _ in range(3)]
-    spec = METHODS["ties"]
-    params = spec.resolve({"density": 0.2})
+    spec = METHODS[method]
+    params = spec.resolve(given)
     coeffs = torch.ones(3)
-    trims = [[0.05, 10], [0.05, 10], [0.05, 10]]
+    trims = [[0.05, 10], [0.05, 10], [0.05, 10]]  # ties to look for, block after block
+    assert spec.blockwise is not None
     with reusing_buffers():
-        ties_block(base, models, coeffs, params, trims)
+        spec.blockwise(base, models, coeffs, params, trims)
         before = _minor_faults()
         for _ in range(4):
-            ties_block(base, models, coeffs, params, trims)
+            spec.blockwise(base, models, coeffs, params, trims)
         faults = _minor_faults() - before
     page_per_block = rows * cols * 4 // resource.getpagesize()
     assert faults < page_per_block, faults  # fewer than one fresh block in four calls

@@ -114,8 +114,9 @@ def average(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
 
 
 def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
-    """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count."""
-    out = base.clone()
+    """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count
+    (buffers kept from one block to the next inside `scratch.reusing_buffers`)."""
+    out = buffer("merged", base.shape, base.dtype, base.device).copy_(base)
     for c, tau in zip(coeffs.tolist(), taus):
         out.add_(tau, alpha=lam * c)
     return out
@@ -125,7 +126,7 @@ def _task_vectors(base: Tensor, models: Iterable[Tensor]) -> Iterator[Tensor]:
     """τ_i = θ_i − θ_b one at a time, in one reused buffer. A model stored narrower than the
     maths (bfloat16 blocks) is first cast into the buffer: the same bits as the mixed-dtype
     subtraction, which takes torch's slow promoting path (5× the time of cast and subtract)."""
-    out = torch.empty_like(base)
+    out = buffer("task-vector", base.shape, base.dtype, base.device)
     for m in models:
         yield task_vector_into(out, m, base)
 
@@ -197,7 +198,7 @@ def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> list[TrimState]:
 
     def task_vector_blocks(i: int) -> Iterator[Tensor]:
         for b, m in zip(rows.blocks(0), rows.blocks(i)):
-            yield task_vector_into(buffer("ties.tau0", b.shape, b.dtype, b.device), m, b)
+            yield task_vector_into(buffer("task-vector", b.shape, b.dtype, b.device), m, b)
 
     return [trim_state_of_blocks(task_vector_blocks(i), numel, p.density) for i in range(1, rows.inputs)]
 
@@ -208,7 +209,7 @@ def ties_block(
     """TIES on consecutive entries (in index order across calls): trim with each model's
     threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
     taus = [
-        trim_block_(task_vector_into(buffer(f"ties.tau{i}", base.shape, base.dtype, base.device), m, base), trim)
+        trim_block_(task_vector_into(buffer(f"task-vector-{i}", base.shape, base.dtype, base.device), m, base), trim)
         for i, (m, trim) in enumerate(zip(models, trims))
     ]
     return elect_and_mean(taus, coeffs).mul_(p.lam).add_(base)

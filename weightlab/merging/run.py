@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from weightlab.compute.device import Compute
 from weightlab.compute.progress import Progress, Reporter, read_bytes
 from weightlab.compute.rows import ROW_BLOCK_BYTES, RowReader, row_spans
-from weightlab.compute.scratch import reusing_buffers
+from weightlab.compute.scratch import buffer, reusing_buffers
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
@@ -279,7 +279,8 @@ def _merge_in_rows(
     for (start, _), blocks in zip(spans, reader.all_blocks()):
         w0, thetas = (blocks[0], blocks[1:]) if has_base else (None, blocks)
         assert spec.blockwise is not None
-        writer.add_rows(name, start, spec.blockwise(w0, thetas, weights, params, state).to(out_dtype))
+        merged = spec.blockwise(w0, thetas, weights, params, state)
+        writer.add_rows(name, start, buffer("rows-out", merged.shape, out_dtype, merged.device).copy_(merged))
 
 
 def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) -> bool:
