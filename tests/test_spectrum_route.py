@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import weightlab.compute.spectra as spectrum_mod
-from weightlab.display import human_bytes
 from weightlab.analysis.spectrum import SpectrumOptions, spectrum
 from weightlab.compute.cache import DecompositionCache, content_key
 from weightlab.compute.gram import decompose
+from weightlab.display import human_bytes
 from weightlab.io import open_checkpoint
 
 SHAPES = {
