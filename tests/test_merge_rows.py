@@ -133,6 +133,20 @@ def test_reading_rows_reads_only_those_bytes(models):
     assert ckpt.bytes_read - before == 7 * 16 * 4
 
 
+def test_rows_are_read_into_a_kept_buffer_when_one_is_given(models):
+    """The executor reads each block into a buffer it keeps (no fresh pages): the rows are a view
+    of it, the same values; a buffer too small, or not of bytes, is not used."""
+    ckpt = open_checkpoint(models / "base.safetensors")
+    name = "model.embed_tokens.weight"
+    whole = ckpt.get(name)
+    kept = torch.empty(7 * 16 * 4 + 5, dtype=torch.uint8)
+    rows = ckpt.get_rows(name, 100, 107, into=kept)
+    assert rows.data_ptr() == kept.data_ptr() and torch.equal(rows, whole[100:107])
+    for unfit in (torch.empty(7 * 16 * 4 - 1, dtype=torch.uint8), torch.empty(7 * 16, dtype=torch.float32)):
+        other = ckpt.get_rows(name, 100, 107, into=unfit)
+        assert other.data_ptr() != unfit.data_ptr() and torch.equal(other, whole[100:107])
+
+
 def test_a_truncated_file_is_reported_when_its_rows_are_read(models, tmp_path):
     data = (models / "base.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-200])

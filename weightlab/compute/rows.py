@@ -27,7 +27,9 @@ class RowReader:
     """One tensor of several inputs (0: the base, where there is one), read a block of rows at a
     time: what a method's statistics pass sees of a tensor it never holds whole."""
 
-    read: Callable[[int, int, int], torch.Tensor]  # (input, start, stop) -> those rows, checked finite
+    # (input, start, stop) -> those rows, checked finite; valid until that input's next block is
+    # asked for (the executor reads into two kept buffers per input, one of them read ahead)
+    read: Callable[[int, int, int], torch.Tensor]
     shape: tuple[int, ...]
     spans: list[tuple[int, int]]
     inputs: int

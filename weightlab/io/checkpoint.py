@@ -71,11 +71,13 @@ class Checkpoint:
         stop: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows [start, stop) of a tensor's first dimension, read without the rest where the format
-        allows (safetensors); floating rows cast to `dtype`."""
+        allows (safetensors); floating rows cast to `dtype`. `into`: a uint8 buffer of at least
+        the rows' bytes, which a file is read into (the rows are then a view of it)."""
         info = self.info(name)
-        rows = self._read_rows(info, start, stop)
+        rows = self._read_rows(info, start, stop, into)
         self.bytes_read += rows.numel() * rows.element_size()
         if device is not None:
             rows = rows.to(device)
@@ -83,7 +85,7 @@ class Checkpoint:
             rows = rows.to(dtype)
         return rows
 
-    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
         return self._read(info)[start:stop].clone()
 
     def __contains__(self, name: object) -> bool:
@@ -133,8 +135,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._by_file[info.file].read(info)
 
-    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        return self._by_file[info.file].read(info, rows=(start, stop))
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
+        return self._by_file[info.file].read(info, rows=(start, stop), into=into)
 
 
 class TorchCheckpoint(Checkpoint):

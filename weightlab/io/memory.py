@@ -72,7 +72,7 @@ class MemoryCheckpoint(Checkpoint):
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self.store.read(info)
 
-    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
         return self.store.read(info, rows=(start, stop))
 
     def get(self, name: str, device: Device = None, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -80,9 +80,12 @@ class SafetensorsFile:
         self.path = Path(path)
         self.infos, self.metadata = _read_header(self.path)
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self, info: TensorInfo, rows: tuple[int, int] | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Read one tensor (CPU, stored dtype) with a single positioned read of its bytes; with
-        `rows` = (start, stop), only those rows of its first dimension."""
+        `rows` = (start, stop), only those rows of its first dimension; into `into` (a uint8
+        buffer of at least its bytes, kept by the caller) when given, else a fresh tensor."""
         dtype = torch_dtype(info.dtype, self.path, info.name)
         shape, offset, nbytes = info.shape, info.offset, info.nbytes
         if rows is not None:
@@ -91,7 +94,9 @@ class SafetensorsFile:
             offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
+        # uninitialised: no page is touched twice
+        fits = into is not None and into.dtype == torch.uint8 and into.numel() >= nbytes
+        raw = into.view(-1)[:nbytes] if into is not None and fits else torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(raw.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
         fd = os.open(self.path, os.O_RDONLY)
         try:

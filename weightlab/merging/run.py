@@ -262,17 +262,36 @@ def _merge_in_rows(
     out_dtype: torch.dtype,
 ) -> None:
     """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`), the next block
-    read while this one is merged: memory holds (2·models + 2) blocks, not (models + 2) tensors,
+    read while this one is merged (a block is valid until the next one is asked for: its buffer
+    takes the block after): memory holds (2·models + 2) blocks, not (models + 2) tensors,
     and what the method's `statistics` keep of the whole (TIES: one |τ| at a time; Iso-C: two
     Gram-sized matrices), read a block at a time too."""
     name, rows = item.names[0], item.shape[0]
+    spans = row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES)
+    # each input's blocks land in two kept buffers, this block's and the one read ahead (as
+    # stored, then in the maths' dtype): a fresh 32 MB block costs more in page faults than
+    # the arithmetic on it
+    block_rows = max(stop - start for start, stop in spans)
+    parity = {start: k % 2 for k, (start, _) in enumerate(spans)}
+    stored = [
+        [buffer(f"read-{i}-{p}", (block_rows * _nbytes(c, n) // rows,), torch.uint8, "cpu") for p in (0, 1)]
+        for i, (c, n) in enumerate(zip(ckpts, item.names))
+    ]
+    cast = [
+        [buffer(f"read-cast-{i}-{p}", (block_rows, *item.shape[1:]), compute.dtype, compute.device) for p in (0, 1)]
+        if not (spec.stored_models and has_base and i > 0)
+        else None
+        for i in range(len(ckpts))
+    ]
+    on_cpu = torch.device(compute.device).type == "cpu"
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
-        c, n = ckpts[i], item.names[i]
-        rows = require_finite_input(c.get_rows(n, start, stop, compute.device), c.path, n)
-        return rows if spec.stored_models and has_base and i > 0 else rows.to(compute.dtype)
+        c, n, p = ckpts[i], item.names[i], parity[start]
+        into = stored[i][p] if on_cpu else None
+        rows = require_finite_input(c.get_rows(n, start, stop, compute.device, into=into), c.path, n)
+        slots = cast[i]
+        return rows if slots is None else slots[p][: stop - start].copy_(rows)
 
-    spans = row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES)
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
     reader = RowReader(read, item.shape, spans, len(ckpts))
     state = None if spec.statistics is None else spec.statistics(reader, weights, params)
