@@ -273,8 +273,11 @@ def _merge_in_rows(
     # the arithmetic on it
     block_rows = max(stop - start for start, stop in spans)
     parity = {start: k % 2 for k, (start, _) in enumerate(spans)}
+    on_cpu = torch.device(compute.device).type == "cpu"  # elsewhere, rows are copied to the device anyway
     stored = [
         [buffer(f"read-{i}-{p}", (block_rows * _nbytes(c, n) // rows,), torch.uint8, "cpu") for p in (0, 1)]
+        if on_cpu
+        else None
         for i, (c, n) in enumerate(zip(ckpts, item.names))
     ]
     cast = [
@@ -283,11 +286,10 @@ def _merge_in_rows(
         else None
         for i in range(len(ckpts))
     ]
-    on_cpu = torch.device(compute.device).type == "cpu"
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
-        c, n, p = ckpts[i], item.names[i], parity[start]
-        into = stored[i][p] if on_cpu else None
+        c, n, p, kept = ckpts[i], item.names[i], parity[start], stored[i]
+        into = None if kept is None else kept[p]
         rows = require_finite_input(c.get_rows(n, start, stop, compute.device, into=into), c.path, n)
         slots = cast[i]
         return rows if slots is None else slots[p][: stop - start].copy_(rows)
