@@ -5,6 +5,7 @@ computed with float64 LAPACK SVDs of the same float32 matrices; the persistent b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 
@@ -199,9 +200,14 @@ def test_a_run_that_outgrows_the_cache_keeps_what_came_first_instead_of_evicting
     probe.put(*spectra[0])
     size = probe.path(spectra[0][0]).stat().st_size
     first = DecompositionCache(tmp_path / "cache", max_bytes=2 * size)
-    with caplog.at_level("WARNING", logger="weightlab"):
-        for key, spec in spectra:
-            first.put(key, spec)
+    library_log = logging.getLogger("weightlab")  # the CLI stops it propagating: listen on it directly
+    library_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="weightlab"):
+            for key, spec in spectra:
+                first.put(key, spec)
+    finally:
+        library_log.removeHandler(caplog.handler)
     kept = {p.name.split(".")[0] for _, _, p in first.entries()}
     assert kept == {spectra[0][0], spectra[1][0]}
     assert [r.getMessage() for r in caplog.records if "cache is full" in r.getMessage()] == [
