@@ -39,7 +39,7 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
 from weightlab.io.memory import StateDictWriter, config_files, donor_of
 from weightlab.io.outputs import Output, check_outputs
-from weightlab.io.safetensors_file import write_safetensors
+from weightlab.io.safetensors_file import torch_dtype, write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
 from weightlab.merging.calibration import calibration_sets
@@ -282,9 +282,9 @@ def _merge_in_rows(
     ]
     cast = [
         [buffer(f"read-cast-{i}-{p}", (block_rows, *item.shape[1:]), compute.dtype, compute.device) for p in (0, 1)]
-        if not (spec.stored_models and has_base and i > 0)
-        else None
-        for i in range(len(ckpts))
+        if not (spec.stored_models and has_base and i > 0) and torch_dtype(c.info(n).dtype, c.path, n) != compute.dtype
+        else None  # used as stored: the method takes it so, or it is stored in the maths' dtype
+        for i, (c, n) in enumerate(zip(ckpts, item.names))
     ]
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
