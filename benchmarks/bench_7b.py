@@ -118,8 +118,12 @@ def main() -> None:
     }
     rows = result["rows"]
 
+    run = time.strftime("%Y-%m-%d %H:%M")  # rows kept from earlier runs keep theirs
+
     def done(row: str, entry: dict) -> None:
-        rows[row] = entry
+        if row != "raw" and rows.get("raw", {}).get("run") == run:
+            entry["raw_io_s"] = rows["raw"]["wall_s"]  # ratios to raw I/O are within one run
+        rows[row] = {**entry, "run": run}
         print(row, json.dumps(entry), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives an interruption
@@ -178,10 +182,9 @@ def main() -> None:
             wall, rss, _ = run_command([*command, "--json", str(scratch / "r.json"), "--force"])
             done(row, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
     shutil.rmtree(scratch, ignore_errors=True)
-    raw = rows.get("raw", {}).get("wall_s")
     for row, entry in rows.items():
-        if raw and row != "raw":
-            entry["ratio_to_raw_io"] = round(entry["wall_s"] / raw, 2)
+        if "raw_io_s" in entry:
+            entry["ratio_to_raw_io"] = round(entry["wall_s"] / entry["raw_io_s"], 2)
         if row.startswith("merge:") and f"mergekit:{row[6:]}" in rows:
             theirs = rows[f"mergekit:{row[6:]}"]
             entry["wall_ratio_to_mergekit"] = round(entry["wall_s"] / theirs["wall_s"], 3)

@@ -49,7 +49,7 @@ def _rewritten(change):
         from safetensors.torch import load_file
 
         tensors = load_file(path)
-        cache.put(key, change(GramSpectrum(tensors["S"], tensors["E"], bool(tensors["tall"]))))
+        cache.put(key, change(GramSpectrum(tensors["S"], tensors.get("E"), bool(tensors["tall"]))))
 
     return damage
 
@@ -61,11 +61,13 @@ def _nan(spec: GramSpectrum) -> GramSpectrum:
 
 
 def _wrong_dtype(spec: GramSpectrum) -> GramSpectrum:
+    if spec.E is None:  # an entry of values alone
+        return GramSpectrum(spec.S.float(), None, spec.tall)
     return GramSpectrum(spec.S, spec.E.double(), spec.tall)
 
 
 def _wrong_shape(spec: GramSpectrum) -> GramSpectrum:
-    return GramSpectrum(spec.S[:-1].contiguous(), spec.E[:-1].contiguous(), spec.tall)
+    return GramSpectrum(spec.S[:-1].contiguous(), None if spec.E is None else spec.E[:-1].contiguous(), spec.tall)
 
 
 def _empty(entries: list[Path], rng: random.Random) -> None:

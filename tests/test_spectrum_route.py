@@ -120,7 +120,13 @@ def test_large_matrices_certify_best_matches_among_the_top_base_vectors(shape, t
         save_file({name: tensor.float()}, tmp_path / f"{label}.safetensors")
     columns = []
     real = spectrum_mod.decompose
-    monkeypatch.setattr(spectrum_mod, "decompose", lambda m, c=None: columns.append(c) or real(m, c))
+    stored = w.float()
+
+    def counted(m, c=None):  # the base's decompositions (the fine-tune's and the update's are others)
+        columns.extend([c] if torch.equal(m, stored) else [])
+        return real(m, c)
+
+    monkeypatch.setattr(spectrum_mod, "decompose", counted)
     base = open_checkpoint(tmp_path / "base.safetensors")
     for label, full_decompositions in (("small", 0), ("intruded", 1)):
         columns.clear()
@@ -134,7 +140,10 @@ def test_large_matrices_certify_best_matches_among_the_top_base_vectors(shape, t
         assert (min(m.best_match_cos) < 0.9) if label == "intruded" else (min(m.best_match_cos) > 0.99)
 
 
-def test_a_warm_cache_skips_every_base_decomposition_and_gives_the_same_bytes(pair, tmp_path, monkeypatch):
+def test_a_warm_cache_skips_every_decomposition_and_gives_the_same_bytes(pair, tmp_path, monkeypatch):
+    """The base's top vectors, the fine-tune's top triplets and the update's values are all read
+    back: a warm run decomposes nothing (it used to redo the fine-tune's and the update's, two
+    thirds of a cold run's work at 7B shapes)."""
     root, _, _ = pair
     cache = DecompositionCache(tmp_path / "cache")
     calls = []
@@ -148,9 +157,9 @@ def test_a_warm_cache_skips_every_base_decomposition_and_gives_the_same_bytes(pa
         return json.dumps(result.to_dict())
 
     cold = run()
-    assert len(calls) == len(SHAPES) and len(cache.entries()) == len(SHAPES)
+    assert len(calls) == 3 * len(SHAPES) and len(cache.entries()) == 3 * len(SHAPES)
     warm = run()
-    assert len(calls) == len(SHAPES)  # nothing decomposed the second time
+    assert len(calls) == 3 * len(SHAPES)  # nothing decomposed the second time
     assert warm == cold
     assert (
         json.dumps(
@@ -200,14 +209,16 @@ def test_a_run_that_outgrows_the_cache_keeps_what_came_first_instead_of_evicting
     probe.put(*spectra[0])
     size = probe.path(spectra[0][0]).stat().st_size
     first = DecompositionCache(tmp_path / "cache", max_bytes=2 * size)
-    library_log = logging.getLogger("weightlab")  # the CLI stops it propagating: listen on it directly
+    library_log = logging.getLogger("weightlab")  # the CLI stops it propagating: listen on it directly, alone
     library_log.addHandler(caplog.handler)
+    propagate, library_log.propagate = library_log.propagate, False
     try:
         with caplog.at_level("WARNING", logger="weightlab"):
             for key, spec in spectra:
                 first.put(key, spec)
     finally:
         library_log.removeHandler(caplog.handler)
+        library_log.propagate = propagate
     kept = {p.name.split(".")[0] for _, _, p in first.entries()}
     assert kept == {spectra[0][0], spectra[1][0]}
     assert [r.getMessage() for r in caplog.records if "cache is full" in r.getMessage()] == [
@@ -267,8 +278,9 @@ def test_values_only_gives_the_same_values_and_no_vectors(pair):
         assert m.ft is None and m.finetuned is None
 
 
-def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_path):
+def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_path, monkeypatch):
     root, _, _ = pair
+    monkeypatch.setenv("WEIGHTLAB_CACHE", str(tmp_path / "default-cache"))
     out = tmp_path / "out"
     done = run_cli(
         "spectrum",
@@ -287,6 +299,7 @@ def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_
     payload = json.loads((out / "s.json").read_text())
     assert payload["finetuned"] == [] and len(payload["matrices"]) == len(SHAPES)
     assert (out / "plots" / "spectrum_curves.png").exists() and (out / "r.html").exists()
+    assert not (tmp_path / "default-cache").exists()  # values alone are not cached
     assert run_cli("report", str(out / "s.json"), "-o", str(tmp_path / "again.html"))[0] == 0
 
     missing = run_cli("spectrum", str(root / "base.safetensors"))
@@ -318,4 +331,5 @@ def test_values_only_cli_on_one_checkpoint_and_cache_options(pair, run_cli, tmp_
         run_cli("spectrum", str(root / "base.safetensors"), str(root / "ft.safetensors"), "--cache-dir", str(folder))[0]
         == 0
     )
-    assert len(DecompositionCache(folder).entries()) == len(SHAPES)
+    # per matrix: the base's top vectors, the fine-tune's top triplets and the update's values
+    assert len(DecompositionCache(folder).entries()) == 3 * len(SHAPES)

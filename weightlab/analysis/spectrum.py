@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from weightlab.analysis.summary import group_summary, mean
-from weightlab.compute.cache import DecompositionCache
-from weightlab.compute.deltas import delta_singular_values
+from weightlab.compute.cache import DecompositionCache, tensor_digest
+from weightlab.compute.deltas import update_singular_values
 from weightlab.compute.device import Compute
-from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, is_tall, singular_values, top_singular
-from weightlab.compute.spectra import base_decomposition, base_vectors, top_columns
+from weightlab.compute.gram import ROW_BLOCK, GramSpectrum, triplets
+from weightlab.compute.spectra import base_vectors, decomposition, top_columns
 from weightlab.compute.walk import Batch, Selection, TensorWalk, may_change
 from weightlab.display import described, model_names
 from weightlab.errors import InvalidArgument
@@ -401,12 +401,14 @@ def compare(
     w: torch.Tensor,
     base: GramSpectrum,
     w_ft: torch.Tensor | None,
+    ft: GramSpectrum | None,
     delta_sv: torch.Tensor | None,
     options: SpectrumOptions,
     whole: Callable[[], GramSpectrum] | None = None,
 ) -> MatrixSpectrum:
     """All spectrum metrics of one matrix against one fine-tune (or none). `base` holds the top
-    Gram eigenvectors; `whole()` gives them all when an intruder candidate needs them."""
+    Gram eigenvectors, `ft` the fine-tune's top k (none for values only); `whole()` gives all the
+    base's when an intruder candidate needs them."""
     s = base.S.to(w.device)
     keep = options.keep
     common = dict(
@@ -421,7 +423,7 @@ def compare(
     vectors = dict(
         u_alignment=[], v_alignment=[], best_match_index=[], best_match_cos=[], intruders=[], subspace_similarity=None
     )  # values only: none
-    if w_ft is None:
+    if w_ft is None or ft is None:
         return MatrixSpectrum(
             **common,
             **vectors,
@@ -435,11 +437,11 @@ def compare(
             sv_ft=[],
         )
     r = s.shape[-1]
-    k, kk = min(options.k, r), min(max(options.k, options.intruder_k), r)
+    k = min(options.k, r)
     if options.values_only:
-        s_ft = singular_values(w_ft)
+        s_ft = ft.S
     else:
-        s_ft, top = top_singular(w_ft, kk)
+        s_ft, top = triplets(w_ft, ft)
         _u_k, vh_k, cos = base_vectors(w, base, k, top.U, whole)
         best_cos, best_j = cos.max(-1)
         best = best_cos[: min(options.intruder_k, r)].tolist()
@@ -480,7 +482,8 @@ def spectrum(
 ) -> SpectrumResult:
     """Compare every matched weight matrix of `base` with each fine-tune (checkpoints or adapters
     applied to `base`); with `options.values_only` and no fine-tune, the base's own spectra. The
-    base is decomposed once per matrix (or read from `cache`) and shared by all fine-tunes."""
+    base is decomposed once per matrix and shared by all fine-tunes; every decomposition (the
+    base's, each fine-tune's and each update's) is read from `cache` when it has it."""
     if not finetuned and not options.values_only:
         raise InvalidArgument(
             "spectrum: give at least one fine-tune of the base, or --values-only for the base's own spectra"
@@ -492,20 +495,21 @@ def spectrum(
         w, *w_fts = batch.tensors
         out = []
         for b, item in enumerate(batch.items):
-            if options.values_only or not finetuned:  # values alone: one eigvalsh, not worth a cache entry
-                base_spec = GramSpectrum(singular_values(w[b]), None, is_tall(w[b]))
-            else:
-                base_spec = base_decomposition(
-                    w[b], cache, top_columns(max(options.k, options.intruder_k), min(item.shape))
-                )
-            whole = functools.cache(lambda b=b: base_decomposition(w[b], cache, None))
+            digest = tensor_digest(w[b]) if cache else None
+            top_k = min(max(options.k, options.intruder_k), min(item.shape))  # the fine-tune's triplets
+            values_only = options.values_only or not finetuned
+            base_spec = decomposition(w[b], cache, 0 if values_only else top_columns(top_k, min(item.shape)), digest)
+            whole = functools.cache(lambda b=b, digest=digest: decomposition(w[b], cache, None, digest))
             if not finetuned:
-                out.append(compare(item, None, w[b], base_spec, None, None, options))
+                out.append(compare(item, None, w[b], base_spec, None, None, None, options))
             for index, (ft, w_ft) in enumerate(zip(finetuned, w_fts)):
                 if not may_change(ft, item.names[index + 1]):
                     continue  # an adapter's figures cover the matrices it changes, whatever else is given
-                delta_sv = delta_singular_values(ft, [item], w[b : b + 1], w_ft[b : b + 1], compute)[0]
-                out.append(compare(item, index, w[b], base_spec, w_ft[b], delta_sv, options, whole))
+                ft_digest = tensor_digest(w_ft[b]) if cache else None
+                ft_spec = decomposition(w_ft[b], cache, 0 if values_only else top_k, ft_digest)
+                digests = (digest, ft_digest) if digest and ft_digest else None
+                delta_sv = update_singular_values(ft, item.names[0], w[b], w_ft[b], compute, cache, digests)
+                out.append(compare(item, index, w[b], base_spec, w_ft[b], ft_spec, delta_sv, options, whole))
         return out
 
     matrices = walk.map(work, compute, on_start=on_start, on_progress=on_progress)

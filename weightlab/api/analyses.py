@@ -143,9 +143,8 @@ def spectrum(
         compute = run.compute()
         base_ckpt, fts = _open(finetuned, base)
         with run.progress("spectrum", "matrices") as (on_start, on_progress):
-            result = compute_spectrum(
-                base_ckpt, fts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
-            )
+            kept = None if options.values_only else DecompositionCache.of(cache)  # values alone: one eigvalsh
+            result = compute_spectrum(base_ckpt, fts, options, compute, on_progress, on_start, kept)
         emit(plan, result)
     return result
 

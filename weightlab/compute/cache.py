@@ -1,15 +1,15 @@
-"""A persistent cache of base-matrix decompositions, keyed by the matrix's content.
+"""A persistent cache of matrix decompositions, keyed by the matrices' content.
 
-A bank of fine-tunes analysed against one base, or a re-run, decomposes each base matrix once.
-The key is a SHA-256 of the tensor's bytes, shape and dtype plus the device kind and the
-format version, so an edited tensor, another precision or another device never reads a stale
-entry. Entries are safetensors files written to a private temporary name and renamed into
-place (atomic on POSIX), so concurrent runs never see half an entry: two writers of one key
-write the same bytes, and the last rename wins. When the folder outgrows its bound, the least
-recently used entries go first (a hit refreshes an entry's time), but never one this run wrote or
-used: a pass over more matrices than the bound holds would evict each entry before its reuse and
-keep nothing, so a run that fills the cache keeps its first entries, says so once, and the next
-run hits them.
+A bank of fine-tunes analysed against one base, or a re-run, decomposes each matrix once: the
+base's, the fine-tune's and the update's (`compute.spectra`). The key is a SHA-256 of each
+tensor's bytes, shape and dtype, the device kind, what the entry holds and the format version,
+so an edited tensor, another precision or another device never reads a stale entry. Entries are
+safetensors files written to a private temporary name and renamed into place (atomic on POSIX),
+so concurrent runs never see half an entry: two writers of one key write the same bytes, and the
+last rename wins. When the folder outgrows its bound, the least recently used entries go first
+(a hit refreshes an entry's time), but never one this run wrote or used: a pass over more
+matrices than the bound holds would evict each entry before its reuse and keep nothing, so a run
+that fills the cache keeps its first entries, says so once, and the next run hits them.
 
 An entry is trusted only when it proves itself (`DecompositionCache.get`): it must be a regular
 file (opened without following links and without blocking, so a named pipe cannot hang a run),
@@ -38,7 +38,7 @@ from weightlab.display import human_bytes
 from weightlab.io.files import NotARegularFile, read_regular
 from weightlab.options import DEFAULT_CACHE_GIB, CacheOptions
 
-FORMAT = "weightlab.gram/2"  # /2: entries carry their checksum
+FORMAT = "weightlab.gram/3"  # /2: entries carry their checksum; /3: keys over tensor digests
 DEFAULT_BYTES = int(DEFAULT_CACHE_GIB * 2**30)
 SUFFIX = ".gram.safetensors"
 MAX_HEADER = 1 << 16  # an entry's header holds three tensors and two strings
@@ -56,12 +56,21 @@ def default_folder() -> Path:
     return folder
 
 
-def content_key(w: torch.Tensor, kind: str = "") -> str:
-    """SHA-256 of a 2-D tensor's bytes with its shape, dtype, device kind, the entry format and
-    `kind` (what the entry holds, e.g. how many vectors)."""
-    digest = hashlib.sha256(f"{FORMAT}|{kind}|{tuple(w.shape)}|{w.dtype}|{w.device.type}|".encode())
+def tensor_digest(w: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes with its shape, dtype and device kind."""
+    digest = hashlib.sha256(f"{tuple(w.shape)}|{w.dtype}|{w.device.type}|".encode())
     digest.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def entry_key(kind: str, *digests: str) -> str:
+    """The key of an entry holding `kind` (e.g. how many vectors) of the tensors of `digests`."""
+    return hashlib.sha256("|".join((FORMAT, kind, *digests)).encode()).hexdigest()
+
+
+def content_key(w: torch.Tensor, kind: str = "") -> str:
+    """The key of an entry holding `kind` of one 2-D tensor."""
+    return entry_key(kind, tensor_digest(w))
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ class DecompositionCache:
 
     def get(self, key: str, shape: tuple[int, ...], columns: int | None) -> GramSpectrum | None:
         """The entry of `key` for a matrix of `shape` with its top `columns` Gram eigenvectors (all
-        when None), or None: missing, or damaged (then deleted, with a note)."""
+        when None, none when 0), or None: missing, or damaged (then deleted, with a note)."""
         path = self.path(key)
         try:
             spectrum = read_entry(path, key, shape, columns)
@@ -102,9 +111,9 @@ class DecompositionCache:
         """Store an entry; a full disk or an unwritable folder costs speed, never the run."""
         path = self.path(key)
         temp = path.with_name(f".{key[:16]}.{os.getpid()}.{secrets.token_hex(6)}.partial")
-        if spectrum.E is None:
-            return  # values alone are not worth an entry
-        tensors = {"S": spectrum.S.contiguous(), "E": spectrum.E.contiguous(), "tall": torch.tensor(spectrum.tall)}
+        tensors = {"S": spectrum.S.contiguous(), "tall": torch.tensor(spectrum.tall)}
+        if spectrum.E is not None:
+            tensors["E"] = spectrum.E.contiguous()
         entry = save(tensors, metadata={"format": FORMAT, "sha256": entry_digest(key, tensors)})
         if not self._room_for(len(entry)):
             return
@@ -166,7 +175,8 @@ def entry_digest(key: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def read_entry(path: Path, key: str, shape: tuple[int, ...], columns: int | None) -> GramSpectrum:
-    """Entry `key` for a matrix of `shape` with `columns` eigenvectors, proven (`DamagedEntry` if not)."""
+    """Entry `key` for a matrix of `shape` with `columns` eigenvectors (all when None, none when
+    0), proven (`DamagedEntry` if not)."""
     try:
         data = read_regular(path)
     except NotARegularFile:
@@ -182,22 +192,23 @@ def read_entry(path: Path, key: str, shape: tuple[int, ...], columns: int | None
         raise DamagedEntry(f"unreadable: {type(e).__name__}") from None
     if metadata != {"format": FORMAT, "sha256": stored}:
         raise DamagedEntry("not an entry of this format")
-    if set(tensors) != {"S", "E", "tall"}:
+    if set(tensors) != ({"S", "tall"} if columns == 0 else {"S", "E", "tall"}):
         raise DamagedEntry("wrong tensors")
     if stored != entry_digest(key, tensors):
         raise DamagedEntry("checksum mismatch")
     m, n = shape
     r = min(m, n)
-    S, E, tall = tensors["S"], tensors["E"], tensors["tall"]
-    if (S.dtype, tuple(S.shape), E.dtype, tuple(E.shape), tall.dtype, tuple(tall.shape)) != (
+    S, E, tall = tensors["S"], tensors.get("E"), tensors["tall"]
+    vectors = torch.empty(r, 0) if E is None else E
+    if (S.dtype, tuple(S.shape), vectors.dtype, tuple(vectors.shape), tall.dtype, tuple(tall.shape)) != (
         torch.float64,
         (r,),
         torch.float32,
-        (r, min(columns or r, r)),
+        (r, r if columns is None else min(columns, r)),
         torch.bool,
         (),
     ) or bool(tall) != (m > n):
         raise DamagedEntry("wrong shape or dtype")
-    if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(E).all())) or bool((S < 0).any()):
+    if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(vectors).all())) or bool((S < 0).any()):
         raise DamagedEntry("non-finite or negative values")
     return GramSpectrum(S, E, bool(tall))

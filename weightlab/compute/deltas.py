@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from weightlab.compute.cache import DecompositionCache
 from weightlab.compute.device import Compute
-from weightlab.compute.gram import singular_values
+from weightlab.compute.spectra import update_values
 from weightlab.compute.svd import SVD, lowrank_svd, top_svd
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
@@ -29,15 +30,29 @@ def delta_singular_values(
     ft: Checkpoint, items: Sequence[MatchedTensor], w: torch.Tensor, w_ft: torch.Tensor, compute: Compute
 ) -> torch.Tensor:
     """All min(m, n) singular values of ΔW for each batch item [b, min(m, n)] in float64, zero-padded."""
-    factors = [adapter_factors(ft, item.names[0], compute) for item in items]
-    lowrank = [f for f in factors if f is not None]
-    if len(lowrank) < len(factors):
-        return singular_values(w_ft - w)
-    r = min(w.shape[-2:])
-    out = torch.zeros(len(items), r, dtype=torch.float64, device=w.device)
-    for b, (left, right, scale) in enumerate(lowrank):
-        s = lowrank_svd(left, right, scale).S[:r]
-        out[b, : s.shape[-1]] = s
+    return torch.stack(
+        [update_singular_values(ft, item.names[0], w[b], w_ft[b], compute) for b, item in enumerate(items)]
+    )
+
+
+def update_singular_values(
+    ft: Checkpoint,
+    name: str,
+    w: torch.Tensor,
+    w_ft: torch.Tensor,
+    compute: Compute,
+    cache: DecompositionCache | None = None,
+    digests: tuple[str, str] | None = None,
+) -> torch.Tensor:
+    """All min(m, n) singular values of one matrix's ΔW in float64, zero-padded: from the
+    adapter's factors when `ft` is one that changes `name`, else of the dense difference (read
+    from `cache` when it has them; `digests` are W's and W''s, when the caller has them)."""
+    factors = adapter_factors(ft, name, compute)
+    if factors is None:
+        return update_values(w, w_ft, cache, digests)
+    out = torch.zeros(min(w.shape), dtype=torch.float64, device=w.device)
+    s = lowrank_svd(*factors).S[: out.shape[-1]]
+    out[: s.shape[-1]] = s
     return out
 
 

@@ -38,7 +38,7 @@ class GramSpectrum:
     """All singular values of W and, when asked for, every eigenvector of its smaller Gram matrix."""
 
     S: torch.Tensor  # [r] float64, descending
-    E: torch.Tensor | None  # [r, c] float32, column i for S[i]: right singular vectors (tall) or left (wide)
+    E: torch.Tensor | None  # [r, c] float32 (as cached), column i for S[i]: right (tall) or left (wide) vectors
     tall: bool
 
     @property
@@ -114,8 +114,10 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
 
 def decompose(w: torch.Tensor, columns: int | None = None) -> GramSpectrum:
     """Every singular value of a 2-D W and the top `columns` eigenvectors of its Gram matrix (all
-    when None), rounded to float32 as stored in the cache, so that a cold and a warm run give the
-    same bytes."""
+    when None, none when 0), rounded to float32 as stored in the cache, so that a cold and a warm
+    run give the same bytes."""
+    if columns == 0:
+        return GramSpectrum(singular_values(w), None, is_tall(w))
     g = gram(w)
     lam, vec = eigen(g) if columns is None or columns >= g.shape[-1] else top_eigen(g, columns)
     # contiguous, exactly as read back from the cache: the same memory layout takes the same BLAS path
@@ -143,16 +145,21 @@ def top_eigen(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def top_singular(w: torch.Tensor, k: int) -> tuple[torch.Tensor, SVD]:
     """Every singular value of a 2-D W (float64, descending) and its top k singular triplets, from
-    one Gram matrix and one tridiagonal reduction (`top_eigen`); the other side of each pair is
-    W·e/σ (exact in float64 for the top σ). A W whose k-th singular value is zero has no unique
-    top-k pairs: the thin SVD decides."""
+    one Gram matrix and one tridiagonal reduction (`top_eigen`)."""
     lam, vectors = top_eigen(gram(w), k)
-    every = to_singular(lam)
+    return triplets(w, GramSpectrum(to_singular(lam), vectors, is_tall(w)))
+
+
+def triplets(w: torch.Tensor, spectrum: GramSpectrum) -> tuple[torch.Tensor, SVD]:
+    """Every singular value of a 2-D W and the singular triplets of the Gram eigenvectors in
+    `spectrum` (W's decomposition): the other side of each pair is W·e/σ (exact in float64 for
+    the top σ). A W whose last such σ is zero has no unique pairs: the thin SVD decides."""
+    every, vectors = spectrum.S, spectrum.vectors
     s = every[: vectors.shape[-1]]
     if s.numel() == 0 or float(s[-1]) <= float(s[0]) * 1e-6:
         u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
         return every, SVD(u[:, : s.numel()], sv[: s.numel()], vh[: s.numel()])
-    e = vectors.to(w.device)
-    if is_tall(w):
+    e = vectors.to(w.device, torch.float64)
+    if spectrum.tall:
         return every, SVD(w.double() @ e / s, s, e.mT)
     return every, SVD(e, s, (w.double().mT @ e / s).mT)

@@ -1,4 +1,4 @@
-"""Spectral quantities shared by the analyses and the surgeries: a base matrix's decomposition
+"""Spectral quantities shared by the analyses and the surgeries: a matrix's decomposition
 (cached by content), the best match of a fine-tune's singular vectors among the base's, intruder
 dimensions, and the entropy of a spectrum's energy.
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from weightlab.compute.cache import DecompositionCache, content_key
+from weightlab.compute.cache import DecompositionCache, entry_key, tensor_digest
 from weightlab.compute.gram import GramSpectrum, decompose, top_singular
 from weightlab.compute.svd import SVD
 
@@ -29,17 +29,45 @@ def energy_entropy(energy: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def base_decomposition(w: torch.Tensor, cache: DecompositionCache | None, columns: int | None) -> GramSpectrum:
-    """The base matrix's singular values and top `columns` Gram eigenvectors (all when None): from
-    the cache when it has them, else computed and stored. Each kind is one deterministic
-    computation, so a warm run gives the bytes of a cold one."""
-    key = content_key(w, f"top{columns}" if columns else "all") if cache else ""
-    found = cache.get(key, tuple(w.shape), columns) if cache else None
+def decomposition(
+    w: torch.Tensor, cache: DecompositionCache | None, columns: int | None, digest: str | None = None
+) -> GramSpectrum:
+    """W's singular values and top `columns` Gram eigenvectors (all when None, none when 0): from
+    the cache when it has them, else computed and stored. `digest` is W's `tensor_digest` when
+    the caller has it. Each kind is one deterministic computation, so a warm run gives the bytes
+    of a cold one."""
+    kind = "values" if columns == 0 else f"top{columns}" if columns else "all"
+    return cached(cache, lambda: entry_key(kind, digest or tensor_digest(w)), w, columns, lambda: decompose(w, columns))
+
+
+def update_values(
+    w: torch.Tensor, w_ft: torch.Tensor, cache: DecompositionCache | None, digests: tuple[str, str] | None = None
+) -> torch.Tensor:
+    """Every singular value of the dense update W' − W (float64, descending), from the cache when
+    it has them; `digests` are W's and W''s `tensor_digest` when the caller has them."""
+
+    def key() -> str:
+        return entry_key("update-values", *(digests or (tensor_digest(w), tensor_digest(w_ft))))
+
+    return cached(cache, key, w, 0, lambda: decompose(w_ft - w, 0)).S
+
+
+def cached(
+    cache: DecompositionCache | None,
+    key: Callable[[], str],
+    w: torch.Tensor,
+    columns: int | None,
+    compute: Callable[[], GramSpectrum],
+) -> GramSpectrum:
+    """The entry of `key()` for a matrix shaped like `w`, or `compute()` stored under it."""
+    if cache is None:
+        return compute()
+    name = key()
+    found = cache.get(name, tuple(w.shape), columns)
     if found is not None:
         return found
-    decomposed = decompose(w, columns)
-    if cache:
-        cache.put(key, decomposed)
+    decomposed = compute()
+    cache.put(name, decomposed)
     return decomposed
 
 
@@ -96,8 +124,8 @@ def intruder_dimensions(
     max_j |cos(u'_i, u_j)| < ε over every base left singular vector u_j. Returns those i, every
     top-k best-match cosine, and W''s top-k triplets (float64)."""
     k = min(k, min(w.shape))
-    top_base = base_decomposition(w, cache, top_columns(k, min(w.shape)))
+    top_base = decomposition(w, cache, top_columns(k, min(w.shape)))
     _, top = top_singular(w_ft, k)
-    _, _, cos = base_vectors(w, top_base, 1, top.U, functools.cache(lambda: base_decomposition(w, cache, None)))
+    _, _, cos = base_vectors(w, top_base, 1, top.U, functools.cache(lambda: decomposition(w, cache, None)))
     best = cos.max(-1).values[:k].tolist()
     return [i for i, c in enumerate(best) if c < epsilon], best, top
