@@ -85,10 +85,11 @@ def _rows_read(monkeypatch) -> list[tuple[str, int]]:
     return reads
 
 
-@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("iso-c", {})])
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("iso-c", {}), ("iso-cts", {})])
 def test_statistics_of_a_split_tensor_are_read_a_block_at_a_time(models, tmp_path, monkeypatch, method, params):
     """At 7B, TIES's thresholds read the base and each model whole (2 GB at once for the
-    embedding), and Iso-C held n + 6 whole embeddings: both now read blocks of rows only."""
+    embedding), Iso-C held n + 6 whole embeddings and Iso-CTS 11 GB of them in float64: all
+    now read blocks of rows only."""
     monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
     reads = _rows_read(monkeypatch)
     merged_bytes(models, tmp_path / "blocks", method, params=params)
@@ -112,6 +113,65 @@ def test_iso_c_of_a_tall_matrix_in_row_blocks_equals_the_whole(models, tmp_path,
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     expected = base[name].double() + s.mean() * u @ vh
     assert torch.allclose(blocks[name].double(), expected, rtol=0, atol=2e-5)
+
+
+def iso_cts_reference(base, fts, coeffs, common=0.8) -> torch.Tensor:
+    """Iso-CTS as Alg. 1 of Marczak et al. 2025 reads, with float64 SVDs (the split of r as in
+    `iso_cts`): an independent check of the Gram route."""
+    mats = [c * (ft.double() - base.double()) for c, ft in zip(coeffs, fts)]
+    r, n = min(mats[0].shape), len(mats)
+    s = round((r - int(r * common)) / n)
+    k = r - n * s
+    u, sv, vh = torch.linalg.svd(sum(mats), full_matrices=False)
+    us, sigmas, vs = [u[:, :k]], [sv[:k]], [vh[:k].T]
+    for m in mats:
+        ui, si, vhi = torch.linalg.svd(m - u[:, :k] @ (u[:, :k].T @ m), full_matrices=False)
+        us.append(ui[:, :s])
+        sigmas.append(si[:s])
+        vs.append(vhi[:s].T)
+
+    def polar(x):
+        p, _, q = torch.linalg.svd(x, full_matrices=False)
+        return p @ q
+
+    return base.double() + torch.cat(sigmas).mean() * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
+
+
+def test_iso_cts_of_a_tall_matrix_in_row_blocks_equals_the_whole_and_the_paper(models, tmp_path, monkeypatch):
+    """Iso-CTS by Gram matrices summed over blocks of rows (three passes, n×n matrices only): the
+    whole-tensor merge (float32 SVDs) to its rounding, and Alg. 1 with float64 SVDs written here.
+    At 7B the whole route held the embedding's task vectors and SVDs in float64 (11 GB)."""
+    coeffs = [0.5, 1.0, 0.25]
+    whole = merged_bytes(models, tmp_path / "whole", "iso-cts", weights=coeffs)
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    reads = _rows_read(monkeypatch)
+    blocks = merged_bytes(models, tmp_path / "blocks", "iso-cts", weights=coeffs)
+    assert ("model.embed_tokens.weight", -1) not in reads
+    base = load_file(models / "base.safetensors")
+    fts = [load_file(models / f"ft{i}.safetensors") for i in range(3)]
+    for name in whole:  # the whole route's float32 SVDs are 1e-5 from Alg. 1 in float64
+        assert torch.allclose(whole[name], blocks[name], rtol=0, atol=3e-5), name
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # 301 × 16, tall, split
+        expected = iso_cts_reference(base[name], [ft[name] for ft in fts], coeffs)
+        assert torch.allclose(blocks[name].double(), expected, rtol=0, atol=1e-6), name
+
+
+def test_iso_cts_in_row_blocks_leaves_out_directions_that_are_not_there(models, tmp_path, monkeypatch):
+    """A fine-tune equal to the base has no direction of its own: its s columns of U_cat are
+    zero, not arbitrary vectors an SVD would pick, and the merge stays finite."""
+    import shutil
+
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    shutil.copy(copy / "base.safetensors", copy / "ft2.safetensors")
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    blocks = merged_bytes(copy, tmp_path / "blocks", "iso-cts", weights=[0.5, 1.0, 0.25])
+    assert all(bool(torch.isfinite(t).all()) for t in blocks.values())
+    base = load_file(copy / "base.safetensors")
+    name = "model.embed_tokens.weight"
+    update = blocks[name].double() - base[name].double()
+    sv = torch.linalg.svdvals(update)
+    assert int((sv > 1e-4 * sv[0]).sum()) == 15  # 16 directions less the one task 2 would have added
 
 
 def test_methods_that_need_the_whole_tensor_are_not_split(models, tmp_path, monkeypatch):
@@ -171,7 +231,9 @@ def test_row_writes_complete_a_planned_tensor_and_refuse_what_does_not_fit(tmp_p
     assert torch.equal(out["a"], values)
 
 
-@pytest.mark.parametrize("method,params", [("task-arithmetic", {}), ("ties", {"density": 0.3}), ("iso-c", {})])
+@pytest.mark.parametrize(
+    "method,params", [("task-arithmetic", {}), ("ties", {"density": 0.3}), ("iso-c", {}), ("iso-cts", {})]
+)
 def test_bfloat16_models_are_merged_in_blocks_without_converted_copies(models, tmp_path, monkeypatch, method, params):
     """In row blocks the models stay bfloat16 (only the base is converted): τ = θ_i − θ_b promotes
     exactly, so the bytes are those of the whole-tensor merge, which converts every input."""
@@ -188,7 +250,7 @@ def test_bfloat16_models_are_merged_in_blocks_without_converted_copies(models, t
     blocks = merged_bytes(bf16, tmp_path / "blocks", method, weights=[0.5, 1.0, 0.25], params=params)
     assert seen and set(seen) == {torch.bfloat16}  # checked as stored, before any conversion
     for name in whole:
-        if method == "iso-c":
+        if method.startswith("iso-c"):
             assert torch.allclose(whole[name].float(), blocks[name].float(), rtol=0, atol=1e-2), name
         else:
             assert torch.equal(whole[name].view(torch.int16), blocks[name].view(torch.int16)), name

@@ -11,7 +11,7 @@ P is the process itself (Python, torch: about 0.4 GB), R the read-ahead cap (256
 workspace (0 for elementwise methods, 4 for the per-matrix SVD and covariance methods: an SVD's
 factors and their products). Tensors merged a block of rows at a time cost (2N + 2) blocks of
 16 MB as stored instead (this block and the next), what the method keeps in reused buffers
-(TIES: N + 4 blocks more) and what its statistics keep of the whole (`statistics_bytes`).
+(`ROW_WORKSPACE`) and what its statistics keep of the whole (`statistics_bytes`).
 Data-aware methods add the model run in float32 and up to 1 GiB of Gram matrices.
 """
 
@@ -36,16 +36,20 @@ from weightlab.results import Result, Table
 PROCESS_BYTES = 400 << 20  # Python, torch and weightlab, before any tensor
 WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matrix methods hold
 ELEMENTWISE_TEMPORARIES = 1
-# blocks a method keeps in reused buffers (`compute.scratch`) while merging in row blocks, by the
-# number of models: TIES's trimmed τ̂_i, and the vote (sign, sum, divisor, two work blocks)
-ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5)}  # (blocks per model, more blocks)
+# blocks (float32) a method holds while merging in row blocks, by the number of models: TIES's
+# trimmed τ̂_i in reused buffers (`compute.scratch`) and the vote (sign, sum, divisor, two work
+# blocks); Iso-CTS's float64 M_i, and Δ, U_k, U_cat and the conversions
+ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5), "iso-cts": (2, 10)}  # (per model, more)
 
 
-def statistics_bytes(shape: tuple[int, ...]) -> int:
+def statistics_bytes(method: str, shape: tuple[int, ...], models: int) -> int:
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
-    |τ| in float32 and two masks of the selection (TIES: 6 bytes an entry), or three float64
-    matrices of the Gram matrix's size (Iso-C: G, its eigenvectors, the map), whichever is larger."""
-    return max(6 * math.prod(shape), 3 * 8 * min(shape[0], math.prod(shape[1:])) ** 2)
+    TIES: |τ| in float32 and two masks of the selection, 6 bytes an entry; Iso-C: three float64
+    matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS: 2N + 3 of them
+    (each task's Gram matrix and its share of the common subspace, V_k, U_catᵀU_cat, the map)."""
+    side = min(shape[0], math.prod(shape[1:]))
+    grams = {"iso-c": 3, "iso-cts": 2 * models + 3}.get(method, 0)
+    return 6 * math.prod(shape) if method == "ties" else grams * 8 * side**2
 
 
 def _workspace(config: MergeConfig) -> int:
@@ -132,7 +136,7 @@ def plan_merge(config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] |
     peak = PROCESS_BYTES + READ_AHEAD_BYTES + (n + 2 + _workspace(config)) * t
     if in_rows:
         split = [i for i in items if i.names[0] in in_rows]
-        kept = max((statistics_bytes(i.shape) for i in split if config.spec.statistics), default=0)
+        kept = max((statistics_bytes(config.method, i.shape, len(models)) for i in split), default=0)
         # a block of 16 MB as stored is read as float32 (32 MB from bfloat16): this one and the next
         block = max(ROW_BLOCK_BYTES * 4 // (i.nbytes // max(math.prod(i.shape), 1) or 1) for i in split)
         per_model, more = ROW_WORKSPACE.get(config.method, (0, 0))

@@ -7,7 +7,8 @@ norms) get θ_b + λ·mean_i c_i τ_i, as the papers do for non-matrix parameter
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -126,15 +127,14 @@ def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     authors' code does); the top k singular vectors of Σ_i c_i τ_i span the common subspace; each
     task adds its top s singular vectors after the common left subspace is projected out of it
     (τ_i − U_kU_kᵀτ_i); the stacked U and V are orthogonalised (nearest orthogonal matrices) and
-    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ."""
+    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ. A large
+    tall matrix is merged a block of rows at a time (`iso_cts_map`, `iso_cts_block`)."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
         return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
-    r, n = min(mats[0].shape), len(mats)
-    s = round((r - int(r * p.common)) / n)
-    s = s if n * s <= r else r // n
-    k = r - n * s
+    r = min(mats[0].shape)
+    k, s = iso_cts_split(r, len(mats), p.common)
     common = full_svd(torch.stack(mats).sum(0)).truncate(k)
     us, sigmas, vs = [common.U], [common.S], [common.Vh.T]
     for m in mats:
@@ -147,6 +147,118 @@ def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
         return base.clone()
     flat = sigma.mean() * (nearest_orthogonal(torch.cat(us, 1)) @ nearest_orthogonal(torch.cat(vs, 1)).T)
     return base + p.lam * flat.reshape(base.shape)
+
+
+def iso_cts_split(r: int, tasks: int, common: float) -> tuple[int, int]:
+    """(k, s): the common subspace's k = r − N·s directions and each task's s."""
+    s = round((r - int(r * common)) / tasks)
+    s = s if tasks * s <= r else r // tasks
+    return r - tasks * s, s
+
+
+@dataclass
+class IsoCtsMap:
+    """What Iso-CTS's blocks of rows need of a whole tall matrix (`iso_cts_map`), in float64.
+    From a block's rows of Δ = Σ M_i (M_i = c_i τ_i), its rows of U_cat = [U_k, U_1, …, U_N]
+    are U_k = Δ·common and U_i = M_i·specific_i − U_k·through_i (`stacked_left`)."""
+
+    common: torch.Tensor  # V_kΣ_k⁻¹ [n, k]
+    specific: list[torch.Tensor]  # W_iρ_i⁻¹ [n, s]: task i's top directions outside the common ones
+    through: list[torch.Tensor]  # U_kᵀM_i·W_iρ_i⁻¹ [k, s]: what of them the projection removes
+    flat: torch.Tensor  # σ̄·(U_catᵀU_cat)^-½·polar(V_cat)ᵀ [r, n]: U_cat·flat = σ̄·U⊥V⊥ᵀ
+
+
+def stacked_left(delta: torch.Tensor, mats: list[torch.Tensor], m: IsoCtsMap) -> torch.Tensor:
+    """A block's rows of U_cat (`IsoCtsMap`)."""
+    u_k = delta @ m.common
+    return torch.cat([u_k, *(x @ w - u_k @ c for x, w, c in zip(mats, m.specific, m.through))], 1)
+
+
+def _task_matrices(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Δ = Σ M_i and the M_i = c_i τ_i of a block of rows, in float64."""
+    mats = [c * (m.double() - base.double()) for c, m in zip(coeffs.tolist(), models)]
+    delta = mats[0].clone()
+    for x in mats[1:]:
+        delta.add_(x)
+    return delta, mats
+
+
+def _inverse(s: torch.Tensor, largest: float, shape: tuple[int, int]) -> torch.Tensor:
+    """1/σ, and 0 where σ is below the numerical rank's tolerance (`numerical_rank`): a direction of
+    zero singular value, which an SVD picks arbitrarily, is left out instead of invented."""
+    tol = largest * max(shape) * torch.finfo(torch.float32).eps
+    return torch.where(s > tol, 1 / s.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+
+
+def _inverse_root(g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """G^-½ of a Gram matrix (lower triangle read) over its numerical range: X·G^-½ is the nearest
+    (partial) isometry to X for G = XᵀX, X's polar factor (Higham 2008, §8.1)."""
+    lam, vec = eigen(g)
+    s = to_singular(lam)
+    return (vec * _inverse(s, float(s[0]) if s.numel() else 0.0, shape)) @ vec.mT
+
+
+def iso_cts_map(rows: RowReader, coeffs: Tensor, p: Params) -> IsoCtsMap:
+    """`iso_cts` of a tall m×n matrix read a block of rows at a time, with Gram matrices (n×n,
+    float64) instead of SVDs, in three passes over the blocks: ΔᵀΔ gives V_k and Σ_k (U_k =
+    ΔV_kΣ_k⁻¹); M_iᵀM_i and C_i = U_kᵀM_i give the Gram matrix of task i's residual
+    (M_i − U_kC_i)ᵀ(M_i − U_kC_i) = M_iᵀM_i − C_iᵀC_i, whose top s eigenvectors W_i and values ρ_i²
+    are its top right singular vectors and values (U_i = (M_i − U_kC_i)W_iρ_i⁻¹); U_catᵀU_cat
+    gives U_cat's nearest orthogonal matrix as U_cat(U_catᵀU_cat)^-½ (its polar factor), and V_cat
+    (n×r) its own the same way. Memory: about 2N + 3 matrices of n×n in float64 besides blocks."""
+    m, n = rows.shape[0], rows.shape[1]
+    shape, tasks = (m, n), rows.inputs - 1
+    k, s = iso_cts_split(n, tasks, p.common)
+
+    def task_blocks() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for blocks in rows.all_blocks():
+            yield _task_matrices(blocks[0], blocks[1:], coeffs)
+
+    g = None
+    for delta, _ in task_blocks():
+        g = add_to_gram(g, delta)
+    assert g is not None
+    lam, vec = eigen(g)
+    every = to_singular(lam)
+    largest = float(every[0])
+    v_k, sigmas = vec[:, :k].clone(), [every[:k]]
+    del g, vec
+    common = v_k * _inverse(every[:k], largest, shape)
+    grams: list[torch.Tensor | None] = [None] * tasks
+    shared = [torch.zeros(k, n, dtype=torch.float64, device=v_k.device) for _ in range(tasks)]
+    for delta, mats in task_blocks():
+        u_k = delta @ common
+        for i, x in enumerate(mats):
+            grams[i] = add_to_gram(grams[i], x)
+            shared[i].addmm_(u_k.mT, x)
+    vs, specific, through = [v_k], [], []
+    for i, c in enumerate(shared):
+        residual = grams[i]
+        assert residual is not None
+        grams[i] = None
+        lam_i, vec_i = eigen(residual.sub_(c.mT @ c))  # the lower triangle is what is read
+        rho = to_singular(lam_i[:s])
+        vs.append(vec_i[:, :s].clone())
+        specific.append(vs[-1] * _inverse(rho, largest, shape))
+        through.append(c @ specific[-1])
+        sigmas.append(rho)
+    del shared
+    blocks_map = IsoCtsMap(common, specific, through, torch.empty(0))
+    q = None
+    for delta, mats in task_blocks():
+        q = add_to_gram(q, stacked_left(delta, mats, blocks_map))
+    sigma = torch.cat(sigmas)
+    if q is None or sigma.numel() == 0:
+        return IsoCtsMap(common, specific, through, torch.zeros(sigma.numel(), n, dtype=torch.float64))
+    v_cat = torch.cat(vs, 1)
+    flat = sigma.mean() * _inverse_root(q, shape) @ (v_cat @ _inverse_root(add_to_gram(None, v_cat), shape)).mT
+    return IsoCtsMap(common, specific, through, flat)
+
+
+def iso_cts_block(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, iso: IsoCtsMap) -> Tensor:
+    """Iso-CTS on a block of rows of a tall matrix, with `iso_cts_map` made of the whole."""
+    delta, mats = _task_matrices(base, models, coeffs)
+    return base + p.lam * (stacked_left(delta, mats, iso) @ iso.flat).to(base.dtype)
 
 
 def cart(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
