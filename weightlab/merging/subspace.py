@@ -127,26 +127,51 @@ def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     authors' code does); the top k singular vectors of Σ_i c_i τ_i span the common subspace; each
     task adds its top s singular vectors after the common left subspace is projected out of it
     (τ_i − U_kU_kᵀτ_i); the stacked U and V are orthogonalised (nearest orthogonal matrices) and
-    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ. A large
-    tall matrix is merged a block of rows at a time (`iso_cts_map`, `iso_cts_block`)."""
+    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ.
+
+    Every decomposition goes through the smaller Gram matrix in float64 (`top_triplets`, and the
+    polar factor X(XᵀX)^-½ for the nearest orthogonal matrix): a residual τ_i − U_kU_kᵀτ_i has
+    r − k zero singular values, on which a float32 SVD (gesdd) can fail to converge (it did on
+    a 4096² matrix); an eigensolver does not. A large tall matrix is merged a block of rows at a
+    time (`iso_cts_map`, `iso_cts_block`)."""
     taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
         return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
-    r = min(mats[0].shape)
-    k, s = iso_cts_split(r, len(mats), p.common)
-    common = full_svd(torch.stack(mats).sum(0)).truncate(k)
-    us, sigmas, vs = [common.U], [common.S], [common.Vh.T]
+    shape = (mats[0].shape[0], mats[0].shape[1])
+    k, s = iso_cts_split(min(shape), len(mats), p.common)
+    common = top_triplets(torch.stack(mats).sum(0), k, shape)
+    us, sigmas, vs = [common.U], [common.S], [common.Vh.mT]
     for m in mats:
-        specific = full_svd(m - common.U @ (common.U.T @ m)).truncate(s)
+        m64 = m.double()
+        specific = top_triplets(m64 - common.U @ (common.U.mT @ m64), s, shape)
         us.append(specific.U)
         sigmas.append(specific.S)
-        vs.append(specific.Vh.T)
+        vs.append(specific.Vh.mT)
     sigma = torch.cat(sigmas)
     if sigma.numel() == 0:
         return base.clone()
-    flat = sigma.mean() * (nearest_orthogonal(torch.cat(us, 1)) @ nearest_orthogonal(torch.cat(vs, 1)).T)
-    return base + p.lam * flat.reshape(base.shape)
+    flat = sigma.mean() * polar(torch.cat(us, 1), shape) @ polar(torch.cat(vs, 1), shape).mT
+    return base + p.lam * flat.to(base.dtype).reshape(base.shape)
+
+
+def top_triplets(x: torch.Tensor, k: int, shape: tuple[int, int]) -> SVD:
+    """x's top k singular triplets in float64 from its smaller Gram matrix: the eigenvectors are
+    one side, x·e/σ the other. A direction whose σ is below the numerical rank's tolerance for a
+    matrix of `shape` gets a zero vector on the other side: left out, not invented."""
+    lam, e = eigen(gram(x))
+    every = to_singular(lam)
+    sv, e = every[:k], e[:, :k]
+    inverse = _inverse(sv, float(every[0]) if every.numel() else 0.0, shape)
+    if is_tall(x):
+        return SVD(x.double() @ (e * inverse), sv, e.mT)
+    return SVD(e, sv, (x.double().mT @ (e * inverse)).mT)
+
+
+def polar(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The nearest (partial) isometry to a p×q x with p ≥ q: x(xᵀx)^-½ over xᵀx's numerical range
+    (Higham 2008, §8.1), float64."""
+    return x.double() @ _inverse_root(add_to_gram(None, x), shape)
 
 
 def iso_cts_split(r: int, tasks: int, common: float) -> tuple[int, int]:
@@ -250,8 +275,7 @@ def iso_cts_map(rows: RowReader, coeffs: Tensor, p: Params) -> IsoCtsMap:
     sigma = torch.cat(sigmas)
     if q is None or sigma.numel() == 0:
         return IsoCtsMap(common, specific, through, torch.zeros(sigma.numel(), n, dtype=torch.float64))
-    v_cat = torch.cat(vs, 1)
-    flat = sigma.mean() * _inverse_root(q, shape) @ (v_cat @ _inverse_root(add_to_gram(None, v_cat), shape)).mT
+    flat = sigma.mean() * _inverse_root(q, shape) @ polar(torch.cat(vs, 1), shape).mT
     return IsoCtsMap(common, specific, through, flat)
 
 
