@@ -62,6 +62,7 @@ from weightlab.merging.subspace import (
     wudi,
     wudi_adam,
 )
+from weightlab.merging.task_vectors import task_vector_into, task_vectors
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def average(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     return out
 
 
-def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
+def _addtask_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
     """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count
     (buffers kept from one block to the next inside `scratch.reusing_buffers`)."""
     out = buffer("merged", base.shape, base.dtype, base.device).copy_(base)
@@ -124,23 +125,9 @@ def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam:
     return out
 
 
-def _task_vectors(base: Tensor, models: Iterable[Tensor]) -> Iterator[Tensor]:
-    """τ_i = θ_i − θ_b one at a time, in one reused buffer. A model stored narrower than the
-    maths (bfloat16 blocks) is first cast into the buffer: the same bits as the mixed-dtype
-    subtraction, which takes torch's slow promoting path (5× the time of cast and subtract)."""
-    out = buffer("task-vector", base.shape, base.dtype, base.device)
-    for m in models:
-        yield task_vector_into(out, m, base)
-
-
-def task_vector_into(out: Tensor, model: Tensor, base: Tensor) -> Tensor:
-    """τ = θ − θ_b written into `out` (a model stored narrower is cast there first)."""
-    return torch.sub(model, base, out=out) if model.dtype == base.dtype else out.copy_(model).sub_(base)
-
-
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
-    return _add_task_vectors(base, _task_vectors(base, models), coeffs, p.lam)
+    return _addtask_vectors(base, task_vectors(base, models), coeffs, p.lam)
 
 
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
@@ -229,8 +216,8 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
 
 def dare_linear(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i) (Yu et al. 2024, eq. 2 then Ilharco et al. 2023, eq. 1)."""
-    taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(_task_vectors(base, models)))
-    return _add_task_vectors(base, taus, coeffs, p.lam)
+    taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(task_vectors(base, models)))
+    return _addtask_vectors(base, taus, coeffs, p.lam)
 
 
 def dare_ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
@@ -256,8 +243,8 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.T
 
 def breadcrumbs(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Breadcrumbs masks, then task arithmetic (Davari & Belilovsky 2024, §3)."""
-    taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in _task_vectors(base, models))
-    return _add_task_vectors(base, taus, coeffs, p.lam)
+    taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in task_vectors(base, models))
+    return _addtask_vectors(base, taus, coeffs, p.lam)
 
 
 def breadcrumbs_ties(

@@ -17,6 +17,7 @@ from weightlab.compute.gram import add_to_gram, eigen, gram, is_tall, to_singula
 from weightlab.compute.rows import RowReader
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.merging.params import Generator, Params, Tensor
+from weightlab.merging.task_vectors import task_vectors
 
 
 def is_matrix(t: torch.Tensor) -> bool:
@@ -83,8 +84,8 @@ def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
 def _weighted_sum(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """Σ_i c_i τ_i, with one task vector at a time in memory."""
     total = torch.zeros_like(base)
-    for c, m in zip(coeffs.tolist(), models):
-        total.add_(m - base, alpha=c)
+    for c, tau in zip(coeffs.tolist(), task_vectors(base, models)):
+        total.add_(tau, alpha=c)
     return total
 
 
