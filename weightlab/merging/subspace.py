@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from weightlab.compute.deltas import numerical_rank
-from weightlab.compute.gram import add_to_gram, eigen, gram, is_tall, to_singular
+from weightlab.compute.gram import ROW_BLOCK, add_to_gram, eigen, gram, is_tall, to_singular
 from weightlab.compute.rows import RowReader
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.merging.params import Generator, Params, Tensor
@@ -135,25 +135,25 @@ def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     r − k zero singular values, on which a float32 SVD (gesdd) can fail to converge (it did on
     a 4096² matrix); an eigensolver does not. A large tall matrix is merged a block of rows at a
     time (`iso_cts_map`, `iso_cts_block`)."""
-    taus = _scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
-        return mean_update(base, taus, p.lam)
-    mats = [t.reshape(base.shape[0], -1) for t in taus]
-    shape = (mats[0].shape[0], mats[0].shape[1])
-    k, s = iso_cts_split(min(shape), len(mats), p.common)
-    common = top_triplets(torch.stack(mats).sum(0), k, shape)
+        return mean_update(base, _scaled_task_vectors(base, models, coeffs), p.lam)
+    shape = (base.shape[0], base[0].numel())
+    k, s = iso_cts_split(min(shape), len(models), p.common)
+    common = top_triplets(_weighted_sum(base, models, coeffs).reshape(shape), k, shape)
     us, sigmas, vs = [common.U], [common.S], [common.Vh.mT]
-    for m in mats:
-        m64 = m.double()
-        specific = top_triplets(m64 - common.U @ (common.U.mT @ m64), s, shape)
+    for c, tau in zip(coeffs.tolist(), task_vectors(base, models)):  # one task at a time
+        residual = tau.reshape(shape).double().mul_(c)
+        residual.addmm_(common.U, common.U.mT @ residual, alpha=-1)  # τ_i − U_kU_kᵀτ_i, in place
+        specific = top_triplets(residual, s, shape)
+        del residual
         us.append(specific.U)
         sigmas.append(specific.S)
         vs.append(specific.Vh.mT)
     sigma = torch.cat(sigmas)
     if sigma.numel() == 0:
         return base.clone()
-    flat = sigma.mean() * polar(torch.cat(us, 1), shape) @ polar(torch.cat(vs, 1), shape).mT
-    return base + p.lam * flat.to(base.dtype).reshape(base.shape)
+    flat = polar(torch.cat(us, 1), shape) @ polar(torch.cat(vs, 1), shape).mT.mul_(sigma.mean() * p.lam)
+    return base + flat.to(base.dtype).reshape(base.shape)
 
 
 def top_triplets(x: torch.Tensor, k: int, shape: tuple[int, int]) -> SVD:
@@ -172,7 +172,11 @@ def top_triplets(x: torch.Tensor, k: int, shape: tuple[int, int]) -> SVD:
 def polar(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The nearest (partial) isometry to a p×q x with p ≥ q: x(xᵀx)^-½ over xᵀx's numerical range
     (Higham 2008, §8.1), float64."""
-    return x.double() @ _inverse_root(add_to_gram(None, x), shape)
+    g = None
+    for start in range(0, x.shape[0], ROW_BLOCK):  # xᵀx without a float64 copy of x
+        g = add_to_gram(g, x[start : start + ROW_BLOCK])
+    assert g is not None
+    return x.double() @ _inverse_root(g, shape)
 
 
 def iso_cts_split(r: int, tasks: int, common: float) -> tuple[int, int]:
