@@ -108,3 +108,5 @@ def test_what_statistics_keep_is_bounded_by_the_smaller_side():
     assert statistics_bytes("iso-c", (4096, 11008), 3) == 24 * 4096**2
     assert statistics_bytes("ties", (32000, 4096), 3) == 6 * 32000 * 4096
     assert statistics_bytes("iso-cts", (32000, 4096), 3) == 9 * 8 * 4096**2  # 1.2 GB, where whole: 11 GB
+    wide = 12 * 4096 * 11008 + 8 * 3 * 4096 * 11008 // 5 + 24 * 4096**2  # a 7B down_proj: 1.2 GB
+    assert statistics_bytes("iso-cts", (4096, 11008), 3) == wide

@@ -171,6 +171,39 @@ def test_iso_cts_whole_by_gram_matrices_equals_alg_1_with_float64_svds(shape):
     assert torch.allclose(merged.double(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def wide_and_square(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"model.layers.0.mlp.down_proj.weight": (40, 301), "model.layers.0.self_attn.o_proj.weight": (90, 90)}
+    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    save_file(base, root / "base.safetensors")
+    for i in range(3):
+        save_file(
+            {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in base.items()}, root / f"ft{i}.safetensors"
+        )
+    return root
+
+
+def test_iso_cts_of_wide_and_square_matrices_in_row_blocks_equals_alg_1(wide_and_square, tmp_path, monkeypatch):
+    """A 7B down_proj (4096 × 11008) merged whole held 3.9 GB: wide and square matrices go by
+    blocks of rows too (ΔΔᵀ from Δ gathered in float32, the residuals through the rest of its
+    eigenbasis), to Alg. 1 in float64 within 1e-6."""
+    coeffs = [0.5, 1.0, 0.25]
+    whole = merged_bytes(wide_and_square, tmp_path / "whole", "iso-cts", weights=coeffs)
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    reads = _rows_read(monkeypatch)
+    blocks = merged_bytes(wide_and_square, tmp_path / "blocks", "iso-cts", weights=coeffs)
+    base = load_file(wide_and_square / "base.safetensors")
+    fts = [load_file(wide_and_square / f"ft{i}.safetensors") for i in range(3)]
+    for name in base:
+        rows = [n for tensor, n in reads if tensor == name]
+        assert rows and -1 not in rows and max(rows) < base[name].shape[0], name
+        expected = iso_cts_reference(base[name], [ft[name] for ft in fts], coeffs)
+        assert torch.allclose(blocks[name].double(), expected, rtol=0, atol=1e-6), name
+        assert torch.allclose(whole[name].double(), expected, rtol=0, atol=1e-6), name
+
+
 def test_iso_cts_in_row_blocks_leaves_out_directions_that_are_not_there(models, tmp_path, monkeypatch):
     """A fine-tune equal to the base has no direction of its own: its s columns of U_cat are
     zero, not arbitrary vectors an SVD would pick, and the merge stays finite."""
@@ -187,6 +220,21 @@ def test_iso_cts_in_row_blocks_leaves_out_directions_that_are_not_there(models, 
     update = blocks[name].double() - base[name].double()
     sv = torch.linalg.svdvals(update)
     assert int((sv > 1e-4 * sv[0]).sum()) == 15  # 16 directions less the one task 2 would have added
+
+
+def test_wide_iso_cts_leaves_out_directions_that_are_not_there(wide_and_square, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "models"
+    shutil.copytree(wide_and_square, copy)
+    shutil.copy(copy / "base.safetensors", copy / "ft2.safetensors")
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    blocks = merged_bytes(copy, tmp_path / "blocks", "iso-cts", weights=[0.5, 1.0, 0.25])
+    base = load_file(copy / "base.safetensors")
+    for name, r in (("model.layers.0.mlp.down_proj.weight", 40), ("model.layers.0.self_attn.o_proj.weight", 90)):
+        sv = torch.linalg.svdvals(blocks[name].double() - base[name].double())
+        s = round((r - int(0.8 * r)) / 3)  # each task's directions
+        assert int((sv > 1e-4 * sv[0]).sum()) == r - s, name  # task 2's s directions are not there
 
 
 def test_methods_that_need_the_whole_tensor_are_not_split(models, tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from weightlab.compute.trim import (
 )
 from weightlab.merging.covariance import ace
 from weightlab.merging.data_aware import fisher, regmean
+from weightlab.merging.iso_cts import iso_cts, iso_cts_block, iso_cts_map
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import (
     ALPHA,
@@ -55,9 +56,6 @@ from weightlab.merging.subspace import (
     iso_c,
     iso_c_block,
     iso_c_map,
-    iso_cts,
-    iso_cts_block,
-    iso_cts_map,
     tsv,
     wudi,
     wudi_adam,
@@ -456,7 +454,7 @@ METHODS: dict[str, MergeMethod] = {
             (LAMBDA, COMMON),
             blockwise=iso_cts_block,
             statistics=iso_cts_map,
-            splits=is_tall_matrix,
+            splits=lambda shape: len(shape) == 2 and min(shape) > 1,
             stored_models=True,
         ),
         MergeMethod(

@@ -45,11 +45,17 @@ ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5), "iso-cts": (2, 10)}
 def statistics_bytes(method: str, shape: tuple[int, ...], models: int) -> int:
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
     TIES: |τ| in float32 and two masks of the selection, 6 bytes an entry; Iso-C: three float64
-    matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS: 2N + 3 of them
-    (each task's Gram matrix and its share of the common subspace, V_k, U_catᵀU_cat, the map)."""
-    side = min(shape[0], math.prod(shape[1:]))
-    grams = {"iso-c": 3, "iso-cts": 2 * models + 3}.get(method, 0)
-    return 6 * math.prod(shape) if method == "ties" else grams * 8 * side**2
+    matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS on a tall matrix:
+    2N + 3 of them (each task's Gram matrix and its share of the common subspace, V_k,
+    U_catᵀU_cat, the map), on a wide one Δ in float32, V_cat (n × m) and the N residuals' Y_i
+    (a fifth of that each, at common = 0.8) in float64, and three m × m matrices."""
+    rows, columns = shape[0], math.prod(shape[1:])
+    side = min(rows, columns)
+    if method == "ties":
+        return 6 * rows * columns
+    if method == "iso-cts" and rows <= columns:
+        return 12 * rows * columns + 8 * models * rows * columns // 5 + 3 * 8 * rows**2
+    return {"iso-c": 3, "iso-cts": 2 * models + 3}.get(method, 0) * 8 * side**2
 
 
 def _workspace(config: MergeConfig) -> int:

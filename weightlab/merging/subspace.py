@@ -7,13 +7,12 @@ norms) get θ_b + λ·mean_i c_i τ_i, as the papers do for non-matrix parameter
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 from weightlab.compute.deltas import numerical_rank
-from weightlab.compute.gram import ROW_BLOCK, add_to_gram, eigen, gram, is_tall, to_singular
+from weightlab.compute.gram import add_to_gram, eigen, gram, is_tall, to_singular
 from weightlab.compute.rows import RowReader
 from weightlab.compute.svd import SVD, full_svd
 from weightlab.merging.params import Generator, Params, Tensor
@@ -30,7 +29,7 @@ def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
     return q.U @ q.Vh
 
 
-def _scaled_task_vectors(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> list[Tensor]:
+def scaled_task_vectors(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> list[Tensor]:
     return [c * (m - base) for c, m in zip(coeffs.tolist(), models)]
 
 
@@ -42,7 +41,7 @@ def tsv(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: 
     """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors", Alg. 1): keep the top 1/N of
     each c_i·τ_i's singular triplets, concatenate them, replace the stacked U and V by their
     nearest orthogonal matrices, and add λ·U⊥ΣV⊥ᵀ."""
-    taus = _scaled_task_vectors(base, models, coeffs)
+    taus = scaled_task_vectors(base, models, coeffs)
     if not is_matrix(base):
         return mean_update(base, taus, p.lam)
     mats = [t.reshape(base.shape[0], -1) for t in taus]
@@ -73,15 +72,15 @@ def iso_c(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
     vectors and holds no U, and a tall Δ's Gram matrix sums over blocks of rows: the executor
     merges a large tall matrix a block at a time (`iso_c_map`, `iso_c_block`)."""
     if not is_matrix(base):
-        return mean_update(base, _scaled_task_vectors(base, models, coeffs), p.lam)
-    delta = _weighted_sum(base, models, coeffs).reshape(base.shape[0], -1)
+        return mean_update(base, scaled_task_vectors(base, models, coeffs), p.lam)
+    delta = weighted_sum(base, models, coeffs).reshape(base.shape[0], -1)
     shape = (delta.shape[0], delta.shape[1])
     iso = isotropic_map(gram(delta), shape).to(delta.dtype)
     flat = delta @ iso if is_tall(delta) else iso @ delta
     return base + p.lam * flat.reshape(base.shape)
 
 
-def _weighted_sum(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> Tensor:
+def weighted_sum(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """Σ_i c_i τ_i, with one task vector at a time in memory."""
     total = torch.zeros_like(base)
     for c, tau in zip(coeffs.tolist(), task_vectors(base, models)):
@@ -112,182 +111,14 @@ def iso_c_map(rows: RowReader, coeffs: Tensor, p: Params) -> torch.Tensor:
     ΔᵀΔ is the sum of the blocks')."""
     g = None
     for blocks in rows.all_blocks():
-        g = add_to_gram(g, _weighted_sum(blocks[0], blocks[1:], coeffs))
+        g = add_to_gram(g, weighted_sum(blocks[0], blocks[1:], coeffs))
     assert g is not None
     return isotropic_map(g, (rows.shape[0], rows.shape[1]))
 
 
 def iso_c_block(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, iso: torch.Tensor) -> Tensor:
     """Iso-C on a block of rows of a tall matrix, with the map `iso_c_map` made of the whole."""
-    return base + p.lam * (_weighted_sum(base, models, coeffs) @ iso.to(base.dtype))
-
-
-def iso_cts(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
-    """Iso-CTS (Marczak et al. 2025, §4.2, Alg. 1): each task keeps s = round((r − ⌊common·r⌋)/N)
-    directions and the common subspace the remaining k = r − N·s, so that the total is r (as the
-    authors' code does); the top k singular vectors of Σ_i c_i τ_i span the common subspace; each
-    task adds its top s singular vectors after the common left subspace is projected out of it
-    (τ_i − U_kU_kᵀτ_i); the stacked U and V are orthogonalised (nearest orthogonal matrices) and
-    the spectrum made flat at the mean of the stacked singular values; θ_b + λ·σ̄·U⊥V⊥ᵀ.
-
-    Every decomposition goes through the smaller Gram matrix in float64 (`top_triplets`, and the
-    polar factor X(XᵀX)^-½ for the nearest orthogonal matrix): a residual τ_i − U_kU_kᵀτ_i has
-    r − k zero singular values, on which a float32 SVD (gesdd) can fail to converge (it did on
-    a 4096² matrix); an eigensolver does not. A large tall matrix is merged a block of rows at a
-    time (`iso_cts_map`, `iso_cts_block`)."""
-    if not is_matrix(base):
-        return mean_update(base, _scaled_task_vectors(base, models, coeffs), p.lam)
-    shape = (base.shape[0], base[0].numel())
-    k, s = iso_cts_split(min(shape), len(models), p.common)
-    common = top_triplets(_weighted_sum(base, models, coeffs).reshape(shape), k, shape)
-    us, sigmas, vs = [common.U], [common.S], [common.Vh.mT]
-    for c, tau in zip(coeffs.tolist(), task_vectors(base, models)):  # one task at a time
-        residual = tau.reshape(shape).double().mul_(c)
-        residual.addmm_(common.U, common.U.mT @ residual, alpha=-1)  # τ_i − U_kU_kᵀτ_i, in place
-        specific = top_triplets(residual, s, shape)
-        del residual
-        us.append(specific.U)
-        sigmas.append(specific.S)
-        vs.append(specific.Vh.mT)
-    sigma = torch.cat(sigmas)
-    if sigma.numel() == 0:
-        return base.clone()
-    flat = polar(torch.cat(us, 1), shape) @ polar(torch.cat(vs, 1), shape).mT.mul_(sigma.mean() * p.lam)
-    return base + flat.to(base.dtype).reshape(base.shape)
-
-
-def top_triplets(x: torch.Tensor, k: int, shape: tuple[int, int]) -> SVD:
-    """x's top k singular triplets in float64 from its smaller Gram matrix: the eigenvectors are
-    one side, x·e/σ the other. A direction whose σ is below the numerical rank's tolerance for a
-    matrix of `shape` gets a zero vector on the other side: left out, not invented."""
-    lam, e = eigen(gram(x))
-    every = to_singular(lam)
-    sv, e = every[:k], e[:, :k]
-    inverse = _inverse(sv, float(every[0]) if every.numel() else 0.0, shape)
-    if is_tall(x):
-        return SVD(x.double() @ (e * inverse), sv, e.mT)
-    return SVD(e, sv, (x.double().mT @ (e * inverse)).mT)
-
-
-def polar(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The nearest (partial) isometry to a p×q x with p ≥ q: x(xᵀx)^-½ over xᵀx's numerical range
-    (Higham 2008, §8.1), float64."""
-    g = None
-    for start in range(0, x.shape[0], ROW_BLOCK):  # xᵀx without a float64 copy of x
-        g = add_to_gram(g, x[start : start + ROW_BLOCK])
-    assert g is not None
-    return x.double() @ _inverse_root(g, shape)
-
-
-def iso_cts_split(r: int, tasks: int, common: float) -> tuple[int, int]:
-    """(k, s): the common subspace's k = r − N·s directions and each task's s."""
-    s = round((r - int(r * common)) / tasks)
-    s = s if tasks * s <= r else r // tasks
-    return r - tasks * s, s
-
-
-@dataclass
-class IsoCtsMap:
-    """What Iso-CTS's blocks of rows need of a whole tall matrix (`iso_cts_map`), in float64.
-    From a block's rows of Δ = Σ M_i (M_i = c_i τ_i), its rows of U_cat = [U_k, U_1, …, U_N]
-    are U_k = Δ·common and U_i = M_i·specific_i − U_k·through_i (`stacked_left`)."""
-
-    common: torch.Tensor  # V_kΣ_k⁻¹ [n, k]
-    specific: list[torch.Tensor]  # W_iρ_i⁻¹ [n, s]: task i's top directions outside the common ones
-    through: list[torch.Tensor]  # U_kᵀM_i·W_iρ_i⁻¹ [k, s]: what of them the projection removes
-    flat: torch.Tensor  # σ̄·(U_catᵀU_cat)^-½·polar(V_cat)ᵀ [r, n]: U_cat·flat = σ̄·U⊥V⊥ᵀ
-
-
-def stacked_left(delta: torch.Tensor, mats: list[torch.Tensor], m: IsoCtsMap) -> torch.Tensor:
-    """A block's rows of U_cat (`IsoCtsMap`)."""
-    u_k = delta @ m.common
-    return torch.cat([u_k, *(x @ w - u_k @ c for x, w, c in zip(mats, m.specific, m.through))], 1)
-
-
-def _task_matrices(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Δ = Σ M_i and the M_i = c_i τ_i of a block of rows, in float64."""
-    mats = [c * (m.double() - base.double()) for c, m in zip(coeffs.tolist(), models)]
-    delta = mats[0].clone()
-    for x in mats[1:]:
-        delta.add_(x)
-    return delta, mats
-
-
-def _inverse(s: torch.Tensor, largest: float, shape: tuple[int, int]) -> torch.Tensor:
-    """1/σ, and 0 where σ is below the numerical rank's tolerance (`numerical_rank`): a direction of
-    zero singular value, which an SVD picks arbitrarily, is left out instead of invented."""
-    tol = largest * max(shape) * torch.finfo(torch.float32).eps
-    return torch.where(s > tol, 1 / s.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
-
-
-def _inverse_root(g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """G^-½ of a Gram matrix (lower triangle read) over its numerical range: X·G^-½ is the nearest
-    (partial) isometry to X for G = XᵀX, X's polar factor (Higham 2008, §8.1)."""
-    lam, vec = eigen(g)
-    s = to_singular(lam)
-    return (vec * _inverse(s, float(s[0]) if s.numel() else 0.0, shape)) @ vec.mT
-
-
-def iso_cts_map(rows: RowReader, coeffs: Tensor, p: Params) -> IsoCtsMap:
-    """`iso_cts` of a tall m×n matrix read a block of rows at a time, with Gram matrices (n×n,
-    float64) instead of SVDs, in three passes over the blocks: ΔᵀΔ gives V_k and Σ_k (U_k =
-    ΔV_kΣ_k⁻¹); M_iᵀM_i and C_i = U_kᵀM_i give the Gram matrix of task i's residual
-    (M_i − U_kC_i)ᵀ(M_i − U_kC_i) = M_iᵀM_i − C_iᵀC_i, whose top s eigenvectors W_i and values ρ_i²
-    are its top right singular vectors and values (U_i = (M_i − U_kC_i)W_iρ_i⁻¹); U_catᵀU_cat
-    gives U_cat's nearest orthogonal matrix as U_cat(U_catᵀU_cat)^-½ (its polar factor), and V_cat
-    (n×r) its own the same way. Memory: about 2N + 3 matrices of n×n in float64 besides blocks."""
-    m, n = rows.shape[0], rows.shape[1]
-    shape, tasks = (m, n), rows.inputs - 1
-    k, s = iso_cts_split(n, tasks, p.common)
-
-    def task_blocks() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        for blocks in rows.all_blocks():
-            yield _task_matrices(blocks[0], blocks[1:], coeffs)
-
-    g = None
-    for delta, _ in task_blocks():
-        g = add_to_gram(g, delta)
-    assert g is not None
-    lam, vec = eigen(g)
-    every = to_singular(lam)
-    largest = float(every[0])
-    v_k, sigmas = vec[:, :k].clone(), [every[:k]]
-    del g, vec
-    common = v_k * _inverse(every[:k], largest, shape)
-    grams: list[torch.Tensor | None] = [None] * tasks
-    shared = [torch.zeros(k, n, dtype=torch.float64, device=v_k.device) for _ in range(tasks)]
-    for delta, mats in task_blocks():
-        u_k = delta @ common
-        for i, x in enumerate(mats):
-            grams[i] = add_to_gram(grams[i], x)
-            shared[i].addmm_(u_k.mT, x)
-    vs, specific, through = [v_k], [], []
-    for i, c in enumerate(shared):
-        residual = grams[i]
-        assert residual is not None
-        grams[i] = None
-        lam_i, vec_i = eigen(residual.sub_(c.mT @ c))  # the lower triangle is what is read
-        rho = to_singular(lam_i[:s])
-        vs.append(vec_i[:, :s].clone())
-        specific.append(vs[-1] * _inverse(rho, largest, shape))
-        through.append(c @ specific[-1])
-        sigmas.append(rho)
-    del shared
-    blocks_map = IsoCtsMap(common, specific, through, torch.empty(0))
-    q = None
-    for delta, mats in task_blocks():
-        q = add_to_gram(q, stacked_left(delta, mats, blocks_map))
-    sigma = torch.cat(sigmas)
-    if q is None or sigma.numel() == 0:
-        return IsoCtsMap(common, specific, through, torch.zeros(sigma.numel(), n, dtype=torch.float64))
-    flat = sigma.mean() * _inverse_root(q, shape) @ polar(torch.cat(vs, 1), shape).mT
-    return IsoCtsMap(common, specific, through, flat)
-
-
-def iso_cts_block(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, iso: IsoCtsMap) -> Tensor:
-    """Iso-CTS on a block of rows of a tall matrix, with `iso_cts_map` made of the whole."""
-    delta, mats = _task_matrices(base, models, coeffs)
-    return base + p.lam * (stacked_left(delta, mats, iso) @ iso.flat).to(base.dtype)
+    return base + p.lam * (weighted_sum(base, models, coeffs) @ iso.to(base.dtype))
 
 
 def cart(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
