@@ -38,24 +38,25 @@ WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matr
 ELEMENTWISE_TEMPORARIES = 1
 # blocks (float32) a method holds while merging in row blocks, by the number of models: TIES's
 # trimmed τ̂_i in reused buffers (`compute.scratch`) and the vote (sign, sum, divisor, two work
-# blocks); Iso-CTS's float64 M_i, and Δ, U_k, U_cat and the conversions
-ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5), "iso-cts": (2, 10)}  # (per model, more)
+# blocks); Iso-CTS's merged block (its float64 maths goes 512 rows at a time)
+ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5), "iso-cts": (0, 2)}  # (per model, more)
 
 
 def statistics_bytes(method: str, shape: tuple[int, ...], models: int) -> int:
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
     TIES: |τ| in float32 and two masks of the selection, 6 bytes an entry; Iso-C: three float64
     matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS on a tall matrix:
-    2N + 3 of them (each task's Gram matrix and its share of the common subspace, V_k,
-    U_catᵀU_cat, the map), on a wide one Δ in float32, V_cat (n × m) and the N residuals' Y_i
-    (a fifth of that each, at common = 0.8) in float64, and three m × m matrices."""
+    seven of them (V_k and V_kΣ_k⁻¹, one task's Gram matrix, its share of the common subspace
+    and their product, the eigensolver's vectors and workspace), on a wide one Δ in float32,
+    V_cat (n × m) and the N residuals' Y_i (a fifth of that each, at common = 0.8) in float64,
+    and three m × m matrices."""
     rows, columns = shape[0], math.prod(shape[1:])
     side = min(rows, columns)
     if method == "ties":
         return 6 * rows * columns
     if method == "iso-cts" and rows <= columns:
         return 12 * rows * columns + 8 * models * rows * columns // 5 + 3 * 8 * rows**2
-    return {"iso-c": 3, "iso-cts": 2 * models + 3}.get(method, 0) * 8 * side**2
+    return {"iso-c": 3, "iso-cts": 7}.get(method, 0) * 8 * side**2
 
 
 def _workspace(config: MergeConfig) -> int:
