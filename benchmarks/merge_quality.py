@@ -390,13 +390,14 @@ def markdown_table(result: dict) -> str:
     )
     for row in sorted(result["methods"], key=lambda r: -r["mean"]):
         best = f"{row['best_lambda_mean']:.3f} (λ={row['best_lambda']:g})" if "best_lambda" in row else "—"
-        auto = "—"
-        if "auto_lambda_mean" in row:
-            auto = f"{row['auto_lambda_mean']:.3f} (λ̄={row['auto_lambda_chosen']['mean']:.2f})"
+        auto = f"{row['auto_lambda_mean']:.3f}" if "auto_lambda_mean" in row else "—"
+        if "auto_lambda_chosen" in row:
+            auto += f" (λ̄={row['auto_lambda_chosen']['mean']:.2f})"
+        accuracy = row.get("accuracy", {})  # rows kept from an interrupted run have their mean only
         lines.append(
             f"| {row['method']} | "
-            + " | ".join(f"{row['accuracy'][n]:.3f}" for n in names)
-            + f" | **{row['mean']:.3f}** | {auto} | {best} | {row['wall_s']} | {row['peak_rss_mb']} |"
+            + " | ".join(f"{accuracy[n]:.3f}" if n in accuracy else "—" for n in names)
+            + f" | **{row['mean']:.3f}** | {auto} | {best} | {row.get('wall_s', '—')} | {row.get('peak_rss_mb', '—')} |"
         )
     return "\n".join(lines)
 
