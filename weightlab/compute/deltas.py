@@ -79,5 +79,10 @@ def numerical_rank(s: torch.Tensor, shape: Sequence[int]) -> int:
     (e.g. of a merged adapter), not a direction of the update."""
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
-    tol = float(s[0]) * max(shape) * max(torch.finfo(s.dtype).eps, torch.finfo(torch.float32).eps)
-    return int((s > tol).sum())
+    return int((s > rank_tolerance(float(s[0]), shape, s.dtype)).sum())
+
+
+def rank_tolerance(largest: float, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> float:
+    """σ₁·max(m, n)·ε (ε of `dtype`, at least float32's): below it, a singular value of an m × n
+    matrix is rounding (`numerical_rank`)."""
+    return largest * max(shape) * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)

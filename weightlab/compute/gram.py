@@ -58,10 +58,14 @@ def gram(w: torch.Tensor) -> torch.Tensor:
     float64 copy of W is held; BLAS syrk on the CPU (half the flops of a matmul). Only the lower
     triangle is to be read (what every eigensolver here reads): mirroring it would cost more
     than the product."""
-    x = w if is_tall(w) else w.mT
+    return column_gram(w if is_tall(w) else w.mT)
+
+
+def column_gram(x: torch.Tensor, rows: int = ROW_BLOCK) -> torch.Tensor:
+    """XᵀX of a 2-D X in float64 (lower triangle only, as `gram`), `rows` rows converted at a time."""
     g = None
-    for start in range(0, x.shape[0], ROW_BLOCK):
-        g = add_to_gram(g, x[start : start + ROW_BLOCK])
+    for start in range(0, x.shape[0], rows):
+        g = add_to_gram(g, x[start : start + rows])
     return g if g is not None else torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
 
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from weightlab.compute.gram import add_to_gram, eigen, gram, to_singular
+from weightlab.compute.deltas import rank_tolerance
+from weightlab.compute.gram import add_to_gram, column_gram, eigen, gram, to_singular
 from weightlab.compute.rows import RowReader
 from weightlab.merging.params import Generator, Params, Tensor
 from weightlab.merging.subspace import is_matrix, mean_update, scaled_task_vectors, weighted_sum
@@ -132,7 +133,7 @@ def _wide_map(rows: RowReader, coeffs: Tensor, common: float) -> IsoCtsMap:
         v_cat[:, k + i * s : k + (i + 1) * s] = y.mT @ (z * _inverse(rho, largest, shape))
         sigmas.append(rho)
         del y
-    left = polar(torch.cat(us, 1), shape) @ _inverse_root(_column_gram(v_cat), shape) * _mean(torch.cat(sigmas))
+    left = polar(torch.cat(us, 1), shape) @ _inverse_root(column_gram(v_cat, CHUNK), shape) * _mean(torch.cat(sigmas))
     return IsoCtsMap(iter(rows.spans), v_cat.mT, left=left)
 
 
@@ -197,8 +198,8 @@ def _task_matrices(base: Tensor, models: Sequence[Tensor], coeffs: Tensor) -> tu
 
 
 def _kept(s: torch.Tensor, largest: float, shape: tuple[int, int]) -> torch.Tensor:
-    """1 where σ is above the numerical rank's tolerance (σ₁·max(m, n)·ε₃₂, as `numerical_rank`), else 0."""
-    return (s > largest * max(shape) * torch.finfo(torch.float32).eps).to(s.dtype)
+    """1 where σ is above the numerical rank's tolerance (`rank_tolerance`), else 0."""
+    return (s > rank_tolerance(largest, shape)).to(s.dtype)
 
 
 def _inverse(s: torch.Tensor, largest: float, shape: tuple[int, int]) -> torch.Tensor:
@@ -210,14 +211,6 @@ def _mean(sigma: torch.Tensor) -> float:
     return float(sigma.mean()) if sigma.numel() else 0.0
 
 
-def _column_gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx in float64 (lower triangle), a block of rows at a time: no float64 copy of x."""
-    g = None
-    for start in range(0, x.shape[0], CHUNK):
-        g = add_to_gram(g, x[start : start + CHUNK])
-    return g if g is not None else torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-
-
 def _inverse_root(g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """(XᵀX)^-½ from the Gram matrix G = XᵀX (lower triangle read), over its numerical range."""
     lam, vec = eigen(g)
@@ -227,7 +220,7 @@ def _inverse_root(g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 def polar(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The nearest (partial) isometry to a p × q x with p ≥ q: x(xᵀx)^-½, in float64."""
-    return x.double() @ _inverse_root(_column_gram(x), shape)
+    return x.double() @ _inverse_root(column_gram(x, CHUNK), shape)
 
 
 def _transposed_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
