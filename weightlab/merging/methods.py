@@ -114,7 +114,7 @@ def average(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, g
     return out
 
 
-def _addtask_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
+def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
     """θ_b + λ Σ c_i τ_i accumulated in place: two tensors of memory whatever the model count
     (buffers kept from one block to the next inside `scratch.reusing_buffers`)."""
     out = buffer("merged", base.shape, base.dtype, base.device).copy_(base)
@@ -125,7 +125,7 @@ def _addtask_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: 
 
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
-    return _addtask_vectors(base, task_vectors(base, models), coeffs, p.lam)
+    return _add_task_vectors(base, task_vectors(base, models), coeffs, p.lam)
 
 
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
@@ -215,7 +215,7 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
 def dare_linear(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i) (Yu et al. 2024, eq. 2 then Ilharco et al. 2023, eq. 1)."""
     taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(task_vectors(base, models)))
-    return _addtask_vectors(base, taus, coeffs, p.lam)
+    return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
 def dare_ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
@@ -242,7 +242,7 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.T
 def breadcrumbs(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Breadcrumbs masks, then task arithmetic (Davari & Belilovsky 2024, §3)."""
     taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in task_vectors(base, models))
-    return _addtask_vectors(base, taus, coeffs, p.lam)
+    return _add_task_vectors(base, taus, coeffs, p.lam)
 
 
 def breadcrumbs_ties(
