@@ -364,7 +364,7 @@ def test_ties_trim_keeps_exactly_k_on_large_tensors():
 
 def test_chunked_ties_is_bit_identical_to_trimming_whole_task_vectors():
     from weightlab.compute.trim import trim_top_magnitude
-    from weightlab.merging.methods import TIES_CHUNK, elect_and_mean
+    from weightlab.merging.ties import TIES_CHUNK, elect_and_mean
 
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(3 * TIES_CHUNK + 17, generator=gen)

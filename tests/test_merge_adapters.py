@@ -8,8 +8,9 @@ import torch
 from test_lora import peft_merged
 
 from weightlab.io import open_checkpoint, open_finetuned, open_weights
-from weightlab.merging.methods import METHODS, ties
+from weightlab.merging.methods import METHODS
 from weightlab.merging.params import resolve
+from weightlab.merging.ties import ties
 
 
 def _dense_knots_ties(taus: list[torch.Tensor], density: float, lam: float) -> torch.Tensor:

@@ -69,9 +69,9 @@ def test_the_estimate_follows_the_method(big, tmp_path):
     assert arithmetic.in_row_blocks == iso.in_row_blocks == 1 and ties.in_row_blocks == 1
     fixed = PROCESS_BYTES + READ_AHEAD_BYTES  # then (N + 2 + workspace) tensors: docs/merge.md's formula
     assert arithmetic.peak_memory_bytes == fixed + (2 * 3 + 2) * ROW_BLOCK_BYTES
-    # what the statistics keep: |τ| and masks for ties (6 bytes an entry), three 1024² float64 matrices for iso-c
-    # and TIES's reused buffers: τ̂ of each model and the vote's five blocks
-    assert ties.peak_memory_bytes == fixed + (2 * 3 + 2 + 2 + 5) * ROW_BLOCK_BYTES + 6 * 9000 * 1024
+    # what the statistics keep: TIES's counts in its CPU kernels (2^16 bins per model and block of
+    # 16 MB of float32: three), three 1024² float64 matrices for iso-c; TIES's merged block
+    assert ties.peak_memory_bytes == fixed + (2 * 3 + 2 + 1) * ROW_BLOCK_BYTES + 8 * 2**16 * 2 * 3
     assert iso.peak_memory_bytes == fixed + (2 * 3 + 2) * ROW_BLOCK_BYTES + 24 * 1024**2
     # Iso-CTS in row blocks too: seven matrices of 1024² in float64, and its merged block
     cts = merge(base, models, method="iso-cts", out=tmp_path / "e", dry_run=True)
@@ -106,7 +106,8 @@ def test_what_statistics_keep_is_bounded_by_the_smaller_side():
     from weightlab.merging.plan import statistics_bytes
 
     assert statistics_bytes("iso-c", (4096, 11008), 3) == 24 * 4096**2
-    assert statistics_bytes("ties", (32000, 4096), 3) == 6 * 32000 * 4096
+    assert statistics_bytes("ties", (32000, 4096), 3) == 6 * 32000 * 4096  # torch: one |τ| whole
+    assert statistics_bytes("ties", (32000, 4096), 3, kernels=True) == 8 * 2**16 * 3 * 32  # counts: 50 MB
     assert statistics_bytes("iso-cts", (32000, 4096), 3) == 7 * 8 * 4096**2  # 0.94 GB, where whole: 11 GB
     wide = 12 * 4096 * 11008 + 8 * 3 * 4096 * 11008 // 5 + 24 * 4096**2  # a 7B down_proj: 1.2 GB
     assert statistics_bytes("iso-cts", (4096, 11008), 3) == wide

@@ -269,7 +269,7 @@ def _plan(cfg: Any, inputs: list[Any], opened: dict[str, Any], out: str | Path |
     if out is not None:
         check_outputs(inputs, [Output("-o", out, directory=True)], run.force)
     with run.outputs([*inputs, *opened.values()]) as plan:
-        result = plan_merge(cfg, str(out) if out is not None else ".", opened)
+        result = plan_merge(cfg, str(out) if out is not None else ".", opened, run.compute())
         emit(plan, result)
     return result
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -34,11 +34,11 @@ class RowReader:
     spans: list[tuple[int, int]]
     inputs: int
 
-    def blocks(self, i: int) -> Iterator[torch.Tensor]:
+    def blocks(self, i: int) -> Generator[torch.Tensor, None, None]:
         """Input i's rows, block after block, in order (the next read ahead)."""
         return read_ahead([partial(self.read, i, start, stop) for start, stop in self.spans])
 
-    def all_blocks(self) -> Iterator[list[torch.Tensor]]:
+    def all_blocks(self) -> Generator[list[torch.Tensor], None, None]:
         """Every input's rows of each block together, block after block (the next read ahead)."""
         return read_ahead([partial(self._all, start, stop) for start, stop in self.spans])
 
@@ -46,7 +46,7 @@ class RowReader:
         return [self.read(i, start, stop) for i in range(self.inputs)]
 
 
-def read_ahead(reads: Sequence[Callable[[], T]]) -> Iterator[T]:
+def read_ahead(reads: Sequence[Callable[[], T]]) -> Generator[T, None, None]:
     """Each read's result in order, the next one running on a background thread while the caller
     works on this one: reading (and its cast and finite check, which release the GIL) overlaps
     the maths instead of adding to it. One read in flight."""

@@ -54,10 +54,11 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.open import open_checkpoint, open_weights
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.merging.config import RECORD, MergeConfig, record_yaml
-from weightlab.merging.methods import METHODS, MergeMethod, ties
+from weightlab.merging.methods import METHODS, MergeMethod
 from weightlab.merging.params import Generator, Params
 from weightlab.merging.run import MergeReport, tensor_seed
 from weightlab.merging.subspace import tsv_factors
+from weightlab.merging.ties import ties
 
 ADAPTER_METHODS = ("task-arithmetic", "average", "ties", "tsv")  # in their own joint spaces; others in core space
 

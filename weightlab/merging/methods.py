@@ -9,21 +9,14 @@ compute.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from weightlab.compute.rows import RowReader
 from weightlab.compute.scratch import buffer
-from weightlab.compute.trim import (
-    TrimState,
-    kth_largest,
-    trim_block_,
-    trim_state,
-    trim_state_of_blocks,
-)
+from weightlab.compute.trim import kth_largest
 from weightlab.merging.covariance import ace
 from weightlab.merging.data_aware import fisher, regmean
 from weightlab.merging.iso_cts import iso_cts, iso_cts_block, iso_cts_map
@@ -60,7 +53,8 @@ from weightlab.merging.subspace import (
     wudi,
     wudi_adam,
 )
-from weightlab.merging.task_vectors import task_vector_into, task_vectors
+from weightlab.merging.task_vectors import task_vectors
+from weightlab.merging.ties import elect_and_mean, ties, ties_block, ties_trims
 
 
 @dataclass(frozen=True)
@@ -126,80 +120,6 @@ def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam:
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
     return _add_task_vectors(base, task_vectors(base, models), coeffs, p.lam)
-
-
-def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
-    """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
-    the entries that agree with it (a disjoint mean: zero entries do not count). Accumulated one
-    model at a time in place, in buffers kept from one block to the next (`scratch.buffer`): the
-    result is one of them, to be copied before the next call."""
-    cs = coeffs.tolist()
-    elected, merged, divisor, part, agree = (
-        buffer(f"ties.{role}", taus[0].shape, taus[0].dtype, taus[0].device)
-        for role in ("elected", "merged", "divisor", "part", "agree")
-    )
-    elected.zero_()
-    for c, tau in zip(cs, taus):
-        elected.add_(tau, alpha=c)
-    elected.sign_()
-    merged.zero_()
-    divisor.zero_()
-    for c, tau in zip(cs, taus):
-        torch.mul(tau, elected, out=part).clamp_(min=0)  # |τ| where sign(τ) is the elected one, else 0
-        torch.sign(part, out=agree)  # 1 there, else 0
-        merged.add_(part.mul_(elected), alpha=c)  # τ there (times ±1, exactly), else 0
-        divisor.add_(agree, alpha=c)
-    # 0/0 where nothing agreed (the coefficients are non-negative, so merged is 0 there): 0
-    return merged.div_(divisor).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-
-
-TIES_CHUNK = 1 << 17  # entries per elementwise pass: the trimmed task vectors never exist whole
-
-
-def ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
-    """TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models", Alg. 1):
-    trim each τ_i to its top-density entries, elect signs, disjoint mean, scale by λ.
-
-    The per-model thresholds come first (`ties_trim`, one task vector at a time); trimming,
-    election and mean then run over chunks (`ties_block`), so memory is the inputs plus the
-    output, whatever the tensor's size. Same result, bit for bit, as trimming whole task vectors
-    (`trim_top_magnitude`); the executor runs the same two steps on blocks of rows it reads itself."""
-    trims = [ties_trim(base, m, p) for m in models]
-    flat_base, flats = base.reshape(-1), [m.reshape(-1) for m in models]
-    out = torch.empty_like(flat_base)
-    for start in range(0, flat_base.numel(), TIES_CHUNK):
-        part = slice(start, start + TIES_CHUNK)
-        out[part] = ties_block(flat_base[part], [m[part] for m in flats], coeffs, p, trims)
-    return out.reshape(base.shape)
-
-
-def ties_trim(base: torch.Tensor, model: torch.Tensor, p: Params) -> TrimState:
-    """[threshold, ties left] of one model's whole task vector (None at density 1)."""
-    return trim_state(model - base, p.density)
-
-
-def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> list[TrimState]:
-    """`ties_trim` of every model from blocks of rows (`trim_state_of_blocks`): the executor's
-    statistics pass for a tensor it never holds whole; the same thresholds, bit for bit."""
-    numel = math.prod(rows.shape)
-
-    def task_vector_blocks(i: int) -> Iterator[Tensor]:
-        for b, m in zip(rows.blocks(0), rows.blocks(i)):
-            yield task_vector_into(buffer("task-vector", b.shape, b.dtype, b.device), m, b)
-
-    return [trim_state_of_blocks(task_vector_blocks(i), numel, p.density) for i in range(1, rows.inputs)]
-
-
-def ties_block(
-    base: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, p: Params, trims: list[TrimState]
-) -> torch.Tensor:
-    """TIES on consecutive entries (in index order across calls): trim with each model's
-    threshold, passing ties at the threshold to the lowest indices, elect, mean, scale."""
-    taus = [
-        trim_block_(task_vector_into(buffer(f"task-vector-{i}", base.shape, base.dtype, base.device), m, base), trim)
-        for i, (m, trim) in enumerate(zip(models, trims))
-    ]
-    return elect_and_mean(taus, coeffs).mul_(p.lam).add_(base)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -11,7 +11,7 @@ P is the process itself (Python, torch: about 0.4 GB), R the read-ahead cap (256
 workspace (0 for elementwise methods, 4 for the per-matrix SVD and covariance methods: an SVD's
 factors and their products). Tensors merged a block of rows at a time cost (2N + 2) blocks of
 16 MB as stored instead (this block and the next), what the method keeps in reused buffers
-(`ROW_WORKSPACE`) and what its statistics keep of the whole (`statistics_bytes`).
+(`row_workspace`) and what its statistics keep of the whole (`statistics_bytes`).
 Data-aware methods add the model run in float32 and up to 1 GiB of Gram matrices.
 """
 
@@ -22,8 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightlab.compute import ties_kernels
+from weightlab.compute.device import Compute
 from weightlab.compute.rows import ROW_BLOCK_BYTES
 from weightlab.compute.stream import READ_AHEAD_BYTES
+from weightlab.compute.ties_kernels import BINS
 from weightlab.display import human_bytes, model_names
 from weightlab.io.atomic import free_bytes
 from weightlab.io.checkpoint import Checkpoint
@@ -36,15 +39,23 @@ from weightlab.results import Result, Table
 PROCESS_BYTES = 400 << 20  # Python, torch and weightlab, before any tensor
 WORKSPACE = {"subspace": 4, "covariance": 4}  # extra whole tensors the per-matrix methods hold
 ELEMENTWISE_TEMPORARIES = 1
-# blocks (float32) a method holds while merging in row blocks, by the number of models: TIES's
-# trimmed τ̂_i in reused buffers (`compute.scratch`) and the vote (sign, sum, divisor, two work
-# blocks); Iso-CTS's merged block (its float64 maths goes 512 rows at a time)
-ROW_WORKSPACE: dict[str, tuple[int, int]] = {"ties": (1, 5), "iso-cts": (0, 2)}  # (per model, more)
 
 
-def statistics_bytes(method: str, shape: tuple[int, ...], models: int) -> int:
+def row_workspace(method: str, models: int, kernels: bool) -> int:
+    """Blocks (float32) a method holds while merging in row blocks: TIES's merged block in its
+    CPU kernels (`compute.ties_kernels`), else its trimmed τ̂_i in reused buffers
+    (`compute.scratch`) and the vote (sign, sum, divisor, two work blocks); Iso-CTS's merged
+    block and its cast (its float64 maths goes 512 rows at a time)."""
+    if method == "ties":
+        return 1 if kernels else models + 5
+    return 2 if method == "iso-cts" else 0
+
+
+def statistics_bytes(method: str, shape: tuple[int, ...], models: int, kernels: bool = False) -> int:
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
-    TIES: |τ| in float32 and two masks of the selection, 6 bytes an entry; Iso-C: three float64
+    TIES in its CPU kernels: counts of 2^16 bins (int64) per model and block of 16 MB (from a
+    float32 tensor: the most blocks); else |τ| in float32 and two masks of the selection, 6
+    bytes an entry; Iso-C: three float64
     matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS on a tall matrix:
     seven of them (V_k and V_kΣ_k⁻¹, one task's Gram matrix, its share of the common subspace
     and their product, the eigensolver's vectors and workspace), on a wide one Δ in float32,
@@ -53,7 +64,7 @@ def statistics_bytes(method: str, shape: tuple[int, ...], models: int) -> int:
     rows, columns = shape[0], math.prod(shape[1:])
     side = min(rows, columns)
     if method == "ties":
-        return 6 * rows * columns
+        return 8 * BINS * models * (4 * rows * columns // ROW_BLOCK_BYTES + 1) if kernels else 6 * rows * columns
     if method == "iso-cts" and rows <= columns:
         return 12 * rows * columns + 8 * models * rows * columns // 5 + 3 * 8 * rows**2
     return {"iso-c": 3, "iso-cts": 7}.get(method, 0) * 8 * side**2
@@ -127,8 +138,13 @@ class MergePlan(Result):
         ]
 
 
-def plan_merge(config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] | None = None) -> MergePlan:
-    """The plan of merging `config` into `out`, from the inputs' headers: nothing is computed or written."""
+def plan_merge(
+    config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] | None = None, compute: Compute | None = None
+) -> MergePlan:
+    """The plan of merging `config` into `out` on `compute` (the default: `Compute.create()`),
+    from the inputs' headers: nothing is computed or written."""
+    compute = compute or Compute.create()
+    kernels = ties_kernels.runs_on(compute.device, compute.dtype)
     base, models, walk, buffers, left_out = open_inputs(config, opened or {})
     ckpts = [base, *models] if base is not None else models
     anchor = ckpts[0]
@@ -143,11 +159,10 @@ def plan_merge(config: MergeConfig, out: str, opened: Mapping[str, Checkpoint] |
     peak = PROCESS_BYTES + READ_AHEAD_BYTES + (n + 2 + _workspace(config)) * t
     if in_rows:
         split = [i for i in items if i.names[0] in in_rows]
-        kept = max((statistics_bytes(config.method, i.shape, len(models)) for i in split), default=0)
+        kept = max((statistics_bytes(config.method, i.shape, len(models), kernels) for i in split), default=0)
         # a block of 16 MB as stored is read as float32 (32 MB from bfloat16): this one and the next
         block = max(ROW_BLOCK_BYTES * 4 // (i.nbytes // max(math.prod(i.shape), 1) or 1) for i in split)
-        per_model, more = ROW_WORKSPACE.get(config.method, (0, 0))
-        blocks = 2 * n + 2 + per_model * len(models) + more
+        blocks = 2 * n + 2 + row_workspace(config.method, len(models), kernels)
         peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + blocks * block + kept)
     if config.spec.calibration:
         peak += sum(math.prod(i.shape) for i in items) * 4 + GRAM_BUDGET

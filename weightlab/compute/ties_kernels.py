@@ -1,0 +1,211 @@
+"""TIES-Merging's arithmetic as fused CPU kernels (numba): each step reads a block once, where the
+torch formulas (`compute.trim`, `merging.methods.elect_and_mean`) make some thirty elementwise
+passes and hold a whole |τ| per model. The same thresholds and the same bits as those formulas
+(tests/test_ties_kernels.py); a GPU or float64 maths takes the formulas.
+
+The k-th largest |τ| by counting, a two-level radix selection: a non-negative float32 orders as
+its bit pattern, so one pass counts the top 16 bits of every |τ_i| (the bin that holds the k-th
+largest), and a second counts the low 16 bits inside that bin (the value itself). Nothing of the
+whole tensor is kept but these counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+BINS = 1 << 16  # 16 bits of a float32 at a time
+
+
+@intrinsic
+def _bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """A float32's bit pattern as a uint32 (a free reinterpretation)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """The float32 of a bit pattern."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a·b + c rounded once, as torch's `add_(x, alpha=c)` computes it on the CPU."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _f32(x: Any) -> float:
+    """An entry as float32: a bfloat16 (its bits, as uint16) is the top half of one, exactly.
+    Compiled in the kernels only (`_f32_of`)."""
+    raise NotImplementedError
+
+
+@overload(_f32, inline="always")
+def _f32_of(x):  # type: ignore[no-untyped-def]
+    if x == types.uint16:
+        return lambda x: _from_bits(np.uint32(x) << 16)
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_high(base, models, counts):  # type: ignore[no-untyped-def]
+    """counts[c, i, h] += how many |τ_i| of the c-th share of the block have top 16 bits h."""
+    n, shares = base.size, counts.shape[0]
+    step = (n + shares - 1) // shares
+    for c in prange(shares):
+        for j in range(c * step, min(n, (c + 1) * step)):
+            b = base[j]
+            for i in range(len(models)):
+                counts[c, i, _bits(abs(_f32(models[i][j]) - b)) >> 16] += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_low(base, models, high, counts):  # type: ignore[no-untyped-def]
+    """counts[c, i, l] += how many |τ_i| of the c-th share have top bits high[i] and low bits l."""
+    n, shares = base.size, counts.shape[0]
+    step = (n + shares - 1) // shares
+    for c in prange(shares):
+        for j in range(c * step, min(n, (c + 1) * step)):
+            b = base[j]
+            for i in range(len(models)):
+                bits = _bits(abs(_f32(models[i][j]) - b))
+                if bits >> 16 == high[i]:
+                    counts[c, i, bits & 0xFFFF] += 1
+
+
+@numba.njit(cache=True)
+def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
+    """One past the index of the nth entry with |τ| = threshold (nth ≥ 1 and present)."""
+    seen = 0
+    for j in range(base.size):
+        if abs(_f32(model[j]) - base[j]) == threshold:
+            seen += 1
+            if seen == nth:
+                return j + 1
+    return base.size
+
+
+@numba.njit(parallel=True, cache=True)
+def _merge(base, models, coeffs, thresholds, cutoffs, lam, out):  # type: ignore[no-untyped-def]
+    """out = θ_b + λ·(disjoint mean of the trimmed τ_i that agree with the elected sign), in
+    chunks that stay in cache: trim (|τ| > t, or = t before the cutoff) and elect, then mean."""
+    n, chunk, zero = base.size, 4096, np.float32(0)
+    for c in prange((n + chunk - 1) // chunk):
+        start = c * chunk
+        size = min(n, start + chunk) - start
+        taus, elected = np.empty((len(models), size), np.float32), np.zeros(size, np.float32)
+        for i in range(len(models)):
+            model, t, cut, coeff, trimmed = models[i], thresholds[i], cutoffs[i] - start, coeffs[i], taus[i]
+            for k in range(size):
+                tau = _f32(model[start + k]) - base[start + k]
+                tau = tau if (abs(tau) > t) | ((abs(tau) == t) & (k < cut)) else zero
+                trimmed[k] = tau
+                elected[k] = _fma(coeff, tau, elected[k])
+        total, weight = np.zeros(size, np.float32), np.zeros(size, np.float32)
+        for i in range(len(models)):
+            coeff, trimmed = coeffs[i], taus[i]
+            for k in range(size):
+                tau = trimmed[k]
+                agrees = ((tau > zero) & (elected[k] > zero)) | ((tau < zero) & (elected[k] < zero))
+                total[k] = _fma(coeff, tau, total[k]) if agrees else total[k]
+                weight[k] = weight[k] + coeff if agrees else weight[k]
+        for k in range(size):
+            mean = total[k] / weight[k] if weight[k] > zero else zero  # nothing agreed: 0
+            out[start + k] = mean * lam + base[start + k]
+
+
+MODEL_DTYPES = (torch.float32, torch.bfloat16)  # models as read (`stored_models`): bfloat16 is decoded in the kernels
+
+
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether maths on this device in this dtype go through the kernels: float32 on the CPU."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def fits(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+    """Whether a block goes through the kernels: the base as `runs_on` says, the models all in
+    one of MODEL_DTYPES on the CPU."""
+    return (
+        runs_on(base.device, base.dtype)
+        and all(m.device.type == "cpu" and m.dtype == models[0].dtype for m in models)
+        and models[0].dtype in MODEL_DTYPES
+    )
+
+
+def _flat(x: torch.Tensor) -> np.ndarray:
+    flat = x.reshape(-1).contiguous()
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+
+
+def _models(models: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    return tuple(_flat(m) for m in models)
+
+
+def _threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def count_high(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
+    """(models, 2^16) counts of the top 16 bits of each |τ_i| = |θ_i − θ_b| of a block."""
+    _threads()
+    counts: np.ndarray = np.zeros((numba.get_num_threads(), len(models), BINS), np.int64)
+    _count_high(_flat(base), _models(models), counts)
+    summed: np.ndarray = counts.sum(0)
+    return summed
+
+
+def count_low(base: torch.Tensor, models: list[torch.Tensor], high: np.ndarray) -> np.ndarray:
+    """(models, 2^16) counts of the low 16 bits of the |τ_i| of a block whose top bits are high[i]."""
+    _threads()
+    counts: np.ndarray = np.zeros((numba.get_num_threads(), len(models), BINS), np.int64)
+    _count_low(_flat(base), _models(models), high.astype(np.uint32), counts)
+    summed: np.ndarray = counts.sum(0)
+    return summed
+
+
+def nth_equal(base: torch.Tensor, model: torch.Tensor, threshold: float, nth: int) -> int:
+    """One past the index (in the flattened block) of the nth entry with |θ − θ_b| = threshold."""
+    return int(_nth_equal(_flat(base), _flat(model), np.float32(threshold), nth))
+
+
+def merge_block(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    coeffs: np.ndarray,
+    thresholds: np.ndarray,
+    cutoffs: np.ndarray,
+    lam: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """TIES on a block (`_merge`) into `out` (float32, the block's shape): entries with
+    |τ_i| = thresholds[i] are kept below flat index cutoffs[i] only."""
+    _threads()
+    _merge(
+        _flat(base),
+        _models(models),
+        coeffs.astype(np.float32),
+        thresholds.astype(np.float32),
+        cutoffs.astype(np.int64),
+        np.float32(lam),
+        out.view(-1).numpy(),
+    )
+    return out
