@@ -4,9 +4,9 @@ passes and hold a whole |τ| per model. The same thresholds and the same bits as
 (tests/test_ties_kernels.py); a GPU or float64 maths takes the formulas.
 
 The k-th largest |τ| by counting, a two-level radix selection: a non-negative float32 orders as
-its bit pattern, so one pass counts the top 16 bits of every |τ_i| (the bin that holds the k-th
-largest), and a second counts the low 16 bits inside that bin (the value itself). Nothing of the
-whole tensor is kept but these counts."""
+its bit pattern, so counting the top 16 bits of every |τ_i| finds the bin that holds the k-th
+largest, and counting the low 16 bits inside that bin, the value itself (`Counts`). Nothing of
+the whole tensor is kept but these counts."""
 
 from __future__ import annotations
 
@@ -67,41 +67,48 @@ def _f32_of(x):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_high(base, models, counts):  # type: ignore[no-untyped-def]
-    """counts[c, i, h] += how many |τ_i| of the c-th share of the block have top 16 bits h."""
-    n, shares = base.size, counts.shape[0]
+def _count_high(base, models, high):  # type: ignore[no-untyped-def]
+    """high[c, i, h] += how many |τ_i| of the c-th share of the block have top 16 bits h."""
+    n, shares = base.size, high.shape[0]
     step = (n + shares - 1) // shares
     for c in prange(shares):
         for j in range(c * step, min(n, (c + 1) * step)):
             b = base[j]
             for i in range(len(models)):
-                counts[c, i, _bits(abs(_f32(models[i][j]) - b)) >> 16] += 1
+                high[c, i, _bits(abs(_f32(models[i][j]) - b)) >> 16] += 1
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_low(base, models, high, counts):  # type: ignore[no-untyped-def]
-    """counts[c, i, l] += how many |τ_i| of the c-th share have top bits high[i] and low bits l."""
-    n, shares = base.size, counts.shape[0]
+def _count_window(base, models, lowest, above, window):  # type: ignore[no-untyped-def]
+    """For the c-th share of the block: above[c, i] += how many |τ_i| have top bits above the
+    window lowest[i] .. lowest[i] + width − 1; window[c, i, w, l] += how many have top bits
+    lowest[i] + w and low bits l. Entries in the window are few: the branch is rarely taken."""
+    n, shares, width = base.size, above.shape[0], window.shape[2]
     step = (n + shares - 1) // shares
     for c in prange(shares):
+        more = np.zeros(len(models), np.int64)
         for j in range(c * step, min(n, (c + 1) * step)):
             b = base[j]
             for i in range(len(models)):
                 bits = _bits(abs(_f32(models[i][j]) - b))
-                if bits >> 16 == high[i]:
-                    counts[c, i, bits & 0xFFFF] += 1
+                w = np.int64(bits >> 16) - lowest[i]
+                more[i] += w >= width
+                if 0 <= w < width:
+                    window[c, i, w, bits & 0xFFFF] += 1
+        above[c] += more
 
 
 @numba.njit(cache=True)
 def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
-    """One past the index of the nth entry with |τ| = threshold (nth ≥ 1 and present)."""
+    """(one past the index of the nth entry with |τ| = threshold, nth) if the block has that
+    many, else (its size, how many it has): a scan that stops there."""
     seen = 0
     for j in range(base.size):
         if abs(_f32(model[j]) - base[j]) == threshold:
             seen += 1
             if seen == nth:
-                return j + 1
-    return base.size
+                return j + 1, seen
+    return base.size, seen
 
 
 @numba.njit(parallel=True, cache=True)
@@ -164,27 +171,47 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def count_high(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
-    """(models, 2^16) counts of the top 16 bits of each |τ_i| = |θ_i − θ_b| of a block."""
-    _threads()
-    counts: np.ndarray = np.zeros((numba.get_num_threads(), len(models), BINS), np.int64)
-    _count_high(_flat(base), _models(models), counts)
-    summed: np.ndarray = counts.sum(0)
-    return summed
+class Counts:
+    """Counts of |τ_i| over the blocks of one tensor, in arrays per thread (summed when read): of
+    the top 16 bits (`add_high`), or of the entries above a window of `width` top-bit bins per
+    model and of the low 16 bits inside it (`add_window`)."""
+
+    def __init__(self, models: int, width: int):
+        _threads()
+        shares = numba.get_num_threads()
+        self._high: np.ndarray = np.zeros((shares, models, BINS), np.int64)
+        self._above: np.ndarray = np.zeros((shares, models), np.int64)
+        self._window: np.ndarray = np.zeros((shares, models, width, BINS), np.int64)
+
+    def add_high(self, base: torch.Tensor, models: list[torch.Tensor]) -> None:
+        _threads()
+        _count_high(_flat(base), _models(models), self._high)
+
+    def add_window(self, base: torch.Tensor, models: list[torch.Tensor], lowest: np.ndarray) -> None:
+        _threads()
+        _count_window(_flat(base), _models(models), lowest.astype(np.int64), self._above, self._window)
+
+    def high(self) -> np.ndarray:
+        """(models, 2^16): how many |τ_i| have each top 16 bits."""
+        summed: np.ndarray = self._high.sum(0)
+        return summed
+
+    def above(self) -> np.ndarray:
+        """(models,): how many |τ_i| lie above the window."""
+        summed: np.ndarray = self._above.sum(0)
+        return summed
+
+    def window(self) -> np.ndarray:
+        """(models, width · 2^16): how many |τ_i| have each 32 bits in the window, ascending."""
+        summed: np.ndarray = self._window.sum(0)
+        return summed.reshape(summed.shape[0], -1)
 
 
-def count_low(base: torch.Tensor, models: list[torch.Tensor], high: np.ndarray) -> np.ndarray:
-    """(models, 2^16) counts of the low 16 bits of the |τ_i| of a block whose top bits are high[i]."""
-    _threads()
-    counts: np.ndarray = np.zeros((numba.get_num_threads(), len(models), BINS), np.int64)
-    _count_low(_flat(base), _models(models), high.astype(np.uint32), counts)
-    summed: np.ndarray = counts.sum(0)
-    return summed
-
-
-def nth_equal(base: torch.Tensor, model: torch.Tensor, threshold: float, nth: int) -> int:
-    """One past the index (in the flattened block) of the nth entry with |θ − θ_b| = threshold."""
-    return int(_nth_equal(_flat(base), _flat(model), np.float32(threshold), nth))
+def nth_equal(base: torch.Tensor, model: torch.Tensor, threshold: float, nth: int) -> tuple[int, int]:
+    """(one past the flat index of the nth entry of a block with |θ − θ_b| = threshold, nth), or
+    (the block's size, how many it has) when it has fewer."""
+    end, seen = _nth_equal(_flat(base), _flat(model), np.float32(threshold), nth)
+    return int(end), int(seen)
 
 
 def merge_block(

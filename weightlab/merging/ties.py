@@ -11,7 +11,7 @@ ties at the threshold going to the lowest indices, and give the same bits."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from weightlab.compute import ties_kernels
 from weightlab.compute.rows import RowReader
 from weightlab.compute.scratch import buffer
+from weightlab.compute.ties_kernels import BINS
 from weightlab.compute.trim import TrimState, trim_block_, trim_state_of_blocks
 from weightlab.merging.params import Generator, Params, Tensor
 from weightlab.merging.task_vectors import task_vector_into
@@ -51,30 +52,24 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tens
     return merged.div_(divisor).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
+WINDOW = 2  # top-bit bins either side of the first block's guess whose low bits the first pass counts too
+
+
 @dataclass
 class CountedTrims:
-    """Every model's trim of one tensor for the kernels: keep |τ_i| > thresholds[i], and of the
-    entries equal to it the first ties[i] in index order. `equal` holds, block by block, how many
-    such entries each block has; the blocks are merged in order, each taking its share of the ties."""
+    """Every model's trim of one tensor for the kernels: keep |τ_i| > thresholds[i] and, of the
+    entries equal to it, the first ties[i] in index order. The blocks are merged in order, each
+    taking the ties it holds until none are left (`cutoffs`)."""
 
     thresholds: np.ndarray  # float32, per model
     ties: np.ndarray  # int64, per model: ties still to keep, counted down block by block
-    equal: list[np.ndarray] = field(default_factory=list)  # per block, per model; empty: no ties to place
-    block: int = 0  # the next block to merge
 
     def cutoffs(self, base: Tensor, models: list[Tensor]) -> np.ndarray:
         """Per model, the flat index in this block below which entries at the threshold are kept."""
-        size = base.numel()
         cut: np.ndarray = np.zeros(len(models), np.int64)
-        equal = self.equal[self.block] if self.equal else np.zeros(len(models), np.int64)
-        for i, (here, left) in enumerate(zip(equal.tolist(), self.ties.tolist())):
-            take = min(here, left)
-            if take == here:
-                cut[i] = size  # every tie here is kept (or there is none)
-            elif take:
-                cut[i] = ties_kernels.nth_equal(base, models[i], float(self.thresholds[i]), take)
-            self.ties[i] -= take
-        self.block += 1
+        for i in np.flatnonzero(self.ties > 0).tolist():
+            cut[i], kept = ties_kernels.nth_equal(base, models[i], float(self.thresholds[i]), int(self.ties[i]))
+            self.ties[i] -= kept
         return cut
 
 
@@ -89,22 +84,42 @@ def _from_top(counts: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def counted_trims(rows: RowReader, density: float) -> CountedTrims:
-    """`CountedTrims` by two passes over the blocks (`ties_kernels.count_high`, `count_low`): the
-    k = int(density·n) largest |τ_i| of each model, exactly, and nothing of the whole kept."""
+    """`CountedTrims`: the k = int(density·n) largest |τ_i| of each model, exactly, by counting
+    bits (`ties_kernels.Counts`), nothing of the whole kept. The first block's own k-th largest
+    places a window of 2·WINDOW + 1 top-bit bins; one pass over the blocks counts the entries
+    above it and the low bits of those inside it, which holds the tensor's k-th largest unless
+    the first block misled (then a pass counts the top bits and another the window around the
+    right bin)."""
     models, numel = rows.inputs - 1, math.prod(rows.shape)
     k = int(density * numel)
     if density >= 1 or k == 0:  # everything kept (|τ| > -1), or nothing (|τ| > inf)
         return CountedTrims(np.full(models, -1.0 if density >= 1 else math.inf, np.float32), np.zeros(models, np.int64))
     wanted: np.ndarray = np.full(models, k, np.int64)
-    high: np.ndarray = np.zeros((models, ties_kernels.BINS), np.int64)
-    for blocks in rows.all_blocks():
-        high += ties_kernels.count_high(blocks[0], blocks[1:])
-    top, above_top = _from_top(high, wanted)
-    low = [ties_kernels.count_low(blocks[0], blocks[1:], top) for blocks in rows.all_blocks()]
-    bottom, above_bottom = _from_top(np.sum(low, axis=0), wanted - above_top)
-    thresholds = ((top.astype(np.uint32) << 16) | bottom.astype(np.uint32)).view(np.float32)
-    ties = wanted - above_top - above_bottom
-    return CountedTrims(thresholds, ties, [block[np.arange(models), bottom] for block in low])
+    width = 2 * WINDOW + 1
+
+    def window_from(lowest: np.ndarray | None) -> tuple[np.ndarray, ties_kernels.Counts]:
+        counts = ties_kernels.Counts(models, width)
+        for blocks in rows.all_blocks():
+            if lowest is None:  # the first block's own k-th largest, in the middle of the window
+                first = ties_kernels.Counts(models, 1)
+                first.add_high(blocks[0], blocks[1:])
+                guess, _ = _from_top(first.high(), np.full(models, max(1, int(density * blocks[0].numel()))))
+                lowest = np.maximum(guess - WINDOW, 0)
+            counts.add_window(blocks[0], blocks[1:], lowest)
+        assert lowest is not None
+        return lowest, counts
+
+    lowest, counts = window_from(None)
+    above, inside = counts.above(), counts.window()
+    if not np.all((above < wanted) & (wanted <= above + inside.sum(1))):
+        high = ties_kernels.Counts(models, 1)
+        for blocks in rows.all_blocks():
+            high.add_high(blocks[0], blocks[1:])
+        lowest, counts = window_from(_from_top(high.high(), wanted)[0])
+        above, inside = counts.above(), counts.window()
+    at, above_at = _from_top(inside, wanted - above)
+    thresholds = (((lowest + at // BINS) << 16) | (at % BINS)).astype(np.uint32).view(np.float32)
+    return CountedTrims(thresholds, wanted - above - above_at)
 
 
 def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> CountedTrims | list[TrimState]:
