@@ -45,12 +45,24 @@ def merged_bytes(root, out, method, base="base", **extra) -> dict[str, torch.Ten
     return load_file(next(out.glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("method,params", [("task-arithmetic", {}), ("average", {}), ("ties", {"density": 0.3})])
-def test_merging_in_row_blocks_gives_the_same_bytes(models, tmp_path, monkeypatch, method, params):
+@pytest.mark.parametrize(
+    "method,params,kept",
+    [
+        ("task-arithmetic", {}, True),
+        ("average", {}, True),
+        ("ties", {"density": 0.3}, True),
+        ("ties", {"density": 0.3}, False),
+    ],
+)
+def test_merging_in_row_blocks_gives_the_same_bytes(models, tmp_path, monkeypatch, method, params, kept):
+    """Kept or not: a tensor read twice (TIES's statistics, then the merge) keeps its blocks as
+    read when it fits KEPT_TENSOR_BYTES, else reads them again."""
     whole = merged_bytes(models, tmp_path / "whole", method, weights=[0.5, 1.0, 0.25], params=params)
     taken = []
     real_take = run.TensorWalk.take
     monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)  # blocks of 31 rows: only the 301-row tensors are split
+    if not kept:
+        monkeypatch.setattr(run, "KEPT_TENSOR_BYTES", 0)
 
     def take(self, wanted):
         got = real_take(self, wanted)
@@ -96,6 +108,7 @@ def test_statistics_of_a_split_tensor_are_read_a_block_at_a_time(models, tmp_pat
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
         rows = [n for tensor, n in reads if tensor == name]
         assert rows and max(rows) == 31 and -1 not in rows, name
+        assert sum(rows) == 4 * 301, name  # each input's rows read once: kept as read for the passes after
 
 
 def test_iso_c_of_a_tall_matrix_in_row_blocks_equals_the_whole(models, tmp_path, monkeypatch):

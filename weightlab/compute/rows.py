@@ -13,6 +13,7 @@ import torch
 
 T = TypeVar("T")
 ROW_BLOCK_BYTES = 16 << 20  # stored bytes per block; tensors larger than twice this are read in blocks
+KEPT_TENSOR_BYTES = 512 << 20  # a tensor read more than once is kept whole, as read, up to this (all inputs)
 
 
 def row_spans(rows: int, nbytes: int, budget: int) -> list[tuple[int, int]]:

@@ -66,7 +66,7 @@ def _f32_of(x):  # type: ignore[no-untyped-def]
     return None
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _count_high(base, models, high):  # type: ignore[no-untyped-def]
     """high[c, i, h] += how many |τ_i| of the c-th share of the block have top 16 bits h."""
     n, shares = base.size, high.shape[0]
@@ -78,7 +78,7 @@ def _count_high(base, models, high):  # type: ignore[no-untyped-def]
                 high[c, i, _bits(abs(_f32(models[i][j]) - b)) >> 16] += 1
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _count_window(base, models, lowest, above, window):  # type: ignore[no-untyped-def]
     """For the c-th share of the block: above[c, i] += how many |τ_i| have top bits above the
     window lowest[i] .. lowest[i] + width − 1; window[c, i, w, l] += how many have top bits
@@ -98,7 +98,7 @@ def _count_window(base, models, lowest, above, window):  # type: ignore[no-untyp
         above[c] += more
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
     """(one past the index of the nth entry with |τ| = threshold, nth) if the block has that
     many, else (its size, how many it has): a scan that stops there."""
@@ -111,7 +111,7 @@ def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
     return base.size, seen
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(base, models, coeffs, thresholds, cutoffs, lam, out):  # type: ignore[no-untyped-def]
     """out = θ_b + λ·(disjoint mean of the trimmed τ_i that agree with the elected sign), in
     chunks that stay in cache: trim (|τ| > t, or = t before the cutoff) and elect, then mean."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from weightlab.compute import ties_kernels
 from weightlab.compute.device import Compute
-from weightlab.compute.rows import ROW_BLOCK_BYTES
+from weightlab.compute.rows import KEPT_TENSOR_BYTES, ROW_BLOCK_BYTES
 from weightlab.compute.stream import READ_AHEAD_BYTES
 from weightlab.compute.ties_kernels import BINS
 from weightlab.display import human_bytes, model_names
@@ -163,6 +163,9 @@ def plan_merge(
         # a block of 16 MB as stored is read as float32 (32 MB from bfloat16): this one and the next
         block = max(ROW_BLOCK_BYTES * 4 // (i.nbytes // max(math.prod(i.shape), 1) or 1) for i in split)
         blocks = 2 * n + 2 + row_workspace(config.method, len(models), kernels)
+        # a tensor read more than once, kept whole as read where all inputs fit (`_merge_in_rows`)
+        whole_kept = max((i.nbytes * n for i in split if i.nbytes * n <= KEPT_TENSOR_BYTES), default=0)
+        kept += whole_kept if config.spec.statistics is not None else 0
         peak = max(peak, PROCESS_BYTES + READ_AHEAD_BYTES + blocks * block + kept)
     if config.spec.calibration:
         peak += sum(math.prod(i.shape) for i in items) * 4 + GRAM_BUDGET

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from weightlab.compute.device import Compute
 from weightlab.compute.progress import Progress, Reporter, read_bytes
-from weightlab.compute.rows import ROW_BLOCK_BYTES, RowReader, row_spans
+from weightlab.compute.rows import KEPT_TENSOR_BYTES, ROW_BLOCK_BYTES, RowReader, row_spans
 from weightlab.compute.scratch import buffer, reusing_buffers
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
@@ -264,21 +264,29 @@ def _merge_in_rows(
     """Merge one large tensor a block of rows at a time (`MergeMethod.blockwise`), the next block
     read while this one is merged (a block is valid until the next one is asked for: its buffer
     takes the block after): memory holds (2·models + 2) blocks, not (models + 2) tensors,
-    and what the method's `statistics` keep of the whole (TIES: one |τ| at a time; Iso-C: two
-    Gram-sized matrices), read a block at a time too."""
+    and what the method's `statistics` keep of the whole (TIES: counts; Iso-C: two Gram-sized
+    matrices), read a block at a time too. Where the statistics read the tensor first and all
+    inputs' bytes fit KEPT_TENSOR_BYTES, the blocks stay as read for the passes after."""
     name, rows = item.names[0], item.shape[0]
     spans = row_spans(rows, _nbytes(ckpts[0], name), ROW_BLOCK_BYTES)
-    # each input's blocks land in two kept buffers, this block's and the one read ahead (as
+    on_cpu = torch.device(compute.device).type == "cpu"  # elsewhere, rows are copied to the device anyway
+    # a method that reads the tensor more than once (its statistics first) keeps every block as
+    # read when all inputs' bytes fit KEPT_TENSOR_BYTES: the later passes read memory, not files
+    sizes = [_nbytes(c, n) for c, n in zip(ckpts, item.names)]
+    keep = spec.statistics is not None and on_cpu and sum(sizes) <= KEPT_TENSOR_BYTES
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+    # else each input's blocks land in two kept buffers, this block's and the one read ahead (as
     # stored, then in the maths' dtype): a fresh 32 MB block costs more in page faults than
     # the arithmetic on it
     block_rows = max(stop - start for start, stop in spans)
     parity = {start: k % 2 for k, (start, _) in enumerate(spans)}
-    on_cpu = torch.device(compute.device).type == "cpu"  # elsewhere, rows are copied to the device anyway
     stored = [
-        [buffer(f"read-{i}-{p}", (block_rows * _nbytes(c, n) // rows,), torch.uint8, "cpu") for p in (0, 1)]
+        [buffer(f"kept-{i}", (size,), torch.uint8, "cpu")]
+        if keep
+        else [buffer(f"read-{i}-{p}", (block_rows * size // rows,), torch.uint8, "cpu") for p in (0, 1)]
         if on_cpu
         else None
-        for i, (c, n) in enumerate(zip(ckpts, item.names))
+        for i, size in enumerate(sizes)
     ]
     cast = [
         [buffer(f"read-cast-{i}-{p}", (block_rows, *item.shape[1:]), compute.dtype, compute.device) for p in (0, 1)]
@@ -288,11 +296,15 @@ def _merge_in_rows(
     ]
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
-        c, n, p, kept = ckpts[i], item.names[i], parity[start], stored[i]
-        into = None if kept is None else kept[p]
-        rows = require_finite_input(c.get_rows(n, start, stop, compute.device, into=into), c.path, n)
-        slots = cast[i]
-        return rows if slots is None else slots[p][: stop - start].copy_(rows)
+        c, n, p, buffers = ckpts[i], item.names[i], parity[start], stored[i]
+        if (i, start) not in kept:
+            row_bytes = sizes[i] // rows
+            into = None if buffers is None else buffers[0][start * row_bytes :] if keep else buffers[p]
+            rows_read = require_finite_input(c.get_rows(n, start, stop, compute.device, into=into), c.path, n)
+            if not keep:
+                return _cast(rows_read, cast[i], p, stop - start)
+            kept[(i, start)] = rows_read
+        return _cast(kept[(i, start)], cast[i], p, stop - start)
 
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
     reader = RowReader(read, item.shape, spans, len(ckpts))
@@ -302,6 +314,11 @@ def _merge_in_rows(
         assert spec.blockwise is not None
         merged = spec.blockwise(w0, thetas, weights, params, state)
         writer.add_rows(name, start, buffer("rows-out", merged.shape, out_dtype, merged.device).copy_(merged))
+
+
+def _cast(rows: torch.Tensor, slots: list[torch.Tensor] | None, parity: int, count: int) -> torch.Tensor:
+    """Rows in the maths' dtype: copied into this block's slot where they need a cast."""
+    return rows if slots is None else slots[parity][:count].copy_(rows)
 
 
 def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) -> bool:
