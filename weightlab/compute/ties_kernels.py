@@ -86,7 +86,7 @@ def _count_window(base, models, lowest, above, window):  # type: ignore[no-untyp
     n, shares, width = base.size, above.shape[0], window.shape[2]
     step = (n + shares - 1) // shares
     for c in prange(shares):
-        more = np.zeros(len(models), np.int64)
+        more: np.ndarray = np.zeros(len(models), np.int64)
         for j in range(c * step, min(n, (c + 1) * step)):
             b = base[j]
             for i in range(len(models)):
@@ -101,14 +101,22 @@ def _count_window(base, models, lowest, above, window):  # type: ignore[no-untyp
 @numba.njit(cache=True, nogil=True)
 def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
     """(one past the index of the nth entry with |τ| = threshold, nth) if the block has that
-    many, else (its size, how many it has): a scan that stops there."""
-    seen = 0
-    for j in range(base.size):
-        if abs(_f32(model[j]) - base[j]) == threshold:
-            seen += 1
-            if seen == nth:
-                return j + 1, seen
-    return base.size, seen
+    many, else (its size, how many it has): counted a chunk at a time (a loop without
+    branches), the chunk that holds the nth scanned entry by entry."""
+    n, chunk, seen = base.size, 4096, 0
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        here = 0
+        for j in range(start, stop):
+            here += abs(_f32(model[j]) - base[j]) == threshold
+        if seen + here >= nth:
+            for j in range(start, stop):
+                if abs(_f32(model[j]) - base[j]) == threshold:
+                    seen += 1
+                    if seen == nth:
+                        return j + 1, seen
+        seen += here
+    return n, seen
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -11,7 +11,9 @@ P is the process itself (Python, torch: about 0.4 GB), R the read-ahead cap (256
 workspace (0 for elementwise methods, 4 for the per-matrix SVD and covariance methods: an SVD's
 factors and their products). Tensors merged a block of rows at a time cost (2N + 2) blocks of
 16 MB as stored instead (this block and the next), what the method keeps in reused buffers
-(`row_workspace`) and what its statistics keep of the whole (`statistics_bytes`).
+(`row_workspace`), what its statistics keep of the whole (`statistics_bytes`) and, for a method
+with statistics, the largest split tensor whose inputs fit 512 MB, kept as read for the passes
+after the first (`_merge_in_rows`).
 Data-aware methods add the model run in float32 and up to 1 GiB of Gram matrices.
 """
 

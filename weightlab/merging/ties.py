@@ -86,10 +86,10 @@ def _from_top(counts: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
 def counted_trims(rows: RowReader, density: float) -> CountedTrims:
     """`CountedTrims`: the k = int(density·n) largest |τ_i| of each model, exactly, by counting
     bits (`ties_kernels.Counts`), nothing of the whole kept. The first block's own k-th largest
-    places a window of 2·WINDOW + 1 top-bit bins; one pass over the blocks counts the entries
-    above it and the low bits of those inside it, which holds the tensor's k-th largest unless
-    the first block misled (then a pass counts the top bits and another the window around the
-    right bin)."""
+    (of a million of its entries) places a window of 2·WINDOW + 1 top-bit bins; one pass over
+    the blocks counts the entries above it and the low bits of those inside it, which holds the
+    tensor's k-th largest unless the first block misled (then a pass counts the top bits and
+    another the window around the right bin)."""
     models, numel = rows.inputs - 1, math.prod(rows.shape)
     k = int(density * numel)
     if density >= 1 or k == 0:  # everything kept (|τ| > -1), or nothing (|τ| > inf)
@@ -100,10 +100,11 @@ def counted_trims(rows: RowReader, density: float) -> CountedTrims:
     def window_from(lowest: np.ndarray | None) -> tuple[np.ndarray, ties_kernels.Counts]:
         counts = ties_kernels.Counts(models, width)
         for blocks in rows.all_blocks():
-            if lowest is None:  # the first block's own k-th largest, in the middle of the window
+            if lowest is None:  # the first block's k-th largest (of a million entries), mid-window
+                sample = [b.reshape(-1)[:: max(1, b.numel() >> 20)] for b in blocks]
                 first = ties_kernels.Counts(models, 1)
-                first.add_high(blocks[0], blocks[1:])
-                guess, _ = _from_top(first.high(), np.full(models, max(1, int(density * blocks[0].numel()))))
+                first.add_high(sample[0], sample[1:])
+                guess, _ = _from_top(first.high(), np.full(models, max(1, int(density * sample[0].numel()))))
                 lowest = np.maximum(guess - WINDOW, 0)
             counts.add_window(blocks[0], blocks[1:], lowest)
         assert lowest is not None
