@@ -330,3 +330,14 @@ def test_bfloat16_models_are_merged_in_blocks_without_converted_copies(models, t
             assert torch.allclose(whole[name].float(), blocks[name].float(), rtol=0, atol=1e-2), name
         else:
             assert torch.equal(whole[name].view(torch.int16), blocks[name].view(torch.int16)), name
+
+
+def test_ties_reads_a_tensor_too_large_to_keep_twice_and_no_more(models, tmp_path, monkeypatch):
+    """Not kept (KEPT_TENSOR_BYTES = 0): the thresholds' pass and the merge's read every input's
+    rows once each; looking at the first block to pick the kernels reads nothing extra."""
+    monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 2000)
+    monkeypatch.setattr(run, "KEPT_TENSOR_BYTES", 0)
+    reads = _rows_read(monkeypatch)
+    merged_bytes(models, tmp_path / "blocks", "ties", params={"density": 0.3})
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert sum(n for tensor, n in reads if tensor == name) == 2 * 4 * 301, name

@@ -57,8 +57,8 @@ def statistics_bytes(method: str, shape: tuple[int, ...], models: int, kernels: 
     """What a statistics pass keeps of a tensor merged in row blocks (`MergeMethod.statistics`):
     TIES in its CPU kernels: counts of 2^16 bins (int64) per model and block of 16 MB (from a
     float32 tensor: the most blocks); else |τ| in float32 and two masks of the selection, 6
-    bytes an entry; Iso-C: three float64
-    matrices of the Gram matrix's size (G, its eigenvectors, the map); Iso-CTS on a tall matrix:
+    bytes an entry; Iso-C: three float64 matrices of the Gram matrix's size (G, its
+    eigenvectors, the map); Iso-CTS on a tall matrix:
     seven of them (V_k and V_kΣ_k⁻¹, one task's Gram matrix, its share of the common subspace
     and their product, the eigensolver's vectors and workspace), on a wide one Δ in float32,
     V_cat (n × m) and the N residuals' Y_i (a fifth of that each, at common = 0.8) in float64,

@@ -297,14 +297,18 @@ def _merge_in_rows(
 
     def read(i: int, start: int, stop: int) -> torch.Tensor:
         c, n, p, buffers = ckpts[i], item.names[i], parity[start], stored[i]
-        if (i, start) not in kept:
-            row_bytes = sizes[i] // rows
-            into = None if buffers is None else buffers[0][start * row_bytes :] if keep else buffers[p]
+        rows_read = kept.get((i, start))
+        if rows_read is None:
+            if buffers is None:
+                into = None
+            elif keep:
+                into = buffers[0][start * (sizes[i] // rows) :]  # its place in the whole tensor's buffer
+            else:
+                into = buffers[p]
             rows_read = require_finite_input(c.get_rows(n, start, stop, compute.device, into=into), c.path, n)
-            if not keep:
-                return _cast(rows_read, cast[i], p, stop - start)
-            kept[(i, start)] = rows_read
-        return _cast(kept[(i, start)], cast[i], p, stop - start)
+            if keep:
+                kept[(i, start)] = rows_read
+        return _cast(rows_read, cast[i], p, stop - start)
 
     weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
     reader = RowReader(read, item.shape, spans, len(ckpts))

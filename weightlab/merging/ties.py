@@ -10,7 +10,9 @@ ties at the threshold going to the lowest indices, and give the same bits."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,13 +85,14 @@ def _from_top(counts: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
     return bins, reaching[rows, r] - counts[rows, bins]
 
 
-def counted_trims(rows: RowReader, density: float) -> CountedTrims:
+def counted_trims(rows: RowReader, density: float, started: Iterator[list[Tensor]] | None = None) -> CountedTrims:
     """`CountedTrims`: the k = int(density·n) largest |τ_i| of each model, exactly, by counting
     bits (`ties_kernels.Counts`), nothing of the whole kept. The first block's own k-th largest
     (of a million of its entries) places a window of 2·WINDOW + 1 top-bit bins; one pass over
     the blocks counts the entries above it and the low bits of those inside it, which holds the
     tensor's k-th largest unless the first block misled (then a pass counts the top bits and
-    another the window around the right bin)."""
+    another the window around the right bin). `started`: the first pass's blocks, already begun
+    (`ties_trims` looked at the first block)."""
     models, numel = rows.inputs - 1, math.prod(rows.shape)
     k = int(density * numel)
     if density >= 1 or k == 0:  # everything kept (|τ| > -1), or nothing (|τ| > inf)
@@ -97,9 +100,11 @@ def counted_trims(rows: RowReader, density: float) -> CountedTrims:
     wanted: np.ndarray = np.full(models, k, np.int64)
     width = 2 * WINDOW + 1
 
-    def window_from(lowest: np.ndarray | None) -> tuple[np.ndarray, ties_kernels.Counts]:
+    def window_from(
+        lowest: np.ndarray | None, passing: Iterator[list[Tensor]]
+    ) -> tuple[np.ndarray, ties_kernels.Counts]:
         counts = ties_kernels.Counts(models, width)
-        for blocks in rows.all_blocks():
+        for blocks in passing:
             if lowest is None:  # the first block's k-th largest (of a million entries), mid-window
                 sample = [b.reshape(-1)[:: max(1, b.numel() >> 20)] for b in blocks]
                 first = ties_kernels.Counts(models, 1)
@@ -110,13 +115,13 @@ def counted_trims(rows: RowReader, density: float) -> CountedTrims:
         assert lowest is not None
         return lowest, counts
 
-    lowest, counts = window_from(None)
+    lowest, counts = window_from(None, started or rows.all_blocks())
     above, inside = counts.above(), counts.window()
     if not np.all((above < wanted) & (wanted <= above + inside.sum(1))):
         high = ties_kernels.Counts(models, 1)
         for blocks in rows.all_blocks():
             high.add_high(blocks[0], blocks[1:])
-        lowest, counts = window_from(_from_top(high.high(), wanted)[0])
+        lowest, counts = window_from(_from_top(high.high(), wanted)[0], rows.all_blocks())
         above, inside = counts.above(), counts.window()
     at, above_at = _from_top(inside, wanted - above)
     thresholds = (((lowest + at // BINS) << 16) | (at % BINS)).astype(np.uint32).view(np.float32)
@@ -129,10 +134,9 @@ def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> CountedTrims | lis
     (`trim_state_of_blocks`, which holds one whole |τ|)."""
     blocks = rows.all_blocks()
     first = next(blocks)
-    fits = ties_kernels.fits(first[0], first[1:])
+    if ties_kernels.fits(first[0], first[1:]):
+        return counted_trims(rows, p.density, itertools.chain([first], blocks))  # first: valid until block 2
     blocks.close()  # the read ahead ends before any other read
-    if fits:
-        return counted_trims(rows, p.density)
     numel = math.prod(rows.shape)
 
     def task_vector_blocks(i: int):  # type: ignore[no-untyped-def]
