@@ -128,3 +128,19 @@ def test_a_failed_commit_puts_every_earlier_output_back(tmp_path):
             (tmp_path / "b.csv").mkdir()  # appears meanwhile: --force may not replace a folder with a file
     assert (tmp_path / "a.json").read_text() == "old a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv"]  # no staging folder left
+
+
+def test_an_error_names_the_users_output_not_its_staging_folder(tmp_path):
+    from weightlab.errors import NonFiniteTensor
+    from weightlab.io.outputs import Output, OutputPlan
+
+    out = tmp_path / "merged"
+    with pytest.raises(NonFiniteTensor) as refused:
+        with OutputPlan([], [Output("-o", out, directory=True)], force=False) as plan:
+            raise NonFiniteTensor("1 of 4 values are NaN or Inf", plan.path("-o"), "w")
+    assert refused.value.path == str(out) and str(refused.value).startswith(f"{out}: tensor 'w'")
+    with pytest.raises(OSError) as full:
+        with OutputPlan([], [Output("-o", out, directory=True)], force=False) as plan:
+            raise OSError(28, "No space left on device", str(plan.path("-o") / "model.safetensors"))
+    assert full.value.filename == str(out / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []

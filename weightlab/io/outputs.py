@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from weightlab.errors import OutputConflict
+from weightlab.errors import OutputConflict, WeightlabError
 from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_dir
 from weightlab.io.hub import cache_folder, parse_hub_id
 
@@ -138,10 +138,25 @@ class OutputPlan:
         try:
             if exc_type is None:
                 self._commit()
+            elif isinstance(exc, WeightlabError) and exc.path is not None:
+                exc.path = self._destination_of(exc.path)
+            elif isinstance(exc, OSError) and isinstance(exc.filename, str):  # a full disk, say
+                exc.filename = self._destination_of(exc.filename)
         finally:
             for stage in self._stages.values():
                 shutil.rmtree(stage, ignore_errors=True)
         return False
+
+    def _destination_of(self, path: str) -> str:
+        """Where a staged path will land: an error names the user's output, not a hidden
+        `.NAME.xxxx.partial` folder beside it."""
+        where = Path(os.path.abspath(path))
+        for option, stage in self._stages.items():
+            dest = Path(self.outputs[option].path)
+            staged = Path(os.path.abspath(stage / dest.name))
+            if where == staged or staged in where.parents:
+                return str(dest / where.relative_to(staged))
+        return path
 
     def _commit(self) -> None:
         placed: list[tuple[Path, Path | None]] = []  # (destination, where its old content went)
