@@ -410,3 +410,15 @@ def test_ties_in_place_arithmetic_is_bit_identical_to_the_plain_torch_formula():
         with reusing_buffers() if pooled else contextlib.nullcontext():
             got = spec.fn(base, models, coeffs, spec.resolve({"density": density, "lambda": lam}), None)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), pooled
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].calibration])
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0,)])
+def test_every_method_merges_an_empty_tensor(method, shape):
+    """A zero-size tensor (an empty buffer, a pruned head) merges to an empty tensor of its shape;
+    TIES used to divide its span by zero."""
+    base = torch.zeros(shape)
+    models = [torch.zeros(shape), torch.zeros(shape)]
+    params = {"t": 0.5} if method == "slerp" else {}
+    merged = call(method, base, models, [1.0, 1.0], **params)
+    assert merged.shape == base.shape

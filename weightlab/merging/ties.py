@@ -168,7 +168,7 @@ def ties(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, gen: Gen
     one block, torch takes TIES_CHUNK entries at a time, so that its workspace stays small."""
     flat = [t.reshape(-1) for t in (base, *models)]
     numel = flat[0].numel()
-    step = numel if ties_kernels.fits(flat[0], flat[1:]) else TIES_CHUNK
+    step = max(numel, 1) if ties_kernels.fits(flat[0], flat[1:]) else TIES_CHUNK
     spans = [(start, min(numel, start + step)) for start in range(0, numel, step)] or [(0, 0)]
     rows = RowReader(lambda i, start, stop: flat[i][start:stop], (numel,), spans, len(flat))
     trims = ties_trims(rows, coeffs, p)
