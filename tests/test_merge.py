@@ -124,6 +124,9 @@ def test_model_stock_interpolates_with_its_ratio():
     cos = (0 + 1 / math.sqrt(2) + 1 / math.sqrt(2)) / 3
     t = 3 * cos / (1 + 2 * cos)
     torch.testing.assert_close(call("model-stock", base, [a, b, c], [1, 1, 1]), t * (a + b + c) / 3)
+    huge = [1e30 * x for x in (a, b, c)]  # dot products beyond float32: the ratio depends on angles alone
+    got = call("model-stock", base.float(), [x.float() for x in huge], [1, 1, 1])
+    torch.testing.assert_close(got, (t * sum(huge) / 3).float())
 
 
 def test_tsv_equals_a_plain_reference():

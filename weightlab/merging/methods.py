@@ -189,16 +189,19 @@ def slerp(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
 def model_stock(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): with cos θ the mean pairwise cosine of the task
     vectors, t = N cos θ / (1 + (N − 1) cos θ) and θ = t·mean_i θ_i + (1 − t)·θ_b."""
-    taus = [(m - base).reshape(-1) for m in models]
+    taus = [_unit((m - base).reshape(-1)) for m in models]
     n = len(taus)
-    cosines = [
-        float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()).clamp_min(1e-12))
-        for i in range(n)
-        for j in range(i + 1, n)
-    ]
+    cosines = [float(taus[i] @ taus[j]) for i in range(n) for j in range(i + 1, n)]
     cos = sum(cosines) / len(cosines)
     t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
     return t * torch.stack(list(models)).mean(0) + (1 - t) * base
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ‖x‖ (0 for x = 0), scaled by its largest entry first: a norm or dot product of entries
+    beyond ~1e19 overflows float32, and the cosine does not depend on the scale."""
+    x = x / x.abs().max().clamp_min(torch.finfo(x.dtype).tiny)
+    return x / x.norm().clamp_min(1e-12)
 
 
 def _order_statistic(x: torch.Tensor, index: int) -> torch.Tensor:
