@@ -5,6 +5,10 @@ wall time and peak RSS, and every figure as a ratio to mergekit and to our raw I
     python benchmarks/bench_7b.py                       # 32 × 4096, intermediate 11008: ≈ 6.7B, 13.5 GB each
     python benchmarks/bench_7b.py --layers 2 --hidden 512 --intermediate 1376 --vocab 4096   # the plumbing, quick
     benchmarks/run_all.sh --large                       # the same, after every other benchmark
+    python benchmarks/bench_7b.py --device cuda --only costs spectrum --out benchmarks/results/7b-cuda.json
+
+With `--only` rows that read the base and one fine-tune alone (spectrum, esd, costs), only those two
+models are generated: 27 GB, which fits a GPU machine's 64 GB disk where four models do not.
 
 The checkpoints are generated seeded, one shard at a time (generate.py: a decaying spectrum per
 matrix; a fine-tune adds dense noise and a low-rank update), and kept under .bench/ between runs.
@@ -47,20 +51,25 @@ import torch
 from weightlab.compute.gram import decompose, singular_values
 from weightlab.compute.svd import full_svd
 torch.manual_seed(0)
+device = torch.device({device!r})
+settle = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 COSTS = {{}}
 for rows, cols in {shapes!r}:
-    w = torch.randn(rows, cols) * 0.02
+    w = (torch.randn(rows, cols) * 0.02).to(device)
     for name, fn in [
         ("singular values (Gram, syevd)", singular_values),
         ("values and all vectors (Gram, syevd)", decompose),
         ("float32 SVD with vectors (LAPACK gesdd)", full_svd),
     ]:
         fn(w[:64])  # libraries loaded
+        settle()
         t = time.perf_counter()
         fn(w)
+        settle()
         COSTS[f"{{name}} {{rows}}x{{cols}}"] = round(1000 * (time.perf_counter() - t))
 SECONDS = 0
 """  # milliseconds per matrix of each decomposition the analyses and the SVD merges run
+TWO_MODEL_ROWS = {"costs", "spectrum", "esd"}  # rows that read the base and ft0 alone
 
 
 def arguments() -> argparse.Namespace:
@@ -72,15 +81,18 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--only", nargs="*", help="Run these rows only (raw, merge:METHOD, mergekit:METHOD, spectrum, …)."
     )
+    parser.add_argument(
+        "--device", help="Pass --device to weightlab's commands (cuda, cuda:1, cpu) and --cuda to mergekit's."
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "7b.json")
     return parser.parse_args()
 
 
-def require_disk(shape: Shape) -> None:
-    """Four models (unless already generated) and one output, or one clear line and exit 2."""
-    missing = sum(
-        not (shape.folder / k / "model.safetensors.index.json").exists() for k in ("base", "ft0", "ft1", "ft2")
-    )
+def require_disk(shape: Shape, finetunes: int) -> None:
+    """The base and `finetunes` fine-tunes (unless already generated) and one output, or one clear
+    line and exit 2."""
+    models = ["base", *(f"ft{i}" for i in range(finetunes))]
+    missing = sum(not (shape.folder / k / "model.safetensors.index.json").exists() for k in models)
     needed = (missing + 1.1) * shape.bytes
     free = free_bytes(ROOT)
     if needed > free:
@@ -94,11 +106,13 @@ def require_disk(shape: Shape) -> None:
 def main() -> None:
     args = arguments()
     shape = Shape(args.layers, args.hidden, args.vocab, args.intermediate, "bfloat16")
-    require_disk(shape)
+    finetunes = 1 if args.only and {row.split(" ")[0] for row in args.only} <= TWO_MODEL_ROWS else 3
+    require_disk(shape, finetunes)
     started = time.perf_counter()
-    paths = generate(shape, finetunes=3)
-    inputs = [str(paths[k]) for k in ("base", "ft0", "ft1", "ft2")]
-    scratch = ROOT / "7b-out"
+    paths = generate(shape, finetunes=finetunes)
+    inputs = [str(p) for p in paths.values()]
+    on_device = ["--device", args.device] if args.device else []
+    scratch = ROOT / f"{shape.folder.name}-out"  # per shape: runs of two shapes may overlap
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     wanted = lambda row: not args.only or row in args.only
@@ -123,14 +137,17 @@ def main() -> None:
     def done(row: str, entry: dict) -> None:
         if row != "raw" and rows.get("raw", {}).get("run") == run:
             entry["raw_io_s"] = rows["raw"]["wall_s"]  # ratios to raw I/O are within one run
-        rows[row] = {**entry, "run": run}
+        rows[row] = {**entry, "run": run, **({"device": args.device} if args.device else {})}
         print(row, json.dumps(entry), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives an interruption
 
     if wanted("costs"):
         _, _, values = run_python(
-            COSTS.format(shapes=[(shape.hidden, shape.hidden), (shape.intermediate, shape.hidden)]), ["COSTS"]
+            COSTS.format(
+                shapes=[(shape.hidden, shape.hidden), (shape.intermediate, shape.hidden)], device=args.device or "cpu"
+            ),
+            ["COSTS"],
         )
         result["matrix_costs_ms"] = values["COSTS"]
         print("matrix costs (ms):", json.dumps(values["COSTS"]), flush=True)
@@ -144,9 +161,8 @@ def main() -> None:
     for method, extra in OURS.items():
         if wanted(f"merge:{method}"):
             out = scratch / method
-            wall, rss, _ = run_command(
-                ["merge", "--method", method, "--base", inputs[0], *inputs[1:], *extra, "-o", str(out), "--force"]
-            )
+            command = ["merge", "--method", method, "--base", inputs[0], *inputs[1:], *extra, *on_device]
+            wall, rss, _ = run_command([*command, "-o", str(out), "--force"])
             done(f"merge:{method}", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
             shutil.rmtree(out, ignore_errors=True)
         if method in MERGEKIT_METHODS and wanted(f"mergekit:{method}") and mergekit_yaml.exists():
@@ -166,6 +182,7 @@ def main() -> None:
                     "--no-copy-tokenizer",
                     "--lazy-unpickle",
                     "--low-cpu-memory",
+                    *(["--cuda"] if args.device and args.device.startswith("cuda") else []),
                 ]
             )
             done(f"mergekit:{method}", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
@@ -179,7 +196,7 @@ def main() -> None:
     }
     for row, command in analyses.items():
         if wanted(row.split(" ")[0]):
-            wall, rss, _ = run_command([*command, "--json", str(scratch / "r.json"), "--force"])
+            wall, rss, _ = run_command([*command, *on_device, "--json", str(scratch / "r.json"), "--force"])
             done(row, {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
     shutil.rmtree(scratch, ignore_errors=True)
     for row, entry in rows.items():
