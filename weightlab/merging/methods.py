@@ -200,6 +200,8 @@ def model_stock(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Param
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ‖x‖ (0 for x = 0), scaled by its largest entry first: a norm or dot product of entries
     beyond ~1e19 overflows float32, and the cosine does not depend on the scale."""
+    if x.numel() == 0:
+        return x
     x = x / x.abs().max().clamp_min(torch.finfo(x.dtype).tiny)
     return x / x.norm().clamp_min(1e-12)
 
