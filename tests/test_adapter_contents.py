@@ -175,3 +175,33 @@ def test_a_saved_head_the_base_lacks_is_only_in_the_fine_tune(zoo, adapters, tmp
     base = open_checkpoint(zoo["bert"])
     result = spectrum(base, [open_finetuned(folder, base)])
     assert any("classifier.weight" in p and str(zoo["bert"]) in p for p in result.problems), result.problems
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties", "iso-c"])
+def test_adapters_merge_densely_as_the_checkpoints_peft_merges(zoo, bank, tmp_path, method, monkeypatch):
+    """Adapters given as models (no --as-adapter) merge as W + s·B·A on the base — saved pooler and
+    LoRA biases included — equal to merging PEFT's merge_and_unload checkpoints; also when the
+    tensors go in row blocks (the adapted ones are then taken whole, the others read from the base)."""
+    import weightlab.merging.run as run
+
+    root, _ = bank
+    base = str(zoo["bert"])
+    params = {"density": 0.5} if method == "ties" else {}
+    merge(MergeConfig(method, [str(root / "a_dense"), str(root / "b_dense")], base, params=params), tmp_path / "dense")
+    want = load_file(tmp_path / "dense" / "model.safetensors")
+    for rows in (False, True):
+        if rows:
+            monkeypatch.setattr(run, "ROW_BLOCK_BYTES", 256)  # every tensor of 512 bytes or more in blocks
+        out = tmp_path / f"adapters-{rows}"
+        report = merge(MergeConfig(method, [str(root / "a"), str(root / "b")], base, params=params), out)
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == want.keys() and report.merged > 0
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{method} {name}")
+
+
+def test_an_adapter_to_merge_densely_needs_its_base(bank, tmp_path, run_cli):
+    root, _ = bank
+    code, _, err = run_cli("merge", "--method", "average", root / "a", root / "b", "-o", tmp_path / "m")
+    assert code == 2 and "a LoRA adapter: give --base" in err and "--as-adapter" in err
+    assert not (tmp_path / "m").exists()

@@ -375,6 +375,21 @@ class AdaptedCheckpoint(Checkpoint):
             return weight + self.adapter.bias_delta(self.bias_of[name], weight.device, weight.dtype)
         return weight
 
+    def get_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows of a tensor: read from the base where the adapter leaves it alone; one it changes
+        is formed whole (W + s·B·A), so readers in row blocks take such tensors whole instead."""
+        if not self.changes(name):
+            return self.base.get_rows(name, start, stop, device, dtype, into)
+        return self.get(name, device, dtype)[start:stop]
+
     def get(self, name: str, device: Device = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self.changes(name):
             return self.base.get(name, device, dtype)

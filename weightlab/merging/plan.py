@@ -152,7 +152,7 @@ def plan_merge(
     anchor = ckpts[0]
     items = [i for i in walk.items if i.is_float]
     copied = len(walk.items) - len(items) + len(buffers)
-    in_rows = {i.names[0] for i in items if in_row_blocks(config, i, anchor)}
+    in_rows = {i.names[0] for i in items if in_row_blocks(config, i, ckpts)}
     whole = [i for i in items if i.names[0] not in in_rows]
     maths = 8 if _workspace(config) > ELEMENTWISE_TEMPORARIES else 4
     largest = max(whole, key=lambda i: math.prod(i.shape), default=None)

@@ -17,7 +17,7 @@ import json
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +35,11 @@ from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io import open_weights
+from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
 from weightlab.io.memory import StateDictWriter, config_files, donor_of
+from weightlab.io.open import open_checkpoint
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import torch_dtype, write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
@@ -325,9 +327,11 @@ def _cast(rows: torch.Tensor, slots: list[torch.Tensor] | None, parity: int, cou
     return rows if slots is None else slots[parity][:count].copy_(rows)
 
 
-def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) -> bool:
+def in_row_blocks(config: MergeConfig, item: MatchedTensor, ckpts: Sequence[Checkpoint]) -> bool:
     """Whether the executor merges this tensor a block of rows at a time (`_merge_in_rows`): a
-    large floating tensor, a method with a blockwise form, nothing that needs the whole tensor."""
+    large floating tensor, a method with a blockwise form, nothing that needs the whole tensor,
+    and no adapter's update of it (W + s·B·A is formed whole)."""
+    anchor = ckpts[0]
     return (
         config.spec.blockwise is not None
         and item.is_float
@@ -338,19 +342,32 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, anchor: Checkpoint) 
         and item.shape[0] > 1
         and config.spec.splits(item.shape)
         and _nbytes(anchor, item.names[0]) >= 2 * ROW_BLOCK_BYTES
+        and not any(isinstance(c, AdaptedCheckpoint) and c.changes(n) for c, n in zip(ckpts, item.names))
     )
 
 
 def open_inputs(
-    config: MergeConfig, opened: Mapping[str, Checkpoint]
+    config: MergeConfig, opened: Mapping[str, Checkpoint | LoraAdapter]
 ) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str]]:
     """The base, the models, the walk over every tensor, the buffers copied from the base and the
     tensors left out: the inputs of a merge, checked to line up (headers only)."""
 
     def open_model(source: str) -> Checkpoint:
-        return opened[source] if source in opened else open_weights(source)
+        found = opened[source] if source in opened else open_checkpoint(source)
+        if not isinstance(found, LoraAdapter):
+            return found
+        if base is None:
+            raise InvalidArgument(
+                "a LoRA adapter: give --base, the model it adapts (its weights W + s·B·A are merged), "
+                "or merge adapters into an adapter with --as-adapter",
+                source,
+            )
+        return AdaptedCheckpoint(base, found)
 
-    base = open_model(config.base) if config.base else None
+    given = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
+    if isinstance(given, LoraAdapter):
+        raise InvalidArgument("this is a LoRA adapter; the base must be full weights", config.base)
+    base = given
     models = [open_model(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
@@ -453,7 +470,7 @@ def merge(
         raise InvalidArgument(
             "--lines scales each layer after a pass over all of them, on this machine: run it without --ray"
         )
-    in_rows = walk.take(lambda item: in_row_blocks(config, item, anchor))
+    in_rows = walk.take(lambda item: in_row_blocks(config, item, ckpts))
     with ExitStack() as stack:
         writer: CheckpointWriter | StateDictWriter
         if isinstance(out_dir, StateDictWriter):
