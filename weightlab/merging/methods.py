@@ -202,8 +202,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     beyond ~1e19 overflows float32, and the cosine does not depend on the scale."""
     if x.numel() == 0:
         return x
-    x = x / x.abs().max().clamp_min(torch.finfo(x.dtype).tiny)
-    return x / x.norm().clamp_min(1e-12)
+    scaled = x / x.abs().max().clamp_min(torch.finfo(x.dtype).tiny)
+    unit: torch.Tensor = scaled / scaled.norm().clamp_min(1e-12)
+    return unit
 
 
 def _order_statistic(x: torch.Tensor, index: int) -> torch.Tensor:
