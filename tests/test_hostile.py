@@ -202,6 +202,8 @@ CASES = [
     Case("adapter-pattern-bad-regex", "spectrum base adapter_bad_regex", 2, "not a valid regular expression"),
     Case("adapter-rank-disagrees", "spectrum base adapter_rank_mismatch", 2, "has rank 4 but adapter_config gives r=8"),
     Case("adapter-as-base", "spectrum adapter ft", 2, "this is a LoRA adapter"),
+    Case("esd-of-an-adapter-alone", "esd adapter", 2, "give it as a fine-tune of the model it adapts (with --base"),
+    Case("merge-adapter-without-base", "merge --method average adapter ft -o m", 2, "give --base", absent=("m",)),
     # 7. YAML configs: types, not only keys
     Case("yaml-density-list", "merge --config density_list.yml -o m", 2, "density must be a number", absent=("m",)),
     Case("yaml-weights-string", "merge --config weights_string.yml -o m", 2, "weights must be a list", absent=("m",)),

@@ -38,7 +38,8 @@ def open_weights(path: Source) -> Checkpoint:
     opened = open_checkpoint(path)
     if isinstance(opened, LoraAdapter):
         raise InvalidArgument(
-            "this is a LoRA adapter; full weights are needed here (give it as a fine-tune)",
+            "this is a LoRA adapter, not full weights: give it as a fine-tune of the model it adapts "
+            "(with --base, or after the base)",
             path if isinstance(path, (str, Path)) else opened.path,
         )
     return opened

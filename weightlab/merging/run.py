@@ -366,7 +366,7 @@ def open_inputs(
 
     given = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
     if isinstance(given, LoraAdapter):
-        raise InvalidArgument("this is a LoRA adapter; the base must be full weights", config.base)
+        raise InvalidArgument("this is a LoRA adapter, not full weights: the base must be a model", config.base)
     base = given
     models = [open_model(m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
