@@ -236,3 +236,30 @@ def test_the_record_makes_the_same_bytes_and_refuses_a_changed_calibration(bank,
     calib.write_text("w1 w2\n")
     with pytest.raises(WeightlabError, match="changed since the merge record"):
         merge(config=tmp_path / "a" / "weightlab_merge.yml", out=tmp_path / "c")
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_adapters_merge_with_data_as_the_checkpoints_peft_merges(bank, tmp_path, method):
+    """LoRA adapters given as models run as W + s·B·A on the base (its config.json builds the
+    model): the same merge as of PEFT's merge_and_unload checkpoints."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    _, base, _, texts = bank
+    adapters, dense = [], []
+    for i in (1, 2):
+        torch.manual_seed(i)
+        model = get_peft_model(
+            BertModel.from_pretrained(base),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False),
+        )
+        model.save_pretrained(tmp_path / f"adapter{i}")
+        adapters.append(tmp_path / f"adapter{i}")
+        dense.append(save(model.merge_and_unload(), tmp_path / f"dense{i}"))
+        shutil.copy(base / "config.json", dense[-1] / "config.json")
+    want = merge(base, dense, method=method, calibration=texts)
+    got = merge(base, adapters, method=method, calibration=texts)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from weightlab.errors import InvalidArgument
+from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.naming import layer_index
@@ -33,6 +34,9 @@ Step = Callable[[int], None]
 
 
 def folder_of(ckpt: Checkpoint) -> Path | None:
+    """The folder whose config.json builds the model: an adapted model's is its base's."""
+    if isinstance(ckpt, AdaptedCheckpoint):
+        return folder_of(ckpt.base)
     path = Path(str(ckpt.path))
     folder = path if path.is_dir() else path.parent
     return folder if (folder / "config.json").is_file() else None
