@@ -346,29 +346,30 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, ckpts: Sequence[Chec
     )
 
 
+def _as_model(found: Checkpoint | LoraAdapter, base: Checkpoint | None, source: str) -> Checkpoint:
+    """A model to merge: full weights as they are, an adapter as the fine-tune it makes of the base."""
+    if not isinstance(found, LoraAdapter):
+        return found
+    if base is None:
+        raise InvalidArgument(
+            "a LoRA adapter: give --base, the model it adapts (its weights W + s·B·A are merged), "
+            "or merge adapters into an adapter with --as-adapter",
+            source,
+        )
+    return AdaptedCheckpoint(base, found)
+
+
 def open_inputs(
     config: MergeConfig, opened: Mapping[str, Checkpoint | LoraAdapter]
 ) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str]]:
     """The base, the models, the walk over every tensor, the buffers copied from the base and the
     tensors left out: the inputs of a merge, checked to line up (headers only)."""
 
-    def open_model(source: str) -> Checkpoint:
-        found = opened[source] if source in opened else open_checkpoint(source)
-        if not isinstance(found, LoraAdapter):
-            return found
-        if base is None:
-            raise InvalidArgument(
-                "a LoRA adapter: give --base, the model it adapts (its weights W + s·B·A are merged), "
-                "or merge adapters into an adapter with --as-adapter",
-                source,
-            )
-        return AdaptedCheckpoint(base, found)
-
     given = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
     if isinstance(given, LoraAdapter):
         raise InvalidArgument("this is a LoRA adapter, not full weights: the base must be a model", config.base)
     base = given
-    models = [open_model(m) for m in config.models]
+    models = [_as_model(opened[m] if m in opened else open_checkpoint(m), base, m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
     buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
