@@ -372,3 +372,18 @@ def test_progress_reaches_a_bar_or_the_callers_own(loaded):
     result = wl.esd(loaded["a"], traps=False, progress=mine)
     assert seen[0] == ("esd", "matrices", len(result.matrices)) and sum(seen[1:]) == len(result.matrices)
     assert wl.esd(loaded["a"], traps=False, progress=True).to_dict() == result.to_dict()
+
+
+@pytest.mark.parametrize("as_adapter", [False, True])
+def test_a_peft_model_in_memory_is_refused_as_the_base(as_adapter):
+    """A PEFT model is an adapter: as the base of a merge it is refused by name (it crashed with an
+    AttributeError, as --as-adapter's base and as a dense merge's)."""
+    from peft import LoraConfig, get_peft_model
+
+    from weightlab.errors import InvalidArgument
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft = get_peft_model(synthetic.tiny_model("llama", seed=0), config)
+    with pytest.raises(InvalidArgument, match="the base must be the model it adapts"):
+        wl.merge(base=peft, models=[peft, copy.deepcopy(peft)], method="task-arithmetic", as_adapter=as_adapter)

@@ -51,12 +51,12 @@ from weightlab.errors import InvalidArgument, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.adapter_writer import LoraFactors, NewAdapter
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.open import open_checkpoint, open_weights
+from weightlab.io.open import open_checkpoint
 from weightlab.io.safetensors_file import torch_dtype
 from weightlab.merging.config import RECORD, MergeConfig, record_yaml
 from weightlab.merging.methods import METHODS, MergeMethod
 from weightlab.merging.params import Generator, Params
-from weightlab.merging.run import MergeReport, tensor_seed
+from weightlab.merging.run import MergeReport, open_base, tensor_seed
 from weightlab.merging.subspace import tsv_factors
 from weightlab.merging.ties import ties
 
@@ -317,7 +317,7 @@ def merge_as_adapter(
         if not isinstance(model, LoraAdapter):
             raise InvalidArgument("--as-adapter merges PEFT LoRA adapters; this is a checkpoint", path)
         adapters.append(model)
-    base = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
+    base = open_base(config, opened)
     if base is not None:
         for a in adapters:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape

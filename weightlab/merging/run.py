@@ -34,7 +34,6 @@ from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
-from weightlab.io import open_weights
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
@@ -282,14 +281,15 @@ def _merge_in_rows(
     # the arithmetic on it
     block_rows = max(stop - start for start, stop in spans)
     parity = {start: k % 2 for k, (start, _) in enumerate(spans)}
-    stored = [
-        [buffer(f"kept-{i}", (size,), torch.uint8, "cpu")]
-        if keep
-        else [buffer(f"read-{i}-{p}", (block_rows * size // rows,), torch.uint8, "cpu") for p in (0, 1)]
-        if on_cpu
-        else None
-        for i, size in enumerate(sizes)
-    ]
+
+    def stored_buffers(i: int, size: int) -> list[torch.Tensor] | None:
+        if not on_cpu:
+            return None
+        if keep:
+            return [buffer(f"kept-{i}", (size,), torch.uint8, "cpu")]
+        return [buffer(f"read-{i}-{p}", (block_rows * size // rows,), torch.uint8, "cpu") for p in (0, 1)]
+
+    stored = [stored_buffers(i, size) for i, size in enumerate(sizes)]
     cast = [
         [buffer(f"read-cast-{i}-{p}", (block_rows, *item.shape[1:]), compute.dtype, compute.device) for p in (0, 1)]
         if not (spec.stored_models and has_base and i > 0) and torch_dtype(c.info(n).dtype, c.path, n) != compute.dtype
@@ -346,6 +346,18 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, ckpts: Sequence[Chec
     )
 
 
+def open_base(config: MergeConfig, opened: Mapping[str, Checkpoint | LoraAdapter]) -> Checkpoint | None:
+    """The merge's base, by path or already open in memory: full weights, never an adapter."""
+    if not config.base:
+        return None
+    found = opened[config.base] if config.base in opened else open_checkpoint(config.base)
+    if isinstance(found, LoraAdapter):
+        raise InvalidArgument(
+            "this is a LoRA adapter, not full weights: the base must be the model it adapts", config.base
+        )
+    return found
+
+
 def _as_model(found: Checkpoint | LoraAdapter, base: Checkpoint | None, source: str) -> Checkpoint:
     """A model to merge: full weights as they are, an adapter as the fine-tune it makes of the base."""
     if not isinstance(found, LoraAdapter):
@@ -365,10 +377,7 @@ def open_inputs(
     """The base, the models, the walk over every tensor, the buffers copied from the base and the
     tensors left out: the inputs of a merge, checked to line up (headers only)."""
 
-    given = (opened[config.base] if config.base in opened else open_weights(config.base)) if config.base else None
-    if isinstance(given, LoraAdapter):
-        raise InvalidArgument("this is a LoRA adapter, not full weights: the base must be a model", config.base)
-    base = given
+    base = open_base(config, opened)
     models = [_as_model(opened[m] if m in opened else open_checkpoint(m), base, m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
