@@ -205,3 +205,21 @@ def test_an_adapter_to_merge_densely_needs_its_base(bank, tmp_path, run_cli):
     code, _, err = run_cli("merge", "--method", "average", root / "a", root / "b", "-o", tmp_path / "m")
     assert code == 2 and "a LoRA adapter: give --base" in err and "--as-adapter" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("saved", [["pooler"], ["dense"]])
+def test_a_saved_parent_module_covers_every_tensor_below_it(saved, zoo, tmp_path):
+    """PEFT's rule (`modules_to_save=["pooler"]`, docs/merge.md's own example): a saved module is saved
+    whole, its submodules' tensors included; which tensors are saved and W' are what PEFT makes."""
+    model = _trained_adapter(tmp_path / "a", 3, modules_to_save=saved)
+    wrapped = {  # the tensors PEFT itself wrapped to save, by their names in the base
+        n.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+        for n, _ in model.named_parameters()
+        if ".modules_to_save.default." in n
+    }
+    want = {n: t.detach() for n, t in model.merge_and_unload().state_dict().items()}
+    base = open_checkpoint(zoo["bert"])
+    ft = open_finetuned(tmp_path / "a", base)
+    assert len(wrapped) >= 2 and set(ft.saved_of) == wrapped
+    for name in base.names():
+        torch.testing.assert_close(ft.get(name), want[name].float(), rtol=0, atol=1e-6, msg=name)

@@ -155,8 +155,14 @@ class LoraAdapter:
         return self.adapter_config.get("base_model_name_or_path")
 
     def _saves(self, module: str) -> bool:
-        """True when `module` is one of `modules_to_save` (PEFT: the name, or ending in `.name`)."""
-        return any(module == m or module.endswith("." + m) for m in self.adapter_config.get("modules_to_save") or [])
+        """True when `module` lies in a module of `modules_to_save`: PEFT saves the whole of a module
+        whose name is the entry or ends in `.entry`, everything below it included (`pooler` saves
+        `pooler.dense.weight`)."""
+        parts = module.split(".")
+        ancestors = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        return any(
+            a == m or a.endswith("." + m) for m in self.adapter_config.get("modules_to_save") or [] for a in ancestors
+        )
 
     def _collect(self) -> tuple[dict[str, LoraModule], dict[str, TensorInfo]]:
         """The LoRA modules, and the tensors saved whole (model name -> info); anything else is refused."""
