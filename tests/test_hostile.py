@@ -506,6 +506,32 @@ CASES += [
     Case("index-values-empty", "inspect evil_wm_empty", 2, "not a plain file name"),
 ]
 
+# The newest surfaces, tried with hostile and careless input (issue 35): a case per class.
+CASES += [
+    # 7. YAML cannot stall the reader: aliases expand to a bounded document, messages show bounded values
+    Case(
+        "yaml-billion-laughs-mergekit",
+        "merge --config bomb_mk.yml -o m",
+        2,
+        "aliases expand to more than",
+        absent=("m",),
+    ),
+    Case(
+        "yaml-billion-laughs-seed", "merge --config bomb_seed.yml -o m", 2, "aliases expand to more than", absent=("m",)
+    ),
+    Case("yaml-recursive-alias", "merge --config recursive.yml -o m", 2, "contains it", absent=("m",)),
+    Case(
+        "yaml-aliased-seed-shown-short", "merge --config aliased_seed.yml -o m", 2, "seed must be an int", absent=("m",)
+    ),
+    Case("yaml-config-missing", "merge --config nowhere.yml -o m", 2, "nowhere.yml: --config: no such file"),
+    # 8. a module of modules_to_save covers every tensor below it (PEFT's rule)
+    Case("adapter-saves-a-parent-module", "spectrum bert bert_pooler --json s.json", 0, "", exists=("s.json",)),
+    # 9. --cache-dir that cannot be a folder: one line about --cache-dir
+    Case("cache-dir-is-a-file", "spectrum base ft --cache-dir existing.json", 2, "--cache-dir is a file, not a folder"),
+    Case("cache-dir-below-a-file", "spectrum base ft --cache-dir existing.json/c", 2, "--cache-dir lies below"),
+    Case("json-below-a-file", "spectrum base ft --json existing.json/s.json", 2, "--json lies below"),
+]
+
 
 def _st(path: Path, header: bytes | dict, data: bytes = b"") -> None:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
@@ -647,6 +673,7 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "mistyped_result.json").write_text(json.dumps({**result, "matrices": "many"}))
     (root / "out_old" / "stale.txt").write_text("from an earlier run\n")
     _new_surfaces(root, zoo, adapters, tensor_names)
+    _newest_surfaces(root)
     return root
 
 
@@ -762,6 +789,34 @@ def _new_surfaces(root: Path, zoo, adapters, tensor_names: list[str]) -> None:
         ("empty", ""),
     ):
         _index_folder(root, f"evil_wm_{label}", {n: value for n in tensor_names})
+
+
+def _billion_laughs(key: str, head: str) -> str:
+    """A YAML recipe whose `key` is nine levels of nine aliases: 9⁹ values once expanded."""
+    levels = ["l0: &l0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return head + "\n".join(levels) + f"\n{key}: *l9\n"
+
+
+def _newest_surfaces(root: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    (root / "bomb_mk.yml").write_text(
+        _billion_laughs("  seed", "merge_method: linear\nmodels: [{model: ft}]\n").replace(
+            "\n  seed:", "\nparameters:\n  seed:"
+        )
+    )
+    (root / "bomb_seed.yml").write_text(_billion_laughs("seed", "method: task-arithmetic\nbase: base\nmodels: [ft]\n"))
+    (root / "recursive.yml").write_text("method: task-arithmetic\nbase: base\nmodels: &m [ft, *m]\n")
+    (root / "aliased_seed.yml").write_text(
+        "method: dare-linear\nbase: base\nmodels: [ft]\ndensity: 0.5\n"
+        "seed: [&l0 [1, 2, 3, 4, 5, 6, 7, 8, 9], *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0]\n"
+    )
+    torch.manual_seed(8)
+    get_peft_model(
+        synthetic.tiny_model("bert", seed=0),
+        LoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler"], init_lora_weights=False),
+    ).save_pretrained(root / "bert_pooler")
 
 
 def snapshot(root: Path) -> dict[str, str]:

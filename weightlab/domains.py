@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from weightlab.errors import InvalidArgument
+from weightlab.errors import InvalidArgument, shown
 
 MAX_SEED = 2**63 - 1
 
@@ -71,8 +71,8 @@ class Domain:
 
     def check(self, flag: str, value: Any) -> None:
         if not self.contains(value):
-            shown = repr(value) if isinstance(value, str) else _shown_number(value)
-            raise InvalidArgument(f"{flag} {shown}: must be {self.describe()}{self.suggestion(value)}")
+            shown_value = shown(value) if isinstance(value, str) else _shown_number(value)
+            raise InvalidArgument(f"{flag} {shown_value}: must be {self.describe()}{self.suggestion(value)}")
 
     def suggestion(self, value: Any) -> str:
         """`; did you mean X?` for a mistyped choice close to one of them."""
@@ -82,11 +82,11 @@ class Domain:
         return f"; did you mean {close[0]}?" if close else ""
 
 
-def _shown_number(value: Any) -> Any:
+def _shown_number(value: Any) -> str:
     """A float as the user most likely typed it: 0 rather than 0.0, where nothing is lost."""
     if isinstance(value, float) and math.isfinite(value) and float(f"{value:g}") == value:
         return f"{value:g}"
-    return value
+    return str(value) if isinstance(value, (int, float)) else shown(value)
 
 
 def Int(low: int | None = None, high: int | None = None, optional: bool = False) -> Domain:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
+from typing import Any
+
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxlevel, _BOUNDED.maxstring, _BOUNDED.maxother, _BOUNDED.maxlong = 2, 40, 40, 40
+_BOUNDED.maxlist = _BOUNDED.maxtuple = _BOUNDED.maxdict = _BOUNDED.maxset = _BOUNDED.maxfrozenset = 4
+
+
+def shown(value: Any) -> str:
+    """A value the user gave, as a message shows it: its repr cut short, computed only as far as it
+    is shown (never the repr of a whole nested or aliased object)."""
+    return _BOUNDED.repr(value)
 
 
 class WeightlabError(Exception):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from weightlab.errors import CorruptCheckpoint, InvalidArgument, NotACheckpoint, ShapeMismatch
+from weightlab.errors import CorruptCheckpoint, InvalidArgument, NotACheckpoint, ShapeMismatch, shown
 from weightlab.io.adapter_writer import LoraFactors
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
@@ -88,9 +88,9 @@ def validate_adapter_config(cfg: object, path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise CorruptCheckpoint("adapter_config.json is not a JSON object", path)
     if not _is_rank(cfg.get("r", 8)):
-        raise CorruptCheckpoint(f"r = {cfg.get('r')!r} is not a positive integer", path)
+        raise CorruptCheckpoint(f"r = {shown(cfg.get('r'))} is not a positive integer", path)
     if not _is_number(cfg.get("lora_alpha", 8)):
-        raise CorruptCheckpoint(f"lora_alpha = {cfg.get('lora_alpha')!r} is not a finite number", path)
+        raise CorruptCheckpoint(f"lora_alpha = {shown(cfg.get('lora_alpha'))} is not a finite number", path)
     for key, valid, what in (
         ("rank_pattern", _is_rank, "positive integers"),
         ("alpha_pattern", _is_number, "finite numbers"),
@@ -100,19 +100,19 @@ def validate_adapter_config(cfg: object, path: Path) -> dict[str, Any]:
             raise CorruptCheckpoint(f"{key} is not an object", path)
         for module, value in pattern.items():
             if not valid(value):
-                raise CorruptCheckpoint(f"{key}[{module!r}] = {value!r}: values must be {what}", path)
+                raise CorruptCheckpoint(f"{key}[{shown(module)}] = {shown(value)}: values must be {what}", path)
             try:
                 re.compile(rf"(.*\.)?({module})$")
             except (re.error, RecursionError, OverflowError) as e:
                 raise CorruptCheckpoint(f"{key} key {module!r} is not a valid regular expression ({e})", path) from None
     saved = cfg.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
-        raise CorruptCheckpoint(f"modules_to_save = {saved!r} is not a list of module names", path)
+        raise CorruptCheckpoint(f"modules_to_save = {shown(saved)} is not a list of module names", path)
     for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(cfg.get(key, False), (bool, type(None))):
-            raise CorruptCheckpoint(f"{key} = {cfg[key]!r} is not true or false", path)
+            raise CorruptCheckpoint(f"{key} = {shown(cfg[key])} is not true or false", path)
     if not isinstance(cfg.get("peft_type", "LORA"), str):
-        raise CorruptCheckpoint(f"peft_type = {cfg['peft_type']!r} is not a string", path)
+        raise CorruptCheckpoint(f"peft_type = {shown(cfg['peft_type'])} is not a string", path)
     return cfg
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightlab.errors import InvalidArgument, NotACheckpoint, UnsupportedDtype
+from weightlab.errors import InvalidArgument, NotACheckpoint, UnsupportedDtype, shown
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import TensorInfo
@@ -144,7 +144,7 @@ def open_in_memory(source: object) -> Any:
             raise NotACheckpoint("the mapping holds no tensors", label)
         bad = next((k for k in source if not isinstance(k, str)), None)
         if bad is not None:
-            raise InvalidArgument(f"key {bad!r} is not a tensor name (a string)", label)
+            raise InvalidArgument(f"key {shown(bad)} is not a tensor name (a string)", label)
         tensors, tied = _saved_names({k: _as_tensor(v, label, k) for k, v in source.items()})
         return MemoryCheckpoint(label, tensors, None, tied)
     raise InvalidArgument(

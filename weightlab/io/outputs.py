@@ -73,6 +73,18 @@ def refuse_input_overlap(option: str, path: str | Path, inputs: Iterable[str | P
                 raise OutputConflict(f"{option} lies inside the input {given}; write outside it", path)
 
 
+def _require_folder_above(out: Output) -> None:
+    """Refuse an output whose place a file takes: a folder output that is a file, or a path below a file."""
+    path = Path(out.path)
+    if out.directory and out.in_place and path.exists() and not path.is_dir():
+        raise OutputConflict(f"{out.option} is a file, not a folder", out.path)
+    above = path.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise OutputConflict(f"{out.option} lies below {above}, which is a file, not a folder", out.path)
+
+
 def check_outputs(inputs: Iterable[str | Path | None], outputs: Sequence[Output], force: bool) -> None:
     """Refuse, before any work, outputs that would harm an input, collide, or replace what they may not."""
     present = [i for i in inputs if i is not None]
@@ -86,6 +98,7 @@ def check_outputs(inputs: Iterable[str | Path | None], outputs: Sequence[Output]
             continue
         real = _real(out.path)
         refuse_input_overlap(out.option, out.path, present)
+        _require_folder_above(out)
         for other, other_real in seen:
             if real == other_real or _inside(real, other_real) or _inside(other_real, real):
                 raise OutputConflict(f"{other.option} and {out.option} collide ({other.path}, {out.path})", out.path)

@@ -19,7 +19,7 @@ import json
 import math
 from typing import Any
 
-from weightlab.errors import CorruptCheckpoint
+from weightlab.errors import CorruptCheckpoint, shown
 
 MAX_HEADER_BYTES = 100_000_000  # the reference's MAX_HEADER_SIZE
 MAX_DEPTH = 127  # serde_json's recursion limit: 128 nested containers are refused
@@ -123,7 +123,7 @@ def _metadata(entry: object, path: Any) -> dict[str, str] | None:
     out = {}
     for key, value in entry:
         if not isinstance(value, str):
-            raise CorruptCheckpoint(f"__metadata__ value of {key!r} is not a string", path)
+            raise CorruptCheckpoint(f"__metadata__ value of {shown(key)} is not a string", path)
         out[key] = value
     return out
 
@@ -144,16 +144,16 @@ def _entry(entry: object, path: Any, name: str) -> tuple[str, tuple[int, ...], i
             raise CorruptCheckpoint(f"header entry lacks {key!r}", path, name)
     dtype, shape, offsets = (fields[k] for k in ENTRY_FIELDS)
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise CorruptCheckpoint(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)})", path, name)
+        raise CorruptCheckpoint(f"unknown dtype {shown(dtype)} (known: {', '.join(DTYPE_BITS)})", path, name)
     if not isinstance(shape, list) or isinstance(shape, _Pairs) or not all(_u64(d) for d in shape):
-        raise CorruptCheckpoint(f"shape {shape!r} is not a list of non-negative integers", path, name)
+        raise CorruptCheckpoint(f"shape {shown(shape)} is not a list of non-negative integers", path, name)
     if (
         not isinstance(offsets, list)
         or isinstance(offsets, _Pairs)
         or len(offsets) != 2
         or not all(_u64(o) for o in offsets)
     ):
-        raise CorruptCheckpoint(f"data_offsets {offsets!r} is not two non-negative integers", path, name)
+        raise CorruptCheckpoint(f"data_offsets {shown(offsets)} is not two non-negative integers", path, name)
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from weightlab.domains import SEED, Choice, Int, Real
-from weightlab.errors import InvalidArgument
+from weightlab.errors import CheckpointNotFound, InvalidArgument, shown
 from weightlab.io.writer import parse_size
+from weightlab.io.yaml_file import read_yaml
 from weightlab.merging.methods import METHODS, MergeMethod, mergekit_names, parameter_names
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import MAX_COEFFICIENT, Param, Params, resolve
@@ -274,12 +275,9 @@ def build_config(options: dict[str, Any]) -> MergeConfig:
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML merge config as options for `build_config` (mergekit's format too). Every
     value's type is checked here; its domain when the config is built."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise InvalidArgument(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
-    except (UnicodeDecodeError, RecursionError):
-        raise InvalidArgument("not a readable YAML text file", path) from None
+    if not Path(path).exists():
+        raise CheckpointNotFound("--config: no such file", path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise InvalidArgument("a merge config is a mapping of keys to values", path)
     return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
@@ -297,7 +295,7 @@ def _typed(value: Any, kind: str, where: str, path: str | Path) -> Any:
     }[kind]
     if not ok:
         article = "an" if kind[0] in "aeiou" else "a"
-        raise InvalidArgument(f"{where} must be {article} {kind}, got {type(value).__name__} {value!r:.40}", path)
+        raise InvalidArgument(f"{where} must be {article} {kind}, got {type(value).__name__} {shown(value)}", path)
     return value
 
 
