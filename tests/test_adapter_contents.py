@@ -109,6 +109,27 @@ def test_merge_as_adapter_carries_saved_modules_and_biases(zoo, bank, tmp_path):
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-5, msg=f"{method} {name}")
 
 
+def test_lambda_auto_as_adapter_is_the_dense_auto_merge_saved_modules_and_biases_included(zoo, bank, tmp_path):
+    """λ auto per tensor on LoRA products, LoRA biases and saved tensors alike: the adapter PEFT
+    loads equals the dense auto merge of the merged checkpoints, λ for λ, with a weight subtracted."""
+    root, _ = bank
+    base = str(zoo["bert"])
+    params, weights = {"lambda": "auto"}, [1.0, -0.5]
+    report, _ = merge_as_adapter(MergeConfig("task-arithmetic", [str(root / "a"), str(root / "b")], base,
+                                             weights=weights, params=dict(params)), tmp_path / "adapter")  # fmt: skip
+    dense_models = [str(root / "a_dense"), str(root / "b_dense")]
+    dense = merge(MergeConfig("task-arithmetic", dense_models, base, weights=weights, params=dict(params)),
+                  tmp_path / "dense")  # fmt: skip
+    want, got = load_file(tmp_path / "dense" / "model.safetensors"), _peft_merged(zoo["bert"], tmp_path / "adapter")
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    chosen = report.auto_lambda  # every tensor the adapters change: products, LoRA biases, saved tensors
+    assert {"pooler.dense.weight", "pooler.dense.bias", "encoder.layer.0.attention.self.query.weight",
+            "encoder.layer.0.attention.self.query.bias"} <= set(chosen)  # fmt: skip
+    for name, lam in chosen.items():
+        assert lam == pytest.approx(dense.auto_lambda[name], rel=1e-6), name
+
+
 def test_merge_as_adapter_with_saved_modules_needs_the_base(bank, tmp_path):
     from weightlab.errors import InvalidArgument
 

@@ -310,3 +310,37 @@ def test_methods_that_do_not_commute_merge_in_core_space_and_peft_loads_them(zoo
     assert all(torch.isfinite(t).all() for t in merged.values())
     base = open_weights(zoo["llama"])
     assert any(not torch.equal(merged[n], base.get(n)) for n in base.names())
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties", "tsv", "iso-c", "dare-linear"])
+def test_lambda_auto_as_adapter_scales_each_module_by_the_documented_rule(method, zoo, pair, run_cli, tmp_path):
+    """--lambda auto on --as-adapter (once ignored: λ = 1 with `lambda: auto` in the record): each
+    module's update at λ = 1, scaled to ‖Σ c_iτ_i‖/Σ|c_i|, τ_i the densified adapters (PEFT's
+    merge_and_unload); a negative weight counts by its size. The record holds every λ chosen."""
+    import json
+
+    base = open_weights(zoo["llama"])
+    fts = [open_finetuned(p, base) for p in pair]
+    weights = (0.8, 0.6) if METHODS[method].normalises else (0.8, -0.6)  # TIES divides by Σc_i
+    common = ["merge", "--as-adapter", "--method", method, "--base", zoo["llama"], *pair]
+    common += ["--weights", ",".join(map(str, weights))]
+    common += ["--param", "density=0.5"] if method in ("ties", "dare-linear") else []
+    one, auto = tmp_path / "one", tmp_path / "auto"
+    assert run_cli(*common, "--lambda", "1", "-o", one)[0] == 0
+    code, _, err = run_cli(*common, "--lambda", "auto", "-o", auto, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    at_one, chosen = peft_merged(zoo["llama"], one), peft_merged(zoo["llama"], auto)
+    record = json.loads((tmp_path / "r.json").read_text())
+    lambdas = record["auto_lambda"]
+    adapted = sorted({n for ft in fts for n in ft.module_of})
+    assert set(lambdas) == set(adapted)
+    for name in adapted:
+        w = base.get(name).double()
+        summed = sum(c * (ft.get(name).double() - w) for c, ft in zip(weights, fts))
+        update = at_one[name].double() - w
+        moved = float(update.norm())
+        lam = float(summed.norm()) / (sum(map(abs, weights)) * moved) if moved else 1.0  # DARE may drop all
+        assert lambdas[name] == pytest.approx(lam, rel=1e-4), name
+        torch.testing.assert_close(chosen[name].double() - w, lam * update, atol=2e-6, rtol=1e-4, msg=name)
+    assert record["config"]["params"]["lam"] == "auto"
+    assert "lambda: auto" in (auto / "weightlab_merge.yml").read_text()

@@ -242,6 +242,26 @@ def test_auto_lambda_gives_each_merge_the_length_of_the_mean_update(tmp_path, ru
         assert "lambda: auto" in (out / "weightlab_merge.yml").read_text()
 
 
+@pytest.mark.parametrize("weights", [(1.0, -0.5, 0.25), (-1.0, -1.0, 0.5), (1.0, -1.0, 0.0)])
+def test_auto_lambda_with_negative_weights_takes_the_length_of_the_weighted_mean(weights, tmp_path, run_cli):
+    """A subtracted task counts by its size: λ = ‖Σ c_iτ_i‖/(Σ|c_i|·‖Δ‖), so task arithmetic is
+    Σ c_iτ_i/Σ|c_i| (positive λ, the update's sign kept), also where Σ c_i is 0 or negative."""
+    gen = torch.Generator().manual_seed(2)
+    taus = [torch.randn(4, 6, generator=gen) for _ in range(3)]
+    folders = _planted(tmp_path, taus)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "merge", "--method", "task-arithmetic", "--base", folders[0], *folders[1:],
+        "--weights", ",".join(map(str, weights)), "--lambda", "auto", "-o", out,
+    )  # fmt: skip
+    assert code == 0, err
+    merged = load_file(out / "model.safetensors")["layers.0.mlp.up_proj.weight"]
+    total = sum(abs(w) for w in weights)
+    torch.testing.assert_close(merged, sum(w * t for w, t in zip(weights, taus)) / total)
+    record = json.loads((out / "weightlab_merge.json").read_text())
+    assert record["auto_lambda"]["layers.0.mlp.up_proj.weight"] == pytest.approx(1 / total)
+
+
 def test_auto_lambda_is_refused_where_lambda_scales_no_update_of_the_base(tmp_path, run_cli):
     p = _two(tmp_path)
     for method in ("cart", "average", "model-stock"):

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from weightlab.io.safetensors_file import torch_dtype
 from weightlab.merging.config import RECORD, MergeConfig, record_yaml
 from weightlab.merging.methods import METHODS, MergeMethod
 from weightlab.merging.params import Generator, Params
-from weightlab.merging.run import MergeReport, open_base, tensor_seed
+from weightlab.merging.run import MergeReport, auto_lambda, open_base, tensor_seed, weighted_sum_norm
 from weightlab.merging.subspace import tsv_factors
 from weightlab.merging.ties import ties
 
@@ -82,6 +82,7 @@ class MergedAdapter:
     modules: list[MergedModule]
     saved: dict[str, torch.Tensor]  # whole tensors of saved modules, by their name in the adapters
     left_out: list[str]  # saved tensors the base lacks
+    auto_lambda: dict[str, float] = field(default_factory=dict)  # `lambda: auto`: λ chosen per tensor
 
 
 def _update_shape(adapter: LoraAdapter, module: str) -> tuple[int, int, bool]:
@@ -160,6 +161,11 @@ def _is_zero(left: torch.Tensor, right: torch.Tensor) -> bool:
     return not bool(left.any()) or not bool(right.any())
 
 
+def factored_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖L·R‖_F from the factors: ‖LR‖² = Σ (LᵀL) ⊙ (RRᵀ), r × r matrices, never m × n."""
+    return float(((left.mT @ left) * (right @ right.mT)).sum().clamp_min(0).sqrt())
+
+
 def merge_adapters(
     adapters: list[LoraAdapter],
     method: str,
@@ -168,9 +174,11 @@ def merge_adapters(
     max_rank: int | None = None,
     seed: int = 0,
     base: Checkpoint | None = None,
+    auto: bool = False,
 ) -> MergedAdapter:
     """Every module any adapter changes, merged by `method` into LoRA factors at scale 1, and the
-    tensors of saved modules merged against `base` (needed when an adapter saves any)."""
+    tensors of saved modules merged against `base` (needed when an adapter saves any). `auto`:
+    λ per tensor by `run.auto_lambda`'s rule, from the factors (`params` then hold λ = 1)."""
     if method not in adapter_methods():
         raise InvalidArgument(
             f"--as-adapter merges with {', '.join(adapter_methods())}; {method} does not merge task vectors "
@@ -185,6 +193,7 @@ def merge_adapters(
     generator = torch.Generator().manual_seed(seed)
     dense = METHODS[method]
     out = []
+    lambdas: dict[str, float] = {}
     for module in sorted({m for a in adapters for m in a.modules}):
         sources = [i for i, a in enumerate(adapters) if module in a.modules]
         lefts, rights = [], []
@@ -193,7 +202,7 @@ def merge_adapters(
             if not _is_zero(left * (scale * float(c[i])), right):  # no update: no direction
                 lefts.append(left * (scale * float(c[i])))
                 rights.append(right)
-        bias = _merged_bias(adapters, sources, module, dense, c, params, generator)
+        bias = _merged_bias(adapters, sources, module, dense, c, params, generator, lambdas if auto else None)
         moved = bias is not None and bool(bias.any())
         if not lefts and not moved:
             continue
@@ -210,6 +219,11 @@ def merge_adapters(
         else:
             generators = lambda i, module=module: torch.Generator().manual_seed(tensor_seed(seed, module, i))
             left, right = core_space(lefts, rights, dense, params, generators)
+        if auto and lefts:
+            summed = factored_norm(torch.cat(lefts, 1), torch.cat(rights))
+            lam_auto = auto_lambda(factored_norm(left, right), summed, coefficients)
+            lambdas[adapters[sources[0]].modules[module].weight_name] = lam_auto
+            left = left * lam_auto
         if max_rank is not None and left.shape[1] > max_rank:
             svd = lowrank_svd(left, right).truncate(max_rank)
             left, right = svd.U * svd.S, svd.Vh
@@ -225,7 +239,7 @@ def merge_adapters(
                 sources,
             )
         )
-    saved, left_out = _merged_saved(adapters, base, dense, c, params, seed)
+    saved, left_out = _merged_saved(adapters, base, dense, c, params, seed, lambdas if auto else None)
     if not out and not saved:
         raise InvalidArgument(
             "the merged adapter would change nothing: every adapter's update is zero (B = 0, PEFT's "
@@ -233,7 +247,7 @@ def merge_adapters(
             "was written",
             adapters[0].path,
         )
-    return MergedAdapter(out, saved, left_out)
+    return MergedAdapter(out, saved, left_out, lambdas)
 
 
 def _merged_bias(
@@ -244,14 +258,36 @@ def _merged_bias(
     c: torch.Tensor,
     params: Params,
     generator: torch.Generator,
+    lambdas: dict[str, float] | None = None,
 ) -> torch.Tensor | None:
     """The merged LoRA bias of a module (lora_bias), at scale 1: the dense method on the bias task
-    vectors s_i·b_i (zero for the adapters that do not adapt the module); None without lora_bias."""
-    if adapters[sources[0]].modules[module].bias is None:
+    vectors s_i·b_i (zero for the adapters that do not adapt the module); None without lora_bias.
+    With `lambdas`, λ auto for it, recorded there."""
+    info = adapters[sources[0]].modules[module]
+    if info.bias is None:
         return None
     deltas = {i: adapters[i].bias_delta(module, dtype=torch.float64) for i in sources}
     zero = torch.zeros_like(deltas[sources[0]])
-    return method.fn(zero, [deltas.get(i, zero) for i in range(len(adapters))], c, params, lambda i: generator).float()
+    taus = [deltas.get(i, zero) for i in range(len(adapters))]
+    merged = method.fn(zero, taus, c, params, lambda i: generator)
+    if lambdas is not None:
+        merged = merged * _auto(lambdas, info.bias_name, zero, taus, merged, c)
+    return merged.float()
+
+
+def _auto(
+    lambdas: dict[str, float],
+    name: str,
+    base: torch.Tensor,
+    thetas: list[torch.Tensor],
+    merged: torch.Tensor,
+    c: torch.Tensor,
+) -> float:
+    """λ auto of one dense tensor (`run.auto_lambda`), recorded in `lambdas` under `name`."""
+    coeffs = c.tolist()
+    lam = auto_lambda(float((merged - base).norm()), weighted_sum_norm([t - base for t in thetas], coeffs), coeffs)
+    lambdas[name] = lam
+    return lam
 
 
 def _merged_saved(
@@ -261,6 +297,7 @@ def _merged_saved(
     c: torch.Tensor,
     params: Params,
     seed: int,
+    lambdas: dict[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors of saved modules merged by the dense method against the base's tensor (in the saved
     dtype), by their name in the adapters; an adapter that does not save one leaves the base's
@@ -290,13 +327,11 @@ def _merged_saved(
                     target,
                 )
         generators = lambda i, name=name: torch.Generator().manual_seed(tensor_seed(seed, name, i))
-        merged = method.fn(
-            base.get(target, dtype=torch.float64),
-            [ft.get(target, dtype=torch.float64) for ft in adapted],
-            c,
-            params,
-            generators,
-        )
+        w0 = base.get(target, dtype=torch.float64)
+        thetas = [ft.get(target, dtype=torch.float64) for ft in adapted]
+        merged = method.fn(w0, thetas, c, params, generators)
+        if lambdas is not None:
+            merged = w0 + _auto(lambdas, target, w0, thetas, merged, c) * (merged - w0)
         out[name] = merged.to(torch_dtype(owner.adapter.saved[name].dtype, owner.path, name))
     return out, left_out
 
@@ -322,7 +357,9 @@ def merge_as_adapter(
         for a in adapters:
             AdaptedCheckpoint(base, a)  # refuses a module the base lacks, or of another shape
     weights = config.weights or [1.0] * len(adapters)
-    merged = merge_adapters(adapters, config.method, weights, config.resolved, config.max_rank, config.seed, base)
+    merged = merge_adapters(
+        adapters, config.method, weights, config.resolved, config.max_rank, config.seed, base, config.auto_lambda
+    )
     adapter = NewAdapter(
         {m.name: m.factors for m in merged.modules},
         1.0,
@@ -340,5 +377,6 @@ def merge_as_adapter(
         merged.left_out,
         weights,
         seconds=time.perf_counter() - started,
+        auto_lambda=merged.auto_lambda,
     )
     return report, adapter

@@ -192,17 +192,25 @@ class MergeReport(Result):
         return f"parameters: {json.dumps(self.config.resolved.as_dict())}"
 
 
-def auto_lambda(update: torch.Tensor, taus: list[torch.Tensor], coeffs: list[float]) -> float:
-    """`--lambda auto`: the λ at which the merged update is as long as the tasks' mean update (the
-    uniform soup's step from the base), ‖λΔ‖ = ‖Σ_i c_iτ_i‖/Σ_i c_i, so λ = ‖Σ_i c_iτ_i‖/(Σ_i c_i·‖Δ‖),
-    Δ the method's update at λ = 1. The method chooses the direction; the soup, which stays in the
-    fine-tunes' basin (Wortsman et al. 2022), the length. Task arithmetic gets λ = 1/N (the mean);
-    a method that already averages (a disjoint mean, Iso-C's flat spectrum) gets the factor that
-    brings it back to the mean's length. 1 when Δ or the mean is zero."""
-    total = sum(coeffs)
-    summed = sum((c * t.double() for c, t in zip(coeffs, taus)), torch.zeros_like(update, dtype=torch.float64))
-    length, mean_length = float(update.double().norm()), float(summed.norm()) / total if total else 0.0
-    return mean_length / length if length > 0 and mean_length > 0 else 1.0
+def auto_lambda(update_norm: float, summed_norm: float, coeffs: Sequence[float]) -> float:
+    """`--lambda auto`: the λ at which the merged update is as long as the tasks' weighted mean
+    update (the uniform soup's step from the base), ‖λΔ‖ = ‖Σ_i c_iτ_i‖/Σ_i|c_i|, so
+    λ = ‖Σ_i c_iτ_i‖/(Σ_i|c_i|·‖Δ‖), Δ the method's update at λ = 1 (`update_norm` = ‖Δ‖,
+    `summed_norm` = ‖Σ_i c_iτ_i‖). The method chooses the direction; the soup, which stays in the
+    fine-tunes' basin (Wortsman et al. 2022), the length. Task arithmetic gets λ = 1/Σ_i|c_i| (1/N
+    with unit weights: the mean); a method that already averages (a disjoint mean, Iso-C's flat
+    spectrum) gets the factor that brings it back to the mean's length. A negative weight (a task
+    subtracted) counts by its size, so λ stays positive and the update keeps the method's sign.
+    1 when Δ or the mean is zero."""
+    total = sum(abs(c) for c in coeffs)
+    mean_length = summed_norm / total if total else 0.0
+    return mean_length / update_norm if update_norm > 0 and mean_length > 0 else 1.0
+
+
+def weighted_sum_norm(taus: Sequence[torch.Tensor], coeffs: Sequence[float]) -> float:
+    """‖Σ_i c_iτ_i‖_F, summed in float64."""
+    summed = sum((c * t.double() for c, t in zip(coeffs, taus)), torch.zeros_like(taus[0], dtype=torch.float64))
+    return float(summed.norm())
 
 
 def tensor_seed(seed: int, name: str, model: int) -> int:
@@ -572,7 +580,9 @@ def merge(
             lam = None
             if config.auto_lambda:
                 assert w0 is not None  # auto λ needs a base (MergeConfig)
-                lam = auto_lambda(merged - w0, [t - w0 for t in thetas], coeffs)
+                lam = auto_lambda(
+                    float((merged - w0).double().norm()), weighted_sum_norm([t - w0 for t in thetas], coeffs), coeffs
+                )
                 merged = w0 + lam * (merged - w0)
             if "svc" in config.modifiers:
                 assert w0 is not None  # modifiers need a base (MergeConfig)
