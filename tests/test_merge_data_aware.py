@@ -263,3 +263,85 @@ def test_adapters_merge_with_data_as_the_checkpoints_peft_merges(bank, tmp_path,
     assert got.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean++", "fisher"])
+def test_models_in_memory_build_from_their_own_config_never_from_the_working_folder(
+    method, bank, tmp_path, monkeypatch
+):
+    """Modules in memory have no folder: a data-aware merge builds them from `module.config`. The
+    working folder holds another model's config.json and tokenizer files as decoys: the merge equals
+    the one on the saved folders, and without tokenizer= it is refused instead of using the decoy's."""
+    _root, base, models, texts = bank
+    decoy = tmp_path / "cwd"
+    save(tiny_model("bert", seed=3, hidden=48), decoy)  # another model's config.json, other shapes
+    tiny_tokenizer(decoy)
+    monkeypatch.chdir(decoy)
+    merge(base, models, method=method, calibration=texts, out=tmp_path / "on-disk")
+    want = state(tmp_path / "on-disk")
+    loaded = [BertModel.from_pretrained(m).eval() for m in models]
+    got = merge(None, loaded, method=method, calibration=texts, tokenizer=base)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(WeightlabError, match="a model in memory carries none"):
+        merge(None, loaded, method=method, calibration=texts)
+
+
+def test_a_state_dict_in_memory_has_no_config_to_run(bank, tmp_path, monkeypatch):
+    _root, base, models, texts = bank
+    monkeypatch.chdir(base)  # a config.json right here: still not the state dict's
+    tensors = [state(m) for m in models]
+    with pytest.raises(WeightlabError, match=r"no \.config"):
+        merge(None, tensors, method="regmean", calibration=texts, tokenizer=base)
+
+
+def _with_config(source, dest, **changes):
+    import shutil
+
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, **changes}))
+    return dest
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"vocab_size": 2**40}, "shape"),  # allocated, it asks for 140 TB
+        ({"hidden_size": 4096, "num_attention_heads": 4}, "shape"),  # tens of GB as float32
+        ({"intermediate_size": 65}, "shape"),
+        ({"num_hidden_layers": 3}, "which the weights"),  # a layer the weights lack
+        ({"max_position_embeddings": 2**40}, "shape"),
+        ({"hidden_size": "wide"}, "cannot"),
+        ({"hidden_size": 30, "num_attention_heads": 4}, "cannot build"),  # 30 is not a multiple of 4
+        ({"model_type": "no-such-architecture"}, "not an architecture transformers knows"),
+        ({"model_type": ["bert"]}, "not an architecture transformers knows"),
+    ],
+)
+def test_a_config_that_is_not_the_weights_model_is_refused_before_allocating(changes, message, bank, tmp_path):
+    """The network is built on the meta device and checked against the weights' headers first: a
+    config of other sizes ends in one line naming its config.json, never an allocation."""
+    _root, base, models, texts = bank
+    lying = _with_config(models[0], tmp_path / "lying", **changes)
+    with pytest.raises(WeightlabError, match=message) as caught:
+        merge(base, [lying, models[1]], method="regmean", calibration=texts, out=tmp_path / "m")
+    assert "config.json" in str(caught.value) or "lying" in str(caught.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_buffers_beyond_the_weights_size_are_refused_before_allocating():
+    """Buffers the checkpoint does not hold (rotary tables, position ids) may take no more than the weights."""
+    from weightlab.io.memory import MemoryCheckpoint
+    from weightlab.merging.activations import refuse_oversized
+
+    with torch.device("meta"):
+        skeleton = torch.nn.Linear(256, 256)
+        skeleton.register_buffer("table", torch.empty(2**40), persistent=False)  # 4 TiB as float32
+    ckpt = MemoryCheckpoint("m", {"weight": torch.zeros(256, 256), "bias": torch.zeros(256)})
+    names = {"weight": "weight", "bias": "bias"}
+    with pytest.raises(WeightlabError, match="4194304 MiB of buffers beyond its weights"):
+        refuse_oversized(skeleton, names, ckpt, "its config")
+    with torch.device("meta"):
+        skeleton.register_buffer("table", torch.empty(2**18), persistent=False)  # 1 MiB: within the bound
+    refuse_oversized(skeleton, names, ckpt, "its config")

@@ -358,6 +358,10 @@ class AdaptedCheckpoint(Checkpoint):
             self.__infos[name] = info
 
     @property
+    def folder(self) -> Path | None:
+        return self.base.folder
+
+    @property
     def _infos(self) -> dict[str, TensorInfo]:
         return self.__infos
 

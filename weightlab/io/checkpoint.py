@@ -36,6 +36,12 @@ class Checkpoint:
         self.bytes_read = 0  # bytes materialised from storage, for tests and benchmarks
 
     @property
+    def folder(self) -> Path | None:
+        """The folder holding the model's other files (config.json, a tokenizer): the checkpoint's
+        own, or its weight file's; None for a model held in memory."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
     def _infos(self) -> dict[str, TensorInfo]:
         raise NotImplementedError
 

@@ -49,6 +49,7 @@ class MemoryCheckpoint(Checkpoint):
     tensor left out because it shares its storage with one listed (name -> the name kept)."""
 
     read_ahead = False  # no storage to wait for: a copy is made when a tensor is used
+    folder = None  # no files beside it: its config is the module's own (`config`)
 
     def __init__(
         self,

@@ -1,16 +1,17 @@
 """Running the real model on calibration text: input Gram matrices of its linear layers (RegMean)
 and diagonal Fisher information (Fisher merging).
 
-The model is built by transformers from the checkpoint's config.json (its own class, no remote
-code) and given the checkpoint's weights through weightlab's safe reader, never transformers'
-loader. Gram matrices X_ᵀX are accumulated in float64 over the non-padding tokens, in groups
-whose matrices fit `GRAM_BUDGET` bytes (a group per pass over the texts), and each group is
-written to disk before the next begins, so memory holds one group whatever the model's depth.
+The model is built by transformers from the checkpoint's config (the config.json beside its
+weights, or a module's own `.config`; its own class, no remote code), checked against the weights
+on the meta device before anything is allocated, and given the checkpoint's weights through
+weightlab's safe reader, never transformers' loader. Gram matrices X_ᵀX are accumulated in
+float64 over the non-padding tokens, in groups whose matrices fit `GRAM_BUDGET` bytes (a group per
+pass over the texts), and each group is written to disk before the next begins, so memory holds
+one group whatever the model's depth.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from weightlab.errors import InvalidArgument
-from weightlab.io.adapter import AdaptedCheckpoint
+from weightlab.errors import InvalidArgument, ShapeMismatch, shown
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.naming import layer_index
@@ -33,29 +33,111 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "toke
 Step = Callable[[int], None]
 
 
-def folder_of(ckpt: Checkpoint) -> Path | None:
-    """The folder whose config.json builds the model: an adapted model's is its base's."""
-    if isinstance(ckpt, AdaptedCheckpoint):
-        return folder_of(ckpt.base)
-    path = Path(str(ckpt.path))
-    folder = path if path.is_dir() else path.parent
-    return folder if (folder / "config.json").is_file() else None
-
-
 def find_tokenizer(candidates: list[Checkpoint], given: str | None) -> str:
-    """The tokenizer folder: `given`, else the first input folder that holds tokenizer files."""
+    """The tokenizer folder: `given`, else the first input folder on disk that holds tokenizer files
+    (a model in memory has none)."""
     if given is not None:
         if not any((Path(given) / f).is_file() for f in TOKENIZER_FILES):
             raise InvalidArgument("--tokenizer: no tokenizer files in this folder", given)
         return given
     for ckpt in candidates:
-        folder = folder_of(ckpt)
+        folder = ckpt.folder
         if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
             return str(folder)
+    in_memory = any(c.folder is None for c in candidates)
     raise InvalidArgument(
-        "no tokenizer among the inputs (no tokenizer.json or vocab file beside the config): give --tokenizer FOLDER",
+        "no tokenizer among the inputs (no tokenizer.json or vocab file beside the config"
+        + ("; a model in memory carries none" if in_memory else "")
+        + "): give --tokenizer FOLDER",
         str(candidates[0].path),
     )
+
+
+def config_source(ckpt: Checkpoint) -> str:
+    """Where a checkpoint's config comes from, for messages: its config.json, or the module's `.config`."""
+    return str(ckpt.folder / "config.json") if ckpt.folder is not None else f"{ckpt.path}: its .config"
+
+
+def transformers_config(ckpt: Checkpoint) -> Any:
+    """The transformers config of a checkpoint: from the config.json beside its weights, or from
+    the `.config` of the module it was read from; never a file the caller did not give."""
+    import transformers
+
+    raw = ckpt.config.raw if ckpt.config is not None else None
+    if not raw:
+        what = (
+            "no config.json beside its weights"
+            if ckpt.folder is not None
+            else "no .config (a transformers module has one; a state dict has none)"
+        )
+        raise InvalidArgument(
+            f"data-aware merging runs the model, and this input has {what} to build it from", ckpt.path
+        )
+    where = config_source(ckpt)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise InvalidArgument(f"model_type {shown(model_type)} is not an architecture transformers knows", where)
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(dict(raw))
+    except Exception as e:  # whatever a config class raises on values it cannot take
+        raise InvalidArgument(f"transformers cannot read this config ({_first_line(e)})", where) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def build_network(config: Any, ckpt: Checkpoint) -> tuple[Any, dict[str, str]]:
+    """The network `config` describes (its architecture's transformers class, no remote code),
+    with the checkpoint's names for its tensors; built on the meta device first, so that a config
+    that disagrees with the weights (a parameter the checkpoint lacks, another shape) or would take
+    more memory than they do (buffers beyond the checkpoint's size) is refused before anything is
+    allocated."""
+    import transformers
+
+    where = config_source(ckpt)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls_ = getattr(transformers, arch, None) if isinstance(arch, str) else None
+
+    def build() -> Any:
+        return cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
+
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except Exception as e:  # any failure to build is the config's
+        raise InvalidArgument(
+            f"transformers cannot build the network this config describes ({_first_line(e)})", where
+        ) from None
+    names = _match_names(skeleton, ckpt, where)
+    for key, tensor in skeleton.state_dict().items():
+        if key in names and tuple(tensor.shape) != tuple(ckpt.info(names[key]).shape):
+            raise ShapeMismatch(
+                f"the config gives {key} the shape {list(tensor.shape)}, the weights "
+                f"{list(ckpt.info(names[key]).shape)}: this config is not the weights' model",
+                where,
+                names[key],
+            )
+    refuse_oversized(skeleton, names, ckpt, where)
+    try:
+        return build(), names
+    except Exception as e:
+        raise InvalidArgument(
+            f"transformers cannot build the network this config describes ({_first_line(e)})", where
+        ) from None
+
+
+def refuse_oversized(skeleton: Any, names: dict[str, str], ckpt: Checkpoint, where: str) -> None:
+    """Refuse a network (built on the meta device) whose buffers the checkpoint does not hold
+    would take more memory than the weights themselves (at least 1 MiB is allowed)."""
+    weights = sum(ckpt.info(n).nbytes for n in ckpt.names())
+    extra = sum(b.numel() * b.element_size() for key, b in skeleton.named_buffers() if key not in names)
+    if extra > max(weights, 1 << 20):
+        raise InvalidArgument(
+            f"the network this config describes holds {extra / 2**20:.0f} MiB of buffers beyond its weights "
+            f"({weights / 2**20:.0f} MiB): refused before allocating it",
+            where,
+        )
 
 
 @dataclass
@@ -71,38 +153,17 @@ class Runner:
 
     @classmethod
     def build(cls, ckpt: Checkpoint, tokenizer: str, device: torch.device) -> Runner:
-        """The architecture config.json names (a transformers class), with `ckpt`'s tensor names."""
+        """The network `ckpt`'s config describes, with `ckpt`'s tensor names (`build_network`)."""
         import transformers
 
-        folder = folder_of(ckpt)
-        if folder is None:
-            raise InvalidArgument(
-                "data-aware merging runs the model, and this input has no config.json to build it from", ckpt.path
-            )
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-            raise InvalidArgument(
-                f"transformers cannot read its config.json ({str(e).splitlines()[0][:200]})", folder
-            ) from None
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls_ = getattr(transformers, arch, None) if isinstance(arch, str) else None
-        try:
-            model = cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
-        except (ValueError, KeyError, ImportError, TypeError) as e:
-            raise InvalidArgument(
-                f"transformers cannot build this architecture ({str(e).splitlines()[0][:200]})", folder
-            ) from None
+        model, names = build_network(transformers_config(ckpt), ckpt)
         model.eval().to(device, torch.float32)
         try:
             tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as e:
-            raise InvalidArgument(
-                f"transformers cannot load this tokenizer ({str(e).splitlines()[0][:200]})", tokenizer
-            ) from None
+            raise InvalidArgument(f"transformers cannot load this tokenizer ({_first_line(e)})", tokenizer) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
-        names = _match_names(model, ckpt)
         runner = cls(model, tok, device, names, [names[k] for k in model.state_dict() if k in names])
         for module_name, module in model.named_modules():
             key = f"{module_name}.weight"
@@ -216,7 +277,7 @@ def _is_linear(module: Any) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _match_names(model: Any, ckpt: Checkpoint) -> dict[str, str]:
+def _match_names(model: Any, ckpt: Checkpoint, where: str) -> dict[str, str]:
     """The module's state-dict keys -> the checkpoint's names (the same, or with the base-model
     prefix added or dropped); a parameter the checkpoint lacks, unless tied to one it has, is an error."""
     names = set(ckpt.names())
@@ -227,13 +288,13 @@ def _match_names(model: Any, ckpt: Checkpoint) -> dict[str, str]:
             if candidate in names:
                 out[key] = candidate
                 break
-    loaded = {p.data_ptr() for key, p in model.named_parameters() if key in out}
-    for key, p in model.named_parameters():
-        if key not in out and p.data_ptr() not in loaded:
+    loaded = {id(p) for key, p in model.named_parameters(remove_duplicate=False) if key in out}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        if key not in out and id(p) not in loaded:  # neither held nor tied to a tensor held
             raise InvalidArgument(
-                f"the model {type(model).__name__} (from config.json) has {key}, which this checkpoint lacks: "
-                "it cannot be run",
-                ckpt.path,
+                f"the model {type(model).__name__} this config describes has {key}, which the weights "
+                f"({ckpt.path}) lack: it cannot be run",
+                where,
                 key,
             )
     return out
