@@ -2,6 +2,7 @@
 text, against plain references written here: one text at a time, our own hooks, numpy solves."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,80 @@ def test_buffers_beyond_the_weights_size_are_refused_before_allocating():
     with torch.device("meta"):
         skeleton.register_buffer("table", torch.empty(2**18), persistent=False)  # 1 MiB: within the bound
     refuse_oversized(skeleton, names, ckpt, "its config")
+
+
+def _long_texts(words: list[str]) -> list[str]:
+    gen = torch.Generator().manual_seed(4)
+    pick = lambda n: " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=gen))
+    return [
+        pick(5),
+        pick(300),
+        pick(20_000),
+        "a" + " " * 100_000 + "b c",  # whitespace the tokenizer drops
+        "x" * 5000 + " " + pick(400),  # one word longer than any token
+        "漢字" * 5000,  # no spaces at all
+        pick(50) + "\n" * 3 + pick(400),
+    ]
+
+
+@pytest.mark.parametrize("tokenizer", ["minilm", "tiny"])
+def test_a_text_is_cut_to_what_the_tokenizer_keeps_before_it_is_tokenized(tokenizer, tmp_path):
+    """The prefix tokenized gives exactly the tokens the whole text gives, truncated to MAX_TOKENS."""
+    from weightlab.examples import minilm_path
+    from weightlab.merging.activations import MAX_TOKENS, kept_prefix
+
+    folder = minilm_path() if tokenizer == "minilm" else tiny_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(folder)
+    words = tiny_texts(1, words=(2000, 2000))[0].split() if tokenizer == "tiny" else Path(__file__).read_text().split()
+    for text in _long_texts(words):
+        kept = kept_prefix(tok, text)
+        assert len(kept) <= max(len(text) if len(text) < 4 * 16 * MAX_TOKENS else 0, 64 * 16 * MAX_TOKENS)
+        whole = tok(text, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        assert tok(kept, truncation=True, max_length=MAX_TOKENS)["input_ids"] == whole, text[:40]
+
+
+def test_calibration_memory_is_bounded_whatever_a_line_holds(tmp_path):
+    """An 8 MB line keeps MAX_TEXT_CHARS characters; reading holds a chunk and the kept texts, not the file."""
+    import hashlib
+    import tracemalloc
+
+    from weightlab.merging.calibration import MAX_TEXT_CHARS, read_calibration
+
+    path = tmp_path / "long.txt"
+    line = " ".join(f"w{i % 100}" for i in range(2_000_000))  # about 8 MB
+    path.write_text(f"first text\r\n{line}\nthird\u2028fourth\n")
+    tracemalloc.start()
+    found = read_calibration(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20  # a 1 MiB chunk and its decoded text, not the 8 MB line
+    assert found.texts == ("first text", line[:MAX_TEXT_CHARS].strip(), "third", "fourth")  # str.splitlines' lines
+    assert found.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_calibration_refuses_what_cannot_be_cut(tmp_path):
+    from weightlab.merging.calibration import MAX_JSONL_LINE, MAX_TEXTS, read_calibration
+
+    long_json = tmp_path / "long.jsonl"
+    long_json.write_text(json.dumps({"text": "w1 " * (MAX_JSONL_LINE // 3 + 1)}) + "\n")
+    with pytest.raises(WeightlabError, match="line 1 holds more than 4 Mi characters"):
+        read_calibration(long_json)
+    many = tmp_path / "many.txt"
+    many.write_text("w1\n" * (MAX_TEXTS + 1))
+    with pytest.raises(WeightlabError, match="give a sample"):
+        read_calibration(many)
+
+
+def test_a_huge_line_merges_as_its_kept_prefix(bank, tmp_path):
+    """RegMean on a file with an 8 MB line equals RegMean on the same file with that line cut to
+    its first thousand words: the model runs on the same 128 tokens."""
+    _root, base, models, _texts = bank
+    words = tiny_texts(1, seed=5, words=(1_000_000, 1_000_000))[0]
+    short = " ".join(words.split()[:1000])
+    (tmp_path / "huge.txt").write_text("\n".join([*tiny_texts(5, seed=6), words]) + "\n")
+    (tmp_path / "short.txt").write_text("\n".join([*tiny_texts(5, seed=6), short]) + "\n")
+    merge(base, models, method="regmean", calibration=tmp_path / "huge.txt", out=tmp_path / "a")
+    merge(base, models, method="regmean", calibration=tmp_path / "short.txt", out=tmp_path / "b")
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

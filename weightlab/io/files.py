@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
+
+CHUNK = 1 << 20
 
 
 class NotARegularFile(OSError):
     """The path is a link, a folder, a pipe or a device: not a file to read."""
 
 
-def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
-    """The bytes of a regular file, opened without following a link and without blocking;
-    `NotARegularFile` for anything else, or when it holds more than `max_bytes`."""
+def regular_chunks(path: str | Path, max_bytes: int | None = None, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of a regular file, `chunk` at a time, opened without following a link and without
+    blocking; `NotARegularFile` for anything else, or when it holds more than `max_bytes`."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -27,13 +30,17 @@ def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
             raise NotARegularFile(f"{path} is not a regular file")
         if max_bytes is not None and info.st_size > max_bytes:
             raise NotARegularFile(f"{path} holds {info.st_size} bytes, more than the {max_bytes} expected")
-        chunks, offset = [], 0
+        offset = 0
         while offset < info.st_size:
-            chunk = os.pread(fd, info.st_size - offset, offset)
-            if not chunk:
+            data = os.pread(fd, min(chunk, info.st_size - offset), offset)
+            if not data:
                 break
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
+            offset += len(data)
+            yield data
     finally:
         os.close(fd)
+
+
+def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file at once (`regular_chunks`)."""
+    return b"".join(regular_chunks(path, max_bytes, chunk=1 << 62))
