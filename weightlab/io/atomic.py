@@ -3,6 +3,10 @@
 `--force` replaces a regular file, or a folder that weightlab wrote (it carries the marker file
 `.weightlab-output`); never a symbolic link, and never any other folder: a tired user's
 `--json ft --force` must not delete the model folder `ft/`.
+
+What is staged beside a destination lives in a private folder its process holds locked: one left by
+a process that was killed (SIGKILL, an abort) is removed by the next run that stages there. Moving
+into place and removing staging hold SIGINT and SIGTERM back until done (`interrupts.deferred`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from weightlab.errors import InvalidArgument, OutputConflict, OutputExists
+from weightlab.interrupts import deferred
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks, folders of dead runs stay
+    fcntl = None  # type: ignore[assignment]
 
 STDOUT = "-"
 MARKER = ".weightlab-output"
@@ -44,14 +55,87 @@ def ensure_writable(dest: str | Path, force: bool, directory: bool = False) -> N
 
 
 STAGE_NAME_BYTES = 64  # of the destination's name in its staging folder's name: any legal name stays legal
+LOCK = ".weightlab-lock"  # in each private folder, locked while the process that made it lives
 
 
-def staging_dir(dest: Path) -> Path:
-    """A private temporary folder beside `dest` (same file system: renames out of it are atomic),
-    named after the start of `dest`'s name, so a destination name of any legal length works."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Staging:
+    """A private folder beside a destination. The process that made it holds an exclusive lock on
+    the file `LOCK` in it (`flock`, released by the kernel when the process ends, even killed), so
+    a later run tells a folder whose process died (SIGKILL, an abort under a memory cap) from one
+    in use, and removes it (`sweep`)."""
+
+    path: Path
+    lock: int | None = None  # the locked file's descriptor
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def sweep(parent: Path) -> None:
+    """Remove the private folders in `parent` whose process has ended: a `.*.partial` folder with
+    weightlab's lock file in it that nobody holds. Anything else is left alone."""
+    if fcntl is None:
+        return
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".partial") and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            fd = os.open(Path(entry.path) / LOCK, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue  # not one of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its process is alive
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def private_folder(parent: Path, prefix: str) -> Staging:
+    """A new locked private folder `PREFIXxxxx.partial` in `parent` (made if missing), after removing
+    those whose process died. Made under another name and locked before it takes its own, so a
+    sweep never sees it unlocked."""
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep(parent)
+    made = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial~", dir=parent))
+    if fcntl is None:
+        final = made.with_name(made.name[:-1])
+        os.rename(made, final)
+        return Staging(final)
+    fd = os.open(made / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    final = made.with_name(made.name[:-1])
+    os.rename(made, final)
+    return Staging(final, fd)
+
+
+def staging_dir(dest: Path) -> Staging:
+    """A private folder beside `dest` (same file system: renames out of it are atomic), named after
+    the start of `dest`'s name, so a destination name of any legal length works."""
     short = dest.name.encode()[:STAGE_NAME_BYTES].decode(errors="ignore")
-    return Path(tempfile.mkdtemp(prefix=f".{short}.", suffix=".partial", dir=dest.parent))
+    return private_folder(dest.parent, f".{short}.")
+
+
+@contextmanager
+def scratch_folder(parent: Path | None, prefix: str) -> Iterator[Path]:
+    """A locked private folder for a command's intermediate files, in `parent` (None: the system's
+    temporary folder), removed when the block ends; a killed run's is removed by the next."""
+    stage = private_folder(parent if parent is not None else Path(tempfile.gettempdir()), prefix)
+    try:
+        yield stage.path
+    finally:
+        with deferred():
+            stage.remove()
 
 
 @contextmanager
@@ -61,16 +145,18 @@ def atomic_path(dest: str | Path, force: bool = False, directory: bool = False) 
     dest = Path(dest)
     ensure_writable(dest, force, directory)
     stage = staging_dir(dest)
-    tmp = stage / dest.name
+    tmp = stage.path / dest.name
     try:
         if directory:
             tmp.mkdir()
             mark(tmp)
         yield tmp
-        ensure_writable(dest, force, directory)  # again: something may have appeared meanwhile
-        replace(tmp, dest, stage)
+        with deferred():
+            ensure_writable(dest, force, directory)  # again: something may have appeared meanwhile
+            replace(tmp, dest, stage.path)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with deferred():
+            stage.remove()
 
 
 def free_bytes(path: str | Path) -> int:

@@ -18,7 +18,8 @@ from types import TracebackType
 from typing import Literal
 
 from weightlab.errors import OutputConflict, WeightlabError
-from weightlab.io.atomic import STDOUT, ensure_writable, mark, replace, staging_dir
+from weightlab.interrupts import deferred, written
+from weightlab.io.atomic import STDOUT, Staging, ensure_writable, mark, replace, staging_dir
 from weightlab.io.hub import cache_folder, parse_hub_id
 
 
@@ -121,7 +122,7 @@ class OutputPlan:
         self.outputs = {o.option: o for o in outputs if o is not None and o.path not in (None, "")}
         self.force = force
         check_outputs([i for i in inputs if i is not None], list(self.outputs.values()), force)
-        self._stages: dict[str, Path] = {}
+        self._stages: dict[str, Staging] = {}
         self._stdout: list[str] = []
 
     def __contains__(self, option: str) -> bool:
@@ -134,7 +135,7 @@ class OutputPlan:
             raise OutputConflict(f"{option} cannot be stdout here")
         if option not in self._stages:
             self._stages[option] = staging_dir(Path(out.path))
-        return self._stages[option] / Path(out.path).name
+        return self._stages[option].path / Path(out.path).name
 
     def write_text(self, option: str, text: str) -> None:
         if self.outputs[option].stdout:
@@ -148,16 +149,17 @@ class OutputPlan:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
-        try:
-            if exc_type is None:
-                self._commit()
-            elif isinstance(exc, WeightlabError) and exc.path is not None:
-                exc.path = self._destination_of(exc.path)
-            elif isinstance(exc, OSError) and isinstance(exc.filename, str):  # a full disk, say
-                exc.filename = self._destination_of(exc.filename)
-        finally:
-            for stage in self._stages.values():
-                shutil.rmtree(stage, ignore_errors=True)
+        with deferred():  # the outputs all move into place, and the staging goes, before an interrupt
+            try:
+                if exc_type is None:
+                    self._commit()
+                elif isinstance(exc, WeightlabError) and exc.path is not None:
+                    exc.path = self._destination_of(exc.path)
+                elif isinstance(exc, OSError) and isinstance(exc.filename, str):  # a full disk, say
+                    exc.filename = self._destination_of(exc.filename)
+            finally:
+                for stage in self._stages.values():
+                    stage.remove()
         return False
 
     def _destination_of(self, path: str) -> str:
@@ -166,7 +168,7 @@ class OutputPlan:
         where = Path(os.path.abspath(path))
         for option, stage in self._stages.items():
             dest = Path(self.outputs[option].path)
-            staged = Path(os.path.abspath(stage / dest.name))
+            staged = Path(os.path.abspath(stage.path / dest.name))
             if where == staged or staged in where.parents:
                 return str(dest / where.relative_to(staged))
         return path
@@ -176,19 +178,20 @@ class OutputPlan:
         try:
             for option, stage in self._stages.items():
                 out = self.outputs[option]
-                dest, staged = Path(out.path), stage / Path(out.path).name
+                dest, staged = Path(out.path), stage.path / Path(out.path).name
                 if not os.path.lexists(staged):
                     continue  # declared but not produced (e.g. no plots to draw)
                 if out.directory and staged.is_dir():
                     mark(staged)
                 ensure_writable(dest, self.force, out.directory)
-                placed.append((dest, replace(staged, dest, stage)))
+                placed.append((dest, replace(staged, dest, stage.path)))
         except BaseException:
             for dest, old in placed:  # undo: the new outputs go, the old ones come back
                 shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
                 if old is not None:
                     os.rename(old, dest)
             raise
+        written.extend(str(dest) for dest, _ in placed)
         for text in self._stdout:
             sys.stdout.write(text)
 

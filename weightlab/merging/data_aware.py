@@ -9,6 +9,7 @@ norms, embeddings) are averaged, as the papers do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -91,7 +92,7 @@ def collect(
     params: Params,
     seed: int,
     compute: Compute,
-    folder: str,
+    folder: str | Path,
     progress: Reporter | None = None,
 ) -> tuple[StatisticsStore, str]:
     """Run each model on its calibration set and keep what `method` needs on disk in `folder`:

@@ -14,7 +14,6 @@ Rules for tensors that do not line up (docs/merge.md):
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
+from weightlab.io.atomic import scratch_folder
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
 from weightlab.io.memory import StateDictWriter, config_files, donor_of
@@ -404,7 +404,7 @@ class _LinesSpill:
     """LiNeS needs norms over the whole model before any tensor is scaled: the merged task vectors
     wait on disk (one file each, beside the output) while the norms accumulate."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.names: list[str] = []
         self.summed_l1 = self.merged_l1 = 0.0
@@ -509,9 +509,7 @@ def merge(
         lines = (
             _LinesSpill(
                 stack.enter_context(
-                    tempfile.TemporaryDirectory(
-                        dir=None if in_memory else Path(str(out_dir)).parent, prefix=".weightlab-lines-"
-                    )
+                    scratch_folder(None if in_memory else Path(str(out_dir)).parent, ".weightlab-lines-")
                 )
             )
             if "lines" in config.modifiers
@@ -522,9 +520,7 @@ def merge(
             assert config.calibration is not None
             sets = calibration_sets(config.calibration, n, config.calibration_sha256)
             folder = stack.enter_context(
-                tempfile.TemporaryDirectory(
-                    dir=None if in_memory else Path(str(out_dir)).parent, prefix=".weightlab-calibration-"
-                )
+                scratch_folder(None if in_memory else Path(str(out_dir)).parent, ".weightlab-calibration-")
             )
             donors = [c for c in (base, *models) if c is not None]
             statistics, config.tokenizer = collect(
