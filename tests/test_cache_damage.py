@@ -171,3 +171,25 @@ def test_entries_prove_their_key_not_only_their_bytes(tmp_path):
     assert cache.get(ka, (12, 8), None) is not None
     shutil.copy(cache.path(kb), cache.path(ka))
     assert cache.get(ka, (12, 8), None) is None and not cache.path(ka).exists()
+
+
+def test_entries_half_written_by_an_ended_process_are_swept(tmp_path):
+    """A run killed between writing an entry and renaming it leaves `.KEY.PID.RANDOM.partial`: the
+    next run removes those whose process has ended, never a live one's nor a file not of ours."""
+    import os
+    import subprocess
+    import sys
+
+    from weightlab.compute.cache import DecompositionCache
+    from weightlab.options import CacheOptions
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    (tmp_path / "ab").mkdir()
+    dead = tmp_path / "ab" / f".abcdef0123456789.{dead_pid}.0a1b2c3d4e5f.partial"
+    live = tmp_path / "ab" / f".abcdef0123456789.{os.getpid()}.0a1b2c3d4e5f.partial"
+    foreign = tmp_path / "ab" / ".notes.partial"
+    for path in (dead, live, foreign):
+        path.write_bytes(b"x")
+    DecompositionCache.of(CacheOptions(cache_dir=tmp_path))
+    assert not dead.exists() and live.exists() and foreign.exists()

@@ -86,7 +86,23 @@ class DecompositionCache:
         """The cache `options` describe (None with --no-cache). The command's output plan checks
         its folder against the inputs and outputs (`Output.in_place`)."""
         folder = options.folder
-        return None if folder is None else cls(folder, int(options.cache_size * 2**30))
+        if folder is None:
+            return None
+        cache = cls(folder, int(options.cache_size * 2**30))
+        cache.sweep()
+        return cache
+
+    def sweep(self) -> None:
+        """Remove entries half written by a process that has ended (killed between write and rename):
+        `.KEY.PID.RANDOM.partial` files whose PID no longer runs on this machine."""
+        for temp in self.folder.glob("*/.*.partial"):
+            try:
+                pid = int(temp.name.split(".")[2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                temp.unlink(missing_ok=True)
+            except (ValueError, IndexError, OSError):
+                continue  # not ours, or a process we may not signal: alive
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}{SUFFIX}"
