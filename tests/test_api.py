@@ -338,7 +338,7 @@ def test_peft_models_in_memory_merge_as_an_adapter(zoo, adapters, tmp_path):
     merged = wl.merge(AutoModel.from_pretrained(zoo["llama"]), models, method="task-arithmetic", as_adapter=True)
     assert merged.base_model is None  # an adapter of a model in memory names no folder as its base
     _same(merged.state_dict(), tmp_path / "m", file="adapter_model.safetensors")
-    with pytest.raises(wl.WeightlabError, match="into= is not a model of the merged tensors"):
+    with pytest.raises(wl.WeightlabError, match="into="):
         wl.merge(zoo["llama"], [zoo["llama_ft"]], method="task-arithmetic", into=synthetic.tiny_model("bert"))
 
 

@@ -250,11 +250,9 @@ def merge(
         return report
     with_record(product, report)
     if into is not None:
-        try:
-            into.load_state_dict(product, strict=True)
-        except RuntimeError as e:  # names or shapes of another model
-            first = str(e).strip().splitlines()
-            raise InvalidArgument(f"into= is not a model of the merged tensors ({' '.join(first[:2])[:300]})") from None
+        from weightlab.io.memory import load_into
+
+        load_into(into, product)  # all or nothing
         return into
     return product
 

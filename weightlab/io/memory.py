@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightlab.errors import InvalidArgument, NotACheckpoint, UnsupportedDtype, shown
+from weightlab.errors import InvalidArgument, NotACheckpoint, ShapeMismatch, UnsupportedDtype, shown
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite
 from weightlab.io.safetensors_file import TensorInfo
@@ -95,30 +95,82 @@ def _as_tensor(value: object, label: str, name: str) -> torch.Tensor:
     raise InvalidArgument(f"is a {type(value).__name__}, not a tensor or an array", label, name)
 
 
+def _saved_name(key: str) -> str | None:
+    """A module's state-dict key as its saved checkpoint names it; None for PEFT's own parts."""
+    if _PEFT_PARTS.search(key):
+        return None
+    for prefix in _RUNTIME_PREFIXES:
+        key = key.removeprefix(prefix)
+    for wrapped in _WRAPPED:
+        key = key.replace(wrapped, ".")
+    return key
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What two tied tensors share (None for tensors that cannot be tied: empty, sparse, meta)."""
+    if not tensor.numel() or tensor.layout != torch.strided or tensor.is_meta:
+        return None
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
 def _saved_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A module's state dict under the names its saved checkpoint has, each tied tensor once."""
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
-    for name, tensor in state.items():
-        if _PEFT_PARTS.search(name):
+    for key, tensor in state.items():
+        name = _saved_name(key)
+        if name is None:
             continue
-        for prefix in _RUNTIME_PREFIXES:
-            name = name.removeprefix(prefix)
-        for wrapped in _WRAPPED:
-            name = name.replace(wrapped, ".")
-        key = (
-            (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
-            if tensor.numel() and tensor.layout == torch.strided and not tensor.is_meta  # others: refused when listed
-            else None
-        )
-        if key is not None and key in seen:
-            tied[name] = seen[key]
+        storage = _storage_key(tensor)  # others: refused when listed
+        if storage is not None and storage in seen:
+            tied[name] = seen[storage]
             continue
-        if key is not None:
-            seen[key] = name
+        if storage is not None:
+            seen[storage] = name
         out[name] = tensor
     return out, tied
+
+
+def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy `state` (tensors under the names a saved checkpoint has) into `module`'s tensors, all or
+    nothing: every name (tied aliases, runtime prefixes, a PEFT model's base layers as `_saved_names`
+    reads them; its LoRA factors stay), shape and dtype is checked first, and the casts are made, before any tensor is
+    written; a refused call leaves the module bit-identical. Tied tensors are written once: a
+    state that holds both names of a tie must give them equal values."""
+    where = "into="
+    inner = module.get_base_model() if is_peft_model(module) else module  # type: ignore[operator]
+    own, tied = _saved_names(inner.state_dict(keep_vars=True))
+    if any(t.is_meta for t in own.values()):
+        raise InvalidArgument("the module's tensors are on the meta device: it holds no memory to load into", where)
+    names = {**{n: n for n in own}, **tied}  # every name the module answers to -> the tensor it writes
+    extra = sorted(n for n in state if n not in names)
+    if extra:
+        raise InvalidArgument(f"the merged model has {len(extra)} tensors the module lacks", where, extra[0])
+    for alias, kept in tied.items():
+        if alias in state and kept in state and not torch.equal(state[alias], state[kept]):
+            raise InvalidArgument(
+                f"the module ties it to {kept!r}, but the merged model gives them different values", where, alias
+            )
+    given = {kept: state[n] for n, kept in names.items() if n in state}
+    missing = sorted(n for n in own if n not in given)
+    if missing:
+        raise InvalidArgument(f"the module has {len(missing)} tensors the merged model lacks", where, missing[0])
+    prepared: dict[str, torch.Tensor] = {}
+    for name, target in own.items():
+        tensor = given[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ShapeMismatch(
+                f"the merged model's is {list(tensor.shape)} but the module's is {list(target.shape)}", where, name
+            )
+        if tensor.dtype != target.dtype and not (tensor.is_floating_point() and target.is_floating_point()):
+            raise UnsupportedDtype(
+                f"the merged model's is {tensor.dtype} but the module's is {target.dtype}", where, name
+            )
+        prepared[name] = tensor.to(dtype=target.dtype)  # any allocation happens here, before the module changes
+    with torch.no_grad():
+        for name, target in own.items():
+            target.copy_(prepared[name])
 
 
 def _module_config(module: torch.nn.Module) -> ModelConfig | None:
