@@ -352,7 +352,10 @@ def test_models_that_cannot_be_read_are_refused_in_one_line(loaded):
         ({}, "holds no tensors"),
         ({"w": np.array(["a", "b"])}, "not supported"),
         ({1: torch.eye(2)}, "not a tensor name"),
-        (3, "got a int"),
+        (3, r"checkpoint= must be a string or a path or a torch\.nn\.Module or a mapping .*, got int 3"),
+        ({"w": np.ones((2, 2), dtype=np.longdouble)}, "has no torch dtype"),
+        ({"w": torch.ones(2, 2, dtype=torch.complex64)}, "'w': is complex"),
+        ({"w": np.ones((2, 2), dtype=np.complex128)}, "'w': array of dtype complex128 is not supported"),
     ):
         with pytest.raises(wl.WeightlabError, match=message):
             wl.inspect(bad)

@@ -14,7 +14,7 @@ PACKAGE = Path(weightlab.__file__).parent
 FEATURES = {"analysis", "merging", "surgery"}
 # the floors, bottom up, and what each may import besides itself and the bottom floor; the top
 # (cli, demo, synthetic, inventory, examples) may import anything
-BOTTOM = {"errors", "interrupts", "domains", "options", "display", "model_config", "naming", "results"}
+BOTTOM = {"errors", "interrupts", "domains", "typecheck", "options", "display", "model_config", "naming", "results"}
 ALLOWED = {
     "io": set(),
     "matching": {"io"},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -59,15 +60,16 @@ class Domain:
             except (re.error, RecursionError, OverflowError):
                 return False
             return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
             return False
-        if self.kind == "int" and not isinstance(value, int):
+        if self.kind == "int" and not isinstance(value, numbers.Integral):
             return False
-        if not math.isfinite(value):
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)  # ints compared exactly
+        if isinstance(number, float) and not math.isfinite(number):
             return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
             return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+        return self.high is None or not (number > self.high or (self.high_open and number == self.high))
 
     def check(self, flag: str, value: Any) -> None:
         if not self.contains(value):
@@ -86,7 +88,13 @@ def _shown_number(value: Any) -> str:
     """A float as the user most likely typed it: 0 rather than 0.0, where nothing is lost."""
     if isinstance(value, float) and math.isfinite(value) and float(f"{value:g}") == value:
         return f"{value:g}"
-    return str(value) if isinstance(value, (int, float)) else shown(value)
+    return (
+        shown(int(value))
+        if isinstance(value, numbers.Integral)
+        else str(value)
+        if isinstance(value, numbers.Real)
+        else shown(value)
+    )
 
 
 def Int(low: int | None = None, high: int | None = None, optional: bool = False) -> Domain:

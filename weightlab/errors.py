@@ -13,8 +13,8 @@ _BOUNDED.maxlist = _BOUNDED.maxtuple = _BOUNDED.maxdict = _BOUNDED.maxset = _BOU
 
 def shown(value: Any) -> str:
     """A value the user gave, as a message shows it: its repr cut short, computed only as far as it
-    is shown (never the repr of a whole nested or aliased object)."""
-    return _BOUNDED.repr(value)
+    is shown (never the repr of a whole nested or aliased object), on one line."""
+    return " ".join(_BOUNDED.repr(value).split())
 
 
 class WeightlabError(Exception):

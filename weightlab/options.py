@@ -9,11 +9,12 @@ numerical library: the command line reads it before it knows it has work to do.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from weightlab.domains import REGEX, SEED, Choice, Int, Real, check_fields, option
 from weightlab.errors import InvalidArgument
+from weightlab.typecheck import check, hints_of
 
 SVD_METHODS = ("exact", "randomized")
 SIDES = ("left", "right", "both")
@@ -28,9 +29,14 @@ DEFAULT_CACHE_GIB = 4.0
 
 
 class Checked:
-    """Options are checked against their declarations when built."""
+    """Options are checked against their declarations when built: each field's type (its
+    annotation), then its domain."""
 
     def __post_init__(self) -> None:
+        hints = hints_of(type(self))
+        for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            if "domain" not in f.metadata:  # a domain checks the type itself
+                check(f.metadata["flag"], getattr(self, f.name), hints[f.name])
         check_fields(self)
 
 
@@ -159,7 +165,7 @@ class LoraInitOptions(Checked):
     seed: int = option(0, SEED, "--seed", help="Seed of the randomized SVD.")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.svd == "randomized" and self.method != "pissa":
             raise InvalidArgument(f"--svd randomized finds top directions only; {self.method} needs the full spectrum")
 

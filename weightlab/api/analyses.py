@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightlab.api.frame import Run, api_function, emit
-from weightlab.io.sources import Named, Source, describe, is_in_memory
+from weightlab.io.sources import Named, Source, Sources, describe, is_in_memory
 from weightlab.options import (
     AnglesOptions,
     CacheOptions,
@@ -34,7 +34,7 @@ ANALYSIS = ("device", "dtype", "threads", "ray", "ray_timeout", "json", "csv", "
 FILES = ("json", "csv", "force")
 
 
-def many(sources: Source | Sequence[Source] | Mapping[str, Source] | None) -> list[Source]:
+def many(sources: Sources | None) -> list[Source]:
     """One model or several: a list or tuple is several, and so is a mapping of names to models
     (`{"math": model, "code": "code-ft/"}`: the names label models in memory); anything else (a
     path, a module, a mapping of names to tensors) is one."""
@@ -44,7 +44,7 @@ def many(sources: Source | Sequence[Source] | Mapping[str, Source] | None) -> li
         return list(sources)  # type: ignore[arg-type]
     if isinstance(sources, Mapping) and sources and all(_is_model(v) for v in sources.values()):
         named = [Named(name, model) if is_in_memory(model) else model for name, model in sources.items()]
-        return named  # type: ignore[return-value]  # each value is a model (_is_model)
+        return named  # each value is a model (_is_model)
     return [sources]  # type: ignore[list-item]  # one model: a path, a module or a mapping of tensors
 
 
@@ -96,7 +96,7 @@ def inspect(checkpoint: Source, name_filter: str | None = None, *, run: Run) -> 
 @api_function(ANALYSIS)
 def spectrum(
     base: Source,
-    finetuned: Source | Sequence[Source] | Mapping[str, Source] | None = None,
+    finetuned: Sources | None = None,
     *,
     options: SpectrumOptions,
     cache: CacheOptions,
@@ -186,7 +186,7 @@ def esd(checkpoint: Source, base: Source | None = None, *, options: ESDOptions, 
 
 
 @api_function(ANALYSIS)
-def compare(finetuned: Sequence[Source], base: Source, *, options: CompareOptions, run: Run) -> CompareResult:
+def compare(finetuned: Sources, base: Source, *, options: CompareOptions, run: Run) -> CompareResult:
     """A bank of fine-tunes of one base: pairwise task-vector cosine, subspace overlap, TIES sign
     conflict and norm ratios, and a clustering.
 

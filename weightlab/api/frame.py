@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from weightlab.compute.progress import Callbacks, Reporter
-from weightlab.errors import InvalidArgument
+from weightlab.errors import InvalidArgument, shown
 from weightlab.io.hub import require_input
 from weightlab.io.outputs import OutputPlan, plan_outputs
 from weightlab.options import RUN_OPTIONS, Checked
 from weightlab.results import Result
+from weightlab.typecheck import check, check_call, hints_of
 
 if TYPE_CHECKING:
     from weightlab.compute.device import Compute
@@ -179,6 +180,50 @@ def _documented(name: str, annotation: Any, default: Any, flags: Sequence[str], 
     return f"{name} : {kind}, default {default!r}\n    {help} (command line: {', '.join(flags)})"
 
 
+def _api_names() -> dict[str, Any]:
+    """What the API's annotations name but import only for type checking."""
+    import numpy as np
+    import torch
+
+    from weightlab.io.sources import Named
+
+    return {"torch": torch, "np": np, "Named": Named}
+
+
+def check_arguments(
+    core: Callable[..., Any],
+    signature: inspect.Signature,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    run: Sequence[str],
+) -> None:
+    """Every argument of a call checked where it enters (`typecheck`): its number and names against
+    the public signature, then each value against its annotation, the core's own parameters and the
+    run options alike (the options dataclasses check their fields when built)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InvalidArgument(f"{core.__name__}(): {e}") from None
+    own = inspect.signature(core).parameters
+    values: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        parameter = own.get(name)
+        if parameter is not None and parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            element = hints_of(core, _api_names)[name]
+            for key, item in value.items():
+                check(f"{core.__name__}(): {key}=", item, element)
+        elif name in own or name in run:
+            values[name] = value
+    check_call(core, core, {n: v for n, v in values.items() if n in own}, _api_names)
+    check_call(core, Run, {n: v for n, v in values.items() if n in run})
+    if "progress" in bound.arguments:
+        chosen = bound.arguments["progress"]
+        if not (chosen is None or isinstance(chosen, bool) or callable(chosen)):
+            raise InvalidArgument(
+                f"{core.__name__}(): progress= must be true or false or a callable, got {shown(chosen)}"
+            )
+
+
 def api_function(
     run: Sequence[str], flags: dict[str, str] | None = None
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
@@ -236,13 +281,16 @@ def api_function(
         parameters = plain + option_params + [progress] + var_keyword
         known = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
+        public_signature = signature.replace(parameters=parameters)
+
         @functools.wraps(core)
         def public(*args: Any, **kwargs: Any) -> R:
             unknown = [k for k in kwargs if k not in known]
             if unknown and not var_keyword:
                 close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
-                raise InvalidArgument(f"{core.__name__}() has no option {unknown[0]!r}{hint}")
+                raise InvalidArgument(f"{core.__name__}() has no option {shown(unknown[0])}{hint}")
+            check_arguments(core, public_signature, args, kwargs, run)
             fields = {keyword_of(f): f.name for cls in classes.values() for f in _option_fields(cls)}
             given = frozenset(fields.get(k, k) for k in kwargs)  # by field name, as the command line gives them
             built = {
@@ -256,9 +304,7 @@ def api_function(
             runner = Run(**settings, given=given)
             return core(*args, **kwargs, **built, run=runner)
 
-        public.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=parameters
-        )
+        public.__signature__ = public_signature  # type: ignore[attr-defined]
         public.__doc__ = (core.__doc__ or "").replace("{options}", "\n".join(docs).replace("\n", "\n    "))
         public.core = core  # type: ignore[attr-defined]
         return public

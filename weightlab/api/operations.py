@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from weightlab.api.analyses import many
 from weightlab.api.frame import Run, api_function, emit, with_record
 from weightlab.errors import CheckpointNotFound, InvalidArgument
-from weightlab.io.sources import Source, describe, is_in_memory
+from weightlab.io.sources import Source, Sources, describe, is_in_memory
 from weightlab.options import IntruderOptions, LoraInitOptions, NanOptions, RankBudget
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _names(sources: Sequence[Source]) -> tuple[list[str], dict[str, Any]]:
 )
 def merge(
     base: Source | None = None,
-    models: Sequence[Source] | Mapping[str, Source] | None = None,
+    models: Sources | None = None,
     *,
     method: str | None = None,
     weights: Sequence[float] | None = None,
@@ -98,7 +98,7 @@ def merge(
     out: str | Path | None = None,
     into: torch.nn.Module | None = None,
     dry_run: bool = False,
-    params: Mapping[str, float] | None = None,
+    params: Mapping[str, float | str] | None = None,
     nan: NanOptions,
     run: Run,
     **method_params: float,
@@ -205,6 +205,12 @@ def merge(
         raise InvalidArgument("give --method and the models to merge (on the command line or in --config)")
     if into is not None and out is not None:
         raise InvalidArgument("into= loads the merged model into a module; out= writes it: give one")
+    run.refuse_unless(
+        not as_adapter,
+        "loads a merged model into a module; as_adapter=True makes an adapter (load it with .to_peft(model))",
+        "into",
+        flags={"into": "into="},
+    )
     cfg = build_config(options)
     if nan_given and cfg.coeff != "nan":
         raise InvalidArgument("--nan-* options need --coeff nan (or --method nan)")

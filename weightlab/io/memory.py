@@ -86,13 +86,26 @@ class MemoryCheckpoint(Checkpoint):
 
 
 def _as_tensor(value: object, label: str, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
+    """A tensor of a mapping in memory, refused by name unless it is real-valued (complex weights
+    would otherwise pass for buffers) and of a dtype torch holds."""
     if isinstance(value, np.ndarray):
         if value.dtype == object or value.dtype.kind not in "biuf":
             raise UnsupportedDtype(f"array of dtype {value.dtype} is not supported", label, name)
-        return torch.from_numpy(value if value.strides and min(value.strides) >= 0 else np.ascontiguousarray(value))
-    raise InvalidArgument(f"is a {type(value).__name__}, not a tensor or an array", label, name)
+        try:
+            value = torch.from_numpy(
+                value if value.strides and min(value.strides) >= 0 else np.ascontiguousarray(value)
+            )
+        except TypeError:  # longdouble, and the other dtypes torch has no counterpart of
+            raise UnsupportedDtype(f"array of dtype {value.dtype} has no torch dtype", label, name) from None
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgument(f"is a {type(value).__name__}, not a tensor or an array", label, name)
+    _require_real(value, label, name)
+    return value
+
+
+def _require_real(tensor: torch.Tensor, label: str, name: str) -> None:
+    if tensor.is_complex():
+        raise UnsupportedDtype(f"is complex ({tensor.dtype}): weights are real-valued", label, name)
 
 
 def _saved_name(key: str) -> str | None:
@@ -191,6 +204,8 @@ def open_in_memory(source: object) -> Any:
         tensors, tied = _saved_names(source.state_dict())
         if not tensors:
             raise NotACheckpoint("the module holds no tensors", label)
+        for name, tensor in tensors.items():
+            _require_real(tensor, label, name)
         return MemoryCheckpoint(label, tensors, _module_config(source), tied)
     if isinstance(source, Mapping):
         if not source:

@@ -4,18 +4,23 @@ name results give it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, ForwardRef, TypeAlias, Union
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 # Where a model is accepted: a path, a Hub ID (`org/name[@revision]`), or a model in memory (a
 # module, a PEFT model, a mapping of names to tensors or arrays; `Named` to name it in results).
-Source = Union[str, Path, "torch.nn.Module", "Mapping[str, torch.Tensor | np.ndarray]", "Named"]
+# A mapping's values are checked when it is read, each refused by its name (`io.memory`).
+if TYPE_CHECKING:
+    Source: TypeAlias = "str | Path | torch.nn.Module | Mapping[Any, Any] | Named"
+else:  # resolvable from any module: `typecheck.hints_of` is given torch, Named is looked up here
+    Source = Union[str, Path, ForwardRef("torch.nn.Module"), Mapping[Any, Any], ForwardRef("Named", module=__name__)]  # noqa: UP007
+# One model or several: a list (or any iterable) of models, or a mapping of names to models.
+Sources = Source | Iterable[Source] | Mapping[str, Source]
 
 
 def is_in_memory(source: object) -> bool:

@@ -32,7 +32,7 @@ from weightlab.compute.scratch import buffer, reusing_buffers
 from weightlab.compute.stream import batches as stream_batches
 from weightlab.compute.walk import Batch, Selection, TensorWalk
 from weightlab.display import fmt, model_names
-from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch
+from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch, UnsupportedDtype
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.atomic import scratch_folder
 from weightlab.io.checkpoint import Checkpoint
@@ -227,6 +227,10 @@ def _check_alignment(matching: Matching, ckpts: list[Checkpoint], has_base: bool
         raise ShapeMismatch(
             f"shapes differ between inputs ({where}); resize or exclude it before merging", ckpts[0].path, key
         )
+    for ckpt in ckpts:
+        complex_tensor = next((n for n in ckpt.names() if ckpt.info(n).dtype.startswith("C")), None)
+        if complex_tensor is not None:  # not a float, so it would be copied from the base unmerged
+            raise UnsupportedDtype("is complex: weightlab merges real-valued weights", ckpt.path, complex_tensor)
     anchor = ckpts[0]
     only_anchor = matching.unmatched[str(anchor.path)]
     buffers = [n for n in only_anchor if not anchor.info(n).is_float]
