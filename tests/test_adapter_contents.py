@@ -115,17 +115,24 @@ def test_lambda_auto_as_adapter_is_the_dense_auto_merge_saved_modules_and_biases
     root, _ = bank
     base = str(zoo["bert"])
     params, weights = {"lambda": "auto"}, [1.0, -0.5]
-    report, _ = merge_as_adapter(MergeConfig("task-arithmetic", [str(root / "a"), str(root / "b")], base,
-                                             weights=weights, params=dict(params)), tmp_path / "adapter")  # fmt: skip
+    report, _ = merge_as_adapter(
+        MergeConfig("task-arithmetic", [str(root / "a"), str(root / "b")], base, weights=weights, params=dict(params)),
+        tmp_path / "adapter",
+    )
     dense_models = [str(root / "a_dense"), str(root / "b_dense")]
-    dense = merge(MergeConfig("task-arithmetic", dense_models, base, weights=weights, params=dict(params)),
-                  tmp_path / "dense")  # fmt: skip
+    dense = merge(
+        MergeConfig("task-arithmetic", dense_models, base, weights=weights, params=dict(params)), tmp_path / "dense"
+    )
     want, got = load_file(tmp_path / "dense" / "model.safetensors"), _peft_merged(zoo["bert"], tmp_path / "adapter")
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     chosen = report.auto_lambda  # every tensor the adapters change: products, LoRA biases, saved tensors
-    assert {"pooler.dense.weight", "pooler.dense.bias", "encoder.layer.0.attention.self.query.weight",
-            "encoder.layer.0.attention.self.query.bias"} <= set(chosen)  # fmt: skip
+    assert {
+        "pooler.dense.weight",
+        "pooler.dense.bias",
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.0.attention.self.query.bias",
+    } <= set(chosen)
     for name, lam in chosen.items():
         assert lam == pytest.approx(dense.auto_lambda[name], rel=1e-6), name
 

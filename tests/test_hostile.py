@@ -9,14 +9,17 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import exit_code, hub_repo
 from safetensors.torch import load_file, save_file
 
+import weightlab as wl
 from weightlab import synthetic
 from weightlab.examples import minilm_path
 
@@ -530,6 +533,32 @@ CASES += [
     Case("cache-dir-is-a-file", "spectrum base ft --cache-dir existing.json", 2, "--cache-dir is a file, not a folder"),
     Case("cache-dir-below-a-file", "spectrum base ft --cache-dir existing.json/c", 2, "--cache-dir lies below"),
     Case("json-below-a-file", "spectrum base ft --json existing.json/s.json", 2, "--json lies below"),
+    # 4. --lambda auto applies in every route, or is refused
+    Case(
+        "lambda-auto-as-adapter",
+        "merge --as-adapter --method task-arithmetic --base base adapter adapter --lambda auto -o m",
+        0,
+        "λ auto: mean 0.5",
+        exists=("m/adapter_model.safetensors",),
+    ),
+    Case(
+        "lambda-auto-negative-weights",
+        f"{TA} ft2 --weights 1,-0.5 --lambda auto -o m",
+        0,
+        "λ auto: mean 0.667",
+        exists=("m/model.safetensors",),
+    ),
+    # 5. a config.json is not trusted for sizes: checked against the weights before allocating
+    Case(
+        "regmean-config-lies-about-sizes",
+        f"{RM.replace('ft ft2', 'lying ft2')} calib.txt",
+        2,
+        "lying/config.json: tensor 'embed_tokens.weight': the config gives",
+        absent=("out",),
+    ),
+    # 6. calibration text is bounded: one long line costs what the model keeps of it
+    Case("regmean-one-long-line", f"{RM} long_line.txt", 0, "merged", exists=("out/model.safetensors",)),
+    Case("regmean-too-many-lines", f"{RM} many_lines.txt", 2, "give a sample", absent=("out",)),
 ]
 
 
@@ -812,6 +841,14 @@ def _newest_surfaces(root: Path) -> None:
         "method: dare-linear\nbase: base\nmodels: [ft]\ndensity: 0.5\n"
         "seed: [&l0 [1, 2, 3, 4, 5, 6, 7, 8, 9], *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0]\n"
     )
+    shutil.copytree(root / "ft", root / "lying")
+    config = json.loads((root / "lying" / "config.json").read_text())
+    (root / "lying" / "config.json").write_text(json.dumps({**config, "vocab_size": 2**40}))
+    words = synthetic.tiny_texts(1, seed=3, words=(60_000, 60_000))[0]  # ~300 KB on one line
+    (root / "long_line.txt").write_text("\n".join([*synthetic.tiny_texts(3), words]) + "\n")
+    (root / "many_lines.txt").write_text("w1\n" * 100_001)
+    synthetic.save(synthetic.tiny_model("bert", seed=4, hidden=48), root / "decoy")  # a working folder with
+    synthetic.tiny_tokenizer(root / "decoy")  # another model's config.json and a tokenizer
     torch.manual_seed(8)
     get_peft_model(
         synthetic.tiny_model("bert", seed=0),
@@ -870,6 +907,123 @@ def test_hostile_input(case, template, tmp_path, monkeypatch, capsys):
     assert not leftovers, leftovers
     if case.code == 2:
         assert set(after) == set(before), "a refused command wrote something"
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    """A careless or hostile call of the Python API: refused with one line, the workspace and every
+    module handed in unchanged."""
+
+    id: str
+    call: Callable[[Path, dict[str, torch.nn.Module]], object]  # (workspace, the modules handed in)
+    message: str
+    cwd: str = "."
+
+
+def _loaded(work: Path, *names: str) -> dict[str, torch.nn.Module]:
+    from transformers import AutoModel
+
+    return {name: AutoModel.from_pretrained(work / name) for name in names}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+API_CASES = [
+    # 1. a model in memory has no folder: never the working folder's config.json or tokenizer
+    ApiCase(
+        "regmean-in-memory-no-tokenizer",
+        lambda w, m: wl.merge(None, [m["ft"], m["ft2"]], method="regmean", calibration=str(w / "calib.txt")),
+        "a model in memory carries none",
+        cwd="decoy",
+    ),
+    ApiCase(
+        "regmean-state-dicts-have-no-config",
+        lambda w, m: wl.merge(
+            None,
+            [_state(m["ft"]), _state(m["ft2"])],
+            method="regmean",
+            calibration=str(w / "calib.txt"),
+            tokenizer=str(w / "tok"),
+        ),
+        "no .config",
+        cwd="decoy",
+    ),
+    # 2. into= all or nothing
+    ApiCase(
+        "into-another-width",
+        lambda w, m: wl.merge(str(w / "base"), [str(w / "ft")], method="task-arithmetic", into=m["wide"]),
+        "the module's is",
+    ),
+    ApiCase(
+        "into-a-bert",
+        lambda w, m: wl.merge(str(w / "base"), [str(w / "ft")], method="task-arithmetic", into=m["bert"]),
+        "tensors the module lacks",
+    ),
+    # 3. the boundary: wrong types are one line
+    ApiCase("into-a-string", lambda w, m: wl.merge(str(w / "base"), [str(w / "ft")], method="ties", into="m"), "into="),
+    ApiCase(
+        "into-with-as-adapter",
+        lambda w, m: wl.merge(
+            str(w / "base"), [str(w / "adapter")], method="task-arithmetic", into=m["ft"], as_adapter=True
+        ),
+        "into= loads a merged model",
+    ),
+    ApiCase(
+        "weights-words",
+        lambda w, m: wl.merge(
+            str(w / "base"), [str(w / "ft"), str(w / "ft2")], method="task-arithmetic", weights=["half", "half"]
+        ),
+        "weights= must be a list of numbers",
+    ),
+    ApiCase(
+        "calibration-a-number",
+        lambda w, m: wl.merge(None, [str(w / "ft"), str(w / "ft2")], method="regmean", calibration=123),
+        "calibration= must be",
+    ),
+    ApiCase(
+        "longdouble-weights",
+        lambda w, m: wl.inspect({"w": np.ones((4, 4), dtype=np.longdouble)}),
+        "has no torch dtype",
+    ),
+    ApiCase(
+        "complex-weights",
+        lambda w, m: wl.merge(
+            {"w": torch.zeros(4, 4, dtype=torch.complex64)},
+            [{"w": torch.ones(4, 4, dtype=torch.complex64)}],
+            method="task-arithmetic",
+        ),
+        "is complex",
+    ),
+    ApiCase(
+        "options-wrong-type",
+        lambda w, m: wl.spectrum(str(w / "base"), str(w / "ft"), values_only="yes"),
+        "true or false",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.id)
+def test_hostile_api_call(case, template, tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    modules = {**_loaded(work, "ft", "ft2", "bert")}
+    modules["wide"] = synthetic.tiny_model("llama", seed=0, hidden=48)
+    handed = {
+        name: {k: (v.data_ptr(), v.detach().clone()) for k, v in m.state_dict().items()} for name, m in modules.items()
+    }
+    monkeypatch.chdir(work / case.cwd)
+    before = snapshot(work)
+    with pytest.raises(wl.WeightlabError) as caught:
+        case.call(work, modules)
+    message = str(caught.value)
+    assert case.message in message and "\n" not in message and ".partial" not in message, message
+    assert snapshot(work) == before, "a refused call wrote or changed a file"
+    for name, module in modules.items():  # every module handed in: bit-identical, in place
+        for key, tensor in module.state_dict().items():
+            ptr, values = handed[name][key]
+            assert tensor.data_ptr() == ptr and torch.equal(tensor, values), f"{name}: {key}"
 
 
 def test_the_corpus_covers_every_command_and_class():

@@ -251,9 +251,19 @@ def test_auto_lambda_with_negative_weights_takes_the_length_of_the_weighted_mean
     folders = _planted(tmp_path, taus)
     out = tmp_path / "out"
     code, _, err = run_cli(
-        "merge", "--method", "task-arithmetic", "--base", folders[0], *folders[1:],
-        "--weights", ",".join(map(str, weights)), "--lambda", "auto", "-o", out,
-    )  # fmt: skip
+        "merge",
+        "--method",
+        "task-arithmetic",
+        "--base",
+        folders[0],
+        *folders[1:],
+        "--weights",
+        ",".join(map(str, weights)),
+        "--lambda",
+        "auto",
+        "-o",
+        out,
+    )
     assert code == 0, err
     merged = load_file(out / "model.safetensors")["layers.0.mlp.up_proj.weight"]
     total = sum(abs(w) for w in weights)
