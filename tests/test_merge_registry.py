@@ -34,23 +34,33 @@ def test_help_lists_every_method_with_its_parameters(run_cli):
     code, out, _ = run_cli("merge", "--help")
     assert code == 0
     for m in METHODS.values():
-        assert m.name in out and all(f"{p.name}={p.default:g}" in out for p in m.params)
+        assert m.name in out and all(f"{p.name}={p.shown_default}" in out for p in m.params)
     assert "--param" in out and "--gamma" not in out  # method-specific parameters are not global flags
 
 
 @pytest.mark.parametrize("mergekit, ours", sorted(mergekit_names().items()))
 def test_every_mergekit_name_loads_as_its_method(mergekit, ours, tmp_path):
-    assert METHODS[ours].mergekit == mergekit
-    # slerp interpolates from base_model to one other model; model stock wants two or more
-    models = "  - model: a\n" + ("" if ours == "slerp" else "  - model: b\n")
-    (tmp_path / "mk.yml").write_text(f"merge_method: {mergekit}\nbase_model: base\nmodels:\n{models}")
+    spec = METHODS[ours]
+    assert spec.mergekit == mergekit
+    # what mergekit requires (a weight per model, slerp's t), as many models as the method takes
+    required = [name for name, default in spec.mergekit_defaults.items() if default is None] + [
+        p.name for p in spec.params if p.required
+    ]
+    per_model = "".join(f"\n    parameters: {{{name}: 0.5}}" for name in required if name == "weight")
+    shared = ", ".join(f"{name}: 0.5" for name in required if name != "weight")
+    count = 1 if ours in ("slerp", "nearswap", "arcee-fusion", "passthrough") else 2
+    models = "".join(f"  - model: {m}{per_model}\n" for m in "ab"[:count])
+    base = "" if spec.mergekit_base == "input" else "base_model: base\n"
+    (tmp_path / "mk.yml").write_text(
+        f"merge_method: {mergekit}\n{base}models:\n{models}" + (f"parameters: {{{shared}}}\n" if shared else "")
+    )
     assert build_config(load_config(tmp_path / "mk.yml")).method == ours
 
 
 @pytest.mark.parametrize(
     "given, message",
     [
-        ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density\)"),
+        ({"gamma": 0.1}, r"ties does not use gamma \(its parameters: lambda, density, normalize\)"),
         ({"density": 0.0}, r"--density 0: must be a finite number in \(0, 1\]"),
         ({"lambda": float("inf")}, r"--lambda inf"),
     ],
@@ -96,13 +106,19 @@ def test_param_option_reaches_the_method_and_the_record(tmp_path, run_cli):
     )
     assert code == 0, err
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
-    assert record["config"]["params"] == {"lam": 1.0, "density": 0.5, "gamma": 0.25}
+    assert record["config"]["params"] == {
+        "lam": 1.0,
+        "density": 0.5,
+        "gamma": 0.25,
+        "normalize": False,
+        "rescale": "none",
+    }
     code, _, err = run_cli(
         "merge", "--method", "ties", "--base", p["base"], p["a"], "--param", "gamma=0.25", "-o", tmp_path / "x"
     )
     assert (
         code == 2
-        and "ties does not use gamma (its parameters: lambda, density)" in err
+        and "ties does not use gamma (its parameters: lambda, density, normalize)" in err
         and not (tmp_path / "x").exists()
     )
     code, _, err = run_cli(
@@ -144,7 +160,9 @@ def test_every_method_merges_checkpoints_from_the_cli(method, tmp_path, run_cli)
     p = _two(tmp_path)
     spec = METHODS[method]
     base = ["--base", p["base"]] if spec.needs_base else []
-    code, _out, err = run_cli("merge", "--method", method, *base, p["a"], p["b"], "-o", tmp_path / "m")
+    models = [p["a"]] if spec.max_models == 1 else [p["a"], p["b"]]
+    required = [a for q in spec.params if q.required for a in ("--param", f"{q.name}=0.5")]
+    code, _out, err = run_cli("merge", "--method", method, *base, *models, *required, "-o", tmp_path / "m")
     assert code == 0, err
     merged = load_file(next((tmp_path / "m").glob("*.safetensors")))["layers.0.mlp.up_proj.weight"]
     assert torch.isfinite(merged).all() and merged.shape == (6, 4)
@@ -175,7 +193,13 @@ def test_modifiers_from_the_cli_and_yaml_with_their_parameters(tmp_path, run_cli
     assert code == 0, err
     record = json.loads((tmp_path / "m" / "weightlab_merge.json").read_text())
     assert record["config"]["modifiers"] == ["svc", "lines"] and record["lines_alpha"] > 0
-    assert record["config"]["params"] == {"lam": 1.0, "density": 1.0, "svc_alpha": 2, "lines_beta": 0.25}
+    assert record["config"]["params"] == {
+        "lam": 1.0,
+        "density": 1.0,
+        "normalize": True,
+        "svc_alpha": 2,
+        "lines_beta": 0.25,
+    }
     code, _, err = run_cli("merge", "--method", "average", p["a"], p["b"], "--svc", "-o", tmp_path / "x")
     assert code == 2 and "svc changes the merged task vector, so it needs --base" in err
     code, _, err = run_cli(

@@ -23,7 +23,7 @@ MAX_SEED = 2**63 - 1
 class Domain:
     """Integers or reals within bounds (always finite), one of some choices, or a regex."""
 
-    kind: str  # "int", "real", "choice", "regex"
+    kind: str  # "int", "real", "bool", "choice", "regex"
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -32,6 +32,8 @@ class Domain:
     optional: bool = False  # None allowed (the option was not given)
 
     def describe(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
         if self.kind == "choice":
             return "one of " + ", ".join(self.choices)
         if self.kind == "regex":
@@ -50,6 +52,8 @@ class Domain:
     def contains(self, value: Any) -> bool:
         if value is None:
             return self.optional
+        if self.kind == "bool":
+            return isinstance(value, bool)
         if self.kind == "choice":
             return isinstance(value, str) and value in self.choices
         if self.kind == "regex":
@@ -109,6 +113,10 @@ def Real(
     optional: bool = False,
 ) -> Domain:
     return Domain("real", low, high, low_open, high_open, optional=optional)
+
+
+def Bool() -> Domain:
+    return Domain("bool")
 
 
 def Choice(*choices: str, optional: bool = False) -> Domain:

@@ -57,6 +57,17 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def renumbered(name: str, layer: int) -> str:
+    """`name` with its layer index (`layer_index`) replaced by `layer`."""
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), str(layer)), name, count=1)
+
+
+def before_layers(name: str) -> bool:
+    """Whether a tensor outside the layers comes before them (embeddings) rather than after them
+    (the final norm, the head): what a model's first layers read, not its last layers' output."""
+    return module_role(name) in ("embed", "pos_embed") or "embed" in name.rsplit(".", 2)[0]
+
+
 def module_role(name: str) -> str:
     """A short role label: q/k/v/qkv/o/gate/up/down/embed/head/norm/bias/other."""
     key = canonical_name(name)

@@ -19,7 +19,7 @@ def _methods_help() -> str:
 
     lines = ["Methods (parameters: --lambda, --density, or --param NAME=VALUE):"]
     for m in [*METHODS.values(), *MODIFIERS.values()]:
-        params = ", ".join(f"{p.name}={p.default:g}" for p in m.params) or "no parameters"
+        params = ", ".join(f"{p.name}={p.shown_default}" for p in m.params) or "no parameters"
         kind = "--" + m.name + " (after any method)" if m.name in MODIFIERS else m.name
         base = "" if getattr(m, "needs_base", True) else "; no base"
         lines.append(f"{kind}: {params}{base}. {m.reference.replace('*', '')}")

@@ -122,9 +122,10 @@ def _nth_equal(base, model, threshold, nth):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _merge(base, models, coeffs, thresholds, cutoffs, lam, out):  # type: ignore[no-untyped-def]
-    """out = θ_b + λ·(disjoint mean of the trimmed τ_i that agree with the elected sign), in
-    chunks that stay in cache: trim (|τ| > t, or = t before the cutoff) and elect, then mean."""
+def _merge(base, models, coeffs, thresholds, cutoffs, lam, out, normalize):  # type: ignore[no-untyped-def]
+    """out = θ_b + λ·(disjoint mean of the trimmed τ_i that agree with the elected sign; their sum
+    without `normalize`), in chunks that stay in cache: trim (|τ| > t, or = t before the cutoff)
+    and elect, then mean."""
     n, chunk, zero = base.size, 4096, np.float32(0)
     for c in prange((n + chunk - 1) // chunk):
         start = c * chunk
@@ -146,7 +147,7 @@ def _merge(base, models, coeffs, thresholds, cutoffs, lam, out):  # type: ignore
                 total[k] = _fma(coeff, tau, total[k]) if agrees else total[k]
                 weight[k] = weight[k] + coeff if agrees else weight[k]
         for k in range(size):
-            mean = total[k] / weight[k] if weight[k] > zero else zero  # nothing agreed: 0
+            mean = total[k] if not normalize else total[k] / weight[k] if weight[k] > zero else zero  # none agreed: 0
             out[start + k] = mean * lam + base[start + k]
 
 
@@ -232,6 +233,7 @@ def merge_block(
     cutoffs: np.ndarray,
     lam: float,
     out: torch.Tensor,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """TIES on a block (`_merge`) into `out` (float32, the block's shape): entries with
     |τ_i| = thresholds[i] are kept below flat index cutoffs[i] only."""
@@ -244,5 +246,6 @@ def merge_block(
         cutoffs.astype(np.int64),
         np.float32(lam),
         out.view(-1).numpy(),
+        bool(normalize),
     )
     return out

@@ -41,11 +41,17 @@ def kth_largest_and_above(values: torch.Tensor, k: int, sample: int = 65_536) ->
     return kth, int(torch.count_nonzero(values > kth))
 
 
+def kept_count(density: float, numel: int) -> int:
+    """How many entries TIES keeps of n: int(density·n), at least one of a non-empty tensor at a
+    positive density (mergekit's rule: a tensor smaller than 1/density keeps its largest entry)."""
+    return numel if density >= 1 else max(1, int(density * numel)) if numel else 0
+
+
 def trim_threshold(tau: torch.Tensor, density: float) -> tuple[float, int]:
-    """(t, ties) for keeping the k = int(density·n) largest-magnitude entries of τ: the entries
+    """(t, ties) for keeping the k = `kept_count` largest-magnitude entries of τ: the entries
     with |τ| > t and the first `ties` entries with |τ| = t in index order (so exactly k survive);
     t = inf keeps nothing."""
-    k = int(density * tau.numel())
+    k = kept_count(density, tau.numel())
     if k == 0:
         return float("inf"), 0
     magnitude = tau.abs()
@@ -90,7 +96,7 @@ def first_ties(flat: torch.Tensor, threshold: float, ties: int, chunk: int = 1 <
 
 
 def trim_top_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = int(density·n) largest-magnitude entries, zero the rest (TIES step 1); ties at
+    """Keep the k = `kept_count` largest-magnitude entries, zero the rest (TIES step 1); ties at
     the threshold go to the lowest indices, so exactly k survive."""
     if density >= 1:
         return tau
@@ -108,7 +114,7 @@ def trim_state(tau: torch.Tensor, density: float) -> TrimState:
 def trim_state_of_blocks(blocks: Iterable[torch.Tensor], numel: int, density: float) -> TrimState:
     """`trim_state` of a τ of `numel` entries given as consecutive blocks (in index order),
     holding |τ| and one block, never τ whole. Every block is consumed, at density 1 too."""
-    k = int(density * numel) if density < 1 else 0
+    k = kept_count(density, numel) if density < 1 else 0
     magnitude = torch.empty(0)
     offset = 0
     for block in blocks:

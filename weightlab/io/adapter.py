@@ -365,6 +365,9 @@ class AdaptedCheckpoint(Checkpoint):
     def _infos(self) -> dict[str, TensorInfo]:
         return self.__infos
 
+    def formed_whole(self, name: str) -> bool:
+        return self.changes(name)
+
     def changes(self, name: str) -> bool:
         """True when the adapter changes base tensor `name` (no tensor is read)."""
         return name in self.module_of or name in self.bias_of or name in self.saved_of

@@ -41,6 +41,10 @@ class Checkpoint:
         own, or its weight file's; None for a model held in memory."""
         return self.path if self.path.is_dir() else self.path.parent
 
+    def formed_whole(self, name: str) -> bool:
+        """Whether reading rows of `name` forms the whole tensor first (an adapter's update of it)."""
+        return False
+
     @property
     def _infos(self) -> dict[str, TensorInfo]:
         raise NotImplementedError

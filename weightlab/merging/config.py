@@ -17,9 +17,12 @@ from weightlab.domains import SEED, Choice, Int, Real
 from weightlab.errors import CheckpointNotFound, InvalidArgument, shown
 from weightlab.io.writer import parse_size
 from weightlab.io.yaml_file import read_yaml
-from weightlab.merging.methods import METHODS, MergeMethod, mergekit_names, parameter_names
+from weightlab.merging.layout import Origin, Slice, SliceSource
+from weightlab.merging.mergekit import read_recipe
+from weightlab.merging.methods import METHODS, MergeMethod, parameter_names
 from weightlab.merging.modifiers import MODIFIERS
-from weightlab.merging.params import MAX_COEFFICIENT, Param, Params, resolve
+from weightlab.merging.params import MAX_COEFFICIENT, WEIGHT, Param, Params, check_setting, declared_param, resolve
+from weightlab.merging.settings import dumped, first_given, parse, values_of, varies
 from weightlab.options import NanOptions
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -42,9 +45,6 @@ OUR_KEYS = {
     "tokenizer",
 }
 RECORD = "weightlab_merge.yml"
-# mergekit parameters we accept as no-ops (they only tune mergekit's memory use)
-MERGEKIT_NOOP_PARAMETERS = {"int8_mask", "normalize"}
-MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_dtype"}
 
 
 @dataclass
@@ -67,6 +67,8 @@ class MergeConfig:
     calibration_sha256: list[str] | None = None  # their fingerprints, once read (a replayed record checks them)
     tokenizer: str | None = None  # the tokenizer folder for the calibration text (default: found among the inputs)
     auto_lambda: bool = False  # λ chosen per tensor from the task vectors (`lambda: auto`; `merging.run.auto_lambda`)
+    model_params: list[dict[str, Any]] | None = None  # per model: its own settings (weight, density, …)
+    slices: list[Slice] | None = None  # output layers from layer ranges of the models (`merging.layout`)
     resolved: Params = field(init=False, repr=False, compare=False)  # the parameters, resolved once
 
     def __post_init__(self) -> None:
@@ -83,6 +85,20 @@ class MergeConfig:
         """The parameters the method and its modifiers declare."""
         return self.spec.params + tuple(p for m in self.modifiers for p in MODIFIERS[m].params)
 
+    @property
+    def uses_base(self) -> bool:
+        """Whether the merge reads a base: the method needs one, or takes one when given."""
+        return self.spec.needs_base or (self.spec.optional_base and self.base is not None)
+
+    def merged_counts(self) -> list[int]:
+        """How many models each output tensor merges (besides the base): per slice with slices."""
+        if not self.slices:
+            return [len(self.models)]
+        return [
+            len(s.sources) - int(self.uses_base and (s.base or self.base) in [src.model for src in s.sources])
+            for s in self.slices
+        ]
+
     def validate(self) -> None:
         if not isinstance(self.models, list) or not all(isinstance(m, str) and m for m in self.models):
             raise InvalidArgument("models must be a list of paths")
@@ -90,11 +106,15 @@ class MergeConfig:
             raise InvalidArgument("base must be a path")
         spec = self.spec
         n = len(self.models)
-        if n < spec.min_models or (spec.max_models and n > spec.max_models):
-            wanted = spec.min_models if spec.min_models == spec.max_models else f"at least {spec.min_models}"
-            raise InvalidArgument(f"{self.method} merges {wanted} models, got {n}")
-        if spec.needs_base and not self.base:
+        for count in self.merged_counts():
+            if count < spec.min_models or (spec.max_models and count > spec.max_models):
+                wanted = spec.min_models if spec.min_models == spec.max_models else f"at least {spec.min_models}"
+                where = " in a slice" if self.slices else ""
+                raise InvalidArgument(f"{self.method} merges {wanted} models{where}, got {count}")
+        if spec.needs_base and not self.base and not (self.slices and all(s.base for s in self.slices)):
             raise InvalidArgument(f"{self.method} needs --base (task vectors are relative to it)")
+        if self.base is not None and not (spec.needs_base or spec.optional_base) and not self.slices:
+            raise InvalidArgument(f"--base does not apply to {self.method}: it merges the models without one")
         if not isinstance(self.modifiers, list) or not all(isinstance(m, str) for m in self.modifiers):
             raise InvalidArgument("modifiers must be a list of names")
         for name in self.modifiers:
@@ -114,7 +134,15 @@ class MergeConfig:
                 f"--lambda auto scales an update of the base; {self.method} has none to scale (methods: {with_auto})"
             )
         # every given parameter declared by the method or a modifier, and within its domain: once
-        self.resolved = resolve(self.declared(), self.params, " + ".join([self.method, *self.modifiers]))
+        owner = " + ".join([self.method, *self.modifiers])
+        if "weight" in self.params:  # one weight for every model (mergekit's global `weight`)
+            if not spec.coefficients:
+                raise InvalidArgument(f"{self.method} takes no weights")
+            check_setting(WEIGHT, self.params["weight"], "weight")
+        self.resolved = resolve(self.declared(), {k: v for k, v in self.params.items() if k != "weight"}, owner)
+        self._validate_model_params(owner)
+        if self.slices is not None:
+            self._validate_slices(owner)
         if self.weights is not None:
             if not spec.coefficients:
                 raise InvalidArgument(f"{self.method} takes no --weights")
@@ -162,6 +190,87 @@ class MergeConfig:
                     "the sum of the weights, so they must be non-negative with a positive sum"
                 )
 
+    def per_model_names(self) -> set[str]:
+        """What a model's own settings may set: its weight (where the method takes weights) and the
+        parameters the method takes per model."""
+        return {p.name for p in self.declared() if p.per_model} | ({"weight"} if self.spec.coefficients else set())
+
+    def _check_model_settings(self, settings: Any, where: str, owner: str) -> None:
+        if not isinstance(settings, dict):
+            raise InvalidArgument(f"{where} must be a mapping of parameter names to settings")
+        for name, setting in settings.items():
+            if name not in self.per_model_names():
+                per_model = ", ".join(sorted(self.per_model_names())) or "nothing"
+                raise InvalidArgument(
+                    f"{where}: {name} is one value for all models: give it with the method's parameters"
+                    if any(p.name == name for p in self.declared())
+                    else f"{where}: {owner} does not use {name} (per model: {per_model})"
+                )
+            if name == "weight":
+                for value in values_of(setting):
+                    Real(-MAX_COEFFICIENT, MAX_COEFFICIENT).check(f"{where}.weight", value)
+            else:
+                check_setting(declared_param(self.declared(), name, owner), setting, f"{where}.{name}")
+
+    def _validate_model_params(self, owner: str) -> None:
+        if self.model_params is None:
+            return
+        if not isinstance(self.model_params, list) or len(self.model_params) != len(self.models):
+            raise InvalidArgument(f"model_params must hold one mapping per model ({len(self.models)})")
+        for i, settings in enumerate(self.model_params):
+            self._check_model_settings(settings, f"models[{i}]", owner)
+        if self.weights is not None and any("weight" in m for m in self.model_params):
+            raise InvalidArgument("weights are given twice (per model and as weights)")
+
+    def _validate_slices(self, owner: str) -> None:
+        if not isinstance(self.slices, list) or not self.slices:
+            raise InvalidArgument("slices must be a non-empty list")
+        if self.model_params is not None or self.weights is not None:
+            raise InvalidArgument("with slices, each model's settings go with its source in the slice")
+        for i, s in enumerate(self.slices):
+            for name, setting in s.params.items():
+                check_setting(declared_param((*self.declared(), WEIGHT), name, owner), setting, f"slices[{i}].{name}")
+            for j, src in enumerate(s.sources):
+                self._check_model_settings(src.params, f"slices[{i}].sources[{j}]", owner)
+
+    def tensor_params(self, name: str, origin: Origin, inputs: list[str]) -> tuple[Params, list[float]]:
+        """The parameters and the models' weights for output tensor `name`: each setting (a value, a
+        gradient over the layers, filters on the name) at its place (`origin`: slice and t); a
+        model's own settings are read on its own name of the tensor (`inputs`), as mergekit reads them."""
+        spec = self.spec
+        shared_scopes: list[dict[str, Any] | None] = [self.params]
+        model_scopes: list[list[dict[str, Any] | None]] = [
+            [self.model_params[i] if self.model_params else None, self.params] for i in range(len(inputs))
+        ]
+        if self.slices is not None and origin.slice is not None:
+            s = self.slices[origin.slice]
+            sources = [src for src in s.sources if not (self.uses_base and src.model == (s.base or self.base))]
+            shared_scopes = [s.params, self.params]
+            model_scopes = [[src.params, s.params, self.params] for src in sources]
+        values = self.resolved.as_dict()
+        per_model: dict[str, tuple[Any, ...]] = {}
+        for p in self.declared():
+            if p.per_model:
+                each = [first_given(scopes, p.name, inputs[i], origin.t) for i, scopes in enumerate(model_scopes)]
+                per_model[p.field] = tuple(p.default if v is None else v for v in each)
+            elif (found := first_given(shared_scopes, p.name, name, origin.t)) is not None:
+                values[p.field] = found
+        if not spec.coefficients:
+            return Params(values, per_model), [1.0] * len(inputs)
+        fixed = list(self.weights) if self.weights is not None else [1.0] * len(inputs)
+        weights = []
+        for i, scopes in enumerate(model_scopes):
+            given = first_given(scopes, "weight", inputs[i], origin.t)
+            weights.append(fixed[i] if given is None else float(given))
+        return Params(values, per_model), weights
+
+    @property
+    def varies_by_tensor(self) -> bool:
+        """Whether any parameter or weight can differ between tensors (else `resolved` and the weights hold)."""
+        return bool(
+            self.slices or self.model_params or "weight" in self.params or any(varies(v) for v in self.params.values())
+        )
+
     def _validate_calibration(self) -> None:
         kind = self.spec.calibration
         if self.calibration is not None and (
@@ -190,16 +299,27 @@ class MergeConfig:
 
     def record(self) -> dict[str, Any]:
         """This config in the vocabulary `--config` reads (`load_config`), every parameter spelt out
-        at its resolved value: what `weightlab_merge.yml` holds, to make the output again."""
+        (a setting that varies over the tensors as given, the others at their resolved value): what
+        `weightlab_merge.yml` holds, to make the output again."""
         values = self.resolved.as_dict()
-        out: dict[str, Any] = {"method": self.method, "base": self.base, "models": list(self.models)}
+        out: dict[str, Any] = {"method": self.method, "base": self.base}
+        if self.slices is not None:
+            out["slices"] = [_dumped_slice(s) for s in self.slices]
+        elif self.model_params is not None:
+            out["models"] = [{"model": m, **_dumped(own)} for m, own in zip(self.models, self.model_params)]
+        else:
+            out["models"] = list(self.models)
         out["weights"] = None if self.weights is None else list(self.weights)
         if self.coeff == "nan" and not self.spec.nan:
             out["coeff"] = "nan"
         if self.coeff == "nan":
             out["nan"] = asdict(self.nan)
         out["modifiers"] = list(self.modifiers) or None
-        out.update({p.name: values[p.field] for p in self.declared()})
+        out.update(
+            {p.name: dumped(self.params[p.name]) if p.name in self.params else values[p.field] for p in self.declared()}
+        )
+        if "weight" in self.params:
+            out["weight"] = dumped(self.params["weight"])
         if self.auto_lambda:
             out["lambda"] = "auto"
         if self.spec.random:
@@ -210,6 +330,7 @@ class MergeConfig:
         return {k: v for k, v in out.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
+        given = {k: dumped(v) for k, v in self.params.items() if varies(v) or k == "weight"}
         return {
             "method": self.method,
             "base": self.base,
@@ -218,6 +339,9 @@ class MergeConfig:
             "coeff": self.coeff,
             "nan": asdict(self.nan) if self.coeff == "nan" else None,
             "params": {**self.resolved.as_dict(), **({"lam": "auto"} if self.auto_lambda else {})},
+            **({"param_settings": given} if given else {}),
+            **({"model_params": [_dumped(m) for m in self.model_params]} if self.model_params is not None else {}),
+            **({"slices": [_dumped_slice(s) for s in self.slices]} if self.slices is not None else {}),
             "seed": self.seed,
             "dtype": self.dtype,
             **({"modifiers": self.modifiers} if self.modifiers else {}),
@@ -228,6 +352,49 @@ class MergeConfig:
             },
             **({"as_adapter": True} if self.as_adapter else {}),
         }
+
+
+def _dumped(settings: dict[str, Any]) -> dict[str, Any]:
+    return {name: dumped(setting) for name, setting in settings.items()}
+
+
+def _dumped_slice(s: Slice) -> dict[str, Any]:
+    """A slice in our YAML's words: `sources` of {model, layers, settings}, then `base`, then settings."""
+    sources = [{"model": src.model, "layers": list(src.layers), **_dumped(src.params)} for src in s.sources]
+    return {"sources": sources, **({"base": s.base} if s.base else {}), **_dumped(s.params)}
+
+
+def _parsed_settings(data: dict[str, Any], keys: set[str], where: str, path: str | Path) -> dict[str, Any]:
+    """The settings among `data`'s keys (`settings.parse`); a key that is no parameter is refused."""
+    out = {}
+    for key, value in data.items():
+        if key in keys:
+            continue
+        if key not in set(parameter_names()) | {"weight"}:
+            raise InvalidArgument(f"{where} has unknown key {shown(key)}", path)
+        try:
+            out[key] = parse(value, f"{where}.{key}")
+        except InvalidArgument as e:
+            raise InvalidArgument(e.message, path) from None
+    return out
+
+
+def _slice_of(data: Any, i: int, path: str | Path) -> Slice:
+    where = f"slices[{i}]"
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or not data["sources"]:
+        raise InvalidArgument(f"{where} needs sources: a list of {{model, layers}}", path)
+    sources = []
+    for j, src in enumerate(data["sources"]):
+        at = f"{where}.sources[{j}]"
+        if not isinstance(src, dict) or "model" not in src or "layers" not in src:
+            raise InvalidArgument(f"{at} needs model and layers", path)
+        span = src["layers"]
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
+            raise InvalidArgument(f"{at}.layers must be [start, end], two integers, got {shown(span)}", path)
+        model = _typed(src["model"], "str", f"{at}.model", path)
+        sources.append(SliceSource(model, (span[0], span[1]), _parsed_settings(src, {"model", "layers"}, at, path)))
+    base = _typed(data["base"], "str", f"{where}.base", path) if data.get("base") is not None else None
+    return Slice(tuple(sources), _parsed_settings(data, {"sources", "base"}, where, path), base)
 
 
 def record_yaml(config: MergeConfig) -> str:
@@ -250,7 +417,12 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         record.get("weights"),
         record.get("coeff", "manual"),
         NanOptions(**record["nan"]) if record.get("nan") else NanOptions(),
-        {p.name: stored[p.field] for p in declared if p.field in stored},  # "lam": "auto" comes back as lambda: auto
+        {
+            **{
+                p.name: stored[p.field] for p in declared if p.field in stored
+            },  # "lam": "auto" comes back as lambda: auto
+            **{k: parse(v, k) for k, v in (record.get("param_settings") or {}).items()},
+        },
         record.get("seed", 0),
         record.get("dtype"),
         modifiers,
@@ -261,6 +433,10 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         record.get("calibration"),
         record.get("calibration_sha256"),
         record.get("tokenizer"),
+        model_params=[{k: parse(v, k) for k, v in m.items()} for m in record["model_params"]]
+        if record.get("model_params") is not None
+        else None,
+        slices=[_slice_of(s, i, "record") for i, s in enumerate(record["slices"])] if record.get("slices") else None,
     )
 
 
@@ -318,7 +494,7 @@ def _models(entries: Any, key: str, path: str | Path) -> list[tuple[str, dict[st
 
 
 def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    known = OUR_KEYS | set(parameter_names())
+    known = OUR_KEYS | set(parameter_names()) | {"weight", "slices"}
     unknown = set(data) - known
     if unknown:
         raise InvalidArgument(
@@ -343,15 +519,20 @@ def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
             value = [data[key]] if isinstance(data[key], str) else _typed(data[key], "list", key, path)
             out[key] = [_typed(v, "str", f"{key}[{i}]", path) for i, v in enumerate(value)]
     models = _models(data.get("models") or [], "models", path)
-    for i, (_, extra) in enumerate(models):
-        if set(extra) - {"weight"}:
-            raise InvalidArgument(f"models[{i}] has unknown keys {', '.join(sorted(set(extra) - {'weight'}))}", path)
+    own = [_parsed_settings(extra, set(), f"models[{i}]", path) for i, (_, extra) in enumerate(models)]
     out["models"] = [m for m, _ in models]
-    if any("weight" in extra for _, extra in models):
-        out["weights"] = [
-            _typed(extra.get("weight", 1.0), "number", f"models[{i}].weight", path)
-            for i, (_, extra) in enumerate(models)
-        ]
+    weights = [settings.get("weight", 1.0) for settings in own]
+    if any("weight" in settings for settings in own) and all(not varies(w) for w in weights):
+        out["weights"] = [_typed(w, "number", f"models[{i}].weight", path) for i, w in enumerate(weights)]
+        own = [{k: v for k, v in settings.items() if k != "weight"} for settings in own]
+    if any(own):
+        out["model_params"] = own
+    if data.get("slices") is not None:
+        slices = [_slice_of(entry, i, path) for i, entry in enumerate(_typed(data["slices"], "list", "slices", path))]
+        out["slices"] = slices
+        out["models"] = out["models"] or list(
+            dict.fromkeys(src.model for s in slices for src in s.sources if src.model != data.get("base"))
+        )
     if data.get("weights") is not None:
         if "weights" in out:
             raise InvalidArgument("weights are given twice (per model and as 'weights')", path)
@@ -370,61 +551,19 @@ def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
                 "a nan: block needs coeff: nan (or method: nan); without it the settings would be ignored", path
             )
     out["param_values"] = {
-        k: data[k] if (k, data[k]) == ("lambda", "auto") else _typed(data[k], "number", k, path)
-        for k in parameter_names()
+        k: data[k] if (k, data[k]) == ("lambda", "auto") else _setting(data[k], k, path)
+        for k in (*parameter_names(), "weight")
         if data.get(k) is not None
     }
     return out
 
 
+def _setting(value: Any, key: str, path: str | Path) -> Any:
+    try:
+        return parse(value, key)
+    except InvalidArgument as e:
+        raise InvalidArgument(e.message, path) from None
+
+
 def _from_mergekit(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    unknown = set(data) - MERGEKIT_KEYS
-    if unknown:
-        raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
-    method_name = _typed(data["merge_method"], "str", "merge_method", path)
-    method = mergekit_names().get(method_name)
-    if method is None:
-        raise InvalidArgument(
-            f"mergekit merge_method {method_name!r} is not supported; supported: {', '.join(mergekit_names())}", path
-        )
-    base = data.get("base_model")
-    if base is not None:
-        base = _typed(base, "str", "base_model", path)
-    models: list[str] = []
-    weights: list[float] = []
-    per_model: dict[str, list[Any]] = {}
-    for i, (name, extra) in enumerate(_models(data.get("models") or [], "models", path)):
-        if name == base:  # mergekit lists the base among the models for some methods
-            continue
-        params = _typed(extra.get("parameters") or {}, "mapping", f"models[{i}].parameters", path)
-        models.append(name)
-        weights.append(_typed(params.get("weight", 1.0), "number", f"models[{i}].parameters.weight", path))
-        for key, value in params.items():
-            if key != "weight":
-                per_model.setdefault(key, []).append(value)
-    global_params = dict(_typed(data.get("parameters") or {}, "mapping", "parameters", path))
-    for key, values in per_model.items():
-        if any(v != values[0] for v in values):
-            raise InvalidArgument(f"per-model {key} differs between models; weightlab takes one {key} for all", path)
-        global_params.setdefault(key, values[0])
-    if global_params.get("normalize") is False and METHODS[method].normalises:
-        raise InvalidArgument("normalize: false is not supported (weightlab's TIES/average always normalise)", path)
-    unknown_params = set(global_params) - set(parameter_names()) - MERGEKIT_NOOP_PARAMETERS
-    if unknown_params:
-        raise InvalidArgument(f"mergekit parameters not supported: {', '.join(sorted(map(str, unknown_params)))}", path)
-    param_values = {
-        k: _typed(global_params[k], "number", f"parameters.{k}", path) for k in parameter_names() if k in global_params
-    }
-    if method == "slerp" and base:  # mergekit interpolates from base_model (t = 0) to the other model
-        models, base = [base, *models], None
-    out = {
-        "method": method,
-        "base": base,
-        "models": models,
-        "weights": weights if METHODS[method].coefficients and any(w != 1.0 for w in weights) else None,
-        "param_values": param_values,
-    }
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype:
-        out["dtype"] = _typed(dtype, "str", "out_dtype" if data.get("out_dtype") else "dtype", path)
-    return out
+    return read_recipe(data, path)

@@ -9,40 +9,61 @@ compute.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from weightlab.compute.scratch import buffer
 from weightlab.compute.trim import kth_largest
+from weightlab.domains import Choice
+from weightlab.errors import InvalidArgument
 from weightlab.merging.covariance import ace
 from weightlab.merging.data_aware import fisher, regmean
+from weightlab.merging.elementwise import arcee_fusion, nearswap, ram, sce
 from weightlab.merging.iso_cts import iso_cts, iso_cts_block, iso_cts_map
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import (
     ALPHA,
     COMMON,
+    DELLA_EPSILON,
     DENSITY,
+    EPS,
+    FILTER_WISE,
     FLOOR,
     GAMMA,
     HETEROGENEITY,
     LAMBDA,
     LR,
+    MAX_ITER,
+    NEARSWAP_T,
+    NORMALIZE,
+    NORMALIZE_WEIGHTS,
+    NUSLERP_FLATTEN,
+    NUSLERP_ROW_WISE,
+    RAM_ALPHA,
+    RAM_EPSILON,
+    RAM_R,
     RANK,
     RATIO,
     REFINE,
+    RESCALE,
     RIDGE,
+    SCALE,
+    SELECT_TOPK,
     SLERP_EPSILON,
     SLERP_T,
     STEPS,
+    TOL,
     Generator,
     Param,
     Params,
     Tensor,
     resolve,
 )
+from weightlab.merging.sparsify import dare_drop, della_drop, rescaled
+from weightlab.merging.spherical import karcher_mean, multislerp, nuslerp
 from weightlab.merging.subspace import (
     cart,
     is_tall_matrix,
@@ -73,6 +94,12 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     mergekit: str | None = None  # its merge_method name in mergekit's YAML
+    # what a mergekit recipe gets where it says nothing: mergekit's defaults where they are not ours
+    # (None: the parameter is required there), and what mergekit does with a base_model:
+    # "required", "optional" (used when given) or "input" (merged as one more model)
+    mergekit_defaults: Mapping[str, Any] = field(default_factory=dict)
+    mergekit_base: str = "required"
+    optional_base: bool = False  # uses a base when given (task vectors), merges the models without one
     nan: bool = False  # always takes NAN coefficients
     random: bool = False  # draws at random, seeded by --seed
     calibration: str | None = None  # runs the models on --calibration text: "grams" | "grams-merged" | "fisher"
@@ -100,12 +127,19 @@ class MergeMethod:
 
 
 def average(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
-    """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal)."""
-    total = float(coeffs.sum())
+    """Σ c_i θ_i / Σ c_i (Wortsman et al. 2022, "Model soups", uniform soup when c_i are equal);
+    Σ c_i θ_i without `normalize`."""
+    total = float(coeffs.sum()) if p.value("normalize") else 1.0
     out = torch.zeros_like(models[0])
     for c, m in zip(coeffs.tolist(), models):
         out.add_(m, alpha=c / total)
     return out
+
+
+def _scale(coeffs: Tensor, p: Params) -> float:
+    """λ, divided by Σ c_i where the method normalises (`normalize`; a sum within 1e-8 of 0 counts as 1)."""
+    total = float(coeffs.sum())
+    return p.lam / (total if abs(total) >= 1e-8 else 1.0) if p.get("normalize", False) else p.lam
 
 
 def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam: float) -> Tensor:
@@ -118,51 +152,74 @@ def _add_task_vectors(base: Tensor, taus: Iterable[Tensor], coeffs: Tensor, lam:
 
 
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
-    """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1)."""
-    return _add_task_vectors(base, task_vectors(base, models), coeffs, p.lam)
-
-
-def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE (Yu et al. 2024, "Language Models are Super Mario", eq. 2): keep each entry with
-    probability `density` (Bernoulli, seeded on the CPU so every device gives the same mask)
-    and rescale the kept ones by 1/density."""
-    if density >= 1:
-        return tau
-    keep = torch.bernoulli(torch.full(tau.shape, density), generator=generator).to(tau.device, torch.bool)
-    return torch.where(keep, tau / density, torch.zeros_like(tau))
+    """θ_b + λ Σ c_i τ_i (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1); with
+    `normalize`, λ Σ c_i τ_i / Σ c_i (mergekit's option)."""
+    return _add_task_vectors(base, task_vectors(base, models), coeffs, _scale(coeffs, p))
 
 
 def dare_linear(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then task arithmetic: θ_b + λ Σ c_i DARE(τ_i) (Yu et al. 2024, eq. 2 then Ilharco et al. 2023, eq. 1)."""
-    taus = (dare_drop(tau, p.density, gen(i)) for i, tau in enumerate(task_vectors(base, models)))
-    return _add_task_vectors(base, taus, coeffs, p.lam)
+    densities, rescale = p.each("density", len(models)), p.value("rescale")
+    taus = (dare_drop(tau, densities[i], gen(i), rescale) for i, tau in enumerate(task_vectors(base, models)))
+    return _add_task_vectors(base, taus, coeffs, _scale(coeffs, p))
 
 
 def dare_ties(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
     """DARE then TIES' sign election and disjoint mean (Yu et al. 2024, eq. 2; Yadav et al. 2023, Alg. 1)."""
-    taus = [dare_drop(m - base, p.density, gen(i)) for i, m in enumerate(models)]
-    return base + p.lam * elect_and_mean(taus, coeffs)
+    densities, rescale = p.each("density", len(models)), p.value("rescale")
+    taus = [dare_drop(m - base, densities[i], gen(i), rescale) for i, m in enumerate(models)]
+    return base + p.lam * elect_and_mean(taus, coeffs, p.value("normalize"))
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2024, §3): drop the largest γ·n entries by
-    magnitude (outliers) and the smallest, keeping density·n entries in between (at most the
-    n − γ·n left below the outliers)."""
+def _della_taus(base: Tensor, models: Sequence[Tensor], p: Params, gen: Generator) -> list[Tensor]:
+    densities, epsilons = p.each("density", len(models)), p.each("epsilon", len(models))
+    taus = []
+    for i, m in enumerate(models):
+        if densities[i] < 1 and not (0 < densities[i] - epsilons[i] and densities[i] + epsilons[i] < 1):
+            raise InvalidArgument(
+                f"della keeps entries with probabilities density ± epsilon, which must lie in (0, 1): "
+                f"density {densities[i]:g}, epsilon {epsilons[i]:g} for model {i + 1}"
+            )
+        taus.append(della_drop(m - base, densities[i], epsilons[i], gen(i), p.value("rescale")))
+    return taus
+
+
+def della(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
+    """DELLA-Merging (Deep et al. 2024, §3): MAGPRUNE each τ_i (`sparsify.della_drop`), elect signs by
+    mass and take the coefficient-weighted mean of the agreeing entries (TIES' steps 2-3), θ_b + λ·that."""
+    return base + p.lam * elect_and_mean(_della_taus(base, models, p, gen), coeffs, p.value("normalize"))
+
+
+def della_linear(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
+    """MAGPRUNE each τ_i (Deep et al. 2024, §3.1), then task arithmetic: θ_b + λ Σ c_i τ̂_i."""
+    return _add_task_vectors(base, _della_taus(base, models, p, gen), coeffs, _scale(coeffs, p))
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, rescale: str = "none") -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024, §3): drop the largest γ·n entries by magnitude
+    (outliers) and the smallest, keeping density·n entries above the smallest: where fewer than
+    γ·n lie above those, fewer outliers go (mergekit's rule). Density 1 keeps τ whole. The kept
+    entries are rescaled as `sparsify.rescaled` says ("l1", or "none")."""
+    if density >= 1:
+        return tau
     flat = tau.reshape(-1)
     n = flat.numel()
-    n_top = int(gamma * n)
-    n_keep = min(int(density * n), n - n_top)
-    n_bottom = max(n - n_keep - n_top, 0)
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bottom = max(0, n - n_keep - n_top)
     order = torch.argsort(flat.abs(), stable=True)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[n_bottom : n - n_top]] = True
-    return (flat * mask).reshape(tau.shape)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[n_bottom : n_bottom + n_keep]] = True
+    return rescaled(flat, keep, 1.0, rescale).reshape(tau.shape)
+
+
+def _breadcrumbs_taus(base: Tensor, models: Sequence[Tensor], p: Params) -> list[Tensor]:
+    densities, gammas = p.each("density", len(models)), p.each("gamma", len(models))
+    return [breadcrumbs_mask(m - base, densities[i], gammas[i], p.value("rescale")) for i, m in enumerate(models)]
 
 
 def breadcrumbs(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Breadcrumbs masks, then task arithmetic (Davari & Belilovsky 2024, §3)."""
-    taus = (breadcrumbs_mask(tau, p.density, p.gamma) for tau in task_vectors(base, models))
-    return _add_task_vectors(base, taus, coeffs, p.lam)
+    return _add_task_vectors(base, _breadcrumbs_taus(base, models, p), coeffs, _scale(coeffs, p))
 
 
 def breadcrumbs_ties(
@@ -170,8 +227,7 @@ def breadcrumbs_ties(
 ) -> Tensor:
     """Breadcrumbs masks, then TIES' sign election and disjoint mean (Davari & Belilovsky 2024, §3;
     Yadav et al. 2023, Alg. 1)."""
-    taus = [breadcrumbs_mask(m - base, p.density, p.gamma) for m in models]
-    return base + p.lam * elect_and_mean(taus, coeffs)
+    return base + p.lam * elect_and_mean(_breadcrumbs_taus(base, models, p), coeffs, p.value("normalize"))
 
 
 def slerp(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
@@ -188,22 +244,27 @@ def slerp(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen
 
 def model_stock(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
     """Model Stock (Jang et al. 2024, eq. 6): with cos θ the mean pairwise cosine of the task
-    vectors, t = N cos θ / (1 + (N − 1) cos θ) and θ = t·mean_i θ_i + (1 − t)·θ_b."""
-    taus = [_unit((m - base).reshape(-1)) for m in models]
+    vectors, t = N cos θ / (1 + (N − 1) cos θ) and θ = t·mean_i θ_i + (1 − t)·θ_b (θ_b where the
+    denominator vanishes); with `filter_wise`, one t per row of a matrix (per output filter)."""
+    rows = p.value("filter_wise") and base.ndim > 1
+    shape = (base.shape[0], -1) if rows else (1, -1)
+    taus = [_unit_rows((m - base).reshape(shape)) for m in models]
     n = len(taus)
-    cosines = [float(taus[i] @ taus[j]) for i in range(n) for j in range(i + 1, n)]
-    cos = sum(cosines) / len(cosines)
-    t = n * cos / (1 + (n - 1) * cos) if (1 + (n - 1) * cos) != 0 else 0.0
+    cos = torch.stack([(taus[i] * taus[j]).sum(-1) for i in range(n) for j in range(i + 1, n)]).mean(0)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
+    t = t.reshape(-1, *([1] * (base.ndim - 1))) if rows else t.reshape(())
     return t * torch.stack(list(models)).mean(0) + (1 - t) * base
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """x / ‖x‖ (0 for x = 0), scaled by its largest entry first: a norm or dot product of entries
-    beyond ~1e19 overflows float32, and the cosine does not depend on the scale."""
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x as a unit vector (0 for a zero row), scaled by its largest entry first: a norm or
+    dot product of entries beyond ~1e19 overflows float32, and the cosine does not depend on the scale."""
     if x.numel() == 0:
         return x
-    scaled = x / x.abs().max().clamp_min(torch.finfo(x.dtype).tiny)
-    unit: torch.Tensor = scaled / scaled.norm().clamp_min(1e-12)
+    scaled = x / x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    unit: torch.Tensor = scaled / torch.linalg.vector_norm(scaled, dim=-1, keepdim=True).clamp_min(1e-12)
     return unit
 
 
@@ -248,40 +309,118 @@ def pcb(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: 
     return base + p.lam * merged.reshape(base.shape)
 
 
+def nuslerp_method(
+    base: Tensor | None, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None
+) -> Tensor:
+    """NuSLERP (mergekit; Shoemake 1985's SLERP): at t = c_2/(c_1 + c_2) (½ when the sum vanishes) of the two models,
+    or of their task vectors added to the base when there is one (`spherical.nuslerp`)."""
+    c1, c2 = coeffs.tolist()
+    t = 0.5 if abs(c1 + c2) < 1e-6 else c2 / (c1 + c2)
+    row_wise, flatten = p.value("nuslerp_row_wise"), p.value("nuslerp_flatten")
+    if base is None:
+        return nuslerp(t, models[0], models[1], row_wise, flatten)
+    return base + nuslerp(t, models[0] - base, models[1] - base, row_wise, flatten)
+
+
+def multislerp_method(
+    base: Tensor | None, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None
+) -> Tensor:
+    """Multi-SLERP (Goddard 2025) of the models, or of their task vectors added to the base when
+    there is one (`spherical.multislerp`)."""
+    try:
+        if base is None:
+            return multislerp(models, coeffs.tolist(), p.value("normalize_weights"), p.eps)
+        return base + multislerp([m - base for m in models], coeffs.tolist(), p.value("normalize_weights"), p.eps)
+    except ValueError as e:
+        raise InvalidArgument(f"multislerp: {e}; try other weights") from None
+
+
+def karcher(base: Tensor | None, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
+    """The Karcher mean of the models on the sphere, scaled by their mean norm (`spherical.karcher_mean`)."""
+    return karcher_mean(models, int(p.max_iter), p.tol)
+
+
+def sce_method(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
+    """SCE (Wan et al. 2024, "FuseChat", §3.3): `elementwise.sce`."""
+    return sce(base, models, p.select_topk)
+
+
+def ram_method(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
+    """RAM (Zhou et al. 2026, "Reinforced Agent Merging", arXiv 2601.13572): `elementwise.ram`."""
+    return ram(base, models, p.epsilon)
+
+
+def ramplus_method(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
+    """RAM+ tensor-local (Zhou et al. 2026, arXiv 2601.13572): `elementwise.ram` with r and α."""
+    return ram(base, models, p.epsilon, p.r, p.alpha)
+
+
+def nearswap_method(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:
+    """NearSwap (alchemonaut 2024, QuartetAnemoi-70B's model card): `elementwise.nearswap`."""
+    return nearswap(base, models[0], p.t)
+
+
+def arcee_fusion_method(base: Tensor, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator) -> Tensor:
+    """Arcee Fusion (Arcee AI 2025): `elementwise.arcee_fusion`, its quantile sample seeded."""
+    return arcee_fusion(base, models[0], gen(0))
+
+
+def passthrough(
+    base: Tensor | None, models: Sequence[Tensor], coeffs: Tensor, p: Params, gen: Generator | None
+) -> Tensor:
+    """Passthrough (mergekit's): one model's tensor, times `scale` when given; with layer slices, how
+    a frankenmerge stacks layers of several models."""
+    scale = p.value("scale")
+    return models[0] if scale is None else models[0] * scale
+
+
 TV = (LAMBDA,)
+MERGEKIT_GTA = {
+    "density": 1.0,
+    "rescale": "none",
+    "normalize": False,
+    "weight": None,
+}  # mergekit's task arithmetic family
+KEEP_EACH = (DENSITY.per(),)
+BREADCRUMBS_RESCALE = replace(RESCALE, domain=Choice("none", "l1"), default="none")
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod(
             "average",
             average,
-            "Σ c_i θ_i / Σ c_i",
+            "Σ c_i θ_i / Σ c_i (Σ c_i θ_i without normalize)",
             "Wortsman et al. 2022, *Model soups* (uniform soup)",
+            (NORMALIZE,),
             needs_base=False,
             task_vectors=False,
             normalises=True,
             mergekit="linear",
+            mergekit_defaults={"weight": None},
+            mergekit_base="input",
             blockwise=lambda base, models, coeffs, p, states: average(base, models, coeffs, p, None),
         ),
         MergeMethod(
             "task-arithmetic",
             task_arithmetic,
-            "θ_b + λ Σ c_i τ_i",
+            "θ_b + λ Σ c_i τ_i (÷ Σ c_i with normalize)",
             "Ilharco et al. 2023, *Editing Models with Task Arithmetic*, eq. 1",
-            TV,
+            (LAMBDA, replace(NORMALIZE, default=False)),
             mergekit="task_arithmetic",
+            mergekit_defaults=MERGEKIT_GTA,
             blockwise=lambda base, models, coeffs, p, states: task_arithmetic(base, models, coeffs, p, None),
             stored_models=True,
         ),
         MergeMethod(
             "ties",
             ties,
-            "trim each τ_i to its top-density entries by magnitude; elect the sign of Σ c_i τ̂_i per "
-            "entry; coefficient-weighted mean of the entries that agree; θ_b + λ·that",
+            "trim each τ_i to its top-density entries by magnitude (at least one); elect the sign of Σ c_i τ̂_i per "
+            "entry; coefficient-weighted mean of the entries that agree (their sum without normalize); θ_b + λ·that",
             "Yadav et al. 2023, *TIES-Merging*, Alg. 1",
-            (LAMBDA, DENSITY),
+            (LAMBDA, *KEEP_EACH, NORMALIZE),
             normalises=True,
             mergekit="ties",
+            mergekit_defaults={**MERGEKIT_GTA, "normalize": True},
             blockwise=ties_block,
             statistics=ties_trims,
             stored_models=True,
@@ -289,10 +428,11 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "dare-linear",
             dare_linear,
-            "keep each entry with probability density (seeded Bernoulli), rescale by 1/density, then task arithmetic",
+            "keep each entry with probability density (seeded Bernoulli), rescale the kept ones, then task arithmetic",
             "Yu et al. 2024, *DARE*, eq. 2",
-            (LAMBDA, DENSITY),
+            (LAMBDA, *KEEP_EACH, replace(NORMALIZE, default=False), RESCALE),
             mergekit="dare_linear",
+            mergekit_defaults={**MERGEKIT_GTA, "rescale": "l1"},
             random=True,
         ),
         MergeMethod(
@@ -300,9 +440,33 @@ METHODS: dict[str, MergeMethod] = {
             dare_ties,
             "DARE, then TIES' election and disjoint mean",
             "Yu et al. 2024, *DARE*, eq. 2; Yadav et al. 2023",
-            (LAMBDA, DENSITY),
+            (LAMBDA, *KEEP_EACH, NORMALIZE, RESCALE),
             normalises=True,
             mergekit="dare_ties",
+            mergekit_defaults={**MERGEKIT_GTA, "rescale": "l1"},
+            random=True,
+        ),
+        MergeMethod(
+            "della",
+            della,
+            "MAGPRUNE: keep each entry with probability density ± ε by its magnitude's rank in its row, rescale "
+            "the kept ones; then TIES' election and disjoint mean; θ_b + λ·that",
+            "Deep et al. 2024, *DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+            "Sampling*, §3",
+            (LAMBDA, *KEEP_EACH, DELLA_EPSILON, NORMALIZE, RESCALE),
+            normalises=True,
+            mergekit="della",
+            mergekit_defaults={**MERGEKIT_GTA, "normalize": True, "rescale": "l1"},
+            random=True,
+        ),
+        MergeMethod(
+            "della-linear",
+            della_linear,
+            "MAGPRUNE each τ_i, then task arithmetic",
+            "Deep et al. 2024, *DELLA-Merging*, §3.1",
+            (LAMBDA, *KEEP_EACH, DELLA_EPSILON, replace(NORMALIZE, default=False), RESCALE),
+            mergekit="della_linear",
+            mergekit_defaults={**MERGEKIT_GTA, "rescale": "l1"},
             random=True,
         ),
         MergeMethod(
@@ -310,17 +474,25 @@ METHODS: dict[str, MergeMethod] = {
             breadcrumbs,
             "drop the largest γ·n and the smallest entries, keeping density·n; task arithmetic",
             "Davari & Belilovsky 2024, *Model Breadcrumbs*, §3",
-            (LAMBDA, DENSITY, GAMMA),
+            (
+                LAMBDA,
+                replace(DENSITY, default=0.9).per(),
+                GAMMA.per(),
+                replace(NORMALIZE, default=False),
+                BREADCRUMBS_RESCALE,
+            ),
             mergekit="breadcrumbs",
+            mergekit_defaults=MERGEKIT_GTA,
         ),
         MergeMethod(
             "breadcrumbs-ties",
             breadcrumbs_ties,
             "breadcrumbs masks, then TIES' election and mean",
             "Davari & Belilovsky 2024, §3; Yadav et al. 2023",
-            (LAMBDA, DENSITY, GAMMA),
+            (LAMBDA, replace(DENSITY, default=0.9).per(), GAMMA.per(), NORMALIZE, BREADCRUMBS_RESCALE),
             normalises=True,
             mergekit="breadcrumbs_ties",
+            mergekit_defaults=MERGEKIT_GTA,
         ),
         MergeMethod(
             "slerp",
@@ -334,15 +506,123 @@ METHODS: dict[str, MergeMethod] = {
             min_models=2,
             max_models=2,
             mergekit="slerp",
+            mergekit_defaults={"t": None},
+        ),
+        MergeMethod(
+            "nuslerp",
+            nuslerp_method,
+            "two models (of their task vectors with a base): SLERP at t = c_2/(c_1 + c_2), of the flattened "
+            "tensors, of each row, or of each column (nuslerp_row_wise)",
+            "Shoemake 1985; mergekit's NuSLERP",
+            (NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+            needs_base=False,
+            optional_base=True,
+            task_vectors=False,
+            min_models=2,
+            max_models=2,
+            mergekit="nuslerp",
+            mergekit_defaults={"weight": None},
+            mergekit_base="optional",
+        ),
+        MergeMethod(
+            "multislerp",
+            multislerp_method,
+            "barycentric SLERP of any number of models (of task vectors with a base): the weighted mean of the "
+            "unit tensors on the sphere, the tangent vectors' weighted sum mapped back, times the weighted mean norm",
+            "Goddard 2025, *Multi-SLERP* (mergekit)",
+            (NORMALIZE_WEIGHTS, EPS),
+            needs_base=False,
+            optional_base=True,
+            task_vectors=False,
+            mergekit="multislerp",
+            mergekit_defaults={"weight": None},
+            mergekit_base="optional",
+        ),
+        MergeMethod(
+            "karcher",
+            karcher,
+            "the Karcher (Riemannian) mean of the unit tensors, by fixed-point iteration, times the mean norm",
+            "Karcher 1977, *Riemannian center of mass and mollifier smoothing*, CPAM 30(5); mergekit's karcher",
+            (MAX_ITER, TOL),
+            needs_base=False,
+            coefficients=False,
+            task_vectors=False,
+            mergekit="karcher",
+            mergekit_base="input",
         ),
         MergeMethod(
             "model-stock",
             model_stock,
-            "t = N cosθ/(1+(N−1)cosθ) with cosθ the mean pairwise cosine of the τ_i; t·mean θ_i + (1−t)θ_b",
+            "t = N cosθ/(1+(N−1)cosθ) with cosθ the mean pairwise cosine of the τ_i (per row with filter_wise); "
+            "t·mean θ_i + (1−t)θ_b",
             "Jang et al. 2024, *Model Stock*, eq. 6",
+            (FILTER_WISE,),
             coefficients=False,
             min_models=2,
             mergekit="model_stock",
+        ),
+        MergeMethod(
+            "sce",
+            sce_method,
+            "keep the top select_topk entries by variance across the τ_i; weights ∝ each τ_i's mean square; "
+            "erase entries against the elected sign; θ_b + Σ w_iτ_i·m_i / Σ w_i·m_i",
+            "Wan et al. 2024, *FuseChat: Knowledge Fusion of Chat Models*, §3.3 (SCE)",
+            (SELECT_TOPK,),
+            coefficients=False,
+            mergekit="sce",
+        ),
+        MergeMethod(
+            "ram",
+            ram_method,
+            "an entry one τ_i moves (|τ_i| > ε) keeps it; an entry several move, their mean",
+            "Zhou et al. 2026, *Reinforced Agent Merging* (RAM), arXiv 2601.13572",
+            (RAM_EPSILON,),
+            coefficients=False,
+            mergekit="ram",
+        ),
+        MergeMethod(
+            "ramplus-tl",
+            ramplus_method,
+            "RAM, with each τ_i's own entries scaled by 1 + r·clip(shared/own, 0, α) (tensor-local)",
+            "Zhou et al. 2026, *Reinforced Agent Merging* (RAM+), arXiv 2601.13572",
+            (RAM_R, RAM_ALPHA, RAM_EPSILON),
+            coefficients=False,
+            mergekit="ramplus_tl",
+        ),
+        MergeMethod(
+            "nearswap",
+            nearswap_method,
+            "base and one model: each entry moves to the model's by clip(t/|θ − θ_b|, 0, 1)",
+            "alchemonaut 2024, *QuartetAnemoi-70B* (NearSwap); mergekit's nearswap",
+            (NEARSWAP_T,),
+            coefficients=False,
+            task_vectors=False,
+            max_models=1,
+            mergekit="nearswap",
+        ),
+        MergeMethod(
+            "arcee-fusion",
+            arcee_fusion_method,
+            "base and one model: keep the model's change where |θ − θ_b|·KL(softmax θ ‖ softmax θ_b) reaches "
+            "the median + 1.5·IQR of the tensor's",
+            "Arcee AI 2025, *Arcee Fusion* (mergekit's arcee_fusion)",
+            coefficients=False,
+            max_models=1,
+            random=True,
+            mergekit="arcee_fusion",
+        ),
+        MergeMethod(
+            "passthrough",
+            passthrough,
+            "one model's tensors as they are (times scale when given): with layer slices, a frankenmerge",
+            "mergekit's passthrough",
+            (SCALE,),
+            needs_base=False,
+            coefficients=False,
+            task_vectors=False,
+            max_models=1,
+            mergekit="passthrough",
+            mergekit_base="input",
         ),
         MergeMethod(
             "nan",
@@ -490,7 +770,7 @@ def methods_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in METHODS.values():
-        params = ", ".join(f"`{p.name}` ({p.default:g})" for p in m.params) or "—"
+        params = ", ".join(f"`{p.name}` ({p.shown_default})" for p in m.params) or "—"
         coefficients = (
             ("NAN (always)" if m.nan else f"on {'τ_i' if m.task_vectors else 'θ_i'}; manual or NAN")
             if m.coefficients
@@ -515,6 +795,6 @@ def methods_table() -> str:
         "|---|---|---|---|",
     ]
     for mod in MODIFIERS.values():
-        params = ", ".join(f"`{p.name}` ({p.default:g})" for p in mod.params)
+        params = ", ".join(f"`{p.name}` ({p.shown_default})" for p in mod.params)
         lines.append(f"| `{mod.name}` | {mod.formula} | {params} | {mod.reference} |")
     return "\n".join(lines)

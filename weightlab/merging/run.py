@@ -354,7 +354,7 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, ckpts: Sequence[Chec
         and item.shape[0] > 1
         and config.spec.splits(item.shape)
         and _nbytes(anchor, item.names[0]) >= 2 * ROW_BLOCK_BYTES
-        and not any(isinstance(c, AdaptedCheckpoint) and c.changes(n) for c, n in zip(ckpts, item.names))
+        and not any(c.formed_whole(n) for c, n in zip(ckpts, item.names))
     )
 
 

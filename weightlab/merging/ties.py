@@ -5,7 +5,7 @@ coefficient-weighted mean of the entries that agree, scale by λ.
 Two passes over a tensor's blocks of rows (a `RowReader`): the statistics find each model's
 threshold, then the blocks are merged. On the CPU in float32 both run in fused kernels
 (`compute.ties_kernels`: thresholds by counting bits, one read of a block per step); elsewhere,
-in torch (`compute.trim`, `elect_and_mean`). Both keep exactly int(density·n) entries per model,
+in torch (`compute.trim`, `elect_and_mean`). Both keep exactly `kept_count` entries per model,
 ties at the threshold going to the lowest indices, and give the same bits."""
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from weightlab.compute import ties_kernels
 from weightlab.compute.rows import RowReader
 from weightlab.compute.scratch import buffer
 from weightlab.compute.ties_kernels import BINS
-from weightlab.compute.trim import TrimState, trim_block_, trim_state_of_blocks
+from weightlab.compute.trim import TrimState, kept_count, trim_block_, trim_state_of_blocks
 from weightlab.merging.params import Generator, Params, Tensor
 from weightlab.merging.task_vectors import task_vector_into
 
 TIES_CHUNK = 1 << 17  # entries per block of a tensor merged in memory by torch: its workspace stays small
 
 
-def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
+def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
-    the entries that agree with it (a disjoint mean: zero entries do not count). Accumulated one
+    the entries that agree with it (a disjoint mean: zero entries do not count); without
+    `normalize`, their coefficient-weighted sum (mergekit's `normalize: false`). Accumulated one
     model at a time in place, in buffers kept from one block to the next (`scratch.buffer`): the
     result is one of them, to be copied before the next call."""
     cs = coeffs.tolist()
@@ -50,6 +51,8 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tens
         torch.sign(part, out=agree)  # 1 there, else 0
         merged.add_(part.mul_(elected), alpha=c)  # τ there (times ±1, exactly), else 0
         divisor.add_(agree, alpha=c)
+    if not normalize:
+        return merged
     # 0/0 where nothing agreed (the coefficients are non-negative, so merged is 0 there): 0
     return merged.div_(divisor).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
@@ -85,8 +88,10 @@ def _from_top(counts: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.nd
     return bins, reaching[rows, r] - counts[rows, bins]
 
 
-def counted_trims(rows: RowReader, density: float, started: Iterator[list[Tensor]] | None = None) -> CountedTrims:
-    """`CountedTrims`: the k = int(density·n) largest |τ_i| of each model, exactly, by counting
+def counted_trims(
+    rows: RowReader, densities: list[float], started: Iterator[list[Tensor]] | None = None
+) -> CountedTrims:
+    """`CountedTrims`: the k_i = `kept_count` largest |τ_i| of each model, exactly, by counting
     bits (`ties_kernels.Counts`), nothing of the whole kept. The first block's own k-th largest
     (of a million of its entries) places a window of 2·WINDOW + 1 top-bit bins; one pass over
     the blocks counts the entries above it and the low bits of those inside it, which holds the
@@ -94,10 +99,9 @@ def counted_trims(rows: RowReader, density: float, started: Iterator[list[Tensor
     another the window around the right bin). `started`: the first pass's blocks, already begun
     (`ties_trims` looked at the first block)."""
     models, numel = rows.inputs - 1, math.prod(rows.shape)
-    k = int(density * numel)
-    if density >= 1 or k == 0:  # everything kept (|τ| > -1), or nothing (|τ| > inf)
-        return CountedTrims(np.full(models, -1.0 if density >= 1 else math.inf, np.float32), np.zeros(models, np.int64))
-    wanted: np.ndarray = np.full(models, k, np.int64)
+    if all(d >= 1 for d in densities) or numel == 0:  # everything kept (|τ| > -1)
+        return CountedTrims(np.full(models, -1.0, np.float32), np.zeros(models, np.int64))
+    wanted: np.ndarray = np.array([kept_count(d, numel) for d in densities], np.int64)
     width = 2 * WINDOW + 1
 
     def window_from(
@@ -109,7 +113,9 @@ def counted_trims(rows: RowReader, density: float, started: Iterator[list[Tensor
                 sample = [b.reshape(-1)[:: max(1, b.numel() >> 20)] for b in blocks]
                 first = ties_kernels.Counts(models, 1)
                 first.add_high(sample[0], sample[1:])
-                guess, _ = _from_top(first.high(), np.full(models, max(1, int(density * sample[0].numel()))))
+                guess, _ = _from_top(
+                    first.high(), np.array([max(1, int(d * sample[0].numel())) for d in densities], np.int64)
+                )
                 lowest = np.maximum(guess - WINDOW, 0)
             counts.add_window(blocks[0], blocks[1:], lowest)
         assert lowest is not None
@@ -134,8 +140,9 @@ def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> CountedTrims | lis
     (`trim_state_of_blocks`, which holds one whole |τ|)."""
     blocks = rows.all_blocks()
     first = next(blocks)
+    densities = list(p.each("density", rows.inputs - 1))
     if ties_kernels.fits(first[0], first[1:]):
-        return counted_trims(rows, p.density, itertools.chain([first], blocks))  # first: valid until block 2
+        return counted_trims(rows, densities, itertools.chain([first], blocks))  # first: valid until block 2
     blocks.close()  # the read ahead ends before any other read
     numel = math.prod(rows.shape)
 
@@ -143,7 +150,7 @@ def ties_trims(rows: RowReader, coeffs: Tensor, p: Params) -> CountedTrims | lis
         for b, m in zip(rows.blocks(0), rows.blocks(i)):
             yield task_vector_into(buffer("task-vector", b.shape, b.dtype, b.device), m, b)
 
-    return [trim_state_of_blocks(task_vector_blocks(i), numel, p.density) for i in range(1, rows.inputs)]
+    return [trim_state_of_blocks(task_vector_blocks(i), numel, densities[i - 1]) for i in range(1, rows.inputs)]
 
 
 def ties_block(
@@ -154,12 +161,14 @@ def ties_block(
     if isinstance(trims, CountedTrims):
         out = buffer("ties.merged", base.shape, base.dtype, base.device)
         cutoffs = trims.cutoffs(base, models)
-        return ties_kernels.merge_block(base, models, coeffs.cpu().numpy(), trims.thresholds, cutoffs, p.lam, out)
+        return ties_kernels.merge_block(
+            base, models, coeffs.cpu().numpy(), trims.thresholds, cutoffs, p.lam, out, p.value("normalize")
+        )
     taus = [
         trim_block_(task_vector_into(buffer(f"task-vector-{i}", base.shape, base.dtype, base.device), m, base), trim)
         for i, (m, trim) in enumerate(zip(models, trims))
     ]
-    return elect_and_mean(taus, coeffs).mul_(p.lam).add_(base)
+    return elect_and_mean(taus, coeffs, p.value("normalize")).mul_(p.lam).add_(base)
 
 
 def ties(base: Tensor, models: list[Tensor], coeffs: Tensor, p: Params, gen: Generator | None) -> Tensor:

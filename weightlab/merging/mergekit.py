@@ -1,0 +1,267 @@
+"""mergekit's recipe format (`mergekit-yaml`), read as mergekit 0.1.5 reads it and written so that
+mergekit reads ours: the same model, or a refusal that says what differs.
+
+Reading: `merge_method` names a registry entry (its `mergekit` name); parameters take mergekit's
+forms (values, gradients, filters; `settings`) globally, per slice and per model; where a recipe
+says nothing, mergekit's defaults apply (`MergeMethod.mergekit_defaults`, which differ from ours
+for some methods: dare_ties does not normalise, DARE rescales to the L1 norm), and a parameter
+mergekit requires (a model's `weight`, slerp's `t`) must be given. `base_model` is handled as
+mergekit handles it for the method: required, optional, or merged as one more input (linear,
+karcher, passthrough). What mergekit itself ignores (`residual_weight`) or weightlab does not do
+is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from weightlab.errors import InvalidArgument, shown
+from weightlab.merging.layout import Slice, SliceSource
+from weightlab.merging.methods import METHODS, MergeMethod, mergekit_names
+from weightlab.merging.settings import parse, varies
+
+KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "name",
+}
+NO_EFFECT = {"int8_mask"}  # mergekit's memory settings: the result does not depend on them
+DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+          "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # fmt: skip
+
+
+def _model(value: Any, where: str, path: str | Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{where} must be a model path or Hub ID, got {shown(value)}", path)
+    if "+" in value:
+        raise InvalidArgument(
+            f"{where}: {value!r} applies a LoRA to a model (mergekit's 'model+lora'); weightlab does not: "
+            "give the adapter as the model (it is merged as W + s·B·A on the base)",
+            path,
+        )
+    return value
+
+
+def _parameters(value: Any, where: str, path: str | Path) -> dict[str, Any]:
+    """A `parameters:` mapping, each setting parsed, mergekit's no-op keys dropped."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where} must be a mapping of parameter names to settings, got {shown(value)}", path)
+    out = {}
+    for name, setting in value.items():
+        if not isinstance(name, str):
+            raise InvalidArgument(f"{where}: {shown(name)} is not a parameter name", path)
+        if name in NO_EFFECT:
+            parse(setting, f"{where}.{name}")
+            continue
+        try:
+            out[name] = parse(setting, f"{where}.{name}")
+        except InvalidArgument as e:
+            raise InvalidArgument(e.message, path) from None
+    return out
+
+
+def _translated(spec: MergeMethod, params: dict[str, Any], where: str, path: str | Path) -> dict[str, Any]:
+    """mergekit's spellings in ours: `rescale: true/false` is "l1"/"none" (mergekit's rule); a
+    parameter mergekit takes for the method but that changes nothing at its value is dropped."""
+    out = dict(params)
+    if "rescale" in out:
+        if spec.param("rescale") is None:
+            if out["rescale"] is not False:
+                raise InvalidArgument(
+                    f"{where}.rescale: {spec.mergekit} with rescale is not supported by weightlab "
+                    "(it rescales the random drops of dare, della)",
+                    path,
+                )
+            del out["rescale"]
+        elif isinstance(out["rescale"], bool):
+            out["rescale"] = "l1" if out["rescale"] else "none"
+    return out
+
+
+def read_recipe(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A mergekit recipe as options for `config.build_config` (mergekit's semantics, spelt out)."""
+    unknown = set(data) - KEYS
+    if "modules" in data:
+        raise InvalidArgument("mergekit's modules: (models of several modules) is not supported", path)
+    if unknown:
+        raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
+    for key in ("chat_template",):
+        if data.get(key) is not None:
+            raise InvalidArgument(f"mergekit's {key} is not supported: set the chat template after merging", path)
+    name = data.get("merge_method")
+    if not isinstance(name, str) or name not in mergekit_names():
+        raise InvalidArgument(
+            f"mergekit merge_method {shown(name)} is not supported; supported: {', '.join(mergekit_names())}", path
+        )
+    spec = METHODS[mergekit_names()[name]]
+    if ("models" in data) == ("slices" in data):
+        raise InvalidArgument("a mergekit recipe has exactly one of models: and slices:", path)
+    base = _model(data["base_model"], "base_model", path) if data.get("base_model") is not None else None
+    params = _translated(spec, _parameters(data.get("parameters"), "parameters", path), "parameters", path)
+    options: dict[str, Any] = {"method": spec.name}
+    if data.get("models") is not None:
+        options.update(_models(spec, data["models"], base, params, path))
+    else:
+        options.update(_slices(spec, data["slices"], base, params, path))
+    options["param_values"] = {**_defaults(spec, options, params), **params}
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype {shown(dtype)} is not one of {', '.join(DTYPES)}", path)
+        options["dtype"] = DTYPES[dtype]
+    for key in ("tokenizer_source", "tokenizer"):
+        if data.get(key) is not None:
+            options[key] = data[key]
+    return options
+
+
+def _models(
+    spec: MergeMethod, entries: Any, base: str | None, params: dict[str, Any], path: str | Path
+) -> dict[str, Any]:
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument("models must be a non-empty list", path)
+    models: list[str] = []
+    own: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise InvalidArgument(f"models[{i}] has no 'model' key", path)
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            raise InvalidArgument(
+                f"models[{i}] has keys mergekit does not read: {', '.join(sorted(map(str, extra)))}", path
+            )
+        model = _model(entry["model"], f"models[{i}].model", path)
+        settings = _translated(spec, _parameters(entry.get("parameters"), f"models[{i}].parameters", path),
+                               f"models[{i}].parameters", path)  # fmt: skip
+        if model == base and spec.mergekit_base != "input":
+            continue  # the base is no model to merge; mergekit reads no per-model setting of it
+        models.append(model)
+        own.append(settings)
+    if base is not None and spec.mergekit_base == "input" and base not in models:
+        models.append(base)  # mergekit merges a base_model it was not given among the models too
+        own.append({})
+    out: dict[str, Any] = {"models": models, "model_params": own}
+    if spec.mergekit_base == "input":
+        out["base"] = None
+        if base is not None:
+            out["donor"] = base
+    else:
+        out["base"] = base
+    if spec.name == "slerp":  # ours interpolates from the first model (t = 0), mergekit's from the base
+        if base is None:
+            raise InvalidArgument("mergekit's slerp needs base_model (t = 0)", path)
+        out.update(models=[base, *models], model_params=[{}, *own], base=None)
+    _require(spec, out["model_params"], [params], out["models"], path)
+    for name in set.intersection(*(set(o) for o in out["model_params"])) - {"weight"} - set(params):
+        values = [o[name] for o in out["model_params"]]
+        if all(not varies(v) and v == values[0] for v in values):  # one value for all: the same as a global one
+            params[name] = values[0]
+            for o in out["model_params"]:
+                del o[name]
+    weights = [o.get("weight") for o in out["model_params"]]
+    if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights) and weights:
+        out["weights"] = [float(w) for w in weights]
+        for o in out["model_params"]:
+            del o["weight"]
+    if not any(out["model_params"]):
+        del out["model_params"]
+    return out
+
+
+def _slices(
+    spec: MergeMethod, entries: Any, base: str | None, params: dict[str, Any], path: str | Path
+) -> dict[str, Any]:
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument("slices must be a non-empty list", path)
+    slices = []
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise InvalidArgument(f"{where} needs sources: a list of {{model, layer_range}}", path)
+        extra = set(entry) - {"sources", "parameters", "base_model", "residual_weight"}
+        if extra:
+            raise InvalidArgument(
+                f"{where} has keys mergekit does not read: {', '.join(sorted(map(str, extra)))}", path
+            )
+        if entry.get("residual_weight") is not None:
+            raise InvalidArgument(f"{where}.residual_weight: mergekit reads it but never uses it; remove it", path)
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise InvalidArgument(f"{at} needs model and layer_range", path)
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise InvalidArgument(
+                    f"{at} has keys mergekit does not read: {', '.join(sorted(map(str, extra)))}", path
+                )
+            span = src["layer_range"]
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+            ):
+                raise InvalidArgument(f"{at}.layer_range must be [start, end], two integers, got {shown(span)}", path)
+            settings = _translated(
+                spec, _parameters(src.get("parameters"), f"{at}.parameters", path), f"{at}.parameters", path
+            )
+            sources.append(SliceSource(_model(src["model"], f"{at}.model", path), (span[0], span[1]), settings))
+        slice_base = _model(entry["base_model"], f"{where}.base_model", path) if entry.get("base_model") else None
+        own = _translated(
+            spec, _parameters(entry.get("parameters"), f"{where}.parameters", path), f"{where}.parameters", path
+        )
+        slices.append(Slice(tuple(sources), own, slice_base))
+    for s in slices:
+        chosen = s.base or base
+        non_base = [src for src in s.sources if not (spec.mergekit_base != "input" and src.model == chosen)]
+        _require(spec, [src.params for src in non_base], [s.params, params], [src.model for src in non_base], path)
+    referenced = list(dict.fromkeys(src.model for s in slices for src in s.sources if src.model != base))
+    out: dict[str, Any] = {"slices": slices, "models": referenced or [base], "base": base}
+    if spec.mergekit_base == "input":
+        out["base"] = None
+        if base is not None:
+            out["donor"] = base
+    return out
+
+
+def _require(
+    spec: MergeMethod, own: list[dict[str, Any]], shared: list[dict[str, Any]], models: list[str], path: str | Path
+) -> None:
+    """The parameters mergekit requires (no default) given for every model (or once for all)."""
+    for name, default in spec.mergekit_defaults.items():
+        if default is not None:
+            continue
+        for settings, model in zip(own, models):
+            if name not in settings and not any(name in s for s in shared):
+                raise InvalidArgument(f"mergekit's {spec.mergekit} needs {name} for {model} (it has no default)", path)
+
+
+def _defaults(spec: MergeMethod, options: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's defaults for what the recipe does not give, where ours differ (spelt out, so the
+    record says what was used)."""
+    given = set(params)
+    for settings in options.get("model_params") or []:
+        given |= set(settings)
+    for s in options.get("slices") or []:
+        given |= set(s.params) | {k for src in s.sources for k in src.params}
+    out = {}
+    for name, default in spec.mergekit_defaults.items():
+        declared = spec.param(name)
+        if default is None or name in given or declared is None:
+            continue
+        if default != declared.default:
+            out[name] = default
+    return out
