@@ -208,7 +208,13 @@ CASES = [
     Case("esd-of-an-adapter-alone", "esd adapter", 2, "give it as a fine-tune of the model it adapts (with --base"),
     Case("merge-adapter-without-base", "merge --method average adapter ft -o m", 2, "give --base", absent=("m",)),
     # 7. YAML configs: types, not only keys
-    Case("yaml-density-list", "merge --config density_list.yml -o m", 2, "density must be a number", absent=("m",)),
+    Case(
+        "yaml-density-mapping",
+        "merge --config density_list.yml -o m",
+        2,
+        "density must be a value, a gradient",
+        absent=("m",),
+    ),
     Case("yaml-weights-string", "merge --config weights_string.yml -o m", 2, "weights must be a list", absent=("m",)),
     Case("yaml-seed-string", "merge --config seed_string.yml -o m", 2, "seed must be an int", absent=("m",)),
     Case("yaml-method-list", "merge --config method_list.yml -o m", 2, "method must be a str", absent=("m",)),
@@ -216,7 +222,9 @@ CASES = [
         "yaml-model-without-model", "merge --config no_model.yml -o m", 2, "models[0] has no 'model' key", absent=("m",)
     ),
     Case("yaml-nan-block-ignored", "merge --config ties_with_nan.yml -o m", 2, "needs coeff: nan", absent=("m",)),
-    Case("mergekit-gradient-list", "merge --config mk_gradient.yml -o m", 2, "parameters.density must be a number"),
+    Case(
+        "mergekit-weight-missing", "merge --config mk_gradient.yml -o m", 2, "needs weight for ft (it has no default)"
+    ),
     Case("mergekit-model-missing", "merge --config mk_no_model.yml -o m", 2, "models[1] has no 'model' key"),
     Case("yaml-not-a-mapping", "merge --config list.yml -o m", 2, "a merge config is a mapping"),
     # 8. everything else that used to give a traceback
@@ -670,7 +678,7 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "adapter_list" / "adapter_config.json").write_text("[1, 2]")
 
     yamls = {
-        "density_list.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: [0.1, 0.5]\n",
+        "density_list.yml": "method: ties\nbase: base\nmodels: [ft, ft2]\ndensity: {low: 0.1}\n",
         "weights_string.yml": "method: task-arithmetic\nbase: base\nmodels: [ft, ft2]\nweights: ab\n",
         "seed_string.yml": "method: dare-linear\nbase: base\nmodels: [ft]\ndensity: 0.5\nseed: x\n",
         "method_list.yml": "method: [ties]\nbase: base\nmodels: [ft]\n",

@@ -39,7 +39,7 @@ def ref_ties(base, models, coeffs, density, lam):
     taus = []
     for m in models:
         tau = m.numpy().ravel() - b
-        k = int(density * tau.size)
+        k = max(1, int(density * tau.size)) if density < 1 else tau.size  # at least one (mergekit's rule)
         keep = np.argsort(-np.abs(tau), kind="stable")[:k]
         trimmed = np.zeros_like(tau)
         trimmed[keep] = tau[keep]
@@ -47,7 +47,7 @@ def ref_ties(base, models, coeffs, density, lam):
     out = np.zeros_like(b)
     for j in range(b.size):
         s = sum(c * t[j] for c, t in zip(coeffs, taus))
-        sign = np.sign(s)
+        sign = 1.0 if s >= 0 else -1.0  # a sum of 0 elects +
         num = sum(c * t[j] for c, t in zip(coeffs, taus) if t[j] != 0 and np.sign(t[j]) == sign)
         den = sum(c for c, t in zip(coeffs, taus) if t[j] != 0 and np.sign(t[j]) == sign)
         out[j] = num / den if den else 0.0
@@ -401,7 +401,7 @@ def test_ties_in_place_arithmetic_is_bit_identical_to_the_plain_torch_formula():
         return torch.where(keep, tau, 0.0)
 
     taus = [plain(m - base) for m in models]
-    elected = torch.sign(sum(c * t for c, t in zip(coeffs.tolist(), taus)))
+    elected = torch.where(sum(c * t for c, t in zip(coeffs.tolist(), taus)) >= 0, 1.0, -1.0)
     merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
     for c, tau in zip(coeffs.tolist(), taus):
         agree = tau * elected > 0

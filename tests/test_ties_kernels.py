@@ -39,7 +39,7 @@ def reader(base, models, block_rows):
 @pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.97, 1.0])
 def test_counted_thresholds_equal_the_selection_of_the_kth_largest(dtype, density):
     base, models = grid_models((301, 67), dtype)
-    counted = counted_trims(reader(base, models, 37), density)
+    counted = counted_trims(reader(base, models, 37), [density] * len(models))
     for i, m in enumerate(models):
         if density >= 1:
             assert counted.thresholds[i] < 0  # everything kept
@@ -52,10 +52,10 @@ def test_counting_handles_a_threshold_of_zero_and_nothing_kept():
     base = torch.zeros(50, 8)
     models = [base.clone() for _ in range(2)]
     models[0][0, :3] = 1.0  # three non-zero entries: the 100th largest |τ| is a zero
-    counted = counted_trims(reader(base, models, 7), 0.25)
+    counted = counted_trims(reader(base, models, 7), [0.25, 0.25])
     assert counted.thresholds.tolist() == [0.0, 0.0] and counted.ties.tolist() == [97, 100]
-    nothing = counted_trims(reader(base, models, 7), 0.001)  # int(0.4) = 0 entries
-    assert np.isinf(nothing.thresholds).all()
+    one = counted_trims(reader(base, models, 7), [0.001, 0.001])  # int(0.4) = 0: the largest entry is kept
+    assert one.thresholds.tolist() == [1.0, 0.0] and one.ties.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,7 +65,7 @@ def test_kernels_merge_blocks_to_the_bits_of_the_torch_formulas(dtype, coeffs):
     only some of its own (found by `nth_equal`); a coefficient of 0 and entries where no model
     agrees with the elected sign are in the data."""
     base, models = grid_models((301, 67), dtype, seed=1)
-    c, p = torch.tensor(coeffs), Params({"density": 0.3, "lam": 0.8})
+    c, p = torch.tensor(coeffs), Params({"density": 0.3, "lam": 0.8, "normalize": True})
     rows = reader(base, models, 37)
     trims = ties_trims(rows, c, p)
     assert isinstance(trims, CountedTrims)
@@ -81,7 +81,7 @@ def test_kernels_merge_blocks_to_the_bits_of_the_torch_formulas(dtype, coeffs):
 def test_torch_takes_what_the_kernels_do_not():
     """float64 maths (and any device but the CPU) go through torch, with the same thresholds."""
     base, models = grid_models((40, 9), torch.float64, seed=2)
-    c, p = torch.ones(3, dtype=torch.float64), Params({"density": 0.3, "lam": 1.0})
+    c, p = torch.ones(3, dtype=torch.float64), Params({"density": 0.3, "lam": 1.0, "normalize": True})
     assert not ties_kernels.fits(base, models)
     trims = ties_trims(reader(base, models, 7), c, p)
     assert isinstance(trims, list) and [t[0] for t in trims] == [trim_threshold(m - base, 0.3)[0] for m in models]
@@ -101,7 +101,7 @@ def test_a_large_tensor_in_blocks_of_the_executor_size_matches_torch():
         row_spans(1000, 2 * 10**6, 250_000),
         3,
     )
-    c, p = torch.tensor([0.6, 0.4]), Params({"density": 0.2, "lam": 1.0})
+    c, p = torch.tensor([0.6, 0.4]), Params({"density": 0.2, "lam": 1.0, "normalize": True})
     trims = ties_trims(rows, c, p)
     merged = torch.cat([ties_block(b[0], b[1:], c, p, trims).clone() for b in rows.all_blocks()])
     expected = base + elect_and_mean([trim_top_magnitude(m.float() - base, 0.2) for m in models], c)
@@ -123,11 +123,11 @@ def test_a_first_block_unlike_the_rest_costs_a_second_pass_not_exactness(monkeyp
     gen = torch.Generator().manual_seed(6)
     base = torch.randn(200, 50, generator=gen)
     models = [base + torch.randn(base.shape, generator=gen) * 1e-3 for _ in range(2)]
-    counted_trims(reader(base, models, 20), 0.3)  # blocks alike: one pass
+    counted_trims(reader(base, models, 20), [0.3] * len(models))  # blocks alike: one pass
     assert made == [5, 1]  # the window's counts, the first block's
     for m in models:
         m[:20] += torch.randn(20, 50, generator=gen)  # the first block: large updates
-    counted = counted_trims(reader(base, models, 20), 0.3)
+    counted = counted_trims(reader(base, models, 20), [0.3] * len(models))
     assert made == [5, 1, 5, 1, 1, 5]  # and the top bits, then the window around the right bin
     for i, m in enumerate(models):
         assert (counted.thresholds[i], counted.ties[i]) == tuple(np.float32(v) for v in trim_threshold(m - base, 0.3))

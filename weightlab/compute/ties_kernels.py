@@ -143,7 +143,7 @@ def _merge(base, models, coeffs, thresholds, cutoffs, lam, out, normalize):  # t
             coeff, trimmed = coeffs[i], taus[i]
             for k in range(size):
                 tau = trimmed[k]
-                agrees = ((tau > zero) & (elected[k] > zero)) | ((tau < zero) & (elected[k] < zero))
+                agrees = ((tau > zero) & (elected[k] >= zero)) | ((tau < zero) & (elected[k] < zero))  # 0 elects +
                 total[k] = _fma(coeff, tau, total[k]) if agrees else total[k]
                 weight[k] = weight[k] + coeff if agrees else weight[k]
         for k in range(size):

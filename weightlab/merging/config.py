@@ -113,8 +113,7 @@ class MergeConfig:
                 raise InvalidArgument(f"{self.method} merges {wanted} models{where}, got {count}")
         if spec.needs_base and not self.base and not (self.slices and all(s.base for s in self.slices)):
             raise InvalidArgument(f"{self.method} needs --base (task vectors are relative to it)")
-        if self.base is not None and not (spec.needs_base or spec.optional_base) and not self.slices:
-            raise InvalidArgument(f"--base does not apply to {self.method}: it merges the models without one")
+
         if not isinstance(self.modifiers, list) or not all(isinstance(m, str) for m in self.modifiers):
             raise InvalidArgument("modifiers must be a list of names")
         for name in self.modifiers:

@@ -122,8 +122,10 @@ class Params:
         state = self.__dict__  # empty while unpickling (a Ray worker)
         values: dict[str, Any] = state.get("_values", {})
         each = state.get("_per_model", {}).get(name)
-        if each is not None and len(set(each)) > 1:
-            raise AttributeError(f"{name} differs between models: this step takes one {name}")
+        if each is not None:
+            if len(set(each)) > 1:
+                raise AttributeError(f"{name} differs between models: this step takes one {name}")
+            return each[0]
         try:
             return values[name]
         except KeyError:

@@ -47,9 +47,11 @@ from weightlab.merging.calibration import calibration_sets
 from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
 from weightlab.merging.data_aware import collect
+from weightlab.merging.layout import Origin, SliceView, slice_views
 from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
+from weightlab.merging.settings import position
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
@@ -387,14 +389,45 @@ def open_inputs(
     config: MergeConfig, opened: Mapping[str, Checkpoint | LoraAdapter]
 ) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str]]:
     """The base, the models, the walk over every tensor, the buffers copied from the base and the
-    tensors left out: the inputs of a merge, checked to line up (headers only)."""
-
+    tensors left out: the inputs of a merge, checked to line up (headers only). With slices, the
+    base and the models are views of the slices' sources under the output's names (`layout`)."""
     base = open_base(config, opened)
-    models = [_as_model(opened[m] if m in opened else open_checkpoint(m), base, m) for m in config.models]
+    if config.slices:
+        sources = {
+            m: base
+            if m == config.base and base is not None
+            else _as_model(opened[m] if m in opened else open_checkpoint(m), base, m)
+            for m in dict.fromkeys(src.model for s in config.slices for src in s.sources)
+        }
+        view, views, _ = slice_views(config.slices, config.base, config.uses_base, sources)
+        base, models = view, list[Checkpoint](views)
+    else:
+        models = [_as_model(opened[m] if m in opened else open_checkpoint(m), base, m) for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
     buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
     return base, models, walk, buffers, left_out
+
+
+def tensor_params(
+    config: MergeConfig, item: MatchedTensor, ckpts: list[Checkpoint], has_base: bool, layers: int
+) -> tuple[Params, list[float]] | None:
+    """The parameters and weights of one tensor where they vary by tensor (`MergeConfig.tensor_params`:
+    gradients, filters, a model's own settings, slices), else None (the merge's own hold)."""
+    if not config.varies_by_tensor:
+        return None
+    name, models = (
+        item.names[0],
+        list(zip(ckpts[1:] if has_base else ckpts, item.names[1:] if has_base else item.names)),
+    )
+    anchor = ckpts[0]
+    if isinstance(anchor, SliceView):
+        origin = anchor.origin(name)
+        inputs = [c.origin(n).name for c, n in models if isinstance(c, SliceView)]
+    else:
+        origin = Origin(None, position(layer_index(name), layers), name)
+        inputs = [n for _, n in models]
+    return config.tensor_params(name, origin, inputs)
 
 
 def num_layers(ckpt: Checkpoint) -> int:
@@ -481,10 +514,16 @@ def merge(
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
+    layers = num_layers(anchor)
     plan = [
         (n, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
         for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)
     ]
+    files = {} if donor else config_files(ckpts[0])
+    if isinstance(anchor, SliceView):  # the output's config holds its own layer count; the rest, the first source's
+        if anchor.config is not None and anchor.config.raw:
+            files = {"config.json": json.dumps(anchor.config.raw, indent=2, sort_keys=True) + "\n"}
+        donor = donor or next(iter(anchor.sources.values()))[0].folder
     out_dtype_of = {n: dtype for n, _, dtype in plan}
     if compute.cluster is not None and spec.calibration:
         raise InvalidArgument(f"{config.method} runs the models on this machine: run it without --ray")
@@ -506,7 +545,7 @@ def merge(
                     force=force,
                     plan=plan,
                     donor=donor or donor_of(ckpts[0]),
-                    files={} if donor else config_files(ckpts[0]),
+                    files=files,
                 )
             )
         one_at_a_time = replace(compute, batch_size=1)  # memory: (models + 2) tensors
@@ -560,7 +599,9 @@ def merge(
                 return [(name, False, None, None)]
             w0 = tensors[0] if base is not None else None
             thetas = tensors[1:] if base is not None else tensors
-            coeffs, own = fixed, None
+            varying = tensor_params(config, item, ckpts, base is not None, layers)
+            tensor_p, coeffs = varying if varying is not None else (params, fixed)
+            own = coeffs if varying is not None and spec.coefficients else None
             if nan and config.nan.granularity == "tensor":
                 norms = [float((t - w0).norm()) if task_vectors and w0 is not None else float(t.norm()) for t in thetas]
                 coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
@@ -573,7 +614,7 @@ def merge(
                 w0,
                 thetas,
                 torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
-                params,
+                tensor_p,
                 generators,
                 **extra,
             )
@@ -608,8 +649,12 @@ def merge(
         report.merged += sum(merged for _, merged, *_ in done)
         with reusing_buffers():  # the blocks' buffers, mapped once for every large tensor
             for item in in_rows:
+                varying = tensor_params(config, item, ckpts, base is not None, layers)
+                tensor_p, coeffs = varying if varying is not None else (params, fixed)
+                if varying is not None and spec.coefficients:
+                    per_tensor[item.names[0]] = coeffs
                 _merge_in_rows(
-                    item, ckpts, base is not None, spec, fixed, params, compute, writer, out_dtype_of[item.names[0]]
+                    item, ckpts, base is not None, spec, coeffs, tensor_p, compute, writer, out_dtype_of[item.names[0]]
                 )
                 report.merged += 1
                 if on_progress:
@@ -617,7 +662,7 @@ def merge(
         if lines is not None:
             report.lines_alpha = lines.alpha(n)
             assert base is not None
-            for name, scaled in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, num_layers(anchor)):
+            for name, scaled in lines.scaled(base, compute, report.lines_alpha, params.lines_beta, layers):
                 writer.add(name, scaled.to(out_dtype_of[name]))
         for name in buffers:  # e.g. position_ids a fine-tune was saved without
             writer.add(name, ckpts[0].get(name))

@@ -51,6 +51,8 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    if not bool(norms.any()):  # every tensor zero (no task moved it): zero, where mergekit fails
+        return torch.zeros_like(tensors[0])
     units = flat / (norms + eps)
     mean = (units * w[:, None]).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)

@@ -30,7 +30,7 @@ TIES_CHUNK = 1 << 17  # entries per block of a tensor merged in memory by torch:
 
 
 def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry, then the coefficient-weighted mean of
+    """TIES steps 2-3: the sign of Σ_i c_i τ̂_i per entry (+ where it is 0), then the coefficient-weighted mean of
     the entries that agree with it (a disjoint mean: zero entries do not count); without
     `normalize`, their coefficient-weighted sum (mergekit's `normalize: false`). Accumulated one
     model at a time in place, in buffers kept from one block to the next (`scratch.buffer`): the
@@ -43,7 +43,7 @@ def elect_and_mean(taus: list[torch.Tensor], coeffs: torch.Tensor, normalize: bo
     elected.zero_()
     for c, tau in zip(cs, taus):
         elected.add_(tau, alpha=c)
-    elected.sign_()
+    elected.sign_().mul_(2).add_(1).clamp_(-1, 1)  # -1, 1 stay; a sum of 0 elects + (mergekit's rule)
     merged.zero_()
     divisor.zero_()
     for c, tau in zip(cs, taus):
