@@ -212,7 +212,7 @@ CASES = [
         "yaml-density-mapping",
         "merge --config density_list.yml -o m",
         2,
-        "density must be a value, a gradient",
+        "density must be {filter: text, value",
         absent=("m",),
     ),
     Case("yaml-weights-string", "merge --config weights_string.yml -o m", 2, "weights must be a list", absent=("m",)),
