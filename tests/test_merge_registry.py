@@ -13,7 +13,7 @@ from weightlab.domains import Real
 from weightlab.errors import InvalidArgument
 from weightlab.merging import merge
 from weightlab.merging.config import build_config, load_config
-from weightlab.merging.methods import LAMBDA, METHODS, MergeMethod, Param, mergekit_names, methods_table
+from weightlab.merging.methods import LAMBDA, MERGEKIT_REQUIRED, METHODS, MergeMethod, Param, mergekit_names, methods_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
 
@@ -43,7 +43,7 @@ def test_every_mergekit_name_loads_as_its_method(mergekit, ours, tmp_path):
     spec = METHODS[ours]
     assert spec.mergekit == mergekit
     # what mergekit requires (a weight per model, slerp's t), as many models as the method takes
-    required = [name for name, default in spec.mergekit_defaults.items() if default is None] + [
+    required = [name for name, default in spec.mergekit_defaults.items() if default is MERGEKIT_REQUIRED] + [
         p.name for p in spec.params if p.required
     ]
     per_model = "".join(f"\n    parameters: {{{name}: 0.5}}" for name in required if name == "weight")

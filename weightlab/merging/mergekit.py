@@ -14,12 +14,17 @@ is refused, naming the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from weightlab.errors import InvalidArgument, shown
 from weightlab.merging.layout import Slice, SliceSource
-from weightlab.merging.methods import METHODS, MergeMethod, mergekit_names
-from weightlab.merging.settings import parse, varies
+from weightlab.merging.methods import MERGEKIT_REQUIRED, METHODS, MergeMethod, mergekit_names
+from weightlab.merging.settings import dumped, parse, varies
+
+if TYPE_CHECKING:
+    from weightlab.merging.config import MergeConfig
 
 KEYS = {
     "merge_method",
@@ -34,6 +39,7 @@ KEYS = {
     "chat_template",
     "name",
 }
+MERGEKIT_RECORD = "mergekit_config.yml"  # what mergekit names the recipe it writes beside a merge
 NO_EFFECT = {"int8_mask"}  # mergekit's memory settings: the result does not depend on them
 DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
           "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # fmt: skip
@@ -242,7 +248,7 @@ def _require(
 ) -> None:
     """The parameters mergekit requires (no default) given for every model (or once for all)."""
     for name, default in spec.mergekit_defaults.items():
-        if default is not None:
+        if default is not MERGEKIT_REQUIRED:
             continue
         for settings, model in zip(own, models):
             if name not in settings and not any(name in s for s in shared):
@@ -260,8 +266,110 @@ def _defaults(spec: MergeMethod, options: dict[str, Any], params: dict[str, Any]
     out = {}
     for name, default in spec.mergekit_defaults.items():
         declared = spec.param(name)
-        if default is None or name in given or declared is None:
+        if default is MERGEKIT_REQUIRED or name in given or declared is None:
             continue
         if default != declared.default:
             out[name] = default
     return out
+
+
+class _NotExpressible(Exception):
+    """A setting mergekit cannot state."""
+
+
+def _spelt(name: str, setting: Any) -> Any:
+    """A setting as mergekit spells it (rescale: "l1"/"none" as true/false)."""
+    if name == "rescale":
+        if setting == "inverse" or not isinstance(setting, str):
+            raise _NotExpressible(name)
+        return setting == "l1"
+    return dumped(setting)
+
+
+def recipe_of(config: MergeConfig, out_dtype: str) -> dict[str, Any] | None:
+    """The mergekit recipe that makes what `config` makes (`mergekit_config.yml`: mergekit reads it,
+    so a user can go back), or None where mergekit cannot say it (a method or option mergekit does
+    not have, a parameter mergekit fixes at another value). Every parameter is spelt out, so
+    mergekit's defaults never decide; the maths runs in float32 (`dtype`), the output is `out_dtype`."""
+    spec = config.spec
+    if (
+        not spec.mergekit
+        or config.modifiers
+        or config.coeff == "nan"
+        or config.as_adapter
+        or config.auto_lambda
+        or spec.calibration
+        or (spec.mergekit_base == "input" and config.base is not None)
+    ):
+        return None
+    known = spec.mergekit_defaults
+    values = config.resolved.as_dict()
+    try:
+        shared: dict[str, Any] = {}
+        for p in config.declared():
+            given = config.params.get(p.name, values[p.field])
+            if p.name not in known:
+                if given != p.default:
+                    return None  # mergekit fixes this at what our default is
+                continue
+            if given is not None:
+                shared[p.name] = _spelt(p.name, given)
+        if "weight" in config.params:
+            shared["weight"] = dumped(config.params["weight"])
+        out: dict[str, Any] = {"merge_method": spec.mergekit}
+        if config.slices is not None:
+            out["slices"] = [
+                {
+                    "sources": [
+                        {
+                            "model": src.model,
+                            "layer_range": list(src.layers),
+                            **({"parameters": {k: _spelt(k, v) for k, v in src.params.items()}} if src.params else {}),
+                        }
+                        for src in s.sources
+                    ],
+                    **({"base_model": s.base} if s.base else {}),
+                    **({"parameters": {k: _spelt(k, v) for k, v in s.params.items()}} if s.params else {}),
+                }
+                for s in config.slices
+            ]
+            if config.base is not None:
+                out["base_model"] = config.base
+        else:
+            models = list(config.models)
+            own = [dict(m) for m in config.model_params] if config.model_params else [{} for _ in models]
+            if config.weights is not None:
+                for settings, w in zip(own, config.weights):
+                    settings["weight"] = w
+            elif known.get("weight") is MERGEKIT_REQUIRED and "weight" not in config.params:
+                for settings in own:
+                    settings.setdefault("weight", 1.0)
+            if spec.name == "slerp":  # ours runs from the first model; mergekit from base_model
+                out["base_model"], models, own = models[0], models[1:], own[1:]
+            elif config.base is not None:
+                out["base_model"] = config.base
+            out["models"] = [
+                {"model": m, **({"parameters": {k: _spelt(k, v) for k, v in o.items()}} if o else {})}
+                for m, o in zip(models, own)
+            ]
+    except _NotExpressible:
+        return None
+    if shared:
+        out["parameters"] = shared
+    out["dtype"] = "float32"
+    out["out_dtype"] = out_dtype
+    return out
+
+
+def recipe_yaml(recipe: dict[str, Any]) -> str:
+    """A recipe as YAML, lists of numbers on one line (as mergekit writes them)."""
+    return str(yaml.dump(recipe, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True))
+
+
+class _RecipeDumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML is untyped
+    def represent_list(self, data: list[Any]) -> yaml.SequenceNode:
+        flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _RecipeDumper.represent_list)

@@ -77,6 +77,8 @@ from weightlab.merging.subspace import (
 from weightlab.merging.task_vectors import task_vectors
 from weightlab.merging.ties import elect_and_mean, ties, ties_block, ties_trims
 
+MERGEKIT_REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "required"})()  # no default there
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -94,9 +96,9 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     mergekit: str | None = None  # its merge_method name in mergekit's YAML
-    # what a mergekit recipe gets where it says nothing: mergekit's defaults where they are not ours
-    # (None: the parameter is required there), and what mergekit does with a base_model:
-    # "required", "optional" (used when given) or "input" (merged as one more model)
+    # every parameter mergekit reads for the method, with mergekit's default (MERGEKIT_REQUIRED:
+    # none, it must be given), and what mergekit does with a base_model: "required", "optional"
+    # (used when given) or "input" (merged as one more model)
     mergekit_defaults: Mapping[str, Any] = field(default_factory=dict)
     mergekit_base: str = "required"
     optional_base: bool = False  # uses a base when given (task vectors), merges the models without one
@@ -375,12 +377,13 @@ def passthrough(
 
 
 TV = (LAMBDA,)
-MERGEKIT_GTA = {
+MERGEKIT_GTA = {  # mergekit's task arithmetic family
+    "weight": MERGEKIT_REQUIRED,
+    "lambda": 1.0,
     "density": 1.0,
-    "rescale": "none",
     "normalize": False,
-    "weight": None,
-}  # mergekit's task arithmetic family
+    "rescale": "none",
+}
 KEEP_EACH = (DENSITY.per(),)
 BREADCRUMBS_RESCALE = replace(RESCALE, domain=Choice("none", "l1"), default="none")
 METHODS: dict[str, MergeMethod] = {
@@ -396,7 +399,7 @@ METHODS: dict[str, MergeMethod] = {
             task_vectors=False,
             normalises=True,
             mergekit="linear",
-            mergekit_defaults={"weight": None},
+            mergekit_defaults={"weight": MERGEKIT_REQUIRED, "normalize": True},
             mergekit_base="input",
             blockwise=lambda base, models, coeffs, p, states: average(base, models, coeffs, p, None),
         ),
@@ -456,7 +459,7 @@ METHODS: dict[str, MergeMethod] = {
             (LAMBDA, *KEEP_EACH, DELLA_EPSILON, NORMALIZE, RESCALE),
             normalises=True,
             mergekit="della",
-            mergekit_defaults={**MERGEKIT_GTA, "normalize": True, "rescale": "l1"},
+            mergekit_defaults={**MERGEKIT_GTA, "epsilon": 0.15, "normalize": True, "rescale": "l1"},
             random=True,
         ),
         MergeMethod(
@@ -466,7 +469,7 @@ METHODS: dict[str, MergeMethod] = {
             "Deep et al. 2024, *DELLA-Merging*, §3.1",
             (LAMBDA, *KEEP_EACH, DELLA_EPSILON, replace(NORMALIZE, default=False), RESCALE),
             mergekit="della_linear",
-            mergekit_defaults={**MERGEKIT_GTA, "rescale": "l1"},
+            mergekit_defaults={**MERGEKIT_GTA, "epsilon": 0.15, "rescale": "l1"},
             random=True,
         ),
         MergeMethod(
@@ -482,7 +485,7 @@ METHODS: dict[str, MergeMethod] = {
                 BREADCRUMBS_RESCALE,
             ),
             mergekit="breadcrumbs",
-            mergekit_defaults=MERGEKIT_GTA,
+            mergekit_defaults={**MERGEKIT_GTA, "gamma": 0.01},
         ),
         MergeMethod(
             "breadcrumbs-ties",
@@ -492,7 +495,7 @@ METHODS: dict[str, MergeMethod] = {
             (LAMBDA, replace(DENSITY, default=0.9).per(), GAMMA.per(), NORMALIZE, BREADCRUMBS_RESCALE),
             normalises=True,
             mergekit="breadcrumbs_ties",
-            mergekit_defaults=MERGEKIT_GTA,
+            mergekit_defaults={**MERGEKIT_GTA, "gamma": 0.01},  # mergekit: no normalising here
         ),
         MergeMethod(
             "slerp",
@@ -506,7 +509,7 @@ METHODS: dict[str, MergeMethod] = {
             min_models=2,
             max_models=2,
             mergekit="slerp",
-            mergekit_defaults={"t": None},
+            mergekit_defaults={"t": MERGEKIT_REQUIRED},
         ),
         MergeMethod(
             "nuslerp",
@@ -521,7 +524,7 @@ METHODS: dict[str, MergeMethod] = {
             min_models=2,
             max_models=2,
             mergekit="nuslerp",
-            mergekit_defaults={"weight": None},
+            mergekit_defaults={"weight": MERGEKIT_REQUIRED, "nuslerp_flatten": True, "nuslerp_row_wise": False},
             mergekit_base="optional",
         ),
         MergeMethod(
@@ -535,7 +538,7 @@ METHODS: dict[str, MergeMethod] = {
             optional_base=True,
             task_vectors=False,
             mergekit="multislerp",
-            mergekit_defaults={"weight": None},
+            mergekit_defaults={"weight": MERGEKIT_REQUIRED, "normalize_weights": True, "eps": 1e-8},
             mergekit_base="optional",
         ),
         MergeMethod(
@@ -548,6 +551,7 @@ METHODS: dict[str, MergeMethod] = {
             coefficients=False,
             task_vectors=False,
             mergekit="karcher",
+            mergekit_defaults={"max_iter": 10, "tol": 1e-5},
             mergekit_base="input",
         ),
         MergeMethod(
@@ -560,6 +564,7 @@ METHODS: dict[str, MergeMethod] = {
             coefficients=False,
             min_models=2,
             mergekit="model_stock",
+            mergekit_defaults={"filter_wise": False},
         ),
         MergeMethod(
             "sce",
@@ -570,6 +575,7 @@ METHODS: dict[str, MergeMethod] = {
             (SELECT_TOPK,),
             coefficients=False,
             mergekit="sce",
+            mergekit_defaults={"select_topk": 1.0},
         ),
         MergeMethod(
             "ram",
@@ -579,6 +585,7 @@ METHODS: dict[str, MergeMethod] = {
             (RAM_EPSILON,),
             coefficients=False,
             mergekit="ram",
+            mergekit_defaults={"epsilon": 1e-5},
         ),
         MergeMethod(
             "ramplus-tl",
@@ -588,6 +595,7 @@ METHODS: dict[str, MergeMethod] = {
             (RAM_R, RAM_ALPHA, RAM_EPSILON),
             coefficients=False,
             mergekit="ramplus_tl",
+            mergekit_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
         ),
         MergeMethod(
             "nearswap",
@@ -599,6 +607,7 @@ METHODS: dict[str, MergeMethod] = {
             task_vectors=False,
             max_models=1,
             mergekit="nearswap",
+            mergekit_defaults={"t": MERGEKIT_REQUIRED},
         ),
         MergeMethod(
             "arcee-fusion",
@@ -622,6 +631,7 @@ METHODS: dict[str, MergeMethod] = {
             task_vectors=False,
             max_models=1,
             mergekit="passthrough",
+            mergekit_defaults={"scale": None},
             mergekit_base="input",
         ),
         MergeMethod(

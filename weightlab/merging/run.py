@@ -48,6 +48,7 @@ from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
 from weightlab.merging.data_aware import collect
 from weightlab.merging.layout import Origin, SliceView, slice_views
+from weightlab.merging.mergekit import MERGEKIT_RECORD, recipe_of, recipe_yaml
 from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
@@ -674,4 +675,8 @@ def merge(
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
         writer.add_file(RECORD, record_yaml(config))
+        stored = next((dtype for _, _, dtype in plan if dtype.is_floating_point), torch.float32)
+        recipe = recipe_of(config, str(stored).removeprefix("torch."))
+        if recipe is not None:  # the same merge in mergekit's words, for mergekit to run
+            writer.add_file(MERGEKIT_RECORD, recipe_yaml(recipe))
     return report
