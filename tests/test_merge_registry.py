@@ -13,7 +13,15 @@ from weightlab.domains import Real
 from weightlab.errors import InvalidArgument
 from weightlab.merging import merge
 from weightlab.merging.config import build_config, load_config
-from weightlab.merging.methods import LAMBDA, MERGEKIT_REQUIRED, METHODS, MergeMethod, Param, mergekit_names, methods_table
+from weightlab.merging.methods import (
+    LAMBDA,
+    MERGEKIT_REQUIRED,
+    METHODS,
+    MergeMethod,
+    Param,
+    mergekit_names,
+    methods_table,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
 
