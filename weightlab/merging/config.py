@@ -23,6 +23,7 @@ from weightlab.merging.methods import METHODS, MergeMethod, parameter_names
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import MAX_COEFFICIENT, WEIGHT, Param, Params, check_setting, declared_param, resolve
 from weightlab.merging.settings import dumped, first_given, parse, values_of, varies
+from weightlab.merging.vocabulary import SOURCES, TokenRow, Vocabulary
 from weightlab.options import NanOptions
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -43,6 +44,8 @@ OUR_KEYS = {
     "calibration",
     "calibration_sha256",
     "tokenizer",
+    "vocabulary",
+    "chat_template",
 }
 RECORD = "weightlab_merge.yml"
 
@@ -69,6 +72,8 @@ class MergeConfig:
     auto_lambda: bool = False  # λ chosen per tensor from the task vectors (`lambda: auto`; `merging.run.auto_lambda`)
     model_params: list[dict[str, Any]] | None = None  # per model: its own settings (weight, density, …)
     slices: list[Slice] | None = None  # output layers from layer ranges of the models (`merging.layout`)
+    vocabulary: Vocabulary | None = None  # one vocabulary for models whose tokenizers differ (`merging.vocabulary`)
+    chat_template: str | None = None  # the output tokenizer's: "auto" (the models' most common) or Jinja text
     resolved: Params = field(init=False, repr=False, compare=False)  # the parameters, resolved once
 
     def __post_init__(self) -> None:
@@ -160,6 +165,7 @@ class MergeConfig:
         SEED.check("--seed", self.seed)
         Int(1, optional=True).check("--max-rank", self.max_rank)
         self._validate_calibration()
+        self._validate_vocabulary()
         if self.max_rank is not None and not self.as_adapter:
             raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
         if self.as_adapter:
@@ -270,6 +276,36 @@ class MergeConfig:
             self.slices or self.model_params or "weight" in self.params or any(varies(v) for v in self.params.values())
         )
 
+    def referenced(self) -> list[str]:
+        """Every model the merge reads: the base, the models, the slices' sources."""
+        found = [*([self.base] if self.base else []), *self.models]
+        for s in self.slices or []:
+            found += [src.model for src in s.sources] + ([s.base] if s.base else [])
+        return list(dict.fromkeys(found))
+
+    def _validate_vocabulary(self) -> None:
+        if self.chat_template is not None and not (isinstance(self.chat_template, str) and self.chat_template):
+            raise InvalidArgument("chat_template must be auto or a Jinja template's text")
+        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
+            raise InvalidArgument(
+                f"chat_template {shown(self.chat_template)}: give auto or the template's Jinja text (named templates "
+                "are mergekit's files, not weightlab's)"
+            )
+        v = self.vocabulary
+        if v is None:
+            return
+        models = self.referenced()
+        if v.source not in (*SOURCES, *models):
+            raise InvalidArgument(f"vocabulary source {shown(v.source)}: base, union or one of the merged models")
+        for token, row in v.tokens.items():
+            if row.model is not None and row.model not in models:
+                raise InvalidArgument(f"the row of token {token!r} comes from {row.model}, which is not merged")
+        if v.pad_to_multiple_of is not None:
+            Int(1, 1 << 20).check("pad_to_multiple_of", v.pad_to_multiple_of)
+        for flag, given in (("--as-adapter", self.as_adapter), ("--calibration", self.calibration)):
+            if given:
+                raise InvalidArgument(f"aligning vocabularies does not apply with {flag}")
+
     def _validate_calibration(self) -> None:
         kind = self.spec.calibration
         if self.calibration is not None and (
@@ -323,6 +359,8 @@ class MergeConfig:
             out["lambda"] = "auto"
         if self.spec.random:
             out["seed"] = self.seed
+        out["vocabulary"] = self.vocabulary.record() if self.vocabulary is not None else None
+        out["chat_template"] = self.chat_template
         for key in ("dtype", "shard_size", "donor", "max_rank", "calibration", "calibration_sha256", "tokenizer"):
             out[key] = getattr(self, key)
         out["as_adapter"] = self.as_adapter or None
@@ -341,6 +379,8 @@ class MergeConfig:
             **({"param_settings": given} if given else {}),
             **({"model_params": [_dumped(m) for m in self.model_params]} if self.model_params is not None else {}),
             **({"slices": [_dumped_slice(s) for s in self.slices]} if self.slices is not None else {}),
+            **({"vocabulary": self.vocabulary.record()} if self.vocabulary is not None else {}),
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
             "seed": self.seed,
             "dtype": self.dtype,
             **({"modifiers": self.modifiers} if self.modifiers else {}),
@@ -376,6 +416,37 @@ def _parsed_settings(data: dict[str, Any], keys: set[str], where: str, path: str
         except InvalidArgument as e:
             raise InvalidArgument(e.message, path) from None
     return out
+
+
+def vocabulary_of(data: Any, path: str | Path) -> Vocabulary:
+    """A `vocabulary:` block (ours; mergekit's `tokenizer:` reads the same after `mergekit.read_recipe`):
+    `source`, `tokens` (each `{model, token, token_id, force}`, model null for zeros), `pad_to_multiple_of`."""
+    if isinstance(data, str):
+        return Vocabulary(data)
+    data = _typed(data, "mapping", "vocabulary", path)
+    unknown = set(data) - {"source", "tokens", "pad_to_multiple_of"}
+    if unknown:
+        raise InvalidArgument(f"vocabulary has unknown keys {', '.join(sorted(map(str, unknown)))}", path)
+    tokens = {}
+    for token, row in _typed(data.get("tokens") or {}, "mapping", "vocabulary.tokens", path).items():
+        row = _typed(row, "mapping", f"vocabulary.tokens[{token!r}]", path)
+        bad = set(row) - {"model", "token", "token_id", "force"}
+        if bad or not isinstance(token, str):
+            raise InvalidArgument(
+                f"vocabulary.tokens[{shown(token)}] has unknown keys {', '.join(sorted(map(str, bad)))}", path
+            )
+        tokens[token] = TokenRow(
+            _typed(row["model"], "str", "model", path) if row.get("model") is not None else None,
+            _typed(row["token"], "str", "token", path) if row.get("token") is not None else None,
+            _typed(row["token_id"], "int", "token_id", path) if row.get("token_id") is not None else None,
+            _typed(row.get("force", False), "bool", "force", path),
+        )
+    pad = data.get("pad_to_multiple_of")
+    return Vocabulary(
+        _typed(data.get("source", "union"), "str", "vocabulary.source", path),
+        tokens,
+        _typed(pad, "int", "pad_to_multiple_of", path) if pad is not None else None,
+    )
 
 
 def _slice_of(data: Any, i: int, path: str | Path) -> Slice:
@@ -436,6 +507,8 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         if record.get("model_params") is not None
         else None,
         slices=[_slice_of(s, i, "record") for i, s in enumerate(record["slices"])] if record.get("slices") else None,
+        vocabulary=vocabulary_of(record["vocabulary"], "record") if record.get("vocabulary") else None,
+        chat_template=record.get("chat_template"),
     )
 
 
@@ -539,6 +612,10 @@ def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
             _typed(w, "number", f"weights[{i}]", path)
             for i, w in enumerate(_typed(data["weights"], "list", "weights", path))
         ]
+    if data.get("vocabulary") is not None:
+        out["vocabulary"] = vocabulary_of(data["vocabulary"], path)
+    if data.get("chat_template") is not None:
+        out["chat_template"] = _typed(data["chat_template"], "str", "chat_template", path)
     if "nan" in data:
         nan = _typed(data["nan"] or {}, "mapping", "nan", path)
         bad = set(nan) - {f.name for f in fields(NanOptions)}

@@ -22,6 +22,7 @@ from weightlab.errors import InvalidArgument, shown
 from weightlab.merging.layout import Slice, SliceSource
 from weightlab.merging.methods import MERGEKIT_REQUIRED, METHODS, MergeMethod, mergekit_names
 from weightlab.merging.settings import dumped, parse, varies
+from weightlab.merging.vocabulary import TokenRow, Vocabulary
 
 if TYPE_CHECKING:
     from weightlab.merging.config import MergeConfig
@@ -102,9 +103,6 @@ def read_recipe(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         raise InvalidArgument("mergekit's modules: (models of several modules) is not supported", path)
     if unknown:
         raise InvalidArgument(f"mergekit keys not supported here: {', '.join(sorted(map(str, unknown)))}", path)
-    for key in ("chat_template",):
-        if data.get(key) is not None:
-            raise InvalidArgument(f"mergekit's {key} is not supported: set the chat template after merging", path)
     name = data.get("merge_method")
     if not isinstance(name, str) or name not in mergekit_names():
         raise InvalidArgument(
@@ -126,10 +124,48 @@ def read_recipe(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         if dtype not in DTYPES:
             raise InvalidArgument(f"dtype {shown(dtype)} is not one of {', '.join(DTYPES)}", path)
         options["dtype"] = DTYPES[dtype]
-    for key in ("tokenizer_source", "tokenizer"):
-        if data.get(key) is not None:
-            options[key] = data[key]
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise InvalidArgument("give tokenizer_source or tokenizer, not both (mergekit refuses both too)", path)
+    if data.get("tokenizer_source") is not None:
+        options["vocabulary"] = Vocabulary(_model(data["tokenizer_source"], "tokenizer_source", path))
+    if data.get("tokenizer") is not None:
+        options["vocabulary"] = _tokenizer_block(data["tokenizer"], path)
+    if data.get("chat_template") is not None:
+        if not isinstance(data["chat_template"], str):
+            raise InvalidArgument(f"chat_template must be text, got {shown(data['chat_template'])}", path)
+        options["chat_template"] = data["chat_template"]
     return options
+
+
+def _tokenizer_block(block: Any, path: str | Path) -> Vocabulary:
+    """mergekit's `tokenizer: {source, tokens, pad_to_multiple_of}`; a token's `source` is a model, or
+    `{kind: model_token, model, token | token_id}`, or `{kind: zero}`."""
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise InvalidArgument(f"tokenizer must be {{source, tokens, pad_to_multiple_of}}, got {shown(block)}", path)
+    tokens = {}
+    for token, entry in (block.get("tokens") or {}).items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+            raise InvalidArgument(f"{where} must be {{source, force}}, got {shown(entry)}", path)
+        source, force = entry.get("source"), entry.get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"{where}.force must be true or false", path)
+        if isinstance(source, str):
+            tokens[token] = TokenRow(_model(source, f"{where}.source", path), force=force)
+        elif isinstance(source, dict) and source.get("kind") == "zero" and set(source) == {"kind"}:
+            tokens[token] = TokenRow(None, force=force)
+        elif isinstance(source, dict) and source.get("kind") == "model_token" and "model" in source:
+            token_id, text = source.get("token_id"), source.get("token")
+            if (token_id is None) == (text is None) or set(source) - {"kind", "model", "token_id", "token"}:
+                raise InvalidArgument(f"{where}.source: give one of token and token_id", path)
+            tokens[token] = TokenRow(_model(source["model"], f"{where}.source.model", path), text, token_id, force)
+        else:
+            raise InvalidArgument(f"{where}.source must be a model, {{kind: zero}} or {{kind: model_token, …}}", path)
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise InvalidArgument(f"tokenizer.pad_to_multiple_of must be a positive integer, got {shown(pad)}", path)
+    source = block.get("source", "union")
+    return Vocabulary(source if source in ("base", "union") else _model(source, "tokenizer.source", path), tokens, pad)
 
 
 def _models(
@@ -356,8 +392,31 @@ def recipe_of(config: MergeConfig, out_dtype: str) -> dict[str, Any] | None:
         return None
     if shared:
         out["parameters"] = shared
+    if config.vocabulary is not None:
+        out["tokenizer"] = _tokenizer_written(config.vocabulary)
+    if config.chat_template is not None:
+        out["chat_template"] = config.chat_template
     out["dtype"] = "float32"
     out["out_dtype"] = out_dtype
+    return out
+
+
+def _tokenizer_written(v: Vocabulary) -> dict[str, Any]:
+    tokens: dict[str, Any] = {}
+    for token, row in v.tokens.items():
+        if row.model is None:
+            source: Any = {"kind": "zero"}
+        elif row.token is not None or row.token_id is not None:
+            which = {"token": row.token} if row.token is not None else {"token_id": row.token_id}
+            source = {"kind": "model_token", "model": row.model, **which}
+        else:
+            source = row.model
+        tokens[token] = {"source": source, **({"force": True} if row.force else {})}
+    out: dict[str, Any] = {"source": v.source}
+    if tokens:
+        out["tokens"] = tokens
+    if v.pad_to_multiple_of:
+        out["pad_to_multiple_of"] = v.pad_to_multiple_of
     return out
 
 

@@ -53,6 +53,7 @@ from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
 from weightlab.merging.settings import position
+from weightlab.merging.vocabulary import AlignedVocabulary, VocabularyView, config_text, load_tokenizer, saved_tokenizer
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
@@ -393,17 +394,19 @@ def open_inputs(
     tensors left out: the inputs of a merge, checked to line up (headers only). With slices, the
     base and the models are views of the slices' sources under the output's names (`layout`)."""
     base = open_base(config, opened)
+    named: dict[str, Checkpoint] = {config.base: base} if config.base is not None and base is not None else {}
+    for m in config.referenced():
+        if m not in named:
+            named[m] = _as_model(opened[m] if m in opened else open_checkpoint(m), base, m)
+    if config.vocabulary is not None:  # every model's vocabulary rows on the output's vocabulary
+        aligned = AlignedVocabulary(config.vocabulary, named, config.base)
+        named = {m: VocabularyView(ckpt, m, aligned) for m, ckpt in named.items()}
+        base = named[config.base] if config.base is not None else None
     if config.slices:
-        sources = {
-            m: base
-            if m == config.base and base is not None
-            else _as_model(opened[m] if m in opened else open_checkpoint(m), base, m)
-            for m in dict.fromkeys(src.model for s in config.slices for src in s.sources)
-        }
-        view, views, _ = slice_views(config.slices, config.base, config.uses_base, sources)
+        view, views, _ = slice_views(config.slices, config.base, config.uses_base, named)
         base, models = view, list[Checkpoint](views)
     else:
-        models = [_as_model(opened[m] if m in opened else open_checkpoint(m), base, m) for m in config.models]
+        models = [named[m] for m in config.models]
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
     buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
@@ -429,6 +432,30 @@ def tensor_params(
         origin = Origin(None, position(layer_index(name), layers), name)
         inputs = [n for _, n in models]
     return config.tensor_params(name, origin, inputs)
+
+
+def side_files(config: MergeConfig, anchor: Checkpoint) -> dict[str, str]:
+    """What the output holds beside its weights because the merge changed it: config.json with the
+    layer count of slices and the vocabulary size of an aligned vocabulary, and that vocabulary's
+    tokenizer (or the donor's, for a chat template); the donor's files stand for the rest."""
+    files: dict[str, str] = {}
+    source = next(iter(anchor.sources.values()))[0] if isinstance(anchor, SliceView) else anchor
+    raw = dict(anchor.config.raw) if anchor.config is not None and anchor.config.raw else None
+    if isinstance(source, VocabularyView):
+        files.update(source.vocabulary.tokenizer_files(config.chat_template))
+        if raw is not None:
+            raw["vocab_size"] = source.vocabulary.rows
+    elif config.chat_template is not None:
+        folder = (
+            (Path(config.donor) if Path(config.donor).is_dir() else Path(config.donor).parent)
+            if config.donor
+            else source.folder
+        )
+        tokenizer = load_tokenizer(folder, config.donor or str(source.path))
+        files.update(saved_tokenizer(tokenizer, config.chat_template, []))
+    if raw is not None and (isinstance(anchor, SliceView) or isinstance(source, VocabularyView)):
+        files["config.json"] = config_text(raw)
+    return files
 
 
 def num_layers(ckpt: Checkpoint) -> int:
@@ -521,10 +548,9 @@ def merge(
         for n, shape, dtype in stored_plan(anchor, [i.names[0] for i in items] + buffers)
     ]
     files = {} if donor else config_files(ckpts[0])
-    if isinstance(anchor, SliceView):  # the output's config holds its own layer count; the rest, the first source's
-        if anchor.config is not None and anchor.config.raw:
-            files = {"config.json": json.dumps(anchor.config.raw, indent=2, sort_keys=True) + "\n"}
+    if isinstance(anchor, SliceView):  # its config and tokenizer: the first source's
         donor = donor or next(iter(anchor.sources.values()))[0].folder
+    files.update(side_files(config, anchor))
     out_dtype_of = {n: dtype for n, _, dtype in plan}
     if compute.cluster is not None and spec.calibration:
         raise InvalidArgument(f"{config.method} runs the models on this machine: run it without --ray")
