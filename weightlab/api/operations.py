@@ -164,7 +164,13 @@ def merge(
     Each method's paper is in its registry entry (``weightlab merge --help``, docs/merge.md).
     """
     from weightlab.merging.config import build_config, load_config
+    from weightlab.merging.stages import load_stages
 
+    stages = load_stages(config) if config else []
+    if len(stages) > 1:
+        return _merge_stages(
+            stages, config, base, models, out, into, dry_run, run, has_method_params=bool(method_params)
+        )
     options: dict[str, Any] = load_config(config) if config else {}
     options["param_values"] = {
         **options.get("param_values", {}),
@@ -261,6 +267,61 @@ def merge(
         load_into(into, product)  # all or nothing
         return into
     return product
+
+
+SHAPING = ("method", "weights", "coeff", "lam", "density", "calibration", "tokenizer", "svc", "lines", "seed",
+            "dtype", "donor", "shard_size", "as_adapter", "max_rank", "params", "norm_of", "granularity", "power",
+            "normalize")  # fmt: skip
+
+
+def _merge_stages(
+    stages: list[Any],
+    config: str | Path | None,
+    base: Source | None,
+    models: Sources | None,
+    out: str | Path | None,
+    into: Any,
+    dry_run: bool,
+    run: Run,
+    has_method_params: bool,
+) -> Any:
+    """`merge(config=…)` with a recipe of several merges (`merging.stages`): each stage as the recipe
+    says, the last into `out` (or memory, or `into`)."""
+    from weightlab.io.memory import StateDictWriter, load_into
+    from weightlab.merging.stages import run_stages
+
+    reason = "does not apply to a recipe of several merges: each stage's options are in the recipe"
+    run.refuse_unless(False, reason, *SHAPING, "dry_run")
+    if base is not None or models is not None or has_method_params or dry_run:
+        raise InvalidArgument(f"models and method parameters {reason[len('does not apply to ') :]}")
+    if into is not None and out is not None:
+        raise InvalidArgument("into= loads the merged model into a module; out= writes it: give one")
+    names = {s.name for s in stages}
+    if any(s.config.as_adapter for s in stages):
+        raise InvalidArgument("a recipe of several merges merges full models, not --as-adapter", config)
+    inputs = list(dict.fromkeys(m for s in stages for m in s.config.referenced() if m not in names))
+    with run.outputs([config, *inputs], out_dir=out) as plan:
+        target: Any = plan.path("-o") if out is not None else StateDictWriter("merged")
+        with run.progress(f"merge ({len(stages)} stages)", "tensors") as (on_start, on_progress):
+            report = run_stages(
+                stages,
+                target,
+                Path(out).absolute().parent if out is not None else None,
+                compute=run.compute(),
+                on_start=on_start,
+                on_progress=on_progress,
+                progress=run.progress,
+            )
+        if out is not None:
+            report.out = str(out)
+        emit(plan, report)
+    if out is not None:
+        return report
+    with_record(target.state, report)
+    if into is not None:
+        load_into(into, target.state)
+        return into
+    return target.state
 
 
 def _plan(cfg: Any, inputs: list[Any], opened: dict[str, Any], out: str | Path | None, into: object, run: Run) -> Any:

@@ -54,8 +54,18 @@ def _expanded_size(root: yaml.Node, where: str | Path) -> int:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The plain data of a YAML file (None for an empty one); one line naming the file for a file
-    that is not a regular text file of at most MAX_YAML_BYTES, not YAML, or too large expanded."""
+    """The plain data of a YAML file of one document (None for an empty one); one line naming the
+    file for a file that is not a regular text file of at most MAX_YAML_BYTES, not YAML, or too
+    large expanded."""
+    documents = read_yaml_documents(path)
+    if len(documents) > 1:
+        raise InvalidArgument(f"holds {len(documents)} YAML documents where one is read", path)
+    return documents[0] if documents else None
+
+
+def read_yaml_documents(path: str | Path) -> list[Any]:
+    """Every document of a YAML file (`---` between them), each read as `read_yaml` reads one; the
+    expansion bound holds for the file as a whole."""
     try:
         text = read_regular(path, MAX_YAML_BYTES).decode("utf-8")
     except NotARegularFile as e:
@@ -63,12 +73,16 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise InvalidArgument("not a readable YAML text file (not UTF-8)", path) from None
     loader = yaml.SafeLoader(text)
+    documents: list[Any] = []
+    expanded = 0
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, path)
-        return loader.construct_document(node)
+        while loader.check_node():
+            node = loader.get_node()
+            expanded += _expanded_size(node, path)
+            if expanded > MAX_YAML_NODES:
+                raise InvalidArgument(f"its documents expand to more than {MAX_YAML_NODES} values", path)
+            documents.append(loader.construct_document(node))
+        return documents
     except yaml.YAMLError as e:
         raise InvalidArgument(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
     except RecursionError:

@@ -7,7 +7,7 @@ so `weightlab merge --config OUT/weightlab_merge.yml -o OUT2` makes OUT again, b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,38 @@ class MergeConfig:
                     f"--weights {','.join(f'{w:g}' for w in self.weights)}: {self.method} divides by "
                     "the sum of the weights, so they must be non-negative with a positive sum"
                 )
+
+    def renamed(self, paths: dict[str, str]) -> MergeConfig:
+        """This config with the models (and base, slices' sources, vocabulary rows) named in `paths`
+        read from where `paths` says (a stage's output)."""
+
+        def at(m: str) -> str:
+            return paths.get(m, m)
+
+        def maybe(m: str | None) -> str | None:
+            return None if m is None else at(m)
+
+        slices = None
+        if self.slices is not None:
+            slices = [
+                replace(s, sources=tuple(replace(src, model=at(src.model)) for src in s.sources), base=maybe(s.base))
+                for s in self.slices
+            ]
+        vocabulary = self.vocabulary
+        if vocabulary is not None:
+            vocabulary = replace(
+                vocabulary,
+                source=at(vocabulary.source),
+                tokens={t: replace(row, model=maybe(row.model)) for t, row in vocabulary.tokens.items()},
+            )
+        return replace(
+            self,
+            models=[at(m) for m in self.models],
+            base=maybe(self.base),
+            slices=slices,
+            vocabulary=vocabulary,
+            donor=maybe(self.donor),
+        )
 
     def per_model_names(self) -> set[str]:
         """What a model's own settings may set: its weight (where the method takes weights) and the
@@ -520,15 +552,20 @@ def build_config(options: dict[str, Any]) -> MergeConfig:
     return MergeConfig(**options)
 
 
+def recipe_options(data: Any, path: str | Path) -> dict[str, Any]:
+    """A recipe's data (ours or mergekit's) as options for `build_config`."""
+    if not isinstance(data, dict):
+        raise InvalidArgument("a merge config is a mapping of keys to values", path)
+    return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML merge config as options for `build_config` (mergekit's format too). Every
     value's type is checked here; its domain when the config is built."""
     if not Path(path).exists():
         raise CheckpointNotFound("--config: no such file", path)
     data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise InvalidArgument("a merge config is a mapping of keys to values", path)
-    return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
+    return recipe_options(data, path)
 
 
 def _typed(value: Any, kind: str, where: str, path: str | Path) -> Any:

@@ -507,12 +507,16 @@ def merge(
     on_progress: Progress | None = None,
     on_start: Progress | None = None,
     progress: Reporter | None = None,
+    recorded: MergeConfig | None = None,
+    records: Mapping[str, str] | None = None,
 ) -> MergeReport:
     """Merge `config.models` (onto `config.base`) into a new checkpoint folder `out_dir`, with
     `weightlab_merge.yml` in it to make it again, or into memory (a `StateDictWriter`: its
     `state`). `opened` holds models already open (in memory) by the names the config gives them.
     `shard_size` and `donor` default to the config's. `progress` reports the calibration runs of
-    data-aware methods."""
+    data-aware methods. A stage of a longer recipe (`stages`) names in its records the config
+    `recorded` (its models by stage name) and writes `records` (name -> text) instead of its own
+    `weightlab_merge.yml` and `mergekit_config.yml`."""
     started = time.perf_counter()
     shard_size = shard_size if shard_size is not None else config.shard_size or DEFAULT_SHARD_SIZE
     donor = donor if donor is not None else config.donor
@@ -538,7 +542,7 @@ def merge(
         fixed = list(config.weights) if config.weights is not None else [1.0] * n
     per_tensor: dict[str, list[float]] = {}
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
-    report = MergeReport(config, "in memory" if in_memory else str(out_dir), 0, [], left_out, fixed)
+    report = MergeReport(recorded or config, "in memory" if in_memory else str(out_dir), 0, [], left_out, fixed)
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
@@ -607,6 +611,8 @@ def merge(
                 progress,
             )
             config.calibration_sha256 = [s.sha256 for s in sets[: len(config.calibration)]]
+            if recorded is not None:
+                recorded.tokenizer, recorded.calibration_sha256 = config.tokenizer, config.calibration_sha256
             report.calibration_texts = [len(s.texts) for s in sets]
         counted = (
             (lambda total, nbytes=0: on_start(total + len(in_rows), nbytes + read_bytes(in_rows, len(ckpts))))
@@ -700,9 +706,11 @@ def merge(
         report.seconds = time.perf_counter() - started
         record = {k: v for k, v in report.to_dict().items() if k not in ("out", "seconds")}  # same inputs, same bytes
         writer.add_file("weightlab_merge.json", json.dumps(record, indent=2) + "\n")
-        writer.add_file(RECORD, record_yaml(config))
         stored = next((dtype for _, _, dtype in plan if dtype.is_floating_point), torch.float32)
-        recipe = recipe_of(config, str(stored).removeprefix("torch."))
+        recipe = recipe_of(recorded or config, str(stored).removeprefix("torch."))
+        default = {RECORD: record_yaml(recorded or config)}
         if recipe is not None:  # the same merge in mergekit's words, for mergekit to run
-            writer.add_file(MERGEKIT_RECORD, recipe_yaml(recipe))
+            default[MERGEKIT_RECORD] = recipe_yaml(recipe)
+        for name, text in (records if records is not None else default).items():
+            writer.add_file(name, text)
     return report
