@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from weightlab.errors import InvalidArgument, shown
+from weightlab.errors import CheckpointNotFound, InvalidArgument, shown
 from weightlab.io.atomic import scratch_folder
 from weightlab.io.memory import StateDictWriter
 from weightlab.io.yaml_file import read_yaml_documents
@@ -33,13 +33,16 @@ class Stage:
 
 def load_stages(path: str | Path) -> list[Stage]:
     """Every document of a recipe file as a stage, in the order they run (the output's last)."""
+    if not Path(path).exists():
+        raise CheckpointNotFound("--config: no such file", path)
     documents = read_yaml_documents(path)
     if not documents:
         raise InvalidArgument("holds no merge recipe", path)
     stages = []
     for i, data in enumerate(documents):
         if not isinstance(data, dict):
-            raise InvalidArgument(f"document {i + 1} is not a merge recipe (a mapping of keys to values)", path)
+            where = f"document {i + 1}: " if len(documents) > 1 else ""
+            raise InvalidArgument(f"{where}a merge config is a mapping of keys to values", path)
         name = data.get("name")
         if len(documents) > 1 and name is not None and not (isinstance(name, str) and name):
             raise InvalidArgument(f"document {i + 1}: name must be text, got {shown(name)}", path)
