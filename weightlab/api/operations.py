@@ -166,8 +166,8 @@ def merge(
     from weightlab.merging.config import build_config, load_config
     from weightlab.merging.stages import load_stages
 
-    stages = load_stages(config) if config else []
-    if len(stages) > 1:
+    stages = load_stages(config) if config else None
+    if stages is not None:
         return _merge_stages(
             stages, config, base, models, out, into, dry_run, run, has_method_params=bool(method_params)
         )

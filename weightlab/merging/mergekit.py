@@ -38,7 +38,6 @@ KEYS = {
     "tokenizer_source",
     "tokenizer",
     "chat_template",
-    "name",
 }
 MERGEKIT_RECORD = "mergekit_config.yml"  # what mergekit names the recipe it writes beside a merge
 NO_EFFECT = {"int8_mask"}  # mergekit's memory settings: the result does not depend on them

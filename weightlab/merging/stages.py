@@ -31,23 +31,21 @@ class Stage:
     config: MergeConfig  # its models and base may name other stages
 
 
-def load_stages(path: str | Path) -> list[Stage]:
-    """Every document of a recipe file as a stage, in the order they run (the output's last)."""
+def load_stages(path: str | Path) -> list[Stage] | None:
+    """Every document of a recipe file as a stage, in the order they run (the output's last);
+    None for a file of one recipe (`config.load_config` reads it)."""
     if not Path(path).exists():
         raise CheckpointNotFound("--config: no such file", path)
     documents = read_yaml_documents(path)
-    if not documents:
-        raise InvalidArgument("holds no merge recipe", path)
+    if len(documents) < 2:
+        return None
     stages = []
     for i, data in enumerate(documents):
         if not isinstance(data, dict):
-            where = f"document {i + 1}: " if len(documents) > 1 else ""
-            raise InvalidArgument(f"{where}a merge config is a mapping of keys to values", path)
+            raise InvalidArgument(f"document {i + 1}: a merge config is a mapping of keys to values", path)
         name = data.get("name")
-        if len(documents) > 1 and name is not None and not (isinstance(name, str) and name):
+        if name is not None and not (isinstance(name, str) and name):
             raise InvalidArgument(f"document {i + 1}: name must be text, got {shown(name)}", path)
-        if len(documents) == 1 and name is not None and "merge_method" not in data:
-            raise InvalidArgument("name: names a stage of a recipe of several documents; this one has one", path)
         options = recipe_options({k: v for k, v in data.items() if k != "name"}, path)
         stages.append(Stage(name, build_config(options)))
     return ordered(stages, path)
