@@ -207,6 +207,9 @@ def _models(
         out.update(models=[base, *models], model_params=[{}, *own], base=None)
     _require(spec, out["model_params"], [params], out["models"], path)
     for name in set.intersection(*(set(o) for o in out["model_params"])) - {"weight"} - set(params):
+        declared = spec.param(name)
+        if declared is None or not declared.per_model:
+            continue  # not a per-model parameter: the config refuses it where it was given
         values = [o[name] for o in out["model_params"]]
         if all(not varies(v) and v == values[0] for v in values):  # one value for all: the same as a global one
             params[name] = values[0]
