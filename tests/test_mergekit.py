@@ -233,8 +233,11 @@ def test_example_bio_merge_ties_without_normalizing(zoo4, run_cli, tmp_path):
 
 def test_example_gradient_slerp_over_a_slice(zoo4, run_cli, tmp_path):
     _, p = zoo4
-    t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-         {"value": 0.5}]  # fmt: skip
+    t = [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+        {"value": 0.5},
+    ]
     recipe = {
         "slices": [
             {"sources": [{"model": p["a"], "layer_range": [0, LAYERS]}, {"model": p["b"], "layer_range": [0, LAYERS]}]}
@@ -266,8 +269,11 @@ def test_example_frankenmerge_stacks_layers_and_transformers_runs_it(zoo4, run_c
     got = run(run_cli, tmp_path, recipe)
     a, b = tensors(p["a"]), tensors(p["b"])
     layer_of = {0: ("a", 0), 1: ("a", 1), 2: ("a", 2), 3: ("b", 1), 4: ("b", 2), 5: ("b", 3)}
-    want = {"model.embed_tokens.weight": a["model.embed_tokens.weight"], "model.norm.weight": b["model.norm.weight"],
-            "lm_head.weight": b["lm_head.weight"]}  # fmt: skip
+    want = {
+        "model.embed_tokens.weight": a["model.embed_tokens.weight"],
+        "model.norm.weight": b["model.norm.weight"],
+        "lm_head.weight": b["lm_head.weight"],
+    }
     for out, (model, layer) in layer_of.items():
         source = a if model == "a" else b
         for n in source:
@@ -294,8 +300,12 @@ def importance(base, other):
 
 def test_example_arcee_fusion(zoo4, run_cli, tmp_path):
     _, p = zoo4
-    recipe = {"models": [{"model": p["a"]}, {"model": p["b"]}], "merge_method": "arcee_fusion",
-              "base_model": p["a"], "dtype": "float32"}  # fmt: skip
+    recipe = {
+        "models": [{"model": p["a"]}, {"model": p["b"]}],
+        "merge_method": "arcee_fusion",
+        "base_model": p["a"],
+        "dtype": "float32",
+    }
     got = run(run_cli, tmp_path, recipe)
     a, b = tensors(p["a"]), tensors(p["b"])
     want = {}
@@ -542,8 +552,12 @@ def test_random_drops_keep_mergekits_l1_norm_and_density(method, zoo4, run_cli, 
     """One model at weight 1: the merged τ keeps about `density` of the entries, unchanged up to one
     factor, and has τ's L1 norm exactly (mergekit's `rescale: true`)."""
     _, p = zoo4
-    recipe = {"merge_method": method, "base_model": p["base"], "dtype": "float32",
-              "models": [{"model": p["a"], "parameters": {"weight": 1.0, "density": 0.5}}]}  # fmt: skip
+    recipe = {
+        "merge_method": method,
+        "base_model": p["base"],
+        "dtype": "float32",
+        "models": [{"model": p["a"], "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
     got = run(run_cli, tmp_path, recipe)
     base, a = tensors(p["base"]), tensors(p["a"])
     kept = total = 0
@@ -653,3 +667,213 @@ def test_a_recipe_mergekit_cannot_say_writes_no_mergekit_record(zoo4, run_cli, t
         1.0,
         1.0,
     ]
+
+
+# ---- tokenizers: every model's rows on one vocabulary ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_fts(zoo4, tmp_path_factory):
+    """Two fine-tunes that added tokens (a chat template's), their embedding and head resized."""
+    from transformers import AutoTokenizer
+
+    root, _ = zoo4
+    out = {}
+    for name, seed, added in (("ta", 1, ["<|im_start|>", "<|im_end|>", "<tool>"]), ("tb", 2, ["<tool>", "<x>"])):
+        model = synthetic.finetune(
+            synthetic.tiny_model("llama", seed=0, layers=LAYERS, causal_lm=True), steps=2, seed=seed
+        )
+        folder = root / name
+        synthetic.tiny_tokenizer(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.add_tokens(added, special_tokens=name == "ta")
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[128:] = torch.randn(len(tok) - 128, 32)
+            model.get_output_embeddings().weight[128:] = torch.randn(len(tok) - 128, 32)
+        synthetic.save(model, folder)
+        tok.save_pretrained(folder)
+        out[name] = str(folder)
+    return out
+
+
+def expected_row(token, own, inputs):
+    """mergekit's rule for the merged row of one token (weights ta 0.6, tb 0.4, base 0): a model
+    lacking the token (or, for a forced token, every model) takes its default row: the recipe's
+    (zeros for <new>, tb's row for w7), else the one model's that has it, else the base's, else
+    the mean of those that have it."""
+    having = [k for k in ("ta", "tb", "base") if token in own[k]]
+    if token == "<new>":
+        default = np.zeros(32)
+    elif token == "w7":
+        default = inputs["tb"][own["tb"][token]]
+    elif len(having) == 1:
+        default = inputs[having[0]][own[having[0]][token]]
+    elif "base" in having:
+        default = inputs["base"][own["base"][token]]
+    else:
+        default = np.mean([inputs[k][own[k][token]] for k in having], 0)
+
+    def row(k):
+        return inputs[k][own[k][token]] if token in own[k] and token != "w7" else default
+
+    return 0.6 * row("ta") + 0.4 * row("tb") + 0.0 * row("base")
+
+
+@pytest.mark.parametrize("source", ["union", "base", "ta"])
+def test_vocabularies_are_aligned_as_mergekit_aligns_them(source, zoo4, chat_fts, run_cli, tmp_path):
+    """Linear 0.6/0.4 over a base's vocabulary, one model's, or the union: a token both have
+    merges their rows; one only one model has takes its row in both; a row the recipe places comes
+    from there; the padding rows are the mean; transformers loads the model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, p = zoo4
+    sources = {"union": "union", "base": "base", "ta": chat_fts["ta"]}
+    recipe = {
+        "merge_method": "linear",
+        "base_model": p["base"],
+        "models": [
+            {"model": chat_fts["ta"], "parameters": {"weight": 0.6}},
+            {"model": chat_fts["tb"], "parameters": {"weight": 0.4}},
+            {"model": p["base"], "parameters": {"weight": 0.0}},
+        ],
+        "tokenizer": {
+            "source": sources[source],
+            "pad_to_multiple_of": 8,
+            "tokens": {"<new>": {"source": {"kind": "zero"}}, "w7": {"source": chat_fts["tb"], "force": True}},
+        },
+        "dtype": "float32",
+    }
+    got = run(run_cli, tmp_path, recipe)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    vocab = tok.get_vocab()
+    own = {
+        k: AutoTokenizer.from_pretrained(path).get_vocab()
+        for k, path in (("ta", chat_fts["ta"]), ("tb", chat_fts["tb"]), ("base", p["base"]))
+    }
+    expected_tokens = {"union": set(own["ta"]) | set(own["tb"]), "base": set(own["base"]), "ta": set(own["ta"])}[
+        source
+    ] | {"<new>"}
+    assert set(vocab) == expected_tokens
+    rows = len(vocab) + (-len(vocab)) % 8
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        inputs = {k: tensors(chat_fts[k] if k != "base" else p["base"])[name] for k in ("ta", "tb", "base")}
+        assert got[name].shape == (rows, 32)
+        for token, index in vocab.items():
+            want = expected_row(token, own, inputs)
+            np.testing.assert_allclose(got[name][index], want, atol=1e-6, err_msg=f"{name} {token}")
+        padding = np.broadcast_to(got[name][: len(vocab)].mean(0), (rows - len(vocab), 32))
+        np.testing.assert_allclose(got[name][len(vocab) :], padding, atol=1e-6)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == rows
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().weight.shape[0] == rows and len(tok) == len(vocab)
+    assert (
+        yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())["tokenizer"]["source"] == sources[source]
+    )
+
+
+def test_a_chat_template_goes_into_the_output_tokenizer(zoo4, run_cli, tmp_path):
+    _, p = zoo4
+    assert p
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": p["a"], "parameters": {"weight": 1}}],
+        "chat_template": template,
+        "dtype": "float32",
+    }
+    run(run_cli, tmp_path, recipe)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False) == "<user>w1"
+
+
+# ---- recipes of several merges (mergekit-multi) ----------------------------------------------
+
+
+def test_stages_run_in_order_and_equal_running_them_one_by_one(zoo4, run_cli, tmp_path):
+    _, p = zoo4
+    first = {
+        "name": "first",
+        "merge_method": "ties",
+        "base_model": p["base"],
+        "dtype": "float32",
+        "models": [
+            {"model": p["a"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": p["b"], "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+    }
+    final = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": "second", "parameters": {"weight": 0.5}},
+            {"model": p["base"], "parameters": {"weight": 0.5}},
+        ],
+    }
+    second = {
+        "name": "second",
+        "merge_method": "slerp",
+        "base_model": p["c"],
+        "parameters": {"t": 0.3},
+        "dtype": "float32",
+        "models": [{"model": p["c"]}, {"model": "first"}],
+    }
+    (tmp_path / "multi.yml").write_text(yaml.safe_dump_all([final, first, second], sort_keys=False))  # any order
+    code, _, err = run_cli("merge", "--config", tmp_path / "multi.yml", "-o", tmp_path / "all")
+    assert code == 0, err
+    for stage, name in ((first, "s1"), (second, "s2"), (final, "s3")):
+        stage = {k: v for k, v in stage.items() if k != "name"}
+        text = (
+            yaml.safe_dump(stage)
+            .replace("model: first", f"model: {tmp_path / 's1'}")
+            .replace("model: second", f"model: {tmp_path / 's2'}")
+        )
+        (tmp_path / f"{name}.yml").write_text(text)
+        code, _, err = run_cli("merge", "--config", tmp_path / f"{name}.yml", "-o", tmp_path / name)
+        assert code == 0, err
+    assert (tmp_path / "all" / "model.safetensors").read_bytes() == (tmp_path / "s3" / "model.safetensors").read_bytes()
+    assert set(json.loads((tmp_path / "all" / "weightlab_stages.json").read_text())) == {"first", "second"}
+    assert not [q for q in tmp_path.iterdir() if "partial" in q.name]  # the stages' folder is gone
+    code, _, err = run_cli("merge", "--config", tmp_path / "all" / "weightlab_merge.yml", "-o", tmp_path / "again")
+    assert code == 0, err
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / "all" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "docs, message",
+    [
+        (
+            [
+                {"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}]},
+                {"name": "x", "merge_method": "linear", "models": [{"model": "y", "parameters": {"weight": 1}}]},
+                {"name": "y", "merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}]},
+            ],
+            "circle",
+        ),
+        (
+            [
+                {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+                {"merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1}}]},
+            ],
+            "more than one stage has no name",
+        ),
+        (
+            [
+                {"name": "x", "merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+                {"name": "x", "merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1}}]},
+            ],
+            "same name",
+        ),
+    ],
+)
+def test_stages_that_cannot_run_are_refused(docs, message, run_cli, tmp_path):
+    (tmp_path / "m.yml").write_text(yaml.safe_dump_all(docs))
+    code, _, err = run_cli("merge", "--config", tmp_path / "m.yml", "-o", tmp_path / "out")
+    assert code == 2 and message in err and not (tmp_path / "out").exists()
+    code, _, err = run_cli("merge", "--config", tmp_path / "m.yml", "--method", "ties", "-o", tmp_path / "out")
+    assert code == 2

@@ -399,7 +399,10 @@ def open_inputs(
         if m not in named:
             named[m] = _as_model(opened[m] if m in opened else open_checkpoint(m), base, m)
     if config.vocabulary is not None:  # every model's vocabulary rows on the output's vocabulary
-        aligned = AlignedVocabulary(config.vocabulary, named, config.base)
+        # the vocabulary's base: the merge's, or a base_model merged as one more input (its donor)
+        aligned = AlignedVocabulary(
+            config.vocabulary, named, config.base or (config.donor if config.donor in named else None)
+        )
         named = {m: VocabularyView(ckpt, m, aligned) for m, ckpt in named.items()}
         base = named[config.base] if config.base is not None else None
     if config.slices:
