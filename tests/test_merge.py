@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from weightlab.errors import InvalidArgument, MissingTensor, OutputExists, ShapeMismatch
 from weightlab.io import open_checkpoint
 from weightlab.merging import METHODS, NanOptions, merge, nan_coefficients
-from weightlab.merging.config import build_config, load_config
+from weightlab.merging.config import build_config
+from weightlab.merging.recipes import load_config
 from weightlab.merging.run import tensor_seed
 
 

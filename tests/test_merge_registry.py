@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from weightlab.domains import Real
 from weightlab.errors import InvalidArgument
 from weightlab.merging import merge
-from weightlab.merging.config import build_config, load_config
+from weightlab.merging.config import build_config
 from weightlab.merging.methods import (
     LAMBDA,
     MERGEKIT_REQUIRED,
@@ -22,6 +22,7 @@ from weightlab.merging.methods import (
     mergekit_names,
     methods_table,
 )
+from weightlab.merging.recipes import load_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "merge.md"
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from weightlab import synthetic
 from weightlab.errors import WeightlabError
-from weightlab.merging.config import build_config, load_config
+from weightlab.merging.config import build_config
+from weightlab.merging.recipes import load_config
 
 LAYERS = 4
 

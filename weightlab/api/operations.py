@@ -163,7 +163,8 @@ def merge(
     ----------
     Each method's paper is in its registry entry (``weightlab merge --help``, docs/merge.md).
     """
-    from weightlab.merging.config import build_config, load_config
+    from weightlab.merging.config import build_config
+    from weightlab.merging.recipes import load_config
     from weightlab.merging.stages import load_stages
 
     stages = load_stages(config) if config else None

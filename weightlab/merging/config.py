@@ -14,11 +14,9 @@ from typing import Any
 import yaml
 
 from weightlab.domains import SEED, Choice, Int, Real
-from weightlab.errors import CheckpointNotFound, InvalidArgument, shown
+from weightlab.errors import InvalidArgument, shown
 from weightlab.io.writer import parse_size
-from weightlab.io.yaml_file import read_yaml
 from weightlab.merging.layout import Origin, Slice, SliceSource
-from weightlab.merging.mergekit import read_recipe
 from weightlab.merging.methods import METHODS, MergeMethod, parameter_names
 from weightlab.merging.modifiers import MODIFIERS
 from weightlab.merging.params import MAX_COEFFICIENT, WEIGHT, Param, Params, check_setting, declared_param, resolve
@@ -365,7 +363,7 @@ class MergeConfig:
             raise InvalidArgument(f"{self.method} runs full models: merge without --as-adapter")
 
     def record(self) -> dict[str, Any]:
-        """This config in the vocabulary `--config` reads (`load_config`), every parameter spelt out
+        """This config in the vocabulary `--config` reads (`recipes.load_config`), every parameter spelt out
         (a setting that varies over the tensors as given, the others at their resolved value): what
         `weightlab_merge.yml` holds, to make the output again."""
         values = self.resolved.as_dict()
@@ -552,22 +550,6 @@ def build_config(options: dict[str, Any]) -> MergeConfig:
     return MergeConfig(**options)
 
 
-def recipe_options(data: Any, path: str | Path) -> dict[str, Any]:
-    """A recipe's data (ours or mergekit's) as options for `build_config`."""
-    if not isinstance(data, dict):
-        raise InvalidArgument("a merge config is a mapping of keys to values", path)
-    return _from_mergekit(data, path) if "merge_method" in data else _from_ours(data, path)
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML merge config as options for `build_config` (mergekit's format too). Every
-    value's type is checked here; its domain when the config is built."""
-    if not Path(path).exists():
-        raise CheckpointNotFound("--config: no such file", path)
-    data = read_yaml(path)
-    return recipe_options(data, path)
-
-
 def _typed(value: Any, kind: str, where: str, path: str | Path) -> Any:
     """`value` if it is of `kind` (str, number, int, mapping, list), else a one-line error naming `where`."""
     ok = {
@@ -602,7 +584,8 @@ def _models(entries: Any, key: str, path: str | Path) -> list[tuple[str, dict[st
     return out
 
 
-def _from_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+def read_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A recipe in our vocabulary (`record`'s) as options for `build_config`."""
     known = OUR_KEYS | set(parameter_names()) | {"weight", "slices"}
     unknown = set(data) - known
     if unknown:
@@ -676,7 +659,3 @@ def _setting(value: Any, key: str, path: str | Path) -> Any:
         return parse(value, key)
     except InvalidArgument as e:
         raise InvalidArgument(e.message, path) from None
-
-
-def _from_mergekit(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    return read_recipe(data, path)

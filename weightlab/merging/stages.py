@@ -18,7 +18,8 @@ from weightlab.errors import CheckpointNotFound, InvalidArgument, shown
 from weightlab.io.atomic import scratch_folder
 from weightlab.io.memory import StateDictWriter
 from weightlab.io.yaml_file import read_yaml_documents
-from weightlab.merging.config import RECORD, MergeConfig, build_config, recipe_options
+from weightlab.merging.config import RECORD, MergeConfig, build_config
+from weightlab.merging.recipes import recipe_options
 from weightlab.merging.run import MergeReport, merge
 
 STAGES_RECORD = "weightlab_stages.json"  # each earlier stage's report, in the output
@@ -33,7 +34,7 @@ class Stage:
 
 def load_stages(path: str | Path) -> list[Stage] | None:
     """Every document of a recipe file as a stage, in the order they run (the output's last);
-    None for a file of one recipe (`config.load_config` reads it)."""
+    None for a file of one recipe (`recipes.load_config` reads it)."""
     if not Path(path).exists():
         raise CheckpointNotFound("--config: no such file", path)
     documents = read_yaml_documents(path)
