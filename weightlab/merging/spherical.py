@@ -5,7 +5,6 @@ maths runs in float64 here (mergekit: float32), which moves results by float32's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -72,32 +71,35 @@ def multislerp(
 def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
     """The Karcher (Riemannian) mean of the unit tensors with equal weights, by its fixed-point
     iteration on the sphere (Karcher 1977; mergekit's `karcher`), scaled by the mean norm. Tensors
-    of norm ≤ tol take no part in the direction; a step shorter than tol ends the iteration."""
+    of norm ≤ tol take no part in the direction; a step shorter than tol ends the iteration. The
+    steps run in the tensors' dtype, as mergekit's do: near a common direction (θ ≈ tol) whether a
+    tensor pulls at all depends on that rounding."""
     n = len(tensors)
     if n == 1:
         return tensors[0]
-    norms = [float(torch.linalg.vector_norm(t)) for t in tensors]
-    units = [t / norm if norm > 0 else torch.zeros_like(t) for t, norm in zip(tensors, norms)]
-    valid = [u for u, norm in zip(units, norms) if norm > tol]
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    units = [t / norm if float(norm) > 0 else torch.zeros_like(t) for t, norm in zip(tensors, norms)]
+    valid = [u for u, norm in zip(units, norms) if float(norm) > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     alpha = 1.0 / len(valid)
     mean = sum((alpha * u for u in valid), torch.zeros_like(valid[0]))
-    mean_norm = float(torch.linalg.vector_norm(mean))
-    mean = valid[0].clone() if mean_norm < tol else mean / mean_norm
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = valid[0].clone() if float(mean_norm) < tol else mean / mean_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for u in valid:
-            dot = float(torch.clamp((mean.reshape(-1) * u.reshape(-1)).sum(), -1.0, 1.0))
-            theta = math.acos(dot)
-            if theta < tol:
+            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
                 continue
-            tangent += alpha * (theta / math.sin(theta)) * (u - dot * mean)
-        length = float(torch.linalg.vector_norm(tangent))
-        if length < tol:
+            tangent += alpha * (theta / torch.sin(theta)) * (u - dot * mean)
+        length = torch.linalg.vector_norm(tangent)
+        if float(length) < tol:
             break
-        mean = math.cos(length) * mean + math.sin(length) * (tangent / length)
-        unit_norm = float(torch.linalg.vector_norm(mean))
-        if unit_norm > tol:
+        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
             mean = mean / unit_norm
-    return sum(norms) / n * mean
+    scale: torch.Tensor = sum(norms, torch.zeros(())) / n
+    return scale * mean
