@@ -568,6 +568,27 @@ CASES += [
     Case("regmean-one-long-line", f"{RM} long_line.txt", 0, "merged", exists=("out/model.safetensors",)),
     Case("regmean-too-many-lines", f"{RM} many_lines.txt", 2, "give a sample", absent=("out",)),
 ]
+# Every mergekit recipe runs, or is refused naming what differs (issue 36)
+CASES += [
+    Case("mk-frankenmerge", "merge --config mk_franken.yml -o m", 0, "merged", exists=("m/config.json",)),
+    Case(
+        "mk-layer-range-beyond",
+        "merge --config mk_range.yml -o m",
+        2,
+        "is not a range of the model's layers",
+        absent=("m",),
+    ),
+    Case("mk-modules", "merge --config mk_modules.yml -o m", 2, "modules: (models of several modules)", absent=("m",)),
+    Case("mk-residual-weight", "merge --config mk_residual.yml -o m", 2, "never uses it", absent=("m",)),
+    Case("mk-lora-plus", "merge --config mk_plus.yml -o m", 2, "applies a LoRA to a model", absent=("m",)),
+    Case("mk-named-template", "merge --config mk_template.yml -o m", 2, "named templates", absent=("m",)),
+    Case(
+        "mk-shared-under-model", "merge --config mk_shared.yml -o m", 2, "t is one value for all models", absent=("m",)
+    ),
+    Case("mk-stages-circle", "merge --config mk_circle.yml -o m", 2, "circle", absent=("m",)),
+    Case("mk-stage-options", "merge --config mk_two.yml --lambda 2 -o m", 2, "each stage's options", absent=("m",)),
+    Case("mk-tokenizer-no-tokenizer", "merge --config mk_vocab.yml -o m", 2, "tokenizer", absent=("m",)),
+]
 
 
 def _st(path: Path, header: bytes | dict, data: bytes = b"") -> None:
@@ -855,6 +876,28 @@ def _newest_surfaces(root: Path) -> None:
     words = synthetic.tiny_texts(1, seed=3, words=(60_000, 60_000))[0]  # ~300 KB on one line
     (root / "long_line.txt").write_text("\n".join([*synthetic.tiny_texts(3), words]) + "\n")
     (root / "many_lines.txt").write_text("w1\n" * 100_001)
+    mk = {
+        "mk_franken.yml": "merge_method: passthrough\nslices:\n  - sources: [{model: ft, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: ft2, layer_range: [1, 2]}]\n",
+        "mk_range.yml": "merge_method: passthrough\nslices:\n  - sources: [{model: ft, layer_range: [1, 5]}]\n",
+        "mk_modules.yml": "merge_method: linear\nmodules: {text: {models: [{model: ft}]}}\n",
+        "mk_residual.yml": "merge_method: passthrough\nslices:\n"
+        "  - sources: [{model: ft, layer_range: [0, 2]}]\n    residual_weight: 0.5\n",
+        "mk_plus.yml": "merge_method: linear\nmodels: [{model: ft+adapter, parameters: {weight: 1}}]\n",
+        "mk_template.yml": "merge_method: linear\nmodels: [{model: ft, parameters: {weight: 1}}]\n"
+        "chat_template: chatml\n",
+        "mk_shared.yml": "merge_method: slerp\nbase_model: ft\n"
+        "models: [{model: ft}, {model: ft2, parameters: {t: 0.5}}]\n",
+        "mk_circle.yml": "merge_method: linear\nmodels: [{model: x, parameters: {weight: 1}}]\n---\nname: x\n"
+        "merge_method: linear\nmodels: [{model: y, parameters: {weight: 1}}]\n---\nname: y\n"
+        "merge_method: linear\nmodels: [{model: x, parameters: {weight: 1}}]\n",
+        "mk_vocab.yml": "merge_method: ties\nbase_model: base\nmodels: [{model: ft, parameters: {weight: 1}}]\n"
+        "tokenizer_source: union\n",
+        "mk_two.yml": "name: x\nmerge_method: linear\nmodels: [{model: ft, parameters: {weight: 1}}]\n---\n"
+        "merge_method: linear\nmodels: [{model: x, parameters: {weight: 1}}]\n",
+    }
+    for name, text in mk.items():
+        (root / name).write_text(text)
     synthetic.save(synthetic.tiny_model("bert", seed=4, hidden=48), root / "decoy")  # a working folder with
     synthetic.tiny_tokenizer(root / "decoy")  # another model's config.json and a tokenizer
     torch.manual_seed(8)

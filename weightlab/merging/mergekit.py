@@ -284,12 +284,18 @@ def _slices(
 def _require(
     spec: MergeMethod, own: list[dict[str, Any]], shared: list[dict[str, Any]], models: list[str], path: str | Path
 ) -> None:
-    """The parameters mergekit requires (no default) given for every model (or once for all)."""
+    """The parameters mergekit requires (no default) given: for every model (or once for all), a
+    shared one with the method's parameters."""
     for name, default in spec.mergekit_defaults.items():
-        if default is not MERGEKIT_REQUIRED:
+        if default is not MERGEKIT_REQUIRED or any(name in s for s in shared):
             continue
+        declared = spec.param(name)
+        if name != "weight" and declared is not None and not declared.per_model:
+            given = any(name in o for o in own)
+            where = "is one value for all models: give it with the method's parameters" if given else "has no default"
+            raise InvalidArgument(f"mergekit's {spec.mergekit}: {name} {where}", path)
         for settings, model in zip(own, models):
-            if name not in settings and not any(name in s for s in shared):
+            if name not in settings:
                 raise InvalidArgument(f"mergekit's {spec.mergekit} needs {name} for {model} (it has no default)", path)
 
 
