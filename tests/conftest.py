@@ -12,6 +12,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,85 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+GGUF_FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], arch: str = "llama", quant: dict | None = None) -> Path:
+    """A GGUF file written by llama.cpp's own `gguf` package: a two-head llama block by default;
+    `quant` maps a tensor name to the GGML type its float32 values are quantized to by gguf."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_embedding_length(next(iter(tensors.values())).shape[-1])
+    for name, values in tensors.items():
+        kind = (quant or {}).get(name)
+        if kind is None:
+            writer.add_tensor(name, values)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def patch_gguf_tensor(
+    path: Path, name: str, *, dims: list[int] | None = None, type_id: int | None = None, offset: int | None = None
+) -> None:
+    """Rewrite one entry of a GGUF tensor table in place (a lying shape, an unknown type, a far offset)."""
+    data = bytearray(path.read_bytes())
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    if dims is not None:
+        assert len(dims) == n_dims
+        struct.pack_into(f"<{n_dims}Q", data, at + 4, *dims)
+    after = at + 4 + 8 * n_dims
+    if type_id is not None:
+        struct.pack_into("<I", data, after, type_id)
+    if offset is not None:
+        struct.pack_into("<Q", data, after + 4, offset)
+    path.write_bytes(bytes(data))
+
+
+def requantized(source: Path, dest: Path, kind: str) -> Path:
+    """A copy of a GGUF file (metadata and all) whose matrices gguf's own quantizer turns into
+    `kind` (Q8_0, Q4_0, Q5_1, …: its ports of ggml's reference quantizers); norms stay F32."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(dest), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    qtype = gguf.GGMLQuantizationType[kind]
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if values.ndim == 2 and values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest
+
+
+def shown_nan(html: str) -> list[str]:
+    """Where a report shows 'nan' (or 'inf') to a reader: its text and attributes, images and
+    scripts aside. A figure that was not computed must say so instead."""
+    import re
+
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S | re.I)
+    text = re.sub(r"data:[^'\"\s)]+", " ", text)
+    return [m.group(0) for m in re.finditer(r".{0,40}\b(nan|-?inf)\b.{0,40}", text, flags=re.I)]

@@ -10,7 +10,7 @@ import pytest
 def test_inspect_lists_tensors_and_totals(run_cli, zoo):
     code, out, err = run_cli("inspect", zoo["llama"])
     assert code == 0, err
-    assert "layers.0.self_attn.q_proj.weight" in out and "totals per dtype" in out
+    assert "layers.0.self_attn.q_proj.weight" in out and "totals per storage format" in out
 
 
 def test_inspect_json_to_stdout_is_machine_readable(run_cli, zoo):

@@ -8,6 +8,7 @@ from weightlab.display import human_bytes
 from weightlab.domains import compile_filter
 from weightlab.io.adapter import LoraAdapter
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import TensorInfo
 from weightlab.naming import layer_index, module_role
 from weightlab.report.tables import human_count
 from weightlab.results import Result, Table
@@ -17,11 +18,13 @@ from weightlab.results import Result, Table
 class TensorRow:
     name: str
     shape: list[int]
-    dtype: str
+    dtype: str  # how it is stored: a dtype code (BF16) or a quantization format (Q4_K, GPTQ int4 g128)
     parameters: int
-    bytes: int
+    bytes: int  # in the file
     layer: int | None
     role: str
+    bits_per_weight: float = 0.0  # stored bits per value, scales and zero points included
+    reads_as: str = ""  # the dtype a read returns, when it is not the stored one (quantized tensors)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class DtypeTotal:
     tensors: int
     parameters: int
     bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.parameters if self.parameters else 0.0
 
 
 @dataclass
@@ -61,19 +68,30 @@ class Inventory(Result):
         return [asdict(r) for r in self.tensors]
 
     def tables(self) -> list[Table]:
-        totals = [[t.dtype, t.tensors, human_count(t.parameters), human_bytes(t.bytes)] for t in self.totals]
+        totals = [
+            [t.dtype, t.tensors, human_count(t.parameters), human_bytes(t.bytes), round(t.bits_per_weight, 2)]
+            for t in self.totals
+        ]
+        everything = DtypeTotal("all", sum(t.tensors for t in self.totals), self.parameters, self.bytes)
         totals.append(
-            ["all", sum(t.tensors for t in self.totals), human_count(self.parameters), human_bytes(self.bytes)]
+            [
+                "all",
+                everything.tensors,
+                human_count(self.parameters),
+                human_bytes(self.bytes),
+                round(everything.bits_per_weight, 2),
+            ]
         )
         return [
             Table(
                 f"{self.path} ({self.kind})",
-                ["tensor", "shape", "dtype", "params", "bytes", "layer", "role"],
+                ["tensor", "shape", "stored as", "bits/weight", "params", "bytes", "layer", "role"],
                 [
                     [
                         t.name,
                         "×".join(map(str, t.shape)) or "scalar",
                         t.dtype,
+                        round(t.bits_per_weight, 2),
                         human_count(t.parameters),
                         human_bytes(t.bytes),
                         t.layer,
@@ -83,7 +101,7 @@ class Inventory(Result):
                 ],
                 numeric_from=3,
             ),
-            Table("totals per dtype", ["dtype", "tensors", "params", "bytes"], totals),
+            Table("totals per storage format", ["stored as", "tensors", "params", "bytes", "bits/weight"], totals),
         ]
 
     def lines(self) -> list[str]:
@@ -107,11 +125,7 @@ def inventory(ckpt: Checkpoint | LoraAdapter, name_filter: str | None = None) ->
     """List every tensor (name, shape, dtype, size, layer, role) and totals per dtype."""
     pattern = compile_filter(name_filter, "--filter")
     infos = ckpt.file.infos.values() if isinstance(ckpt, LoraAdapter) else (ckpt.info(n) for n in ckpt.names())
-    rows = [
-        TensorRow(i.name, list(i.shape), i.dtype, i.numel, i.nbytes, layer_index(i.name), module_role(i.name))
-        for i in infos
-        if pattern is None or pattern.search(i.name)
-    ]
+    rows = [_row(i) for i in infos if pattern is None or pattern.search(i.name)]
     by_dtype: dict[str, list[TensorRow]] = {}
     for row in rows:
         by_dtype.setdefault(row.dtype, []).append(row)
@@ -131,3 +145,21 @@ def inventory(ckpt: Checkpoint | LoraAdapter, name_filter: str | None = None) ->
         config.model_type if config else None,
         config.num_layers if config else None,
     )
+
+
+def _row(i: TensorInfo) -> TensorRow:
+    """A tensor as stored: a quantized one by its format, stored bytes and bits per weight."""
+    if i.stored is not None:
+        return TensorRow(
+            i.name,
+            list(i.shape),
+            i.stored.format,
+            i.numel,
+            i.stored.nbytes,
+            layer_index(i.name),
+            module_role(i.name),
+            i.stored.bits_per_weight,
+            i.dtype,
+        )
+    bits = 8 * i.nbytes / i.numel if i.numel else 0.0
+    return TensorRow(i.name, list(i.shape), i.dtype, i.numel, i.nbytes, layer_index(i.name), module_role(i.name), bits)

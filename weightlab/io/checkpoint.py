@@ -29,6 +29,7 @@ class Checkpoint:
     """Dense weights addressed by name. Subclasses implement `_infos` and `_read`."""
 
     read_ahead = True  # reading ahead of use hides storage latency (models in memory have none)
+    config_in_file = True  # config.json beside the weights; else `config` is all there is (memory, GGUF)
 
     def __init__(self, path: Path, config: ModelConfig | None = None):
         self.path = Path(path)
@@ -227,7 +228,7 @@ def open_dense(path: Path) -> Checkpoint:
     if legacy:
         return TorchCheckpoint(folder, legacy[:1], config=config)
     raise NotACheckpoint(
-        "no weights found (expected *.safetensors, an index, pytorch_model.bin or adapter_config.json)", folder
+        "no weights found (expected *.safetensors, an index, pytorch_model.bin, a .gguf or adapter_config.json)", folder
     )
 
 

@@ -49,6 +49,7 @@ class MemoryCheckpoint(Checkpoint):
     tensor left out because it shares its storage with one listed (name -> the name kept)."""
 
     read_ahead = False  # no storage to wait for: a copy is made when a tensor is used
+    config_in_file = False
     folder = None  # no files beside it: its config is the module's own (`config`)
 
     def __init__(
@@ -305,14 +306,15 @@ class StateDictWriter:
 
 
 def donor_of(ckpt: Checkpoint) -> Path | None:
-    """The folder an output copies config and tokenizer files from: the model's own, none in memory."""
-    return None if isinstance(ckpt, MemoryCheckpoint) else ckpt.path
+    """The folder an output copies config and tokenizer files from: the model's own; none in memory
+    or for a GGUF file, whose config is its metadata (`config_files`)."""
+    return ckpt.path if ckpt.config_in_file else None
 
 
 def config_files(ckpt: Checkpoint) -> dict[str, str]:
-    """What a checkpoint made from a model in memory writes beside its weights: the module's
-    `config.json` (transformers needs it to load the folder); nothing for a model on disk (its
-    donor folder is copied)."""
-    if isinstance(ckpt, MemoryCheckpoint) and ckpt.config is not None and ckpt.config.raw:
+    """What a checkpoint made from a model in memory or a GGUF file writes beside its weights: the
+    module's or the metadata's `config.json` (transformers needs it to load the folder); nothing
+    for a model on disk (its donor folder is copied)."""
+    if not ckpt.config_in_file and ckpt.config is not None and ckpt.config.raw:
         return {"config.json": json.dumps(ckpt.config.raw, indent=2, sort_keys=True) + "\n"}
     return {}

@@ -47,15 +47,27 @@ CODE_OF_TORCH_DTYPE = {getattr(torch, name): code for code, (name, _) in DTYPES.
 
 
 @dataclass(frozen=True)
+class StoredAs:
+    """How a quantized tensor is stored: its format (e.g. GGUF's "Q4_K", "GPTQ int4 g128"), what it
+    costs in bits per weight (scales and zero points included), and its bytes in the file."""
+
+    format: str
+    bits_per_weight: float
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """What a header says of one tensor; listing never reads more than this."""
+    """What a header says of one tensor; listing never reads more than this. A quantized tensor
+    reads as `dtype` (its decoded values) and says how it is stored in `stored`."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # safetensors code, e.g. "BF16"
+    dtype: str  # safetensors code of what a read returns, e.g. "BF16"
     file: Path
     offset: int  # absolute byte offset of the data in `file`
-    nbytes: int
+    nbytes: int  # bytes of what a read returns
+    stored: StoredAs | None = None
 
     @property
     def numel(self) -> int:

@@ -77,6 +77,7 @@ class MergeReport(Result):
     lines_alpha: float | None = None  # LiNeS's α, when it ran
     auto_lambda: dict[str, float] = field(default_factory=dict)  # --lambda auto: λ chosen per tensor
     calibration_texts: list[int] = field(default_factory=list)  # data-aware methods: texts each model ran on
+    dequantized: dict[str, str] = field(default_factory=dict)  # quantized input -> its formats (read as floats)
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -104,6 +105,7 @@ class MergeReport(Result):
             **({"lines_alpha": self.lines_alpha} if self.lines_alpha is not None else {}),
             **({"auto_lambda": self.auto_lambda} if self.auto_lambda else {}),
             **({"calibration_texts": self.calibration_texts} if self.calibration_texts else {}),
+            **({"dequantized_inputs": self.dequantized} if self.dequantized else {}),
         }
 
     @classmethod
@@ -120,6 +122,7 @@ class MergeReport(Result):
             payload.get("lines_alpha"),
             payload.get("auto_lambda") or {},
             payload.get("calibration_texts") or [],
+            payload.get("dequantized_inputs") or {},
         )
 
     def title(self) -> str:
@@ -172,6 +175,10 @@ class MergeReport(Result):
         if self.left_out:
             out.append(
                 f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}"
+            )
+        for model, formats in self.dequantized.items():
+            out.append(
+                f"note: {model} is quantized ({formats}): merged from its dequantized values, nothing re-quantized"
             )
         done = f"merged {self.merged} tensors, copied {len(self.copied)} from the base"
         done += f", in {self.seconds:.1f}s → {self.out}/"
@@ -461,6 +468,17 @@ def side_files(config: MergeConfig, anchor: Checkpoint) -> dict[str, str]:
     return files
 
 
+def dequantized_inputs(ckpts: Sequence[Checkpoint]) -> dict[str, str]:
+    """Each quantized input (GGUF, GPTQ, …) with its storage formats: merged from the values they
+    decode to, and written in full precision (the record says so)."""
+    out = {}
+    for ckpt in ckpts:
+        formats = sorted({info.stored.format for n in ckpt.names() if (info := ckpt.info(n)).stored is not None})
+        if formats:
+            out[str(ckpt.path)] = ", ".join(formats)
+    return out
+
+
 def num_layers(ckpt: Checkpoint) -> int:
     """L: the config's layer count, else one more than the largest layer index in the names."""
     if ckpt.config is not None and ckpt.config.num_layers:
@@ -546,6 +564,7 @@ def merge(
     per_tensor: dict[str, list[float]] = {}
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
     report = MergeReport(recorded or config, "in memory" if in_memory else str(out_dir), 0, [], left_out, fixed)
+    report.dequantized = dequantized_inputs(ckpts)
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
