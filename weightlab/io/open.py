@@ -7,15 +7,18 @@ from pathlib import Path
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
-from weightlab.io.checkpoint import Checkpoint, open_dense
+from weightlab.io.checkpoint import Checkpoint, SafetensorsCheckpoint, open_dense
+from weightlab.io.gguf_checkpoint import GGUFCheckpoint, gguf_file_of
 from weightlab.io.hub import locate
 from weightlab.io.memory import open_in_memory
+from weightlab.io.quantized import quantized_view
 from weightlab.io.sources import Source
 
 
 def open_checkpoint(path: Source) -> Checkpoint | LoraAdapter:
     """A `Checkpoint` for dense weights (one safetensors file, a sharded folder with an index, a
-    Hugging Face folder, a legacy `.bin`/`.pt`, a module or a mapping in memory) or a
+    Hugging Face folder, a GGUF file, quantized safetensors (`io.quantized`), a legacy
+    `.bin`/`.pt`, a module or a mapping in memory) or a
     `LoraAdapter` for a PEFT adapter folder or a PEFT model. `path` may also be a Hub model ID,
     `org/name[@revision]` (a local path wins). Reads headers only."""
     if not isinstance(path, (str, Path)):
@@ -24,7 +27,11 @@ def open_checkpoint(path: Source) -> Checkpoint | LoraAdapter:
     path = locate(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return LoraAdapter(path)
-    return open_dense(path)
+    gguf = gguf_file_of(path)
+    if gguf is not None:
+        return GGUFCheckpoint(gguf)
+    dense = open_dense(path)
+    return quantized_view(dense) if isinstance(dense, SafetensorsCheckpoint) else dense
 
 
 def open_finetuned(path: Source, base: Checkpoint) -> Checkpoint:

@@ -311,11 +311,28 @@ class CheckpointWriter:
 
 
 def copy_donor_files(donor: Path, dest: Path) -> list[str]:
-    """Copy config, tokenizer and generation files from a model folder (or a file's folder)."""
+    """Copy config, tokenizer and generation files from a model folder (or a file's folder). What
+    weightlab writes is never quantized, so a quantized donor's config loses its quantization keys
+    (transformers would otherwise look for packed weights that are not there)."""
     folder = donor if donor.is_dir() else donor.parent
     copied = []
     for name in DONOR_FILES:
         if (folder / name).is_file() and not (dest / name).exists():
             shutil.copy2(folder / name, dest / name)
+            if name == "config.json":
+                _unquantized_config(dest / name)
             copied.append(name)
     return copied
+
+
+QUANTIZATION_KEYS = ("quantization_config", "quantization")  # transformers', MLX's
+
+
+def _unquantized_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # copied as it was: a donor's file we do not need to understand
+    if isinstance(config, dict) and any(k in config for k in QUANTIZATION_KEYS):
+        kept = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
+        path.write_text(json.dumps(kept, indent=2) + "\n")
