@@ -15,6 +15,7 @@ from weightlab.analysis.angles import angles
 from weightlab.analysis.compare import compare
 from weightlab.analysis.esd import ESDOptions, esd
 from weightlab.analysis.gaussian import GaussianOptions, gaussian
+from weightlab.analysis.quantization import QuantErrorOptions, quant_error
 from weightlab.analysis.spectrum import spectrum
 from weightlab.analysis.tsd import tsd
 from weightlab.compute.device import Compute
@@ -69,11 +70,12 @@ def made(tmp_path_factory):
         "intruders": mitigate_intruders(b, a, "", IntruderOptions(), compute=CPU)[0],
         "lora-init": init_lora(b, names, LoraInitOptions("pissa", 2), compute=CPU)[0],
         "lora-extract": extract_lora(b, a, names, rank=2, compute=CPU)[0],
+        "quant-error": quant_error(b, [a, c], QuantErrorOptions(min_evals=4), compute=CPU),
     }
 
 
 KINDS = ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge", "compare", "esd", "intruders", "lora-init",
-         "lora-extract", "merge-plan"]  # fmt: skip
+         "lora-extract", "merge-plan", "quant-error"]  # fmt: skip
 
 
 def test_every_kind_of_result_is_made_here(made):

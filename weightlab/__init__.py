@@ -40,6 +40,7 @@ __all__ = [
     "inspect",
     "merge",
     "mitigate_intruders",
+    "quant_error",
     "spectrum",
     "tsd",
 ]  # fmt: skip

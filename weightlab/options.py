@@ -111,6 +111,12 @@ class ESDOptions(Filters):
 
 
 @dataclass(frozen=True)
+class QuantErrorOptions(Filters):
+    k: int = option(8, Int(1), "-k", "--top-k", help="Top singular values/vectors checked for survival.")
+    min_evals: int = option(10, Int(3), "--min-evals", help="Fewest non-zero eigenvalues a power-law fit is tried on.")
+
+
+@dataclass(frozen=True)
 class CompareOptions(Filters):
     k: int = option(8, Int(1), "-k", "--top-k", help="Dimension of each ΔW's top singular subspace.")
     density: float = option(

@@ -10,7 +10,10 @@ import pkgutil
 from typing import Any
 
 HOMES = {
-    **{name: "analyses" for name in ("inspect", "spectrum", "esd", "compare", "angles", "gaussian", "tsd")},
+    **{
+        name: "analyses"
+        for name in ("inspect", "spectrum", "esd", "quant_error", "compare", "angles", "gaussian", "tsd")
+    },
     **{name: "operations" for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders")},
 }
 __all__ = list(HOMES)

@@ -1,4 +1,4 @@
-"""The analyses as Python functions: `inspect`, `spectrum`, `esd`, `compare`, `angles`,
+"""The analyses as Python functions: `inspect`, `spectrum`, `esd`, `quant_error`, `compare`, `angles`,
 `gaussian`, `tsd`. Each takes models from anywhere (a path, a Hub ID, a module, a PEFT model, a
 mapping of names to tensors or arrays), the command's options as keywords, and returns its typed
 result; the command of the same name is this function with its options parsed."""
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightlab.api.frame import Run, api_function, emit
+from weightlab.errors import InvalidArgument
 from weightlab.io.sources import Named, Source, Sources, describe, is_in_memory
 from weightlab.options import (
     AnglesOptions,
@@ -17,6 +18,7 @@ from weightlab.options import (
     CompareOptions,
     ESDOptions,
     GaussianOptions,
+    QuantErrorOptions,
     SpectrumOptions,
     TSDOptions,
 )
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from weightlab.analysis.compare import CompareResult
     from weightlab.analysis.esd import ESDResult
     from weightlab.analysis.gaussian import GaussianResult
+    from weightlab.analysis.quantization import QuantErrorResult
     from weightlab.analysis.spectrum import SpectrumResult
     from weightlab.analysis.tsd import TSDResult
     from weightlab.inventory import Inventory
@@ -181,6 +184,68 @@ def esd(checkpoint: Source, base: Source | None = None, *, options: ESDOptions, 
         base_ckpt, (ckpt,) = _open([checkpoint], base)
         with run.progress("esd", "matrices") as (on_start, on_progress):
             result = compute_esd(ckpt, base_ckpt, options, compute, on_progress, on_start)
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def quant_error(
+    reference: Source,
+    quantized: Sources,
+    lora: Source | None = None,
+    *,
+    options: QuantErrorOptions,
+    cache: CacheOptions,
+    run: Run,
+) -> QuantErrorResult:
+    """What quantization did to each weight matrix: relative error and SNR, bits per weight,
+    whether the error is noise-like or structured, whether the top singular values and
+    directions survived, the shift of WeightWatcher's α, and the layers that suffer most.
+
+    Parameters
+    ----------
+    reference : a model (path, Hub ID, module, mapping)
+        The full-precision weights the quantized models were made from.
+    quantized : a model, or a list of them (or a dict: name -> model)
+        Quantized versions of `reference` (GGUF, GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors,
+        MLX, or any dense checkpoint), read dequantized.
+    lora : a PEFT adapter (folder or PeftModel), optional
+        Added to each quantized model first: the error of Q + s·BA against W, what a LoRA trained
+        or initialised on the quantized base (LoftQ) leaves of the quantization error
+        (command line: --lora).
+    {options}
+
+    Returns
+    -------
+    QuantErrorResult
+        One row per matrix and quantized model in ``.to_pandas()``; ``.models()`` per model.
+
+    References
+    ----------
+    Marchenko & Pastur 1967 (the white-noise spectrum the error is held against);
+    Martin & Mahoney 2021, JMLR 22(165) (α); Si et al. 2025 (σ'/σ and reorientation).
+    """
+    quantized = many(quantized)
+    run.refuse_unless(
+        not cache.no_cache, "does not apply: nothing is cached with --no-cache", "cache_dir", "cache_size"
+    )
+    with run.outputs([reference, *quantized, lora], cache_dir=cache.folder) as plan:
+        from weightlab.analysis.quantization import quant_error as compute_quant_error
+        from weightlab.compute.cache import DecompositionCache
+        from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
+        from weightlab.io.open import open_checkpoint
+
+        compute = run.compute()
+        _, (reference_ckpt, *quantized_ckpts) = _open([reference, *quantized], None)
+        if lora is not None:
+            adapter = open_checkpoint(lora)
+            if not isinstance(adapter, LoraAdapter):
+                raise InvalidArgument("--lora is full weights, not a LoRA adapter", describe(lora))
+            quantized_ckpts = [AdaptedCheckpoint(q, adapter) for q in quantized_ckpts]
+        with run.progress("quant-error", "matrices") as (on_start, on_progress):
+            result = compute_quant_error(
+                reference_ckpt, quantized_ckpts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
+            )
         emit(plan, result)
     return result
 

@@ -294,11 +294,13 @@ def command(
     return register
 
 
-def analysis_command(*, precision: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register an analysis command: its own arguments, its options dataclass, and the shared
-    options (rows, device, threads, dtype unless `precision=False`, outputs, force, Ray) as
-    `common: Common`, added here once for every command."""
-    return command(common=(Common, lambda: shared_parameters(Common, () if precision else ("dtype",))))
+def analysis_command(
+    name: str | None = None, *, precision: bool = True
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register an analysis command (`name`: when not the function's): its own arguments, its
+    options dataclass, and the shared options (rows, device, threads, dtype unless
+    `precision=False`, outputs, force, Ray) as `common: Common`, added here once for every command."""
+    return command(name=name, common=(Common, lambda: shared_parameters(Common, () if precision else ("dtype",))))
 
 
 def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:

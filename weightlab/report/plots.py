@@ -22,6 +22,7 @@ from weightlab.analysis.angles import AnglesResult
 from weightlab.analysis.compare import CompareResult
 from weightlab.analysis.esd import ESDResult, SpectralDensity
 from weightlab.analysis.gaussian import LABELS, GaussianResult
+from weightlab.analysis.quantization import NOISE_LIKE, QuantErrorResult
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult
 from weightlab.analysis.tsd import TSDResult, representative
 from weightlab.display import fmt, model_names
@@ -638,6 +639,56 @@ def intruder_plots(result: IntruderReport, out_dir: Path) -> list[Path]:
         return [_save(fig, out_dir / "intruders.png")]
 
 
+def quant_error_plots(result: QuantErrorResult, out_dir: Path) -> list[Path]:
+    """Per quantized model: SNR by layer × role, the error's flatness by depth (white noise at 1,
+    the noise-like threshold dashed), and the shift of α by depth."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = model_names(result.quantized)
+    paths = []
+    with plt.rc_context(STYLE):
+        for i, name in enumerate(names):
+            ms = [m for m in result.matrices if m.quantized == i]
+            fig, (heat, flat, alpha) = plt.subplots(1, 3, figsize=(15, 3.6))
+            grid, layers, roles = _grid(ms, lambda m: np.nan if m.snr_db is None else m.snr_db)
+            if layers and np.isfinite(grid).any():
+                _heatmap(
+                    heat, grid, layers, roles, f"SNR (dB) of {name}", "viridis", "dB (higher: closer)", fmt="{:.0f}"
+                )
+            else:
+                heat.set_axis_off()
+                _say_empty(heat, "no layered matrix has an error:\nSNR not computed (exact copies)")
+            for ax, value, label, title in (
+                (flat, lambda m: m.flatness, "flatness of E (1 = white noise)", "Is the error noise-like?"),
+                (alpha, lambda m: m.alpha_shift, "Δα (quantized − reference)", "Shift of WeightWatcher's α"),
+            ):
+                drawn = False
+                for role in _roles(ms):
+                    shown = [
+                        (m.layer, value(m))
+                        for m in ms
+                        if m.role == role and m.layer is not None and value(m) is not None
+                    ]
+                    if shown:
+                        ax.plot(*zip(*sorted(shown)), marker="o", ms=3, lw=1, label=role)
+                        drawn = True
+                ax.set_xlabel("layer")
+                ax.xaxis.get_major_locator().set_params(integer=True)
+                ax.set_ylabel(label)
+                ax.set_title(title)
+                if drawn:
+                    ax.legend(fontsize=7, frameon=False, ncol=2)
+                else:
+                    _say_empty(ax, "not computed: no layered matrix\nhas an error (or too few eigenvalues)")
+            flat.axhline(1.0, color="#888888", lw=0.7)
+            flat.axhline(NOISE_LIKE, color="#d62728", ls="--", lw=0.8, label=f"noise-like from {NOISE_LIKE}")
+            alpha.axhline(0.0, color="#888888", lw=0.7)
+            fig.suptitle(f"What quantization did: {name}", fontweight="bold")
+            paths.append(
+                _save(fig, out_dir / f"quant_error_{i}.png" if len(names) > 1 else out_dir / "quant_error.png")
+            )
+    return paths
+
+
 def draw(result: object, out_dir: Path) -> list[Path]:
     """The plots of any result, chosen by its type; none for a type without plots."""
     plotter = PLOTTERS.get(type(result))
@@ -652,4 +703,5 @@ PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     CompareResult: compare_plots,
     ESDResult: esd_plots,
     IntruderReport: intruder_plots,
+    QuantErrorResult: quant_error_plots,
 }
