@@ -72,6 +72,18 @@ SECONDS = 0
 TWO_MODEL_ROWS = {"costs", "spectrum", "esd"}  # rows that read the base and ft0 alone
 
 
+def frankenmerge(base: str, other: str, layers: int) -> str:
+    """A mergekit passthrough recipe stacking the base's first three quarters on the fine-tune's last
+    three quarters: 48 layers from two 32-layer models, the shape of the popular 10.7B/11B stacks."""
+    cut = 3 * layers // 4
+    return (
+        "merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+        f"  - sources:\n      - model: {base}\n        layer_range: [0, {cut}]\n"
+        f"  - sources:\n      - model: {other}\n        layer_range: [{layers - cut}, {layers}]\n"
+    )
+
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -187,6 +199,20 @@ def main() -> None:
             )
             done(f"mergekit:{method}", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
             shutil.rmtree(out, ignore_errors=True)
+    recipe = scratch / "frankenmerge.yml"
+    recipe.write_text(frankenmerge(inputs[0], inputs[1], shape.layers))
+    if wanted("merge:frankenmerge"):
+        out = scratch / "frankenmerge"
+        wall, rss, _ = run_command(["merge", "--config", str(recipe), *on_device, "-o", str(out), "--force"])
+        done("merge:frankenmerge", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
+        shutil.rmtree(out, ignore_errors=True)
+    if wanted("mergekit:frankenmerge") and mergekit_yaml.exists():
+        out = scratch / "mk-frankenmerge"
+        wall, rss = run_external(
+            [str(mergekit_yaml), str(recipe), str(out), "--no-copy-tokenizer", "--lazy-unpickle", "--low-cpu-memory"]
+        )
+        done("mergekit:frankenmerge", {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)})
+        shutil.rmtree(out, ignore_errors=True)
     cache = scratch / "cache"
     analyses = {
         "spectrum (cold cache)": ["spectrum", inputs[0], inputs[1], "--cache-dir", str(cache)],

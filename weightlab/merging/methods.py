@@ -633,6 +633,7 @@ METHODS: dict[str, MergeMethod] = {
             mergekit="passthrough",
             mergekit_defaults={"scale": None},
             mergekit_base="input",
+            blockwise=lambda base, models, coeffs, p, states: passthrough(base, models, coeffs, p, None),
         ),
         MergeMethod(
             "nan",
