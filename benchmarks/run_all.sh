@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 [ -x ../.bench/env/bin/python ] || ./setup.sh
 large=0
 if [ "${1:-}" = "--large" ]; then large=1; shift; fi
-for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_lora.py bench_gaussian_tsd.py bench_scale.py bench_load.py; do
+for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_mergekit.py bench_lora.py bench_gaussian_tsd.py bench_scale.py bench_load.py; do
   echo "== $bench"
   ../.bench/env/bin/python "$bench" "$@"
 done
