@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import GGUF_FIXTURES
 
 from weightlab import synthetic
 
@@ -34,7 +35,8 @@ def examples(page: Path) -> tuple[dict[str, str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def workspace(zoo, adapters, tmp_path_factory):
     """base/, ft/, ft_a/, ft_b/, ft_c/, model/, model.safetensors, adapter/, adapter_a/, adapter_b/,
-    warmup-adapter/, tokenizer/ and results/: real tiny Llama checkpoints, PEFT adapters, a tokenizer."""
+    warmup-adapter/, tokenizer/ and results/: real tiny Llama checkpoints, PEFT adapters, a tokenizer;
+    llama/ with llama-q4.gguf and llama-q8.gguf (llama.cpp's files of it), gptq/ (AutoGPTQ's)."""
     root = tmp_path_factory.mktemp("docs")
     links = {
         "base": zoo["llama"],
@@ -47,6 +49,10 @@ def workspace(zoo, adapters, tmp_path_factory):
         "adapter_b": adapters["llama_rslora_pattern"],
         "warmup-adapter": adapters["llama"],
         "model.safetensors": zoo["llama"] / "model.safetensors",
+        "llama": GGUF_FIXTURES / "llama",  # llama.cpp's own files of a tiny Llama, and its original
+        "llama-q4.gguf": GGUF_FIXTURES / "llama.Q4_K_M.gguf",
+        "llama-q8.gguf": GGUF_FIXTURES / "llama.Q8_0.gguf",
+        "gptq": GGUF_FIXTURES.parent / "quantized" / "gptq-8bit",
     }
     for name, target in links.items():
         (root / name).symlink_to(target)

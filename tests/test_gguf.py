@@ -21,7 +21,7 @@ from weightlab.io.gguf_file import GGML_TYPES
 
 gguf = pytest.importorskip("gguf")
 
-ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 QUANTIZED = ["Q4_K_M", "Q8_0", "Q2_K", "IQ4_XS"]
 CONFIG_FACTS = [
     "num_hidden_layers",

@@ -589,6 +589,30 @@ CASES += [
     Case("mk-stage-options", "merge --config mk_two.yml --lambda 2 -o m", 2, "each stage's options", absent=("m",)),
     Case("mk-tokenizer-no-tokenizer", "merge --config mk_vocab.yml -o m", 2, "tokenizer", absent=("m",)),
 ]
+# GGUF and quantized checkpoints, and what quantization did (issue 37)
+CASES += [
+    Case("gguf-truncated", "inspect cut.gguf", 2, "the file is truncated or the shape is wrong"),
+    Case("gguf-lying-shape", "spectrum q8.gguf lying.gguf", 2, "tensor 'blk.0.attn_q.weight': Q8_0 [6400, 64]"),
+    Case("gguf-unknown-type", "esd unknown_type.gguf", 2, "GGML type 99 is not one weightlab reads"),
+    Case("gguf-offset-past-end", "inspect far.gguf", 2, "needs bytes"),
+    Case("gguf-nan-scale", "quant-error q8.gguf nan_scale.gguf", 2, "NaN or Inf"),
+    Case("gguf-unknown-arch", "inspect mamba.gguf", 2, "architecture 'mamba' has no Hugging Face mapping"),
+    Case("gguf-two-in-a-folder", "inspect two_gguf", 2, "2 GGUF files"),
+    Case("gguf-renamed-is-read", "inspect weights.bin", 0, "Q8_0"),
+    Case("quant-error-missing", "quant-error base nothing_here", 2, "no such file or folder"),
+    Case(
+        "quant-error-lora-is-weights", "quant-error base ft --lora ft", 2, "--lora is full weights, not a LoRA adapter"
+    ),
+    Case("quant-error-no-cache-dir", "quant-error base ft --no-cache --cache-dir c", 2, "does not apply"),
+    Case("quant-error-json-onto-input", "quant-error base ft --json ft --force", 2, "--json is the input ft"),
+    Case(
+        "quant-error-merge-gguf",
+        "merge --method average q8.gguf q8.gguf -o qm",
+        0,
+        "is quantized (Q8_0)",
+        exists=("qm/config.json",),
+    ),  # fmt: skip
+]
 
 
 def _st(path: Path, header: bytes | dict, data: bytes = b"") -> None:
@@ -732,6 +756,7 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     (root / "out_old" / "stale.txt").write_text("from an earlier run\n")
     _new_surfaces(root, zoo, adapters, tensor_names)
     _newest_surfaces(root)
+    _gguf_surfaces(root)
     return root
 
 
@@ -905,6 +930,33 @@ def _newest_surfaces(root: Path) -> None:
         synthetic.tiny_model("bert", seed=0),
         LoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler"], init_lora_weights=False),
     ).save_pretrained(root / "bert_pooler")
+
+
+def _gguf_surfaces(root: Path) -> None:
+    """GGUF files written by llama.cpp's gguf package, then damaged as an attacker would."""
+    from conftest import patch_gguf_tensor, write_gguf
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "token_embd.weight": rng.standard_normal((8, 64)).astype(np.float32),
+        "blk.0.attn_q.weight": rng.standard_normal((64, 64)).astype(np.float32),
+    }
+    quant = {"blk.0.attn_q.weight": "Q8_0"}
+    for name in ("q8", "cut", "lying", "unknown_type", "far", "nan_scale"):
+        write_gguf(root / f"{name}.gguf", tensors, quant=quant)
+    (root / "cut.gguf").write_bytes((root / "cut.gguf").read_bytes()[:-1000])
+    patch_gguf_tensor(root / "lying.gguf", "blk.0.attn_q.weight", dims=[64, 6400])
+    patch_gguf_tensor(root / "unknown_type.gguf", "blk.0.attn_q.weight", type_id=99)
+    patch_gguf_tensor(root / "far.gguf", "blk.0.attn_q.weight", offset=1 << 40)
+    data = bytearray((root / "nan_scale.gguf").read_bytes())
+    start = len(data) - 64 * 34  # the Q8_0 tensor's blocks end the file: its first block's float16 scale
+    data[start : start + 2] = b"\x00\x7e"  # a float16 NaN
+    (root / "nan_scale.gguf").write_bytes(bytes(data))
+    write_gguf(root / "mamba.gguf", tensors, arch="mamba")
+    (root / "two_gguf").mkdir()
+    shutil.copy(root / "q8.gguf", root / "two_gguf" / "a.gguf")
+    shutil.copy(root / "q8.gguf", root / "two_gguf" / "b.gguf")
+    shutil.copy(root / "q8.gguf", root / "weights.bin")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -1092,5 +1144,6 @@ def test_the_corpus_covers_every_command_and_class():
         "demo",
         "compare",
         "esd",
+        "quant-error",
     }
     assert len(CASES) >= 160

@@ -228,3 +228,40 @@ def test_the_good_layout_of_huggingface_hub_still_opens(hub, zoo, tmp_path):
         (storage / "blobs" / f"sha-{f.name}").write_bytes(f.read_bytes())
         (snapshot / f.name).symlink_to(f"../../blobs/sha-{f.name}")
     assert set(open_checkpoint("org/blob-layout").names()) == set(open_checkpoint(zoo["llama"]).names())
+
+
+@pytest.fixture()
+def gguf_hub(tmp_path, monkeypatch):
+    """org/tiny-gguf: a repository of GGUF files only, as TheBloke's or bartowski's are."""
+    from conftest import GGUF_FIXTURES
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "repo"
+    source.mkdir()
+    for kind in ("Q4_K_M", "Q8_0"):
+        shutil.copy(GGUF_FIXTURES / f"llama.{kind}.gguf", source / f"tiny-llama.{kind}.gguf")
+    _publish(cache, "org/tiny-gguf", MAIN, source)
+    return cache
+
+
+def test_a_gguf_file_of_a_hub_repository_is_named_by_its_quantization_or_its_name(gguf_hub):
+    from conftest import GGUF_FIXTURES
+
+    for given in ("org/tiny-gguf:Q4_K_M", "org/tiny-gguf:q4_k_m", "org/tiny-gguf:tiny-llama.Q4_K_M.gguf"):
+        ckpt = open_checkpoint(given)
+        assert ckpt.path.name == "tiny-llama.Q4_K_M.gguf"
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert (ckpt.get(name) == open_checkpoint(GGUF_FIXTURES / "llama.Q4_K_M.gguf").get(name)).all()
+    assert open_checkpoint("org/tiny-gguf@" + MAIN + ":Q8_0").path.name == "tiny-llama.Q8_0.gguf"
+
+
+def test_a_gguf_repository_without_a_file_named_is_refused_with_the_way_to_name_one(gguf_hub, run_cli):
+    code, _, err = run_cli("inspect", "org/tiny-gguf")
+    assert code == 2 and "org/tiny-gguf:Q4_K_M" in err, err
+    code, _, err = run_cli("inspect", "org/tiny-gguf:Q")
+    assert code == 2 and "matches 2 GGUF files" in err, err
+    code, _, err = run_cli("inspect", "org/tiny-gguf:Q5_K_M")
+    assert code == 2 and "no GGUF file matching 'Q5_K_M'" in err, err

@@ -1,6 +1,8 @@
 """Hugging Face Hub model IDs wherever a checkpoint path is accepted.
 
-`org/name` or `org/name@revision` (a branch, tag or commit) resolves through `huggingface_hub`:
+`org/name` or `org/name@revision` (a branch, tag or commit) resolves through `huggingface_hub`;
+`org/name[@revision]:FILE` names one GGUF file of a repository that holds several, by its name
+(`model.Q4_K_M.gguf`) or its quantization (`Q4_K_M`, any case, as llama.cpp's `-hf` takes it):
 its cache, a download with progress when online, `HF_HUB_OFFLINE=1` honoured. Only what weightlab
 reads is fetched: the configs and indexes first, then exactly the weight files they name. A local
 path that exists always wins over an ID.
@@ -22,18 +24,28 @@ from weightlab.errors import CheckpointNotFound, CorruptCheckpoint
 from weightlab.io.files import NotARegularFile, read_regular
 from weightlab.io.index import read_weight_map
 
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+HUB_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?(?::(?P<file>[\w.+-]+))?$"
+)
 METADATA = ["config.json", "adapter_config.json", "generation_config.json", "*.safetensors.index.json"]
 DENSE_INDEX = "model.safetensors.index.json"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """(repo, revision) for text shaped like `org/name[@revision]`, else None."""
+    """(repo, revision) for text shaped like `org/name[@revision][:FILE]`, else None."""
     match = HUB_ID.match(text)
     if not match or (match["revision"] and any(p in ("", ".", "..") for p in match["revision"].split("/"))):
         return None  # a revision is a name, never a path out of the cache
+    if match["file"] is not None and match["file"] in (".", ".."):
+        return None
     return match["repo"], match["revision"]
+
+
+def hub_file(text: str) -> str | None:
+    """The `:FILE` of a Hub ID (a GGUF file's name or quantization), None when it names none."""
+    match = HUB_ID.match(text)
+    return match["file"] if match and parse_hub_id(text) else None
 
 
 def is_hub_id(source: str | Path) -> bool:
@@ -63,7 +75,39 @@ def locate(source: str | Path) -> Path:
     hub = parse_hub_id(str(source))
     if hub is None:
         raise CheckpointNotFound("no such file or folder", path)
+    wanted = hub_file(str(source))
+    if wanted is not None:
+        return _gguf_in_snapshot(str(source), *hub, wanted)
     return _snapshot(str(source), *hub)
+
+
+def gguf_patterns(wanted: str) -> list[str]:
+    """What to fetch for `:FILE`: that file, or every GGUF file whose name holds the quantization."""
+    if wanted.endswith(".gguf"):
+        return [wanted, f"*/{wanted}"]
+    return sorted({f"*{w}*.gguf" for w in (wanted, wanted.lower(), wanted.upper())})
+
+
+def _gguf_in_snapshot(source: str, repo: str, revision: str | None, wanted: str) -> Path:
+    """The one GGUF file of the snapshot that `:FILE` names (the first shard of a split model)."""
+    cached = cached_snapshot(repo, revision, source)
+    found = _matching_gguf(cached, wanted) if cached is not None else []
+    if len(found) != 1:
+        folder = _fetch(source, repo, revision, gguf_patterns(wanted))
+        found = _matching_gguf(folder, wanted)
+    if not found:
+        raise CheckpointNotFound(f"the Hub model {repo} has no GGUF file matching {wanted!r}", source)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4]) + (", …" if len(found) > 4 else "")
+        raise CheckpointNotFound(f"{wanted!r} matches {len(found)} GGUF files of {repo} ({names}): name one", source)
+    return found[0]
+
+
+def _matching_gguf(folder: Path, wanted: str) -> list[Path]:
+    files = [p for p in sorted(folder.rglob("*.gguf")) if not re.search(r"-(?!00001)\d{5}-of-\d{5}\.gguf$", p.name)]
+    if wanted.endswith(".gguf"):
+        return [p for p in files if p.name == wanted]
+    return [p for p in files if wanted.lower() in p.name.lower()]
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -151,6 +195,24 @@ def cached_snapshot(repo: str, revision: str | None, source: str) -> Path | None
 
 
 def _snapshot(source: str, repo: str, revision: str | None) -> Path:
+    cached = cached_snapshot(repo, revision, source)
+    if cached is not None and all((cached / w).is_file() for w in _weight_files(cached)):
+        return cached
+    folder = _fetch(source, repo, revision, METADATA)
+    weights = _weight_files(folder)
+    folder = _fetch(source, repo, revision, weights)
+    missing = [w for w in weights if not (folder / w).is_file()]
+    if missing:
+        raise CheckpointNotFound(
+            f"the Hub model {repo} has no {missing[0]} (for one of its GGUF files, name it: "
+            f"{repo}:Q4_K_M or {repo}:FILE.gguf)",
+            source,
+        )
+    return folder
+
+
+def _fetch(source: str, repo: str, revision: str | None, patterns: list[str]) -> Path:
+    """The confined snapshot of `repo` at `revision` with the files `patterns` match fetched."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -162,17 +224,8 @@ def _snapshot(source: str, repo: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    cached = cached_snapshot(repo, revision, source)
-    if cached is not None and all((cached / w).is_file() for w in _weight_files(cached)):
-        return cached
     try:
-        folder = confine_snapshot(
-            repo, Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA)), source
-        )
-        weights = _weight_files(folder)
-        folder = confine_snapshot(
-            repo, Path(snapshot_download(repo, revision=revision, allow_patterns=weights)), source
-        )
+        return confine_snapshot(repo, Path(snapshot_download(repo, revision=revision, allow_patterns=patterns)), source)
     except RevisionNotFoundError:
         raise CheckpointNotFound(
             f"no such file or folder, and the Hub model {repo} has no revision {revision}", source
@@ -198,7 +251,3 @@ def _snapshot(source: str, repo: str, revision: str | None) -> Path:
             f"no such file or folder, and the Hub model {repo} could not be fetched: {str(error).splitlines()[0]}",
             source,
         ) from None
-    missing = [w for w in weights if not (folder / w).is_file()]
-    if missing:
-        raise CheckpointNotFound(f"the Hub model {repo} has no {missing[0]} (weightlab reads safetensors)", source)
-    return folder
