@@ -83,7 +83,6 @@ def frankenmerge(base: str, other: str, layers: int) -> str:
     )
 
 
-
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)

@@ -1,8 +1,8 @@
 """Quantized checkpoints (issue 37): what reading a GGUF file costs against the same model in
 bfloat16 safetensors, and what `quant-error` costs, on a generated Llama, in one run.
 
-    benchmarks/setup_llama_cpp.sh                                    # once: llama.cpp's converter and llama-quantize
-    python benchmarks/bench_quant.py                                 # 7B shapes, two layers (hidden 4096, 11008, vocab 32000)
+    benchmarks/setup_llama_cpp.sh      # once: llama.cpp's converter and llama-quantize
+    python benchmarks/bench_quant.py   # 7B shapes, two layers (hidden 4096, 11008, vocab 32000)
     python benchmarks/bench_quant.py --layers 2 --hidden 512 --intermediate 1376 --vocab 4096   # quick
 
 The base (bfloat16, as bench_7b.py generates it) is converted by llama.cpp's own
@@ -70,7 +70,8 @@ def gguf_files(base: Path, kind: str) -> tuple[Path, Path]:
     bf16, quantized = base.parent / "base.bf16.gguf", base.parent / f"base.{kind}.gguf"
     if not bf16.exists():
         shutil.copy(TOKENIZER, base / "tokenizer.model")  # the converter needs a vocabulary; it pads to vocab_size
-        subprocess.run([str(python), str(converter), str(base), "--outtype", "bf16", "--outfile", str(bf16)], check=True)
+        convert = [str(python), str(converter), str(base), "--outtype", "bf16", "--outfile", str(bf16)]
+        subprocess.run(convert, check=True)
     if not quantized.exists():
         subprocess.run([str(quantize), str(bf16), str(quantized), kind], check=True, capture_output=True)
     return bf16, quantized
@@ -85,9 +86,10 @@ def main() -> None:
     largest = max(math.prod(s) for s in shape.tensors().values()) * 4 / 2**20
     result: dict = {
         "parameters": shape.parameters,
-        "shape": {"layers": shape.layers, "hidden": shape.hidden, "intermediate": shape.intermediate, "vocab": shape.vocab},
+        "shape": {"layers": shape.layers, "hidden": shape.hidden, "intermediate": shape.intermediate},
+        "vocab": shape.vocab,
         "quantization": args.type,
-        "bytes": {"safetensors": shape.bytes, "gguf_bf16": bf16.stat().st_size, "gguf_quantized": quantized.stat().st_size},
+        "bytes": {"safetensors": shape.bytes, "gguf_bf16": bf16.stat().st_size, "gguf": quantized.stat().st_size},
         "largest_tensor_float32_mb": round(largest),
         "preparation_s": round(time.perf_counter() - started, 1),
         "rows": {},

@@ -611,7 +611,7 @@ CASES += [
         0,
         "is quantized (Q8_0)",
         exists=("qm/config.json",),
-    ),  # fmt: skip
+    ),
 ]
 
 
