@@ -46,6 +46,7 @@ def _valid(name: str, m) -> tuple[list, dict]:
         "inspect": ([base], {}),
         "spectrum": ([base, [ft]], {}),
         "esd": ([ft], {"base": base}),
+        "quant_error": ([base, ft], {}),
         "compare": ([[ft, ft]], {"base": base}),
         "angles": ([ft, ft], {"base": base}),
         "gaussian": ([ft], {"base": base}),

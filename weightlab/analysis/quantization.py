@@ -265,7 +265,13 @@ class QuantErrorResult(Result):
         if not models:
             return [("quant.matrices", "matrices analysed", 0)]
         worst = max(models, key=lambda s: s["relative_error"] or 0)
+        which = (
+            [("quant.worst_model", "largest error", model_names(self.quantized)[models.index(worst)])]
+            if len(models) > 1
+            else []
+        )
         return [
+            *which,
             ("quant.matrices", "matrices analysed", len(self.matrices)),
             ("quant.bits_per_weight", "bits per weight", worst["bits_per_weight"]),
             ("quant.relative_error", "‖E‖/‖W‖ (model)", worst["relative_error"]),

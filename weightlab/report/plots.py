@@ -652,11 +652,14 @@ def quant_error_plots(result: QuantErrorResult, out_dir: Path) -> list[Path]:
             grid, layers, roles = _grid(ms, lambda m: np.nan if m.snr_db is None else m.snr_db)
             if layers and np.isfinite(grid).any():
                 _heatmap(
-                    heat, grid, layers, roles, f"SNR (dB) of {name}", "viridis", "dB (higher: closer)", fmt="{:.0f}"
+                    heat, grid, layers, roles, f"SNR (dB) of {name}", "viridis", "dB (higher: closer)", fmt="{:.1f}"
                 )
             else:
                 heat.set_axis_off()
                 _say_empty(heat, "no layered matrix has an error:\nSNR not computed (exact copies)")
+            flat.axhline(1.0, color="#888888", lw=0.7)
+            flat.axhline(NOISE_LIKE, color="#d62728", ls="--", lw=0.8, label=f"noise-like from {NOISE_LIKE}")
+            alpha.axhline(0.0, color="#888888", lw=0.7)
             for ax, value, label, title in (
                 (flat, lambda m: m.flatness, "flatness of E (1 = white noise)", "Is the error noise-like?"),
                 (alpha, lambda m: m.alpha_shift, "Δα (quantized − reference)", "Shift of WeightWatcher's α"),
@@ -679,9 +682,6 @@ def quant_error_plots(result: QuantErrorResult, out_dir: Path) -> list[Path]:
                     ax.legend(fontsize=7, frameon=False, ncol=2)
                 else:
                     _say_empty(ax, "not computed: no layered matrix\nhas an error (or too few eigenvalues)")
-            flat.axhline(1.0, color="#888888", lw=0.7)
-            flat.axhline(NOISE_LIKE, color="#d62728", ls="--", lw=0.8, label=f"noise-like from {NOISE_LIKE}")
-            alpha.axhline(0.0, color="#888888", lw=0.7)
             fig.suptitle(f"What quantization did: {name}", fontweight="bold")
             paths.append(
                 _save(fig, out_dir / f"quant_error_{i}.png" if len(names) > 1 else out_dir / "quant_error.png")
