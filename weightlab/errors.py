@@ -59,6 +59,10 @@ class UnsupportedDtype(WeightlabError):
     """A dtype weightlab cannot read or compute with."""
 
 
+class UnsupportedLayout(WeightlabError):
+    """A tensor whose layout weightlab does not know how to read as a matrix (never guessed)."""
+
+
 class UnsafePickle(WeightlabError):
     """A legacy pickle holds more than plain tensors; it is refused, never executed."""
 

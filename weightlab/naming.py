@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from weightlab.errors import UnsupportedLayout
 from weightlab.model_config import ModelConfig
 
 # Wrapper prefixes that differ between a base model, its task-head variant and a PEFT wrapper.
@@ -23,6 +24,8 @@ _ROLES: list[tuple[re.Pattern[str], str]] = [
         (r"(v_proj|attention\.self\.value|attn\.v|\.value)\.weight$", "v"),
         (r"(qkv_proj|query_key_value|attn\.c_attn|Wqkv)\.weight$", "qkv"),
         (r"(o_proj|out_proj|attention\.output\.dense|attn\.c_proj|self_attn\.dense|attention\.dense)\.weight$", "o"),
+        (r"(mlp|block_sparse_moe|feed_forward)\.(gate|router)\.weight$", "router"),
+        (r"shared_expert_gate\.weight$", "router"),
         (r"(gate_proj|w1)\.weight$", "gate"),
         (r"(gate_up_proj)\.weight$", "gate_up"),
         (r"(up_proj|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|fc1|w3)\.weight$", "up"),
@@ -40,15 +43,39 @@ _CONV1D_NAME = re.compile(r"(?:^|\.)h\.\d+\.(?:attn|mlp|crossattention)\.(?:c_at
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
+# Mixtral's saved per-expert names and the names of its experts split from transformers' fused
+# tensors (`io.experts`): w1 is the gate, w3 the up projection, w2 the down one.
+_MIXTRAL = [
+    (re.compile(r"(^|\.)block_sparse_moe\."), r"\1mlp."),
+    (re.compile(r"(\.experts\.\d+\.)w1\."), r"\1gate_proj."),
+    (re.compile(r"(\.experts\.\d+\.)w3\."), r"\1up_proj."),
+    (re.compile(r"(\.experts\.\d+\.)w2\."), r"\1down_proj."),
+]
+
+
 def canonical_name(name: str) -> str:
-    """Strip wrapper prefixes so `base_model.model.model.layers.0...` and `layers.0...` meet."""
+    """Strip wrapper prefixes so `base_model.model.model.layers.0...` and `layers.0...` meet, and
+    spell Mixtral's experts as every other MoE does (`block_sparse_moe.experts.N.w1` is
+    `mlp.experts.N.gate_proj`)."""
     changed = True
     while changed:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name, changed = name[len(prefix) :], True
+    if "block_sparse_moe" in name:
+        for pattern, replacement in _MIXTRAL:
+            name = pattern.sub(replacement, name)
     return name
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a Mixture-of-Experts tensor belongs to (`mlp.experts.5.down_proj`), else None."""
+    found = _EXPERT.search(name)
+    return int(found.group(1)) if found else None
 
 
 def layer_index(name: str) -> int | None:
@@ -86,11 +113,25 @@ def is_conv1d(name: str, config: ModelConfig | None = None) -> bool:
     return True  # GPT-2 naming without a config: these names are Conv1D there
 
 
+def is_conv_kernel(name: str, shape: Sequence[int]) -> bool:
+    """A convolution kernel (out × in × k…): 4-D and 5-D weights, and 3-D ones named conv. Any
+    other tensor of more than two dimensions (fused MoE experts: `io.experts`) is no matrix."""
+    return len(shape) in (4, 5) or (len(shape) == 3 and "conv" in name.lower())
+
+
 def as_matrix(name: str, tensor: torch.Tensor, config: ModelConfig | None = None) -> torch.Tensor:
-    """The out x in matrix the maths sees: Conv1D transposed, conv kernels out x (in*kh*kw)."""
+    """The out x in matrix the maths sees: Conv1D transposed, conv kernels out x (in*kh*kw). A
+    tensor of more than two dimensions of any other layout is refused, never reshaped by guess."""
     if is_conv1d(name, config):
         return tensor.T
     if tensor.ndim > 2:
+        if not is_conv_kernel(name, tuple(tensor.shape)):
+            raise UnsupportedLayout(
+                f"a {tensor.ndim}-D tensor {list(tensor.shape)} of no known layout (a convolution kernel or "
+                "a Mixture-of-Experts expert tensor) is not read as a matrix",
+                None,
+                name,
+            )
         return tensor.reshape(tensor.shape[0], -1)
     return tensor
 

@@ -453,7 +453,15 @@ def _not_analysed(walk: TensorWalk, options: ESDOptions) -> list[Skipped]:
         if item.names[0] in chosen or len(item.shape) < 2 or min(item.shape[0], math.prod(item.shape[1:])) < 2:
             continue  # vectors and [1, n] buffers are not matrices
         if not item.is_float:
-            out.append(Skipped(item.names[0], f"{item.dtype} entries: integer (quantised?) weights are not read"))
+            out.append(
+                Skipped(
+                    item.names[0],
+                    f"{item.dtype} entries: not weights (a quantized format weightlab reads decodes to floats)",
+                )
+            )
+    for name in walk.unknown:  # more than two dimensions of no known layout: never read as a matrix
+        shape = walk.sources[0].info(name).shape
+        out.append(Skipped(name, f"a {len(shape)}-D tensor {list(shape)} of no known layout: not read as a matrix"))
     return out
 
 

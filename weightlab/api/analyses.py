@@ -53,11 +53,13 @@ def many(sources: Sources | None) -> list[Source]:
 
 def _open(models: Sequence[Source], base: Source | None) -> tuple[Any, list[Any]]:
     """The base (None without one) and each model: with a base, a fine-tune or adapter of it (its
-    weights W'); without, full weights. Torch loads here, after the inputs were checked."""
+    weights W'); without, full weights; fused Mixture-of-Experts tensors as one matrix per expert
+    (`io.experts`). Torch loads here, after the inputs were checked."""
+    from weightlab.io.experts import per_expert
     from weightlab.io.open import open_finetuned, open_weights
 
-    base_ckpt = open_weights(base) if base is not None else None
-    return base_ckpt, [open_finetuned(m, base_ckpt) if base_ckpt else open_weights(m) for m in models]
+    base_ckpt = per_expert(open_weights(base)) if base is not None else None
+    return base_ckpt, [per_expert(open_finetuned(m, base_ckpt) if base_ckpt else open_weights(m)) for m in models]
 
 
 def _is_iterator(value: object) -> bool:

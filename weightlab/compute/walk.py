@@ -26,6 +26,7 @@ from weightlab.domains import compile_filter
 from weightlab.io.adapter import AdaptedCheckpoint
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.matching import MatchedTensor, match_checkpoints
+from weightlab.naming import is_conv_kernel
 from weightlab.options import Filters
 
 T = TypeVar("T")
@@ -57,6 +58,8 @@ def select(matched: Sequence[MatchedTensor], selection: Selection) -> list[Match
             continue
         if selection.matrices and (len(item.shape) < 2 or min(item.shape[0], math.prod(item.shape[1:])) < 2):
             continue
+        if selection.matrices and len(item.shape) > 2 and not is_conv_kernel(name, item.shape):
+            continue  # no matrix to read (`problems` says so); fused experts come split (`io.experts`)
         if (inc and not inc.search(name)) or (exc and exc.search(name)):
             continue
         if selection.names is not None and name not in selection.names:
@@ -116,6 +119,11 @@ class TensorWalk:
             if not changed_by or rule(may_change(c, item.names[0]) for c in changed_by)
         ]
         self._position = {item.names[0]: i for i, item in enumerate(self.items)}
+        self.unknown = [  # what an analysis cannot read as matrices (a merge takes every tensor)
+            item.names[0]
+            for item in self.matching.matched
+            if selection.matrices and len(item.shape) > 2 and not is_conv_kernel(item.names[0], item.shape)
+        ]
 
     @classmethod
     def of_items(cls, sources: Sequence[Checkpoint], items: Sequence[MatchedTensor]) -> TensorWalk:
@@ -160,8 +168,14 @@ class TensorWalk:
 
     @property
     def problems(self) -> list[str]:
-        """Tensors only some sources have, and shape mismatches, as lines for the user."""
-        return self.matching.describe_problems()
+        """Tensors only some sources have, shape mismatches, and tensors of more than two
+        dimensions of no known layout (never read as a matrix), as lines for the user."""
+        unknown = [
+            f"{name}: a {len(shape)}-D tensor {list(shape)} of no known layout (neither a convolution kernel nor "
+            "a Mixture-of-Experts expert tensor): not analysed"
+            for name, shape in ((n, self.sources[0].info(n).shape) for n in getattr(self, "unknown", []))
+        ]
+        return self.matching.describe_problems() + unknown
 
     def in_order(
         self, results: list[T], name_of: Callable[[T], str], group: Callable[[T], Any] = lambda r: 0

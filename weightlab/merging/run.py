@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +36,7 @@ from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch, Unsu
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.atomic import scratch_folder
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.experts import ExpertPart, fused_parts
 from weightlab.io.finite import require_finite_input
 from weightlab.io.memory import StateDictWriter, config_files, donor_of
 from weightlab.io.open import open_checkpoint
@@ -366,6 +367,7 @@ def in_row_blocks(config: MergeConfig, item: MatchedTensor, ckpts: Sequence[Chec
         and config.spec.splits(item.shape)
         and _nbytes(anchor, item.names[0]) >= 2 * ROW_BLOCK_BYTES
         and not any(c.formed_whole(n) for c, n in zip(ckpts, item.names))
+        and not fused_parts(item.names[0], tuple(item.shape), anchor.config)  # merged expert by expert
     )
 
 
@@ -466,6 +468,25 @@ def side_files(config: MergeConfig, anchor: Checkpoint) -> dict[str, str]:
     if raw is not None and (isinstance(anchor, SliceView) or isinstance(source, VocabularyView)):
         files["config.json"] = config_text(raw)
     return files
+
+
+PartMerge = Callable[[str, torch.Tensor | None, list[torch.Tensor]], torch.Tensor]  # (key, base, models) -> merged
+
+
+def per_part(
+    experts: dict[str, ExpertPart],
+) -> Callable[[PartMerge, torch.Tensor | None, list[torch.Tensor]], torch.Tensor]:
+    """`fn(key, base, models)` applied to each expert's matrix of a fused expert tensor (named by
+    its per-expert name), the results put back in the fused layout: every method sees matrices."""
+
+    def apply(fn: PartMerge, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty_like(models[0])
+        for key, part in experts.items():
+            own = [part.take(t[part.expert]) for t in models]
+            part.put(out, fn(key, None if base is None else part.take(base[part.expert]), own))
+        return out
+
+    return apply
 
 
 def dequantized_inputs(ckpts: Sequence[Checkpoint]) -> dict[str, str]:
@@ -660,19 +681,22 @@ def merge(
             if nan and config.nan.granularity == "tensor":
                 norms = [float((t - w0).norm()) if task_vectors and w0 is not None else float(t.norm()) for t in thetas]
                 coeffs = own = nan_coefficients(norms, config.nan.power, config.nan.normalize)
-            generators = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, name, i))
             extra = {}
             if statistics is not None:
                 found = statistics.of(name, n)
                 extra["statistics"] = None if found is None else (statistics.transposed.get(name, False), found)
-            merged = spec.fn(
-                w0,
-                thetas,
-                torch.tensor(coeffs, dtype=compute.dtype, device=compute.device),
-                tensor_p,
-                generators,
-                **extra,
-            )
+            weights = torch.tensor(coeffs, dtype=compute.dtype, device=compute.device)
+
+            def merged_as(key: str, w: torch.Tensor | None, ts: list[torch.Tensor]) -> torch.Tensor:
+                seeded = lambda i: torch.Generator().manual_seed(tensor_seed(config.seed, key, i))
+                return spec.fn(w, ts, weights, tensor_p, seeded, **extra)
+
+            def calibrated(merged: torch.Tensor, w: torch.Tensor, ts: list[torch.Tensor]) -> torch.Tensor:
+                return w + calibrate(merged - w, [t - w for t in ts], params.svc_alpha)
+
+            experts = fused_parts(name, tuple(item.shape), anchor.config)
+            by_expert = per_part(experts) if experts else None
+            merged = by_expert(merged_as, w0, thetas) if by_expert else merged_as(name, w0, thetas)
             lam = None
             if config.auto_lambda:
                 assert w0 is not None  # auto λ needs a base (MergeConfig)
@@ -682,7 +706,13 @@ def merge(
                 merged = w0 + lam * (merged - w0)
             if "svc" in config.modifiers:
                 assert w0 is not None  # modifiers need a base (MergeConfig)
-                merged = w0 + calibrate(merged - w0, [t - w0 for t in thetas], params.svc_alpha)
+                merged = (
+                    by_expert(
+                        lambda _, w, ts: calibrated(ts[0], w if w is not None else ts[0], ts[1:]), w0, [merged, *thetas]
+                    )
+                    if by_expert
+                    else calibrated(merged, w0, thetas)
+                )
             if lines is not None:
                 assert w0 is not None
                 lines.add(name, w0, thetas, merged)

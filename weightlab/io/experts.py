@@ -1,0 +1,182 @@
+"""Mixture-of-Experts layouts: a fused expert tensor is E matrices, never one.
+
+transformers (v5) holds each MoE layer's experts in two 3-D tensors: `mlp.experts.gate_up_proj`
+and `mlp.experts.down_proj`. Their orientation and how gate and up share one tensor depend on
+the architecture (facts from transformers' modelling code):
+
+| family | gate_up_proj | gate, up | down_proj |
+|---|---|---|---|
+| Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek, OLMoE, … (out × in) | [E, 2I, H] | first I rows, last I | [E, H, I] |
+| Llama 4 (in × out) | [E, H, 2I] | first I columns, last I | [E, I, H] |
+| gpt-oss (in × out, biased) | [E, H, 2I] | even columns, odd ones | [E, I, H] |
+
+`ExpertView` shows such a checkpoint as its per-expert matrices, out × in, under the names a
+per-expert checkpoint has (`mlp.experts.5.gate_proj.weight`, transformers' saved layout), so a
+fused model in memory and the same model saved per expert give the same names and the same
+figures. A tensor of more than two dimensions that is neither an expert layout nor a convolution
+kernel is never read as a matrix (`naming.as_matrix` refuses it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightlab.errors import CorruptCheckpoint
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.safetensors_file import TensorInfo
+from weightlab.model_config import ModelConfig
+
+FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+IN_BY_OUT = {"gpt_oss", "llama4", "llama4_text"}  # families that store experts in × out
+INTERLEAVED = {"gpt_oss"}  # gate and up alternate along the columns
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One expert's matrix (or bias) inside a fused tensor."""
+
+    fused: str  # the fused tensor's name
+    expert: int
+    part: str  # gate_proj, up_proj or down_proj
+    bias: bool
+    transposed: bool  # stored in × out
+    half: int  # for gate_up: 0 gate, 1 up; -1 for down
+    interleaved: bool
+    shape: tuple[int, ...]  # of the part, as read (out × in; a bias: out)
+
+    def take(self, expert: torch.Tensor) -> torch.Tensor:
+        """This part of one expert's slice of the fused tensor (its [1:] dimensions)."""
+        x = expert
+        if self.half >= 0:
+            along = -1 if (self.transposed or self.bias) else 0
+            size = x.shape[along] // 2
+            if self.interleaved:
+                x = x[..., self.half :: 2] if along == -1 else x[self.half :: 2]
+            else:
+                x = x.narrow(along, self.half * size, size)
+        if self.transposed and not self.bias:
+            x = x.T
+        return x.contiguous()
+
+    def put(self, fused: torch.Tensor, value: torch.Tensor) -> None:
+        """Write this part (out × in, as `take` gives it) into its place in `fused` (all experts)."""
+        target = fused[self.expert]
+        value = value.T if self.transposed and not self.bias else value
+        if self.half < 0:
+            target.copy_(value)
+            return
+        along = -1 if (self.transposed or self.bias) else 0
+        size = target.shape[along] // 2
+        if self.interleaved:
+            (target[..., self.half :: 2] if along == -1 else target[self.half :: 2]).copy_(value)
+        else:
+            target.narrow(along, self.half * size, size).copy_(value)
+
+
+def virtual_name(prefix: str, expert: int, part: str, bias: bool) -> str:
+    return f"{prefix}.{expert}.{part}.{'bias' if bias else 'weight'}"
+
+
+def fused_parts(name: str, shape: tuple[int, ...], config: ModelConfig | None) -> dict[str, ExpertPart] | None:
+    """The per-expert parts of a fused expert tensor (virtual name -> part), None for any other
+    tensor; CorruptCheckpoint when its shape fits no layout of its family."""
+    found = FUSED.match(name)
+    if not found or len(shape) != (2 if found["bias"] else 3):
+        return None
+    model_type = (config.model_type if config else None) or ""
+    transposed, interleaved = model_type in IN_BY_OUT, model_type in INTERLEAVED
+    experts, bias = shape[0], bool(found["bias"])
+    gate_up = found["kind"] == "gate_up_proj"
+    sizes: dict[str, tuple[int, ...]]
+    if bias:
+        out = shape[1]
+        if gate_up and out % 2:
+            raise CorruptCheckpoint(f"fused gate/up bias {list(shape)} does not split in two", None, name)
+        sizes = {"gate_proj": (out // 2,), "up_proj": (out // 2,)} if gate_up else {"down_proj": (out,)}
+    else:
+        rows, cols = (shape[2], shape[1]) if transposed else (shape[1], shape[2])  # out × in
+        if gate_up and rows % 2:
+            raise CorruptCheckpoint(
+                f"fused gate/up experts {list(shape)}: {rows} outputs do not split in two", None, name
+            )
+        sizes = (
+            {"gate_proj": (rows // 2, cols), "up_proj": (rows // 2, cols)} if gate_up else {"down_proj": (rows, cols)}
+        )
+    return {
+        virtual_name(found["prefix"], e, part, bias): ExpertPart(
+            name, e, part, bias, transposed, (0 if part == "gate_proj" else 1) if gate_up else -1, interleaved, size
+        )
+        for e in range(experts)
+        for part, size in sizes.items()
+    }
+
+
+class ExpertView(Checkpoint):
+    """A checkpoint whose fused expert tensors read as per-expert matrices (everything else as
+    it is). One expert is read at a time: a fused tensor's experts are its first dimension."""
+
+    def __init__(self, inner: Checkpoint, parts: dict[str, ExpertPart]):
+        super().__init__(inner.path, inner.config)
+        self.inner, self.parts = inner, parts
+        self.read_ahead = inner.read_ahead
+        self.config_in_file = inner.config_in_file
+        fused = {p.fused for p in parts.values()}
+        infos: dict[str, TensorInfo] = {}
+        for name in inner.names():
+            if name not in fused:
+                infos[name] = inner.info(name)
+        for virtual, part in parts.items():
+            stored = inner.info(part.fused)
+            size = stored.nbytes // stored.shape[0] * _numel(part.shape) // _numel(stored.shape[1:])
+            infos[virtual] = TensorInfo(virtual, part.shape, stored.dtype, stored.file, -1, size)
+        self.__infos = dict(sorted(infos.items()))
+        self._last: tuple[tuple[str, int], torch.Tensor] | None = None  # gate and up share one read
+
+    @property
+    def folder(self) -> Path | None:
+        return self.inner.folder
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self.__infos
+
+    def formed_whole(self, name: str) -> bool:
+        return name in self.parts or self.inner.formed_whole(name)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        part = self.parts.get(info.name)
+        if part is None:
+            return self.inner.get(info.name)
+        key = (part.fused, part.expert)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.inner.get_rows(part.fused, part.expert, part.expert + 1)[0])
+        return part.take(self._last[1])
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
+        if info.name in self.parts:
+            return self._read(info)[start:stop].clone()
+        return self.inner.get_rows(info.name, start, stop, into=into)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def per_expert(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its fused expert tensors as per-expert matrices, or `ckpt` itself when it has none."""
+    parts: dict[str, ExpertPart] = {}
+    for name in ckpt.names():
+        try:
+            found = fused_parts(name, tuple(ckpt.info(name).shape), ckpt.config)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(e.message, ckpt.path, name) from None
+        if found:
+            parts.update(found)
+    return ExpertView(ckpt, parts) if parts else ckpt
