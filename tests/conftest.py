@@ -4,13 +4,31 @@ fine-tunes, planted changes, PEFT adapters and corrupt files. Built once per tes
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Nothing in the tests may reach the Hugging Face Hub; set before huggingface_hub reads it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import atexit
+import shutil
+import tempfile
+
+# The suite leaves the user's home alone: every process of it (xdist workers too) gets its own
+# temporary home and cache, set before anything reads them. The real cache is remembered (once,
+# by the first process) so that the session can check at its end that nothing there changed.
+os.environ.setdefault(
+    "WEIGHTLAB_TESTS_REAL_CACHE",
+    str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightlab"),
+)
+TEST_HOME = Path(tempfile.mkdtemp(prefix="weightlab-tests-home-"))
+atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
+os.environ["HOME"] = str(TEST_HOME)
+os.environ["XDG_CACHE_HOME"] = str(TEST_HOME / ".cache")
+os.environ["WEIGHTLAB_CACHE"] = str(TEST_HOME / ".cache" / "weightlab" / "decompositions")
+
 import json
+import re
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,11 +233,46 @@ def requantized(source: Path, dest: Path, kind: str) -> Path:
     return dest
 
 
-def shown_nan(html: str) -> list[str]:
-    """Where a report shows 'nan' (or 'inf') to a reader: its text and attributes, images and
-    scripts aside. A figure that was not computed must say so instead."""
-    import re
+# The merge method NAN (its registry key is `nan`) is a name, not a value: where a report names it.
+NAN_METHOD = re.compile(r"Merge: nan\b|data-key='merge\.method' data-v='nan'>nan\b|\| method \| nan \||--method nan\b")
 
+
+def shown_nan(html: str) -> list[str]:
+    """Where a report shows a value that is not a number ('nan', 'NaN', 'inf', 'Infinity') to a
+    reader: its text and attributes, images and scripts aside. A figure that was not computed must
+    say so instead."""
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S | re.I)
     text = re.sub(r"data:[^'\"\s)]+", " ", text)
-    return [m.group(0) for m in re.finditer(r".{0,40}\b(nan|-?inf)\b.{0,40}", text, flags=re.I)]
+    text = NAN_METHOD.sub(" ", text)
+    return [m.group(0) for m in re.finditer(r".{0,40}(?<![\w-])-?(nan|NaN|inf|Inf|Infinity)(?![\w-]).{0,40}", text)]
+
+
+def _files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a folder: its size and modification time, by relative path."""
+    if not folder.is_dir():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_the_users_cache_alone_and_shows_no_nan(tmp_path_factory):
+    """At the end of the session (each xdist worker checks its own share): the user's real
+    weightlab cache is as it was, and no report the suite wrote (HTML or Markdown, anywhere under
+    the session's temporary folders) shows 'nan' or 'inf'."""
+    real_cache = Path(os.environ["WEIGHTLAB_TESTS_REAL_CACHE"])
+    before = _files_under(real_cache)
+    yield
+    changed = sorted(set(before.items()) ^ set(_files_under(real_cache).items()))
+    assert not changed, f"the tests changed the user's cache {real_cache}: {[name for name, _ in changed][:10]}"
+    shown = {
+        str(path): found
+        for path in sorted(tmp_path_factory.getbasetemp().rglob("*"))
+        if path.suffix in (".html", ".md") and path.is_file()
+        for found in [shown_nan(path.read_text(errors="replace"))]
+        if found
+    }
+    assert not shown, f"reports that show nan or inf: {shown}"

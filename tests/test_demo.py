@@ -56,6 +56,8 @@ def test_the_tour_counts_its_stages_and_says_where_its_models_live(demo_out):
         "nan-weights",
         "nan-task-vectors-lambda-2",
         "ties-nan-density-0.3-lambda-2",
+        "ace-default",
+        "iso-c-lines-default",
     }
 
 
@@ -101,12 +103,37 @@ def test_merged_models_keep_accuracy_and_nan_is_compared_with_task_arithmetic(de
     table = "\n".join(lines)
     print(table)
     (ARTIFACTS / "merge_accuracy.txt").write_text(table + "\n")
-    assert {"task-arithmetic λ=0.5", "nan (weights)", "nan (task vectors), λ=2"} <= set(merges)
-    for label in ("task-arithmetic λ=0.5", "nan (weights)"):
+    assert {"task-arithmetic λ=0.5", "NAN (weights)", "NAN (task vectors), λ=2"} <= set(merges)
+    for label in ("task-arithmetic λ=0.5", "NAN (weights)"):
         acc = merges[label]["accuracy"]
         assert min(acc.values()) >= 0.6, (label, acc)
     before = {k: summary["fine_tunes"][f"ft_{k}"]["accuracy"]["before"] for k in ("animal", "colour")}
-    assert all(merges["nan (weights)"]["accuracy"][k] > before[k] for k in before)
+    assert all(merges["NAN (weights)"]["accuracy"][k] > before[k] for k in before)
+
+
+def test_the_merge_table_ranks_every_merge_by_its_mean_and_says_which_keep_both_tasks(demo_out):
+    """ACE at its default and docs/merge.md's pick (Iso-C + LiNeS) are scored like the others; the
+    table is ordered by mean accuracy, recomputed here from merge.json; the report says plainly
+    which merges keep both tasks, with no 'nan' anywhere in it."""
+    from conftest import shown_nan
+
+    from weightlab.demo import KEEPS_A_TASK, DemoSummary
+
+    merges = json.loads((demo_out / "merge.json").read_text())
+    summary = DemoSummary.from_dict(json.loads((demo_out / "summary.json").read_text()))
+    assert {"ACE (default)", "Iso-C + LiNeS (default)"} <= set(merges)
+    assert merges["ACE (default)"]["config"]["method"] == "ace"
+    table = summary.tables()[0]
+    mean_at = table.columns.index("mean")
+    expected = sorted(merges, key=lambda label: -sum(merges[label]["accuracy"].values()) / 2)
+    assert [row[0] for row in table.rows] == expected
+    for row in table.rows:
+        assert row[mean_at] == pytest.approx(sum(merges[row[0]]["accuracy"].values()) / 2)
+    kept = [label for label in expected if min(merges[label]["accuracy"].values()) >= KEEPS_A_TASK]
+    assert summary.lines()[0].endswith(", ".join(kept) or "none")
+    html = (demo_out / "report.html").read_text()
+    assert "ACE (default)" in html and "best mean first" in html
+    assert not shown_nan(html) and not shown_nan((demo_out / "report.md").read_text())
 
 
 def test_extracted_lora_keeps_the_finetune_accuracy(demo_out):

@@ -10,6 +10,7 @@ import scipy.stats as st
 import torch
 from safetensors.torch import save_file
 
+import weightlab as wl
 from weightlab.analysis.gaussian import GaussianOptions, describe, gaussian, label_shape, reference_table
 from weightlab.io import open_checkpoint, open_finetuned
 
@@ -137,3 +138,31 @@ def test_gaussian_cli_on_a_real_finetune_writes_everything(zoo, run_cli, tmp_pat
         "shape_labels.png",
     ]
     assert "Gaussianity of ΔW" in out
+
+
+def test_a_tensor_the_fine_tune_never_changed_is_listed_as_unchanged_never_ranked(tmp_path, run_cli):
+    """ΔW = 0 (a pooler the task never trained) has no distribution: it is counted and named as
+    unchanged, and no table, card, plot title or line ranks it or shows NaN for it."""
+    from conftest import shown_nan
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.mlp.up_proj.weight": torch.randn(64, 32, generator=g) for i in range(3)}
+    base["pooler.dense.weight"] = torch.randn(32, 32, generator=g)
+    ft = {k: v + (0 if k.startswith("pooler") else 0.01 * torch.randn(v.shape, generator=g)) for k, v in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    result = wl.gaussian(tmp_path / "ft", tmp_path / "base", min_elements=16)
+    assert [t.name for t in result.constant()] == ["pooler.dense.weight"]
+    assert "pooler.dense.weight" not in [t.name for t in result.extremes()]
+    main, unchanged = result.tables()
+    assert "pooler.dense.weight" not in [row[0] for row in main.rows]
+    assert [row[0] for row in unchanged.rows] == ["pooler.dense.weight"] and "unchanged" in unchanged.title
+    assert sum(result.label_counts("delta").values()) == 3
+    assert any("1 tensors unchanged by the fine-tune" in line for line in result.lines())
+    report = tmp_path / "g.html"
+    code, _, err = run_cli(
+        "gaussian", tmp_path / "ft", "--base", tmp_path / "base", "--min-elements", "16", "--report", report
+    )
+    assert code == 0, err
+    assert not shown_nan(report.read_text())

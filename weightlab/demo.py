@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ import torch
 
 from weightlab.display import fmt
 from weightlab.examples import minilm_path
+from weightlab.options import NanOptions, user_cache
 from weightlab.results import Result, Table
 
 CACHE_VERSION = "1"
@@ -63,8 +63,8 @@ def make_tasks(n_train: int = 192, n_test: int = 96, seed: int = 0) -> list[Task
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "weightlab" / f"demo-v{CACHE_VERSION}"
+    """Where the tour keeps its fine-tunes between runs."""
+    return user_cache() / f"demo-v{CACHE_VERSION}"
 
 
 def _batches(rows: list[tuple[str, int]], size: int, rng: random.Random):
@@ -164,11 +164,35 @@ def finetune(task: Task, lora: bool = False, steps: int = 60, seed: int = 0, lr:
     return model, tokenizer, {"before": before, "after": accuracy(model, tokenizer, task.test)}
 
 
-DEMO_STAGES = 16  # the on_step calls of one tour: 3 fine-tunes, 6 analyses and surgeries, 5 merges, LoRA, the report
+# The tour's merges of its two full fine-tunes: NAN on weights and on task vectors against task
+# arithmetic at two scales, and ACE and Iso-C + LiNeS at their defaults.
+MERGES: dict[str, dict] = {
+    "task-arithmetic λ=0.5": {"method": "task-arithmetic", "param_values": {"lambda": 0.5}},
+    "task-arithmetic λ=1": {"method": "task-arithmetic", "param_values": {"lambda": 1.0}},
+    "NAN (weights)": {"method": "nan", "param_values": {"lambda": 1.0}},
+    "NAN (task vectors), λ=2": {
+        "method": "nan",
+        "nan": NanOptions(norm_of="task-vectors"),
+        "param_values": {"lambda": 2.0},
+    },
+    "TIES + NAN, density 0.3, λ=2": {
+        "method": "ties",
+        "coeff": "nan",
+        "param_values": {"lambda": 2.0, "density": 0.3},
+    },
+    "ACE (default)": {"method": "ace"},  # our best data-free merge on held-out tasks (docs/merge.md)
+    "Iso-C + LiNeS (default)": {
+        "method": "iso-c",
+        "modifiers": ["lines"],
+    },  # docs/merge.md's pick when tasks share inputs
+}
+
+# the on_step calls of one tour: 3 fine-tunes, 6 analyses and surgeries, the merges, LoRA, the report
+DEMO_STAGES = 3 + 6 + len(MERGES) + 1 + 1
 
 
 def slug(label: str) -> str:
-    """A folder name from a label: `ties + nan, density 0.3, λ=2` -> `ties-nan-density-0.3-lambda-2`."""
+    """A folder name from a label: `TIES + NAN, density 0.3, λ=2` -> `ties-nan-density-0.3-lambda-2`."""
     text = label.replace("λ", "lambda").replace("=", "-")
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
@@ -204,6 +228,16 @@ def trained_checkpoints(steps: int = 60, on_step: Callable[[str], None] | None =
     return paths
 
 
+KEEPS_A_TASK = 0.75  # a merge keeps a task when it scores this well on it (chance is 0.5)
+CHANCE = 0.5  # both tour tasks are balanced yes/no questions
+
+
+def _shortfall(task: str, accuracy: float) -> str:
+    """One task a merge lost: its accuracy, and whether that is chance."""
+    at_chance = " (chance)" if accuracy <= CHANCE + 0.05 else ""
+    return f"{task} {fmt(accuracy)}{at_chance}"
+
+
 @dataclass
 class DemoSummary(Result):
     """The tour's headline numbers (summary.json)."""
@@ -228,15 +262,26 @@ class DemoSummary(Result):
     def _tasks(self) -> list[str]:
         return sorted({t for m in self.merge.values() for t in m["accuracy"]})
 
+    def ranked_merges(self) -> list[tuple[str, dict]]:
+        """The merges, best mean accuracy over the tasks first."""
+        tasks = self._tasks()
+        mean = lambda m: sum(m["accuracy"][t] for t in tasks) / len(tasks)
+        return sorted(self.merge.items(), key=lambda item: -mean(item[1]))
+
     def tables(self) -> list[Table]:
         tasks = self._tasks()
         return [
             Table(
-                "merging the two full fine-tunes: test accuracy per task",
-                ["merge", *(f"{t} accuracy" for t in tasks), "coefficients"],
+                "merging the two full fine-tunes: test accuracy per task, best mean first",
+                ["merge", *(f"{t} accuracy" for t in tasks), "mean", "coefficients"],
                 [
-                    [label, *(m["accuracy"][t] for t in tasks), ", ".join(f"{c:.3f}" for c in m["coefficients"])]
-                    for label, m in self.merge.items()
+                    [
+                        label,
+                        *(m["accuracy"][t] for t in tasks),
+                        sum(m["accuracy"][t] for t in tasks) / len(tasks),
+                        ", ".join(f"{c:.3f}" for c in m["coefficients"]) or "-",
+                    ]
+                    for label, m in self.ranked_merges()
                 ],
             )
         ]
@@ -249,7 +294,23 @@ class DemoSummary(Result):
                 f"merged, {label}: accuracy " + " / ".join(tasks),
                 " / ".join(fmt(m["accuracy"][t]) for t in tasks),
             )
-            for label, m in self.merge.items()
+            for label, m in self.ranked_merges()
+        ]
+
+    def lines(self) -> list[str]:
+        """What the merges show, said plainly: which kept every task, and where each other one fell short."""
+        tasks = self._tasks()
+        ranked = self.ranked_merges()
+        kept = [label for label, m in ranked if min(m["accuracy"][t] for t in tasks) >= KEEPS_A_TASK]
+        short = [
+            f"{label} on "
+            + ", ".join(_shortfall(t, m["accuracy"][t]) for t in tasks if m["accuracy"][t] < KEEPS_A_TASK)
+            for label, m in ranked
+            if label not in kept
+        ]
+        return [
+            f"merges that keep both tasks (accuracy ≥ {KEEPS_A_TASK} on each): {', '.join(kept) or 'none'}",
+            *(["short of that: " + "; ".join(short)] if short else []),
         ]
 
     def note(self) -> str:
@@ -258,7 +319,8 @@ class DemoSummary(Result):
         )
         return (
             f"Test accuracy of each fine-tune, before → after (fresh head): {before}. Each merged encoder is scored "
-            "with each task's own trained head; every variant is listed."
+            "with each task's own trained head; every variant is listed, best mean first. "
+            + "".join(f"{line[0].upper()}{line[1:]}. " for line in self.lines()).strip()
         )
 
 
@@ -273,7 +335,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     from weightlab.inventory import inventory
     from weightlab.io import open_finetuned, open_weights
     from weightlab.io.writer import CheckpointWriter, stored_plan
-    from weightlab.merging import NanOptions, merge
+    from weightlab.merging import merge
     from weightlab.merging.config import build_config
     from weightlab.report.document import load_results, write_report
     from weightlab.report.export import to_csv, to_json
@@ -333,22 +395,7 @@ def run_demo(tmp: Path, compute=None, on_step: Callable[[str], None] | None = No
     )
     models = [str(paths["ft_animal"]), str(paths["ft_colour"])]
     merges = {}
-    variants = {  # NAN on weights vs on task vectors, against task arithmetic at two scales
-        "task-arithmetic λ=0.5": {"method": "task-arithmetic", "param_values": {"lambda": 0.5}},
-        "task-arithmetic λ=1": {"method": "task-arithmetic", "param_values": {"lambda": 1.0}},
-        "nan (weights)": {"method": "nan", "param_values": {"lambda": 1.0}},
-        "nan (task vectors), λ=2": {
-            "method": "nan",
-            "nan": NanOptions(norm_of="task-vectors"),
-            "param_values": {"lambda": 2.0},
-        },
-        "ties + nan, density 0.3, λ=2": {
-            "method": "ties",
-            "coeff": "nan",
-            "param_values": {"lambda": 2.0, "density": 0.3},
-        },
-    }
-    for label, options in variants.items():
+    for label, options in MERGES.items():
         step(f"merge: {label} of the two full fine-tunes")
         folder = tmp / "merged" / slug(label)
         report = merge(build_config({**options, "base": str(base.path), "models": models}), folder, compute=compute)

@@ -72,7 +72,8 @@ def human_bytes(n: float) -> str:
 def fmt(value: object, digits: int = DIGITS) -> str:
     """A value as a person reads it: floats to `digits` significant digits with their trailing
     zeros (0.500, 1.00, 0.688: a column reads alike), large integers with thousands separators,
-    None as "-"."""
+    None as "-", NaN as "not computed" (a figure that has no value is never shown as a number),
+    infinities as ∞ and −∞."""
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -80,6 +81,6 @@ def fmt(value: object, digits: int = DIGITS) -> str:
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return "not computed" if math.isnan(value) else ("∞" if value > 0 else "−∞")
     text = f"{value:#.{digits}g}"
     return text[:-1] if text.endswith(".") else text

@@ -95,7 +95,7 @@ class CacheOptions(Checked):
             return Path(self.cache_dir).expanduser()
         if os.environ.get("WEIGHTLAB_CACHE"):
             return Path(os.environ["WEIGHTLAB_CACHE"])
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightlab" / "decompositions"
+        return user_cache() / "decompositions"
 
 
 @dataclass(frozen=True)
@@ -223,3 +223,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "force": (("--force",), "Overwrite existing outputs."),
     "out": (("-o", "--out"), "Folder to write the model (or adapter) into."),
 }
+
+
+def user_cache() -> Path:
+    """weightlab's folder in the user's cache: $XDG_CACHE_HOME/weightlab, else ~/.cache/weightlab
+    (an empty $XDG_CACHE_HOME counts as unset, as the XDG specification says)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "weightlab"

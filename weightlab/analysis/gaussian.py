@@ -24,6 +24,7 @@ from scipy import stats
 from weightlab.analysis.summary import group_summary, mean
 from weightlab.compute.device import Compute
 from weightlab.compute.walk import Batch, Selection, TensorWalk
+from weightlab.display import fmt
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.options import GaussianOptions
 from weightlab.results import Result, Table
@@ -208,19 +209,29 @@ class GaussianResult(Result):
         """What the tables rank: the update ΔW with a base, else the weights."""
         return "delta" if self.base else "weights"
 
+    def varying(self, part: str | None = None) -> list[TensorGaussianity]:
+        """The tensors whose `part` has a distribution to speak of (its entries are not all equal)."""
+        part = part or self.part
+        return [t for t in self.tensors if getattr(t, part) is not None and getattr(t, part).std > 0]
+
+    def constant(self, part: str | None = None) -> list[TensorGaussianity]:
+        """The tensors whose `part` is one value repeated: for ΔW, the tensors the fine-tune did not
+        change (listed as unchanged, never ranked nor drawn as a distribution)."""
+        part = part or self.part
+        return [t for t in self.tensors if getattr(t, part) is not None and not getattr(t, part).std > 0]
+
     def extremes(self) -> list[TensorGaussianity]:
-        """The most and the least Gaussian tensor (by Q-Q R² of what this result is about)."""
-        ranked = sorted(self.tensors, key=lambda t: getattr(t, self.part).qq_r2)
+        """The most and the least Gaussian tensor (by Q-Q R² of what this result is about), among
+        those that have a distribution (`varying`)."""
+        ranked = sorted(self.varying(), key=lambda t: getattr(t, self.part).qq_r2)
         return [ranked[-1], ranked[0]] if len(ranked) > 1 else ranked
 
     def label_counts(self, part: str | None = None) -> dict[str, int]:
-        """Shape labels of `part` ("weights" or "delta"; default: what this result is about, `part`)."""
+        """Shape labels of `part` ("weights" or "delta"; default: what this result is about, `part`),
+        over the tensors that have a distribution (`varying`)."""
         counts = dict.fromkeys(LABELS, 0)
-        part = part or self.part
-        for t in self.tensors:
-            dist = getattr(t, part)
-            if dist is not None:
-                counts[dist.label] += 1
+        for t in self.varying(part):
+            counts[getattr(t, part or self.part).label] += 1
         return counts
 
     def to_dict(self) -> dict:
@@ -250,7 +261,7 @@ class GaussianResult(Result):
     def tables(self) -> list[Table]:
         delta = self.base is not None
         body = []
-        for t in sorted(self.tensors, key=lambda t: getattr(t, self.part).qq_r2):
+        for t in sorted(self.varying(), key=lambda t: getattr(t, self.part).qq_r2):
             d = getattr(t, self.part)
             body.append(
                 [
@@ -270,9 +281,22 @@ class GaussianResult(Result):
                 ]
             )
         what = "ΔW" if delta else "weights"
+        constant = self.constant()
+        same = (
+            [
+                Table(
+                    f"{'unchanged (ΔW = 0)' if delta else 'constant'}: {len(constant)} tensors, not ranked",
+                    ["tensor", "layer", "role", "entries"],
+                    [[t.name, t.layer, t.role, getattr(t, self.part).numel] for t in constant],
+                    names=True,
+                )
+            ]
+            if constant
+            else []
+        )
         return [
             Table(
-                f"Gaussianity of {what}: {len(self.tensors)} tensors, least Gaussian first",
+                f"Gaussianity of {what}: {len(self.varying())} tensors, least Gaussian first",
                 [
                     "tensor",
                     "layer",
@@ -289,28 +313,42 @@ class GaussianResult(Result):
                     *(["std W'/W", "corr(ΔW,W)"] if delta else []),
                 ],
                 body,
-                "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027",
+                "≈0: fraction |x| < 0.01σ; >3σ: Gaussian 0.0027"
+                + (f"; {len(constant)} {'unchanged' if delta else 'constant'} tensors apart" if constant else ""),
                 names=True,
-            )
+            ),
+            *same,
         ]
 
     def lines(self) -> list[str]:
         out = ["weights: " + ", ".join(f"{k} {v}" for k, v in self.label_counts("weights").items())]
         if self.base:
             out.append("ΔW:      " + ", ".join(f"{k} {v}" for k, v in self.label_counts("delta").items()))
+        constant = self.constant()
+        if constant:
+            kind = "unchanged by the fine-tune (ΔW = 0)" if self.base else "constant (every entry equal)"
+            names = ", ".join(t.name for t in constant[:5]) + (", …" if len(constant) > 5 else "")
+            out.append(f"{len(constant)} tensors {kind}, not ranked: {names}")
         if self.depth_trend is not None:
             t = self.depth_trend
             verdict = (
                 "grows" if t.grows_with_depth else ("shrinks" if t.slope < 0 and t.pvalue < 0.05 else "no clear trend")
             )
-            out.append(f"std(ΔW) vs depth: slope {t.slope:+.3e} per layer (R² {t.r2:.2f}, p {t.pvalue:.2g}): {verdict}")
+            out.append(
+                f"std(ΔW) vs depth: slope {t.slope:+.3e} per layer (R² {fmt(t.r2, 2)}, p {fmt(t.pvalue, 2)}): {verdict}"
+            )
         return out
 
     def headline(self) -> list[tuple[str, str, object]]:
-        n = len(self.tensors)
+        n = len(self.varying())
         what = "ΔW" if self.base else "weights"
         out = [
             ("gaussian.tensors", "tensors tested", n),
+            *(
+                [("gaussian.unchanged", "unchanged (ΔW = 0)" if self.base else "constant", len(self.constant()))]
+                if self.constant()
+                else []
+            ),
             (
                 "gaussian.gaussian_share",
                 f"share of {what} labelled gaussian",

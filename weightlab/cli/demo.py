@@ -24,7 +24,7 @@ def demo(
     Example: weightlab demo --out ./weightlab-demo
     """
     from weightlab.compute.device import Compute
-    from weightlab.demo import DEMO_STAGES, cache_dir, run_demo
+    from weightlab.demo import DEMO_STAGES, DemoSummary, cache_dir, run_demo
 
     compute = Compute.create(device)
     with (
@@ -56,22 +56,11 @@ def demo(
         f"task vectors of the two full fine-tunes: mean principal angle "
         f"{summary['angles_ft_animal_vs_ft_colour_mean_deg']:.1f}° (90° = unrelated directions)"
     )
-    merges = summary["merge"]
-    console.print(
-        table(
-            "merging the two full fine-tunes: test accuracy per task (each with its own head)",
-            ["method", "animal", "colour", "coefficients"],
-            [
-                (
-                    label,
-                    m["accuracy"]["animal"],
-                    m["accuracy"]["colour"],
-                    ", ".join(f"{c:.3f}" for c in m["coefficients"]),
-                )
-                for label, m in merges.items()
-            ],
-        )
-    )
+    ranked = DemoSummary.from_dict(summary)
+    for t in ranked.tables():
+        console.print(table(t.title, t.columns, t.rows))
+    for line in ranked.lines():
+        console.print(line)
     g = summary["gaussian"]
     console.print(
         f"ΔW shapes: {', '.join(f'{k} {v}' for k, v in g['delta'].items() if v)}; "

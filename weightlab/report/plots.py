@@ -381,7 +381,7 @@ def gaussian_plots(result: GaussianResult, out_dir: Path) -> list[Path]:
                 ax.plot(osm, slope * osm + intercept, color="#d62728", lw=1)
                 ax.set_xlabel("normal quantiles")
                 ax.set_ylabel("sample quantiles")
-                ax.set_title(f"Q-Q plot, R² = {r * r:.4f}", fontsize=8)
+                ax.set_title(f"Q-Q plot, R² = {fmt(r * r, 4)}", fontsize=8)
             paths.append(_save(fig, out_dir / "histograms.png"))
 
         parts = [("weights", "W")] + ([("delta", "ΔW")] if result.base else [])
@@ -413,7 +413,7 @@ def gaussian_plots(result: GaussianResult, out_dir: Path) -> list[Path]:
                 trend.intercept + trend.slope * xs,
                 "r--",
                 lw=1.2,
-                label=f"fit: slope {trend.slope:+.2e}/layer (R² {trend.r2:.2f}, p {trend.pvalue:.2g})",
+                label=f"fit: slope {trend.slope:+.2e}/layer (R² {fmt(trend.r2, 2)}, p {fmt(trend.pvalue, 2)})",
             )
             ax.set_xlabel("layer")
             ax.set_ylabel("std(ΔW)")
