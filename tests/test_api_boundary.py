@@ -36,7 +36,9 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("boundary")
     base = synthetic.tiny_model("llama", seed=0)
     ft = synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=2, seed=1)
-    return {"base": base, "ft": ft, "ft_path": synthetic.save(ft, root / "ft")}
+    from test_experts import _moe
+
+    return {"base": base, "ft": ft, "ft_path": synthetic.save(ft, root / "ft"), "moe": _moe("qwen3_moe")}
 
 
 def _valid(name: str, m) -> tuple[list, dict]:
@@ -47,6 +49,7 @@ def _valid(name: str, m) -> tuple[list, dict]:
         "spectrum": ([base, [ft]], {}),
         "esd": ([ft], {"base": base}),
         "quant_error": ([base, ft], {}),
+        "experts": ([m["moe"]], {}),
         "compare": ([[ft, ft]], {"base": base}),
         "angles": ([ft, ft], {"base": base}),
         "gaussian": ([ft], {"base": base}),

@@ -58,7 +58,26 @@ def workspace(zoo, adapters, tmp_path_factory):
         (root / name).symlink_to(target)
     synthetic.save(synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=5, seed=9), root / "ft_b")
     synthetic.tiny_tokenizer(root / "tokenizer")  # for --calibration (unknown words read as [UNK])
+    moe_base(root / "moe-base", root / "moe-ft")
     return root
+
+
+def moe_base(base: Path, finetuned: Path) -> None:
+    """moe-base/: a tiny Qwen3-MoE (transformers' config class) whose experts 1 and 3 of layer 0 are
+    near copies (an upcycled model's start); moe-ft/: it with expert 2 of layer 1 and its router
+    row moved."""
+    import torch
+    from test_experts import _moe
+
+    model = _moe("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj[3] = experts.gate_up_proj[1] + 1e-3 * torch.randn_like(experts.gate_up_proj[1])
+        experts.down_proj[3] = experts.down_proj[1]
+        model.save_pretrained(base)
+        model.model.layers[1].mlp.experts.down_proj[2] += 0.02 * torch.randn_like(experts.down_proj[2])
+        model.model.layers[1].mlp.gate.weight[2] *= 1.2
+        model.save_pretrained(finetuned)
 
 
 def pages() -> list[Path]:

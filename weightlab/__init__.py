@@ -3,8 +3,9 @@
     import weightlab as wl
     wl.spectrum(base_model, [finetuned_model]).to_pandas()
 
-One function per command (`wl.inspect`, `wl.spectrum`, `wl.esd`, `wl.compare`, `wl.angles`,
-`wl.gaussian`, `wl.tsd`, `wl.merge`, `wl.init_lora`, `wl.extract_lora`, `wl.mitigate_intruders`),
+One function per command (`wl.inspect`, `wl.spectrum`, `wl.esd`, `wl.quant_error`, `wl.experts`,
+`wl.compare`, `wl.angles`, `wl.gaussian`, `wl.tsd`, `wl.merge`, `wl.init_lora`, `wl.extract_lora`,
+`wl.mitigate_intruders`),
 with the command's options as keywords; models by path, Hub ID, or in memory (a torch module, a
 PEFT model, a mapping of names to tensors or arrays). The command line (`weightlab --help`) is a
 thin layer over these functions (`weightlab.api`), which use `weightlab.io` (checkpoints in and
@@ -25,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS's smallest spin (2^4 cycles) before sleeping
 
 if TYPE_CHECKING:
-    from weightlab.api.analyses import angles, compare, esd, gaussian, inspect, spectrum, tsd
+    from weightlab.api.analyses import angles, compare, esd, experts, gaussian, inspect, quant_error, spectrum, tsd
     from weightlab.api.operations import extract_lora, init_lora, merge, mitigate_intruders
     from weightlab.errors import WeightlabError
 
@@ -34,6 +35,7 @@ __all__ = [
     "angles",
     "compare",
     "esd",
+    "experts",
     "extract_lora",
     "gaussian",
     "init_lora",

@@ -78,6 +78,27 @@ def expert_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+_EXPERT_SITE = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<part>[^.]+)\.weight$")
+_ROUTER = re.compile(r"^(?P<block>.+)\.(?:gate|router)\.weight$")
+
+
+def expert_site(name: str) -> tuple[str, int, str] | None:
+    """(MoE block, expert, part) of a routed expert's weight, by its canonical name
+    (`layers.3.mlp.experts.5.down_proj.weight` -> ("layers.3.mlp", 5, "down_proj")), else None.
+    Shared experts (`mlp.shared_expert.…`) are not routed experts."""
+    found = _EXPERT_SITE.match(canonical_name(name))
+    return (found["block"], int(found["expert"]), found["part"]) if found else None
+
+
+def router_block(name: str) -> str | None:
+    """The MoE block whose experts a router weight scores (`layers.3.mlp.gate.weight` ->
+    "layers.3.mlp"), by canonical name; None for any other tensor (a shared expert's gate too)."""
+    if module_role(name) != "router":
+        return None
+    found = _ROUTER.match(canonical_name(name))
+    return found["block"] if found else None
+
+
 def layer_index(name: str) -> int | None:
     """The transformer block index in a name, or None (embeddings, head, unknown families)."""
     found = _LAYER.search(name)

@@ -117,6 +117,19 @@ class QuantErrorOptions(Filters):
 
 
 @dataclass(frozen=True)
+class ExpertsOptions(Filters):
+    k: int = option(
+        8, Int(1), "-k", "--top-k", help="Top singular directions of each expert compared (subspace overlap)."
+    )
+    near_copy: float = option(
+        0.9,
+        Real(0, 1, low_open=True),
+        "--near-copy",
+        help="Experts whose weights' mean cosine to each other reaches this are near copies.",
+    )
+
+
+@dataclass(frozen=True)
 class CompareOptions(Filters):
     k: int = option(8, Int(1), "-k", "--top-k", help="Dimension of each ΔW's top singular subspace.")
     density: float = option(

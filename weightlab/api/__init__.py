@@ -12,7 +12,7 @@ from typing import Any
 HOMES = {
     **{
         name: "analyses"
-        for name in ("inspect", "spectrum", "esd", "quant_error", "compare", "angles", "gaussian", "tsd")
+        for name in ("inspect", "spectrum", "esd", "quant_error", "experts", "compare", "angles", "gaussian", "tsd")
     },
     **{name: "operations" for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders")},
 }

@@ -1,5 +1,5 @@
 """The analyses as Python functions: `inspect`, `spectrum`, `esd`, `quant_error`, `compare`, `angles`,
-`gaussian`, `tsd`. Each takes models from anywhere (a path, a Hub ID, a module, a PEFT model, a
+`gaussian`, `tsd`, `experts`. Each takes models from anywhere (a path, a Hub ID, a module, a PEFT model, a
 mapping of names to tensors or arrays), the command's options as keywords, and returns its typed
 result; the command of the same name is this function with its options parsed."""
 
@@ -17,6 +17,7 @@ from weightlab.options import (
     CacheOptions,
     CompareOptions,
     ESDOptions,
+    ExpertsOptions,
     GaussianOptions,
     QuantErrorOptions,
     SpectrumOptions,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from weightlab.analysis.angles import AnglesResult
     from weightlab.analysis.compare import CompareResult
     from weightlab.analysis.esd import ESDResult
+    from weightlab.analysis.experts import ExpertsResult
     from weightlab.analysis.gaussian import GaussianResult
     from weightlab.analysis.quantization import QuantErrorResult
     from weightlab.analysis.spectrum import SpectrumResult
@@ -248,6 +250,42 @@ def quant_error(
             result = compute_quant_error(
                 reference_ckpt, quantized_ckpts, options, compute, on_progress, on_start, DecompositionCache.of(cache)
             )
+        emit(plan, result)
+    return result
+
+
+@api_function(ANALYSIS)
+def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsOptions, run: Run) -> ExpertsResult:
+    """A Mixture-of-Experts model's experts, block by block: how alike they are (cosine of their
+    weights, overlap of their top singular directions), which are near copies, the router's rows,
+    and, against a base, how far each expert moved.
+
+    Parameters
+    ----------
+    checkpoint : a model (path, Hub ID, module, mapping; with `base`: a fine-tune, PeftModel or adapter)
+        An MoE model: per-expert tensors (Mixtral's w1/w2/w3, `mlp.experts.N.gate_proj`) or
+        transformers' fused ones (`mlp.experts.gate_up_proj`), read one expert at a time.
+    base : a model, optional
+        The MoE it was fine-tuned from: how far each expert and router row moved (command line: --base).
+    {options}
+
+    Returns
+    -------
+    ExpertsResult
+        ``.blocks`` (E×E cosine and overlap per block, near-copy groups, router norms); one row per
+        expert in ``.to_pandas()``.
+
+    References
+    ----------
+    Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering" (HC-SMoE);
+    Ilharco et al. 2023, "Editing Models with Task Arithmetic" (cosines of weight vectors).
+    """
+    with run.outputs([checkpoint, base]) as plan:
+        from weightlab.analysis.experts import experts as compute_experts
+
+        base_ckpt, (ckpt,) = _open([checkpoint], base)
+        with run.progress("experts", "MoE blocks") as (on_start, on_progress):
+            result = compute_experts(ckpt, base_ckpt, options, on_progress, on_start)
         emit(plan, result)
     return result
 

@@ -21,6 +21,7 @@ from scipy import stats
 from weightlab.analysis.angles import AnglesResult
 from weightlab.analysis.compare import CompareResult
 from weightlab.analysis.esd import ESDResult, SpectralDensity
+from weightlab.analysis.experts import ExpertBlock, ExpertsResult
 from weightlab.analysis.gaussian import LABELS, GaussianResult
 from weightlab.analysis.quantization import NOISE_LIKE, QuantErrorResult
 from weightlab.analysis.spectrum import MatrixSpectrum, SpectrumResult
@@ -689,6 +690,78 @@ def quant_error_plots(result: QuantErrorResult, out_dir: Path) -> list[Path]:
     return paths
 
 
+MOST_BLOCKS = 6  # clustered heatmaps drawn: the blocks whose experts are most alike
+
+
+def experts_plots(result: ExpertsResult, out_dir: Path) -> list[Path]:
+    """The expert-to-expert cosine of the blocks whose experts are most alike, in clustering
+    order (near copies sit together), and per layer × expert: the router rows' norms and, with
+    a base, how far each expert moved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    if not result.blocks:
+        return paths
+    shown = sorted(result.blocks, key=lambda b: -(b.mean_cosine() or -2.0))[:MOST_BLOCKS]
+    with plt.rc_context(STYLE):
+        cols = min(3, len(shown))
+        rows = math.ceil(len(shown) / cols)
+        n = max(b.experts for b in shown)
+        size = min(5.5, 1.6 + 0.3 * n)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * (size + 1.0), rows * size), squeeze=False)
+        for ax, b in zip(axes.flat, shown):
+            _expert_heatmap(ax, b)
+        for ax in list(axes.flat)[len(shown) :]:
+            ax.set_axis_off()
+        more = (
+            f" ({len(shown)} of {len(result.blocks)} blocks: the most alike)" if len(shown) < len(result.blocks) else ""
+        )
+        fig.suptitle(f"Expert-to-expert cosine, experts in clustering order{more}", fontweight="bold")
+        paths.append(_save(fig, out_dir / "experts_cosine.png"))
+
+        panels = [("router row norm ‖r_e‖", lambda b: b.router_norms, "viridis")]
+        if result.base is not None:
+            panels.append(("moved ‖θ'_e − θ_e‖ / ‖θ_e‖", lambda b: b.moved, "magma_r"))
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(6.5 * len(panels), 0.9 + 0.3 * len(result.blocks) + 1.5), squeeze=False
+        )
+        width = max(b.experts for b in result.blocks)
+        for ax, (title, values, cmap) in zip(axes.flat, panels):
+            grid = np.full((len(result.blocks), width), np.nan)
+            for i, b in enumerate(result.blocks):
+                for e, v in enumerate(values(b) or []):
+                    grid[i, e] = np.nan if v is None else v
+            if np.isfinite(grid).any():
+                image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
+                plt.colorbar(image, ax=ax, shrink=0.8)
+                if width <= 16 and len(result.blocks) <= 24:
+                    _annotate(ax, image, grid, "{:.2f}", 6.5)
+            else:
+                _say_empty(ax, "not computed: no router row of the experts' count")
+            ax.set_yticks(range(len(result.blocks)), [short_name(b.block, 24) for b in result.blocks], fontsize=7)
+            ax.set_xlabel("expert")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_title(title)
+        fig.suptitle("Per block and expert", fontweight="bold")
+        paths.append(_save(fig, out_dir / "experts_router.png"))
+    return paths
+
+
+def _expert_heatmap(ax, b: ExpertBlock) -> None:
+    order = b.order
+    grid = np.array([[np.nan if b.cosine[i][j] is None else b.cosine[i][j] for j in order] for i in order])
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    ticks = range(len(order)) if len(order) <= 32 else range(0, len(order), max(1, len(order) // 16))
+    ax.set_xticks(list(ticks), [str(order[t]) for t in ticks], fontsize=7)
+    ax.set_yticks(list(ticks), [str(order[t]) for t in ticks], fontsize=7)
+    if len(order) <= 12:
+        _annotate(ax, image, grid, "{:.2f}", 6.5)
+    groups = "; ".join("{" + ", ".join(map(str, g)) + "}" for g in b.near_copies) or "none"
+    ax.set_title(f"{short_name(b.block, 28)}\nnear copies: {groups}", fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("expert")
+    plt.colorbar(image, ax=ax, shrink=0.8)
+
+
 def draw(result: object, out_dir: Path) -> list[Path]:
     """The plots of any result, chosen by its type; none for a type without plots."""
     plotter = PLOTTERS.get(type(result))
@@ -704,4 +777,5 @@ PLOTTERS: dict[type, Callable[..., list[Path]]] = {
     ESDResult: esd_plots,
     IntruderReport: intruder_plots,
     QuantErrorResult: quant_error_plots,
+    ExpertsResult: experts_plots,
 }
