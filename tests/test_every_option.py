@@ -90,6 +90,8 @@ WHAT = {
     "--shard-size": "20KB",
     "--as-adapter": None,
     "--max-rank": "2",
+    "--match-experts": None,  # refused for the baseline's dense models; tests/test_expert_matching.py runs it
+    "--near-copy": "0.3",
     "--calibration": "texts.txt",  # refused for the baseline's ties; test_merge_data_aware runs it
     "--tokenizer": "{base}",
     "--dry-run": None,  # no model written: the outputs differ
@@ -104,6 +106,7 @@ PER_COMMAND = {
     ("mitigate-intruders", "--lambda"): "0.5",
     ("init-lora", "--method"): "milora",
     ("init-lora", "--svd"): "randomized",
+    ("experts", "--base"): "{moe_base}",
 }
 
 BASELINES = {
@@ -113,6 +116,7 @@ BASELINES = {
     "compare": ["compare", "{ft}", "{ft2}", "--base", "{base}", "--json", "r.json"],
     "esd": ["esd", "{ft}", "--json", "r.json"],
     "quant-error": ["quant-error", "{ft}", "{ft2}", "--json", "r.json"],
+    "experts": ["experts", "{moe}", "--json", "r.json"],
     "gaussian": ["gaussian", "{ft}", "--json", "r.json"],
     "tsd": ["tsd", "{base}", "{ft}", "--json", "r.json"],
     "merge": ["merge", "--method", "ties", "--base", "{base}", "{ft}", "{ft2}", "-o", "out", "--json", "r.json"],
@@ -215,7 +219,12 @@ def inputs(zoo, tmp_path_factory):
     assert run(["extract-lora", str(zoo["llama"]), str(zoo["llama_ft"]), "-r", "2", "-o", str(adapter)]) == 0
     result = root / "result.json"
     assert run(["inspect", str(zoo["llama"]), "--json", str(result)]) == 0
+    from test_docs import moe_base
+
+    moe_base(root / "moe-base", root / "moe")
     return {
+        "moe": root / "moe",
+        "moe_base": root / "moe-base",
         "base": zoo["llama"],
         "ft": zoo["llama_ft"],
         "ft2": ft2,

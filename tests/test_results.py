@@ -14,6 +14,7 @@ import weightlab.results as results
 from weightlab.analysis.angles import angles
 from weightlab.analysis.compare import compare
 from weightlab.analysis.esd import ESDOptions, esd
+from weightlab.analysis.experts import experts
 from weightlab.analysis.gaussian import GaussianOptions, gaussian
 from weightlab.analysis.quantization import QuantErrorOptions, quant_error
 from weightlab.analysis.spectrum import spectrum
@@ -71,11 +72,29 @@ def made(tmp_path_factory):
         "lora-init": init_lora(b, names, LoraInitOptions("pissa", 2), compute=CPU)[0],
         "lora-extract": extract_lora(b, a, names, rank=2, compute=CPU)[0],
         "quant-error": quant_error(b, [a, c], QuantErrorOptions(min_evals=4), compute=CPU),
+        "experts": experts(_moe(root), _moe(root, moved=True)),
     }
 
 
+def _moe(root: Path, moved: bool = False):
+    """A tiny MoE checkpoint: one block of four experts (Qwen's names), a router; `moved`: expert 1 changed."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        f"model.layers.0.mlp.experts.{e}.{part}.weight": torch.randn(shape, generator=gen)
+        for e in range(4)
+        for part, shape in (("gate_proj", (6, 8)), ("up_proj", (6, 8)), ("down_proj", (8, 6)))
+    }
+    tensors["model.layers.0.mlp.gate.weight"] = torch.randn(4, 8, generator=gen)
+    if moved:
+        tensors["model.layers.0.mlp.experts.1.down_proj.weight"] += 0.1
+    folder = root / ("moe-moved" if moved else "moe")
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    return open_checkpoint(folder)
+
+
 KINDS = ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge", "compare", "esd", "intruders", "lora-init",
-         "lora-extract", "merge-plan", "quant-error"]  # fmt: skip
+         "lora-extract", "merge-plan", "quant-error", "experts"]  # fmt: skip
 
 
 def test_every_kind_of_result_is_made_here(made):

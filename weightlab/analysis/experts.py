@@ -36,7 +36,8 @@ from weightlab.compute.gram import top_singular
 from weightlab.display import fmt
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.naming import canonical_name, expert_site, layer_index, router_block
+from weightlab.io.experts import MoEBlock, moe_blocks
+from weightlab.naming import canonical_name, layer_index
 from weightlab.options import ExpertsOptions
 from weightlab.results import Result, Table
 
@@ -243,49 +244,6 @@ def _spread(values: list[int]) -> str:
     return str(values[0]) if min(values) == max(values) else f"{min(values)}–{max(values)}"
 
 
-@dataclass
-class _Site:
-    """Where one block's tensors live in the checkpoint."""
-
-    parts: dict[str, dict[int, str]] = field(default_factory=dict)  # part -> expert -> tensor name
-    router: str | None = None
-    shared: list[str] = field(default_factory=list)
-
-
-def expert_sites(ckpt: Checkpoint, options: ExpertsOptions) -> dict[str, _Site]:
-    """Each MoE block's routed experts, router and shared experts, by canonical block name; a
-    block missing an expert's part is refused by name."""
-    import re
-
-    include = re.compile(options.include) if options.include else None
-    exclude = re.compile(options.exclude) if options.exclude else None
-    sites: dict[str, _Site] = {}
-    for name in ckpt.names():
-        if (include and not include.search(name)) or (exclude and exclude.search(name)):
-            continue
-        found = expert_site(name)
-        if found and len(ckpt.info(name).shape) == 2:
-            block, e, part = found
-            sites.setdefault(block, _Site()).parts.setdefault(part, {})[e] = name
-        elif (block_name := router_block(name)) is not None:
-            sites.setdefault(block_name, _Site()).router = name
-        elif ".shared_expert" in canonical_name(name):
-            block_name = canonical_name(name).split(".shared_expert", 1)[0]
-            sites.setdefault(block_name, _Site()).shared.append(name)
-    sites = {b: s for b, s in sites.items() if s.parts}
-    for block, site in sites.items():
-        experts = set().union(*(set(p) for p in site.parts.values()))
-        for part, by_expert in site.parts.items():
-            if set(by_expert) != experts or experts != set(range(len(experts))):
-                missing = sorted(set(range(max(experts) + 1)) - set(by_expert))
-                raise InvalidArgument(
-                    f"MoE block {block}: experts {missing} have no {part}: the experts are not numbered 0…E−1 "
-                    "with every part",
-                    ckpt.path,
-                )
-    return sites
-
-
 def _hidden_basis(w: torch.Tensor, part: str, k: int) -> torch.Tensor:
     """The top-k singular directions of one expert matrix on its hidden-space side (orthonormal columns)."""
     side = READS.get(part, "right" if w.shape[1] <= w.shape[0] else "left")
@@ -303,7 +261,7 @@ def _gram(weights: list[torch.Tensor]) -> np.ndarray:
     total = np.zeros((len(flats), len(flats)))
     for start in range(0, flats[0].numel(), GRAM_CHUNK):
         block = torch.stack([f[start : start + GRAM_CHUNK] for f in flats]).double()
-        total += (block @ block.T).numpy()
+        total += (block @ block.T).cpu().numpy()
     return total
 
 
@@ -331,11 +289,12 @@ def experts(
     ckpt: Checkpoint,
     base: Checkpoint | None = None,
     options: ExpertsOptions = ExpertsOptions(),
+    device: torch.device | str = "cpu",
     on_progress: Progress | None = None,
     on_start: Progress | None = None,
 ) -> ExpertsResult:
     """Compare the experts of every MoE block of `ckpt` (and, with `base`, how far each moved)."""
-    sites = expert_sites(ckpt, options)
+    sites = moe_blocks(ckpt, options.include, options.exclude)
     if not sites:
         raise InvalidArgument(
             "no Mixture-of-Experts block: no tensor is named as a routed expert's "
@@ -347,7 +306,7 @@ def experts(
     base_names = {canonical_name(n): n for n in base.names()} if base is not None else {}
     blocks = []
     for block, site in sites.items():
-        blocks.append(_block(ckpt, base, base_names, block, site, options))
+        blocks.append(_block(ckpt, base, base_names, block, site, options, torch.device(device)))
         if on_progress:
             on_progress(1)
     return ExpertsResult(str(ckpt.path), str(base.path) if base is not None else None, options, blocks)
@@ -358,8 +317,9 @@ def _block(
     base: Checkpoint | None,
     base_names: dict[str, str],
     block: str,
-    site: _Site,
+    site: MoEBlock,
     options: ExpertsOptions,
+    device: torch.device,
 ) -> ExpertBlock:
     n = len(next(iter(site.parts.values())))
     dots = np.zeros((n, n))
@@ -369,17 +329,14 @@ def _block(
     parts = sorted(site.parts, key=lambda p: (list(READS).index(p) if p in READS else len(READS), p))
     for part in parts:
         names = [site.parts[part][e] for e in range(n)]
-        weights = [ckpt.get(name).float() for name in names]
+        weights = [ckpt.get(name, device=device).float() for name in names]
         dots += _gram(weights)
-        bases = [_hidden_basis(w, part, options.k) for w in weights]
-        hidden = bases[0].shape[0]
-        for i in range(n):
-            for j in range(n):
-                r = min(bases[i].shape[1], bases[j].shape[1])
-                overlap[i, j] += float((bases[i][:, :r].T @ bases[j][:, :r]).square().sum()) / r
+        bases = torch.stack([_hidden_basis(w, part, options.k) for w in weights])  # E × H × k (one shape)
+        hidden = bases.shape[1]
+        overlap += (torch.einsum("ehk,fhl->efkl", bases, bases).square().sum((2, 3)) / bases.shape[2]).cpu().numpy()
         if base is not None:
             for e, (name, w) in enumerate(zip(names, weights)):
-                w0 = _base_tensor(base, base_names, name, tuple(w.shape))
+                w0 = _base_tensor(base, base_names, name, tuple(w.shape)).to(device)
                 moved_sq[e] += float((w.double() - w0).square().sum())
                 base_sq[e] += float(w0.square().sum())
         del weights
@@ -403,7 +360,7 @@ def _block(
     if base is not None:
         result.moved = [float(math.sqrt(m / b)) if b > 0 else None for m, b in zip(moved_sq, base_sq)]
     if site.router is not None:
-        rows = ckpt.get(site.router).double()
+        rows = ckpt.get(site.router).double()  # E × H: small, on the CPU
         if rows.ndim == 2 and rows.shape[0] == n:
             result.router = site.router
             norms = rows.norm(dim=1)

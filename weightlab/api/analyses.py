@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 ANALYSIS = ("device", "dtype", "threads", "ray", "ray_timeout", "json", "csv", "plots", "report", "force")
 FILES = ("json", "csv", "force")
+LOCAL = tuple(k for k in ANALYSIS if k not in ("dtype", "ray", "ray_timeout"))  # float64 maths, on this machine
 
 
 def many(sources: Sources | None) -> list[Source]:
@@ -254,7 +255,7 @@ def quant_error(
     return result
 
 
-@api_function(ANALYSIS)
+@api_function(LOCAL)
 def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsOptions, run: Run) -> ExpertsResult:
     """A Mixture-of-Experts model's experts, block by block: how alike they are (cosine of their
     weights, overlap of their top singular directions), which are near copies, the router's rows,
@@ -285,7 +286,7 @@ def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsO
 
         base_ckpt, (ckpt,) = _open([checkpoint], base)
         with run.progress("experts", "MoE blocks") as (on_start, on_progress):
-            result = compute_experts(ckpt, base_ckpt, options, on_progress, on_start)
+            result = compute_experts(ckpt, base_ckpt, options, run.compute().device, on_progress, on_start)
         emit(plan, result)
     return result
 

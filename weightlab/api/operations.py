@@ -70,6 +70,7 @@ def _names(sources: Sequence[Source]) -> tuple[list[str], dict[str, Any]]:
         "lam": "--lambda",
         "weights": "--weights",
         "max_rank": "--max-rank",
+        "match_experts": "--match-experts",
         "calibration": "--calibration",
         "tokenizer": "--tokenizer",
         "dry_run": "--dry-run",
@@ -95,6 +96,7 @@ def merge(
     shard_size: str | None = None,
     as_adapter: bool = False,
     max_rank: int | None = None,
+    match_experts: bool = False,
     out: str | Path | None = None,
     into: torch.nn.Module | None = None,
     dry_run: bool = False,
@@ -144,6 +146,10 @@ def merge(
         joint space; every other method of task vectors in the adapters' core space).
     max_rank : int, optional
         With ``as_adapter``: keep each module's best rank-k update.
+    match_experts : bool
+        Mixture-of-Experts models whose experts are not in the same order: each model's experts are
+        matched to the base's (else the first model's) per MoE block, by the cosine of their weights
+        (Hungarian method), and read in that order, router rows with them (command line: --match-experts).
     out : path, optional
         Write the merged model into this folder, as ``weightlab merge -o`` does.
     into : torch.nn.Module, optional
@@ -189,6 +195,7 @@ def merge(
         "donor": None if donor is None else str(donor),
         "max_rank": max_rank,
         "as_adapter": as_adapter or None,
+        "match_experts": match_experts or None,
         "calibration": None
         if calibration is None
         else [str(c) for c in ([calibration] if isinstance(calibration, (str, Path)) else calibration)],
@@ -271,8 +278,8 @@ def merge(
 
 
 SHAPING = ("method", "weights", "coeff", "lam", "density", "calibration", "tokenizer", "svc", "lines", "seed",
-            "dtype", "donor", "shard_size", "as_adapter", "max_rank", "params", "norm_of", "granularity", "power",
-            "normalize")  # fmt: skip
+            "dtype", "donor", "shard_size", "as_adapter", "max_rank", "match_experts", "params", "norm_of",
+            "granularity", "power", "normalize")  # fmt: skip
 
 
 def _merge_stages(

@@ -116,9 +116,9 @@ class Common:
     plots: Path | None
     report: Path | None
     force: bool
-    ray: str | None
-    ray_timeout: float | None
-    dtype: str = "float32"  # gaussian has no --dtype
+    ray: str | None = None  # experts has no --ray
+    ray_timeout: float | None = None
+    dtype: str = "float32"  # gaussian and experts have no --dtype
 
     def __post_init__(self) -> None:
         check_rows(self.rows)
@@ -295,12 +295,14 @@ def command(
 
 
 def analysis_command(
-    name: str | None = None, *, precision: bool = True
+    name: str | None = None, *, precision: bool = True, ray: bool = True
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register an analysis command (`name`: when not the function's): its own arguments, its
     options dataclass, and the shared options (rows, device, threads, dtype unless
-    `precision=False`, outputs, force, Ray) as `common: Common`, added here once for every command."""
-    return command(name=name, common=(Common, lambda: shared_parameters(Common, () if precision else ("dtype",))))
+    `precision=False`, outputs, force, Ray unless `ray=False`) as `common: Common`, added here once
+    for every command."""
+    leave_out = (() if precision else ("dtype",)) + (() if ray else ("ray", "ray_timeout"))
+    return command(name=name, common=(Common, lambda: shared_parameters(Common, leave_out)))
 
 
 def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:

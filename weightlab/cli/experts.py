@@ -10,7 +10,7 @@ from weightlab.cli.app import Common, analysis_command
 from weightlab.options import ExpertsOptions
 
 
-@analysis_command()
+@analysis_command(precision=False, ray=False)  # float64 sums; one block at a time, here
 def experts(
     checkpoint: Path = typer.Argument(
         ..., help="An MoE checkpoint (file, folder or Hub ID; with --base: a fine-tune or adapter of BASE)."

@@ -124,6 +124,12 @@ def merge(
     max_rank: int | None = typer.Option(
         None, "--max-rank", help="With --as-adapter: keep each module's best rank-k update."
     ),
+    match_experts: bool = typer.Option(
+        False,
+        "--match-experts",
+        help="Mixture-of-Experts models: match each model's experts to the base's (or the first model's) by the "
+        "cosine of their weights (Hungarian, per MoE block) and merge matched experts, router rows reordered too.",
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -160,6 +166,7 @@ def merge(
         shard_size=shard_size,
         as_adapter=as_adapter,
         max_rank=max_rank,
+        match_experts=match_experts,
         dry_run=dry_run,
         out=common.out,
         nan=nan,

@@ -20,15 +20,16 @@ kernel is never read as a matrix (`naming.as_matrix` refuses it).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from weightlab.errors import CorruptCheckpoint
+from weightlab.errors import CorruptCheckpoint, InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import TensorInfo
 from weightlab.model_config import ModelConfig
+from weightlab.naming import canonical_name, expert_site, router_block
 
 FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 IN_BY_OUT = {"gpt_oss", "llama4", "llama4_text"}  # families that store experts in × out
@@ -180,3 +181,103 @@ def per_expert(ckpt: Checkpoint) -> Checkpoint:
         if found:
             parts.update(found)
     return ExpertView(ckpt, parts) if parts else ckpt
+
+
+@dataclass
+class MoEBlock:
+    """Where one MoE block's tensors live in a checkpoint (its per-expert view, `per_expert`)."""
+
+    parts: dict[str, dict[int, str]] = field(default_factory=dict)  # part -> expert -> tensor name
+    router: str | None = None
+    shared: list[str] = field(default_factory=list)  # shared experts' tensors (not routed)
+
+    @property
+    def experts(self) -> int:
+        return len(next(iter(self.parts.values())))
+
+
+def moe_blocks(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> dict[str, MoEBlock]:
+    """Each MoE block of a per-expert checkpoint (`per_expert`) by canonical block name
+    (`layers.3.mlp`): its routed experts' matrices, its router, its shared experts; names filtered
+    by the `include` / `exclude` regexes. A block whose experts are not numbered 0…E−1 with every
+    part is refused by name."""
+    keep, drop = (re.compile(include) if include else None), (re.compile(exclude) if exclude else None)
+    blocks: dict[str, MoEBlock] = {}
+    for name in ckpt.names():
+        if (keep and not keep.search(name)) or (drop and drop.search(name)):
+            continue
+        found = expert_site(name)
+        if found and len(ckpt.info(name).shape) == 2:
+            block, e, part = found
+            blocks.setdefault(block, MoEBlock()).parts.setdefault(part, {})[e] = name
+        elif (scored := router_block(name)) is not None:
+            blocks.setdefault(scored, MoEBlock()).router = name
+        elif ".shared_expert" in canonical_name(name):
+            blocks.setdefault(canonical_name(name).split(".shared_expert", 1)[0], MoEBlock()).shared.append(name)
+    blocks = {b: s for b, s in blocks.items() if s.parts}
+    for block, site in blocks.items():
+        experts = set().union(*(set(p) for p in site.parts.values()))
+        for part, by_expert in site.parts.items():
+            if set(by_expert) != experts or experts != set(range(len(experts))):
+                missing = sorted(set(range(max(experts) + 1)) - set(by_expert))
+                raise InvalidArgument(
+                    f"MoE block {block}: experts {missing} have no {part}: the experts are not numbered 0…E−1 "
+                    "with every part",
+                    ckpt.path,
+                )
+    return blocks
+
+
+_ROUTER_TENSOR = re.compile(r"^(?P<block>.+)\.(?:gate|router)\.(?:weight|bias|e_score_correction_bias)$")
+
+
+class PermutedExperts(Checkpoint):
+    """`inner` with the experts of some MoE blocks reordered: expert e of block b reads as inner's
+    expert `orders[b][e]`, in every layout: per-expert tensors by name, fused tensors and the
+    router's rows (weight, bias, DeepSeek's score correction) along their first dimension."""
+
+    def __init__(self, inner: Checkpoint, orders: dict[str, list[int]]):
+        super().__init__(inner.path, inner.config)
+        self.inner, self.orders = inner, orders
+        self.read_ahead = inner.read_ahead
+        self.config_in_file = inner.config_in_file
+        by_site = {site: name for name in inner.names() if (site := expert_site(name)) is not None}
+        self._source: dict[str, tuple[str, list[int] | None]] = {}
+        for name in inner.names():
+            key = canonical_name(name)
+            site = expert_site(name)
+            fused = FUSED.match(key)
+            routed = _ROUTER_TENSOR.match(key)
+            if site is not None and site[0] in orders:
+                block, e, part = site
+                self._source[name] = (by_site[(block, orders[block][e], part)], None)
+            elif fused and fused["prefix"].removesuffix(".experts") in orders:
+                self._source[name] = (name, orders[fused["prefix"].removesuffix(".experts")])
+            elif routed and routed["block"] in orders and inner.info(name).shape[:1] == (len(orders[routed["block"]]),):
+                self._source[name] = (name, orders[routed["block"]])
+        self.__infos = {
+            name: replace(info, offset=-1) if name in self._source else info
+            for name in inner.names()
+            for info in [inner.info(name)]
+        }
+
+    @property
+    def folder(self) -> Path | None:
+        return self.inner.folder
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self.__infos
+
+    def formed_whole(self, name: str) -> bool:
+        return name in self._source or self.inner.formed_whole(name)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        source, order = self._source.get(info.name, (info.name, None))
+        tensor = self.inner.get(source)
+        return tensor[order].contiguous() if order is not None else tensor
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
+        if info.name in self._source:
+            return self._read(info)[start:stop].clone()
+        return self.inner.get_rows(info.name, start, stop, into=into)

@@ -38,6 +38,7 @@ OUR_KEYS = {
     "shard_size",
     "donor",
     "as_adapter",
+    "match_experts",
     "max_rank",
     "calibration",
     "calibration_sha256",
@@ -72,6 +73,7 @@ class MergeConfig:
     slices: list[Slice] | None = None  # output layers from layer ranges of the models (`merging.layout`)
     vocabulary: Vocabulary | None = None  # one vocabulary for models whose tokenizers differ (`merging.vocabulary`)
     chat_template: str | None = None  # the output tokenizer's: "auto" (the models' most common) or Jinja text
+    match_experts: bool = False  # MoE experts matched to the reference's before merging (`merging.expert_matching`)
     resolved: Params = field(init=False, repr=False, compare=False)  # the parameters, resolved once
 
     def __post_init__(self) -> None:
@@ -166,6 +168,13 @@ class MergeConfig:
         self._validate_vocabulary()
         if self.max_rank is not None and not self.as_adapter:
             raise InvalidArgument("--max-rank bounds an adapter's rank: it needs --as-adapter")
+        if not isinstance(self.match_experts, bool):
+            raise InvalidArgument(f"match_experts must be true or false, got {shown(self.match_experts)}")
+        if self.match_experts and (self.as_adapter or self.slices):
+            raise InvalidArgument(
+                "--match-experts reorders whole models' experts: it does not apply to "
+                + ("--as-adapter (an adapter's factors are not reordered)" if self.as_adapter else "slices")
+            )
         if self.as_adapter:
             for flag, given in (
                 ("--coeff nan", self.coeff == "nan"),
@@ -394,6 +403,7 @@ class MergeConfig:
         for key in ("dtype", "shard_size", "donor", "max_rank", "calibration", "calibration_sha256", "tokenizer"):
             out[key] = getattr(self, key)
         out["as_adapter"] = self.as_adapter or None
+        out["match_experts"] = self.match_experts or None
         return {k: v for k, v in out.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
@@ -420,6 +430,7 @@ class MergeConfig:
                 if getattr(self, k) is not None
             },
             **({"as_adapter": True} if self.as_adapter else {}),
+            **({"match_experts": True} if self.match_experts else {}),
         }
 
 
@@ -539,6 +550,7 @@ def from_record(record: dict[str, Any]) -> MergeConfig:
         slices=[_slice_of(s, i, "record") for i, s in enumerate(record["slices"])] if record.get("slices") else None,
         vocabulary=vocabulary_of(record["vocabulary"], "record") if record.get("vocabulary") else None,
         chat_template=record.get("chat_template"),
+        match_experts=bool(record.get("match_experts")),
     )
 
 
@@ -602,6 +614,7 @@ def read_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         "shard_size": "str",
         "donor": "str",
         "as_adapter": "bool",
+        "match_experts": "bool",
         "max_rank": "int",
         "tokenizer": "str",
     }

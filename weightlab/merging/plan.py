@@ -147,7 +147,7 @@ def plan_merge(
     from the inputs' headers: nothing is computed or written."""
     compute = compute or Compute.create()
     kernels = ties_kernels.runs_on(compute.device, compute.dtype)
-    base, models, walk, buffers, left_out = open_inputs(config, opened or {})
+    base, models, walk, buffers, left_out, _ = open_inputs(config, opened or {})
     ckpts = [base, *models] if base is not None else models
     anchor = ckpts[0]
     items = [i for i in walk.items if i.is_float]

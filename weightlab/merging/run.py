@@ -18,7 +18,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from weightlab.merging.calibration import calibration_sets
 from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
 from weightlab.merging.data_aware import collect
+from weightlab.merging.expert_matching import matched
 from weightlab.merging.layout import Origin, SliceView, slice_views
 from weightlab.merging.mergekit import MERGEKIT_RECORD, recipe_of, recipe_yaml
 from weightlab.merging.methods import MergeMethod
@@ -59,6 +60,7 @@ from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 
 MERGED = Selection(matrices=False, min_elements=0)  # every floating tensor, of any shape
+ExpertOrders = dict[str, dict[str, dict[str, Any]]]  # model -> MoE block -> its ExpertOrder, as a dict
 
 
 @dataclass
@@ -79,6 +81,7 @@ class MergeReport(Result):
     auto_lambda: dict[str, float] = field(default_factory=dict)  # --lambda auto: λ chosen per tensor
     calibration_texts: list[int] = field(default_factory=list)  # data-aware methods: texts each model ran on
     dequantized: dict[str, str] = field(default_factory=dict)  # quantized input -> its formats (read as floats)
+    expert_orders: ExpertOrders = field(default_factory=dict)  # --match-experts: each model's order per MoE block
 
     def per_layer(self) -> dict[str, list[float]]:
         """Mean per-tensor coefficient of each model, per layer ("-" for tensors outside layers)."""
@@ -107,6 +110,7 @@ class MergeReport(Result):
             **({"auto_lambda": self.auto_lambda} if self.auto_lambda else {}),
             **({"calibration_texts": self.calibration_texts} if self.calibration_texts else {}),
             **({"dequantized_inputs": self.dequantized} if self.dequantized else {}),
+            **({"expert_orders": self.expert_orders} if self.expert_orders else {}),
         }
 
     @classmethod
@@ -124,6 +128,7 @@ class MergeReport(Result):
             payload.get("auto_lambda") or {},
             payload.get("calibration_texts") or [],
             payload.get("dequantized_inputs") or {},
+            payload.get("expert_orders") or {},
         )
 
     def title(self) -> str:
@@ -155,6 +160,24 @@ class MergeReport(Result):
                     [[name, f, count] for name, f, count in zip(names, files, self.calibration_texts)],
                 )
             )
+        if self.expert_orders:
+            out.append(
+                Table(
+                    "experts matched to the reference's (Hungarian on the cosine of whole experts)",
+                    ["model", "MoE block", "order", "mean cos matched", "mean cos by index"],
+                    [
+                        [
+                            model,
+                            block,
+                            "in order" if o["order"] == sorted(o["order"]) else str(o["order"]),
+                            o["matched_cosine"],
+                            o["index_cosine"],
+                        ]
+                        for model, by_block in self.expert_orders.items()
+                        for block, o in by_block.items()
+                    ],
+                )
+            )
         if self.per_tensor:
             out.append(
                 Table(
@@ -176,6 +199,12 @@ class MergeReport(Result):
         if self.left_out:
             out.append(
                 f"note: {len(self.left_out)} tensors only in some models were left out: {', '.join(self.left_out[:5])}"
+            )
+        for model, by_block in self.expert_orders.items():
+            moved = [b for b, o in by_block.items() if o["order"] != sorted(o["order"])]
+            out.append(
+                f"--match-experts: {model}: experts reordered in {len(moved)} of {len(by_block)} MoE blocks"
+                + (f" ({', '.join(moved[:4])}{', …' if len(moved) > 4 else ''})" if moved else "")
             )
         for model, formats in self.dequantized.items():
             out.append(
@@ -398,10 +427,11 @@ def _as_model(found: Checkpoint | LoraAdapter, base: Checkpoint | None, source: 
 
 def open_inputs(
     config: MergeConfig, opened: Mapping[str, Checkpoint | LoraAdapter]
-) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str]]:
-    """The base, the models, the walk over every tensor, the buffers copied from the base and the
-    tensors left out: the inputs of a merge, checked to line up (headers only). With slices, the
-    base and the models are views of the slices' sources under the output's names (`layout`)."""
+) -> tuple[Checkpoint | None, list[Checkpoint], TensorWalk, list[str], list[str], ExpertOrders]:
+    """The base, the models, the walk over every tensor, the buffers copied from the base, the
+    tensors left out and the expert orders matched (`--match-experts`): the inputs of a merge,
+    checked to line up. With slices, the base and the models are views of the slices' sources
+    under the output's names (`layout`)."""
     base = open_base(config, opened)
     named: dict[str, Checkpoint] = {config.base: base} if config.base is not None and base is not None else {}
     for m in config.referenced():
@@ -419,10 +449,14 @@ def open_inputs(
         base, models = view, list[Checkpoint](views)
     else:
         models = [named[m] for m in config.models]
+    orders: ExpertOrders = {}
+    if config.match_experts:
+        models, found = matched(base if base is not None else models[0], models, config.models)
+        orders = {model: {block: asdict(o) for block, o in by_block.items()} for model, by_block in found.items()}
     ckpts = [base, *models] if base is not None else models
     walk = TensorWalk(ckpts, replace(MERGED, floating=False))
     buffers, left_out = _check_alignment(walk.matching, ckpts, base is not None)
-    return base, models, walk, buffers, left_out
+    return base, models, walk, buffers, left_out, orders
 
 
 def tensor_params(
@@ -570,7 +604,7 @@ def merge(
     compute = compute or Compute.create()
     spec, params = config.spec, config.resolved
 
-    base, models, walk, buffers, left_out = open_inputs(config, opened)
+    base, models, walk, buffers, left_out, orders = open_inputs(config, opened)
     ckpts = [base, *models] if base is not None else models
     items = walk.items
     nan = config.coeff == "nan"
@@ -586,6 +620,7 @@ def merge(
     out_dtype = getattr(torch, config.dtype) if config.dtype else None
     report = MergeReport(recorded or config, "in memory" if in_memory else str(out_dir), 0, [], left_out, fixed)
     report.dequantized = dequantized_inputs(ckpts)
+    report.expert_orders = orders
     meta = {"weightlab_merge_method": config.method}
     anchor = ckpts[0]
 
