@@ -33,6 +33,7 @@ from scipy.spatial.distance import squareform
 
 from weightlab.analysis.compare import Square, clustering_order
 from weightlab.compute.gram import top_singular
+from weightlab.compute.similarity import cross_dots
 from weightlab.display import fmt
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
@@ -251,20 +252,6 @@ def _hidden_basis(w: torch.Tensor, part: str, k: int) -> torch.Tensor:
     return svd.Vh.mT if side == "right" else svd.U
 
 
-GRAM_CHUNK = 1 << 20  # entries of each expert per step of the Gram matrix
-
-
-def _gram(weights: list[torch.Tensor]) -> np.ndarray:
-    """⟨θ_e, θ_f⟩ of the flattened weights in float64, a chunk of entries at a time (no copy of
-    them all in float64)."""
-    flats = [w.reshape(-1) for w in weights]
-    total = np.zeros((len(flats), len(flats)))
-    for start in range(0, flats[0].numel(), GRAM_CHUNK):
-        block = torch.stack([f[start : start + GRAM_CHUNK] for f in flats]).double()
-        total += (block @ block.T).cpu().numpy()
-    return total
-
-
 def _square(matrix: np.ndarray, known: np.ndarray | None = None) -> Square:
     n = matrix.shape[0]
     return [[float(matrix[i, j]) if known is None or known[i, j] else None for j in range(n)] for i in range(n)]
@@ -330,7 +317,7 @@ def _block(
     for part in parts:
         names = [site.parts[part][e] for e in range(n)]
         weights = [ckpt.get(name, device=device).float() for name in names]
-        dots += _gram(weights)
+        dots += cross_dots(weights)
         bases = torch.stack([_hidden_basis(w, part, options.k) for w in weights])  # E × H × k (one shape)
         hidden = bases.shape[1]
         overlap += (torch.einsum("ehk,fhl->efkl", bases, bases).square().sum((2, 3)) / bases.shape[2]).cpu().numpy()

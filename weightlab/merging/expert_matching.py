@@ -16,14 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 
+from weightlab.compute.similarity import cosines, cross_dots, squared_norms
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.experts import MoEBlock, PermutedExperts, moe_blocks, per_expert
-
-CHUNK = 1 << 20  # entries of each expert per step of the cross dot products
 
 
 @dataclass(frozen=True)
@@ -64,19 +62,14 @@ def _cross_cosine(a: Checkpoint, a_site: MoEBlock, b: Checkpoint, b_site: MoEBlo
     n = a_site.experts
     dots, a_sq, b_sq = np.zeros((n, n)), np.zeros(n), np.zeros(n)
     for part in a_site.parts:
-        xs = [a.get(a_site.parts[part][e]).float().reshape(-1) for e in range(n)]
-        ys = [b.get(b_site.parts[part][e]).float().reshape(-1) for e in range(n)]
+        xs = [a.get(a_site.parts[part][e]).float() for e in range(n)]
+        ys = [b.get(b_site.parts[part][e]).float() for e in range(n)]
         if xs[0].shape != ys[0].shape:
             raise InvalidArgument(f"--match-experts: the experts' {part} differ in shape", b.path)
-        for start in range(0, xs[0].numel(), CHUNK):
-            x = torch.stack([t[start : start + CHUNK] for t in xs]).double()
-            y = torch.stack([t[start : start + CHUNK] for t in ys]).double()
-            dots += (x @ y.T).numpy()
-            a_sq += x.square().sum(1).numpy()
-            b_sq += y.square().sum(1).numpy()
-    scale = np.outer(np.sqrt(a_sq), np.sqrt(b_sq))
-    cosine: np.ndarray = np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
-    return cosine
+        dots += cross_dots(xs, ys)
+        a_sq += squared_norms(xs)
+        b_sq += squared_norms(ys)
+    return cosines(dots, a_sq, b_sq)
 
 
 def matched(

@@ -1,0 +1,38 @@
+"""Dot products between whole tensors, in float64 without a float64 copy of them all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+CHUNK = 1 << 20  # entries of each tensor per step
+
+
+def cross_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> np.ndarray:
+    """⟨x_i, y_j⟩ of the flattened tensors (`ys` defaults to `xs`: their Gram matrix), summed in
+    float64 a chunk of `CHUNK` entries of each at a time."""
+    flat_x = [x.reshape(-1) for x in xs]
+    flat_y = flat_x if ys is None else [y.reshape(-1) for y in ys]
+    if any(f.numel() != flat_x[0].numel() for f in [*flat_x, *flat_y]):
+        raise ValueError("cross_dots: the tensors differ in size")
+    total = np.zeros((len(flat_x), len(flat_y)))
+    for start in range(0, flat_x[0].numel(), CHUNK):
+        x = torch.stack([f[start : start + CHUNK] for f in flat_x]).double()
+        y = x if ys is None else torch.stack([f[start : start + CHUNK] for f in flat_y]).double()
+        total += (x @ y.T).cpu().numpy()
+    return total
+
+
+def squared_norms(xs: Sequence[torch.Tensor]) -> np.ndarray:
+    """‖x_i‖² in float64."""
+    out: np.ndarray = np.array([float(x.double().square().sum()) for x in xs])
+    return out
+
+
+def cosines(dots: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """cos from dot products and squared norms; 0 where a norm is 0."""
+    scale = np.outer(np.sqrt(a_sq), np.sqrt(b_sq))
+    out: np.ndarray = np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
+    return out
