@@ -38,7 +38,7 @@ def models(tmp_path_factory):
     ft = synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=2, seed=1)
     from test_experts import _moe
 
-    return {"base": base, "ft": ft, "ft_path": synthetic.save(ft, root / "ft"), "moe": _moe("qwen3_moe")}
+    return {"base": base, "ft": ft, "ft_path": synthetic.save(ft, root / "ft"), "moe": _moe("qwen3_moe"), "root": root}
 
 
 def _valid(name: str, m) -> tuple[list, dict]:
@@ -50,6 +50,7 @@ def _valid(name: str, m) -> tuple[list, dict]:
         "esd": ([ft], {"base": base}),
         "quant_error": ([base, ft], {}),
         "experts": ([m["moe"]], {}),
+        "slim_experts": ([m["moe"]], {"experts": 2, "out": m["root"] / "slim"}),
         "compare": ([[ft, ft]], {"base": base}),
         "angles": ([ft, ft], {"base": base}),
         "gaussian": ([ft], {"base": base}),

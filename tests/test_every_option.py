@@ -92,6 +92,8 @@ WHAT = {
     "--max-rank": "2",
     "--match-experts": None,  # refused for the baseline's dense models; tests/test_expert_matching.py runs it
     "--near-copy": "0.3",
+    "--by": "prune",
+    "--experts": "3",
     "--calibration": "texts.txt",  # refused for the baseline's ties; test_merge_data_aware runs it
     "--tokenizer": "{base}",
     "--dry-run": None,  # no model written: the outputs differ
@@ -107,6 +109,7 @@ PER_COMMAND = {
     ("init-lora", "--method"): "milora",
     ("init-lora", "--svd"): "randomized",
     ("experts", "--base"): "{moe_base}",
+    ("slim-experts", "--experts"): "3",
 }
 
 BASELINES = {
@@ -117,6 +120,7 @@ BASELINES = {
     "esd": ["esd", "{ft}", "--json", "r.json"],
     "quant-error": ["quant-error", "{ft}", "{ft2}", "--json", "r.json"],
     "experts": ["experts", "{moe}", "--json", "r.json"],
+    "slim-experts": ["slim-experts", "{moe}", "--experts", "2", "-o", "out", "--json", "r.json"],
     "gaussian": ["gaussian", "{ft}", "--json", "r.json"],
     "tsd": ["tsd", "{base}", "{ft}", "--json", "r.json"],
     "merge": ["merge", "--method", "ties", "--base", "{base}", "{ft}", "{ft2}", "-o", "out", "--json", "r.json"],

@@ -73,10 +73,23 @@ def made(tmp_path_factory):
         "lora-extract": extract_lora(b, a, names, rank=2, compute=CPU)[0],
         "quant-error": quant_error(b, [a, c], QuantErrorOptions(min_evals=4), compute=CPU),
         "experts": experts(_moe(root), _moe(root, moved=True)),
+        "slim-experts": _slimmed(root),
     }
 
 
-def _moe(root: Path, moved: bool = False):
+def _slimmed(root: Path):
+    from weightlab.io.writer import CheckpointWriter
+    from weightlab.options import SlimExpertsOptions
+    from weightlab.surgery.slim_experts import plan_slimming, slim_experts, slimmed_tensors
+
+    moe = _moe(root, moved=True, config=True)
+    options = SlimExpertsOptions(experts=2)
+    planned, counts = plan_slimming(moe, options)
+    with CheckpointWriter(root / "slim", plan=slimmed_tensors(moe, planned)[0]) as writer:
+        return slim_experts(moe, planned, counts, writer, str(root / "slim"), options)
+
+
+def _moe(root: Path, moved: bool = False, config: bool = False):
     """A tiny MoE checkpoint: one block of four experts (Qwen's names), a router; `moved`: expert 1 changed."""
     gen = torch.Generator().manual_seed(1)
     tensors = {
@@ -87,14 +100,16 @@ def _moe(root: Path, moved: bool = False):
     tensors["model.layers.0.mlp.gate.weight"] = torch.randn(4, 8, generator=gen)
     if moved:
         tensors["model.layers.0.mlp.experts.1.down_proj.weight"] += 0.1
-    folder = root / ("moe-moved" if moved else "moe")
-    folder.mkdir()
+    folder = root / ("moe-moved" if moved else "moe") / ("with-config" if config else "")
+    folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors")
+    if config:
+        (folder / "config.json").write_text('{"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2}')
     return open_checkpoint(folder)
 
 
 KINDS = ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge", "compare", "esd", "intruders", "lora-init",
-         "lora-extract", "merge-plan", "quant-error", "experts"]  # fmt: skip
+         "lora-extract", "merge-plan", "quant-error", "experts", "slim-experts"]  # fmt: skip
 
 
 def test_every_kind_of_result_is_made_here(made):

@@ -129,6 +129,22 @@ class ExpertsOptions(Filters):
     )
 
 
+SLIM_WAYS = ("merge", "prune")
+
+
+@dataclass(frozen=True)
+class SlimExpertsOptions(Checked):
+    experts: int | None = option(
+        None, Int(1, optional=True), "--experts", help="Experts each MoE block keeps (required; at least top-k)."
+    )
+    by: str = option(
+        "merge",
+        Choice(*SLIM_WAYS),
+        "--by",
+        help="merge: each group of alike experts becomes their mean; prune: the experts most like another go.",
+    )
+
+
 @dataclass(frozen=True)
 class CompareOptions(Filters):
     k: int = option(8, Int(1), "-k", "--top-k", help="Dimension of each ΔW's top singular subspace.")

@@ -14,7 +14,7 @@ HOMES = {
         name: "analyses"
         for name in ("inspect", "spectrum", "esd", "quant_error", "experts", "compare", "angles", "gaussian", "tsd")
     },
-    **{name: "operations" for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders")},
+    **{name: "operations" for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders", "slim_experts")},
 }
 __all__ = list(HOMES)
 

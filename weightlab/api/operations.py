@@ -16,7 +16,7 @@ from weightlab.api.analyses import many
 from weightlab.api.frame import Run, api_function, emit, with_record
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.sources import Source, Sources, describe, is_in_memory
-from weightlab.options import IntruderOptions, LoraInitOptions, NanOptions, RankBudget
+from weightlab.options import IntruderOptions, LoraInitOptions, NanOptions, RankBudget, SlimExpertsOptions
 
 if TYPE_CHECKING:
     import torch
@@ -635,3 +635,56 @@ def mitigate_intruders(
     if out is not None:
         return result
     return with_record(adapter if adapter is not None else writer.state, result)
+
+
+@api_function(("threads", "json", "report", "force"), flags=_OUT)
+def slim_experts(model: Source, *, out: str | Path | None = None, options: SlimExpertsOptions, run: Run) -> Any:
+    """Slim a Mixture-of-Experts model to K experts per MoE block, from its weights alone: merge
+    each group of alike experts into their mean (HC-SMoE's clustering, on the weights), or prune
+    the experts most like another; the router rows follow, the config says K.
+
+    Parameters
+    ----------
+    model : an MoE model (path, Hub ID, module, mapping)
+        Per-expert or fused expert tensors alike (`weightlab experts` shows how alike they are).
+    out : path
+        The slimmed model's folder (command line: -o); transformers loads it as is.
+    {options}
+
+    Returns
+    -------
+    SlimReport
+        Per block: the groups merged or the experts dropped, and the mean cosine within each group.
+
+    References
+    ----------
+    Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering" (HC-SMoE).
+    """
+    if out is None:
+        raise InvalidArgument("slim_experts: give out=, the folder of the slimmed model (its config changes too)")
+    with run.outputs([model], out_dir=out) as plan:
+        from weightlab.io.memory import config_files, donor_of
+        from weightlab.io.open import open_weights
+        from weightlab.io.writer import CheckpointWriter
+        from weightlab.merging.vocabulary import config_text
+        from weightlab.surgery.slim_experts import plan_slimming, slimmed_tensors
+        from weightlab.surgery.slim_experts import slim_experts as run_slim
+
+        ckpt = open_weights(model)
+        planned, counts = plan_slimming(ckpt, options)
+        assert ckpt.config is not None  # plan_slimming found the expert count in it
+        shapes, _ = slimmed_tensors(ckpt, planned)
+        files = {**config_files(ckpt), "config.json": config_text({**ckpt.config.raw, **counts})}
+        writer = CheckpointWriter(
+            plan.path("-o"),
+            donor=donor_of(ckpt),
+            plan=shapes,
+            metadata={"weightlab": f"experts slimmed to {options.experts} per block ({options.by})"},
+            files=files,
+        )
+        with run.progress("slim-experts", "tensors") as (on_start, on_progress), writer:
+            if on_start:
+                on_start(len(shapes))
+            result = run_slim(ckpt, planned, counts, writer, str(out), options, on_progress)
+        emit(plan, result)
+    return result

@@ -154,13 +154,13 @@ class Operation:
     `--report`). A command's own `--dtype`, where it has one, is the dtype of what it writes."""
 
     out: Path
-    device: str
     threads: int | None
     json_out: str | None
     report: Path | None
     force: bool
-    ray: str | None
-    ray_timeout: float | None
+    device: str = "cpu"  # slim-experts has no --device (nor --ray): it averages on the CPU
+    ray: str | None = None
+    ray_timeout: float | None = None
 
     def run(self, plots: Path | None = None) -> Run:
         """How the API function runs: these options (the model's folder is its own `out`), those
@@ -305,11 +305,15 @@ def analysis_command(
     return command(name=name, common=(Common, lambda: shared_parameters(Common, leave_out)))
 
 
-def operation_command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def operation_command(
+    name: str, *, local: bool = False, **settings: Any
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a command that writes a model: its own arguments and options dataclass, and the
-    shared `-o`, `--device`, `--threads`, `--json`, `--report`, `--force` and `--ray` as
-    `common: Operation`, added here once for every such command."""
-    return command(name=name, common=(Operation, lambda: shared_parameters(Operation)), **settings)
+    shared `-o`, `--device` and `--ray` (unless `local`: its maths runs here, on the CPU),
+    `--threads`, `--json`, `--report` and `--force` as `common: Operation`, added here once for
+    every such command."""
+    leave_out = ("device", "ray", "ray_timeout") if local else ()
+    return command(name=name, common=(Operation, lambda: shared_parameters(Operation, leave_out)), **settings)
 
 
 def given_names() -> frozenset[str]:

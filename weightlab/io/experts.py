@@ -231,6 +231,14 @@ def moe_blocks(ckpt: Checkpoint, include: str | None = None, exclude: str | None
 _ROUTER_TENSOR = re.compile(r"^(?P<block>.+)\.(?:gate|router)\.(?:weight|bias|e_score_correction_bias)$")
 
 
+def router_rows(name: str) -> str | None:
+    """The MoE block whose experts a router tensor has one row (or entry) per, by canonical name:
+    the router's weight, bias, or DeepSeek's score correction (`layers.3.mlp.gate.weight` ->
+    "layers.3.mlp"); None for any other tensor. Its first dimension is the expert count."""
+    found = _ROUTER_TENSOR.match(canonical_name(name))
+    return found["block"] if found else None
+
+
 class PermutedExperts(Checkpoint):
     """`inner` with the experts of some MoE blocks reordered: expert e of block b reads as inner's
     expert `orders[b][e]`, in every layout: per-expert tensors by name, fused tensors and the
@@ -247,14 +255,14 @@ class PermutedExperts(Checkpoint):
             key = canonical_name(name)
             site = expert_site(name)
             fused = FUSED.match(key)
-            routed = _ROUTER_TENSOR.match(key)
+            routed = router_rows(name)
             if site is not None and site[0] in orders:
                 block, e, part = site
                 self._source[name] = (by_site[(block, orders[block][e], part)], None)
             elif fused and fused["prefix"].removesuffix(".experts") in orders:
                 self._source[name] = (name, orders[fused["prefix"].removesuffix(".experts")])
-            elif routed and routed["block"] in orders and inner.info(name).shape[:1] == (len(orders[routed["block"]]),):
-                self._source[name] = (name, orders[routed["block"]])
+            elif routed in orders and inner.info(name).shape[:1] == (len(orders[routed]),):
+                self._source[name] = (name, orders[routed])
         self.__infos = {
             name: replace(info, offset=-1) if name in self._source else info
             for name in inner.names()
