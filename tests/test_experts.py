@@ -139,3 +139,28 @@ def test_a_merge_into_a_fused_model_loads_and_runs(tmp_path):
         assert torch.isfinite(merged(ids).logits).all()
     router = wl.merge(base, [a, b], method="tsv")["model.layers.0.mlp.gate.weight"]
     assert torch.equal(merged.model.layers[0].mlp.gate.weight, router)
+
+
+def test_data_aware_merges_run_moe_models_saved_per_expert_as_transformers_builds_them(tmp_path):
+    """RegMean runs the real network, whose experts are fused in memory: the per-expert tensors
+    transformers saved (Mixtral's w1/w2/w3) are assembled into it, and the merge of the saved
+    models equals the merge of the same models in memory."""
+    from test_experts_analysis import _texts
+
+    from weightlab import synthetic
+
+    models = [_moe("mixtral", seed=i) for i in range(2)]
+    for i, m in enumerate(models):
+        m.save_pretrained(tmp_path / f"m{i}")
+    synthetic.tiny_tokenizer(tmp_path / "tok", vocab=64)
+    _texts(tmp_path / "texts.txt")
+    options = dict(method="regmean", calibration=tmp_path / "texts.txt", tokenizer=tmp_path / "tok")
+    saved = wl.merge(None, [tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "saved", **options)
+    memory = wl.merge(None, models, out=tmp_path / "memory", **options)
+    assert saved.calibration_texts == memory.calibration_texts
+    a = per_expert(open_checkpoint(tmp_path / "saved"))
+    b = per_expert(open_checkpoint(tmp_path / "memory"))
+    assert {canonical_name(n) for n in a.names()} == {canonical_name(n) for n in b.names()}
+    by_canonical = {canonical_name(n): n for n in b.names()}
+    for name in a.names():
+        torch.testing.assert_close(a.get(name), b.get(by_canonical[canonical_name(name)]), rtol=1e-5, atol=1e-6)

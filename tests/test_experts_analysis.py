@@ -126,3 +126,88 @@ def test_the_command_writes_its_report_and_refuses_what_is_no_moe(tmp_path, zoo,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "never.json").exists()
+
+
+def _texts(path, n: int = 24) -> None:
+    """Texts of the tiny tokenizer's words, of different lengths (so batches are padded)."""
+    gen = torch.Generator().manual_seed(4)
+    lines = [
+        " ".join(
+            f"w{int(w)}" for w in torch.randint(0, 60, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen)
+        )
+        for _ in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plain_routing(model, tokenizer_folder, text_file):
+    """Routed counts and REAP saliency from the router's own outputs and the expert maths written
+    out (SwiGLU with the fused weights), token by token over the real tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    captured = {}
+
+    def grab(layer):
+        def hook(module, args, output):
+            captured.setdefault(layer, []).append((args[0].reshape(-1, args[0].shape[-1]), output[1], output[2]))
+
+        return hook
+
+    handles = [layer.mlp.gate.register_forward_hook(grab(i)) for i, layer in enumerate(model.model.layers)]
+    texts = text_file.read_text().splitlines()
+    masks = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 16):
+            batch = tok(texts[start : start + 16], padding=True, return_tensors="pt")
+            masks.append(batch["attention_mask"].reshape(-1).bool())
+            model(**batch)
+    for h in handles:
+        h.remove()
+    out = {}
+    for layer, calls in captured.items():
+        experts = model.model.layers[layer].mlp.experts
+        n = experts.gate_up_proj.shape[0]
+        counts, sums = [0] * n, [0.0] * n
+        for (x, scores, index), mask in zip(calls, masks):
+            for t in torch.nonzero(mask).ravel().tolist():
+                for slot, e in enumerate(index[t].tolist()):
+                    gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+                    y = experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+                    counts[e] += 1
+                    sums[e] += float(scores[t, slot]) * float(y.norm())
+        out[f"layers.{layer}.mlp"] = (counts, [s / c if c else None for s, c in zip(sums, counts)])
+    return out
+
+
+def test_routing_and_reap_equal_a_plain_loop_over_the_routers_own_choices(tmp_path):
+    from weightlab import synthetic
+
+    model = _moe("qwen3_moe")
+    synthetic.tiny_tokenizer(tmp_path / "tok", vocab=64)
+    _texts(tmp_path / "texts.txt")
+    result = wl.experts(model, calibration=tmp_path / "texts.txt", tokenizer=tmp_path / "tok")
+    expected = _plain_routing(model, tmp_path / "tok", tmp_path / "texts.txt")
+    for b in result.blocks:
+        counts, saliency = expected[b.block]
+        assert b.tokens == sum(counts) // 2  # two experts per token
+        assert b.routed_share == pytest.approx([c / sum(counts) for c in counts], abs=0)
+        for got, want in zip(b.saliency, saliency):
+            assert (got is None) == (want is None) and (got is None or got == pytest.approx(want, rel=1e-4))
+    assert {"routed_share", "reap_saliency"} <= set(result.rows()[0])
+
+
+def test_per_expert_saved_and_fused_in_memory_route_alike(tmp_path):
+    """Mixtral saved per expert (w1/w2/w3) is run as transformers builds it (fused experts,
+    assembled from the saved ones): the same routing as the module in memory."""
+    from weightlab import synthetic
+
+    model = _moe("mixtral")
+    model.save_pretrained(tmp_path / "saved")
+    synthetic.tiny_tokenizer(tmp_path / "saved", vocab=64)
+    _texts(tmp_path / "texts.txt")
+    saved = wl.experts(tmp_path / "saved", calibration=tmp_path / "texts.txt")
+    memory = wl.experts(model, calibration=tmp_path / "texts.txt", tokenizer=tmp_path / "saved")
+    for a, b in zip(saved.blocks, memory.blocks):
+        assert a.routed_share == b.routed_share and a.tokens == b.tokens
+        assert a.saliency == pytest.approx(b.saliency, rel=1e-6)

@@ -119,3 +119,33 @@ def test_what_cannot_be_slimmed_is_refused_in_one_line_and_nothing_is_written(tm
         assert not (tmp_path / "out").exists()
     with pytest.raises(WeightlabError, match="give out="):
         wl.slim_experts(tmp_path / "in", experts=2)
+
+
+def test_with_calibration_text_pruning_keeps_the_highest_reap_and_merging_weighs_by_routed_share(tmp_path):
+    from test_experts_analysis import _texts
+
+    from weightlab import synthetic
+
+    model = _near_copy(_moe("qwen3_moe"))
+    model.save_pretrained(tmp_path / "in")
+    synthetic.tiny_tokenizer(tmp_path / "in", vocab=64)
+    _texts(tmp_path / "texts.txt", n=40)
+    measured = {b.block: b for b in wl.experts(tmp_path / "in", calibration=tmp_path / "texts.txt").blocks}
+    pruned = wl.slim_experts(tmp_path / "in", out=tmp_path / "pruned", experts=2, by="prune",
+                             calibration=tmp_path / "texts.txt")  # fmt: skip
+    for b in pruned.blocks:
+        score = [s if s is not None else -1.0 for s in measured[b.block].saliency]
+        best = sorted(sorted(range(4), key=lambda e: (-score[e], e))[:2])
+        assert [g[0] for g in b.groups] == best and b.calibrated
+    merged = wl.slim_experts(tmp_path / "in", out=tmp_path / "merged", experts=3, calibration=tmp_path / "texts.txt")
+    block = merged.blocks[0]
+    share = measured["layers.0.mlp"].routed_share
+    mlp, slim = model.model.layers[0].mlp, _load(tmp_path / "merged").model.layers[0].mlp
+    for out_e, (members, weights) in enumerate(zip(block.groups, block.weights)):
+        total = sum(share[e] for e in members)
+        expected = [share[e] / total for e in members] if total else [1 / len(members)] * len(members)
+        assert weights == pytest.approx(expected)
+        with torch.no_grad():
+            want = sum(w * mlp.experts.down_proj[e] for w, e in zip(weights, members))
+            torch.testing.assert_close(slim.experts.down_proj[out_e], want, rtol=0, atol=1e-6)
+    assert "REAP" in pruned.tables()[0].title and "routed share" in merged.tables()[0].title

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.experts import MoEBlock, moe_blocks
 from weightlab.naming import canonical_name, layer_index
 from weightlab.options import ExpertsOptions
+
+if TYPE_CHECKING:
+    from weightlab.analysis.routing import Routing
 from weightlab.results import Result, Table
 
 Progress = Callable[..., None]
@@ -65,6 +68,9 @@ class ExpertBlock:
     moved: list[float | None] | None = None  # ‖θ'_e − θ_e‖ / ‖θ_e‖ against the base (None: θ_e = 0)
     router_moved: list[float | None] | None = None  # ‖r'_e − r_e‖ / ‖r_e‖
     shared: list[str] = field(default_factory=list)  # shared experts' tensors in the block (not routed)
+    tokens: int | None = None  # with calibration text: the real tokens the block saw
+    routed_share: list[float] | None = None  # share of the (token, slot) routings that went to each expert
+    saliency: list[float | None] | None = None  # REAP's S_e (None: never routed to)
 
     def pairs(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.experts) for j in range(i + 1, self.experts)]
@@ -107,6 +113,7 @@ class ExpertsResult(Result):
     options: ExpertsOptions
     blocks: list[ExpertBlock]
     problems: list[str] = field(default_factory=list)
+    calibration: str | None = None  # the text file the model ran on (routing, REAP)
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -126,12 +133,15 @@ class ExpertsResult(Result):
                         "router_norm": b.router_norms[e] if b.router_norms else None,
                         "moved": b.moved[e] if b.moved else None,
                         "router_moved": b.router_moved[e] if b.router_moved else None,
+                        "routed_share": b.routed_share[e] if b.routed_share else None,
+                        "reap_saliency": b.saliency[e] if b.saliency else None,
                     }
                 )
         return out
 
     def tables(self) -> list[Table]:
         moved = self.base is not None
+        routed = self.calibration is not None
         layers = Table(
             f"MoE blocks: experts compared (near copies: cosine ≥ {self.options.near_copy:g})",
             [
@@ -144,6 +154,7 @@ class ExpertsResult(Result):
                 "near copies",
                 "router ‖r‖ min–max",
                 *(["most moved", "least moved"] if moved else []),
+                *(["most routed", "least routed", "lowest REAP"] if routed else []),
             ],
             [
                 [
@@ -160,6 +171,15 @@ class ExpertsResult(Result):
                         if moved and any(b.moved or [])
                         else ["none", "-"]
                         if moved
+                        else []
+                    ),
+                    *(
+                        [
+                            _extreme(list[float | None](b.routed_share or []), max),
+                            _extreme(list[float | None](b.routed_share or []), min),
+                            _extreme(b.saliency, min),
+                        ]
+                        if routed
                         else []
                     ),
                 ]
@@ -188,6 +208,7 @@ class ExpertsResult(Result):
                     r["near_copy_group"],
                     r["router_norm"],
                     *([r["moved"], r["router_moved"]] if moved else []),
+                    *([r["routed_share"], r["reap_saliency"]] if routed else []),
                 ]
                 for r in sorted(
                     self.rows(),
@@ -209,6 +230,13 @@ class ExpertsResult(Result):
         if alike:
             (i, j, value), b = max(alike, key=lambda x: x[0][2])
             out.append(("most_alike", "most alike experts (cosine)", f"{b.block} {i}–{j} ({fmt(value)})"))
+        if self.calibration is not None:
+            shares = [(s, e, b) for b in self.blocks if b.routed_share for e, s in enumerate(b.routed_share)]
+            if shares:
+                s, e, b = min(shares, key=lambda x: x[0])
+                out.append(("least_routed", "least routed expert (share)", f"{b.block} {e} ({fmt(s)})"))
+                never = sum(1 for b in self.blocks for v in b.saliency or [] if v is None)
+                out.append(("never_routed", "experts no token reached", never))
         if self.base is not None:
             moved = [(m, e, b) for b in self.blocks if b.moved for e, m in enumerate(b.moved) if m is not None]
             if moved:
@@ -279,8 +307,12 @@ def experts(
     device: torch.device | str = "cpu",
     on_progress: Progress | None = None,
     on_start: Progress | None = None,
+    routes: dict[str, Routing] | None = None,
+    calibration: str | None = None,
 ) -> ExpertsResult:
-    """Compare the experts of every MoE block of `ckpt` (and, with `base`, how far each moved)."""
+    """Compare the experts of every MoE block of `ckpt` (and, with `base`, how far each moved;
+    with `routes`, `analysis.routing` on the text file `calibration`, how often each is routed to
+    and its REAP saliency)."""
     sites = moe_blocks(ckpt, options.include, options.exclude)
     if not sites:
         raise InvalidArgument(
@@ -293,10 +325,16 @@ def experts(
     base_names = {canonical_name(n): n for n in base.names()} if base is not None else {}
     blocks = []
     for block, site in sites.items():
-        blocks.append(_block(ckpt, base, base_names, block, site, options, torch.device(device)))
+        found = _block(ckpt, base, base_names, block, site, options, torch.device(device))
+        route = (routes or {}).get(block)
+        if route is not None and len(route.routed) == found.experts:
+            found.tokens, found.routed_share, found.saliency = route.tokens, route.share, route.saliency
+        blocks.append(found)
         if on_progress:
             on_progress(1)
-    return ExpertsResult(str(ckpt.path), str(base.path) if base is not None else None, options, blocks)
+    return ExpertsResult(
+        str(ckpt.path), str(base.path) if base is not None else None, options, blocks, calibration=calibration
+    )
 
 
 def _block(

@@ -255,8 +255,16 @@ def quant_error(
     return result
 
 
-@api_function(LOCAL)
-def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsOptions, run: Run) -> ExpertsResult:
+@api_function(LOCAL, flags={"calibration": "--calibration", "tokenizer": "--tokenizer"})
+def experts(
+    checkpoint: Source,
+    base: Source | None = None,
+    calibration: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    *,
+    options: ExpertsOptions,
+    run: Run,
+) -> ExpertsResult:
     """A Mixture-of-Experts model's experts, block by block: how alike they are (cosine of their
     weights, overlap of their top singular directions), which are near copies, the router's rows,
     and, against a base, how far each expert moved.
@@ -268,6 +276,11 @@ def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsO
         transformers' fused ones (`mlp.experts.gate_up_proj`), read one expert at a time.
     base : a model, optional
         The MoE it was fine-tuned from: how far each expert and router row moved (command line: --base).
+    calibration : path, optional
+        A text file (one text per line, or JSONL with "text"): the model runs on it, and each
+        expert's routed share and REAP saliency are measured (command line: --calibration).
+    tokenizer : path, optional
+        The tokenizer folder for `calibration` (default: the checkpoint's own; command line: --tokenizer).
     {options}
 
     Returns
@@ -279,14 +292,34 @@ def experts(checkpoint: Source, base: Source | None = None, *, options: ExpertsO
     References
     ----------
     Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering" (HC-SMoE);
-    Ilharco et al. 2023, "Editing Models with Task Arithmetic" (cosines of weight vectors).
+    Ilharco et al. 2023, "Editing Models with Task Arithmetic" (cosines of weight vectors);
+    Lasby et al. 2025, "REAP the Experts: Why Pruning Prevails for One-Shot MoE Compression" (REAP).
     """
-    with run.outputs([checkpoint, base]) as plan:
+    run.refuse_unless(calibration is not None, "applies to --calibration only", "tokenizer")
+    with run.outputs([checkpoint, base, calibration, tokenizer]) as plan:
         from weightlab.analysis.experts import experts as compute_experts
 
         base_ckpt, (ckpt,) = _open([checkpoint], base)
+        device = run.compute().device
+        routes = None
+        if calibration is not None:
+            from weightlab.analysis.routing import routing
+            from weightlab.merging.activations import find_tokenizer
+            from weightlab.merging.calibration import read_calibration
+
+            texts = read_calibration(calibration)
+            routes = routing(ckpt, texts, find_tokenizer([ckpt], None if tokenizer is None else str(tokenizer)), device)
         with run.progress("experts", "MoE blocks") as (on_start, on_progress):
-            result = compute_experts(ckpt, base_ckpt, options, run.compute().device, on_progress, on_start)
+            result = compute_experts(
+                ckpt,
+                base_ckpt,
+                options,
+                device,
+                on_progress,
+                on_start,
+                routes,
+                None if calibration is None else str(calibration),
+            )
         emit(plan, result)
     return result
 

@@ -637,8 +637,19 @@ def mitigate_intruders(
     return with_record(adapter if adapter is not None else writer.state, result)
 
 
-@api_function(("threads", "json", "report", "force"), flags=_OUT)
-def slim_experts(model: Source, *, out: str | Path | None = None, options: SlimExpertsOptions, run: Run) -> Any:
+@api_function(
+    ("threads", "json", "report", "force"),
+    flags={**_OUT, "calibration": "--calibration", "tokenizer": "--tokenizer"},
+)
+def slim_experts(
+    model: Source,
+    *,
+    out: str | Path | None = None,
+    calibration: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    options: SlimExpertsOptions,
+    run: Run,
+) -> Any:
     """Slim a Mixture-of-Experts model to K experts per MoE block, from its weights alone: merge
     each group of alike experts into their mean (HC-SMoE's clustering, on the weights), or prune
     the experts most like another; the router rows follow, the config says K.
@@ -649,6 +660,12 @@ def slim_experts(model: Source, *, out: str | Path | None = None, options: SlimE
         Per-expert or fused expert tensors alike (`weightlab experts` shows how alike they are).
     out : path
         The slimmed model's folder (command line: -o); transformers loads it as is.
+    calibration : path, optional
+        Text to run the model on (one text per line, or JSONL): pruning then keeps the experts of
+        highest REAP saliency, merging weighs each expert by how often it is routed to
+        (command line: --calibration).
+    tokenizer : path, optional
+        The tokenizer folder for `calibration` (default: the model's own; command line: --tokenizer).
     {options}
 
     Returns
@@ -658,11 +675,13 @@ def slim_experts(model: Source, *, out: str | Path | None = None, options: SlimE
 
     References
     ----------
-    Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering" (HC-SMoE).
+    Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering" (HC-SMoE);
+    Lasby et al. 2025, "REAP the Experts: Why Pruning Prevails for One-Shot MoE Compression" (REAP).
     """
+    run.refuse_unless(calibration is not None, "applies to --calibration only", "tokenizer")
     if out is None:
         raise InvalidArgument("slim_experts: give out=, the folder of the slimmed model (its config changes too)")
-    with run.outputs([model], out_dir=out) as plan:
+    with run.outputs([model, calibration, tokenizer], out_dir=out) as plan:
         from weightlab.io.memory import config_files, donor_of
         from weightlab.io.open import open_weights
         from weightlab.io.writer import CheckpointWriter
@@ -671,7 +690,19 @@ def slim_experts(model: Source, *, out: str | Path | None = None, options: SlimE
         from weightlab.surgery.slim_experts import slim_experts as run_slim
 
         ckpt = open_weights(model)
-        planned, counts = plan_slimming(ckpt, options)
+        routes = None
+        if calibration is not None:
+            import torch
+
+            from weightlab.analysis.routing import routing
+            from weightlab.io.experts import per_expert
+            from weightlab.merging.activations import find_tokenizer
+            from weightlab.merging.calibration import read_calibration
+
+            texts = read_calibration(calibration)
+            chosen = find_tokenizer([ckpt], None if tokenizer is None else str(tokenizer))
+            routes = routing(per_expert(ckpt), texts, chosen, torch.device("cpu"))
+        planned, counts = plan_slimming(ckpt, options, routes)
         assert ckpt.config is not None  # plan_slimming found the expert count in it
         shapes, _ = slimmed_tensors(ckpt, planned)
         files = {**config_files(ckpt), "config.json": config_text({**ckpt.config.raw, **counts})}

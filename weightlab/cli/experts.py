@@ -16,6 +16,14 @@ def experts(
         ..., help="An MoE checkpoint (file, folder or Hub ID; with --base: a fine-tune or adapter of BASE)."
     ),
     base: Path | None = typer.Option(None, "--base", help="The MoE it was fine-tuned from: how far each expert moved."),
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="Text to run the model on (one text per line, or JSONL): each expert's routed share and REAP saliency.",
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder for --calibration (default: the checkpoint's own)."
+    ),
     options: ExpertsOptions = None,
     common: Common = None,
 ) -> None:
@@ -28,4 +36,4 @@ def experts(
     """
     from weightlab.api.analyses import experts as run_experts
 
-    common.show(run_experts.core(checkpoint, base, options=options, run=common.run()))
+    common.show(run_experts.core(checkpoint, base, calibration, tokenizer, options=options, run=common.run()))

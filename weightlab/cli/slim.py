@@ -13,6 +13,14 @@ from weightlab.options import SlimExpertsOptions
 @operation_command("slim-experts", local=True)
 def slim_experts(
     model: Path = typer.Argument(..., help="An MoE checkpoint (file, folder or Hub ID)."),
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="Text to run the model on: prune by REAP saliency, or weigh merged experts by their routed share.",
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder for --calibration (default: the model's own)."
+    ),
     options: SlimExpertsOptions = None,
     common: Operation = None,
 ) -> None:
@@ -25,4 +33,8 @@ def slim_experts(
     """
     from weightlab.api.operations import slim_experts as run_slim
 
-    common.show(run_slim.core(model, out=common.out, options=options, run=common.run()))
+    common.show(
+        run_slim.core(
+            model, out=common.out, calibration=calibration, tokenizer=tokenizer, options=options, run=common.run()
+        )
+    )

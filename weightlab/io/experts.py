@@ -289,3 +289,55 @@ class PermutedExperts(Checkpoint):
         if info.name in self._source:
             return self._read(info)[start:stop].clone()
         return self.inner.get_rows(info.name, start, stop, into=into)
+
+
+class ModuleNames(Checkpoint):
+    """`inner` with the tensors a transformers module holds under the module's own names, where
+    the checkpoint spells them otherwise: fused expert tensors assembled from per-expert ones
+    (transformers saves experts one by one and fuses them when it loads; `ExpertPart.put`), and
+    tensors whose canonical name is the same (Mixtral's `block_sparse_moe.gate` is the module's
+    `mlp.gate`). Everything `inner` holds reads as it is."""
+
+    def __init__(self, inner: Checkpoint, wanted: dict[str, tuple[int, ...]]):
+        super().__init__(inner.path, inner.config)
+        self.inner = inner
+        self.read_ahead = inner.read_ahead
+        self.config_in_file = inner.config_in_file
+        held = {canonical_name(n): n for n in inner.names()}
+        infos = {n: inner.info(n) for n in inner.names()}
+        self._alias: dict[str, str] = {}
+        self._fused: dict[str, dict[str, ExpertPart]] = {}
+        for key, shape in wanted.items():
+            if key in infos:
+                continue
+            parts = fused_parts(key, shape, inner.config)
+            if parts and all(canonical_name(v) in held for v in parts):
+                self._fused[key] = {held[canonical_name(v)]: p for v, p in parts.items()}
+                first = inner.info(next(iter(self._fused[key])))
+                infos[key] = TensorInfo(
+                    key, shape, first.dtype, first.file, -1, first.nbytes * _numel(shape) // max(1, _numel(first.shape))
+                )
+            elif canonical_name(key) in held and tuple(inner.info(held[canonical_name(key)]).shape) == shape:
+                self._alias[key] = held[canonical_name(key)]
+                infos[key] = replace(inner.info(self._alias[key]), name=key)
+        self.__infos = infos
+
+    @property
+    def folder(self) -> Path | None:
+        return self.inner.folder
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self.__infos
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        if info.name in self._alias:
+            return self.inner.get(self._alias[info.name])
+        parts = self._fused.get(info.name)
+        if parts is None:
+            return self.inner.get(info.name)
+        first = self.inner.get(next(iter(parts)))
+        fused = torch.empty(info.shape, dtype=first.dtype)
+        for name, part in parts.items():
+            part.put(fused, self.inner.get(name))
+        return fused

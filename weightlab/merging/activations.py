@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from weightlab.errors import InvalidArgument, ShapeMismatch, shown
 from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.experts import ModuleNames
 from weightlab.io.safetensors_file import write_safetensors
 from weightlab.naming import layer_index
 
@@ -88,9 +89,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def module_shapes(module: Any) -> dict[str, tuple[int, ...]]:
+    """Each tensor of a module's state dict: its shape (what `ModuleNames` provides)."""
+    return {key: tuple(t.shape) for key, t in module.state_dict().items()}
+
+
 def build_network(config: Any, ckpt: Checkpoint) -> tuple[Any, dict[str, str]]:
     """The network `config` describes (its architecture's transformers class, no remote code),
-    with the checkpoint's names for its tensors; built on the meta device first, so that a config
+    with the checkpoint's names for its tensors (read them through `ModuleNames`: a module's fused
+    experts are assembled from a checkpoint's per-expert tensors); built on the meta device first, so that a config
     that disagrees with the weights (a parameter the checkpoint lacks, another shape) or would take
     more memory than they do (buffers beyond the checkpoint's size) is refused before anything is
     allocated."""
@@ -110,6 +117,7 @@ def build_network(config: Any, ckpt: Checkpoint) -> tuple[Any, dict[str, str]]:
         raise InvalidArgument(
             f"transformers cannot build the network this config describes ({_first_line(e)})", where
         ) from None
+    ckpt = ModuleNames(ckpt, module_shapes(skeleton))
     names = _match_names(skeleton, ckpt, where)
     for key, tensor in skeleton.state_dict().items():
         if key in names and tuple(tensor.shape) != tuple(ckpt.info(names[key]).shape):
@@ -152,6 +160,10 @@ class Runner:
     order: list[str]  # checkpoint names in the module's order
     targets: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # weight name -> (module, transposed)
     max_tokens: int = MAX_TOKENS  # of each text: MAX_TOKENS, or fewer where the model or tokenizer takes fewer
+
+    def named(self, ckpt: Checkpoint) -> Checkpoint:
+        """`ckpt` read under the names `load` asks for (`ModuleNames`: fused experts assembled)."""
+        return ModuleNames(ckpt, module_shapes(self.model))
 
     @classmethod
     def build(cls, ckpt: Checkpoint, tokenizer: str, device: torch.device) -> Runner:

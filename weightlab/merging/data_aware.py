@@ -108,7 +108,7 @@ def collect(
         if kind == "fisher":
             on_start(sum(batches))
             for i, (ckpt, calibration) in enumerate(zip(models, sets)):
-                runner.load(_weights(ckpt))
+                runner.load(_weights(runner.named(ckpt)))
                 store.put(i, 0, {n: f.float() for n, f in runner.fisher(calibration.texts, seed, step).items()})
             return store, tokenizer
         groups = gram_groups(runner, by_layer=kind == "grams-merged")
@@ -117,7 +117,7 @@ def collect(
             store.transposed[name] = transposed
         if kind == "grams":
             for i, (ckpt, calibration) in enumerate(zip(models, sets)):
-                runner.load(_weights(ckpt))
+                runner.load(_weights(runner.named(ckpt)))
                 for g, group in enumerate(groups):
                     store.put(i, g, runner.grams(calibration.texts, group, step))
             return store, tokenizer
@@ -148,11 +148,11 @@ def _regmean_plus_plus(
     for k, n in enumerate(runner.order):
         index = layer_index(n)
         position[n] = float(index) if index is not None else (-1.0 if k < first else float("inf"))
-    merged = {n: torch.stack([_weights(m)(n) for m in models]).mean(0) for n in runner.order}
+    merged = {n: torch.stack([_weights(runner.named(m))(n) for m in models]).mean(0) for n in runner.order}
 
     def hybrid(ckpt: Checkpoint, level: float) -> Callable[[str], torch.Tensor]:
         """The merged model before `level`, model `ckpt` from it on."""
-        own = _weights(ckpt)
+        own = _weights(runner.named(ckpt))
         return lambda name: merged[name] if position[name] < level else own(name)
 
     for g, group in enumerate(groups):

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from weightlab.naming import canonical_name, expert_site
 from weightlab.options import SlimExpertsOptions
 from weightlab.results import Result, Table
 
+if TYPE_CHECKING:
+    from weightlab.analysis.routing import Routing
+
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # config keys that hold E
 Progress = Callable[..., None]
 
@@ -51,6 +54,8 @@ class SlimmedBlock:
     groups: list[list[int]]  # per output expert: the input experts it is made of
     dropped: list[int]  # pruned experts
     cosine_within: list[float | None]  # per output expert: mean pairwise cosine of its members (None: one)
+    weights: list[list[float]] = field(default_factory=list)  # per output expert: each member's weight in the mean
+    calibrated: bool = False  # chosen (prune) or weighed (merge) by the routing of calibration text
 
 
 @dataclass
@@ -69,7 +74,7 @@ class SlimReport(Result):
     def tables(self) -> list[Table]:
         return [
             Table(
-                f"Each MoE block slimmed to {self.options.experts} experts ({self.options.by})",
+                f"Each MoE block slimmed to {self.options.experts} experts ({self._how()})",
                 ["block", "experts", "merged groups", "mean cos within", "dropped"],
                 [
                     [
@@ -84,17 +89,25 @@ class SlimReport(Result):
             )
         ]
 
+    def _how(self) -> str:
+        calibrated = any(b.calibrated for b in self.blocks)
+        if self.options.by == "prune":
+            return (
+                "pruned by REAP saliency on calibration text" if calibrated else "pruned: the weaker of alike experts"
+            )
+        return "merged, weighted by routed share" if calibrated else "merged: clusters of alike experts, their mean"
+
     def headline(self) -> list[tuple[str, str, object]]:
         before = sorted({b.experts for b in self.blocks})
         return [
             ("slim.blocks", "MoE blocks slimmed", len(self.blocks)),
             ("slim.experts", "experts per block", f"{'/'.join(map(str, before))} → {self.options.experts}"),
-            ("slim.by", "by", self.options.by),
+            ("slim.by", "how", self._how()),
         ]
 
     def lines(self) -> list[str]:
         keys = ", ".join(f"{k} = {v}" for k, v in self.config.items())
-        return [f"{len(self.blocks)} MoE blocks slimmed ({self.options.by}); config: {keys} → {self.out}"]
+        return [f"{len(self.blocks)} MoE blocks slimmed ({self._how()}); config: {keys} → {self.out}"]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -136,8 +149,13 @@ def _block_cosine(view: Checkpoint, site: MoEBlock) -> np.ndarray:
     return cosines(dots, sq, sq)
 
 
-def plan_slimming(ckpt: Checkpoint, options: SlimExpertsOptions) -> tuple[dict[str, SlimmedBlock], dict[str, Any]]:
-    """Each MoE block's output experts (groups of input experts), and the output's config."""
+def plan_slimming(
+    ckpt: Checkpoint, options: SlimExpertsOptions, routes: dict[str, Routing] | None = None
+) -> tuple[dict[str, SlimmedBlock], dict[str, Any]]:
+    """Each MoE block's output experts (groups of input experts, with their weights in the
+    mean), and the output's config. With `routes` (`analysis.routing` on calibration text):
+    pruning keeps the K experts of highest REAP saliency, merging weighs each member by how often
+    it was routed to."""
     k = options.experts
     if k is None:
         raise InvalidArgument("slim-experts: give --experts K, the experts each MoE block keeps")
@@ -165,8 +183,12 @@ def plan_slimming(ckpt: Checkpoint, options: SlimExpertsOptions) -> tuple[dict[s
     planned = {}
     for block, site in blocks.items():
         cosine = _block_cosine(view, site)
+        route = (routes or {}).get(block)
         if options.by == "merge":
             groups, dropped = merge_groups(cosine, k), []
+        elif route is not None:
+            groups = reap_groups(route.saliency, k)
+            dropped = sorted(set(range(site.experts)) - {g[0] for g in groups})
         else:
             norms = [float(r.norm()) for r in view.get(site.router).double()] if site.router else [1.0] * site.experts
             groups = prune_groups(cosine, norms, k)
@@ -175,21 +197,40 @@ def plan_slimming(ckpt: Checkpoint, options: SlimExpertsOptions) -> tuple[dict[s
             float(np.mean([cosine[a, b] for i, a in enumerate(g) for b in g[i + 1 :]])) if len(g) > 1 else None
             for g in groups
         ]
-        planned[block] = SlimmedBlock(block, site.experts, groups, dropped, within)
+        weights = [_member_weights(g, route.routed if route is not None else None) for g in groups]
+        planned[block] = SlimmedBlock(block, site.experts, groups, dropped, within, weights, route is not None)
     return planned, {key: k for key in keys}
+
+
+def reap_groups(saliency: list[float | None], k: int) -> list[list[int]]:
+    """The k experts of highest REAP saliency (an expert no token reached has none: it goes
+    first; the lower index wins a tie), in their order."""
+    score = [v if v is not None else -1.0 for v in saliency]  # saliency is ≥ 0
+    ranked = sorted(range(len(score)), key=lambda e: (-score[e], e))
+    return [[e] for e in sorted(ranked[:k])]
+
+
+def _member_weights(group: list[int], routed: list[int] | None) -> list[float]:
+    """Each member's weight in its group's mean: its share of the group's routings (HC-SMoE's
+    frequency-weighted merging), uniform without calibration or when none was routed to."""
+    counts = [routed[e] for e in group] if routed is not None else []
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1.0 / len(group)] * len(group)
 
 
 _RENUMBER = re.compile(r"(\.experts\.)(\d+)(\.)")
 
 
-def _mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of alike tensors, in float32, back in their dtype."""
-    return torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
+def _mean_of(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i t_i of alike tensors (weights summing to 1), in float32, back in their dtype."""
+    total = sum(w * t.float() for w, t in zip(weights, tensors))
+    assert isinstance(total, torch.Tensor)
+    return total.to(tensors[0].dtype)
 
 
-def _grouped(t: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """[E, …] → [K, …]: each group's rows averaged."""
-    return torch.stack([_mean_of([t[e] for e in g]) for g in groups])
+def _grouped(t: torch.Tensor, block: SlimmedBlock) -> torch.Tensor:
+    """[E, …] → [K, …]: each group's rows, weighted."""
+    return torch.stack([_mean_of([t[e] for e in g], w) for g, w in zip(block.groups, block.weights)])
 
 
 def slimmed_tensors(
@@ -211,24 +252,24 @@ def slimmed_tensors(
             if j is None:
                 continue  # merged into its group's first member, or pruned
             out = _RENUMBER.sub(rf"\g<1>{j}\g<3>", name, count=1)
-            makers[out] = partial(_read_mean, ckpt, [by_site[(site[0], m, site[2])] for m in groups[j]])
+            members = [by_site[(site[0], m, site[2])] for m in groups[j]]
+            makers[out] = partial(_read_mean, ckpt, members, planned[site[0]].weights[j])
             shapes.append((out, shape, dtype))
         elif block is not None and block in planned and shape[:1] == (planned[block].experts,):
-            groups = planned[block].groups
-            makers[name] = partial(_read_grouped, ckpt, name, groups)
-            shapes.append((name, (len(groups), *shape[1:]), dtype))
+            makers[name] = partial(_read_grouped, ckpt, name, planned[block])
+            shapes.append((name, (len(planned[block].groups), *shape[1:]), dtype))
         else:
             makers[name] = partial(ckpt.get, name)
             shapes.append((name, shape, dtype))
     return shapes, lambda name: makers[name]()
 
 
-def _read_mean(ckpt: Checkpoint, names: list[str]) -> torch.Tensor:
-    return _mean_of([ckpt.get(n) for n in names])
+def _read_mean(ckpt: Checkpoint, names: list[str], weights: list[float]) -> torch.Tensor:
+    return _mean_of([ckpt.get(n) for n in names], weights)
 
 
-def _read_grouped(ckpt: Checkpoint, name: str, groups: list[list[int]]) -> torch.Tensor:
-    return _grouped(ckpt.get(name), groups)
+def _read_grouped(ckpt: Checkpoint, name: str, block: SlimmedBlock) -> torch.Tensor:
+    return _grouped(ckpt.get(name), block)
 
 
 def _dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
