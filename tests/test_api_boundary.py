@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,14 @@ def models(tmp_path_factory):
     ft = synthetic.finetune(synthetic.tiny_model("llama", seed=0), steps=2, seed=1)
     from test_experts import _moe
 
-    return {"base": base, "ft": ft, "ft_path": synthetic.save(ft, root / "ft"), "moe": _moe("qwen3_moe"), "root": root}
+    return {
+        "base": base,
+        "ft": ft,
+        "ft_path": synthetic.save(ft, root / "ft"),
+        "moe": _moe("qwen3_moe"),
+        "root": root,
+        "moe_recipe": _moe_recipe(),
+    }
 
 
 def _valid(name: str, m) -> tuple[list, dict]:
@@ -51,6 +59,7 @@ def _valid(name: str, m) -> tuple[list, dict]:
         "quant_error": ([base, ft], {}),
         "experts": ([m["moe"]], {}),
         "slim_experts": ([m["moe"]], {"experts": 2, "out": m["root"] / "slim"}),
+        "build_moe": ([m["moe_recipe"]], {"out": m["root"] / "built"}),
         "compare": ([[ft, ft]], {"base": base}),
         "angles": ([ft, ft], {"base": base}),
         "gaussian": ([ft], {"base": base}),
@@ -150,3 +159,16 @@ def test_right_types_still_work(models, tmp_path):
     assert wl.spectrum(base, {"a": ft, "b": models["ft_path"]}).to_dict()
     assert wl.extract_lora(base, ft, rank=np.int64(2))
     assert wl.merge(base, [ft], method="task-arithmetic", params={"lambda": "auto"}).report.auto_lambda
+
+
+def _moe_recipe() -> dict:
+    """mergekit-moe's fixture recipe with random router rows, its models by absolute path."""
+    import yaml
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "moe"
+    recipe = yaml.safe_load((fixtures / "mixtral-hidden.yml").read_text())
+    recipe["gate_mode"] = "random"
+    recipe["base_model"] = str(fixtures / recipe["base_model"])
+    for expert in recipe["experts"]:
+        expert["source_model"] = str(fixtures / expert["source_model"])
+    return recipe

@@ -36,7 +36,8 @@ def examples(page: Path) -> tuple[dict[str, str], list[list[str]]]:
 def workspace(zoo, adapters, tmp_path_factory):
     """base/, ft/, ft_a/, ft_b/, ft_c/, model/, model.safetensors, adapter/, adapter_a/, adapter_b/,
     warmup-adapter/, tokenizer/ and results/: real tiny Llama checkpoints, PEFT adapters, a tokenizer;
-    llama/ with llama-q4.gguf and llama-q8.gguf (llama.cpp's files of it), gptq/ (AutoGPTQ's)."""
+    llama/ with llama-q4.gguf and llama-q8.gguf (llama.cpp's files of it), gptq/ (AutoGPTQ's);
+    dense-base/ and dense-ft1/…dense-ft3/ (causal LMs with a BOS tokenizer, build-moe's fixtures)."""
     root = tmp_path_factory.mktemp("docs")
     links = {
         "base": zoo["llama"],
@@ -53,6 +54,7 @@ def workspace(zoo, adapters, tmp_path_factory):
         "llama-q4.gguf": GGUF_FIXTURES / "llama.Q4_K_M.gguf",
         "llama-q8.gguf": GGUF_FIXTURES / "llama.Q8_0.gguf",
         "gptq": GGUF_FIXTURES.parent / "quantized" / "gptq-8bit",
+        **{f"dense-{m}": GGUF_FIXTURES.parent / "moe" / f"llama-{m}" for m in ("base", "ft1", "ft2", "ft3")},
     }
     for name, target in links.items():
         (root / name).symlink_to(target)

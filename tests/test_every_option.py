@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer.main
+import yaml
 from safetensors.torch import load_file
 
 from weightlab.cli.app import app
@@ -110,6 +111,7 @@ PER_COMMAND = {
     ("init-lora", "--svd"): "randomized",
     ("experts", "--base"): "{moe_base}",
     ("slim-experts", "--experts"): "3",
+    ("build-moe", "--tokenizer"): "{moe_tokenizer}",
 }
 
 BASELINES = {
@@ -121,6 +123,7 @@ BASELINES = {
     "quant-error": ["quant-error", "{ft}", "{ft2}", "--json", "r.json"],
     "experts": ["experts", "{moe}", "--json", "r.json"],
     "slim-experts": ["slim-experts", "{moe}", "--experts", "2", "-o", "out", "--json", "r.json"],
+    "build-moe": ["build-moe", "{moe_recipe}", "-o", "out", "--json", "r.json"],
     "gaussian": ["gaussian", "{ft}", "--json", "r.json"],
     "tsd": ["tsd", "{base}", "{ft}", "--json", "r.json"],
     "merge": ["merge", "--method", "ties", "--base", "{base}", "{ft}", "{ft2}", "-o", "out", "--json", "r.json"],
@@ -226,7 +229,16 @@ def inputs(zoo, tmp_path_factory):
     from test_docs import moe_base
 
     moe_base(root / "moe-base", root / "moe")
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "moe"
+    recipe = yaml.safe_load((fixtures / "mixtral-hidden.yml").read_text())
+    recipe["gate_mode"] = "random"  # --seed changes it; --tokenizer does not apply
+    recipe["base_model"] = str(fixtures / recipe["base_model"])
+    for expert in recipe["experts"]:
+        expert["source_model"] = str(fixtures / expert["source_model"])
+    (root / "moe.yml").write_text(yaml.safe_dump(recipe))
     return {
+        "moe_recipe": root / "moe.yml",
+        "moe_tokenizer": fixtures / "llama-base",
         "moe": root / "moe",
         "moe_base": root / "moe-base",
         "base": zoo["llama"],

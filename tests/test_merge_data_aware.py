@@ -333,8 +333,8 @@ def test_a_config_that_is_not_the_weights_model_is_refused_before_allocating(cha
 
 def test_buffers_beyond_the_weights_size_are_refused_before_allocating():
     """Buffers the checkpoint does not hold (rotary tables, position ids) may take no more than the weights."""
+    from weightlab.compute.activations import refuse_oversized
     from weightlab.io.memory import MemoryCheckpoint
-    from weightlab.merging.activations import refuse_oversized
 
     with torch.device("meta"):
         skeleton = torch.nn.Linear(256, 256)
@@ -365,8 +365,8 @@ def _long_texts(words: list[str]) -> list[str]:
 @pytest.mark.parametrize("tokenizer", ["minilm", "tiny"])
 def test_a_text_is_cut_to_what_the_tokenizer_keeps_before_it_is_tokenized(tokenizer, tmp_path):
     """The prefix tokenized gives exactly the tokens the whole text gives, truncated to MAX_TOKENS."""
+    from weightlab.compute.activations import MAX_TOKENS, kept_prefix
     from weightlab.examples import minilm_path
-    from weightlab.merging.activations import MAX_TOKENS, kept_prefix
 
     folder = minilm_path() if tokenizer == "minilm" else tiny_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -383,7 +383,7 @@ def test_calibration_memory_is_bounded_whatever_a_line_holds(tmp_path):
     import hashlib
     import tracemalloc
 
-    from weightlab.merging.calibration import MAX_TEXT_CHARS, read_calibration
+    from weightlab.io.calibration import MAX_TEXT_CHARS, read_calibration
 
     path = tmp_path / "long.txt"
     line = " ".join(f"w{i % 100}" for i in range(2_000_000))  # about 8 MB
@@ -398,7 +398,7 @@ def test_calibration_memory_is_bounded_whatever_a_line_holds(tmp_path):
 
 
 def test_calibration_refuses_what_cannot_be_cut(tmp_path):
-    from weightlab.merging.calibration import MAX_JSONL_LINE, MAX_TEXTS, read_calibration
+    from weightlab.io.calibration import MAX_JSONL_LINE, MAX_TEXTS, read_calibration
 
     long_json = tmp_path / "long.jsonl"
     long_json.write_text(json.dumps({"text": "w1 " * (MAX_JSONL_LINE // 3 + 1)}) + "\n")

@@ -74,7 +74,16 @@ def made(tmp_path_factory):
         "quant-error": quant_error(b, [a, c], QuantErrorOptions(min_evals=4), compute=CPU),
         "experts": experts(_moe(root), _moe(root, moved=True)),
         "slim-experts": _slimmed(root),
+        "build-moe": _built(root),
     }
+
+
+def _built(root: Path):
+    from test_api_boundary import _moe_recipe
+
+    import weightlab as wl
+
+    return wl.build_moe(_moe_recipe(), out=root / "built")
 
 
 def _slimmed(root: Path):
@@ -109,7 +118,7 @@ def _moe(root: Path, moved: bool = False, config: bool = False):
 
 
 KINDS = ["spectrum", "angles", "gaussian", "tsd", "inventory", "merge", "compare", "esd", "intruders", "lora-init",
-         "lora-extract", "merge-plan", "quant-error", "experts", "slim-experts"]  # fmt: skip
+         "lora-extract", "merge-plan", "quant-error", "experts", "slim-experts", "build-moe"]  # fmt: skip
 
 
 def test_every_kind_of_result_is_made_here(made):

@@ -5,7 +5,7 @@
 
 One function per command (`wl.inspect`, `wl.spectrum`, `wl.esd`, `wl.quant_error`, `wl.experts`,
 `wl.compare`, `wl.angles`, `wl.gaussian`, `wl.tsd`, `wl.merge`, `wl.init_lora`, `wl.extract_lora`,
-`wl.mitigate_intruders`, `wl.slim_experts`),
+`wl.mitigate_intruders`, `wl.slim_experts`, `wl.build_moe`),
 with the command's options as keywords; models by path, Hub ID, or in memory (a torch module, a
 PEFT model, a mapping of names to tensors or arrays). The command line (`weightlab --help`) is a
 thin layer over these functions (`weightlab.api`), which use `weightlab.io` (checkpoints in and
@@ -27,12 +27,13 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS's smallest spi
 
 if TYPE_CHECKING:
     from weightlab.api.analyses import angles, compare, esd, experts, gaussian, inspect, quant_error, spectrum, tsd
-    from weightlab.api.operations import extract_lora, init_lora, merge, mitigate_intruders, slim_experts
+    from weightlab.api.operations import build_moe, extract_lora, init_lora, merge, mitigate_intruders, slim_experts
     from weightlab.errors import WeightlabError
 
 __all__ = [
     "WeightlabError",
     "angles",
+    "build_moe",
     "compare",
     "esd",
     "experts",

@@ -42,7 +42,7 @@ from weightlab.naming import canonical_name, layer_index
 from weightlab.options import ExpertsOptions
 
 if TYPE_CHECKING:
-    from weightlab.analysis.routing import Routing
+    from weightlab.compute.routing import Routing
 from weightlab.results import Result, Table
 
 Progress = Callable[..., None]

@@ -14,7 +14,10 @@ HOMES = {
         name: "analyses"
         for name in ("inspect", "spectrum", "esd", "quant_error", "experts", "compare", "angles", "gaussian", "tsd")
     },
-    **{name: "operations" for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders", "slim_experts")},
+    **{
+        name: "operations"
+        for name in ("merge", "init_lora", "extract_lora", "mitigate_intruders", "slim_experts", "build_moe")
+    },
 }
 __all__ = list(HOMES)
 

@@ -303,9 +303,9 @@ def experts(
         device = run.compute().device
         routes = None
         if calibration is not None:
-            from weightlab.analysis.routing import routing
-            from weightlab.merging.activations import find_tokenizer
-            from weightlab.merging.calibration import read_calibration
+            from weightlab.compute.activations import find_tokenizer
+            from weightlab.compute.routing import routing
+            from weightlab.io.calibration import read_calibration
 
             texts = read_calibration(calibration)
             routes = routing(ckpt, texts, find_tokenizer([ckpt], None if tokenizer is None else str(tokenizer)), device)

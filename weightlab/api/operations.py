@@ -682,10 +682,9 @@ def slim_experts(
     if out is None:
         raise InvalidArgument("slim_experts: give out=, the folder of the slimmed model (its config changes too)")
     with run.outputs([model, calibration, tokenizer], out_dir=out) as plan:
-        from weightlab.io.memory import config_files, donor_of
+        from weightlab.io.memory import config_files, config_text, donor_of
         from weightlab.io.open import open_weights
         from weightlab.io.writer import CheckpointWriter
-        from weightlab.merging.vocabulary import config_text
         from weightlab.surgery.slim_experts import plan_slimming, slimmed_tensors
         from weightlab.surgery.slim_experts import slim_experts as run_slim
 
@@ -694,10 +693,10 @@ def slim_experts(
         if calibration is not None:
             import torch
 
-            from weightlab.analysis.routing import routing
+            from weightlab.compute.activations import find_tokenizer
+            from weightlab.compute.routing import routing
+            from weightlab.io.calibration import read_calibration
             from weightlab.io.experts import per_expert
-            from weightlab.merging.activations import find_tokenizer
-            from weightlab.merging.calibration import read_calibration
 
             texts = read_calibration(calibration)
             chosen = find_tokenizer([ckpt], None if tokenizer is None else str(tokenizer))
@@ -717,5 +716,70 @@ def slim_experts(
             if on_start:
                 on_start(len(shapes))
             result = run_slim(ckpt, planned, counts, writer, str(out), options, on_progress)
+        emit(plan, result)
+    return result
+
+
+@api_function(("threads", "json", "report", "force"), flags={**_OUT, "seed": "--seed", "tokenizer": "--tokenizer"})
+def build_moe(
+    recipe: str | Path | Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    run: Run,
+) -> Any:
+    """Build a Mixture-of-Experts model from dense fine-tunes of one base, from a mergekit-moe
+    recipe: each layer's MLP from each expert model, router rows from the prompts (`gate_mode`).
+
+    Parameters
+    ----------
+    recipe : path of a mergekit-moe YAML file, or its mapping
+        base_model, experts (source_model, positive_prompts, negative_prompts, noise_scale,
+        residual_scale), gate_mode (hidden, hidden_avg, cheap_embed, random, uniform_random),
+        experts_per_token, shared_experts, dtype, architecture.
+    out : path
+        The MoE's folder (command line: -o); transformers loads it as is.
+    seed : int
+        Seed of `random` and `uniform_random` router rows and of `noise_scale` (command line: --seed).
+    tokenizer : path, optional
+        The tokenizer folder for the prompts (default: the base's; command line: --tokenizer).
+    {options}
+
+    Returns
+    -------
+    BuildMoEReport
+
+    References
+    ----------
+    Goddard et al. 2024, "Arcee's MergeKit: A Toolkit for Merging Large Language Models" (mergekit-moe).
+    """
+    from weightlab.errors import shown
+
+    if out is None:
+        raise InvalidArgument("build_moe: give out=, the folder of the MoE")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidArgument(f"--seed must be a whole number from 0 to 2^63 - 1, got {shown(seed)}")
+    from weightlab.io.yaml_file import read_yaml
+    from weightlab.surgery.build_moe import parse_recipe
+
+    path = str(recipe) if isinstance(recipe, (str, Path)) else "the recipe"
+    parsed = parse_recipe(read_yaml(recipe) if isinstance(recipe, (str, Path)) else dict(recipe), path)
+    random_rows = parsed.gate_mode in ("random", "uniform_random")
+    noisy = any(e.noise_scale is not None for e in [*parsed.experts, *parsed.shared_experts])
+    run.refuse_unless(not random_rows, f"does not apply: gate_mode {parsed.gate_mode} reads no prompt", "tokenizer")
+    run.refuse_unless(random_rows or noisy, "does not apply: no random router rows and no noise_scale", "seed")
+    models = [parsed.base_model, *(e.source_model for e in [*parsed.experts, *parsed.shared_experts])]
+    inputs: list[Any] = [recipe if isinstance(recipe, (str, Path)) else None, tokenizer, *models]
+    with run.outputs(inputs, out_dir=out) as plan:
+        from weightlab.io.writer import CheckpointWriter
+        from weightlab.surgery.build_moe import build_moe as run_build
+
+        def writer_of(specs: Any, files: dict[str, str], donor: Any) -> CheckpointWriter:
+            return CheckpointWriter(
+                plan.path("-o"), donor=donor, plan=specs, metadata={"weightlab": "build-moe"}, files=files
+            )
+
+        result = run_build(parsed, path, Path(out), writer_of, seed, None if tokenizer is None else str(tokenizer))
         emit(plan, result)
     return result

@@ -316,5 +316,10 @@ def config_files(ckpt: Checkpoint) -> dict[str, str]:
     module's or the metadata's `config.json` (transformers needs it to load the folder); nothing
     for a model on disk (its donor folder is copied)."""
     if not ckpt.config_in_file and ckpt.config is not None and ckpt.config.raw:
-        return {"config.json": json.dumps(ckpt.config.raw, indent=2, sort_keys=True) + "\n"}
+        return {"config.json": config_text(ckpt.config.raw)}
     return {}
+
+
+def config_text(raw: Mapping[str, Any]) -> str:
+    """A config.json as weightlab writes one: sorted keys, indented, a final newline (the same bytes each time)."""
+    return json.dumps(raw, indent=2, sort_keys=True) + "\n"

@@ -1,6 +1,6 @@
 """Merging with a little unlabeled data: RegMean, RegMean++ and Fisher merging.
 
-`collect` runs the real models on the calibration texts (`merging/activations.py`) and keeps
+`collect` runs the real models on the calibration texts (`compute/activations.py`) and keeps
 per-model statistics on disk; the executor then merges tensor by tensor as for every method,
 handing each method its tensor's statistics (`statistics=`). Tensors without statistics (biases,
 norms, embeddings) are averaged, as the papers do.
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from weightlab.compute.activations import BATCH, Runner, StatisticsStore, find_tokenizer, gram_groups
 from weightlab.compute.device import Compute
 from weightlab.compute.progress import Callbacks, Reporter
+from weightlab.io.calibration import CalibrationSet
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.finite import require_finite_input
-from weightlab.merging.activations import BATCH, Runner, StatisticsStore, find_tokenizer, gram_groups
-from weightlab.merging.calibration import CalibrationSet
 from weightlab.merging.covariance import regression_merge
 from weightlab.merging.params import Generator, Params, Tensor
 from weightlab.naming import layer_index

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightlab.compute import ties_kernels
+from weightlab.compute.activations import GRAM_BUDGET
 from weightlab.compute.device import Compute
 from weightlab.compute.rows import KEPT_TENSOR_BYTES, ROW_BLOCK_BYTES
 from weightlab.compute.stream import READ_AHEAD_BYTES
@@ -33,7 +34,6 @@ from weightlab.display import human_bytes, model_names
 from weightlab.io.atomic import free_bytes
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, parse_size, stored_plan
-from weightlab.merging.activations import GRAM_BUDGET
 from weightlab.merging.config import MergeConfig
 from weightlab.merging.run import in_row_blocks, open_inputs
 from weightlab.results import Result, Table

@@ -35,16 +35,16 @@ from weightlab.display import fmt, model_names
 from weightlab.errors import InvalidArgument, MissingTensor, ShapeMismatch, UnsupportedDtype
 from weightlab.io.adapter import AdaptedCheckpoint, LoraAdapter
 from weightlab.io.atomic import scratch_folder
+from weightlab.io.calibration import calibration_sets
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.experts import ExpertPart, fused_parts
 from weightlab.io.finite import require_finite_input
-from weightlab.io.memory import StateDictWriter, config_files, donor_of
+from weightlab.io.memory import StateDictWriter, config_files, config_text, donor_of
 from weightlab.io.open import open_checkpoint
 from weightlab.io.outputs import Output, check_outputs
 from weightlab.io.safetensors_file import torch_dtype, write_safetensors
 from weightlab.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, stored_plan
 from weightlab.matching import MatchedTensor, Matching
-from weightlab.merging.calibration import calibration_sets
 from weightlab.merging.coefficients import nan_coefficients
 from weightlab.merging.config import RECORD, MergeConfig, from_record, record_yaml
 from weightlab.merging.data_aware import collect
@@ -55,7 +55,7 @@ from weightlab.merging.methods import MergeMethod
 from weightlab.merging.modifiers import calibrate, lines_alpha, lines_scale
 from weightlab.merging.params import Params
 from weightlab.merging.settings import position
-from weightlab.merging.vocabulary import AlignedVocabulary, VocabularyView, config_text, load_tokenizer, saved_tokenizer
+from weightlab.merging.vocabulary import AlignedVocabulary, VocabularyView, load_tokenizer, saved_tokenizer
 from weightlab.naming import layer_index
 from weightlab.results import Result, Table
 

@@ -12,7 +12,6 @@ as mergekit pads). The rules are mergekit 0.1.5's (`tokenizer/build.py`, `tokeni
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -316,7 +315,3 @@ class VocabularyView(Checkpoint):
 def with_vocabulary(config_raw: dict[str, Any], rows: int) -> dict[str, Any]:
     """A config.json's contents with its vocabulary size set to `rows`."""
     return {**config_raw, "vocab_size": rows}
-
-
-def config_text(raw: dict[str, Any]) -> str:
-    return json.dumps(raw, indent=2, sort_keys=True) + "\n"

@@ -41,7 +41,7 @@ from weightlab.options import SlimExpertsOptions
 from weightlab.results import Result, Table
 
 if TYPE_CHECKING:
-    from weightlab.analysis.routing import Routing
+    from weightlab.compute.routing import Routing
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # config keys that hold E
 Progress = Callable[..., None]

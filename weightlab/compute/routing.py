@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from weightlab.compute.activations import Runner
 from weightlab.errors import InvalidArgument
+from weightlab.io.calibration import CalibrationSet
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.merging.activations import Runner
-from weightlab.merging.calibration import CalibrationSet
 from weightlab.naming import canonical_name
 
 
