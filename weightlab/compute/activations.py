@@ -89,12 +89,26 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def load_tokenizer(folder: str) -> Any:
+    """A tokenizer from its folder (transformers', local files only, no remote code), with a pad
+    token (its EOS or UNK where it has none); one line naming the folder when it cannot be loaded."""
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise InvalidArgument(f"transformers cannot load this tokenizer ({_first_line(e)})", folder) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
 def module_shapes(module: Any) -> dict[str, tuple[int, ...]]:
     """Each tensor of a module's state dict: its shape (what `ModuleNames` provides)."""
     return {key: tuple(t.shape) for key, t in module.state_dict().items()}
 
 
-def build_network(config: Any, ckpt: Checkpoint) -> tuple[Any, dict[str, str]]:
+def build_network(config: Any, ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> tuple[Any, dict[str, str]]:
     """The network `config` describes (its architecture's transformers class, no remote code),
     with the checkpoint's names for its tensors (read them through `ModuleNames`: a module's fused
     experts are assembled from a checkpoint's per-expert tensors); built on the meta device first, so that a config
@@ -108,7 +122,12 @@ def build_network(config: Any, ckpt: Checkpoint) -> tuple[Any, dict[str, str]]:
     cls_ = getattr(transformers, arch, None) if isinstance(arch, str) else None
 
     def build() -> Any:
-        return cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # parameters made in `dtype`; buffers a model computes in float32 stay so
+        try:
+            return cls_(config) if cls_ is not None else transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
+        finally:
+            torch.set_default_dtype(default)
 
     try:
         with torch.device("meta"):
@@ -166,18 +185,14 @@ class Runner:
         return ModuleNames(ckpt, module_shapes(self.model))
 
     @classmethod
-    def build(cls, ckpt: Checkpoint, tokenizer: str, device: torch.device) -> Runner:
-        """The network `ckpt`'s config describes, with `ckpt`'s tensor names (`build_network`)."""
-        import transformers
-
-        model, names = build_network(transformers_config(ckpt), ckpt)
-        model.eval().to(device, torch.float32)
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
-        except (ValueError, KeyError, OSError) as e:
-            raise InvalidArgument(f"transformers cannot load this tokenizer ({_first_line(e)})", tokenizer) from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
+    def build(
+        cls, ckpt: Checkpoint, tokenizer: str, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Runner:
+        """The network `ckpt`'s config describes, with `ckpt`'s tensor names (`build_network`), its
+        parameters in `dtype` (float32 for the statistics; build-moe runs bfloat16, as mergekit)."""
+        model, names = build_network(transformers_config(ckpt), ckpt, dtype)
+        model.eval().to(device)
+        tok = load_tokenizer(tokenizer)
         runner = cls(model, tok, device, names, [names[k] for k in model.state_dict() if k in names])
         limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
         limits.append(getattr(tok, "model_max_length", None))
@@ -191,9 +206,17 @@ class Runner:
         return runner
 
     def load(self, tensors: Callable[[str], torch.Tensor]) -> None:
-        """Every weight of the module from `tensors(checkpoint name)`."""
-        state = {key: tensors(name) for key, name in self.names.items()}
-        self.model.load_state_dict(state, strict=False)
+        """Every weight of the module from `tensors(checkpoint name)`, one tensor at a time (cast
+        to the module's dtype as it is copied in)."""
+        state = self.model.state_dict()  # views of the module's own tensors
+        with torch.no_grad():
+            for key, name in self.names.items():
+                tensor = tensors(name)
+                if tensor.shape != state[key].shape:  # copy_ would broadcast
+                    raise ShapeMismatch(
+                        f"{list(tensor.shape)} where the network has {list(state[key].shape)}", None, name
+                    )
+                state[key].copy_(tensor)
 
     def batches(self, texts: tuple[str, ...], size: int = BATCH) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(texts), size):

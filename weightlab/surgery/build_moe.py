@@ -322,10 +322,9 @@ def gate_vectors(
     if recipe.gate_mode == "uniform_random":
         scale = math.sqrt(1.0 / hidden)
         return torch.rand((layers, len(wanted), hidden), generator=generator) * 2 * scale - scale
-    from weightlab.compute.activations import Runner
+    from weightlab.compute.activations import Runner, load_tokenizer
 
-    runner = Runner.build(base, tokenizer, torch.device("cpu"))
-    tok = runner.tokenizer
+    tok = load_tokenizer(tokenizer)
     tok.padding_side = "left"
     if tok.bos_token_id is not None:  # mergekit pads with BOS, else EOS (a tokenizer with neither: its own pad)
         tok.pad_token_id = tok.bos_token_id
@@ -335,11 +334,9 @@ def gate_vectors(
         embed = base.get(_embedding_name(base)).float()
         vectors: Callable[[list[str]], torch.Tensor] = partial(_cheap, embed, tok, layers=layers)
     else:
+        runner = Runner.build(base, tokenizer, torch.device("cpu"), torch.bfloat16)  # bfloat16, as mergekit runs it
         runner.load(runner.named(base).get)
-        model = runner.model
-        for p in model.parameters():  # in bfloat16, as mergekit runs it; buffers (rotary frequencies) stay float32
-            p.data = p.data.to(torch.bfloat16)
-        vectors = partial(_hidden, model, tok, average=recipe.gate_mode == "hidden_avg")
+        vectors = partial(_hidden, runner.model, tok, average=recipe.gate_mode == "hidden_avg")
     rows = []
     for e in wanted:
         h = vectors(e.positive_prompts)
