@@ -354,7 +354,7 @@ def _block(
     parts = sorted(site.parts, key=lambda p: (list(READS).index(p) if p in READS else len(READS), p))
     for part in parts:
         names = [site.parts[part][e] for e in range(n)]
-        weights = [ckpt.get(name, device=device).float() for name in names]
+        weights = [ckpt.get(name, device=device) for name in names]  # as stored (bfloat16: half of float32)
         dots += cross_dots(weights)
         bases = torch.stack([_hidden_basis(w, part, options.k) for w in weights])  # E × H × k (one shape)
         hidden = bases.shape[1]

@@ -62,8 +62,8 @@ def _cross_cosine(a: Checkpoint, a_site: MoEBlock, b: Checkpoint, b_site: MoEBlo
     n = a_site.experts
     dots, a_sq, b_sq = np.zeros((n, n)), np.zeros(n), np.zeros(n)
     for part in a_site.parts:
-        xs = [a.get(a_site.parts[part][e]).float() for e in range(n)]
-        ys = [b.get(b_site.parts[part][e]).float() for e in range(n)]
+        xs = [a.get(a_site.parts[part][e]) for e in range(n)]  # as stored: float64 a chunk at a time
+        ys = [b.get(b_site.parts[part][e]) for e in range(n)]
         if xs[0].shape != ys[0].shape:
             raise InvalidArgument(f"--match-experts: the experts' {part} differ in shape", b.path)
         dots += cross_dots(xs, ys)

@@ -143,7 +143,7 @@ def _block_cosine(view: Checkpoint, site: MoEBlock) -> np.ndarray:
     n = site.experts
     dots, sq = np.zeros((n, n)), np.zeros(n)
     for by_expert in site.parts.values():
-        weights = [view.get(by_expert[e]).float() for e in range(n)]
+        weights = [view.get(by_expert[e]) for e in range(n)]  # as stored: float64 a chunk at a time
         dots += cross_dots(weights)
         sq += squared_norms(weights)
     return cosines(dots, sq, sq)
