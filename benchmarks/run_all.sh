@@ -14,7 +14,14 @@ for bench in bench_spectrum.py bench_esd.py bench_merge.py bench_mergekit.py ben
 done
 echo "== bench_memory_api.py"  # builds its own model in memory: takes --layers/--hidden only
 ../.bench/env/bin/python bench_memory_api.py
+echo "== slim_quality.py"  # trains its own tiny MoE
+../.bench/env/bin/python slim_quality.py
 if [ "$large" = 1 ]; then
   echo "== bench_7b.py"
   ../.bench/env/bin/python bench_7b.py
+  echo "== bench_moe.py"  # 30B-A3B and 7B shapes, two layers each
+  ../.bench/env/bin/python bench_moe.py
+else
+  echo "== bench_moe.py --quick"
+  ../.bench/env/bin/python bench_moe.py --quick --out results/moe-quick.json
 fi
