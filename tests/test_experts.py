@@ -19,7 +19,14 @@ SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_h
 
 
 def _moe(kind: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        DeepseekV3Config,
+        GptOssConfig,
+        MixtralConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     config = {
         "mixtral": lambda: MixtralConfig(**SMALL, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
@@ -33,6 +40,22 @@ def _moe(kind: str, seed: int = 0):
             shared_expert_intermediate_size=40,
             num_experts=4,
             num_experts_per_tok=2,
+        ),
+        "deepseek_v3": lambda: DeepseekV3Config(  # layer 0 dense, layer 1 MoE with a shared expert
+            **{**SMALL, "num_key_value_heads": 4},
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
         ),
         "gpt_oss": lambda: GptOssConfig(
             **SMALL, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8

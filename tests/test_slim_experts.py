@@ -35,24 +35,26 @@ def _load(folder):
     return model
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("by", ["merge", "prune"])
 def test_the_slimmed_model_loads_in_transformers_with_k_experts_and_runs(kind, by, tmp_path):
     _moe(kind).save_pretrained(tmp_path / "in")
-    report = wl.slim_experts(tmp_path / "in", out=tmp_path / "out", experts=2, by=by)
+    k = 4 if kind == "deepseek_v3" else 2  # DeepSeek: 8 experts in 2 groups, top-2 from one group
+    report = wl.slim_experts(tmp_path / "in", out=tmp_path / "out", experts=k, by=by)
     slim = _load(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config.get("num_experts", config.get("num_local_experts")) == 2
+    counts = [config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if config.get(k) is not None]
+    assert counts == [k]
     for layer in slim.model.layers:
         mlp = layer.mlp
-        assert (
-            mlp.experts.gate_up_proj.shape[0] == 2 and (getattr(mlp, "gate", None) or mlp.router).weight.shape[0] == 2
-        )
+        if hasattr(mlp, "experts"):  # DeepSeek's first layer is dense
+            assert mlp.experts.gate_up_proj.shape[0] == k
+            assert (getattr(mlp, "gate", None) or mlp.router).weight.shape[0] == k
     with torch.no_grad():
         assert torch.isfinite(slim(input_ids=torch.arange(8)[None]).logits).all()
-    assert all(len(b.groups) == 2 for b in report.blocks)
+    assert all(len(b.groups) == k for b in report.blocks)
     assert sorted(e for b in report.blocks[:1] for g in b.groups for e in g) == (
-        [0, 1, 2, 3] if by == "merge" else sorted(g[0] for g in report.blocks[0].groups)
+        list(range(report.blocks[0].experts)) if by == "merge" else sorted(g[0] for g in report.blocks[0].groups)
     )
 
 
@@ -119,6 +121,11 @@ def test_what_cannot_be_slimmed_is_refused_in_one_line_and_nothing_is_written(tm
         assert not (tmp_path / "out").exists()
     with pytest.raises(WeightlabError, match="give out="):
         wl.slim_experts(tmp_path / "in", experts=2)
+    _moe("deepseek_v3").save_pretrained(tmp_path / "deepseek")  # top-2 from 1 of 2 groups: 2 per group at least
+    for k, says in ((3, "keep a multiple"), (2, "keep at least 4")):
+        with pytest.raises(WeightlabError, match=says):
+            wl.slim_experts(tmp_path / "deepseek", out=tmp_path / "never", experts=k)
+    assert not (tmp_path / "never").exists()
 
 
 def test_with_calibration_text_pruning_keeps_the_highest_reap_and_merging_weighs_by_routed_share(tmp_path):

@@ -174,9 +174,17 @@ def plan_slimming(
     top_k = raw.get("num_experts_per_tok", raw.get("moe_topk"))
     if isinstance(top_k, int) and k < top_k:
         raise InvalidArgument(f"--experts {k}: each token is routed to {top_k} experts, so keep at least {top_k}")
-    groups_of = raw.get("n_group")
-    if isinstance(groups_of, int) and groups_of > 1 and k % groups_of:
-        raise InvalidArgument(f"--experts {k}: the router picks among {groups_of} groups of experts; keep a multiple")
+    groups_of, picked = raw.get("n_group"), raw.get("topk_group")
+    if isinstance(groups_of, int) and groups_of > 1:
+        if k % groups_of:
+            raise InvalidArgument(
+                f"--experts {k}: the router picks among {groups_of} groups of experts; keep a multiple"
+            )
+        if isinstance(picked, int) and isinstance(top_k, int) and k // groups_of * picked < top_k:
+            raise InvalidArgument(
+                f"--experts {k}: the router takes {top_k} experts from {picked} of {groups_of} groups, so each group "
+                f"needs at least {-(-top_k // picked)}: keep at least {groups_of * -(-top_k // picked)}"
+            )
     counts = {site.experts for site in blocks.values()}
     if any(k >= e for e in counts):
         raise InvalidArgument(f"--experts {k}: the MoE blocks have {min(counts)} experts; keep fewer to slim them")
