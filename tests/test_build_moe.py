@@ -108,6 +108,7 @@ def test_noise_and_residual_scale_change_only_their_expert(tmp_path, in_fixtures
         (lambda r: r.update(gate_mode="hidden_first"), "gate_mode"),
         (lambda r: r["experts"][0].update(noise_scale="lots"), "noise_scale"),
         (lambda r: r["experts"][0].update(source_model="no-such-model"), "no-such-model"),
+        (lambda r: r["experts"][0].update(source_model="qwen3-ft1"), "no MoE output takes"),  # another family
     ],
 )
 def test_a_recipe_mergekit_moe_would_refuse_or_we_cannot_honour_is_refused_in_one_line(
@@ -132,3 +133,16 @@ def test_the_command_line_writes_the_recipe_beside_the_model(tmp_path, in_fixtur
     assert written["experts"] == yaml.safe_load((FIXTURES / "qwen3-moe.yml").read_text())["experts"]
     assert json.loads((tmp_path / "r.json").read_text())["architecture"] == "Qwen3 MoE"
     shutil.rmtree(tmp_path / "moe")
+
+
+def test_an_expert_that_is_not_a_fine_tune_of_the_base_is_refused_by_name(tmp_path, in_fixtures):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    odd = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    AutoModelForCausalLM.from_config(odd).save_pretrained(tmp_path / "odd")
+    recipe = yaml.safe_load((FIXTURES / "mixtral-hidden.yml").read_text())
+    recipe["experts"][1]["source_model"] = str(tmp_path / "odd")
+    with pytest.raises(wl.WeightlabError, match="not a fine-tune of the base") as refused:
+        wl.build_moe(recipe, out=tmp_path / "out")
+    assert "odd" in str(refused.value) and "mlp" in str(refused.value) and not (tmp_path / "out").exists()

@@ -468,6 +468,24 @@ def plan_build(
     return specs, makers
 
 
+def _same_layers(base: Checkpoint, model: Checkpoint) -> None:
+    """An expert's source must be a fine-tune of the base: the same layers, MLPs of the same shapes."""
+    layers = {n.split(".")[2] for n in base.names() if n.startswith("model.layers.")}
+    theirs = {n.split(".")[2] for n in model.names() if n.startswith("model.layers.")}
+    if layers != theirs:
+        raise InvalidArgument(
+            f"has {len(theirs)} layers where the base has {len(layers)}: not a fine-tune of the base", model.path
+        )
+    for name in base.names():
+        if ".mlp." in name and name in model and tuple(model.info(name).shape) != tuple(base.info(name).shape):
+            raise InvalidArgument(
+                f"{list(model.info(name).shape)} where the base has {list(base.info(name).shape)}: not a fine-tune "
+                "of the base",
+                model.path,
+                name,
+            )
+
+
 def _expert_tensor(
     ckpt: Checkpoint, name: str, expert: ExpertSource, part: str, seed: int, where: tuple[int, int]
 ) -> torch.Tensor:
@@ -523,6 +541,8 @@ def build_moe(
             )
     types = [(c.config.model_type if c.config else None) or "unknown" for c in [base, *sources.values()]]
     arch = choose_architecture(recipe, types, path)
+    for ckpt in sources.values():
+        _same_layers(base, ckpt)
     base_config = transformers_config(base)
     layers, hidden = int(base_config.num_hidden_layers), int(base_config.hidden_size)
     config = arch.configure(base_config, len(recipe.experts), recipe.experts_per_token)
