@@ -211,3 +211,25 @@ def test_per_expert_saved_and_fused_in_memory_route_alike(tmp_path):
     for a, b in zip(saved.blocks, memory.blocks):
         assert a.routed_share == b.routed_share and a.tokens == b.tokens
         assert a.saliency == pytest.approx(b.saliency, rel=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["hole", "shape"])
+def test_a_block_whose_experts_do_not_line_up_is_refused_by_name(damage, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"model.layers.0.mlp.experts.{e}.{part}.weight": torch.randn(8, 6, generator=gen)
+        for e in (0, 1, 2)
+        for part in ("gate_proj", "up_proj")
+    }
+    if damage == "hole":
+        del tensors["model.layers.0.mlp.experts.1.up_proj.weight"]
+    else:
+        tensors["model.layers.0.mlp.experts.2.gate_proj.weight"] = torch.randn(8, 5, generator=gen)
+    (tmp_path / "moe").mkdir()
+    save_file(tensors, tmp_path / "moe" / "model.safetensors")
+    with pytest.raises(SystemExit) as refused:
+        main(["experts", str(tmp_path / "moe")])
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and len(err.splitlines()) == 1 and "layers.0.mlp" in err, err

@@ -225,6 +225,13 @@ def moe_blocks(ckpt: Checkpoint, include: str | None = None, exclude: str | None
                     "with every part",
                     ckpt.path,
                 )
+            shapes = {tuple(ckpt.info(name).shape) for name in by_expert.values()}
+            if len(shapes) > 1:
+                raise InvalidArgument(
+                    f"MoE block {block}: the experts' {part} differ in shape ({', '.join(map(str, sorted(shapes)))}); "
+                    "experts of one block are alike",
+                    ckpt.path,
+                )
     return blocks
 
 
