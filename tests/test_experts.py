@@ -187,3 +187,32 @@ def test_data_aware_merges_run_moe_models_saved_per_expert_as_transformers_build
     by_canonical = {canonical_name(n): n for n in b.names()}
     for name in a.names():
         torch.testing.assert_close(a.get(name), b.get(by_canonical[canonical_name(name)]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_lora_of_an_moe_targets_what_peft_can_adapt_and_refuses_experts_by_name(tmp_path):
+    """transformers holds an MoE's experts fused and its router as its own module: PEFT cannot put
+    a LoRA on them as linear modules, so all-linear leaves them out (as PEFT's own all-linear
+    does) and naming them is refused; the adapter loads in PEFT with every target found."""
+    import warnings
+
+    from peft import PeftModel
+
+    from weightlab.errors import WeightlabError
+
+    base, tuned = _moe("qwen3_moe"), _moe("qwen3_moe")
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "ft")
+    wl.extract_lora(tmp_path / "base", tmp_path / "ft", rank=2, out=tmp_path / "adapter")
+    import json
+
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert targets and not any(".experts." in t or t.endswith(".gate") for t in targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # PEFT warns of patterns that match no module
+        adapted = PeftModel.from_pretrained(_moe("qwen3_moe"), tmp_path / "adapter")
+    assert sum(n.endswith(".lora_A") for n, _ in adapted.named_modules()) == len(targets)
+    with pytest.raises(WeightlabError, match="Mixture-of-Experts"):
+        wl.extract_lora(tmp_path / "base", tmp_path / "ft", rank=2, targets="gate_proj,q_proj", out=tmp_path / "x")

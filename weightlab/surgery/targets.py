@@ -6,20 +6,29 @@ import re
 
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.naming import is_conv1d, module_role
+from weightlab.naming import expert_site, is_conv1d, module_role
 
 _REGEX_CHARS = set("*+?[](){}|\\^$")
 _NOT_LINEAR = {"embed", "pos_embed", "head", "norm", "bias"}
 
 
 def linear_weights(ckpt: Checkpoint) -> list[str]:
-    """2-D floating `*.weight` tensors that are linear layers (not embeddings, norms or the head)."""
+    """2-D floating `*.weight` tensors that are linear layers (not embeddings, norms or the head,
+    nor a Mixture-of-Experts' routed experts and routers: `in_moe_layer`)."""
     out = []
     for name in ckpt.names():
         info = ckpt.info(name)
         if name.endswith(".weight") and len(info.shape) == 2 and info.is_float and module_role(name) not in _NOT_LINEAR:
-            out.append(name)
+            if not in_moe_layer(name):
+                out.append(name)
     return out
+
+
+def in_moe_layer(name: str) -> bool:
+    """A routed expert's matrix or a router: transformers holds an MoE layer's experts as fused
+    parameters and its router as its own module, so no PEFT LoRA targets them as linear modules
+    (PEFT's `all-linear` leaves them out too)."""
+    return expert_site(name) is not None or module_role(name) == "router"
 
 
 def resolve_targets(ckpt: Checkpoint, targets: str) -> list[str]:
@@ -50,6 +59,14 @@ def resolve_targets(ckpt: Checkpoint, targets: str) -> list[str]:
                 if not hits:
                     raise InvalidArgument(f"--targets entry {suffix!r} matches no 2-D weight", ckpt.path)
                 chosen.extend(hits)
+    moe = [n for n in chosen if in_moe_layer(n)]
+    if moe:
+        raise InvalidArgument(
+            f"--targets {targets!r} matches {len(moe)} Mixture-of-Experts expert or router weights "
+            f"({moe[0]}, …): transformers holds experts fused and routers as their own modules, which a PEFT "
+            "LoRA cannot target as linear modules; target the attention or dense layers",
+            ckpt.path,
+        )
     if not chosen:
         raise InvalidArgument(f"--targets {targets!r} matches no 2-D weight", ckpt.path)
     return sorted(set(chosen), key=ckpt.names().index)
