@@ -216,3 +216,24 @@ def test_a_lora_of_an_moe_targets_what_peft_can_adapt_and_refuses_experts_by_nam
     assert sum(n.endswith(".lora_A") for n, _ in adapted.named_modules()) == len(targets)
     with pytest.raises(WeightlabError, match="Mixture-of-Experts"):
         wl.extract_lora(tmp_path / "base", tmp_path / "ft", rank=2, targets="gate_proj,q_proj", out=tmp_path / "x")
+
+
+def test_mitigating_intruders_sees_each_expert_in_memory_and_saved_alike(tmp_path):
+    """A fused model in memory and the same model saved per expert: the same experts examined,
+    the same intruders scaled, the same weights out (written as transformers saves them)."""
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = _moe("qwen3_moe"), _moe("qwen3_moe")
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.experts.down_proj[1] += 0.5 * torch.outer(torch.randn(32), torch.randn(24))
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "ft")
+    memory = wl.mitigate_intruders(base, tuned, out=tmp_path / "m1", epsilon=0.9)
+    saved = wl.mitigate_intruders(tmp_path / "base", tmp_path / "ft", out=tmp_path / "m2", epsilon=0.9)
+    assert (
+        memory.summary() == saved.summary() and memory.summary()["matrices"] == 2 * (4 + 4 * 3 + 1) + 2
+    )  # attention, experts, router; embedding, head
+    assert "model.layers.0.mlp.experts.1.down_proj.weight" in {m.name for m in saved.matrices if m.intruders}
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "m1").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "m2").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -600,13 +600,14 @@ def mitigate_intruders(
     with run.outputs([base, finetuned], out_dir=out) as plan:
         from weightlab.io import open_finetuned, open_weights
         from weightlab.io.adapter import AdaptedCheckpoint
+        from weightlab.io.experts import per_expert
         from weightlab.io.memory import StateDictWriter, config_files, donor_of
         from weightlab.io.writer import CheckpointWriter, stored_plan
         from weightlab.surgery.intruders import mitigate_intruders as run_mitigate
 
         compute = run.compute()
-        base_ckpt = open_weights(base)
-        ft = open_finetuned(finetuned, base_ckpt)
+        base_ckpt = per_expert(open_weights(base))  # fused experts as matrices, written as transformers saves them
+        ft = per_expert(open_finetuned(finetuned, base_ckpt))
         writer: Any = None
         if not isinstance(ft, AdaptedCheckpoint):
             writer = (
