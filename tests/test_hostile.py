@@ -590,6 +590,36 @@ CASES += [
     Case("mk-tokenizer-no-tokenizer", "merge --config mk_vocab.yml -o m", 2, "tokenizer", absent=("m",)),
 ]
 # GGUF and quantized checkpoints, and what quantization did (issue 37)
+CASES += [  # Mixture-of-Experts: experts, slim-experts, build-moe, --match-experts
+    Case("experts-of-a-dense-model", "experts base", 2, "no Mixture-of-Experts block"),
+    Case("experts-hole", "experts moe_hole", 2, "experts [2] have no up_proj"),
+    Case("experts-ragged", "experts moe_ragged", 2, "differ in shape"),
+    Case("experts-base-of-another-model", "experts moe --base base", 2, "not this MoE's base"),
+    Case(
+        "experts-tokenizer-without-text", "experts moe --tokenizer base", 2, "--tokenizer applies to --calibration only"
+    ),
+    Case("experts-dtype-refused", "experts moe --dtype float64", 2, "No such option"),
+    Case("experts-ok", "experts moe --json e.json", 0, "near copies", exists=("e.json",)),
+    Case("slim-no-k", "slim-experts moe -o s", 2, "--experts K", absent=("s",)),
+    Case("slim-below-top-k", "slim-experts moe --experts 1 -o s", 2, "keep at least 2", absent=("s",)),
+    Case("slim-all", "slim-experts moe --experts 4 -o s", 2, "keep fewer", absent=("s",)),
+    Case("slim-inside-input", "slim-experts moe --experts 2 -o moe/slim", 2, "inside the input", absent=("moe/slim",)),
+    Case("slim-dense", "slim-experts base --experts 2 -o s", 2, "no Mixture-of-Experts block", absent=("s",)),
+    Case("slim-ok", "slim-experts moe --experts 2 -o s", 0, "experts = 2 → s", exists=("s/config.json",)),
+    Case("build-moe-deepseek", "build-moe moe_deepseek.yml -o m", 2, "remote code", absent=("m",)),
+    Case("build-moe-typo", "build-moe moe_typo.yml -o m", 2, "experts_per_tokens", absent=("m",)),
+    Case("build-moe-list", "build-moe moe_list.yml -o m", 2, "is a mapping", absent=("m",)),
+    Case("build-moe-seed-unused", "build-moe moe_ok.yml -o m --seed 3", 2, "--seed does not apply", absent=("m",)),
+    Case("build-moe-ok", "build-moe moe_ok.yml -o m", 0, "Mixtral with 3 experts", exists=("m/config.json",)),
+    Case("match-experts-dense", "merge --method average base ft --match-experts -o mm", 2, "no Mixture-of-Experts"),
+    Case(
+        "match-experts-adapter",
+        "merge --method task-arithmetic --base base adapter --as-adapter --match-experts -o mm",
+        2,
+        "does not apply to --as-adapter",
+    ),
+]
+
 CASES += [
     Case("gguf-truncated", "inspect cut.gguf", 2, "the file is truncated or the shape is wrong"),
     Case("gguf-lying-shape", "spectrum q8.gguf lying.gguf", 2, "tensor 'blk.0.attn_q.weight': Q8_0 [6400, 64]"),
@@ -757,6 +787,7 @@ def template(zoo, adapters, tmp_path_factory) -> Path:
     _new_surfaces(root, zoo, adapters, tensor_names)
     _newest_surfaces(root)
     _gguf_surfaces(root)
+    _moe_surfaces(root)
     return root
 
 
@@ -959,6 +990,36 @@ def _gguf_surfaces(root: Path) -> None:
     shutil.copy(root / "q8.gguf", root / "weights.bin")
 
 
+def _moe_surfaces(root: Path) -> None:
+    """A tiny Qwen3-MoE saved by transformers, a copy with a hole in its experts, one whose
+    experts differ in shape, a dense fine-tune of another width, and mergekit-moe recipes."""
+    import yaml
+    from test_experts import _moe
+
+    _moe("qwen3_moe").save_pretrained(root / "moe")
+    for damage in ("moe_hole", "moe_ragged"):
+        shutil.copytree(root / "moe", root / damage)
+        tensors = load_file(root / damage / "model.safetensors")
+        if damage == "moe_hole":
+            del tensors["model.layers.0.mlp.experts.2.up_proj.weight"]
+        else:
+            tensors["model.layers.1.mlp.experts.3.down_proj.weight"] = torch.zeros(32, 20)
+        save_file(tensors, root / damage / "model.safetensors")
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "moe"
+    recipe = yaml.safe_load((fixtures / "mixtral-hidden.yml").read_text())
+    recipe["base_model"] = str(fixtures / "llama-base")
+    for expert in recipe["experts"]:
+        expert["source_model"] = str(fixtures / expert["source_model"])
+    for name, change in {
+        "moe_ok.yml": {},
+        "moe_deepseek.yml": {"architecture": "deepseek"},
+        "moe_typo.yml": {"experts_per_tokens": 2},
+        "moe_inside.yml": {},
+    }.items():
+        (root / name).write_text(yaml.safe_dump({**recipe, **change}))
+    (root / "moe_list.yml").write_text("- base_model: x\n")
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file (links as their target) with a hash of its bytes."""
     out = {}
@@ -1145,5 +1206,8 @@ def test_the_corpus_covers_every_command_and_class():
         "compare",
         "esd",
         "quant-error",
+        "experts",
+        "slim-experts",
+        "build-moe",
     }
-    assert len(CASES) >= 160
+    assert len(CASES) >= 180
