@@ -112,6 +112,44 @@ class Checkpoint:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
 
 
+class CheckpointView(Checkpoint):
+    """Another checkpoint (`inner`) with some tensors read differently (renamed, reordered, split
+    or assembled): its path, config, folder and read policy are the inner one's. Subclasses set
+    `_view_infos` and say which names they remap (`_remapped`) and how to read those
+    (`_read_remapped`); every other tensor, and its rows, is read from `inner` as it is."""
+
+    def __init__(self, inner: Checkpoint):
+        super().__init__(inner.path, inner.config)
+        self.inner = inner
+        self.read_ahead, self.config_in_file = inner.read_ahead, inner.config_in_file
+        self._view_infos: dict[str, TensorInfo] = {}
+
+    @property
+    def folder(self) -> Path | None:
+        return self.inner.folder
+
+    @property
+    def _infos(self) -> dict[str, TensorInfo]:
+        return self._view_infos
+
+    def _remapped(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _read_remapped(self, info: TensorInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def formed_whole(self, name: str) -> bool:
+        return self._remapped(name) or self.inner.formed_whole(name)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        return self._read_remapped(info) if self._remapped(info.name) else self.inner.get(info.name)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
+        if self._remapped(info.name):
+            return self._read_remapped(info)[start:stop].clone()
+        return self.inner.get_rows(info.name, start, stop, into=into)
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One or several safetensors files (shards), read lazily."""
 

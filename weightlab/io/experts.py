@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
 from weightlab.errors import CorruptCheckpoint, InvalidArgument
-from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.checkpoint import Checkpoint, CheckpointView
 from weightlab.io.safetensors_file import TensorInfo
 from weightlab.model_config import ModelConfig
 from weightlab.naming import canonical_name, expert_site, router_block
@@ -116,15 +115,13 @@ def fused_parts(name: str, shape: tuple[int, ...], config: ModelConfig | None) -
     }
 
 
-class ExpertView(Checkpoint):
+class ExpertView(CheckpointView):
     """A checkpoint whose fused expert tensors read as per-expert matrices (everything else as
     it is). One expert is read at a time: a fused tensor's experts are its first dimension."""
 
     def __init__(self, inner: Checkpoint, parts: dict[str, ExpertPart]):
-        super().__init__(inner.path, inner.config)
-        self.inner, self.parts = inner, parts
-        self.read_ahead = inner.read_ahead
-        self.config_in_file = inner.config_in_file
+        super().__init__(inner)
+        self.parts = parts
         fused = {p.fused for p in parts.values()}
         infos: dict[str, TensorInfo] = {}
         for name in inner.names():
@@ -134,33 +131,18 @@ class ExpertView(Checkpoint):
             stored = inner.info(part.fused)
             size = stored.nbytes // stored.shape[0] * _numel(part.shape) // _numel(stored.shape[1:])
             infos[virtual] = TensorInfo(virtual, part.shape, stored.dtype, stored.file, -1, size)
-        self.__infos = dict(sorted(infos.items()))
+        self._view_infos = dict(sorted(infos.items()))
         self._last: tuple[tuple[str, int], torch.Tensor] | None = None  # gate and up share one read
 
-    @property
-    def folder(self) -> Path | None:
-        return self.inner.folder
+    def _remapped(self, name: str) -> bool:
+        return name in self.parts
 
-    @property
-    def _infos(self) -> dict[str, TensorInfo]:
-        return self.__infos
-
-    def formed_whole(self, name: str) -> bool:
-        return name in self.parts or self.inner.formed_whole(name)
-
-    def _read(self, info: TensorInfo) -> torch.Tensor:
-        part = self.parts.get(info.name)
-        if part is None:
-            return self.inner.get(info.name)
+    def _read_remapped(self, info: TensorInfo) -> torch.Tensor:
+        part = self.parts[info.name]
         key = (part.fused, part.expert)
         if self._last is None or self._last[0] != key:
             self._last = (key, self.inner.get_rows(part.fused, part.expert, part.expert + 1)[0])
         return part.take(self._last[1])
-
-    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
-        if info.name in self.parts:
-            return self._read(info)[start:stop].clone()
-        return self.inner.get_rows(info.name, start, stop, into=into)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -246,16 +228,14 @@ def router_rows(name: str) -> str | None:
     return found["block"] if found else None
 
 
-class PermutedExperts(Checkpoint):
+class PermutedExperts(CheckpointView):
     """`inner` with the experts of some MoE blocks reordered: expert e of block b reads as inner's
     expert `orders[b][e]`, in every layout: per-expert tensors by name, fused tensors and the
     router's rows (weight, bias, DeepSeek's score correction) along their first dimension."""
 
     def __init__(self, inner: Checkpoint, orders: dict[str, list[int]]):
-        super().__init__(inner.path, inner.config)
-        self.inner, self.orders = inner, orders
-        self.read_ahead = inner.read_ahead
-        self.config_in_file = inner.config_in_file
+        super().__init__(inner)
+        self.orders = orders
         by_site = {site: name for name in inner.names() if (site := expert_site(name)) is not None}
         self._source: dict[str, tuple[str, list[int] | None]] = {}
         for name in inner.names():
@@ -270,35 +250,22 @@ class PermutedExperts(Checkpoint):
                 self._source[name] = (name, orders[fused["prefix"].removesuffix(".experts")])
             elif routed in orders and inner.info(name).shape[:1] == (len(orders[routed]),):
                 self._source[name] = (name, orders[routed])
-        self.__infos = {
+        self._view_infos = {
             name: replace(info, offset=-1) if name in self._source else info
             for name in inner.names()
             for info in [inner.info(name)]
         }
 
-    @property
-    def folder(self) -> Path | None:
-        return self.inner.folder
+    def _remapped(self, name: str) -> bool:
+        return name in self._source
 
-    @property
-    def _infos(self) -> dict[str, TensorInfo]:
-        return self.__infos
-
-    def formed_whole(self, name: str) -> bool:
-        return name in self._source or self.inner.formed_whole(name)
-
-    def _read(self, info: TensorInfo) -> torch.Tensor:
-        source, order = self._source.get(info.name, (info.name, None))
+    def _read_remapped(self, info: TensorInfo) -> torch.Tensor:
+        source, order = self._source[info.name]
         tensor = self.inner.get(source)
         return tensor[order].contiguous() if order is not None else tensor
 
-    def _read_rows(self, info: TensorInfo, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
-        if info.name in self._source:
-            return self._read(info)[start:stop].clone()
-        return self.inner.get_rows(info.name, start, stop, into=into)
 
-
-class ModuleNames(Checkpoint):
+class ModuleNames(CheckpointView):
     """`inner` with the tensors a transformers module holds under the module's own names, where
     the checkpoint spells them otherwise: fused expert tensors assembled from per-expert ones
     (transformers saves experts one by one and fuses them when it loads; `ExpertPart.put`), and
@@ -306,10 +273,7 @@ class ModuleNames(Checkpoint):
     `mlp.gate`). Everything `inner` holds reads as it is."""
 
     def __init__(self, inner: Checkpoint, wanted: dict[str, tuple[int, ...]]):
-        super().__init__(inner.path, inner.config)
-        self.inner = inner
-        self.read_ahead = inner.read_ahead
-        self.config_in_file = inner.config_in_file
+        super().__init__(inner)
         held = {canonical_name(n): n for n in inner.names()}
         infos = {n: inner.info(n) for n in inner.names()}
         self._alias: dict[str, str] = {}
@@ -327,24 +291,19 @@ class ModuleNames(Checkpoint):
             elif canonical_name(key) in held and tuple(inner.info(held[canonical_name(key)]).shape) == shape:
                 self._alias[key] = held[canonical_name(key)]
                 infos[key] = replace(inner.info(self._alias[key]), name=key)
-        self.__infos = infos
+        self._view_infos = infos
 
-    @property
-    def folder(self) -> Path | None:
-        return self.inner.folder
+    def _remapped(self, name: str) -> bool:
+        return name in self._alias or name in self._fused
 
-    @property
-    def _infos(self) -> dict[str, TensorInfo]:
-        return self.__infos
-
-    def _read(self, info: TensorInfo) -> torch.Tensor:
+    def _read_remapped(self, info: TensorInfo) -> torch.Tensor:
         if info.name in self._alias:
             return self.inner.get(self._alias[info.name])
-        parts = self._fused.get(info.name)
-        if parts is None:
-            return self.inner.get(info.name)
-        first = self.inner.get(next(iter(parts)))
-        fused = torch.empty(info.shape, dtype=first.dtype)
-        for name, part in parts.items():
-            part.put(fused, self.inner.get(name))
+        fused: torch.Tensor | None = None
+        for name, part in self._fused[info.name].items():  # each per-expert tensor read once
+            value = self.inner.get(name)
+            if fused is None:
+                fused = torch.empty(info.shape, dtype=value.dtype)
+            part.put(fused, value)
+        assert fused is not None  # a fused tensor has one part per expert at least
         return fused
