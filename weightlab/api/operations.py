@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightlab.api.analyses import many
 from weightlab.api.frame import Run, api_function, emit, with_record
+from weightlab.domains import SEED
 from weightlab.errors import CheckpointNotFound, InvalidArgument
 from weightlab.io.sources import Source, Sources, describe, is_in_memory
 from weightlab.options import IntruderOptions, LoraInitOptions, NanOptions, RankBudget, SlimExpertsOptions
@@ -755,12 +756,9 @@ def build_moe(
     ----------
     Goddard et al. 2024, "Arcee's MergeKit: A Toolkit for Merging Large Language Models" (mergekit-moe).
     """
-    from weightlab.errors import shown
-
     if out is None:
         raise InvalidArgument("build_moe: give out=, the folder of the MoE")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidArgument(f"--seed must be a whole number from 0 to 2^63 - 1, got {shown(seed)}")
+    SEED.check("--seed", seed)  # the one seed domain every option with a seed declares
     from weightlab.io.yaml_file import read_yaml
     from weightlab.surgery.build_moe import parse_recipe
 

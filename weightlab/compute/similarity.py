@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from weightlab.errors import InvalidArgument
+from weightlab.io.checkpoint import Checkpoint
+from weightlab.io.experts import MoEBlock
+
 STEP_ENTRIES = 1 << 23  # entries of all tensors together per step (64 MiB in float64)
 
 
@@ -38,3 +42,28 @@ def cosines(dots: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
     scale = np.outer(np.sqrt(a_sq), np.sqrt(b_sq))
     out: np.ndarray = np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
     return out
+
+
+def expert_cosines(
+    a: Checkpoint, a_block: MoEBlock, b: Checkpoint | None = None, b_block: MoEBlock | None = None
+) -> np.ndarray:
+    """cos(θ_e, θ'_f) of whole experts (every part in one vector) for every pair: between the
+    experts of one MoE block of `a`, or against those of `b`'s matching block. Each part of each
+    expert is read once, as stored; the sums are float64 (`cross_dots`)."""
+    n = a_block.experts
+    dots, a_sq, b_sq = np.zeros((n, n)), np.zeros(n), np.zeros(n)
+    for part, by_expert in a_block.parts.items():
+        xs = [a.get(by_expert[e]) for e in range(n)]
+        if b is None or b_block is None:
+            dots += cross_dots(xs)
+            a_sq += squared_norms(xs)
+            continue
+        ys = [b.get(b_block.parts[part][e]) for e in range(n)]
+        if xs[0].shape != ys[0].shape:
+            raise InvalidArgument(
+                f"the experts' {part} differ in shape ({list(xs[0].shape)} and {list(ys[0].shape)})", b.path
+            )
+        dots += cross_dots(xs, ys)
+        a_sq += squared_norms(xs)
+        b_sq += squared_norms(ys)
+    return cosines(dots, a_sq, a_sq if b is None else b_sq)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from weightlab.compute.similarity import cosines, cross_dots, squared_norms
+from weightlab.compute.similarity import expert_cosines
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.experts import MoEBlock, PermutedExperts, moe_blocks, per_expert
+from weightlab.io.experts import PermutedExperts, moe_blocks, per_expert
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def expert_orders(reference: Checkpoint, model: Checkpoint, where: str) -> dict[
                 f"in the reference, {'none' if site is None else f'{site.experts} with {sorted(site.parts)}'} here",
                 where,
             )
-        cosine = _cross_cosine(ref_view, ref_site, view, site)
+        cosine = expert_cosines(ref_view, ref_site, view, site)
         rows, cols = linear_sum_assignment(-cosine)
         order = [int(c) for _, c in sorted(zip(rows, cols))]
         out[block] = ExpertOrder(
@@ -55,21 +55,6 @@ def expert_orders(reference: Checkpoint, model: Checkpoint, where: str) -> dict[
             float(np.mean(np.diag(cosine))),
         )
     return out
-
-
-def _cross_cosine(a: Checkpoint, a_site: MoEBlock, b: Checkpoint, b_site: MoEBlock) -> np.ndarray:
-    """cos(θ_e of a, θ_f of b) for every pair of experts, from float64 sums over the parts."""
-    n = a_site.experts
-    dots, a_sq, b_sq = np.zeros((n, n)), np.zeros(n), np.zeros(n)
-    for part in a_site.parts:
-        xs = [a.get(a_site.parts[part][e]) for e in range(n)]  # as stored: float64 a chunk at a time
-        ys = [b.get(b_site.parts[part][e]) for e in range(n)]
-        if xs[0].shape != ys[0].shape:
-            raise InvalidArgument(f"--match-experts: the experts' {part} differ in shape", b.path)
-        dots += cross_dots(xs, ys)
-        a_sq += squared_norms(xs)
-        b_sq += squared_norms(ys)
-    return cosines(dots, a_sq, b_sq)
 
 
 def matched(

@@ -31,10 +31,11 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
-from weightlab.compute.similarity import cosines, cross_dots, squared_norms
+from weightlab.compute.similarity import expert_cosines
 from weightlab.errors import InvalidArgument
 from weightlab.io.checkpoint import Checkpoint
-from weightlab.io.experts import FUSED, MoEBlock, moe_blocks, per_expert, router_rows
+from weightlab.io.experts import FUSED, moe_blocks, per_expert, router_rows
+from weightlab.io.safetensors_file import torch_dtype
 from weightlab.io.writer import CheckpointWriter, TensorSpec
 from weightlab.naming import canonical_name, expert_site
 from weightlab.options import SlimExpertsOptions
@@ -139,16 +140,6 @@ def prune_groups(cosine: np.ndarray, router_norms: list[float], k: int) -> list[
     return [[e] for e in kept]
 
 
-def _block_cosine(view: Checkpoint, site: MoEBlock) -> np.ndarray:
-    n = site.experts
-    dots, sq = np.zeros((n, n)), np.zeros(n)
-    for by_expert in site.parts.values():
-        weights = [view.get(by_expert[e]) for e in range(n)]  # as stored: float64 a chunk at a time
-        dots += cross_dots(weights)
-        sq += squared_norms(weights)
-    return cosines(dots, sq, sq)
-
-
 def plan_slimming(
     ckpt: Checkpoint, options: SlimExpertsOptions, routes: dict[str, Routing] | None = None
 ) -> tuple[dict[str, SlimmedBlock], dict[str, Any]]:
@@ -190,17 +181,16 @@ def plan_slimming(
         raise InvalidArgument(f"--experts {k}: the MoE blocks have {min(counts)} experts; keep fewer to slim them")
     planned = {}
     for block, site in blocks.items():
-        cosine = _block_cosine(view, site)
+        cosine = expert_cosines(view, site)
         route = (routes or {}).get(block)
         if options.by == "merge":
-            groups, dropped = merge_groups(cosine, k), []
+            groups = merge_groups(cosine, k)
         elif route is not None:
             groups = reap_groups(route.saliency, k)
-            dropped = sorted(set(range(site.experts)) - {g[0] for g in groups})
         else:
             norms = [float(r.norm()) for r in view.get(site.router).double()] if site.router else [1.0] * site.experts
             groups = prune_groups(cosine, norms, k)
-            dropped = sorted(set(range(site.experts)) - {g[0] for g in groups})
+        dropped = sorted(set(range(site.experts)) - {e for g in groups for e in g})  # none when merging
         within = [
             float(np.mean([cosine[a, b] for i, a in enumerate(g) for b in g[i + 1 :]])) if len(g) > 1 else None
             for g in groups
@@ -281,8 +271,6 @@ def _read_grouped(ckpt: Checkpoint, name: str, block: SlimmedBlock) -> torch.Ten
 
 
 def _dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
-    from weightlab.io.safetensors_file import torch_dtype
-
     return torch_dtype(ckpt.info(name).dtype, ckpt.path, name)
 
 
