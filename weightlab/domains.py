@@ -12,6 +12,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from weightlab.errors import InvalidArgument, shown
@@ -157,3 +158,20 @@ def compile_filter(pattern: str | None, flag: str) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as e:
         raise InvalidArgument(f"{flag} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def typed(value: Any, kind: str, where: str, path: str | Path) -> Any:
+    """`value` if it is of `kind` (str, number, int, mapping, list, bool), else a one-line error
+    naming `where` (a key of a recipe read from `path`: mergekit's, ours, mergekit-moe's)."""
+    ok = {
+        "str": isinstance(value, str),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "mapping": isinstance(value, dict),
+        "list": isinstance(value, list),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise InvalidArgument(f"{where} must be {article} {kind}, got {type(value).__name__} {shown(value)}", path)
+    return value

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from weightlab.domains import SEED, Choice, Int, Real
+from weightlab.domains import SEED, Choice, Int, Real, typed
 from weightlab.errors import InvalidArgument, shown
 from weightlab.io.writer import parse_size
 from weightlab.merging.layout import Origin, Slice, SliceSource
@@ -464,29 +464,29 @@ def vocabulary_of(data: Any, path: str | Path) -> Vocabulary:
     `source`, `tokens` (each `{model, token, token_id, force}`, model null for zeros), `pad_to_multiple_of`."""
     if isinstance(data, str):
         return Vocabulary(data)
-    data = _typed(data, "mapping", "vocabulary", path)
+    data = typed(data, "mapping", "vocabulary", path)
     unknown = set(data) - {"source", "tokens", "pad_to_multiple_of"}
     if unknown:
         raise InvalidArgument(f"vocabulary has unknown keys {', '.join(sorted(map(str, unknown)))}", path)
     tokens = {}
-    for token, row in _typed(data.get("tokens") or {}, "mapping", "vocabulary.tokens", path).items():
-        row = _typed(row, "mapping", f"vocabulary.tokens[{token!r}]", path)
+    for token, row in typed(data.get("tokens") or {}, "mapping", "vocabulary.tokens", path).items():
+        row = typed(row, "mapping", f"vocabulary.tokens[{token!r}]", path)
         bad = set(row) - {"model", "token", "token_id", "force"}
         if bad or not isinstance(token, str):
             raise InvalidArgument(
                 f"vocabulary.tokens[{shown(token)}] has unknown keys {', '.join(sorted(map(str, bad)))}", path
             )
         tokens[token] = TokenRow(
-            _typed(row["model"], "str", "model", path) if row.get("model") is not None else None,
-            _typed(row["token"], "str", "token", path) if row.get("token") is not None else None,
-            _typed(row["token_id"], "int", "token_id", path) if row.get("token_id") is not None else None,
-            _typed(row.get("force", False), "bool", "force", path),
+            typed(row["model"], "str", "model", path) if row.get("model") is not None else None,
+            typed(row["token"], "str", "token", path) if row.get("token") is not None else None,
+            typed(row["token_id"], "int", "token_id", path) if row.get("token_id") is not None else None,
+            typed(row.get("force", False), "bool", "force", path),
         )
     pad = data.get("pad_to_multiple_of")
     return Vocabulary(
-        _typed(data.get("source", "union"), "str", "vocabulary.source", path),
+        typed(data.get("source", "union"), "str", "vocabulary.source", path),
         tokens,
-        _typed(pad, "int", "pad_to_multiple_of", path) if pad is not None else None,
+        typed(pad, "int", "pad_to_multiple_of", path) if pad is not None else None,
     )
 
 
@@ -502,9 +502,9 @@ def _slice_of(data: Any, i: int, path: str | Path) -> Slice:
         span = src["layers"]
         if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
             raise InvalidArgument(f"{at}.layers must be [start, end], two integers, got {shown(span)}", path)
-        model = _typed(src["model"], "str", f"{at}.model", path)
+        model = typed(src["model"], "str", f"{at}.model", path)
         sources.append(SliceSource(model, (span[0], span[1]), _parsed_settings(src, {"model", "layers"}, at, path)))
-    base = _typed(data["base"], "str", f"{where}.base", path) if data.get("base") is not None else None
+    base = typed(data["base"], "str", f"{where}.base", path) if data.get("base") is not None else None
     return Slice(tuple(sources), _parsed_settings(data, {"sources", "base"}, where, path), base)
 
 
@@ -562,37 +562,21 @@ def build_config(options: dict[str, Any]) -> MergeConfig:
     return MergeConfig(**options)
 
 
-def _typed(value: Any, kind: str, where: str, path: str | Path) -> Any:
-    """`value` if it is of `kind` (str, number, int, mapping, list), else a one-line error naming `where`."""
-    ok = {
-        "str": isinstance(value, str),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "mapping": isinstance(value, dict),
-        "list": isinstance(value, list),
-        "bool": isinstance(value, bool),
-    }[kind]
-    if not ok:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise InvalidArgument(f"{where} must be {article} {kind}, got {type(value).__name__} {shown(value)}", path)
-    return value
-
-
 def _models(entries: Any, key: str, path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """[(model path, its mapping's other keys)] from a list of paths or of {model: path, ...}."""
     out = []
-    for i, entry in enumerate(_typed(entries, "list", key, path)):
+    for i, entry in enumerate(typed(entries, "list", key, path)):
         if isinstance(entry, dict):
             if "model" not in entry:
                 raise InvalidArgument(f"{key}[{i}] has no 'model' key", path)
             out.append(
                 (
-                    _typed(entry["model"], "str", f"{key}[{i}].model", path),
+                    typed(entry["model"], "str", f"{key}[{i}].model", path),
                     {k: v for k, v in entry.items() if k != "model"},
                 )
             )
         else:
-            out.append((_typed(entry, "str", f"{key}[{i}]", path), {}))
+            out.append((typed(entry, "str", f"{key}[{i}]", path), {}))
     return out
 
 
@@ -618,22 +602,22 @@ def read_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         "max_rank": "int",
         "tokenizer": "str",
     }
-    out = {k: _typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
+    out = {k: typed(data[k], kind, k, path) for k, kind in kinds.items() if data.get(k) is not None}
     for key in ("calibration", "calibration_sha256"):
         if data.get(key) is not None:
-            value = [data[key]] if isinstance(data[key], str) else _typed(data[key], "list", key, path)
-            out[key] = [_typed(v, "str", f"{key}[{i}]", path) for i, v in enumerate(value)]
+            value = [data[key]] if isinstance(data[key], str) else typed(data[key], "list", key, path)
+            out[key] = [typed(v, "str", f"{key}[{i}]", path) for i, v in enumerate(value)]
     models = _models(data.get("models") or [], "models", path)
     own = [_parsed_settings(extra, set(), f"models[{i}]", path) for i, (_, extra) in enumerate(models)]
     out["models"] = [m for m, _ in models]
     weights = [settings.get("weight", 1.0) for settings in own]
     if any("weight" in settings for settings in own) and all(not varies(w) for w in weights):
-        out["weights"] = [_typed(w, "number", f"models[{i}].weight", path) for i, w in enumerate(weights)]
+        out["weights"] = [typed(w, "number", f"models[{i}].weight", path) for i, w in enumerate(weights)]
         own = [{k: v for k, v in settings.items() if k != "weight"} for settings in own]
     if any(own):
         out["model_params"] = own
     if data.get("slices") is not None:
-        slices = [_slice_of(entry, i, path) for i, entry in enumerate(_typed(data["slices"], "list", "slices", path))]
+        slices = [_slice_of(entry, i, path) for i, entry in enumerate(typed(data["slices"], "list", "slices", path))]
         out["slices"] = slices
         out["models"] = out["models"] or list(
             dict.fromkeys(src.model for s in slices for src in s.sources if src.model != data.get("base"))
@@ -642,15 +626,15 @@ def read_ours(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
         if "weights" in out:
             raise InvalidArgument("weights are given twice (per model and as 'weights')", path)
         out["weights"] = [
-            _typed(w, "number", f"weights[{i}]", path)
-            for i, w in enumerate(_typed(data["weights"], "list", "weights", path))
+            typed(w, "number", f"weights[{i}]", path)
+            for i, w in enumerate(typed(data["weights"], "list", "weights", path))
         ]
     if data.get("vocabulary") is not None:
         out["vocabulary"] = vocabulary_of(data["vocabulary"], path)
     if data.get("chat_template") is not None:
-        out["chat_template"] = _typed(data["chat_template"], "str", "chat_template", path)
+        out["chat_template"] = typed(data["chat_template"], "str", "chat_template", path)
     if "nan" in data:
-        nan = _typed(data["nan"] or {}, "mapping", "nan", path)
+        nan = typed(data["nan"] or {}, "mapping", "nan", path)
         bad = set(nan) - {f.name for f in fields(NanOptions)}
         if bad:
             raise InvalidArgument(f"unknown nan options {', '.join(sorted(map(str, bad)))}", path)

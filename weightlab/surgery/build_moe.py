@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from weightlab.domains import typed
 from weightlab.errors import InvalidArgument, shown
 from weightlab.io.checkpoint import Checkpoint
 from weightlab.io.safetensors_file import torch_dtype
@@ -66,17 +67,17 @@ class MoERecipe:
 
 
 def _strings(value: Any, where: str, path: str) -> list[str]:
+    """A list of strings (prompts), or none."""
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{where} must be a list of strings, got {shown(value)}", path)
-    return list(value)
+    return [typed(v, "str", f"{where}[{i}]", path) for i, v in enumerate(typed(value, "list", where, path))]
 
 
 def _number(value: Any, where: str, path: str) -> float | None:
+    """A finite number (a scale), or none."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not math.isfinite(typed(value, "number", where, path)):
         raise InvalidArgument(f"{where} must be a finite number, got {shown(value)}", path)
     return float(value)
 
@@ -103,9 +104,9 @@ def parse_recipe(data: Any, path: str) -> MoERecipe:
     unknown = set(data) - RECIPE_KEYS
     if unknown:
         raise InvalidArgument(f"keys mergekit-moe does not have: {', '.join(sorted(map(str, unknown)))}", path)
-    if not isinstance(data.get("base_model"), str) or not data["base_model"]:
+    if not data.get("base_model") or not typed(data["base_model"], "str", "base_model", path):
         raise InvalidArgument("base_model must be a path", path)
-    if not isinstance(data.get("experts"), list) or not data["experts"]:
+    if not data.get("experts") or not typed(data["experts"], "list", "experts", path):
         raise InvalidArgument("experts must be a list of {source_model, positive_prompts, …}", path)
     mode = data.get("gate_mode", "hidden")
     if mode not in GATE_MODES:
@@ -114,11 +115,9 @@ def parse_recipe(data: Any, path: str) -> MoERecipe:
     if isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1:
         raise InvalidArgument(f"experts_per_token must be a whole number ≥ 1, got {shown(per_token)}", path)
     for key in ("dtype", "architecture"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise InvalidArgument(f"{key} must be a string, got {shown(data[key])}", path)
-    shared = data.get("shared_experts") or []
-    if not isinstance(shared, list):
-        raise InvalidArgument("shared_experts must be a list", path)
+        if data.get(key) is not None:
+            typed(data[key], "str", key, path)
+    shared = typed(data.get("shared_experts") or [], "list", "shared_experts", path)
     recipe = MoERecipe(
         data["base_model"],
         [_expert(e, f"experts[{i}]", path) for i, e in enumerate(data["experts"])],
