@@ -262,11 +262,14 @@ class DemoSummary(Result):
     def _tasks(self) -> list[str]:
         return sorted({t for m in self.merge.values() for t in m["accuracy"]})
 
+    def mean_accuracy(self, merge: dict) -> float:
+        """One merge's accuracy averaged over the tasks."""
+        tasks = self._tasks()
+        return sum(merge["accuracy"][t] for t in tasks) / len(tasks)
+
     def ranked_merges(self) -> list[tuple[str, dict]]:
         """The merges, best mean accuracy over the tasks first."""
-        tasks = self._tasks()
-        mean = lambda m: sum(m["accuracy"][t] for t in tasks) / len(tasks)
-        return sorted(self.merge.items(), key=lambda item: -mean(item[1]))
+        return sorted(self.merge.items(), key=lambda item: -self.mean_accuracy(item[1]))
 
     def tables(self) -> list[Table]:
         tasks = self._tasks()
@@ -278,7 +281,7 @@ class DemoSummary(Result):
                     [
                         label,
                         *(m["accuracy"][t] for t in tasks),
-                        sum(m["accuracy"][t] for t in tasks) / len(tasks),
+                        self.mean_accuracy(m),
                         ", ".join(f"{c:.3f}" for c in m["coefficients"]) or "-",
                     ]
                     for label, m in self.ranked_merges()
